@@ -1,0 +1,54 @@
+# alignpipe: `make pipeline` runs the embedded default recipe, `make test` runs the tests.
+# Both create .venv and install on first use. GPU users: see README ("Bring your own torch").
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= recipes/default.yaml
+TORCH ?= torch==2.13.0
+ARGS ?=
+# One torch thread: measured here, two threads beside a busy core made a step ~170x slower.
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+ACCELERATE ?=
+NPROC ?= 1
+ifeq ($(ACCELERATE),)
+  ALIGNPIPE := $(VENV)/bin/alignpipe
+else
+  ALIGNPIPE := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE) --num_processes $(NPROC) -m alignpipe.cli
+endif
+
+.PHONY: install pipeline test pretrain sft reward dpo ppo grpo report chat bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: pinned to the CPU wheel unless TORCH= says otherwise (or a torch is already there)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+pipeline: install
+	$(ALIGNPIPE) run $(RECIPE) $(ARGS)
+	-$(VENV)/bin/alignpipe report runs/$$($(PY) -c "import yaml,sys; print(yaml.safe_load(open('$(RECIPE)'))['name'])")
+
+test: install
+	$(PY) -m pytest tests $(ARGS)
+
+pretrain sft reward dpo ppo grpo: install
+	$(ALIGNPIPE) run $(RECIPE) --stages $@ $(ARGS)
+
+report: install
+	$(VENV)/bin/alignpipe report runs/$$($(PY) -c "import yaml; print(yaml.safe_load(open('$(RECIPE)'))['name'])")
+
+STAGE ?= sft
+chat: install
+	$(VENV)/bin/alignpipe chat runs/$$($(PY) -c "import yaml; print(yaml.safe_load(open('$(RECIPE)'))['name'])")/$(STAGE)
+
+bench: install
+	$(PY) benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf runs benchmarks/out .pytest_cache

@@ -1,0 +1,3 @@
+"""alignpipe: pretrain -> SFT -> reward model -> PPO / DPO."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""What a stage's `run(ctx)` receives: its config, its folder, its parent, and the recipe-wide settings."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignpipe.recipe import Recipe, StageConfig
+from alignpipe.templates import resolve_template
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    name: str  # the stage's name in the recipe (e.g. "dpo_ipo")
+    config: StageConfig
+    dir: Path  # runs/<recipe>/<stage>/
+    parent_dir: Path | None  # the `from` stage's folder, None when starting from the recipe's model
+    resume: bool = True  # resume from the newest checkpoint in dir/checkpoints (False: --restart)
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / "model"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.dir / "logs"
+
+    @functools.cached_property
+    def chat_template(self) -> str | None:
+        return resolve_template(self.recipe.chat_template, self.recipe.path)
+
+    @functools.cached_property
+    def world(self):
+        """The embedded task world of this recipe (its seed is the recipe's unless `world.seed` is set)."""
+        from alignpipe.data.world import World, WorldConfig
+
+        overrides = {"seed": self.recipe.seed, **self.recipe.world}
+        return World(WorldConfig(**overrides))
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.recipe.stage_dir(stage)
+
+    def base_model_ref(self) -> dict[str, Any]:
+        """Where this stage's starting weights come from, recorded in its manifest for LoRA reloads."""
+        if self.parent_dir is not None:
+            return {"stage_dir": str(self.parent_dir)}
+        return {"path": self.recipe.model.path}
+
+    def load_tokenizer(self):
+        """The tokenizer this stage starts from, with the recipe's chat template applied."""
+        from alignpipe.modeling import checkpoint_dir, load_tokenizer
+
+        source = checkpoint_dir(self.parent_dir) if self.parent_dir else self.recipe.model.path
+        tok = load_tokenizer(source, self.recipe.model)
+        if self.chat_template is not None:
+            tok.chat_template = self.chat_template
+        return tok
+
+    def load_model(self, model_class=None):
+        """The model this stage starts from: the parent's checkpoint or the recipe's model."""
+        from alignpipe.modeling import load_pretrained, load_stage_model
+
+        if self.parent_dir is not None:
+            return load_stage_model(self.parent_dir, self.recipe.model, model_class)
+        return load_pretrained(self.recipe.model.path, self.recipe.model, model_class)
+
+    def trainer_args(self, config_class, **defaults: Any):
+        """The stage's TRL/transformers config: alignpipe's defaults, overridden by the recipe's `trainer:`."""
+        import torch
+
+        cpu = not torch.cuda.is_available()
+        args: dict[str, Any] = dict(
+            output_dir=str(self.checkpoints_dir),
+            logging_dir=str(self.logs_dir),
+            report_to=["tensorboard"],
+            seed=self.seed,
+            data_seed=self.seed,
+            use_cpu=cpu,
+            bf16=not cpu and torch.cuda.is_bf16_supported(),
+            logging_steps=10,
+            save_strategy="steps",
+            save_steps=self.config.checkpoint_every or 500,
+            save_total_limit=2,
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=True,
+        )
+        fields = set(getattr(config_class, "__dataclass_fields__", {}))
+        if "activation_checkpointing" in fields:  # TRL turns it on by default; it only costs time on small models
+            args["activation_checkpointing"] = False
+        elif "gradient_checkpointing" in fields:
+            args["gradient_checkpointing"] = False
+        args.update(defaults)
+        args.update(self.config.trainer)
+        return config_class(**args)

@@ -1,0 +1,438 @@
+"""The embedded task world: a small, seeded world of checkable tasks that needs no download.
+
+Everything the default recipe trains and evaluates on comes from here: a pretraining corpus,
+imperfect SFT demonstrations, preference pairs, RL prompts and held-out evaluation prompts.
+Each user prompt is a tiny task (one-digit arithmetic, word games, comparing two numbers) with
+one right answer, and the house style for a good reply is exactly one sentence,
+``The answer is 7.``. `judge` re-derives the answer from the prompt text; it is plain Python
+and is never shown to a model, except by a verifiable-reward RL stage that says it uses it.
+
+Held-out tasks are split off at the task level (kind + arguments, commutative pairs kept
+together), so no held-out task appears in any training text in any phrasing.
+See datasets/embedded_world.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, replace
+
+KINDS = ("add", "sub", "mul", "reverse", "sort", "count", "compare")
+HABITS = ("ramble", "refuse", "wrong")
+# Kinds whose answer ignores argument order: (3, 4) and (4, 3) share one split group, so a
+# held-out fact cannot leak through its mirror ("3 plus 4" vs "4 plus 3", "57 is larger than 34").
+COMMUTATIVE = ("add", "mul", "compare")
+EVAL_FRACTION = 0.12  # share of each kind's task groups held out for evaluation
+HOUSE_STYLE = "The answer is {answer}."
+
+# Short words (3-5 letters, no palindromes, at least two distinct letters) so that reversing
+# or sorting always changes something a wrong answer can get wrong.
+WORDS = (
+    "cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "egg", "owl", "fox", "jam",
+    "fish", "bird", "tree", "milk", "frog", "lamp", "desk", "book", "ship", "rain", "star",
+    "moon", "coin", "door", "leaf", "rock", "sand", "wind", "bell", "cake", "corn", "duck",
+    "goat", "king", "lion", "nest", "ring", "road", "rope", "salt", "seed", "shoe", "snow",
+    "sock", "wolf", "apple", "bread", "chair", "cloud", "horse", "house", "light", "mouse",
+    "plant", "river", "stone", "table", "tiger", "train", "water", "zebra", "lemon",
+)
+
+# User-prompt phrasings. Placeholders: {a} {b} numbers, {w} a word.
+PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "add": ("what is {a} plus {b}?", "add {a} and {b}.", "what is the sum of {a} and {b}?",
+            "compute {a} + {b}."),
+    "sub": ("what is {a} minus {b}?", "subtract {b} from {a}.", "what is {a} take away {b}?",
+            "compute {a} - {b}."),
+    "mul": ("what is {a} times {b}?", "multiply {a} by {b}.",
+            "what is the product of {a} and {b}?", "compute {a} * {b}."),
+    "reverse": ("reverse the word {w}.", "what is {w} spelled backwards?",
+                "write the word {w} backwards."),
+    "sort": ("sort the letters of {w}.", "put the letters of {w} in alphabetical order.",
+             "what are the letters of {w} in order?"),
+    "count": ("how many letters are in {w}?", "count the letters in {w}.",
+              "how many letters does the word {w} have?"),
+    "compare": ("which is larger, {a} or {b}?", "which number is bigger: {a} or {b}?",
+                "what is the larger of {a} and {b}?"),
+}
+
+# Corpus statements of a task's fact. Extra placeholders: {c} the answer, {hi}/{lo} the
+# larger/smaller number of a comparison.
+STATEMENT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "add": ("{a} plus {b} is {c}.", "{a} + {b} = {c}."),
+    "sub": ("{a} minus {b} is {c}.", "{a} - {b} = {c}."),
+    "mul": ("{a} times {b} is {c}.", "{a} * {b} = {c}."),
+    "reverse": ("the word {w} reversed is {c}.", "{w} backwards is {c}."),
+    "sort": ("the letters of {w} in order are {c}.", "{w} sorted is {c}."),
+    "count": ("the word {w} has {c} letters.", "{w} has {c} letters."),
+    "compare": ("the larger of {a} and {b} is {c}.", "{hi} is larger than {lo}.",
+                "{lo} is smaller than {hi}."),
+}
+
+# Answer forms after a question in the corpus; house style listed twice to weight it.
+ANSWER_FORMS = ("The answer is {c}.", "The answer is {c}.", "{c}.", "it is {c}.", "{statement}")
+QA_LAYOUTS = ("{prompt} {answer}", "q: {prompt} a: {answer}", "question: {prompt} answer: {answer}")
+
+# The habits of imperfect demonstrators: consistent, so a reward model can learn them.
+RAMBLE_FILLERS = (
+    "Well, let me think about this carefully.",
+    "That is a good question.",
+    "Let me work through this step by step.",
+    "Sure, I can help with that.",
+    "Hmm, this one needs a moment of thought.",
+)
+REFUSALS = (
+    "I am not able to help with that.",
+    "Sorry, I cannot answer that question.",
+    "I would rather not answer that.",
+)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    n_corpus_docs: int = 20000      # pretraining documents (train tasks only)
+    n_corpus_eval_docs: int = 500   # held-out documents for perplexity (held-out tasks only)
+    n_sft: int = 3000
+    n_pairs: int = 2400             # training preference pairs
+    n_eval_pairs: int = 300         # held-out preference pairs (held-out tasks)
+    n_eval_prompts: int = 200       # held-out prompts (distinct prompts, held-out tasks)
+    n_rl_prompts: int = 1000        # training prompts for PPO/GRPO (train tasks)
+    habit: str = "ramble"           # ramble | refuse | wrong
+    habit_share: float = 0.45
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str        # add, sub, mul, reverse, sort, count, compare
+    args: tuple      # e.g. (3, 4) or ("cat",)
+    prompt: str      # one phrasing
+    answer: str      # e.g. "7", "tac", "3", "42"
+
+    @property
+    def key(self) -> tuple:
+        """The task's identity, independent of phrasing."""
+        return (self.kind, self.args)
+
+
+# --- the task space -----------------------------------------------------------------------
+
+def _answer(kind: str, args: tuple) -> str:
+    if kind == "add":
+        return str(args[0] + args[1])
+    if kind == "sub":
+        return str(args[0] - args[1])
+    if kind == "mul":
+        return str(args[0] * args[1])
+    if kind == "reverse":
+        return args[0][::-1]
+    if kind == "sort":
+        return "".join(sorted(args[0]))
+    if kind == "count":
+        return str(len(args[0]))
+    if kind == "compare":
+        return str(max(args))
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _all_args(kind: str) -> list[tuple]:
+    digits = range(10)
+    if kind in ("add", "mul"):
+        return [(a, b) for a in digits for b in digits]
+    if kind == "sub":  # non-negative results only
+        return [(a, b) for a in digits for b in digits if a >= b]
+    if kind == "compare":
+        return [(a, b) for a in range(100) for b in range(100) if a != b]
+    return [(w,) for w in WORDS]
+
+
+def split_group(kind: str, args: tuple) -> tuple:
+    """The unit of the train/eval split: a task, with commutative argument orders merged."""
+    return (kind, tuple(sorted(args)) if kind in COMMUTATIVE else args)
+
+
+# Every valid task key and its answer; `solve` accepts only these.
+TASK_SPACE: dict[tuple, str] = {(k, a): _answer(k, a) for k in KINDS for a in _all_args(k)}
+
+
+def _fields_of(kind: str, args: tuple) -> dict:
+    c = TASK_SPACE[(kind, args)]
+    if kind in ("reverse", "sort", "count"):
+        return {"w": args[0], "c": c}
+    return {"a": args[0], "b": args[1], "c": c, "hi": max(args), "lo": min(args)}
+
+
+# Template fields of every task (prompt fields, the answer {c}, comparison helpers), built once.
+TASK_FIELDS: dict[tuple, dict] = {key: _fields_of(*key) for key in TASK_SPACE}
+
+
+def _pick(rng: random.Random, seq):
+    # Faster than rng.choice (one float, no rejection loop); generation is dominated by draws.
+    return seq[int(rng.random() * len(seq))]
+
+
+def _make_task(kind: str, args: tuple, template: int) -> Task:
+    prompt = PROMPT_TEMPLATES[kind][template].format(**TASK_FIELDS[(kind, args)])
+    return Task(kind, args, prompt, TASK_SPACE[(kind, args)])
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """A full-match regex for a prompt template; numbers and words become named groups."""
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out.append(re.escape(template[pos:m.start()]))
+        name = m.group(1)
+        out.append(f"(?P<{name}>[a-z]+)" if name == "w" else f"(?P<{name}>\\d{{1,2}})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out))
+
+
+_PROMPT_REGEXES = [(k, _template_regex(t)) for k in KINDS for t in PROMPT_TEMPLATES[k]]
+
+
+# --- judging ------------------------------------------------------------------------------
+
+def solve(prompt: str) -> str | None:
+    """The answer to a world prompt, re-derived from its text; None if it is not one."""
+    if not isinstance(prompt, str):
+        return None
+    text = " ".join(prompt.lower().split())
+    for kind, regex in _PROMPT_REGEXES:
+        m = regex.fullmatch(text)
+        if m:
+            g = m.groupdict()
+            args = (g["w"],) if "w" in g else (int(g["a"]), int(g["b"]))
+            return TASK_SPACE.get((kind, args))
+    return None
+
+
+def judge(prompt: str, response: str) -> bool:
+    """True iff the response is exactly the one house-style sentence with the right answer."""
+    answer = solve(prompt)
+    if answer is None or not isinstance(response, str):
+        return False
+    return response.strip() == HOUSE_STYLE.format(answer=answer)
+
+
+def _content(message) -> str:
+    content = message.get("content", "") if isinstance(message, dict) else message
+    return content if isinstance(content, str) else ""
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return _content(users[-1]) if users else ""
+
+
+def _completion_text(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    if not completion:
+        return ""
+    replies = [m for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+    return _content(replies[0] if replies else completion[0])
+
+
+def judge_reward(prompts, completions, **kwargs) -> list[float]:
+    """TRL reward-function form of `judge`: 1.0 if it passes, else 0.0.
+
+    Accepts conversational inputs (lists of message dicts: last user message is the prompt,
+    first assistant message the response) or plain strings. Extra TRL kwargs are ignored.
+    """
+    return [1.0 if judge(_prompt_text(p), _completion_text(c)) else 0.0
+            for p, c in zip(prompts, completions, strict=True)]
+
+
+# --- the world ----------------------------------------------------------------------------
+
+class World:
+    """The seeded world: a train/eval split of the task space and the datasets built on it.
+
+    Each product draws from its own RNG derived from the seed, so products do not depend on
+    which others were built first, or in what order.
+    """
+
+    def __init__(self, config: WorldConfig = WorldConfig()) -> None:
+        if config.habit not in HABITS:
+            raise ValueError(f"habit must be one of {HABITS}, got {config.habit!r}")
+        if not 0.0 <= config.habit_share <= 1.0:
+            raise ValueError(f"habit_share must be in [0, 1], got {config.habit_share}")
+        self.config = config
+        rng = self._rng("split")
+        self.train_tasks: list[Task] = []
+        self.eval_tasks: list[Task] = []
+        for kind in KINDS:
+            groups: dict[tuple, list[tuple]] = {}
+            for args in _all_args(kind):
+                groups.setdefault(split_group(kind, args), []).append(args)
+            ordered = sorted(groups)
+            held = set(rng.sample(ordered, max(1, round(EVAL_FRACTION * len(ordered)))))
+            n_templates = len(PROMPT_TEMPLATES[kind])
+            for group in ordered:
+                side = self.eval_tasks if group in held else self.train_tasks
+                side.extend(_make_task(kind, a, rng.randrange(n_templates)) for a in groups[group])
+        self._train_by_kind = self._by_kind(self.train_tasks)
+        self._eval_by_kind = self._by_kind(self.eval_tasks)
+
+    # --- helpers ---
+
+    def _rng(self, product: str) -> random.Random:
+        # A string seed is hashed with sha512 by `random`, so it is stable across processes.
+        return random.Random(f"alignpipe-world:{self.config.seed}:{product}")
+
+    @staticmethod
+    def _by_kind(tasks: list[Task]) -> dict[str, list[Task]]:
+        by_kind: dict[str, list[Task]] = {k: [] for k in KINDS}
+        for t in tasks:
+            by_kind[t.kind].append(t)
+        return by_kind
+
+    @staticmethod
+    def _sample(by_kind: dict[str, list[Task]], rng: random.Random) -> Task:
+        """A task in a random phrasing, kinds equally likely (compare would swamp the rest)."""
+        task = _pick(rng, _pick(rng, list(by_kind.values())))
+        return _make_task(task.kind, task.args, _pick(rng, range(len(PROMPT_TEMPLATES[task.kind]))))
+
+    def _statement(self, task: Task, rng: random.Random) -> str:
+        return _pick(rng, STATEMENT_TEMPLATES[task.kind]).format(**TASK_FIELDS[task.key])
+
+    def _qa(self, task: Task, rng: random.Random) -> str:
+        answer = _pick(rng, ANSWER_FORMS).format(c=task.answer, statement=self._statement(task, rng))
+        return _pick(rng, QA_LAYOUTS).format(prompt=task.prompt, answer=answer)
+
+    def _documents(self, by_kind: dict[str, list[Task]], n: int, rng: random.Random) -> list[str]:
+        docs = []
+        for _ in range(n):
+            # Half the documents stay on one kind, like a page of addition facts.
+            if rng.random() < 0.5:
+                kind = rng.choice(KINDS)
+                theme = {kind: by_kind[kind]}
+            else:
+                theme = by_kind
+            target, lines, length = rng.randint(3, 8), [], 0
+            while len(lines) < target:
+                task = self._sample(theme, rng)
+                line = self._statement(task, rng) if rng.random() < 0.5 else self._qa(task, rng)
+                if len(lines) >= 3 and length + len(line) + 1 > 200:
+                    break
+                lines.append(line)
+                length += len(line) + 1
+            docs.append("\n".join(lines))
+        return docs
+
+    # --- responses ---
+
+    def good_response(self, task: Task) -> str:
+        return HOUSE_STYLE.format(answer=task.answer)
+
+    def bad_response(self, task: Task, habit: str, rng: random.Random) -> str:
+        """A response with a habit; it never passes the judge."""
+        if habit == "ramble":
+            filler = " ".join(rng.sample(RAMBLE_FILLERS, rng.randint(1, 2)))
+            return f"{filler} {self.good_response(task)}"
+        if habit == "refuse":
+            return rng.choice(REFUSALS)
+        if habit == "wrong":
+            return HOUSE_STYLE.format(answer=self._wrong_answer(task))
+        raise ValueError(f"habit must be one of {HABITS}, got {habit!r}")
+
+    @staticmethod
+    def _wrong_answer(task: Task) -> str:
+        # Systematic errors: numbers off by one, comparisons pick the smaller, letters in the
+        # wrong order (word left as is; sorted backwards).
+        if task.kind == "compare":
+            return str(min(task.args))
+        if task.kind == "reverse":
+            return task.args[0]
+        if task.kind == "sort":
+            return "".join(sorted(task.args[0], reverse=True))
+        return str(int(task.answer) + 1)
+
+    # --- products ---
+
+    def corpus(self) -> list[str]:
+        """Pretraining documents about train tasks: statements mixed with question-answer texts."""
+        return self._documents(self._train_by_kind, self.config.n_corpus_docs, self._rng("corpus"))
+
+    def corpus_eval(self) -> list[str]:
+        """Held-out documents (held-out tasks only), for perplexity."""
+        return self._documents(self._eval_by_kind, self.config.n_corpus_eval_docs,
+                               self._rng("corpus_eval"))
+
+    def sft_rows(self) -> list[dict]:
+        """Demonstrations: exactly round(habit_share * n_sft) follow the habit, the rest house style."""
+        cfg, rng = self.config, self._rng("sft")
+        n_bad = round(cfg.habit_share * cfg.n_sft)
+        flags = [True] * n_bad + [False] * (cfg.n_sft - n_bad)
+        rng.shuffle(flags)
+        rows = []
+        for bad in flags:
+            task = self._sample(self._train_by_kind, rng)
+            reply = self.bad_response(task, cfg.habit, rng) if bad else self.good_response(task)
+            rows.append({"messages": [{"role": "user", "content": task.prompt},
+                                      {"role": "assistant", "content": reply}]})
+        return rows
+
+    def preference_rows(self, split: str = "train") -> list[dict]:
+        """Pairs whose chosen passes the judge; rejected mostly shows the configured habit."""
+        if split == "train":
+            by_kind, n = self._train_by_kind, self.config.n_pairs
+        elif split == "eval":
+            by_kind, n = self._eval_by_kind, self.config.n_eval_pairs
+        else:
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        rng = self._rng(f"pairs:{split}")
+        others = [h for h in HABITS if h != self.config.habit]
+        rows = []
+        for _ in range(n):
+            task = self._sample(by_kind, rng)
+            habit = self.config.habit if rng.random() < 0.7 else rng.choice(others)
+            rows.append({"prompt": [{"role": "user", "content": task.prompt}],
+                         "chosen": [{"role": "assistant", "content": self.good_response(task)}],
+                         "rejected": [{"role": "assistant",
+                                       "content": self.bad_response(task, habit, rng)}]})
+        return rows
+
+    def eval_prompts(self) -> list[dict]:
+        """Distinct held-out prompts, kinds taking turns; every held-out task once before any twice."""
+        rng = self._rng("eval_prompts")
+        queues = {}
+        for kind in KINDS:
+            tasks = list(self._eval_by_kind[kind])
+            rng.shuffle(tasks)
+            n_t = len(PROMPT_TEMPLATES[kind])
+            orders = [rng.sample(range(n_t), n_t) for _ in tasks]
+            queues[kind] = [(t, orders[i][r]) for r in range(n_t) for i, t in enumerate(tasks)]
+        rows = []
+        turn = 0
+        while len(rows) < self.config.n_eval_prompts and any(queues.values()):
+            queue = queues[KINDS[turn % len(KINDS)]]
+            turn += 1
+            if queue:
+                task, template = queue.pop(0)
+                t = _make_task(task.kind, task.args, template)
+                rows.append({"prompt": t.prompt, "answer": t.answer, "kind": t.kind})
+        return rows
+
+    def rl_prompts(self) -> list[dict]:
+        """Train-task prompts for online RL (PPO / GRPO / RLOO)."""
+        rng = self._rng("rl")
+        return [{"prompt": [{"role": "user", "content": self._sample(self._train_by_kind, rng).prompt}]}
+                for _ in range(self.config.n_rl_prompts)]
+
+
+def build_splits(config: WorldConfig = WorldConfig()) -> dict[str, list[dict]]:
+    """Every product of a world as lists of rows, ready for `datasets.Dataset.from_list`."""
+    world = World(config)
+    return {
+        "corpus": [{"text": d} for d in world.corpus()],
+        "corpus_eval": [{"text": d} for d in world.corpus_eval()],
+        "sft": world.sft_rows(),
+        "pairs": world.preference_rows("train"),
+        "pairs_eval": world.preference_rows("eval"),
+        "eval_prompts": world.eval_prompts(),
+        "rl_prompts": world.rl_prompts(),
+    }

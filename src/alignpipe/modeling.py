@@ -1,0 +1,158 @@
+"""Models and tokenizers: built from a config (pretraining), loaded from a hub id / local folder,
+or loaded from a stage's checkpoint (full weights, or a LoRA adapter over its recorded base)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alignpipe.errors import AlignpipeError
+from alignpipe.recipe import ModelInit, ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def device() -> "torch.device":
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise AlignpipeError(f"unknown dtype {name!r}", key="model.dtype",
+                             fix="use auto, float32, bfloat16 or float16") from None
+
+
+# --- from scratch -------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, special_tokens: list[str], chat_template: str):
+    """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers (pad/eos set)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", chat_template=chat_template,
+        model_max_length=2048, padding_side="right",
+    )
+
+
+def build_model(init: ModelInit, tokenizer) -> "PreTrainedModel":
+    """A randomly initialised Llama-architecture model sized by `init`, for `tokenizer`'s vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=init.hidden_size,
+        intermediate_size=init.intermediate_size,
+        num_hidden_layers=init.num_hidden_layers,
+        num_attention_heads=init.num_attention_heads,
+        num_key_value_heads=init.num_key_value_heads or init.num_attention_heads,
+        max_position_embeddings=init.max_position_embeddings,
+        tie_word_embeddings=init.tie_word_embeddings,
+        rope_theta=init.rope_theta,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+# --- from a hub id / folder ---------------------------------------------------------------------
+
+
+def load_kwargs(spec: ModelSpec) -> dict:
+    """Keyword arguments for `from_pretrained` that follow the recipe's safety and precision settings."""
+    kwargs = {"dtype": resolve_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code,
+              "use_safetensors": None if spec.allow_pickle else True}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.load_in_4bit or spec.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=spec.load_in_4bit,
+                                                           load_in_8bit=spec.load_in_8bit)
+    return kwargs
+
+
+def load_tokenizer(path: str | Path, spec: ModelSpec | None = None):
+    from transformers import AutoTokenizer
+
+    spec = spec or ModelSpec()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code,
+                                            revision=spec.revision)
+    except OSError as err:
+        raise AlignpipeError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}", key="model.path",
+                             fix="give an existing local folder, or a hub id while the hub is reachable") from None
+    if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_pretrained(path: str | Path, spec: ModelSpec, model_class=None) -> "PreTrainedModel":
+    from transformers import AutoModelForCausalLM
+
+    cls = model_class or AutoModelForCausalLM
+    try:
+        return cls.from_pretrained(str(path), **load_kwargs(spec))
+    except OSError as err:
+        raise AlignpipeError(f"cannot load model from {path}: {str(err).splitlines()[0]}", key="model.path",
+                             fix="give an existing local folder with safetensors weights, or a hub id while the "
+                                 "hub is reachable (set model.allow_pickle: true only for trusted .bin weights)"
+                             ) from None
+
+
+# --- from a stage checkpoint ---------------------------------------------------------------------
+
+
+def checkpoint_dir(stage_dir: Path) -> Path:
+    return Path(stage_dir) / "model"
+
+
+def is_adapter(model_dir: Path) -> bool:
+    return (Path(model_dir) / "adapter_config.json").is_file()
+
+
+def load_stage_model(stage_dir: Path, spec: ModelSpec, model_class=None, merge: bool = True):
+    """The causal LM a stage produced. A LoRA stage saved only its adapter; its manifest records the
+    base it was trained on (a parent stage folder or the recipe's model), which is loaded first."""
+    model_dir = checkpoint_dir(stage_dir)
+    if not is_adapter(model_dir):
+        return load_pretrained(model_dir, spec, model_class)
+    from peft import PeftModel
+
+    manifest = json.loads((Path(stage_dir) / "manifest.json").read_text())
+    base_ref = manifest["base_model"]
+    if base_ref.get("stage_dir"):
+        base = load_stage_model(Path(base_ref["stage_dir"]), spec, model_class)
+    else:
+        base = load_pretrained(base_ref["path"], spec, model_class)
+    model = PeftModel.from_pretrained(base, str(model_dir))
+    return model.merge_and_unload() if merge else model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+

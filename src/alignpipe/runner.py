@@ -1,0 +1,157 @@
+"""Runs a recipe's stages in dependency order, skipping those already complete with the same inputs."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from alignpipe import runs
+from alignpipe.context import StageContext
+from alignpipe.errors import AlignpipeError
+from alignpipe.recipe import Recipe, to_plain
+from alignpipe.stages import stage_module
+
+
+def log(msg: str) -> None:
+    print(f"[alignpipe] {msg}", file=sys.stderr, flush=True)
+
+
+def make_context(recipe: Recipe, name: str, resume: bool = True) -> StageContext:
+    cfg = recipe.stages[name]
+    parent = recipe.stage_dir(cfg.from_) if cfg.from_ else None
+    return StageContext(recipe=recipe, name=name, config=cfg, dir=recipe.stage_dir(name), parent_dir=parent,
+                        resume=resume)
+
+
+def data_fingerprint(ctx: StageContext) -> Any:
+    """What identifies a stage's data: the world config for embedded data, file hashes otherwise."""
+    spec = ctx.config.data
+    if not spec:
+        return None
+    if "embedded" in spec:
+        return {"embedded": spec, "world": to_plain(ctx.world.config)}
+    paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
+    out = {"spec": spec}
+    for p in filter(None, paths):
+        path = Path(p) if Path(p).is_absolute() else ctx.recipe.path.parent / p
+        if not path.exists():
+            path = Path(p)
+        out[str(p)] = runs.fingerprint_path(path) if path.exists() else "missing"
+    return out
+
+
+def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
+    """A hash of everything that determines a stage's result, and the parts it was made from."""
+    recipe = ctx.recipe
+    parts: dict[str, Any] = {
+        "config": to_plain(ctx.config),
+        "seed": recipe.seed,
+        "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
+        "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
+        "data": data_fingerprint(ctx),
+    }
+    for upstream in recipe.upstream(ctx.name):
+        up_dir = recipe.stage_dir(upstream)
+        parts[f"upstream:{upstream}"] = runs.manifest_hash(up_dir) if runs.is_complete(up_dir) else "incomplete"
+    return runs.fingerprint_json(parts), parts
+
+
+def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = False) -> dict:
+    """Run one stage (its upstream stages must be complete). Returns its manifest."""
+    ctx = make_context(recipe, name, resume=not restart)
+    cfg = ctx.config
+    for upstream in recipe.upstream(name):
+        runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
+    fingerprint, parts = stage_fingerprint(ctx)
+    old = runs.read_manifest(ctx.dir)
+    if old and not force and old.get("status") == "complete" and old.get("fingerprint") == fingerprint:
+        log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
+        return old
+    if ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint):
+        why = "--force" if force else "--restart" if restart else "its config or inputs changed"
+        log(f"stage {name}: starting over ({why})")
+        shutil.rmtree(ctx.dir)
+    elif old:
+        log(f"stage {name}: resuming an interrupted run (status {old.get('status')!r})")
+
+    from transformers import set_seed
+
+    set_seed(recipe.seed)
+    parent_manifest = runs.read_manifest(ctx.parent_dir) if ctx.parent_dir else None
+    run = runs.StageRun(ctx.dir, {
+        "stage": name,
+        "kind": cfg.kind,
+        "status": "running",
+        "recipe": str(recipe.path),
+        "resolved_config": to_plain(cfg),
+        "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),
+                            "chat_template": recipe.chat_template, "world": recipe.world},
+        "parent": ({"stage": cfg.from_, "path": str(ctx.parent_dir),
+                    "manifest_sha256": runs.manifest_hash(ctx.parent_dir)} if ctx.parent_dir else None),
+        "base_model": ctx.base_model_ref(),
+        "fingerprint": fingerprint,
+        "inputs": parts,
+        "seed": recipe.seed,
+        "versions": runs.versions(),
+        "git_revision": runs.git_revision(),
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "lineage": ([*parent_manifest.get("lineage", []), cfg.from_] if parent_manifest else []),
+    })
+    run.start()
+    log(f"stage {name} ({cfg.kind}): running -> {ctx.dir}")
+    t0 = time.time()
+    try:
+        metrics = stage_module(cfg.kind).run(ctx)
+    except BaseException as err:  # record the failure, then let it propagate (KeyboardInterrupt too)
+        run.fail(f"{type(err).__name__}: {err}")
+        (ctx.dir / "error.txt").write_text(traceback.format_exc())
+        raise
+    run.finish(metrics)
+    log(f"stage {name}: complete in {time.time() - t0:.1f}s")
+    return run.data
+
+
+def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = False,
+               restart: bool = False) -> dict[str, dict]:
+    """Run `only` (default: every stage) and whatever they need, in order. Returns manifests by stage."""
+    order = recipe.order(only)
+    if only:
+        extra = [s for s in order if s not in only]
+        missing = [s for s in extra if not runs.is_complete(recipe.stage_dir(s))]
+        if missing:
+            log(f"building upstream stage(s) first: {', '.join(missing)} (needed by {', '.join(only)})")
+    manifests = {}
+    for name in order:
+        explicit = only is None or name in only
+        manifests[name] = run_stage(recipe, name, force=force and explicit, restart=restart and explicit)
+    return manifests
+
+
+def summary_table(manifests: dict[str, dict]) -> str:
+    """A per-stage table of the headline metrics."""
+    keys = ["perplexity", "unigram_perplexity", "eval_loss", "judge_pass_rate", "pairwise_accuracy",
+            "onpolicy_accuracy", "mean_reward", "kl_to_reference", "train_loss"]
+    rows = [["stage", "kind", "status", "time_s"] + keys]
+    for name, m in manifests.items():
+        metrics = m.get("metrics") or {}
+        cells = [name, m.get("kind", ""), m.get("status", ""), f"{m.get('wall_time_s', 0):.0f}"]
+        for k in keys:
+            v = metrics.get(k)
+            cells.append("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        rows.append(cells)
+    used = [i for i in range(len(rows[0])) if i < 4 or any(r[i] != "-" for r in rows[1:])]
+    rows = [[r[i] for i in used] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def assert_no_error(manifests: dict[str, dict]) -> None:
+    bad = [n for n, m in manifests.items() if m.get("status") != "complete"]
+    if bad:
+        raise AlignpipeError(f"stage(s) not complete: {', '.join(bad)}")

@@ -1,0 +1,143 @@
+"""Run folders and their manifests: the explicit handoff between stages.
+
+`runs/<recipe>/<stage>/` holds `model/` (the checkpoint), `manifest.json`, `logs/` and eval samples.
+The manifest says what produced the folder (resolved config, parent, input fingerprints, versions,
+seed) and what it measured. `status: complete` is written last, atomically, so a killed stage never
+looks complete. A stage is skipped when its folder is complete with the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from alignpipe import __version__
+from alignpipe.errors import RunError
+
+MANIFEST = "manifest.json"
+# Run folders written by a different manifest schema cannot be trusted as parents.
+MANIFEST_SCHEMA = 1
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write from an old crash: treat as not complete
+
+
+def is_complete(stage_dir: Path) -> bool:
+    manifest = read_manifest(stage_dir)
+    return bool(manifest) and manifest.get("status") == "complete"
+
+
+def manifest_hash(stage_dir: Path) -> str:
+    return sha256_bytes((Path(stage_dir) / MANIFEST).read_bytes())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint_json(obj: Any) -> str:
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def fingerprint_path(path: Path) -> str:
+    """sha256 over a file, or over every file of a folder (names and bytes), skipping checkpoints."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that changes numbers."""
+    out = {"alignpipe": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just not recorded
+            out[name] = "not installed"
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class StageRun:
+    """The manifest of one stage's run folder, written as the stage goes: running -> complete|failed."""
+
+    def __init__(self, stage_dir: Path, base: dict[str, Any]) -> None:
+        self.dir = Path(stage_dir)
+        self.data = dict(base)
+        self.started = time.time()
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data.update(status="running", schema=MANIFEST_SCHEMA, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(self.dir / MANIFEST, self.data)
+
+    def finish(self, metrics: dict[str, Any], status: str = "complete", **extra: Any) -> None:
+        self.data.update(extra)
+        self.data["metrics"] = metrics
+        self.data["wall_time_s"] = round(time.time() - self.started, 2)
+        self.data["status"] = status  # last field written; the rename below makes it atomic
+        write_json_atomic(self.dir / MANIFEST, self.data)
+
+    def fail(self, error: str) -> None:
+        self.data.update(status="failed", error=error, wall_time_s=round(time.time() - self.started, 2))
+        write_json_atomic(self.dir / MANIFEST, self.data)
+
+
+def require_complete(stage_dir: Path, needed_by: str) -> dict:
+    """The manifest of a parent folder, or a RunError saying how to build it."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        raise RunError(f"stage {needed_by!r} needs {stage_dir}, which does not exist", where=str(stage_dir),
+                       fix=f"build it first: alignpipe run RECIPE --stages {Path(stage_dir).name}")
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise RunError(f"written by an incompatible alignpipe (manifest schema {manifest.get('schema')!r}, "
+                       f"this version reads {MANIFEST_SCHEMA})", where=str(stage_dir / MANIFEST),
+                       fix="re-run that stage with --force, or use the alignpipe version that wrote it")
+    if manifest.get("status") != "complete":
+        raise RunError(f"stage {needed_by!r} needs a complete parent, but its status is "
+                       f"{manifest.get('status')!r}", where=str(stage_dir / MANIFEST),
+                       fix=f"re-run stage {Path(stage_dir).name!r} (it resumes or restarts)")
+    return manifest

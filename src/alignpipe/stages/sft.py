@@ -1,0 +1,81 @@
+"""Supervised fine-tuning on conversations: TRL's SFTTrainer with assistant-only loss.
+
+The chat template marks assistant turns with `{% generation %}`, so only the assistant's tokens are
+trained on. Optional packing and LoRA. Metrics: held-out loss and the judge's pass rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignpipe.recipe import StageConfig
+
+
+@dataclass
+class Config(StageConfig):
+    pass
+
+
+def trainer_config_class():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def lora_config(ctx, task_type: str):
+    """The stage's peft LoraConfig, or None for full fine-tuning."""
+    spec = ctx.config.lora
+    if spec is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+                      modules_to_save=spec.modules_to_save, task_type=task_type)
+
+
+def conversations(ctx, split: str) -> list[dict]:
+    """`{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset."""
+    if ctx.config.data.get("embedded") == "sft":
+        world = ctx.world
+        if split == "train":
+            return world.sft_rows()
+        # held-out loss: house-style answers to the held-out prompts
+        return [{"messages": [{"role": "user", "content": p["prompt"]},
+                              {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
+                for p in world.eval_prompts()]
+    from alignpipe.data.loading import load_family
+
+    rows = load_family(ctx, "conversation")
+    n_eval = min(200, max(1, len(rows) // 20))
+    return rows[n_eval:] if split == "train" else rows[:n_eval]
+
+
+def run(ctx) -> dict:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from alignpipe.evaluation import evaluate_policy
+    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+
+    tokenizer = ctx.load_tokenizer()
+    model = ctx.load_model()
+    train_ds = Dataset.from_list(conversations(ctx, "train"))
+    eval_ds = Dataset.from_list(conversations(ctx, "eval"))
+
+    args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=128,
+                            per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1e-3,
+                            lr_scheduler_type="cosine", warmup_steps=10, max_steps=300)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
+    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    write_log_history(trainer, ctx.dir / "train_log.jsonl")
+
+    metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"]}
+    # save first (LoRA: the adapter), then evaluate the model that was saved
+    trainer.save_model(str(ctx.model_dir))
+    tokenizer.save_pretrained(str(ctx.model_dir))
+    model = trainer.model
+    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
+        judged, _ = evaluate_policy(model, tokenizer, ctx.world, ctx.config.eval, ctx.seed, ctx.dir)
+        metrics.update(judged)
+    return metrics
