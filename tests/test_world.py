@@ -109,7 +109,9 @@ def test_sizes_follow_config(splits):
 
 # --- the split -----------------------------------------------------------------------------
 
-def test_split_covers_task_space_and_holds_out_a_share_of_every_kind(world):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_split_covers_task_space_and_holds_out_a_share_of_every_kind(seed):
+    world = World(WorldConfig(seed=seed))
     train = {t.key for t in world.train_tasks}
     held = {t.key for t in world.eval_tasks}
     assert not train & held
@@ -205,7 +207,8 @@ def test_judge_accepts_house_style_and_rejects_everything_else(world):
 
 
 def test_judge_reward_takes_conversations_and_strings():
-    prompts = [[{"role": "system", "content": "be brief."}, {"role": "user", "content": "what is 2 times 3?"}],
+    prompts = [[{"role": "system", "content": "be brief."},
+                {"role": "user", "content": "what is 2 times 3?"}],
                [{"role": "user", "content": "sort the letters of cat."}]]
     completions = [[{"role": "assistant", "content": "The answer is 6."}],
                    [{"role": "assistant", "content": "The answer is cat."}]]

@@ -14,7 +14,7 @@ See datasets/embedded_world.md.
 
 from __future__ import annotations
 
-import math
+import functools
 import random
 import re
 from dataclasses import dataclass, replace
@@ -156,13 +156,13 @@ TASK_SPACE: dict[tuple, str] = {(k, a): _answer(k, a) for k in KINDS for a in _a
 
 
 def _fields_of(kind: str, args: tuple) -> dict:
+    """Template fields of a task: prompt fields, the answer {c}, comparison helpers."""
     c = TASK_SPACE[(kind, args)]
     if kind in ("reverse", "sort", "count"):
         return {"w": args[0], "c": c}
     return {"a": args[0], "b": args[1], "c": c, "hi": max(args), "lo": min(args)}
 
 
-# Template fields of every task (prompt fields, the answer {c}, comparison helpers), built once.
 TASK_FIELDS: dict[tuple, dict] = {key: _fields_of(*key) for key in TASK_SPACE}
 
 
@@ -171,9 +171,17 @@ def _pick(rng: random.Random, seq):
     return seq[int(rng.random() * len(seq))]
 
 
+@functools.lru_cache(maxsize=None)
+def _phrasings(key: tuple) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """All prompt phrasings, all statements and the answer of a task."""
+    fields = TASK_FIELDS[key]
+    return (tuple(t.format(**fields) for t in PROMPT_TEMPLATES[key[0]]),
+            tuple(t.format(**fields) for t in STATEMENT_TEMPLATES[key[0]]), TASK_SPACE[key])
+
+
 def _make_task(kind: str, args: tuple, template: int) -> Task:
-    prompt = PROMPT_TEMPLATES[kind][template].format(**TASK_FIELDS[(kind, args)])
-    return Task(kind, args, prompt, TASK_SPACE[(kind, args)])
+    prompts, _, answer = _phrasings((kind, args))
+    return Task(kind, args, prompts[template], answer)
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -269,7 +277,14 @@ class World:
             for args in _all_args(kind):
                 groups.setdefault(split_group(kind, args), []).append(args)
             ordered = sorted(groups)
-            held = set(rng.sample(ordered, max(1, round(EVAL_FRACTION * len(ordered)))))
+            # Hold out whole groups, in seeded random order, until 12% of the kind's tasks are held.
+            target = max(1, round(EVAL_FRACTION * sum(map(len, groups.values()))))
+            held, n_held = set(), 0
+            for group in rng.sample(ordered, len(ordered)):
+                if n_held >= target:
+                    break
+                held.add(group)
+                n_held += len(groups[group])
             n_templates = len(PROMPT_TEMPLATES[kind])
             for group in ordered:
                 side = self.eval_tasks if group in held else self.train_tasks
@@ -296,26 +311,22 @@ class World:
         task = _pick(rng, _pick(rng, list(by_kind.values())))
         return _make_task(task.kind, task.args, _pick(rng, range(len(PROMPT_TEMPLATES[task.kind]))))
 
-    def _statement(self, task: Task, rng: random.Random) -> str:
-        return _pick(rng, STATEMENT_TEMPLATES[task.kind]).format(**TASK_FIELDS[task.key])
-
-    def _qa(self, task: Task, rng: random.Random) -> str:
-        answer = _pick(rng, ANSWER_FORMS).format(c=task.answer, statement=self._statement(task, rng))
-        return _pick(rng, QA_LAYOUTS).format(prompt=task.prompt, answer=answer)
-
     def _documents(self, by_kind: dict[str, list[Task]], n: int, rng: random.Random) -> list[str]:
+        # The hot loop of world generation (~100k lines): phrasings come from a per-task cache.
+        everything = list(by_kind.values())
         docs = []
         for _ in range(n):
             # Half the documents stay on one kind, like a page of addition facts.
-            if rng.random() < 0.5:
-                kind = rng.choice(KINDS)
-                theme = {kind: by_kind[kind]}
-            else:
-                theme = by_kind
+            pool = [by_kind[_pick(rng, KINDS)]] if rng.random() < 0.5 else everything
             target, lines, length = rng.randint(3, 8), [], 0
             while len(lines) < target:
-                task = self._sample(theme, rng)
-                line = self._statement(task, rng) if rng.random() < 0.5 else self._qa(task, rng)
+                prompts, statements, answer = _phrasings(_pick(rng, _pick(rng, pool)).key)
+                if rng.random() < 0.5:
+                    line = _pick(rng, statements)
+                else:  # a question in a user-prompt phrasing, answered in one of several forms
+                    form = _pick(rng, ANSWER_FORMS)
+                    reply = _pick(rng, statements) if form == "{statement}" else form.format(c=answer)
+                    line = _pick(rng, QA_LAYOUTS).format(prompt=_pick(rng, prompts), answer=reply)
                 if len(lines) >= 3 and length + len(line) + 1 > 200:
                     break
                 lines.append(line)
