@@ -20,6 +20,12 @@ def _threads() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # progress bars for tokenising a few thousand rows or writing one shard are noise in a pipeline log
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def _load(args):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,10 @@ class StageContext:
         import torch
 
         cpu = not torch.cuda.is_available()
+        # transformers 5 takes the TensorBoard folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.logs_dir)
         args: dict[str, Any] = dict(
             output_dir=str(self.checkpoints_dir),
-            logging_dir=str(self.logs_dir),
             report_to=["tensorboard"],
             seed=self.seed,
             data_seed=self.seed,

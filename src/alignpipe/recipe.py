@@ -146,6 +146,24 @@ class Recipe:
 # --- YAML -> dataclasses ----------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`; users write `1e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# --- (continued) ----------------------------------------------------------------------
+
+
 def _yaml_name(f: dataclasses.Field) -> str:
     return "from" if f.name == "from_" else f.name
 
@@ -251,7 +269,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError("recipe file not found", where=where, fix="check the path (recipes live in recipes/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
@@ -269,7 +287,7 @@ def apply_override(data: dict, item: str, where: str) -> None:
     if "=" not in item:
         raise RecipeError(f"override {item!r} is not key=value", where="--set", fix="write e.g. seed=1")
     dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    value = yaml_load(raw) if raw else ""
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:

@@ -28,7 +28,7 @@ def validate(recipe: Recipe) -> None:
         key = f"stages.{name}"
         module = stage_module(cfg.kind)
         _check_trainer_keys(module.trainer_config_class(), cfg.trainer, where, f"{key}.trainer")
-        _check_data(recipe, cfg.data, where, f"{key}.data")
+        _check_data(recipe, cfg, where, f"{key}.data")
         if cfg.kind == "sft" and template is not None and not has_generation_markers(template) \
                 and cfg.trainer.get("assistant_only_loss", True):
             raise RecipeError("the chat template has no {% generation %} markers, which assistant-only loss needs",
@@ -74,7 +74,8 @@ def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> No
                               fix=f"set a positive {k}")
 
 
-def _check_data(recipe: Recipe, spec: dict, where: str, key: str) -> None:
+def _check_data(recipe: Recipe, cfg, where: str, key: str) -> None:
+    spec = cfg.data
     if not spec:
         return
     if "embedded" in spec:
@@ -84,7 +85,7 @@ def _check_data(recipe: Recipe, spec: dict, where: str, key: str) -> None:
         return
     from alignpipe.data.loading import check_spec
 
-    check_spec(spec, recipe.path.parent, where, key)
+    check_spec(spec, recipe.path.parent, where, key, cfg.kind)
 
 
 def _check_runs_dir(recipe: Recipe, where: str) -> None:

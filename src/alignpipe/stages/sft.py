@@ -45,7 +45,7 @@ def conversations(ctx, split: str) -> list[dict]:
                 for p in world.eval_prompts()]
     from alignpipe.data.loading import load_family
 
-    rows = load_family(ctx, "conversation")
+    rows = load_family(ctx, "conversations")
     n_eval = min(200, max(1, len(rows) // 20))
     return rows[n_eval:] if split == "train" else rows[:n_eval]
 
