@@ -36,11 +36,11 @@ def tiny_recipe(runs_dir: Path, name: str = "tiny", extra_stages: dict | None = 
         "world": dict(TINY_WORLD),
         "stages": {
             "pretrain": {"data": {"embedded": "corpus"}, "block_size": 32, "eval": TINY_EVAL,
-                         "trainer": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-                                     "warmup_steps": 0}},
+                         "trainer": {"max_steps": 80, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                                     "warmup_steps": 0, "logging_steps": 5}},
             "sft": {"from": "pretrain", "data": {"embedded": "sft"}, "eval": TINY_EVAL,
-                    "trainer": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
-                                "warmup_steps": 0}},
+                    "trainer": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                                "warmup_steps": 0, "logging_steps": 2}},
         },
     }
     recipe["stages"].update(extra_stages or {})
