@@ -136,3 +136,36 @@ def kl_to_reference(policy, reference, samples: Samples, pad_id: int) -> float:
     lr = sequence_logprobs(reference, samples.prompt_ids, samples.response_ids, pad_id)
     per_seq = [sum(a) - sum(b) for a, b in zip(lp, lr)]
     return sum(per_seq) / max(1, len(per_seq))
+
+
+def reward_stage_of(recipe, stage: str) -> str | None:
+    """The reward stage whose scores a policy stage reports: its own `reward_model`, else the recipe's
+    first complete reward stage."""
+    from alignpipe.runs import is_complete
+
+    own = getattr(recipe.stages[stage], "reward_model", None)
+    if own:
+        return own
+    for name, cfg in recipe.stages.items():
+        if cfg.kind == "reward" and is_complete(recipe.stage_dir(name)):
+            return name
+    return None
+
+
+def evaluate_aligned(ctx, policy, reference, tokenizer) -> dict:
+    """The shared evaluation of an aligned policy (dpo, ppo, grpo, ...): the judge's pass rate on sampled
+    held-out responses, the mean score of the recipe's reward model on those same samples, and the
+    KL divergence to the reference policy (nats per response, estimated on the policy's samples)."""
+    metrics, samples = evaluate_policy(policy, tokenizer, ctx.world, ctx.config.eval, ctx.seed, ctx.dir)
+    metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id)
+    rm_stage = reward_stage_of(ctx.recipe, ctx.name)
+    if rm_stage is not None:
+        from alignpipe.reward.artifact import load_reward_model, score
+
+        artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
+        scores = score(artifact, samples.prompts, samples.responses)
+        metrics["mean_reward"] = sum(scores) / len(scores)
+        metrics["reward_stage"] = rm_stage
+        passed = judge_samples(samples)
+        write_samples(ctx.dir / "eval_samples.jsonl", samples, passed, {"reward": scores})
+    return metrics
