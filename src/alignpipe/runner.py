@@ -60,6 +60,18 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
     return runs.fingerprint_json(parts), parts
 
 
+def output_fingerprints(ctx: StageContext) -> dict[str, str]:
+    """Hashes of what the stage wrote, so a child's manifest can be traced to these exact files."""
+    model_dir = ctx.model_dir
+    if not model_dir.is_dir():
+        return {}
+    out = {"model": runs.fingerprint_path(model_dir)}
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        if (model_dir / name).is_file():
+            out[name] = runs.fingerprint_path(model_dir / name)
+    return out
+
+
 def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = False) -> dict:
     """Run one stage (its upstream stages must be complete). Returns its manifest."""
     ctx = make_context(recipe, name, resume=not restart)
@@ -110,7 +122,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         run.fail(f"{type(err).__name__}: {err}")
         (ctx.dir / "error.txt").write_text(traceback.format_exc())
         raise
-    run.finish(metrics)
+    run.finish(metrics, outputs=output_fingerprints(ctx))
     log(f"stage {name}: complete in {time.time() - t0:.1f}s")
     return run.data
 
