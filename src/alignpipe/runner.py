@@ -9,14 +9,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from alignpipe import runs
+from alignpipe import gates, runs
 from alignpipe.context import StageContext
-from alignpipe.errors import AlignpipeError
+from alignpipe.errors import AlignpipeError, RunError
+from alignpipe.lock import RunLock
 from alignpipe.recipe import Recipe, to_plain
+from alignpipe import distributed
+from alignpipe.template_checks import check_stage_templates
 from alignpipe.stages import stage_module
 
 
 def log(msg: str) -> None:
+    if not distributed.is_main_process():  # one copy of the log, not one per process
+        return
     print(f"[alignpipe] {msg}", file=sys.stderr, flush=True)
 
 
@@ -80,13 +85,23 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
     fingerprint, parts = stage_fingerprint(ctx)
     old = runs.read_manifest(ctx.dir)
+    if old and not force and old.get("schema") != runs.MANIFEST_SCHEMA:  # never resume, skip or delete it
+        raise RunError(f"written by an incompatible alignpipe (manifest schema {old.get('schema')!r}, this version "
+                       f"writes {runs.MANIFEST_SCHEMA})", where=str(ctx.dir / runs.MANIFEST),
+                       fix=f"move the folder away or use another runs_dir; or overwrite it: --stages {name} --force")
     if old and not force and old.get("status") == "complete" and old.get("fingerprint") == fingerprint:
         log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
+        gates.raise_if_missed(name, old.get("gates") or [], ctx.dir)  # a missed gate still fails the run
         return old
+    # the chat template, tokenizer and parents are checked before anything is deleted or trained
+    template_check = check_stage_templates(ctx)
+    main = distributed.is_main_process()  # with several processes only the main one writes the folder
+    distributed.barrier()  # every process has read the old manifest before the main one changes it
     if ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint):
         why = "--force" if force else "--restart" if restart else "its config or inputs changed"
         log(f"stage {name}: starting over ({why})")
-        shutil.rmtree(ctx.dir)
+        if main:
+            shutil.rmtree(ctx.dir)
     elif old:
         log(f"stage {name}: resuming an interrupted run (status {old.get('status')!r})")
 
@@ -112,19 +127,30 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         "git_revision": runs.git_revision(),
         "trust_remote_code": recipe.model.trust_remote_code,
         "lineage": ([*parent_manifest.get("lineage", []), cfg.from_] if parent_manifest else []),
+        "template_check": template_check,
+        "world_size": distributed.world_size(),
     })
-    run.start()
+    if main:
+        run.start()
+    distributed.barrier()
     log(f"stage {name} ({cfg.kind}): running -> {ctx.dir}")
     t0 = time.time()
     try:
         metrics = stage_module(cfg.kind).run(ctx)
     except BaseException as err:  # record the failure, then let it propagate (KeyboardInterrupt too)
-        run.fail(f"{type(err).__name__}: {err}")
-        (ctx.dir / "error.txt").write_text(traceback.format_exc())
+        if main:
+            run.fail(f"{type(err).__name__}: {err}")
+            (ctx.dir / "error.txt").write_text(traceback.format_exc())
         raise
-    run.finish(metrics, outputs=output_fingerprints(ctx))
+    results = gates.evaluate_gates(recipe, name, metrics)
+    if main:
+        run.finish(metrics, outputs=output_fingerprints(ctx), **({"gates": results} if results else {}))
+    distributed.barrier()  # the next stage (on any process) starts from what was just saved
     log(f"stage {name}: complete in {time.time() - t0:.1f}s")
-    return run.data
+    for row in results:
+        log(f"gate {gates.describe(name, row)}")
+    gates.raise_if_missed(name, results, ctx.dir)  # stop here: later stages build on this one
+    return run.data if main else (runs.read_manifest(ctx.dir) or run.data)
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = False,
@@ -137,9 +163,13 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
         if missing:
             log(f"building upstream stage(s) first: {', '.join(missing)} (needed by {', '.join(only)})")
     manifests = {}
-    for name in order:
-        explicit = only is None or name in only
-        manifests[name] = run_stage(recipe, name, force=force and explicit, restart=restart and explicit)
+    try:
+        with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
+            for name in order:
+                explicit = only is None or name in only
+                manifests[name] = run_stage(recipe, name, force=force and explicit, restart=restart and explicit)
+    finally:
+        distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
     return manifests
 
 

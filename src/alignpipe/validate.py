@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from alignpipe.errors import RecipeError, RunError
+from alignpipe.gates import check_gates
 from alignpipe.recipe import Recipe
 from alignpipe.stages import stage_module
 from alignpipe.templates import has_generation_markers, resolve_template
@@ -22,6 +23,7 @@ def validate(recipe: Recipe) -> None:
     """Raise RecipeError / RunError on the first problem found."""
     where = str(recipe.path)
     template = resolve_template(recipe.chat_template, recipe.path)
+    _check_model(recipe, where)
     if recipe.world:
         _check_world(recipe, where)
     for name, cfg in recipe.stages.items():
@@ -42,10 +44,34 @@ def validate(recipe: Recipe) -> None:
         if cfg.kind == "pretrain" and cfg.from_ is not None:
             raise RecipeError("a pretrain stage starts from the recipe's model", where=where, key=f"{key}.from",
                               fix="remove `from:` (use model.path for continued pretraining)")
+        check_gates(recipe, name, where)
         check = getattr(module, "check", None)
         if check is not None:  # stage-specific checks (e.g. a reward_model that is not a reward stage)
             check(recipe, name, where)
     _check_runs_dir(recipe, where)
+
+
+def _check_model(recipe: Recipe, where: str) -> None:
+    """A local model folder must hold a config.json; anything else must look like a hub id, which is
+    downloaded when a stage runs (validate works offline)."""
+    import sys
+
+    from alignpipe.data.loading import HUB_ID
+
+    path = recipe.model.path
+    if path is None:
+        return
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise RecipeError(f"model folder {path} has no config.json", where=where, key="model.path",
+                              fix="point it at a folder written by save_pretrained (or a hub snapshot)")
+        return
+    if local.exists() or path.startswith((".", "/", "~")) or not HUB_ID.match(path):
+        raise RecipeError(f"{path!r} is neither a model folder nor a hub id", where=where, key="model.path",
+                          fix="give a folder with config.json (relative to the current directory) or org/name")
+    print(f"[alignpipe] model.path: hub model {path} is downloaded when a stage runs (validate does not reach "
+          "the hub)", file=sys.stderr)
 
 
 def _check_world(recipe: Recipe, where: str) -> None:

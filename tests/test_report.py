@@ -1,0 +1,209 @@
+"""The run report (figures that open, every policy stage in the pass-rate chart, samples, win rates) and
+recipe gates (safe parsing, validation, a missed gate fails the run but keeps the stage)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from matplotlib.image import imread
+
+from alignpipe.cli import main
+from alignpipe.errors import RecipeError
+from alignpipe.gates import GateSyntaxError, evaluate_gates, parse_gate
+from alignpipe.recipe import load_recipe
+from alignpipe.report import paired, task_kind, wilson, win_rate, write_report
+from alignpipe.validate import validate
+from conftest import tiny_recipe, write_yaml
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real tiny pretrain+sft run, shared by the tests of this file (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("report")
+    recipe = write_yaml(root / "tiny.yaml", tiny_recipe(root / "runs"))
+    assert main(["run", str(recipe)]) == 0
+    return root / "runs" / "tiny"
+
+
+def test_report_after_pretrain_and_sft(tiny_run, capsys):
+    assert main(["report", str(tiny_run)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    text = (tiny_run / "report.md").read_text()
+
+    # at least 5 figures, each a real image, each linked from the report
+    pngs = sorted(tiny_run.glob("*.png"))
+    assert len(pngs) >= 5, pngs
+    for png in pngs:
+        img = imread(png)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
+        assert f"]({png.name})" in text
+    assert (tiny_run / "fig-pass_rate.png") in pngs and (tiny_run / "fig-curves_sft.png") in pngs
+
+    # the pass rate of every policy stage, with its Wilson interval, from its own samples
+    for stage in ("pretrain", "sft"):
+        m = _manifest(tiny_run / stage)["metrics"]
+        lo, hi = wilson(m["judge_passed"], m["judge_total"])
+        assert f"{m['judge_pass_rate']:.1%} [{lo:.1%}, {hi:.1%}]" in text
+
+    # lineage, and the sample table: the same held-out prompts answered by both stages
+    assert "pretrain → sft" in text
+    table = text.split("## Sample responses")[1]
+    assert "| prompt | pretrain | sft |" in table
+    first_prompt = json.loads((tiny_run / "sft" / "eval_samples.jsonl").read_text().splitlines()[0])["prompt"]
+    assert first_prompt in table
+    assert "## Aligned policies vs SFT" not in text  # nothing aligned yet: no empty section
+
+    # a second report replaces the first's figures, no duplicates
+    write_report(tiny_run)
+    assert sorted(tiny_run.glob("*.png")) == pngs
+
+
+def test_missed_gate_fails_the_run_and_keeps_the_stage(tiny_run, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "tiny")
+    gated = tiny_recipe(runs)
+    gated["stages"]["sft"]["gates"] = ["eval_loss <= pretrain.eval_loss * 10",  # passes
+                                       "judge_pass_rate >= 1.5"]  # impossible
+    recipe = write_yaml(tmp_path / "gated.yaml", gated)
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("alignpipe: error")][0]
+    assert "gate missed" in line and "'sft'" in line and "judge_pass_rate" in line and "1.5" in line
+    assert "stages.sft.gates[1]" in line
+
+    sft = _manifest(runs / "tiny" / "sft")
+    assert sft["status"] == "complete" and (runs / "tiny" / "sft" / "model" / "model.safetensors").is_file()
+    passed, missed = sft["gates"]
+    assert passed["passed"] is True and passed["threshold"] == pytest.approx(
+        _manifest(runs / "tiny" / "pretrain")["metrics"]["eval_loss"] * 10)
+    assert missed == {"expr": "judge_pass_rate >= 1.5", "metric": "judge_pass_rate", "op": ">=",
+                      "value": sft["metrics"]["judge_pass_rate"], "threshold": 1.5, "passed": False}
+
+    # run again: the stage is skipped, and the run still fails on the recorded gate
+    assert main(["run", str(recipe)]) == 2
+    assert "skipped" in capsys.readouterr().err
+
+    # the report marks it
+    write_report(runs / "tiny")
+    text = (runs / "tiny" / "report.md").read_text()
+    assert "**MISSED**" in text and "missed its gate `judge_pass_rate >= 1.5`" in text
+
+
+def test_gate_validation_names_the_gate(tmp_path, capsys):
+    def recipe_with(gates, stage="sft"):
+        data = tiny_recipe(tmp_path / "runs")
+        data["stages"][stage]["gates"] = gates
+        return load_recipe(write_yaml(tmp_path / "r.yaml", data))
+
+    validate(recipe_with(["judge_pass_rate >= pretrain.judge_pass_rate + 0.1", "eval_loss < 3"]))
+    for gates, stage, needle in ((["judge_pass_rate >= 1 +"], "sft", "ends too early"),
+                                 (["ok > 1", "judge_pass_rate >= dpo.judge_pass_rate"], "sft", "stage 'dpo'"),
+                                 (["x >= 1", "y >= 2", "eval_loss <= sft.eval_loss"], "pretrain", "runs after"),
+                                 (["import os"], "sft", "expected '<metric> <op> <expression>'")):
+        with pytest.raises(RecipeError, match=needle) as err:
+            validate(recipe_with(gates, stage))
+        assert err.value.key == f"stages.{stage}.gates[{len(gates) - 1}]"
+
+    recipe_with(["judge_pass_rate >= 0.5 0.1"])
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    assert "stages.sft.gates[0]" in capsys.readouterr().err
+
+
+def test_gate_parser_is_arithmetic_only():
+    gate = parse_gate("kl_to_reference <= (sft.x + 2) * 3 - -1 / 4")
+    assert gate.refs() == [(None, "kl_to_reference"), ("sft", "x")]
+    for bad in ("x >= __import__('os').system('true')", "x >= y if z", "x >= [1]", "x = 1", "1 >= x", "x >= 1,"):
+        with pytest.raises(GateSyntaxError):
+            parse_gate(bad)
+
+
+def test_gate_evaluation_reads_other_stages(tmp_path):
+    data = tiny_recipe(tmp_path / "runs")
+    data["stages"]["sft"]["gates"] = ["judge_pass_rate >= pretrain.judge_pass_rate + 0.1", "missing_metric > 0"]
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", data))
+    pre = recipe.stage_dir("pretrain")
+    pre.mkdir(parents=True)
+    (pre / "manifest.json").write_text(json.dumps({"status": "complete", "metrics": {"judge_pass_rate": 0.25}}))
+    ok, missing = evaluate_gates(recipe, "sft", {"judge_pass_rate": 0.3})
+    assert ok["threshold"] == pytest.approx(0.35) and ok["passed"] is False
+    assert missing["passed"] is False and missing["value"] is None and "not reported" in missing["reason"]
+    ok, _ = evaluate_gates(recipe, "sft", {"judge_pass_rate": 0.36})
+    assert ok["passed"] is True
+
+
+# --- aligned stages and the reward model, from a run folder written by hand ---------------------
+
+
+def _stage(root, name, kind, metrics, samples=None, parent=None, lineage=(), **extra):
+    d = root / name
+    d.mkdir(parents=True)
+    manifest = {"stage": name, "kind": kind, "status": "complete", "schema": 1, "metrics": metrics,
+                "parent": {"stage": parent} if parent else None, "lineage": list(lineage), "wall_time_s": 1.0,
+                "started_at": f"2026-01-01T00:00:0{len(lineage)}", **extra}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    if samples is not None:
+        (d / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return d
+
+
+def _samples(judge, reward):
+    prompts = ["add 1 and 2.", "what is 3 minus 1?", "reverse the word cat.", "count the letters in dog."]
+    return [{"prompt": prompts[i // 2], "response": f"r{i}", "judge": j, "ended": True, "tokens": 3 + i, "reward": r}
+            for i, (j, r) in enumerate(zip(judge, reward))]
+
+
+def test_win_rates_by_judge_and_reward_model(tmp_path):
+    run = tmp_path / "run"
+    sft_judge = [True, False, False, False, False, False, False, False]
+    dpo_judge = [True, True, True, False, False, False, False, False]
+    sft = _samples(sft_judge, [0.0] * 8)
+    dpo = _samples(dpo_judge, [1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 1.0, 1.0])
+    judged = {"judge_pass_rate": 0.1, "judge_passed": 1, "judge_total": 8, "reward_stage": "rm"}
+    _stage(run, "sft", "sft", judged, sft, lineage=["pretrain"])
+    _stage(run, "dpo", "dpo", {**judged, "judge_pass_rate": 0.375, "judge_passed": 3}, dpo, parent="sft",
+           lineage=["pretrain", "sft"])
+    calibration = [{"bucket": [0.5, 0.55], "count": 10, "confidence": 0.52, "accuracy": 0.5},
+                   {"bucket": [0.9, 0.95], "count": 30, "confidence": 0.93, "accuracy": 0.9}]
+    rm = _stage(run, "rm", "reward", {"pairwise_accuracy": 0.9, "eval_pairs": 40, "onpolicy_accuracy": 0.7,
+                                      "onpolicy_pairs": 20, "ece": 0.02}, sft, parent="sft", lineage=["pretrain", "sft"])
+    (rm / "reward_eval.json").write_text(json.dumps({"calibration": calibration}))
+
+    # by hand: judge W/T/L = 2/6/0 -> 0.625; reward model W/L = 6/2 -> 0.75; of the 2 pairs the judge
+    # decides, the reward model orders 1 the same way (the other: dpo's 3rd sample, judged pass, reward -1)
+    judge = win_rate(paired(dpo, sft), "judge")
+    rm_rate = win_rate(paired(dpo, sft), "reward")
+    assert (judge["wins"], judge["ties"], judge["losses"], judge["rate"]) == (2, 6, 0, 0.625)
+    assert rm_rate["rate"] == 0.75 and rm_rate["lo"] <= 0.75 <= rm_rate["hi"]
+
+    path, figures = write_report(run)
+    text = path.read_text()
+    assert "| dpo | sft | 62.5% [" in text and "| 2/6/0 | 75.0% [" in text and "| rm | 1/2 |" in text
+    assert "Where they disagree" in text and "what is 3 minus 1?" in text.split("Where they disagree")[1]
+    names = {p.name for p in figures}
+    assert {"fig-win_rates.png", "fig-rm_accuracy.png", "fig-rm_calibration.png", "fig-rm_reward_vs_length.png",
+            "fig-pass_rate.png"} <= names
+    for p in figures:
+        assert imread(p).ndim == 3
+
+
+def test_judge_trained_stage_is_flagged(tmp_path):
+    run = tmp_path / "run"
+    samples = _samples([True] * 8, [0.0] * 8)
+    _stage(run, "sft", "sft", {"judge_pass_rate": 1.0, "judge_passed": 8, "judge_total": 8}, samples)
+    _stage(run, "grpo", "grpo", {"judge_pass_rate": 1.0, "judge_passed": 8, "judge_total": 8,
+                                 "judge_used_for_training": True}, samples, parent="sft", lineage=["sft"])
+    text = write_report(run, score_rewards=False)[0].read_text()
+    assert "stage `grpo` trained on the judge" in text and "stage `sft` trained" not in text
+
+
+def test_task_kind_of_world_prompts():
+    assert task_kind("what is the larger of 4 and 83?") == "compare"
+    assert task_kind("Reverse the word  cat.") == "reverse"
+    assert task_kind("tell me a joke") is None
