@@ -1,0 +1,162 @@
+"""Direct preference optimisation: TRL's DPOTrainer on (prompt, chosen, rejected) conversations.
+
+Starts from a policy stage's checkpoint (usually sft). The reference policy is the start itself:
+a frozen second copy for full fine-tuning, or, with `lora:`, the same model with the adapter
+switched off (one copy of the base weights in memory). The loss is TRL's, chosen in the recipe's
+`trainer:` block (`loss_type`, `loss_weights`, `beta`, `label_smoothing`, ...); see docs/dpo.md.
+
+Metrics: the shared judge pass rate, KL to the reference and reward-model score
+(`evaluate_aligned`), and DPO's implicit-reward accuracy and margins on held-out pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignpipe.errors import RecipeError
+from alignpipe.recipe import StageConfig
+
+# DPOConfig.loss_type values in TRL 1.16 (checked before anything is trained: TRL only fails at
+# the first step). ORPO / CPO / SimPO are separate trainers in trl.experimental, KTO is trl.KTOTrainer.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+TRAIN_SLICE = 300  # training pairs whose implicit rewards are reported beside the held-out pairs'
+
+
+@dataclass
+class Config(StageConfig):
+    # reward stage whose score is reported beside the judge (evaluation only; DPO never trains on it).
+    # Unset: the recipe's first reward stage that is complete when this stage runs.
+    reward_model: str | None = None
+
+
+def trainer_config_class():
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
+def check(recipe, name: str, where: str) -> None:
+    cfg = recipe.stages[name]
+    key = f"stages.{name}"
+    if cfg.from_ is None:
+        raise RecipeError("a dpo stage starts from a policy checkpoint", where=where, key=f"{key}.from",
+                          fix="set `from:` to an sft stage")
+    if recipe.stages[cfg.from_].kind == "reward":
+        raise RecipeError(f"starts from reward stage {cfg.from_!r}, which is not a policy", where=where,
+                          key=f"{key}.from", fix="set `from:` to an sft stage")
+    if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
+        raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
+                          fix="name a stage of kind reward, or remove the key")
+    loss_type = cfg.trainer.get("loss_type", ["sigmoid"])
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    for i, lt in enumerate(loss_types):
+        if lt not in LOSS_TYPES:
+            raise RecipeError(f"unknown DPO loss type {lt!r}", where=where, key=f"{key}.trainer.loss_type",
+                              fix=f"use one or more of {', '.join(LOSS_TYPES)}")
+    weights = cfg.trainer.get("loss_weights")
+    if weights is not None and len(weights) != len(loss_types):
+        raise RecipeError(f"{len(weights)} loss_weights for {len(loss_types)} loss types", where=where,
+                          key=f"{key}.trainer.loss_weights", fix="give one weight per entry of loss_type")
+
+
+def pairs(ctx, split: str) -> list[dict]:
+    """`{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the embedded world's
+    preference pairs (held-out tasks for "eval"), or a user dataset with a slice held out."""
+    if ctx.config.data.get("embedded") == "pairs":
+        return ctx.world.preference_rows(split)
+    from alignpipe.data.loading import load_family
+
+    rows = load_family(ctx, "pairs")
+    n_eval = min(200, max(1, len(rows) // 20))
+    return rows[n_eval:] if split == "train" else rows[:n_eval]
+
+
+def adapter_disabled(peft_model):
+    """The LoRA policy with its adapter switched off, as a model of its own: DPO's reference,
+    without a second copy of the base weights (used for the KL figure)."""
+    import torch
+
+    class AdapterOff(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.policy = peft_model
+
+        def forward(self, **kwargs):
+            with self.policy.disable_adapter():
+                return self.policy(**kwargs)
+
+    return AdapterOff()
+
+
+def implicit_reward_metrics(trainer) -> dict:
+    """DPO's implicit reward r = beta * (log pi(y|x) - log ref(y|x)), via TRL's evaluation loop, on the held-out
+    pairs and on a slice of the training pairs: how often chosen out-scores rejected, by what margin, the two
+    rewards' means and the policy's summed log-probabilities of chosen and rejected."""
+    names = {"rewards/accuracies": "implicit_accuracy", "rewards/margins": "implicit_margin",
+             "rewards/chosen": "implicit_reward_chosen", "rewards/rejected": "implicit_reward_rejected",
+             "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected"}
+    metrics = {}
+    for split, prefix in (("heldout", ""), ("train", "train_")):
+        out = trainer.evaluate(split, metric_key_prefix=f"eval_{split}")
+        # TRL puts its reward figures in the logged row (as eval_rewards/...), not in evaluate's return value
+        row = trainer.state.log_history[-1]
+        metrics[f"{prefix}dpo_loss"] = out[f"eval_{split}_loss"]
+        metrics.update({prefix + new: row[f"eval_{old}"] for old, new in names.items() if f"eval_{old}" in row})
+    return metrics
+
+
+def build_trainer(ctx):
+    """The DPOTrainer for this stage, and the reference policy as a model (None with LoRA: the trainer
+    switches the adapter off instead)."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from alignpipe.stages.sft import lora_config
+
+    tokenizer = ctx.load_tokenizer()
+    model = ctx.load_model()
+    peft_config = lora_config(ctx, "CAUSAL_LM")
+    # Full fine-tuning: the reference is a frozen copy of the start, loaded from the parent stage (TRL would
+    # otherwise reload `config._name_or_path`, which for a merged LoRA parent is the wrong model).
+    reference = None
+    if peft_config is None:
+        reference = ctx.load_model().eval().requires_grad_(False)
+
+    train_ds = Dataset.from_list(pairs(ctx, "train"))
+    # implicit rewards are measured on the held-out pairs and, to compare, on a slice of the training pairs
+    eval_ds = {"heldout": Dataset.from_list(pairs(ctx, "eval")),
+               "train": train_ds.select(range(min(TRAIN_SLICE, len(train_ds))))}
+
+    # Defaults measured on the embedded world (docs/dpo.md): plain sigmoid DPO over-optimises there, the SFT
+    # term on the chosen responses keeps the policy fluent. Reference log-probs are computed once up front.
+    args = ctx.trainer_args(trainer_config_class(), max_length=128, per_device_train_batch_size=32,
+                            per_device_eval_batch_size=64, learning_rate=2e-4, lr_scheduler_type="cosine",
+                            warmup_steps=5, max_steps=100, beta=0.1, loss_type=["sigmoid", "sft"],
+                            loss_weights=[1.0, 1.0], precompute_ref_log_probs=True)
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config)
+    return trainer, reference
+
+
+def run(ctx) -> dict:
+    from alignpipe.evaluation import evaluate_aligned
+    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+
+    trainer, reference = build_trainer(ctx)
+    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    args = trainer.args
+    metrics = {**train_log_metrics(trainer), "loss_type": list(args.loss_type), "beta": args.beta,
+               **implicit_reward_metrics(trainer)}
+    write_log_history(trainer, ctx.dir / "train_log.jsonl")  # after the evaluations: their rows too
+
+    # save first (LoRA: the adapter only; the manifest records the base), then evaluate what was saved
+    tokenizer = trainer.processing_class
+    trainer.save_model(str(ctx.model_dir))
+    tokenizer.save_pretrained(str(ctx.model_dir))
+    policy = trainer.model
+    if reference is None:
+        reference = adapter_disabled(policy)
+    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
+        metrics.update(evaluate_aligned(ctx, policy, reference, tokenizer))
+    return metrics

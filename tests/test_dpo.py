@@ -1,0 +1,135 @@
+"""DPO on a tiny model: full and LoRA runs train for real and report the shared metrics, the LoRA
+reference is the adapter switched off (one copy of the base weights), the implicit reward learns to
+rank the training pairs, and the recipe checks catch bad loss settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignpipe.cli import main
+from alignpipe.errors import RecipeError
+from alignpipe.recipe import load_recipe
+from alignpipe.runner import make_context
+from alignpipe.stages import dpo
+from alignpipe.validate import validate
+from conftest import TINY_EVAL, tiny_recipe, write_yaml
+
+TRAINER = {"max_steps": 25, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
+           "logging_steps": 1, "beta": 0.1}
+STAGES = {
+    "dpo": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+            "trainer": {**TRAINER, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}},
+    "dpo_lora": {"kind": "dpo", "from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+                 "lora": {"r": 4, "alpha": 8}, "trainer": {**TRAINER, "learning_rate": 1e-2}},
+    # a second loss variant beside them: IPO with a length-normalised sigmoid term
+    "dpo_ipo": {"kind": "dpo", "from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+                "trainer": {**TRAINER, "max_steps": 5, "loss_type": ["ipo", "sigmoid_norm"],
+                            "loss_weights": [1.0, 0.5]}},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny recipe with pretrain -> sft -> three dpo stages, run once for the whole module."""
+    root = tmp_path_factory.mktemp("dpo")
+    path = write_yaml(root / "tiny.yaml", tiny_recipe(root / "runs", extra_stages=STAGES))
+    assert main(["run", str(path)]) == 0
+    return path, root / "runs" / "tiny"
+
+
+def _manifest(stage_dir):
+    return json.loads((stage_dir / "manifest.json").read_text())
+
+
+def test_full_and_lora_dpo_train_and_report(trained):
+    _, runs = trained
+    sft_weights = load_file(runs / "sft" / "model" / "model.safetensors")
+    for stage in STAGES:
+        m = _manifest(runs / stage)
+        assert m["status"] == "complete" and m["parent"]["stage"] == "sft"
+        metrics = m["metrics"]
+        for key in ("judge_pass_rate", "kl_to_reference", "implicit_accuracy", "implicit_margin",
+                    "implicit_reward_chosen", "implicit_reward_rejected", "train_implicit_accuracy"):
+            assert key in metrics, (stage, key)
+        assert 0.0 <= metrics["judge_pass_rate"] <= 1.0
+        assert metrics["global_step"] == STAGES[stage]["trainer"]["max_steps"]
+        # the policy moved away from its reference, and the KL estimate sees it
+        assert metrics["kl_to_reference"] > 0.0
+
+    # full DPO rewrote the SFT weights; LoRA saved only an adapter, which reloads over the sft base
+    full = load_file(runs / "dpo" / "model" / "model.safetensors")
+    assert sum(not torch.equal(sft_weights[k], full[k]) for k in sft_weights) >= len(sft_weights) // 2
+    assert (runs / "dpo_lora" / "model" / "adapter_config.json").is_file()
+    assert not (runs / "dpo_lora" / "model" / "model.safetensors").exists()
+    assert _manifest(runs / "dpo_lora")["base_model"] == {"stage_dir": str(runs / "sft")}
+    assert _manifest(runs / "dpo_ipo")["metrics"]["loss_type"] == ["ipo", "sigmoid_norm"]
+
+
+def test_implicit_accuracy_on_training_pairs_rises(trained):
+    _, runs = trained
+    for stage in ("dpo", "dpo_lora"):
+        log = [json.loads(line) for line in (runs / stage / "train_log.jsonl").read_text().splitlines()]
+        accs = [row["rewards/accuracies"] for row in log if "rewards/accuracies" in row]
+        metrics = _manifest(runs / stage)["metrics"]
+        # at step 1 policy == reference, so every implicit reward is 0 and no pair is ranked right
+        assert accs[0] < 0.3, (stage, accs[0])
+        assert metrics["train_implicit_accuracy"] >= 0.8, (stage, metrics)
+        assert metrics["train_implicit_margin"] > 0.0
+        assert metrics["train_implicit_reward_chosen"] > metrics["train_implicit_reward_rejected"]
+
+
+def _base_storages(ctx, trainer, reference) -> float:
+    """Copies of the base weights held in memory: distinct non-adapter storages of the policy and the
+    reference, over the distinct storages of one freshly loaded model."""
+    ptrs = {p.data_ptr() for n, p in trainer.model.named_parameters(remove_duplicate=False) if "lora_" not in n}
+    for model in (trainer.ref_model, reference):
+        if model is not None:
+            ptrs |= {p.data_ptr() for p in model.parameters()}
+    return len(ptrs) / len({p.data_ptr() for p in ctx.load_model().parameters()})
+
+
+def test_lora_reference_is_the_adapter_switched_off(trained):
+    path, _ = trained
+    recipe = load_recipe(path)
+    copies = {}
+    for stage in ("dpo", "dpo_lora"):
+        ctx = make_context(recipe, stage)
+        trainer, reference = dpo.build_trainer(ctx)
+        copies[stage] = _base_storages(ctx, trainer, reference)
+        if stage == "dpo_lora":
+            assert trainer.ref_model is None and reference is None
+            # the reference the stage measures KL against: the same storages, adapter off
+            ref = dpo.adapter_disabled(trainer.model)
+            assert {p.data_ptr() for p in ref.parameters()} == {p.data_ptr() for p in trainer.model.parameters()}
+            ids = torch.tensor([[1, 2, 3, 4]])
+            with torch.no_grad():
+                for n, p in trainer.model.named_parameters():  # LoRA starts as a no-op; make it matter
+                    if "lora_B" in n:
+                        p.fill_(0.5)
+                on, off = trainer.model(input_ids=ids).logits, ref(input_ids=ids).logits
+                base = ctx.load_model()(input_ids=ids).logits
+            assert not torch.allclose(on, off)
+            assert torch.allclose(off, base, atol=1e-5)
+    assert copies == {"dpo": 2.0, "dpo_lora": 1.0}
+
+
+@pytest.mark.parametrize("trainer, message", [
+    ({"loss_type": ["sigmoid", "simpo"]}, "unknown DPO loss type 'simpo'"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "1 loss_weights for 2 loss types"),
+])
+def test_recipe_checks_loss_settings(tmp_path, trainer, message):
+    stages = {"dpo": {"from": "sft", "data": {"embedded": "pairs"}, "trainer": trainer}}
+    path = write_yaml(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages))
+    with pytest.raises(RecipeError, match=message):
+        validate(load_recipe(path))
+
+
+def test_dpo_must_start_from_a_policy(tmp_path):
+    stages = {"dpo": {"data": {"embedded": "pairs"}}}
+    path = write_yaml(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages))
+    with pytest.raises(RecipeError, match="from"):
+        validate(load_recipe(path))
