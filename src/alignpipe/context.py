@@ -66,15 +66,30 @@ class StageContext:
         tok = load_tokenizer(source, self.recipe.model)
         if self.chat_template is not None:
             tok.chat_template = self.chat_template
+        if self.config.kind != "pretrain":  # chat stages stop where the template ends a turn
+            from alignpipe.template_checks import use_end_of_turn_as_eos
+
+            use_end_of_turn_as_eos(tok)
         return tok
 
+    @functools.cached_property
+    def _stop_token_id(self) -> int | None:
+        return self.load_tokenizer().eos_token_id
+
     def load_model(self, model_class=None):
-        """The model this stage starts from: the parent's checkpoint or the recipe's model."""
+        """The model this stage starts from: the parent's checkpoint or the recipe's model. Its
+        generation config stops at the tokenizer's EOS (the template's end-of-turn token)."""
         from alignpipe.modeling import load_pretrained, load_stage_model
 
         if self.parent_dir is not None:
-            return load_stage_model(self.parent_dir, self.recipe.model, model_class)
-        return load_pretrained(self.recipe.model.path, self.recipe.model, model_class)
+            model = load_stage_model(self.parent_dir, self.recipe.model, model_class)
+        else:
+            model = load_pretrained(self.recipe.model.path, self.recipe.model, model_class)
+        if self.config.kind != "pretrain":
+            from alignpipe.template_checks import add_stop_token
+
+            add_stop_token(model, self._stop_token_id)
+        return model
 
     def trainer_args(self, config_class, **defaults: Any):
         """The stage's TRL/transformers config: alignpipe's defaults, overridden by the recipe's `trainer:`."""

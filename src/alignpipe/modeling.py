@@ -89,23 +89,67 @@ def load_kwargs(spec: ModelSpec) -> dict:
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.load_in_4bit or spec.load_in_8bit:
+        _require_quantization(spec)
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=spec.load_in_4bit,
-                                                           load_in_8bit=spec.load_in_8bit)
+        if spec.load_in_4bit:  # QLoRA's settings: NF4, double quantisation, compute in the model's dtype
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=kwargs["dtype"])
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     return kwargs
+
+
+def _require_quantization(spec: ModelSpec) -> None:
+    import importlib.util
+
+    import torch
+
+    what = "load_in_4bit" if spec.load_in_4bit else "load_in_8bit"
+    if not torch.cuda.is_available():
+        raise AlignpipeError(f"{what} needs a CUDA GPU (bitsandbytes), and there is none here", key=f"model.{what}",
+                             fix=f"set model.{what}: false on this machine (e.g. --set model.{what}=false)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AlignpipeError(f"{what} needs bitsandbytes, which is not installed", key=f"model.{what}",
+                             fix="pip install -e '.[quant]' (or .venv/bin/pip install bitsandbytes)")
+
+
+def _hub_access(path: str | Path) -> tuple[dict, str | None]:
+    """Extra `from_pretrained` arguments for `path`, and why the hub cannot be reached (None: it can, or
+    `path` is a local folder). Unreachable: read the local cache only, which fails at once instead of
+    after the hub client's retries."""
+    if Path(path).expanduser().is_dir():
+        return {}, None
+    from alignpipe.data.sources import _offline_setting, _probe_hub
+
+    offline = _offline_setting()
+    if offline:
+        return {}, f"{offline} is set"
+    unreachable = _probe_hub()
+    return ({"local_files_only": True}, unreachable) if unreachable else ({}, None)
+
+
+def _load_error(what: str, path, err: OSError, hub_problem: str | None, fix: str) -> AlignpipeError:
+    if hub_problem:
+        return AlignpipeError(f"cannot load {what} {path}: it is not a local folder, the Hugging Face hub is not "
+                              f"reachable ({hub_problem}) and it is not in the local cache", key="model.path",
+                              fix="download it on a connected machine first (it is cached under ~/.cache/huggingface"
+                                  "), or point model.path at a local folder")
+    return AlignpipeError(f"cannot load {what} from {path}: {str(err).splitlines()[0]}", key="model.path", fix=fix)
 
 
 def load_tokenizer(path: str | Path, spec: ModelSpec | None = None):
     from transformers import AutoTokenizer
 
     spec = spec or ModelSpec()
+    extra, hub_problem = _hub_access(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code,
-                                            revision=spec.revision)
+                                            revision=spec.revision, **extra)
     except OSError as err:
-        raise AlignpipeError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}", key="model.path",
-                             fix="give an existing local folder, or a hub id while the hub is reachable") from None
+        raise _load_error("tokenizer", path, err, hub_problem,
+                          "give an existing local folder, or a hub id while the hub is reachable") from None
     if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok
@@ -115,13 +159,13 @@ def load_pretrained(path: str | Path, spec: ModelSpec, model_class=None) -> "Pre
     from transformers import AutoModelForCausalLM
 
     cls = model_class or AutoModelForCausalLM
+    extra, hub_problem = _hub_access(path)
     try:
-        return cls.from_pretrained(str(path), **load_kwargs(spec))
+        return cls.from_pretrained(str(path), **load_kwargs(spec), **extra)
     except OSError as err:
-        raise AlignpipeError(f"cannot load model from {path}: {str(err).splitlines()[0]}", key="model.path",
-                             fix="give an existing local folder with safetensors weights, or a hub id while the "
-                                 "hub is reachable (set model.allow_pickle: true only for trusted .bin weights)"
-                             ) from None
+        raise _load_error("model", path, err, hub_problem,
+                          "give an existing local folder with safetensors weights, or a hub id while the hub is "
+                          "reachable (set model.allow_pickle: true only for trusted .bin weights)") from None
 
 
 # --- from a stage checkpoint ---------------------------------------------------------------------
@@ -149,7 +193,13 @@ def load_stage_model(stage_dir: Path, spec: ModelSpec, model_class=None, merge: 
         base = load_stage_model(Path(base_ref["stage_dir"]), spec, model_class)
     else:
         base = load_pretrained(base_ref["path"], spec, model_class)
-    model = PeftModel.from_pretrained(base, str(model_dir))
+    config = None
+    if model_class is not None:  # e.g. a reward model's body from a causal-LM adapter: apply it to the body
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(str(model_dir))
+        config.task_type = None  # a plain PeftModel: the adapter's layer names are the same under any head
+    model = PeftModel.from_pretrained(base, str(model_dir), config=config)
     return model.merge_and_unload() if merge else model
 
 

@@ -226,7 +226,8 @@ def from_dict(cls: type, data: Any, where: str, key: str = "") -> Any:
         raise RecipeError(f"expected a mapping, got {type(data).__name__} {data!r}", where=where, key=key or "<top>",
                           fix="write a YAML mapping (key: value)")
     hints = typing.get_type_hints(cls)
-    fields = {_yaml_name(f): f for f in dataclasses.fields(cls) if f.name != "path"}
+    # Recipe.path is where the recipe was read from, not a YAML key (ModelSpec.path is one)
+    fields = {_yaml_name(f): f for f in dataclasses.fields(cls) if not (cls is Recipe and f.name == "path")}
     kwargs = {}
     for k, v in data.items():
         sub = f"{key}.{k}" if key else str(k)

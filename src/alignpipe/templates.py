@@ -24,25 +24,27 @@ EMBEDDED = (
 )
 EMBEDDED_SPECIAL_TOKENS = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
+# ChatML and Llama 3 as their models were trained on them (newlines included: they are literals, so
+# Jinja's whitespace control cannot strip them), plus the generation markers.
 CHATML = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}<|im_start|>assistant\n"
-    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
-    "{%- else -%}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
 LLAMA3 = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
     "{%- if message['role'] == 'assistant' -%}"
     "{% generation %}{{ message['content'] | trim }}<|eot_id|>{% endgeneration %}"
     "{%- else -%}{{ message['content'] | trim }}<|eot_id|>{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
 )
 
 BUILTIN = {"embedded": EMBEDDED, "chatml": CHATML, "llama3": LLAMA3}

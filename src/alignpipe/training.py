@@ -24,6 +24,9 @@ def last_checkpoint(ctx) -> str | None:
 
 def train_log_metrics(trainer) -> dict:
     """Headline training figures from the trainer's log history: final loss, steps, throughput."""
+    from alignpipe.distributed import dump_parameter_checksum
+
+    dump_parameter_checksum(trainer)  # a debugging aid for multi-process runs; off unless its env var is set
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})

@@ -4,10 +4,14 @@ with the validation report written to the run folder. The embedded world is serv
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 from alignpipe.data.formats import DataError, family_for_stage
 from alignpipe.errors import AlignpipeError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or org/name
 
 
 def as_user_error(err: DataError, recipe_file: str) -> AlignpipeError:
@@ -17,11 +21,30 @@ def as_user_error(err: DataError, recipe_file: str) -> AlignpipeError:
 
 
 def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sft") -> None:
-    """Read and normalise the data once, so that `validate` fails on what `run` would fail on."""
+    """Read and normalise the data once, so that `validate` fails on what `run` would fail on.
+
+    Hub datasets are not downloaded here (validate works offline): their ids are checked for form and
+    noted; `run` downloads them, or fails at once with the hub's error when it is not reachable.
+    """
     from alignpipe.data.sources import prepare_data
 
+    hub = [c for c in spec.get("mixture", [spec]) if isinstance(c, dict) and "hub" in c]
     try:
-        prepare_data(spec, base_dir, family_for_stage(kind), key=key)
+        for component in hub:
+            unknown = sorted(set(component) - {"hub", "split", "subset", "format", "weight"})
+            if unknown:
+                raise DataError("recipe", key, f"unknown key {unknown[0]!r}", "use hub, split, subset, format")
+            if not HUB_ID.match(str(component["hub"])):
+                raise DataError("recipe", f"{key}.hub", f"{component['hub']!r} is not a hub dataset id",
+                                "write it as org/name, e.g. HuggingFaceH4/ultrachat_200k")
+            print(f"[alignpipe] {key}: hub dataset {component['hub']} is downloaded when the stage runs "
+                  "(validate does not reach the hub)", file=sys.stderr)
+        if not hub:
+            prepare_data(spec, base_dir, family_for_stage(kind), key=key)
+        elif "mixture" in spec:  # the local components are still read and checked
+            local = [c for c in spec["mixture"] if "hub" not in c]
+            if local:
+                prepare_data({**spec, "mixture": local}, base_dir, family_for_stage(kind), key=key)
     except DataError as err:
         raise as_user_error(err, where) from None
 
