@@ -1,0 +1,222 @@
+"""`alignpipe chat runs/<name>/<stage>`: talk to a stage's model in the terminal, tokens streamed as they
+are generated. `alignpipe generate runs/<name>/<stage> --in prompts.jsonl --out out.jsonl`: the same
+model on a batch of prompts.
+
+The model is the stage's checkpoint (a LoRA stage: its base with the adapter merged, as
+`modeling.load_stage_model` loads it); the conversation is rendered with the chat template saved in the
+checkpoint's tokenizer, which is the recipe's template that the stage trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignpipe.errors import AlignpipeError, RunError
+
+
+def add_parser(subparsers) -> None:
+    def sampling(p):
+        p.add_argument("stage_dir", help="a stage folder, runs/<recipe name>/<stage>")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--system", default=None, help="a system message to start every conversation with")
+
+    p = subparsers.add_parser("chat", help="chat with a stage's model in the terminal (streaming)")
+    sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser("generate", help="answer a JSONL file of prompts with a stage's model")
+    sampling(p)
+    p.add_argument("--in", dest="inp", required=True,
+                   help='JSONL, one {"prompt": "..."} or {"messages": [...]} per line')
+    p.add_argument("--out", required=True, help="JSONL out: each input row plus response, tokens, ended")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_generate)
+
+
+# --- loading a stage for inference --------------------------------------------------------------
+
+
+def model_spec(manifest: dict):
+    """The recipe's ModelSpec (dtype, trust_remote_code, quantisation) as the stage recorded it."""
+    from alignpipe.recipe import ModelSpec, from_dict
+
+    raw = (manifest.get("recipe_settings") or {}).get("model") or {}
+    return from_dict(ModelSpec, raw, "manifest.json", "recipe_settings.model") if raw else ModelSpec()
+
+
+def stage_manifest(stage_dir: Path) -> dict:
+    from alignpipe.runs import require_complete
+
+    stage_dir = Path(stage_dir)
+    if not (stage_dir / "manifest.json").is_file():
+        raise RunError("not a stage folder (no manifest.json)", where=str(stage_dir),
+                       fix="give runs/<recipe name>/<stage>, e.g. runs/default/sft")
+    manifest = require_complete(stage_dir, needed_by=stage_dir.name)
+    if not (stage_dir / "model").is_dir():
+        raise RunError("the stage saved no model", where=str(stage_dir / "model"), fix="give a policy stage")
+    if manifest.get("kind") == "reward":
+        raise RunError("a reward stage scores responses, it does not write them", where=str(stage_dir),
+                       fix="give a policy stage (sft, dpo, ppo, ...); score with `alignpipe score`")
+    return manifest
+
+
+def load_stage(stage_dir: Path):
+    """(model in eval mode, tokenizer with its chat template, manifest) of a complete policy stage."""
+    from alignpipe import modeling
+
+    stage_dir = Path(stage_dir)
+    manifest = stage_manifest(stage_dir)
+    spec = model_spec(manifest)
+    tokenizer = modeling.load_tokenizer(stage_dir / "model", spec)
+    if not tokenizer.chat_template:
+        raise RunError("the checkpoint's tokenizer has no chat template", where=str(stage_dir / "model"),
+                       fix="re-run the stage with a recipe `chat_template`")
+    model = modeling.load_stage_model(stage_dir, spec).to(modeling.device()).eval()
+    return model, tokenizer, manifest
+
+
+def stop_ids(tokenizer, manifest: dict) -> list[int]:
+    """Token ids that end an assistant turn: EOS, and the template's end-of-turn token if it differs."""
+    from alignpipe.templates import END_OF_TURN
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    token = END_OF_TURN.get((manifest.get("recipe_settings") or {}).get("chat_template", ""))
+    if token is not None:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def generation_kwargs(args, tokenizer, stops: list[int]) -> dict:
+    sample = args.temperature > 0
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, eos_token_id=stops,
+                  pad_token_id=tokenizer.pad_token_id)
+    if sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=0)
+    return kwargs
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def cut(ids: list[int], stops: list[int]) -> tuple[list[int], bool]:
+    """Response ids up to (not including) the first end-of-turn token; and whether there was one."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i], True
+    return ids, False
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def cmd_chat(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from alignpipe.cli import _threads
+
+    _threads()
+    model, tokenizer, manifest = load_stage(Path(args.stage_dir))
+    stops = stop_ids(tokenizer, manifest)
+    gen = generation_kwargs(args, tokenizer, stops)
+    limit = getattr(model.config, "max_position_embeddings", None) or 4096
+    torch.manual_seed(args.seed)
+    dev = next(model.parameters()).device
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print(f"[alignpipe] chatting with {args.stage_dir} ({manifest.get('kind')}); /reset starts over, "
+          "/quit or Ctrl-D ends", flush=True)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages = list(start)
+            print("(conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        # the model has a fixed context: forget the oldest exchanges first
+        while len(ids) + args.max_new_tokens > limit and len(messages) - len(start) > 1:
+            del messages[len(start): len(start) + 2]
+            ids = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        if len(ids) + args.max_new_tokens > limit:
+            messages.pop()
+            print(f"(that message is too long for the model's {limit}-token context)")
+            continue
+        print("assistant> ", end="", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        input_ids = torch.tensor([ids], device=dev)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                 **gen)
+        reply, _ = cut(out[0, len(ids):].tolist(), stops)
+        messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True).strip()})
+    return 0
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise AlignpipeError("prompts file not found", where=str(path), fix='give a JSONL file of {"prompt": ...}')
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AlignpipeError(f"not JSON: {err.msg}", where=f"{path}:{n}", fix="one JSON object per line") from None
+        ok = isinstance(row, dict) and (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list))
+        if not ok:
+            raise AlignpipeError('expected {"prompt": "..."} or {"messages": [...]}', where=f"{path}:{n}",
+                                 fix="give each line a prompt string or a list of chat messages")
+        rows.append(row)
+    return rows
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from alignpipe.cli import _threads
+
+    _threads()
+    rows = read_prompts(Path(args.inp))
+    model, tokenizer, manifest = load_stage(Path(args.stage_dir))
+    stops = stop_ids(tokenizer, manifest)
+    gen = generation_kwargs(args, tokenizer, stops)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    dev = next(model.parameters()).device
+    torch.manual_seed(args.seed)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w") as fh:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start: start + args.batch_size]
+            texts = [render(tokenizer, system + (r["messages"] if "messages" in r else
+                                                 [{"role": "user", "content": r["prompt"]}])) for r in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**{k: v.to(dev) for k, v in enc.items()}, **gen)
+            for row, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
+                reply, ended = cut(ids, stops)
+                reply = [t for t in reply if t != tokenizer.pad_token_id]
+                fh.write(json.dumps({**row, "response": tokenizer.decode(reply, skip_special_tokens=True).strip(),
+                                     "tokens": len(reply) + ended, "ended": ended}) + "\n")
+    print(f"{out_path}: {len(rows)} responses from {args.stage_dir}")
+    return 0
