@@ -1,0 +1,112 @@
+"""Preference pairs for a reward model: shape them as TRL's conversational pairs, drop unusable ones.
+
+A pair is `{"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...]}`; a plain-string prompt
+becomes one user message and a plain-string response one assistant message. Unusable pairs are
+dropped and counted by reason, so the numbers can be reported before any training starts:
+
+    missing_field   prompt, chosen or rejected absent, None, or not text/messages
+    empty_prompt    the prompt has no text
+    empty_response  chosen or rejected has no text
+    identical       chosen == rejected (the pair carries no preference)
+    too_long        prompt + response over `max_length` tokens (RewardTrainer would drop it silently)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignpipe.errors import AlignpipeError
+
+REASONS = ("missing_field", "empty_prompt", "empty_response", "identical", "too_long")
+
+
+@dataclass
+class PairReport:
+    """How many pairs were read, kept and dropped (by reason, with the first dropped row numbers)."""
+
+    name: str
+    read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    first_rows: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        return self.read - sum(self.dropped.values())
+
+    def drop(self, reason: str, row: int) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        rows = self.first_rows.setdefault(reason, [])
+        if len(rows) < 5:
+            rows.append(row)
+
+    def summary(self) -> str:
+        why = ", ".join(f"{r} x{n} (first rows {self.first_rows[r]})" for r, n in self.dropped.items())
+        return f"{self.name} pairs: {self.read} read, {self.kept} usable, {self.read - self.kept} dropped" + \
+            (f": {why}" if why else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
+                "first_rows": dict(self.first_rows)}
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _messages(value: Any, role: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value):
+        raise _Bad("missing_field")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(messages: list[dict]) -> str:
+    return "".join(m["content"] for m in messages).strip()
+
+
+def clean_pair(row: Any) -> dict:
+    """One row as a conversational pair; raises _Bad(reason) when it cannot be used."""
+    if not isinstance(row, dict) or any(row.get(k) is None for k in ("prompt", "chosen", "rejected")):
+        raise _Bad("missing_field")
+    prompt = _messages(row["prompt"], "user")
+    chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
+    if not _text(prompt):
+        raise _Bad("empty_prompt")
+    if not _text(chosen) or not _text(rejected):
+        raise _Bad("empty_response")
+    if chosen == rejected:
+        raise _Bad("identical")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def filter_pairs(rows: list, name: str, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], PairReport]:
+    """Usable pairs and the report of what was dropped. Raises AlignpipeError if none is usable.
+
+    With a tokenizer and `max_length`, pairs whose prompt + chosen or prompt + rejected, rendered by
+    the chat template, exceed `max_length` tokens are dropped here, where they are counted.
+    """
+    report = PairReport(name, read=len(rows))
+    kept = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            pair = clean_pair(row)
+            if tokenizer is not None and max_length is not None:
+                longest = max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True,
+                                                                return_dict=True)["input_ids"])
+                              for side in ("chosen", "rejected"))
+                if longest > max_length:
+                    raise _Bad("too_long")
+            kept.append(pair)
+        except _Bad as bad:
+            report.drop(bad.reason, number)
+    if not kept:
+        raise AlignpipeError(f"no usable preference pairs: {report.summary()}", key="data",
+                             fix="check the data: each row needs a prompt and two different, non-empty responses "
+                                 "(chosen, rejected)" + (f" within {max_length} tokens" if max_length else ""))
+    return kept, report

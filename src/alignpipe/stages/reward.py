@@ -1,0 +1,159 @@
+"""Reward model: a scalar score learned from preference pairs (chosen vs rejected), TRL's RewardTrainer.
+
+Starts `from:` a causal-LM stage (normally SFT): its body is kept and a one-output score head is added
+(AutoModelForSequenceClassification, num_labels=1), trained in full or with LoRA (task type SEQ_CLS,
+the head trained in full beside the adapter). Pairs are conversational and rendered by the recipe's
+chat template. Bad pairs are counted and reported before training.
+
+Metrics, on held-out data: pairwise accuracy, mean margin, calibration (ECE of sigmoid(margin)),
+reward-length correlation; and on the parent policy's own sampled responses to held-out prompts,
+judged by the embedded world's judge: `onpolicy_accuracy` (pass vs fail, same prompt, ordered
+correctly) and `judge_auc`. Those samples also give `reward_mean` / `reward_std`, the statistics
+PPO normalises with (its first samples come from this same policy). Artifact: `alignpipe.reward.artifact`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from alignpipe.errors import AlignpipeError, RecipeError
+from alignpipe.recipe import StageConfig
+
+
+@dataclass
+class Config(StageConfig):
+    eval_pairs: int = 200  # pairs held out of a user dataset for evaluation (the embedded world has its own)
+    reload_tolerance: float = 1e-4  # the reloaded artifact must score within this of the trained model
+
+
+def trainer_config_class():
+    from trl import RewardConfig
+
+    return RewardConfig
+
+
+def check(recipe, name: str, where: str) -> None:
+    cfg = recipe.stages[name]
+    embedded = cfg.data.get("embedded")
+    if embedded is not None and embedded != "pairs":
+        raise RecipeError(f"a reward stage trains on preference pairs, not {embedded!r}", where=where,
+                          key=f"stages.{name}.data.embedded", fix="use `data: {embedded: pairs}` or a pairs dataset")
+    if not cfg.data:
+        raise RecipeError("a reward stage needs preference pairs", where=where, key=f"stages.{name}.data",
+                          fix="add `data: {embedded: pairs}` or a file with prompt/chosen/rejected")
+
+
+def pair_rows(ctx, tokenizer, max_length: int) -> tuple[list[dict], list[dict], dict]:
+    """Train and held-out pairs, with bad pairs dropped; the drop report is printed and returned."""
+    from alignpipe.reward.pairs import filter_pairs
+
+    if ctx.config.data.get("embedded") == "pairs":
+        raw_train, raw_eval = ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
+    else:
+        from alignpipe.data.loading import load_family
+
+        rows = load_family(ctx, "pairs", tokenizer, max_length)
+        random.Random(ctx.seed).shuffle(rows)  # files are often sorted; hold out a random slice
+        n_eval = min(ctx.config.eval_pairs, max(1, len(rows) // 10))
+        raw_train, raw_eval = rows[n_eval:], rows[:n_eval]
+    train, train_report = filter_pairs(raw_train, "train", tokenizer, max_length)
+    evals, eval_report = filter_pairs(raw_eval, "held-out", tokenizer, max_length)
+    for report in (train_report, eval_report):
+        print(f"[alignpipe] stage {ctx.name}: {report.summary()}", flush=True)
+    report = {"train": train_report.as_dict(), "eval": eval_report.as_dict()}
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    (ctx.dir / "pairs_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return train, evals, report
+
+
+def build_trainer(ctx):
+    """The RewardTrainer, ready to train: the parent's body with a new score head, the pairs, the config."""
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    from alignpipe.reward.artifact import OneOutput
+    from alignpipe.stages.sft import lora_config
+
+    tokenizer = ctx.load_tokenizer()
+    model = ctx.load_model(OneOutput)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    limit = getattr(model.config, "max_position_embeddings", None) or 1024
+    args = ctx.trainer_args(trainer_config_class(), max_length=min(512, limit), per_device_train_batch_size=16,
+                            per_device_eval_batch_size=64, learning_rate=1e-3, lr_scheduler_type="cosine",
+                            warmup_steps=10, max_steps=150)
+    train, evals, report = pair_rows(ctx, tokenizer, args.max_length)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                            processing_class=tokenizer, peft_config=lora_config(ctx, "SEQ_CLS"))
+    return trainer, evals, report
+
+
+def onpolicy_samples(ctx, tokenizer):
+    """The parent policy's sampled responses to held-out prompts, with the judge's verdicts."""
+    from alignpipe.evaluation import judge_samples, sample
+
+    spec = ctx.config.eval
+    policy = ctx.load_model()
+    prompts = [p["prompt"] for p in ctx.world.eval_prompts()[: spec.num_prompts]]
+    samples = sample(policy, tokenizer, prompts, spec.samples_per_prompt, spec.max_new_tokens, spec.temperature,
+                     spec.top_p, ctx.seed, spec.batch_size)
+    return samples, judge_samples(samples)
+
+
+def run(ctx) -> dict:
+    from alignpipe import modeling
+    from alignpipe.evaluation import write_samples
+    from alignpipe.reward import metrics as rm_metrics
+    from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
+    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+
+    trainer, evals, report = build_trainer(ctx)
+    tokenizer = trainer.processing_class
+    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    write_log_history(trainer, ctx.dir / "train_log.jsonl")
+    metrics = {**train_log_metrics(trainer), "parameters": modeling.count_parameters(trainer.model),
+               "pairs_train": report["train"]["kept"], "pairs_dropped": sum(report["train"]["dropped"].values()),
+               "pairs_dropped_by_reason": report["train"]["dropped"]}
+
+    # --- held-out pairs, scored by the model as trained (LoRA: adapter active)
+    model = trainer.model.eval()
+    trained = RewardArtifact(model, tokenizer, 0.0, 1.0)
+    prompts = [p["prompt"] for p in evals]
+    chosen = score(trained, prompts, [p["chosen"] for p in evals])
+    rejected = score(trained, prompts, [p["rejected"] for p in evals])
+    lengths = [[len(ids) for ids in _response_ids(tokenizer, evals, side)] for side in ("chosen", "rejected")]
+    pair_figures, table = rm_metrics.pair_metrics(chosen, rejected, *lengths)
+    metrics.update(pair_figures)
+
+    # --- the parent's own samples, judged: what PPO will feel (embedded world only: it has the judge)
+    stats_scores = chosen + rejected
+    stats_on = "eval_pairs"
+    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
+        samples, passed = onpolicy_samples(ctx, tokenizer)
+        sample_scores = score(trained, samples.prompts, samples.responses)
+        metrics.update(rm_metrics.judged_metrics(samples.prompts, sample_scores, passed, samples.lengths))
+        write_samples(ctx.dir / "eval_samples.jsonl", samples, passed, {"reward": sample_scores})
+        stats_scores, stats_on = sample_scores, "parent_samples"
+    mean = sum(stats_scores) / len(stats_scores)
+    std = max(1e-6, (sum((s - mean) ** 2 for s in stats_scores) / len(stats_scores)) ** 0.5)
+    metrics.update(reward_mean=mean, reward_std=std, reward_stats_on=stats_on)
+
+    # --- save, reload fresh, and check that the artifact scores what the trained model scored
+    save_reward_model(ctx.dir, model, tokenizer, {"mean": mean, "std": std, "stats_on": stats_on,
+                                                  "lora": ctx.config.lora is not None})
+    fresh = load_reward_dir(ctx.model_dir, ctx.recipe.model)
+    again = score(fresh, prompts, [p["chosen"] for p in evals])
+    drift = max(abs(a - b) for a, b in zip(chosen, again))
+    metrics["reload_max_abs_diff"] = drift
+    if drift > ctx.config.reload_tolerance:
+        raise AlignpipeError(f"the saved reward model scores differently from the trained one (max diff {drift:.3g})",
+                             where=str(ctx.model_dir), fix="report this as a bug; the artifact cannot be trusted")
+    (ctx.dir / "reward_eval.json").write_text(json.dumps({"calibration": table, "pairs": report}, indent=2) + "\n")
+    return metrics
+
+
+def _response_ids(tokenizer, pairs: list[dict], side: str) -> list[list[int]]:
+    """Tokens of each pair's response text (for the reward-length correlation)."""
+    texts = ["".join(m["content"] for m in p[side]) for p in pairs]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
