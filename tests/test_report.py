@@ -15,7 +15,7 @@ from alignpipe.gates import GateSyntaxError, evaluate_gates, parse_gate
 from alignpipe.recipe import load_recipe
 from alignpipe.report import paired, task_kind, wilson, win_rate, write_report
 from alignpipe.validate import validate
-from conftest import tiny_recipe, write_yaml
+from conftest import TINY_EVAL, tiny_recipe, write_yaml
 
 
 def _manifest(path):
@@ -62,6 +62,50 @@ def test_report_after_pretrain_and_sft(tiny_run, capsys):
     # a second report replaces the first's figures, no duplicates
     write_report(tiny_run)
     assert sorted(tiny_run.glob("*.png")) == pngs
+
+
+ALIGNED = {  # tiny reward, dpo and ppo stages on top of tiny_run's sft: seconds each
+    "reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+               "trainer": {"max_steps": 24, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+                           "warmup_steps": 0, "logging_steps": 2}},
+    "dpo": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+            "trainer": {"max_steps": 10, "per_device_train_batch_size": 8, "logging_steps": 2, "warmup_steps": 0}},
+    "ppo": {"from": "sft", "reward_model": "reward", "data": {"embedded": "rl_prompts"}, "eval": TINY_EVAL,
+            "trainer": {"total_updates": 4, "rollout_batch_size": 16, "minibatch_size": 8, "max_new_tokens": 12}},
+}
+
+
+def test_report_covers_reward_dpo_and_ppo(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "tiny")
+    recipe = write_yaml(tmp_path / "aligned.yaml", tiny_recipe(runs, extra_stages=ALIGNED))
+    assert main(["run", str(recipe)]) == 0
+    run = runs / "tiny"
+    path, figures = write_report(run)
+    text = path.read_text()
+    names = {p.name for p in figures}
+
+    # every stage's training curves; the reward model's figures; win rates of both aligned policies
+    assert {f"fig-curves_{s}.png" for s in ("pretrain", "sft", "reward", "dpo", "ppo")} <= names
+    assert {"fig-reward_accuracy.png", "fig-reward_calibration.png", "fig-reward_reward_vs_length.png",
+            "fig-win_rates.png", "fig-pass_rate.png"} <= names
+    for p in figures:
+        assert imread(p).ndim == 3
+    wins = text.split("## Aligned policies vs SFT")[1].split("##")[0]
+    assert "| dpo | sft |" in wins and "| ppo | sft |" in wins and "| reward |" in wins  # judged by RM too
+    assert "| prompt | pretrain | sft | dpo | ppo |" in text  # the sample table has every policy stage
+    pass_rates = text.split("## Judge pass rate")[1].split("##")[0]
+    assert "`dpo`:" in pass_rates and "`ppo`:" in pass_rates
+
+    # the judge win rate is recomputed from the samples: check one by hand
+    sft, dpo = (_jsonl(run / s / "eval_samples.jsonl") for s in ("sft", "dpo"))
+    outcome = [1.0 if a["judge"] > b["judge"] else 0.0 if a["judge"] < b["judge"] else 0.5
+               for a, b in (p for rows in paired(dpo, sft).values() for p in rows)]
+    assert f"| dpo | sft | {sum(outcome) / len(outcome):.1%} [" in wins
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_missed_gate_fails_the_run_and_keeps_the_stage(tiny_run, tmp_path, capsys):

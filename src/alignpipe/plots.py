@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PASS, FAIL = "#2e7d32", "#c62828"
 
@@ -35,6 +36,7 @@ def training_curves(stage: str, kind: str, series: dict[str, tuple[list[float], 
         ax.plot(x, y, marker="." if len(x) < 30 else None, linewidth=1.2)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{stage} ({kind}): training log", fontsize=11)

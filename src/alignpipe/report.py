@@ -30,8 +30,13 @@ SAMPLE_PROMPTS = 8
 _SKIP_KEYS = {"epoch", "step", "update", "learning_rate", "lr", "num_tokens", "total_flos", "train_runtime",
               "train_samples_per_second", "train_steps_per_second", "train_loss", "eval_runtime",
               "eval_samples_per_second", "eval_steps_per_second", "time", "elapsed_s", "seconds"}
-# what a reader looks for first, by kind of stage; matched as substrings of the logged key
-_PRIORITY = ("loss", "accurac", "margin", "reward", "score", "kl", "entropy", "clip", "length", "len", "token")
+_SKIP_PREFIXES = ("time_", "samples")  # timings and throughput (per-update PPO rows)
+# what a reader looks for first: exact keys the stages log (trainer loss, reward-model accuracy, DPO margins,
+# PPO reward / KL / entropy / clip fraction / response length), then anything else by these substrings
+_PREFERRED = ("loss", "eval_loss", "policy_loss", "value_loss", "accuracy", "mean_token_accuracy", "rewards/accuracies",
+              "margin", "rewards/margins", "rewards/chosen", "rewards/rejected", "reward_normalised", "reward",
+              "score", "kl", "entropy", "clipfrac", "response_length", "eot_share")
+_PRIORITY = ("loss", "accurac", "margin", "reward", "score", "kl", "entropy", "clip", "length", "token")
 MAX_PANELS = 9
 
 
@@ -201,7 +206,11 @@ class RewardScorer:
             return None
         try:
             if self._artifact is None:
+                from transformers.utils import logging as hf_logging
+
                 from alignpipe.reward.artifact import load_reward_model
+
+                hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a report
 
                 self._artifact = load_reward_model(self.stage.dir, _model_spec(self.stage.manifest))
             from alignpipe.reward.artifact import score
@@ -675,17 +684,20 @@ def curve_series(rows: list[dict]) -> tuple[dict[str, tuple[list[float], list[fl
             continue
         x = row.get(xkey, i) if xkey else i
         for k, v in row.items():
-            if k in _SKIP_KEYS or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if k in _SKIP_KEYS or k.startswith(_SKIP_PREFIXES) or isinstance(v, bool) or \
+                    not isinstance(v, (int, float)) or not math.isfinite(v):
                 continue
             xs, ys = found.setdefault(k, ([], []))
             xs.append(float(x))
             ys.append(float(v))
-    found = {k: v for k, v in found.items() if len(v[1]) >= 2 and len(set(v[1])) > 1}
+    found = {k: v for k, v in found.items() if len(set(v[0])) >= 2 and len(set(v[1])) > 1}
 
-    def rank(key: str) -> tuple[int, str]:
+    def rank(key: str) -> tuple[int, int, str]:
+        if key in _PREFERRED:
+            return (0, _PREFERRED.index(key), key)
         low = key.lower()
         hit = next((i for i, p in enumerate(_PRIORITY) if p in low), len(_PRIORITY))
-        return (hit + (len(_PRIORITY) if "grad" in low else 0), key)
+        return (1, hit + (len(_PRIORITY) if "grad" in low else 0), key)
 
     keys = sorted(found, key=rank)[:MAX_PANELS]
     return {k: found[k] for k in keys}, xkey or "log row"
