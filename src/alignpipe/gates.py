@@ -218,14 +218,13 @@ def evaluate_gates(recipe, stage: str, metrics: dict[str, Any]) -> list[dict[str
 
 
 def describe(stage: str, row: dict[str, Any]) -> str:
-    """One line about one gate result, e.g. `stage dpo: judge_pass_rate = 0.12, needs >= 0.175 (...)`."""
+    """One line about one gate result, e.g. `stage 'dpo': judge_pass_rate = 0.12, threshold >= 0.175 (= ...)`."""
     if row.get("value") is None or row.get("threshold") is None:
         return f"stage {stage!r}: gate {row['expr']!r} could not be checked: {row.get('reason', '')}"
     rhs = row["expr"].split(row["op"], 1)[1].strip()
     shown = "" if rhs == _fmt(row["threshold"]) else f" (= {rhs})"
-    verdict = "passed" if row["passed"] else "missed"
     return (f"stage {stage!r}: {row['metric']} = {_fmt(row['value'])}, threshold {row['op']} "
-            f"{_fmt(row['threshold'])}{shown}: {verdict}")
+            f"{_fmt(row['threshold'])}{shown}")
 
 
 def _fmt(x: float) -> str:

@@ -148,7 +148,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     distributed.barrier()  # the next stage (on any process) starts from what was just saved
     log(f"stage {name}: complete in {time.time() - t0:.1f}s")
     for row in results:
-        log(f"gate {gates.describe(name, row)}")
+        log(f"gate {'passed' if row['passed'] else 'MISSED'}: {gates.describe(name, row)}")
     gates.raise_if_missed(name, results, ctx.dir)  # stop here: later stages build on this one
     return run.data if main else (runs.read_manifest(ctx.dir) or run.data)
 
