@@ -178,6 +178,15 @@ def win_rate(pairs: dict[str, list[tuple[dict, dict]]], key: str, seed: int = 0,
             "wins": flat.count(1.0), "ties": flat.count(0.5), "losses": flat.count(0.0)}
 
 
+def _verdict(win: dict) -> str:
+    """better / worse when the 95% interval of a win rate excludes 50%, else not distinguishable."""
+    if win["lo"] > 0.5:
+        return "better"
+    if win["hi"] < 0.5:
+        return "worse"
+    return "not distinguishable"
+
+
 def pearson(xs: list[float], ys: list[float]) -> float | None:
     n = len(xs)
     if n < 3:
@@ -543,14 +552,16 @@ class Report:
                                       + ".")
             elif scorer is not None and scorer.error:
                 self.notes.append(f"reward-model scores unavailable ({_md_cell(scorer.error, 160)}).")
+            verdict = "; ".join(f"{who}: {_verdict(r)}" for who, r in (("judge", judge), ("RM", rm))
+                                if r["rate"] is not None)
             table.append([s.name, base.name, f"{judge['rate']:.1%} [{judge['lo']:.1%}, {judge['hi']:.1%}]",
                           f"{judge['wins']}/{judge['ties']}/{judge['losses']}",
                           f"{rm['rate']:.1%} [{rm['lo']:.1%}, {rm['hi']:.1%}]" if rm["rate"] is not None else "-",
-                          rm_name or "-", agree])
+                          rm_name or "-", agree, verdict])
         if rows:
             lines += [self.figure(plots.win_rates(rows, self.fig_path("win_rates"))), ""]
             lines += _table(["stage", "vs", "judge win rate", "judge W/T/L", "RM win rate", "RM", "RM agrees with "
-                             "judge (decisive pairs)"], table)
+                             "judge (decisive pairs)", "verdict"], table)
         if disagreements:
             lines += ["", "Where they disagree (pairs the judge decides but the reward model orders the other way):", ""]
             lines += _table(["stage", "prompt", "aligned response (judge, reward)", "SFT response (judge, reward)"],
