@@ -56,7 +56,10 @@ def cmd_run(args) -> int:
     from alignpipe.runner import run_recipe, summary_table
 
     manifests = run_recipe(recipe, args.stages, force=args.force, restart=args.restart)
-    print(summary_table(manifests))
+    from alignpipe.distributed import is_main_process
+
+    if is_main_process():  # one table, not one per process
+        print(summary_table(manifests))
     return 0
 
 

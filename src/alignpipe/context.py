@@ -113,6 +113,7 @@ class StageContext:
             disable_tqdm=True,
             dataloader_num_workers=0,
             remove_unused_columns=True,
+            ddp_find_unused_parameters=False,  # several processes: every trainable parameter gets a gradient
         )
         fields = set(getattr(config_class, "__dataclass_fields__", {}))
         if "activation_checkpointing" in fields:  # TRL turns it on by default; it only costs time on small models

@@ -41,11 +41,10 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    """Tear down the process group, if one was started."""
+    """Tear down the process group, if one was started (no waiting: a failed process must not hang)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

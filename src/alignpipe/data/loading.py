@@ -61,7 +61,10 @@ def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int 
     except DataError as err:
         raise as_user_error(err, str(ctx.recipe.path)) from None
     report = validation_report(prepared, tokenizer, max_length, sample=2000, seed=ctx.seed)
-    ctx.dir.mkdir(parents=True, exist_ok=True)
-    (ctx.dir / "data_report.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report), flush=True)
+    from alignpipe.distributed import is_main_process
+
+    if is_main_process():  # several processes read the same data; one writes and prints the report
+        ctx.dir.mkdir(parents=True, exist_ok=True)
+        (ctx.dir / "data_report.json").write_text(json.dumps(report, indent=2))
+        print(format_report(report), flush=True)
     return prepared.rows

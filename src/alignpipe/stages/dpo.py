@@ -129,11 +129,15 @@ def build_trainer(ctx):
                "train": train_ds.select(range(min(TRAIN_SLICE, len(train_ds))))}
 
     # Defaults measured on the embedded world (docs/dpo.md): plain sigmoid DPO over-optimises there, the SFT
-    # term on the chosen responses keeps the policy fluent. Reference log-probs are computed once up front.
+    # term on the chosen responses keeps the policy fluent. Reference log-probs are computed once up front,
+    # in one process only: TRL 1.16 caches them next to the dataset, and an in-memory dataset's cache
+    # folder is a private temp folder per process (rank 1 then cannot find rank 0's file).
+    from alignpipe.distributed import world_size
+
     args = ctx.trainer_args(trainer_config_class(), max_length=128, per_device_train_batch_size=32,
                             per_device_eval_batch_size=64, learning_rate=2e-4, lr_scheduler_type="cosine",
                             warmup_steps=5, max_steps=100, beta=0.1, loss_type=["sigmoid", "sft"],
-                            loss_weights=[1.0, 1.0], precompute_ref_log_probs=True)
+                            loss_weights=[1.0, 1.0], precompute_ref_log_probs=world_size() == 1)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     return trainer, reference
