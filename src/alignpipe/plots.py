@@ -166,7 +166,7 @@ def reward_vs_length(series: dict[str, dict], out: Path) -> Path:
     series[stage] = {tokens: [...], reward: [...], judge: [...], corr: float | None}."""
     fig, axes = _grid(len(series), width=4.4, height=3.4)
     for ax, (stage, s) in zip(axes, series.items()):
-        for ok, colour, label in ((True, PASS, "judge pass"), (False, FAIL, "judge fail")):
+        for ok, colour, label in ((False, FAIL, "judge fail"), (True, PASS, "judge pass")):  # passes on top
             xs = [t for t, j in zip(s["tokens"], s["judge"]) if j == ok]
             ys = [r for r, j in zip(s["reward"], s["judge"]) if j == ok]
             ax.scatter(xs, ys, s=8, alpha=0.5, color=colour, label=f"{label} ({len(xs)})")
