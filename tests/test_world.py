@@ -1,4 +1,4 @@
-"""Tests of the embedded task world: determinism, held-out disjointness, the judge, the habits."""
+"""Tests of the embedded task world: determinism, the prompt-level split, the judge, the habits."""
 
 import re
 import time
@@ -27,14 +27,33 @@ def splits():
     return out
 
 
-def _group(kind, args):
-    # Our own notion of "the same fact": commutative kinds ignore argument order.
-    return (kind, tuple(sorted(args)) if kind in ("add", "mul", "compare") else tuple(args))
+# --- finding prompt strings in free text ---------------------------------------------------
+
+def _trie_pattern(strings) -> str:
+    """One regex alternation for many literal strings, shared prefixes merged (fast in `re`)."""
+    trie: dict = {}
+    for s in strings:
+        node = trie
+        for ch in s:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # end of a string
+
+    def pattern(node) -> str:
+        alts = [re.escape(ch) + pattern(child) if ch else "" for ch, child in sorted(node.items())]
+        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+    return pattern(trie)
 
 
-# --- a detector of tasks in free text, built from the templates ----------------------------
+def occurrences(strings, texts) -> set:
+    """The strings that occur in some text as a whole phrase: "add 3 and 7." is not found inside
+    "add 13 and 7." or "madd 3 and 7.", nor "compute 3 + 7." inside "compute 3 + 7.5"."""
+    regex = re.compile(r"(?<!\w)" + _trie_pattern(strings) + r"(?!\w)")
+    return {m.group(0) for text in texts for m in regex.finditer(text)}
+
 
 def _detector_regex(kind, template):
+    """A regex that finds any instance of a template in free text."""
     out, pos = [], 0
     for m in re.finditer(r"\{(\w+)\}", template):
         out.append(re.escape(template[pos:m.start()]))
@@ -47,25 +66,10 @@ def _detector_regex(kind, template):
     return re.compile("".join(out))
 
 
-DETECTORS = [(kind, _detector_regex(kind, t))
-             for table in (W.PROMPT_TEMPLATES, W.STATEMENT_TEMPLATES)
-             for kind, templates in table.items() for t in templates]
-
-
-def groups_mentioned(text: str) -> set:
-    """Every task group whose prompt or statement (any phrasing) occurs in the text."""
-    found = set()
-    for kind, regex in DETECTORS:
-        for m in regex.finditer(text):
-            g = m.groupdict()
-            if "w" in g:
-                args = (g["w"],)
-            elif "a" in g:
-                args = (int(g["a"]), int(g["b"]))
-            else:
-                args = (int(g["hi"]), int(g["lo"]))
-            found.add(_group(kind, args))
-    return found
+def prompts_in(text: str) -> set:
+    """Every world prompt (any kind, any phrasing) that occurs in the text."""
+    return {m.group(0) for kind, templates in W.PROMPT_TEMPLATES.items() for t in templates
+            for m in _detector_regex(kind, t).finditer(text)}
 
 
 def _training_texts(world, splits):
@@ -76,8 +80,11 @@ def _training_texts(world, splits):
         texts += [m["content"] for key in ("prompt", "chosen", "rejected") for m in row[key]]
     for row in splits["rl_prompts"]:
         texts += [m["content"] for m in row["prompt"]]
-    texts += [t.prompt for t in world.train_tasks]
     return texts
+
+
+def _units(tasks) -> set:
+    return {(t.key, t.prompt) for t in tasks}
 
 
 # --- determinism ---------------------------------------------------------------------------
@@ -88,8 +95,7 @@ def test_same_seed_same_world_and_different_seed_different_world():
     other = build_splits(WorldConfig(**{**SMALL.__dict__, "seed": 1}))
     for name in a:
         assert a[name] != other[name], name
-    keys = lambda w: {t.key for t in w.eval_tasks}  # noqa: E731
-    assert keys(World(SMALL)) != keys(World(WorldConfig(seed=1)))
+    assert _units(World(SMALL).eval_tasks) != _units(World(WorldConfig(seed=1)).eval_tasks)
 
 
 def test_products_do_not_depend_on_call_order():
@@ -110,79 +116,93 @@ def test_sizes_follow_config(splits):
 # --- the split -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_split_covers_task_space_and_holds_out_a_share_of_every_kind(seed):
+def test_split_covers_every_phrasing_and_holds_out_a_share_of_every_kind(seed):
     world = World(WorldConfig(seed=seed))
-    train = {t.key for t in world.train_tasks}
-    held = {t.key for t in world.eval_tasks}
+    train, held = _units(world.train_tasks), _units(world.eval_tasks)
+    every = {((k, a), W._make_task(k, a, i).prompt)
+             for k, a in W.TASK_SPACE for i in range(len(W.PROMPT_TEMPLATES[k]))}
     assert not train & held
-    assert train | held == set(W.TASK_SPACE)
-    # Mirrors of a commutative fact stay on the same side.
-    assert not {_group(*k) for k in train} & {_group(*k) for k in held}
+    assert train | held == every
+    assert len(train) + len(held) == len(every)  # no unit listed twice
     for kind in W.KINDS:
-        n_held = sum(k[0] == kind for k in held)
-        n_all = sum(k[0] == kind for k in W.TASK_SPACE)
-        assert 0.10 <= n_held / n_all <= 0.15, (kind, n_held, n_all)
+        n_held = sum(key[0] == kind for key, _ in held)
+        n_all = sum(key[0] == kind for key, _ in every)
+        assert 0.11 <= n_held / n_all <= 0.13, (kind, n_held, n_all)
 
 
-def test_detector_sees_tasks_in_text():
-    # Guard against a vacuous disjointness test: the detector must find what it looks for.
-    assert groups_mentioned("x. 13 plus 4 is 17. which is larger, 5 or 50?") == {
-        ("add", (4, 13)), ("compare", (5, 50))}
-    assert groups_mentioned("90 is larger than 9.") == {("compare", (9, 90))}
-    assert groups_mentioned("q: reverse the word cat. a: The answer is tac.") == {("reverse", ("cat",))}
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_every_held_out_task_keeps_a_training_phrasing(seed):
+    world = World(WorldConfig(seed=seed))
+    train_keys = {t.key for t in world.train_tasks}
+    held_keys = {t.key for t in world.eval_tasks}
+    assert held_keys <= train_keys
+    # ...so the eval asks known facts in unseen words; most held-out tasks have one held phrasing.
+    assert len(held_keys) > 0.8 * len(world.eval_tasks)
 
 
-def test_no_held_out_task_in_any_training_text(world, splits):
-    held = {_group(*t.key) for t in world.eval_tasks}
-    train_text = "\n".join(_training_texts(world, splits))
-    mentioned = groups_mentioned(train_text)
-    assert not mentioned & held, sorted(mentioned & held)[:5]
-    # ...and the training texts do talk about most train tasks, in every kind.
-    train_groups = {_group(*t.key) for t in world.train_tasks}
-    for kind in W.KINDS:
-        seen = {g for g in mentioned if g[0] == kind}
-        total = {g for g in train_groups if g[0] == kind}
-        assert len(seen) > 0.5 * len(total), kind
+def test_occurrence_search_finds_whole_prompts_only():
+    # Guard against a vacuous leak test: the search must find what it looks for, and only that.
+    prompts = ["add 3 and 7.", "which is larger, 5 or 50?", "reverse the word cat."]
+    assert occurrences(prompts, ["x\nq: add 3 and 7. a: 10.", "which is larger, 5 or 50? 50."]) == {
+        "add 3 and 7.", "which is larger, 5 or 50?"}
+    assert occurrences(prompts, ["add 13 and 7. 20.", "add 3 and 7.5", "madd 3 and 7.",
+                                 "which is larger, 15 or 50?", "reverse the word cats."]) == set()
+    assert prompts_in("q: add 13 and 7. a: 20.\n3 plus 4 is 7.") == {"add 13 and 7."}
 
 
-def test_no_held_out_prompt_string_in_any_training_prompt(world, splits):
-    held_prompts = {W._make_task(t.kind, t.args, i).prompt
-                    for t in world.eval_tasks for i in range(len(W.PROMPT_TEMPLATES[t.kind]))}
-    train_prompts = {row["messages"][0]["content"] for row in splits["sft"]}
-    train_prompts |= {row["prompt"][-1]["content"] for row in splits["pairs"]}
-    train_prompts |= {row["prompt"][-1]["content"] for row in splits["rl_prompts"]}
-    assert len(train_prompts) > 1000
-    assert not held_prompts & train_prompts
+def test_no_held_out_prompt_string_in_any_training_text(world, splits):
+    held_prompts = {t.prompt for t in world.eval_tasks}
+    texts = _training_texts(world, splits)
+    assert not occurrences(held_prompts, texts), sorted(occurrences(held_prompts, texts))[:5]
+    # The scan is not vacuous: training texts are full of (train) prompts of every kind.
+    kind_of = {t.prompt: t.kind for t in world.train_tasks}
+    found = Counter(kind_of[p] for p in occurrences(kind_of, texts))
+    for kind in W.KINDS:  # compare has ~26k train prompts, more than the corpus has questions
+        n_train = sum(t.kind == kind for t in world.train_tasks)
+        assert found[kind] > min(0.5 * n_train, 3000), (kind, found[kind], n_train)
+
+
+def test_training_products_use_train_prompts_and_eval_products_held_out_ones(world, splits):
+    train_prompts = {t.prompt for t in world.train_tasks}
+    held_prompts = {t.prompt for t in world.eval_tasks}
+    used = {row["messages"][0]["content"] for row in splits["sft"]}
+    used |= {row["prompt"][-1]["content"] for row in splits["pairs"]}
+    used |= {row["prompt"][-1]["content"] for row in splits["rl_prompts"]}
+    assert len(used) > 1000
+    assert used <= train_prompts
+    assert prompts_in("\n".join(world.corpus()[:2000])) <= train_prompts
+    # Held-out products ask held-out prompts only; their facts may also be stated in training.
+    assert {row["prompt"][-1]["content"] for row in splits["pairs_eval"]} <= held_prompts
     assert {row["prompt"] for row in splits["eval_prompts"]} <= held_prompts
+    eval_corpus_prompts = prompts_in("\n".join(world.corpus_eval()))
+    assert eval_corpus_prompts <= held_prompts
+    assert len(eval_corpus_prompts) > 200
 
 
-def test_held_out_products_use_held_out_tasks_only(world, splits):
-    held = {_group(*t.key) for t in world.eval_tasks}
-    eval_text = "\n".join(world.corpus_eval())
-    assert groups_mentioned(eval_text) <= held
-    assert len(groups_mentioned(eval_text)) > 50
-    for row in splits["pairs_eval"]:
-        assert groups_mentioned(row["prompt"][0]["content"]) <= held
-
-
-def test_eval_prompts_are_distinct_and_cover_every_kind(splits):
+def test_eval_prompts_are_distinct_and_cover_every_kind(world, splits):
     rows = splits["eval_prompts"]
     assert len({r["prompt"] for r in rows}) == len(rows)
     counts = Counter(r["kind"] for r in rows)
     assert set(counts) == set(W.KINDS)
     assert min(counts.values()) >= 15
     assert all(solve(r["prompt"]) == r["answer"] for r in rows)
+    # Every held-out task once before any task a second time, kind by kind.
+    by_prompt = {t.prompt: t.key for t in world.eval_tasks}
+    for kind in W.KINDS:
+        keys = [by_prompt[r["prompt"]] for r in rows if r["kind"] == kind]
+        n_tasks = len({t.key for t in world.eval_tasks if t.kind == kind})
+        assert len(set(keys[:n_tasks])) == min(n_tasks, len(keys)), kind
 
 
 # --- the judge -----------------------------------------------------------------------------
 
 def test_solve_agrees_with_every_task_in_every_phrasing(world):
-    for t in world.train_tasks + world.eval_tasks:
-        for i in range(len(W.PROMPT_TEMPLATES[t.kind])):
-            prompt = W._make_task(t.kind, t.args, i).prompt
-            assert solve(prompt) == t.answer, prompt
-            # Each prompt reads as exactly one template, so the parse is unambiguous.
-            assert sum(bool(rx.fullmatch(prompt)) for _, rx in W._PROMPT_REGEXES) == 1, prompt
+    units = world.train_tasks + world.eval_tasks
+    assert len(units) == sum(len(W.PROMPT_TEMPLATES[k]) for k, _ in W.TASK_SPACE)
+    for t in units:
+        assert solve(t.prompt) == t.answer, t.prompt
+        # Each prompt reads as exactly one template, so the parse is unambiguous.
+        assert sum(bool(rx.fullmatch(t.prompt)) for _, rx in W._PROMPT_REGEXES) == 1, t.prompt
 
 
 def test_judge_accepts_house_style_and_rejects_everything_else(world):

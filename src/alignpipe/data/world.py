@@ -7,9 +7,11 @@ one right answer, and the house style for a good reply is exactly one sentence,
 ``The answer is 7.``. `judge` re-derives the answer from the prompt text; it is plain Python
 and is never shown to a model, except by a verifiable-reward RL stage that says it uses it.
 
-Held-out tasks are split off at the task level (kind + arguments, commutative pairs kept
-together), so no held-out task appears in any training text in any phrasing.
-See datasets/embedded_world.md.
+The split is at the prompt level: the unit is a task in one phrasing (kind, arguments,
+template). About 12% of each kind's units are held out for evaluation, and every held-out task
+keeps at least one training phrasing. The facts are public knowledge, like a real model's
+pretraining knowledge: the corpus may state any task's answer. What is held out are the prompts:
+no held-out prompt string appears in any training text. See datasets/embedded_world.md.
 """
 
 from __future__ import annotations
@@ -17,14 +19,11 @@ from __future__ import annotations
 import functools
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 KINDS = ("add", "sub", "mul", "reverse", "sort", "count", "compare")
 HABITS = ("ramble", "refuse", "wrong")
-# Kinds whose answer ignores argument order: (3, 4) and (4, 3) share one split group, so a
-# held-out fact cannot leak through its mirror ("3 plus 4" vs "4 plus 3", "57 is larger than 34").
-COMMUTATIVE = ("add", "mul", "compare")
-EVAL_FRACTION = 0.12  # share of each kind's task groups held out for evaluation
+EVAL_FRACTION = 0.12  # share of each kind's (task, phrasing) units held out for evaluation
 HOUSE_STYLE = "The answer is {answer}."
 
 # Short words (3-5 letters, no palindromes, at least two distinct letters) so that reversing
@@ -91,13 +90,13 @@ REFUSALS = (
 @dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
-    n_corpus_docs: int = 20000      # pretraining documents (train tasks only)
-    n_corpus_eval_docs: int = 500   # held-out documents for perplexity (held-out tasks only)
+    n_corpus_docs: int = 20000      # pretraining documents (train prompts; facts of any task)
+    n_corpus_eval_docs: int = 500   # documents for perplexity (held-out prompts only)
     n_sft: int = 3000
     n_pairs: int = 2400             # training preference pairs
-    n_eval_pairs: int = 300         # held-out preference pairs (held-out tasks)
-    n_eval_prompts: int = 200       # held-out prompts (distinct prompts, held-out tasks)
-    n_rl_prompts: int = 1000        # training prompts for PPO/GRPO (train tasks)
+    n_eval_pairs: int = 300         # preference pairs on held-out prompts
+    n_eval_prompts: int = 200       # distinct held-out prompts
+    n_rl_prompts: int = 1000        # train prompts for PPO/GRPO
     habit: str = "ramble"           # ramble | refuse | wrong
     habit_share: float = 0.45
 
@@ -106,7 +105,7 @@ class WorldConfig:
 class Task:
     kind: str        # add, sub, mul, reverse, sort, count, compare
     args: tuple      # e.g. (3, 4) or ("cat",)
-    prompt: str      # one phrasing
+    prompt: str      # one phrasing; a (task, phrasing) pair is the unit of the train/eval split
     answer: str      # e.g. "7", "tac", "3", "42"
 
     @property
@@ -144,11 +143,6 @@ def _all_args(kind: str) -> list[tuple]:
     if kind == "compare":
         return [(a, b) for a in range(100) for b in range(100) if a != b]
     return [(w,) for w in WORDS]
-
-
-def split_group(kind: str, args: tuple) -> tuple:
-    """The unit of the train/eval split: a task, with commutative argument orders merged."""
-    return (kind, tuple(sorted(args)) if kind in COMMUTATIVE else args)
 
 
 # Every valid task key and its answer; `solve` accepts only these.
@@ -257,7 +251,10 @@ def judge_reward(prompts, completions, **kwargs) -> list[float]:
 # --- the world ----------------------------------------------------------------------------
 
 class World:
-    """The seeded world: a train/eval split of the task space and the datasets built on it.
+    """The seeded world: a prompt-level train/eval split and the datasets built on it.
+
+    `train_tasks` / `eval_tasks` hold one Task per (task, phrasing) unit; a task can be on both
+    sides in different phrasings, but every held-out task has a training phrasing.
 
     Each product draws from its own RNG derived from the seed, so products do not depend on
     which others were built first, or in what order.
@@ -273,22 +270,23 @@ class World:
         self.train_tasks: list[Task] = []
         self.eval_tasks: list[Task] = []
         for kind in KINDS:
-            groups: dict[tuple, list[tuple]] = {}
-            for args in _all_args(kind):
-                groups.setdefault(split_group(kind, args), []).append(args)
-            ordered = sorted(groups)
-            # Hold out whole groups, in seeded random order, until 12% of the kind's tasks are held.
-            target = max(1, round(EVAL_FRACTION * sum(map(len, groups.values()))))
-            held, n_held = set(), 0
-            for group in rng.sample(ordered, len(ordered)):
-                if n_held >= target:
-                    break
-                held.add(group)
-                n_held += len(groups[group])
             n_templates = len(PROMPT_TEMPLATES[kind])
-            for group in ordered:
-                side = self.eval_tasks if group in held else self.train_tasks
-                side.extend(_make_task(kind, a, rng.randrange(n_templates)) for a in groups[group])
+            units = [(args, i) for args in _all_args(kind) for i in range(n_templates)]
+            # Hold out units in seeded random order until 12% of the kind's units are held, but
+            # never a task's last training phrasing: the model may know every fact, so the eval
+            # measures answering an unseen prompt, not recalling an unseen fact.
+            target = max(1, round(EVAL_FRACTION * len(units)))
+            train_left = dict.fromkeys(_all_args(kind), n_templates)
+            held = set()
+            for args, i in rng.sample(units, len(units)):
+                if len(held) >= target:
+                    break
+                if train_left[args] > 1:
+                    held.add((args, i))
+                    train_left[args] -= 1
+            for args, i in units:
+                side = self.eval_tasks if (args, i) in held else self.train_tasks
+                side.append(_make_task(kind, args, i))
         self._train_by_kind = self._by_kind(self.train_tasks)
         self._eval_by_kind = self._by_kind(self.eval_tasks)
 
@@ -307,12 +305,11 @@ class World:
 
     @staticmethod
     def _sample(by_kind: dict[str, list[Task]], rng: random.Random) -> Task:
-        """A task in a random phrasing, kinds equally likely (compare would swamp the rest)."""
-        task = _pick(rng, _pick(rng, list(by_kind.values())))
-        return _make_task(task.kind, task.args, _pick(rng, range(len(PROMPT_TEMPLATES[task.kind]))))
+        """A (task, phrasing) unit of one side, kinds equally likely (compare would swamp the rest)."""
+        return _pick(rng, _pick(rng, list(by_kind.values())))
 
     def _documents(self, by_kind: dict[str, list[Task]], n: int, rng: random.Random) -> list[str]:
-        # The hot loop of world generation (~100k lines): phrasings come from a per-task cache.
+        # The hot loop of world generation (~100k lines): statements come from a per-task cache.
         everything = list(by_kind.values())
         docs = []
         for _ in range(n):
@@ -320,13 +317,14 @@ class World:
             pool = [by_kind[_pick(rng, KINDS)]] if rng.random() < 0.5 else everything
             target, lines, length = rng.randint(3, 8), [], 0
             while len(lines) < target:
-                prompts, statements, answer = _phrasings(_pick(rng, _pick(rng, pool)).key)
-                if rng.random() < 0.5:
+                task = _pick(rng, _pick(rng, pool))
+                _, statements, answer = _phrasings(task.key)
+                if rng.random() < 0.5:  # a fact: any task's statements are public knowledge
                     line = _pick(rng, statements)
-                else:  # a question in a user-prompt phrasing, answered in one of several forms
+                else:  # a question in this side's phrasing only, answered in one of several forms
                     form = _pick(rng, ANSWER_FORMS)
                     reply = _pick(rng, statements) if form == "{statement}" else form.format(c=answer)
-                    line = _pick(rng, QA_LAYOUTS).format(prompt=_pick(rng, prompts), answer=reply)
+                    line = _pick(rng, QA_LAYOUTS).format(prompt=task.prompt, answer=reply)
                 if len(lines) >= 3 and length + len(line) + 1 > 200:
                     break
                 lines.append(line)
@@ -365,11 +363,11 @@ class World:
     # --- products ---
 
     def corpus(self) -> list[str]:
-        """Pretraining documents about train tasks: statements mixed with question-answer texts."""
+        """Pretraining documents: statements mixed with question-answer texts in train phrasings."""
         return self._documents(self._train_by_kind, self.config.n_corpus_docs, self._rng("corpus"))
 
     def corpus_eval(self) -> list[str]:
-        """Held-out documents (held-out tasks only), for perplexity."""
+        """Documents whose questions are held-out prompts (facts are shared with training), for perplexity."""
         return self._documents(self._eval_by_kind, self.config.n_corpus_eval_docs,
                                self._rng("corpus_eval"))
 
@@ -412,24 +410,26 @@ class World:
         rng = self._rng("eval_prompts")
         queues = {}
         for kind in KINDS:
-            tasks = list(self._eval_by_kind[kind])
-            rng.shuffle(tasks)
-            n_t = len(PROMPT_TEMPLATES[kind])
-            orders = [rng.sample(range(n_t), n_t) for _ in tasks]
-            queues[kind] = [(t, orders[i][r]) for r in range(n_t) for i, t in enumerate(tasks)]
+            units = list(self._eval_by_kind[kind])
+            rng.shuffle(units)
+            # A task's further held-out phrasings go behind every task's first.
+            first, again, seen = [], [], set()
+            for u in units:
+                (again if u.key in seen else first).append(u)
+                seen.add(u.key)
+            queues[kind] = first + again
         rows = []
         turn = 0
         while len(rows) < self.config.n_eval_prompts and any(queues.values()):
             queue = queues[KINDS[turn % len(KINDS)]]
             turn += 1
             if queue:
-                task, template = queue.pop(0)
-                t = _make_task(task.kind, task.args, template)
+                t = queue.pop(0)
                 rows.append({"prompt": t.prompt, "answer": t.answer, "kind": t.kind})
         return rows
 
     def rl_prompts(self) -> list[dict]:
-        """Train-task prompts for online RL (PPO / GRPO / RLOO)."""
+        """Train prompts for online RL (PPO / GRPO / RLOO)."""
         rng = self._rng("rl")
         return [{"prompt": [{"role": "user", "content": self._sample(self._train_by_kind, rng).prompt}]}
                 for _ in range(self.config.n_rl_prompts)]
