@@ -74,10 +74,14 @@ def cmd_export(args) -> int:
     from alignpipe import modeling
     from alignpipe.cli import _threads
     from alignpipe.commands.chat import model_spec, stage_manifest
-    from alignpipe.runs import manifest_hash
+    from alignpipe.runs import manifest_hash, read_manifest
 
     _threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)
+    if (read_manifest(stage_dir) or {}).get("kind") == "reward":
+        raise ExportError("a reward stage's model/ is already standalone (score head merged in)",
+                          where=str(stage_dir / "model"), fix="copy that folder; load it with "
+                          "AutoModelForSequenceClassification or alignpipe.reward.artifact.load_reward_model")
     manifest = stage_manifest(stage_dir)
     spec = model_spec(manifest)
     quant = quantised_base(manifest, spec)
