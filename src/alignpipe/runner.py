@@ -13,6 +13,7 @@ from alignpipe import gates, runs
 from alignpipe.context import StageContext
 from alignpipe.errors import AlignpipeError, RunError
 from alignpipe.lock import RunLock
+from alignpipe.validate import check_lora_targets
 from alignpipe.recipe import Recipe, to_plain
 from alignpipe import distributed
 from alignpipe.template_checks import check_stage_templates
@@ -32,13 +33,23 @@ def make_context(recipe: Recipe, name: str, resume: bool = True) -> StageContext
                         resume=resume)
 
 
+def world_fingerprint(world) -> str:
+    """sha256 of every product of the embedded world (train and held-out), cached on the world."""
+    if not hasattr(world, "_alignpipe_fingerprint"):
+        products = [world.corpus(), world.corpus_eval(), world.sft_rows(), world.preference_rows("train"),
+                    world.preference_rows("eval"), world.eval_prompts(), world.rl_prompts()]
+        world._alignpipe_fingerprint = runs.fingerprint_json(products)
+    return world._alignpipe_fingerprint
+
+
 def data_fingerprint(ctx: StageContext) -> Any:
     """What identifies a stage's data: the world config for embedded data, file hashes otherwise."""
     spec = ctx.config.data
     if not spec:
         return None
     if "embedded" in spec:
-        return {"embedded": spec, "world": to_plain(ctx.world.config)}
+        # hash the generated rows, not just the config: a change to the world's code must re-run stages
+        return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": world_fingerprint(ctx.world)}
     paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
     out = {"spec": spec}
     for p in filter(None, paths):
@@ -95,6 +106,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         return old
     # the chat template, tokenizer and parents are checked before anything is deleted or trained
     template_check = check_stage_templates(ctx)
+    check_lora_targets(recipe, name)  # its parent may have been built only now
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     distributed.barrier()  # every process has read the old manifest before the main one changes it
     if ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint):
