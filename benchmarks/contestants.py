@@ -1,0 +1,197 @@
+"""What `make bench` measures: the settings, the two generated recipes and the list of contestants.
+
+Two model sizes. The *compute* recipe has a ~11M-parameter Llama (random init, fp32), big enough
+that matmuls dominate a step on a CPU: there alignpipe's SFT is compared with a hand-written loop
+and with the machine's matmul limit (MFU). The *peer* recipe has the ~0.66M-parameter tiny Llama
+and the settings LLaMA-Factory was measured with on this machine (batch 8, cutoff 64, 40 steps;
+PPO 30 updates of 8 prompts, 16 new tokens), so steps/s compare with its figures directly.
+
+Contestants are leaf stages of those recipes (their parents are built once, by `prepare`), so
+forcing one never invalidates another. A stage kind whose module has not landed yet is reported
+as missing instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field, replace
+
+# LLaMA-Factory 0.9.5 on this 2-core machine, 0.66M-param tiny Llama, batch 8, cutoff 64, fp32, 40 steps
+# (issue 9 / shared/STACK.md). PPO: 30 steps, 16 new tokens. Units: steps/s (PPO also samples/s).
+REFERENCE = {
+    "sft_lora": {"steps_per_s": 64.0},
+    "sft_full": {"steps_per_s": 71.0},
+    "reward_lora": {"steps_per_s": 46.0},
+    "dpo_lora": {"steps_per_s": 31.0},
+    "dpo_full": {"steps_per_s": 37.0},
+    "ppo": {"steps_per_s": 1.1, "samples_per_s": 8.9},
+}
+REFERENCE_STARTUP_S = 6.5  # LLaMA-Factory spends 6-7 s per command before training starts
+
+
+@dataclass
+class Settings:
+    repeats: int = 3  # timed runs per contestant, after one warm-up run in the same process
+    # compute-bound model: 6 layers x (4*384^2 + 3*384*1024) + embeddings ~ 10.8M parameters
+    compute_model: dict = field(default_factory=lambda: {
+        "hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1024, "num_attention_heads": 6,
+        "vocab_size": 450, "max_position_embeddings": 256})
+    compute_batch: int = 16
+    compute_steps: int = 8
+    compute_warmup_steps: int = 2  # the warm-up run of a compute contestant is this short
+    # peer model: 2 x (4*128^2 + 3*128*608) + 450*128 ~ 0.66M parameters
+    peer_model: dict = field(default_factory=lambda: {
+        "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 608, "num_attention_heads": 4,
+        "vocab_size": 450, "max_position_embeddings": 256})
+    peer_batch: int = 8
+    peer_cutoff: int = 64
+    peer_steps: int = 40
+    ppo_updates: int = 30
+    ppo_new_tokens: int = 16
+    # parents of the contestants (built once, not timed)
+    prep_steps: dict = field(default_factory=lambda: {"compute_pretrain": 2, "pretrain": 60, "sft": 30,
+                                                      "reward": 30})
+    world: dict = field(default_factory=lambda: {
+        "n_corpus_docs": 3000, "n_corpus_eval_docs": 50, "n_sft": 1000, "n_pairs": 600, "n_eval_pairs": 32,
+        "n_eval_prompts": 16, "n_rl_prompts": 256})
+    matmul_sizes: tuple = (512, 1024, 2048)
+    timeout_s: int = 600  # per contestant process
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        """Tiny everything: checks the plumbing in seconds (tests), says nothing about speed."""
+        tiny = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 2,
+                "vocab_size": 300, "max_position_embeddings": 128}
+        return replace(cls(), repeats=1, compute_model=dict(tiny), compute_batch=4, compute_steps=3,
+                       peer_model=dict(tiny), peer_steps=4, ppo_updates=2, ppo_new_tokens=6,
+                       prep_steps={"compute_pretrain": 2, "pretrain": 10, "sft": 4, "reward": 4},
+                       world={"n_corpus_docs": 300, "n_corpus_eval_docs": 20, "n_sft": 100, "n_pairs": 60,
+                              "n_eval_pairs": 8, "n_eval_prompts": 8, "n_rl_prompts": 32},
+                       matmul_sizes=(64, 128), timeout_s=300)
+
+
+@dataclass
+class Contestant:
+    name: str
+    kind: str  # "matmul" | "stage" (an alignpipe stage via `alignpipe run`) | "raw_sft" (the hand-written loop)
+    recipe: str | None = None  # "compute" | "peer"
+    stage: str | None = None  # stage name in that recipe
+    stage_kind: str | None = None  # the alignpipe stage kind it needs
+    threads: int = 1
+    reference: str | None = None  # key of REFERENCE
+    options: dict = field(default_factory=dict)  # worker switches (record_batches, no_kv_cache, batches_from)
+    warmup_steps: int | None = None  # warm up on a shorter run of the same stage (None: a full run)
+    note: str = ""
+
+
+def available_kinds() -> set[str]:
+    """Stage kinds whose module exists in this checkout (reward/dpo/ppo land over time)."""
+    kinds = set()
+    for kind in ("pretrain", "sft", "reward", "dpo", "ppo"):
+        if importlib.util.find_spec(f"alignpipe.stages.{kind}") is not None:
+            kinds.add(kind)
+    return kinds
+
+
+def plan(settings: Settings) -> list[Contestant]:
+    """Every contestant, in the order they run (the raw loop replays the batches the sft run recorded)."""
+    batches = "sft_1t.batches.json"
+
+    def compute(name, kind, stage, stage_kind, **kw):
+        return Contestant(name, kind, "compute", stage, stage_kind, warmup_steps=settings.compute_warmup_steps, **kw)
+
+    return [
+        Contestant("matmul_1t", "matmul", threads=1, note="fp32 matmul limit, 1 thread"),
+        Contestant("matmul_2t", "matmul", threads=2, note="fp32 matmul limit, 2 threads"),
+        compute("pretrain_1t", "stage", "pretrain_timed", "pretrain", note="compute model"),
+        compute("sft_1t", "stage", "sft", "sft", options={"record_batches": batches}, note="compute model, padding"),
+        compute("raw_sft_1t", "raw_sft", "sft", "sft", options={"batches_from": batches},
+                note="hand-written loop, same batches"),
+        compute("sft_packed_1t", "stage", "sft_packed", "sft", note="compute model, packing (BFD)"),
+        compute("sft_2t", "stage", "sft", "sft", threads=2, note="compute model, 2 threads"),
+        compute("raw_sft_2t", "raw_sft", "sft", "sft", threads=2, options={"batches_from": batches},
+                note="hand-written loop, 2 threads"),
+        Contestant("sft_full", "stage", "peer", "sft_full", "sft", reference="sft_full"),
+        Contestant("sft_lora", "stage", "peer", "sft_lora", "sft", reference="sft_lora"),
+        Contestant("reward_full", "stage", "peer", "reward_full", "reward"),
+        Contestant("reward_lora", "stage", "peer", "reward_lora", "reward", reference="reward_lora"),
+        Contestant("dpo_full", "stage", "peer", "dpo_full", "dpo", reference="dpo_full",
+                   note="precomputed reference log-probs"),
+        Contestant("dpo_full_live_ref", "stage", "peer", "dpo_full_live_ref", "dpo",
+                   note="reference forward every step"),
+        Contestant("dpo_lora", "stage", "peer", "dpo_lora", "dpo", reference="dpo_lora"),
+        Contestant("ppo", "stage", "peer", "ppo", "ppo", reference="ppo", note="KV cache"),
+        Contestant("ppo_no_cache", "stage", "peer", "ppo", "ppo", options={"no_kv_cache": True},
+                   note="generation without KV cache"),
+        Contestant("matmul_1t_end", "matmul", threads=1, note="fp32 matmul limit again, at the end"),
+        Contestant("matmul_2t_end", "matmul", threads=2, note="fp32 matmul limit again, at the end"),
+    ]
+
+
+# --- recipes -------------------------------------------------------------------------------------------
+
+NO_EVAL = {"enabled": False}  # the sampled policy evaluation is not training; contestants skip it
+
+
+def compute_recipe(s: Settings, runs_dir: str, kinds: set[str]) -> dict:
+    def sft(**extra):
+        return {"kind": "sft", "from": "pretrain", "data": {"embedded": "sft"}, "eval": NO_EVAL,
+                "trainer": {"max_steps": s.compute_steps, "per_device_train_batch_size": s.compute_batch, **extra}}
+
+    pretrain = {"kind": "pretrain", "data": {"embedded": "corpus"}, "block_size": 64, "eval_docs": 16,
+                "eval": NO_EVAL, "trainer": {"per_device_train_batch_size": s.compute_batch}}
+    stages = {
+        "pretrain": {**pretrain, "trainer": {**pretrain["trainer"], "max_steps": s.prep_steps["compute_pretrain"]}},
+        "pretrain_timed": {**pretrain, "trainer": {**pretrain["trainer"], "max_steps": s.compute_steps}},
+        "sft": sft(),
+        "sft_packed": sft(packing=True),
+    }
+    return _recipe("compute", s, runs_dir, s.compute_model, stages, kinds)
+
+
+def peer_recipe(s: Settings, runs_dir: str, kinds: set[str]) -> dict:
+    timed = {"max_steps": s.peer_steps, "per_device_train_batch_size": s.peer_batch, "max_length": s.peer_cutoff}
+    lora = {"r": 8, "alpha": 16}
+
+    def leaf(kind, parent, data, trainer=None, **extra):
+        return {"kind": kind, "from": parent, "data": {"embedded": data}, "eval": NO_EVAL,
+                "trainer": {**timed, **(trainer or {})}, **extra}
+
+    stages = {
+        # parents, built once
+        "pretrain": {"kind": "pretrain", "data": {"embedded": "corpus"}, "block_size": 64, "eval_docs": 16,
+                     "eval": NO_EVAL, "trainer": {"max_steps": s.prep_steps["pretrain"]}},
+        "sft": {"kind": "sft", "from": "pretrain", "data": {"embedded": "sft"}, "eval": NO_EVAL,
+                "trainer": {"max_steps": s.prep_steps["sft"]}},
+        "reward": {"kind": "reward", "from": "sft", "data": {"embedded": "pairs"}, "eval": NO_EVAL,
+                   "trainer": {"max_steps": s.prep_steps["reward"]}},
+        # contestants
+        "sft_full": leaf("sft", "pretrain", "sft"),
+        "sft_lora": leaf("sft", "pretrain", "sft", lora=lora),
+        "reward_full": leaf("reward", "sft", "pairs"),
+        "reward_lora": leaf("reward", "sft", "pairs", lora=lora),
+        "dpo_full": leaf("dpo", "sft", "pairs"),
+        "dpo_full_live_ref": leaf("dpo", "sft", "pairs", {"precompute_ref_log_probs": False}),
+        "dpo_lora": leaf("dpo", "sft", "pairs", lora=lora),
+        "ppo": {"kind": "ppo", "from": "sft", "reward_model": "reward", "data": {"embedded": "rl_prompts"},
+                "eval": NO_EVAL, "trainer": {"total_updates": s.ppo_updates, "rollout_batch_size": s.peer_batch,
+                                             "minibatch_size": s.peer_batch, "forward_batch_size": s.peer_batch,
+                                             "max_new_tokens": s.ppo_new_tokens}},
+    }
+    if "reward" not in kinds:  # ppo needs the reward stage as its parent
+        kinds = kinds - {"ppo"}
+    return _recipe("peer", s, runs_dir, s.peer_model, stages, kinds)
+
+
+def _recipe(name: str, s: Settings, runs_dir: str, model: dict, stages: dict, kinds: set[str]) -> dict:
+    return {"name": name, "seed": 0, "runs_dir": runs_dir, "model": {"init": dict(model)},
+            "chat_template": "embedded", "world": dict(s.world),
+            "stages": {k: v for k, v in stages.items() if v["kind"] in kinds}}
+
+
+PREP = {"compute": ("pretrain",), "peer": ("pretrain", "sft", "reward")}
+
+
+def prep_stages(recipe: dict) -> list[str]:
+    """The parent stages `prepare` builds before anything is timed."""
+    return [n for n in PREP[recipe["name"]] if n in recipe["stages"]]

@@ -1,0 +1,314 @@
+"""`make bench`: throughput and memory of every alignpipe stage, against a raw PyTorch loop, the
+machine's matmul limit and LLaMA-Factory's figures on this machine. See benchmarks/README.md.
+
+    python benchmarks/run.py                    # everything (~10 min on 2 cores)
+    python benchmarks/run.py --only sft_1t,raw_sft_1t --repeats 5
+    python benchmarks/run.py --quick            # tiny settings: checks the plumbing, not the speed
+
+Each contestant runs in its own process (benchmarks/worker.py): one warm-up run, then `repeats`
+timed runs; the median is reported. Results: benchmarks/results.json and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from contestants import (REFERENCE, REFERENCE_STARTUP_S, Contestant, Settings, available_kinds,  # noqa: E402
+                         compute_recipe, peer_recipe, plan, prep_stages)
+
+# figures whose median is reported (each run gives one value)
+MEDIAN_KEYS = ("steps_per_s", "samples_per_s", "tokens_per_s", "real_tokens_per_s", "model_flops_per_s",
+               "setup_s", "loop_s", "total_s", "after_s", "flops_per_s", "update_s", "generated_tokens_per_s",
+               "steps_per_s_wall", "samples_per_s_wall", "response_length")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(HERE), env.get("PYTHONPATH")])))
+    return env
+
+
+# --- preparation: recipes and the parents every contestant starts from --------------------------------
+
+
+def write_recipes(settings: Settings, work: Path, kinds: set[str]) -> dict[str, dict]:
+    runs_dir = str(work / "runs")
+    recipes = {"compute": compute_recipe(settings, runs_dir, kinds), "peer": peer_recipe(settings, runs_dir, kinds)}
+    for name, data in recipes.items():
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return recipes
+
+
+def prepare(recipes: dict[str, dict], work: Path, timeout: int) -> dict[str, float]:
+    """Build the parent stages (pretrain, sft, reward) once; nothing here is timed for the table."""
+    took = {}
+    for name, data in recipes.items():
+        stages = prep_stages(data)
+        t = time.perf_counter()
+        cmd = [sys.executable, "-m", "alignpipe.cli", "run", str(work / f"{name}.yaml"), "--stages", ",".join(stages)]
+        with open(work / f"prepare_{name}.log", "w") as fh:
+            proc = subprocess.run(cmd, env=child_env(1), stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+        if proc.returncode != 0:
+            raise SystemExit(f"preparing {name} failed; see {work / f'prepare_{name}.log'}")
+        took[name] = time.perf_counter() - t
+        log(f"prepared {name} ({', '.join(stages)}) in {took[name]:.1f}s")
+    return took
+
+
+# --- one contestant ------------------------------------------------------------------------------------
+
+
+def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path, kinds: set[str]) -> dict:
+    base = {"kind": c.kind, "recipe": c.recipe, "stage": c.stage, "threads": c.threads, "note": c.note,
+            "reference": c.reference}
+    if c.stage_kind and (c.stage_kind not in kinds or c.stage not in recipes[c.recipe]["stages"]):
+        return {**base, "status": "missing", "error": f"stage kind {c.stage_kind!r} not in this checkout"}
+    if c.options.get("batches_from") and not (work / c.options["batches_from"]).is_file():
+        return {**base, "status": "skipped", "error": f"needs {c.options['batches_from']} (run sft_1t first)"}
+    runs_root = Path(recipes[c.recipe]["runs_dir"]) / c.recipe if c.recipe else None
+    spec = {**asdict(c), "repeats": settings.repeats, "work": str(work), "out": str(work / f"{c.name}.json"),
+            "recipe_path": str(work / f"{c.recipe}.yaml") if c.recipe else None,
+            "stage_dir": str(runs_root / c.stage) if c.stage else None,
+            "model_dir": str(runs_root / "pretrain" / "model") if c.recipe else None,
+            "matmul_sizes": list(settings.matmul_sizes)}
+    spec_path = work / f"{c.name}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    env = child_env(c.threads)
+    env["BENCH_T0"] = repr(time.time())
+    t = time.perf_counter()
+    try:
+        with open(work / f"{c.name}.log", "w") as fh:
+            proc = subprocess.run([sys.executable, str(HERE / "worker.py"), str(spec_path)], env=env, stdout=fh,
+                                  stderr=subprocess.STDOUT, timeout=settings.timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**base, "status": "failed", "error": f"timed out after {settings.timeout_s}s"}
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        tail = (work / f"{c.name}.log").read_text().strip().splitlines()[-3:]
+        return {**base, "status": "failed", "error": " | ".join(tail), "wall_s": wall}
+    raw = json.loads(Path(spec["out"]).read_text())
+    return {**base, "status": "ok", "wall_s": wall, **raw, "median": medians(raw["runs"])}
+
+
+def medians(runs: list[dict]) -> dict:
+    out = {}
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    for key in ("steps", "tokens", "params", "trainable_params", "real_share", "label_tokens", "first_loss"):
+        if runs and runs[0].get(key) is not None:
+            out[key] = runs[0][key]
+    if runs and "split_s" in runs[0]:  # PPO: median of each part of the update
+        for field in ("split_s", "split_share"):
+            out[field] = {k: statistics.median(r[field][k] for r in runs) for k in runs[0][field]}
+    return out
+
+
+# --- figures across contestants ------------------------------------------------------------------------
+
+
+def derive(results: dict[str, dict]) -> dict:
+    """MFU, the ratios the issue asks for, and the comparison with LLaMA-Factory."""
+
+    def m(name, key):
+        r = results.get(name, {})
+        return (r.get("median") or {}).get(key) if r.get("status") == "ok" else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    limits = {t: max(filter(None, [m(f"matmul_{t}t", "flops_per_s"), m(f"matmul_{t}t_end", "flops_per_s")]),
+                     default=None) for t in (1, 2)}
+    for r in results.values():
+        med = r.get("median") or {}
+        limit = limits.get(r.get("threads"))
+        if r.get("kind") != "matmul" and med.get("model_flops_per_s") and limit:
+            med["mfu"] = med["model_flops_per_s"] / limit
+    derived = {
+        "matmul_flops_per_s": {f"{t}t": v for t, v in limits.items()},
+        "sft_vs_raw_tokens_per_s_1t": ratio(m("sft_1t", "tokens_per_s"), m("raw_sft_1t", "tokens_per_s")),
+        "sft_vs_raw_tokens_per_s_2t": ratio(m("sft_2t", "tokens_per_s"), m("raw_sft_2t", "tokens_per_s")),
+        "sft_2t_vs_1t": ratio(m("sft_2t", "tokens_per_s"), m("sft_1t", "tokens_per_s")),
+        "packing_real_share": {"on": m("sft_packed_1t", "real_share"), "off": m("sft_1t", "real_share")},
+        "packing_real_tokens_per_s_on_vs_off": ratio(m("sft_packed_1t", "real_tokens_per_s"),
+                                                     m("sft_1t", "real_tokens_per_s")),
+        "dpo_precomputed_vs_live_ref_pairs_per_s": ratio(m("dpo_full", "samples_per_s"),
+                                                         m("dpo_full_live_ref", "samples_per_s")),
+        "ppo_kv_cache_vs_none_generated_tokens_per_s": ratio(m("ppo", "generated_tokens_per_s"),
+                                                             m("ppo_no_cache", "generated_tokens_per_s")),
+        "ppo_kv_cache_vs_none_update_time": ratio(m("ppo_no_cache", "update_s"), m("ppo", "update_s")),
+        "ppo_split_share": m("ppo", "split_share"),
+    }
+    vs_peer = {}
+    for name, r in results.items():
+        ref = REFERENCE.get(r.get("reference") or "")
+        if not ref or r.get("status") != "ok":
+            continue
+        row = {}
+        for key, theirs in ref.items():
+            ours = m(name, f"{key}_wall") or m(name, key)
+            row[key] = {"ours": ours, "llamafactory": theirs, "ratio": ratio(ours, theirs)}
+        startup = (r.get("warmup") or {}).get("startup_s")
+        row["startup_s"] = {"ours": startup, "llamafactory": REFERENCE_STARTUP_S}
+        vs_peer[name] = row
+    derived["vs_llamafactory"] = vs_peer
+    return derived
+
+
+# --- the table -----------------------------------------------------------------------------------------
+
+
+def fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1e9:
+            return f"{v / 1e9:.1f}G"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def table(results: dict[str, dict], derived: dict) -> str:
+    head = ["contestant", "thr", "steps/s", "samples/s", "tokens/s", "real", "MFU", "setup_s", "startup_s",
+            "rss_MB", "LLaMA-F", "ratio", "note"]
+    rows = [head]
+    for name, r in results.items():
+        med = r.get("median") or {}
+        if r.get("status") != "ok":
+            rows.append([name, str(r.get("threads", "")), r.get("status", "?")] + [""] * 9 + [r.get("error", "")[:60]])
+            continue
+        if r["kind"] == "matmul":
+            rows.append([name, str(r["threads"]), "", "", "", "", "", "", "", fmt(r.get("peak_rss_mb"), 4), "", "",
+                         f"{fmt(med.get('flops_per_s'))}FLOP/s"])
+            continue
+        vs = derived["vs_llamafactory"].get(name, {})
+        key = "samples_per_s" if name.startswith("ppo") else "steps_per_s"
+        ref = vs.get(key) or vs.get("steps_per_s") or {}
+        steps = med.get("steps_per_s_wall") or med.get("steps_per_s")
+        samples = med.get("samples_per_s_wall") or med.get("samples_per_s")
+        tokens = med.get("tokens_per_s") or med.get("generated_tokens_per_s")
+        note = r.get("note", "")
+        if "split_share" in med:
+            sh = med["split_share"]
+            note = (f"{note}; update {med['update_s']:.3f}s = gen {sh['gen']:.0%} score {sh['score']:.0%} "
+                    f"fwd {sh['forward']:.0%} train {sh['train']:.0%}; {fmt(med['generated_tokens_per_s'])} gen tok/s")
+        rows.append([name, str(r["threads"]), fmt(steps), fmt(samples), fmt(tokens), fmt(med.get("real_share"), 2),
+                     fmt(med.get("mfu"), 2), fmt(med.get("setup_s"), 2),
+                     fmt((r.get("warmup") or {}).get("startup_s"), 2), fmt(r.get("peak_rss_mb"), 4),
+                     fmt(ref.get("llamafactory")), fmt(ref.get("ratio"), 3), note])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    d = derived
+    lines += ["", "ratios:"]
+    pairs = [
+        ("SFT alignpipe / raw loop, tokens/s, 1 thread", d["sft_vs_raw_tokens_per_s_1t"]),
+        ("SFT alignpipe / raw loop, tokens/s, 2 threads", d["sft_vs_raw_tokens_per_s_2t"]),
+        ("SFT 2 threads / 1 thread", d["sft_2t_vs_1t"]),
+        ("packing on / off, real tokens/s", d["packing_real_tokens_per_s_on_vs_off"]),
+        ("real-token share, packing on / off", "{} / {}".format(fmt(d["packing_real_share"]["on"]),
+                                                                fmt(d["packing_real_share"]["off"]))),
+        ("DPO precomputed ref / live ref, pairs/s", d["dpo_precomputed_vs_live_ref_pairs_per_s"]),
+        ("PPO generated tokens/s, KV cache / none", d["ppo_kv_cache_vs_none_generated_tokens_per_s"]),
+        ("PPO update time, no cache / KV cache", d["ppo_kv_cache_vs_none_update_time"]),
+        ("matmul limit FLOP/s, 1 / 2 threads", "{} / {}".format(fmt(d["matmul_flops_per_s"].get("1t")),
+                                                               fmt(d["matmul_flops_per_s"].get("2t")))),
+    ]
+    lines += [f"  {k}: {fmt(v)}" for k, v in pairs]
+    return "\n".join(lines)
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings: plumbing check only")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per contestant (default 3; --quick 1)")
+    p.add_argument("--only", default=None, help="comma-separated contestant names")
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--workdir", default=None, help="keep recipes, runs and logs here (default: a temp folder)")
+    args = p.parse_args(argv)
+
+    settings = Settings.quick() if args.quick else Settings()
+    if args.repeats is not None:
+        settings.repeats = args.repeats
+    contestants = plan(settings)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {c.name for c in contestants}
+        if unknown:
+            p.error(f"unknown contestant(s) {sorted(unknown)}; choose from {[c.name for c in contestants]}")
+        contestants = [c for c in contestants if c.name in wanted]
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="alignpipe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    kinds = available_kinds()
+    started = time.time()
+    load_before = os.getloadavg()
+    log(f"work folder {work}; stage kinds here: {', '.join(sorted(kinds))}; load {load_before[0]:.2f}")
+    recipes = write_recipes(settings, work, kinds)
+    needed = {c.recipe for c in contestants if c.recipe}
+    prep = prepare({k: v for k, v in recipes.items() if k in needed}, work, settings.timeout_s)
+
+    results: dict[str, dict] = {}
+    for c in contestants:
+        t = time.perf_counter()
+        results[c.name] = run_contestant(c, settings, recipes, work, kinds)
+        log(f"{c.name}: {results[c.name]['status']} in {time.perf_counter() - t:.1f}s "
+            f"(load {os.getloadavg()[0]:.2f})")
+    derived = derive(results)
+
+    import torch
+
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "load_before": load_before, "load_after": os.getloadavg()},
+        "settings": {**asdict(settings), "quick": args.quick},
+        "stage_kinds": sorted(kinds),
+        "prepare_s": prep,
+        "total_s": time.time() - started,
+        "contestants": results,
+        "derived": derived,
+        "reference_llamafactory": {"figures": REFERENCE, "startup_s": REFERENCE_STARTUP_S},
+    }
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(table(results, derived))
+    print(f"\n{len(results)} contestants in {report['total_s']:.0f}s; load {load_before[0]:.2f} -> "
+          f"{report['machine']['load_after'][0]:.2f}; results: {args.out}")
+    failed = [n for n, r in results.items() if r["status"] == "failed"]
+    if failed:
+        log(f"failed: {', '.join(failed)}; logs kept in {work}")
+    elif not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

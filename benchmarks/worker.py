@@ -1,0 +1,238 @@
+"""One contestant, in its own process: `python benchmarks/worker.py SPEC.json`.
+
+A stage contestant calls `alignpipe run RECIPE --stages STAGE --force` in-process, as the CLI does,
+once as a warm-up and then `repeats` times; the spec's result file gets one row of figures per run.
+The stage code is untouched: a probe wraps `Trainer.train` / `Trainer.training_step` (step times,
+tokens, a step-end callback) and `generate` (rollout timing; `no_kv_cache` turns the cache off),
+and PPO's own per-update time split is read back from its `train_log.jsonl`.
+
+Only the training loop counts for steps/s: from the first step's start to the last step's end.
+Process startup (interpreter, imports, data, model) is reported beside it as `startup_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+T_START = float(os.environ.get("BENCH_T0", time.time()))  # wall clock when the parent launched us
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Probe:
+    """Step and generation timings of whatever trainer runs in this process."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, record: bool = False) -> None:
+        self.begins: list[float] = []
+        self.ends: list[float] = []
+        self.first_begin_wall: float | None = None
+        self.tokens = self.real_tokens = self.label_tokens = 0
+        self.batch_size = self.params = self.trainable = None
+        self.first_loss: float | None = None
+        self.generate_calls: list[tuple[float, float]] = []
+        self.batches: list | None = [] if record else None
+
+    # --- trainer hooks
+    def on_train(self, trainer) -> None:
+        a = trainer.args
+        self.batch_size = a.per_device_train_batch_size * a.gradient_accumulation_steps
+        self.params = sum(p.numel() for p in trainer.model.parameters())
+        self.trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+    def on_step_begin(self, inputs) -> None:
+        import torch
+
+        self.begins.append(time.perf_counter())
+        if self.first_begin_wall is None:
+            self.first_begin_wall = time.time()
+        for key, ids in inputs.items():
+            if not (key.endswith("input_ids") and torch.is_tensor(ids)):
+                continue
+            mask = inputs.get(key.replace("input_ids", "attention_mask"))
+            self.tokens += ids.numel()
+            # padding-free / packed batches carry position_ids instead of a mask: every token is real
+            self.real_tokens += int(mask.sum()) if mask is not None else ids.numel()
+        labels = inputs.get("labels")
+        if labels is not None:
+            self.label_tokens += int((labels != -100).sum())
+        if self.batches is not None:  # the raw loop replays these exact rows
+            mask = inputs["attention_mask"].bool()
+            self.batches.append([[ids[m].tolist(), lab[m].tolist()]
+                                 for ids, lab, m in zip(inputs["input_ids"], inputs["labels"], mask)])
+
+    def on_step_loss(self, loss) -> None:
+        if self.first_loss is None:
+            self.first_loss = float(loss)
+
+    def on_step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def install(self, no_kv_cache: bool = False) -> None:
+        from transformers import Trainer, TrainerCallback
+        from transformers.generation.utils import GenerationMixin
+
+        probe = self
+
+        class StepEnd(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                probe.on_step_end()
+
+        train, training_step, generate = Trainer.train, Trainer.training_step, GenerationMixin.generate
+
+        def probed_train(trainer, *args, **kwargs):
+            probe.on_train(trainer)
+            trainer.add_callback(StepEnd())
+            return train(trainer, *args, **kwargs)
+
+        def probed_training_step(trainer, model, inputs, *args, **kwargs):
+            probe.on_step_begin(inputs)
+            loss = training_step(trainer, model, inputs, *args, **kwargs)
+            probe.on_step_loss(loss)
+            return loss
+
+        def probed_generate(model, *args, **kwargs):
+            if no_kv_cache:
+                kwargs["use_cache"] = False
+            t = time.perf_counter()
+            if probe.first_begin_wall is None:
+                probe.first_begin_wall = time.time()
+            out = generate(model, *args, **kwargs)
+            probe.generate_calls.append((t, time.perf_counter()))
+            return out
+
+        Trainer.train, Trainer.training_step, GenerationMixin.generate = (probed_train, probed_training_step,
+                                                                         probed_generate)
+
+    # --- figures of one run
+    def summary(self, t_call: float, t_return: float) -> dict:
+        out = {"total_s": t_return - t_call}
+        if not self.ends:
+            return out
+        loop = self.ends[-1] - self.begins[0]
+        steps = len(self.ends)
+        out.update(
+            steps=steps, loop_s=loop, setup_s=self.begins[0] - t_call, after_s=t_return - self.ends[-1],
+            steps_per_s=steps / loop, samples_per_s=steps * self.batch_size / loop,
+            tokens=self.tokens, tokens_per_s=self.tokens / loop, real_tokens_per_s=self.real_tokens / loop,
+            real_share=self.real_tokens / self.tokens if self.tokens else None,
+            label_tokens=self.label_tokens, params=self.params, trainable_params=self.trainable,
+            model_flops_per_s=6 * self.params * self.tokens / loop, first_loss=self.first_loss,
+        )
+        return out
+
+
+def ppo_summary(stage_dir: Path, probe: Probe) -> dict:
+    """PPO's per-update split (generation / scoring / no-grad forwards / training) from its train log."""
+    rows = [json.loads(line) for line in (stage_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    parts = ("time_gen", "time_score", "time_forward", "time_train")
+    totals = {p: sum(r.get(p, 0.0) for r in rows) for p in parts}
+    update_s = sum(totals.values())
+    samples = sum(r["samples"] for r in rows)
+    generated = sum(r["response_length"] * r["samples"] for r in rows)
+    out = {
+        "steps": len(rows), "loop_s": update_s, "steps_per_s": len(rows) / update_s,
+        "samples_per_s": samples / update_s, "update_s": update_s / len(rows),
+        "split_s": {p.removeprefix("time_"): totals[p] / len(rows) for p in parts},
+        "split_share": {p.removeprefix("time_"): totals[p] / update_s for p in parts},
+        "generated_tokens": generated, "generated_tokens_per_s": generated / totals["time_gen"],
+        "response_length": generated / samples,
+    }
+    calls = probe.generate_calls
+    if len(calls) == len(rows) >= 2:
+        # wall clock between the first and the last rollout: every update's logging and checkpoints included
+        wall = calls[-1][0] - calls[0][0]
+        out["steps_per_s_wall"] = (len(calls) - 1) / wall
+        out["samples_per_s_wall"] = (len(calls) - 1) * samples / len(rows) / wall
+    return out
+
+
+def run_stage(spec: dict) -> dict:
+    import torch  # noqa: F401 - imported before the baseline RSS is read
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    from alignpipe.cli import main as alignpipe
+
+    rss_imports = peak_rss_mb()
+    probe = Probe()
+    probe.install(no_kv_cache=spec["options"].get("no_kv_cache", False))
+    stage_dir = Path(spec["stage_dir"])
+    record = spec["options"].get("record_batches")
+    runs = []
+    for i in range(1 + spec["repeats"]):
+        probe.reset(record=bool(record) and i == min(1, spec["repeats"]))  # a full-length run
+        # a long stage warms up on a short run of itself: same code paths, less time
+        warm = [] if i or not spec["warmup_steps"] else ["--set", f"stages.{spec['stage']}.trainer.max_steps="
+                                                          f"{spec['warmup_steps']}"]
+        t_call = time.perf_counter()
+        rc = alignpipe(["run", spec["recipe_path"], "--stages", spec["stage"], "--force", *warm])
+        t_return = time.perf_counter()
+        if rc != 0:
+            raise SystemExit(f"alignpipe run exited with {rc}")
+        row = probe.summary(t_call, t_return)
+        if spec["stage_kind"] == "ppo":
+            row.update(ppo_summary(stage_dir, probe))
+            if probe.generate_calls:
+                row["setup_s"] = probe.generate_calls[0][0] - t_call
+        if i == 0:  # process start to the first training step (or rollout)
+            row["startup_s"] = probe.first_begin_wall - T_START if probe.first_begin_wall else None
+        if probe.batches is not None:
+            Path(spec["work"], record).write_text(json.dumps(probe.batches))
+        runs.append(row)
+    return {"warmup": runs[0], "runs": runs[1:], "rss_after_imports_mb": rss_imports}
+
+
+def matmul(spec: dict) -> dict:
+    """The machine's fp32 matmul rate: the median of 5 timings per size, the best size wins."""
+    import torch
+
+    per_size = {}
+    for n in spec["matmul_sizes"]:
+        a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        reps = max(1, int(1e9 // (2 * n**3)))  # about 1 GFLOP per timing
+        for _ in range(2):
+            torch.mm(a, b, out=c)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b, out=c)
+            times.append((time.perf_counter() - t) / reps)
+        per_size[str(n)] = 2 * n**3 / statistics.median(times)
+    best = max(per_size.values())
+    return {"warmup": {}, "runs": [{"flops_per_s": best, "per_size": per_size}]}
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["kind"] == "matmul":
+        result = matmul(spec)
+    elif spec["kind"] == "raw_sft":
+        import raw_loop
+
+        result = raw_loop.run(spec)
+    else:
+        result = run_stage(spec)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["torch_threads"] = torch.get_num_threads()
+    Path(spec["out"]).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
