@@ -88,6 +88,13 @@ def test_two_process_ddp_sft_then_dpo(tmp_path):
     # the two stages trained different things: the checksums moved from sft to dpo
     assert json.loads((sums / "sft-rank0.json").read_text())["checksum"] != \
         json.loads((sums / "dpo-rank0.json").read_text())["checksum"]
+    # the fully fine-tuned sft model stops at the end of a turn wherever it is loaded next
+    tok_config = json.loads((runs / "sft" / "model" / "tokenizer_config.json").read_text())
+    generation = json.loads((runs / "sft" / "model" / "generation_config.json").read_text())
+    assert tok_config["eos_token"] == "<|im_end|>"
+    im_end = json.loads((runs / "sft" / "model" / "config.json").read_text())["eos_token_id"]
+    assert im_end in (generation["eos_token_id"] if isinstance(generation["eos_token_id"], list)
+                      else [generation["eos_token_id"]])
     # one process logs and writes; the process group was torn down (no exit-time warning)
     assert proc.stderr.count("[alignpipe] stage dpo: complete") == 1
     assert proc.stdout.count("stage  kind") == 1  # one summary table

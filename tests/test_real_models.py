@@ -1,7 +1,7 @@
 """The real-model path, offline: a tiny Qwen2 saved in hub layout (`model: {path: <folder>}`), user data
-files, the chatml template, LoRA; sft -> reward and sft -> dpo run through the same code a hub model
-takes. Also: shipped recipes name hub models/datasets and still validate offline, and running one
-offline fails at once with a clear line."""
+files, the chatml template, LoRA; sft -> dpo run through the same code a hub model takes, and so do the
+shipped real-model recipes (every stage, their own settings shrunk) on local look-alikes of their hub
+datasets. Also: hub models/datasets validate offline, and running one offline fails at once."""
 
 from __future__ import annotations
 
@@ -58,31 +58,17 @@ def test_saved_in_hub_layout(model_dir):
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen2"
 
 
-def available_stages() -> list[str]:
-    from alignpipe.stages import stage_module
-
-    out = []
-    for kind in ("sft", "reward", "dpo"):
-        try:
-            stage_module(kind)
-            out.append(kind)
-        except ImportError:  # a stage another engineer has not landed yet
-            pass
-    return out
-
-
-def test_sft_lora_then_reward_and_dpo(model_dir, tmp_path):
+def test_sft_lora_then_dpo(model_dir, tmp_path):
     import torch
 
     from alignpipe.modeling import load_pretrained, load_stage_model, load_tokenizer
     from alignpipe.recipe import ModelSpec
 
-    stages = available_stages()
-    path = write_yaml(tmp_path / "real.yaml", real_recipe(tmp_path, model_dir, stages))
+    path = write_yaml(tmp_path / "real.yaml", real_recipe(tmp_path, model_dir, ["sft", "dpo"]))
     assert main(["validate", str(path)]) == 0
     t0 = time.time()
     assert main(["run", str(path)]) == 0
-    print(f"real-model path ({', '.join(stages)}): {time.time() - t0:.1f}s")
+    print(f"real-model path (sft, dpo): {time.time() - t0:.1f}s")
     runs = tmp_path / "runs" / "real"
 
     sft = read_manifest(runs / "sft")
@@ -106,16 +92,12 @@ def test_sft_lora_then_reward_and_dpo(model_dir, tmp_path):
     moved = max((a - b).abs().max().item() for a, b in zip(base.parameters(), tuned.parameters()))
     assert moved > 1e-4
 
-    if "reward" in stages:
-        reward = read_manifest(runs / "reward")
-        assert reward["status"] == "complete" and reward["template_check"]["assistant_mask"] == "not used by this stage"
-    if "dpo" in stages:
-        dpo = read_manifest(runs / "dpo")
-        assert dpo["status"] == "complete" and dpo["lineage"] == ["sft"]
-        assert (runs / "dpo" / "model" / "adapter_config.json").is_file()
-        policy = load_stage_model(runs / "dpo", spec)  # base -> sft adapter -> dpo adapter
-        after_sft = dict(tuned.named_parameters())
-        assert any(not torch.equal(p, after_sft[n]) for n, p in policy.named_parameters())
+    dpo = read_manifest(runs / "dpo")
+    assert dpo["status"] == "complete" and dpo["lineage"] == ["sft"]
+    assert (runs / "dpo" / "model" / "adapter_config.json").is_file()
+    policy = load_stage_model(runs / "dpo", spec)  # base -> sft adapter -> dpo adapter
+    after_sft = dict(tuned.named_parameters())
+    assert any(not torch.equal(p, after_sft[n]) for n, p in policy.named_parameters())
 
 
 def test_qwen_own_template_refused_for_assistant_only_sft(model_dir, tmp_path, capsys):
@@ -192,3 +174,58 @@ def test_quantized_loading_needs_a_gpu():
         pytest.skip("this machine has a GPU")
     with pytest.raises(AlignpipeError, match="load_in_4bit needs a CUDA GPU"):
         load_kwargs(ModelSpec(path="org/model", load_in_4bit=True))
+
+
+# --- the shipped real-model recipes, run on the tiny model with local look-alikes of their datasets ------
+
+
+def hub_lookalikes(folder: Path) -> dict[str, Path]:
+    """Local files with the columns of the hub datasets the shipped recipes name."""
+    rows = arithmetic(64, seed=1)
+    msgs = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    shapes = {
+        "HuggingFaceH4/ultrachat_200k": [{"prompt": q, "prompt_id": str(i), "messages": msgs(q, r)}
+                                         for i, (q, r, _) in enumerate(rows)],
+        "HuggingFaceH4/ultrafeedback_binarized": [
+            {"prompt": q, "prompt_id": str(i), "chosen": msgs(q, r), "rejected": msgs(q, w), "messages": msgs(q, r),
+             "score_chosen": 8.0, "score_rejected": 3.0} for i, (q, r, w) in enumerate(rows)],
+        "trl-lib/ultrafeedback-prompt": [{"prompt": [{"role": "user", "content": q}]} for q, _, _ in rows],
+    }
+    out = {}
+    for hub, data in shapes.items():
+        out[hub] = folder / (hub.replace("/", "__") + ".jsonl")
+        out[hub].write_text("".join(json.dumps(r) + "\n" for r in data))
+    return out
+
+
+SHRINK = {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+          "per_device_eval_batch_size": 4, "max_length": 64, "warmup_steps": 0, "logging_steps": 1,
+          "total_updates": 2, "rollout_batch_size": 8, "minibatch_size": 4, "micro_batch_size": 2,
+          "forward_batch_size": 4, "max_new_tokens": 8}
+
+
+@pytest.mark.parametrize("name,arch", [("qwen2.5-0.5b-lora", "qwen2"), ("llama3-8b-qlora", "llama")])
+def test_shipped_recipe_runs_on_a_tiny_lookalike(name, arch, tmp_path):
+    import yaml
+
+    from conftest import REPO
+
+    recipe = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    files = hub_lookalikes(tmp_path)
+    recipe["model"]["path"] = str(save_tiny_model(tmp_path / "model", arch))
+    recipe["model"]["load_in_4bit"] = False  # bitsandbytes needs a GPU; everything else is the recipe's own
+    recipe["runs_dir"] = str(tmp_path / "runs")
+    for stage in recipe["stages"].values():
+        stage["data"] = {"path": str(files[stage["data"]["hub"]])}
+        stage["trainer"] = {k: SHRINK.get(k, v) for k, v in stage["trainer"].items()}
+        if "eval_pairs" in stage:
+            stage["eval_pairs"] = 8
+    path = write_yaml(tmp_path / f"{name}.yaml", recipe)
+    assert main(["run", str(path)]) == 0
+    for stage in recipe["stages"]:
+        manifest = read_manifest(tmp_path / "runs" / recipe["name"] / stage)
+        assert manifest["status"] == "complete", stage
+        check = manifest["template_check"]
+        assert check["end_of_turn"] == {"qwen2": "<|im_end|>", "llama": "<|eot_id|>"}[arch]
+        assert check["assistant_mask"] == ({"turns": 2, "tokens": check["assistant_mask"]["tokens"]}
+                                           if stage == "sft" else "not used by this stage")

@@ -124,8 +124,8 @@ def _hub_access(path: str | Path) -> tuple[dict, str | None]:
     from alignpipe.data.sources import _offline_setting, _probe_hub
 
     offline = _offline_setting()
-    if offline:
-        return {}, f"{offline} is set"
+    if offline:  # explicit: the hub client reads the variable once, at import
+        return {"local_files_only": True}, f"{offline} is set"
     unreachable = _probe_hub()
     return ({"local_files_only": True}, unreachable) if unreachable else ({}, None)
 
