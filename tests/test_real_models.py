@@ -82,8 +82,10 @@ def test_sft_lora_then_dpo(model_dir, tmp_path):
     tok = load_tokenizer(runs / "sft" / "model")
     assert tok.chat_template.strip() == CHATML.strip()
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    # the user file's validation report counts tokens after the template, and truncations at max_length
     data_report = json.loads((runs / "sft" / "data_report.json").read_text())
-    assert data_report  # the validation report of the user's file was written
+    assert data_report["rows_kept"] == 96 and data_report["tokens"]["max_length"] == 64
+    assert 10 < data_report["tokens"]["median"] < 64 and data_report["tokens"]["truncated"] == 0
 
     # base + adapter reloads, and training moved the weights
     spec = ModelSpec(path=str(model_dir))
