@@ -38,7 +38,7 @@ class Settings:
         "vocab_size": 450, "max_position_embeddings": 256})
     compute_batch: int = 16
     compute_steps: int = 8
-    compute_warmup_steps: int = 2  # the warm-up run of a compute contestant is this short
+    compute_warmup_steps: int = 2  # the warm-up run of a contestant is this short (PPO: updates)
     # peer model: 2 x (4*128^2 + 3*128*608) + 450*128 ~ 0.66M parameters
     peer_model: dict = field(default_factory=lambda: {
         "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 608, "num_attention_heads": 4,
@@ -48,11 +48,13 @@ class Settings:
     peer_steps: int = 40
     ppo_updates: int = 30
     ppo_new_tokens: int = 16
+    peer_warmup_steps: int = 5
+    ppo_warmup_updates: int = 2
     # parents of the contestants (built once, not timed)
     prep_steps: dict = field(default_factory=lambda: {"compute_pretrain": 2, "pretrain": 60, "sft": 30,
                                                       "reward": 30})
     world: dict = field(default_factory=lambda: {
-        "n_corpus_docs": 3000, "n_corpus_eval_docs": 50, "n_sft": 1000, "n_pairs": 600, "n_eval_pairs": 32,
+        "n_corpus_docs": 2000, "n_corpus_eval_docs": 50, "n_sft": 600, "n_pairs": 400, "n_eval_pairs": 32,
         "n_eval_prompts": 16, "n_rl_prompts": 256})
     matmul_sizes: tuple = (512, 1024, 2048)
     timeout_s: int = 600  # per contestant process
@@ -63,7 +65,8 @@ class Settings:
         tiny = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 2,
                 "vocab_size": 300, "max_position_embeddings": 128}
         return replace(cls(), repeats=1, compute_model=dict(tiny), compute_batch=4, compute_steps=3,
-                       peer_model=dict(tiny), peer_steps=4, ppo_updates=2, ppo_new_tokens=6,
+                       peer_model=dict(tiny), peer_steps=4, ppo_updates=2, ppo_new_tokens=6, peer_warmup_steps=2,
+                       ppo_warmup_updates=1,
                        prep_steps={"compute_pretrain": 2, "pretrain": 10, "sft": 4, "reward": 4},
                        world={"n_corpus_docs": 300, "n_corpus_eval_docs": 20, "n_sft": 100, "n_pairs": 60,
                               "n_eval_pairs": 8, "n_eval_prompts": 8, "n_rl_prompts": 32},
@@ -100,6 +103,10 @@ def plan(settings: Settings) -> list[Contestant]:
     def compute(name, kind, stage, stage_kind, **kw):
         return Contestant(name, kind, "compute", stage, stage_kind, warmup_steps=settings.compute_warmup_steps, **kw)
 
+    def peer(name, kind, stage, stage_kind, **kw):
+        warm = settings.ppo_warmup_updates if stage_kind == "ppo" else settings.peer_warmup_steps
+        return Contestant(name, kind, "peer", stage, stage_kind, warmup_steps=warm, **kw)
+
     return [
         Contestant("matmul_1t", "matmul", threads=1, note="fp32 matmul limit, 1 thread"),
         Contestant("matmul_2t", "matmul", threads=2, note="fp32 matmul limit, 2 threads"),
@@ -111,18 +118,19 @@ def plan(settings: Settings) -> list[Contestant]:
         compute("sft_2t", "stage", "sft", "sft", threads=2, note="compute model, 2 threads"),
         compute("raw_sft_2t", "raw_sft", "sft", "sft", threads=2, options={"batches_from": batches},
                 note="hand-written loop, 2 threads"),
-        Contestant("sft_full", "stage", "peer", "sft_full", "sft", reference="sft_full"),
-        Contestant("sft_lora", "stage", "peer", "sft_lora", "sft", reference="sft_lora"),
-        Contestant("reward_full", "stage", "peer", "reward_full", "reward"),
-        Contestant("reward_lora", "stage", "peer", "reward_lora", "reward", reference="reward_lora"),
-        Contestant("dpo_full", "stage", "peer", "dpo_full", "dpo", reference="dpo_full",
-                   note="precomputed reference log-probs"),
-        Contestant("dpo_full_live_ref", "stage", "peer", "dpo_full_live_ref", "dpo",
-                   note="reference forward every step"),
-        Contestant("dpo_lora", "stage", "peer", "dpo_lora", "dpo", reference="dpo_lora"),
-        Contestant("ppo", "stage", "peer", "ppo", "ppo", reference="ppo", note="KV cache"),
-        Contestant("ppo_no_cache", "stage", "peer", "ppo", "ppo", options={"no_kv_cache": True},
-                   note="generation without KV cache"),
+        peer("sft_full", "stage", "sft_full", "sft", reference="sft_full",
+             options={"record_batches": "sft_full.batches.json"}),
+        peer("raw_sft_full", "raw_sft", "sft_full", "sft", options={"batches_from": "sft_full.batches.json"},
+             note="hand-written loop, same batches: the compute floor of this work"),
+        peer("sft_lora", "stage", "sft_lora", "sft", reference="sft_lora"),
+        peer("reward_full", "stage", "reward_full", "reward"),
+        peer("reward_lora", "stage", "reward_lora", "reward", reference="reward_lora"),
+        peer("dpo_full", "stage", "dpo_full", "dpo", reference="dpo_full", note="precomputed reference log-probs"),
+        peer("dpo_full_live_ref", "stage", "dpo_full_live_ref", "dpo", note="reference forward every step"),
+        peer("dpo_lora", "stage", "dpo_lora", "dpo", reference="dpo_lora"),
+        peer("ppo", "stage", "ppo", "ppo", reference="ppo", note="KV cache"),
+        peer("ppo_no_cache", "stage", "ppo", "ppo", options={"no_kv_cache": True},
+             note="generation without KV cache"),
         Contestant("matmul_1t_end", "matmul", threads=1, note="fp32 matmul limit again, at the end"),
         Contestant("matmul_2t_end", "matmul", threads=2, note="fp32 matmul limit again, at the end"),
     ]

@@ -41,7 +41,7 @@ def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
     params = sum(p.numel() for p in model.parameters())
     tokens = real = 0
     first_loss = None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for rows in batches:
         input_ids, mask, labels = collate(rows, pad_id)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -53,12 +53,14 @@ def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
             first_loss = loss.item()
         tokens += input_ids.numel()
         real += int(mask.sum())
-    loop = time.perf_counter() - t0
+    loop, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     steps = len(batches)
-    return {"steps": steps, "loop_s": loop, "setup_s": t0 - t_call, "steps_per_s": steps / loop,
-            "samples_per_s": sum(len(b) for b in batches) / loop, "tokens": tokens, "tokens_per_s": tokens / loop,
+    return {"steps": steps, "loop_s": loop, "cpu_share": cpu / loop, "setup_s": t0 - t_call,
+            "steps_per_s": steps / loop, "samples_per_s": sum(len(b) for b in batches) / loop, "tokens": tokens,
+            "tokens_per_s": tokens / loop,
             "real_tokens_per_s": real / loop, "real_share": real / tokens, "params": params,
-            "model_flops_per_s": 6 * params * tokens / loop, "first_loss": first_loss,
+            "model_flops_per_s": 6 * params * tokens / loop, "gflop_per_step": 6e-9 * params * tokens / steps,
+            "first_loss": first_loss,
             "t0_wall": time.time() - (time.perf_counter() - t0)}
 
 

@@ -35,7 +35,7 @@ from contestants import (REFERENCE, REFERENCE_STARTUP_S, Contestant, Settings, a
 # figures whose median is reported (each run gives one value)
 MEDIAN_KEYS = ("steps_per_s", "samples_per_s", "tokens_per_s", "real_tokens_per_s", "model_flops_per_s",
                "setup_s", "loop_s", "total_s", "after_s", "flops_per_s", "update_s", "generated_tokens_per_s",
-               "steps_per_s_wall", "samples_per_s_wall", "response_length")
+               "steps_per_s_wall", "samples_per_s_wall", "response_length", "cpu_share", "trainer_steps_per_s")
 
 
 def log(msg: str) -> None:
@@ -118,7 +118,8 @@ def medians(runs: list[dict]) -> dict:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             out[key] = statistics.median(values)
-    for key in ("steps", "tokens", "params", "trainable_params", "real_share", "label_tokens", "first_loss"):
+    for key in ("steps", "tokens", "params", "trainable_params", "real_share", "label_tokens", "first_loss",
+                "gflop_per_step"):
         if runs and runs[0].get(key) is not None:
             out[key] = runs[0][key]
     if runs and "split_s" in runs[0]:  # PPO: median of each part of the update
@@ -140,17 +141,31 @@ def derive(results: dict[str, dict]) -> dict:
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    limits = {t: max(filter(None, [m(f"matmul_{t}t", "flops_per_s"), m(f"matmul_{t}t_end", "flops_per_s")]),
-                     default=None) for t in (1, 2)}
-    for r in results.values():
+    def per_cpu_s(name, key):  # a rate per CPU-second of the process: less sensitive to a busy machine
+        value, share = m(name, key), m(name, "cpu_share")
+        return value / share if value and share else None
+
+    matmuls = {t: [f"matmul_{t}t", f"matmul_{t}t_end"] for t in (1, 2)}
+    limits = {t: max(filter(None, [m(n, "flops_per_s") for n in names]), default=None) for t, names in matmuls.items()}
+    limits_cpu = {t: max(filter(None, [per_cpu_s(n, "flops_per_s") for n in names]), default=None)
+                  for t, names in matmuls.items()}
+    for name, r in results.items():
         med = r.get("median") or {}
-        limit = limits.get(r.get("threads"))
-        if r.get("kind") != "matmul" and med.get("model_flops_per_s") and limit:
-            med["mfu"] = med["model_flops_per_s"] / limit
+        if r.get("kind") == "matmul" or not med.get("model_flops_per_s"):
+            continue
+        t = r.get("threads")
+        if limits.get(t):
+            med["mfu"] = med["model_flops_per_s"] / limits[t]
+        if limits_cpu.get(t) and med.get("cpu_share"):
+            med["mfu_cpu"] = med["model_flops_per_s"] / med["cpu_share"] / limits_cpu[t]
+            med["tokens_per_cpu_s"] = med["tokens_per_s"] / med["cpu_share"]
     derived = {
         "matmul_flops_per_s": {f"{t}t": v for t, v in limits.items()},
+        "matmul_flops_per_cpu_s": {f"{t}t": v for t, v in limits_cpu.items()},
         "sft_vs_raw_tokens_per_s_1t": ratio(m("sft_1t", "tokens_per_s"), m("raw_sft_1t", "tokens_per_s")),
         "sft_vs_raw_tokens_per_s_2t": ratio(m("sft_2t", "tokens_per_s"), m("raw_sft_2t", "tokens_per_s")),
+        "sft_vs_raw_tokens_per_cpu_s_1t": ratio(m("sft_1t", "tokens_per_cpu_s"), m("raw_sft_1t", "tokens_per_cpu_s")),
+        "sft_vs_raw_tokens_per_s_peer": ratio(m("sft_full", "tokens_per_s"), m("raw_sft_full", "tokens_per_s")),
         "sft_2t_vs_1t": ratio(m("sft_2t", "tokens_per_s"), m("sft_1t", "tokens_per_s")),
         "packing_real_share": {"on": m("sft_packed_1t", "real_share"), "off": m("sft_1t", "real_share")},
         "packing_real_tokens_per_s_on_vs_off": ratio(m("sft_packed_1t", "real_tokens_per_s"),
@@ -193,34 +208,37 @@ def fmt(v, digits=3) -> str:
     return str(v)
 
 
+COLUMNS = ("contestant", "thr", "cpu", "steps/s", "samples/s", "tokens/s", "real", "MFU", "MFU/cpu", "setup_s",
+           "startup_s", "rss_MB", "LLaMA-F", "ratio", "note")
+
+
+def table_row(name: str, r: dict, derived: dict) -> dict:
+    """One contestant's cells, by column name."""
+    med = r.get("median") or {}
+    cells = {"contestant": name, "thr": str(r.get("threads", "")), "rss_MB": fmt(r.get("peak_rss_mb"), 4),
+             "cpu": f"{med['cpu_share']:.0%}" if med.get("cpu_share") is not None else "-"}
+    if r.get("status") != "ok":
+        return {**cells, "steps/s": r.get("status", "?"), "note": r.get("error", "")[:80]}
+    if r["kind"] == "matmul":
+        return {**cells, "note": f"{fmt(med.get('flops_per_s'))}FLOP/s fp32 matmul"}
+    vs = derived["vs_llamafactory"].get(name, {})
+    ref = vs.get("samples_per_s") or vs.get("steps_per_s") or {}
+    note = r.get("note", "")
+    if "split_share" in med:
+        sh = med["split_share"]
+        note += (f"; update {med['update_s']:.3f}s = gen {sh['gen']:.0%} score {sh['score']:.0%} "
+                 f"fwd {sh['forward']:.0%} train {sh['train']:.0%}; {fmt(med['generated_tokens_per_s'])} gen tok/s")
+    return {**cells, "steps/s": fmt(med.get("steps_per_s_wall") or med.get("steps_per_s")),
+            "samples/s": fmt(med.get("samples_per_s_wall") or med.get("samples_per_s")),
+            "tokens/s": fmt(med.get("tokens_per_s")), "real": fmt(med.get("real_share"), 2),
+            "MFU": fmt(med.get("mfu"), 2), "MFU/cpu": fmt(med.get("mfu_cpu"), 2), "setup_s": fmt(med.get("setup_s"), 2),
+            "startup_s": fmt((r.get("warmup") or {}).get("startup_s"), 2),
+            "LLaMA-F": fmt(ref.get("llamafactory")), "ratio": fmt(ref.get("ratio"), 3), "note": note}
+
+
 def table(results: dict[str, dict], derived: dict) -> str:
-    head = ["contestant", "thr", "steps/s", "samples/s", "tokens/s", "real", "MFU", "setup_s", "startup_s",
-            "rss_MB", "LLaMA-F", "ratio", "note"]
-    rows = [head]
-    for name, r in results.items():
-        med = r.get("median") or {}
-        if r.get("status") != "ok":
-            rows.append([name, str(r.get("threads", "")), r.get("status", "?")] + [""] * 9 + [r.get("error", "")[:60]])
-            continue
-        if r["kind"] == "matmul":
-            rows.append([name, str(r["threads"]), "", "", "", "", "", "", "", fmt(r.get("peak_rss_mb"), 4), "", "",
-                         f"{fmt(med.get('flops_per_s'))}FLOP/s"])
-            continue
-        vs = derived["vs_llamafactory"].get(name, {})
-        key = "samples_per_s" if name.startswith("ppo") else "steps_per_s"
-        ref = vs.get(key) or vs.get("steps_per_s") or {}
-        steps = med.get("steps_per_s_wall") or med.get("steps_per_s")
-        samples = med.get("samples_per_s_wall") or med.get("samples_per_s")
-        tokens = med.get("tokens_per_s") or med.get("generated_tokens_per_s")
-        note = r.get("note", "")
-        if "split_share" in med:
-            sh = med["split_share"]
-            note = (f"{note}; update {med['update_s']:.3f}s = gen {sh['gen']:.0%} score {sh['score']:.0%} "
-                    f"fwd {sh['forward']:.0%} train {sh['train']:.0%}; {fmt(med['generated_tokens_per_s'])} gen tok/s")
-        rows.append([name, str(r["threads"]), fmt(steps), fmt(samples), fmt(tokens), fmt(med.get("real_share"), 2),
-                     fmt(med.get("mfu"), 2), fmt(med.get("setup_s"), 2),
-                     fmt((r.get("warmup") or {}).get("startup_s"), 2), fmt(r.get("peak_rss_mb"), 4),
-                     fmt(ref.get("llamafactory")), fmt(ref.get("ratio"), 3), note])
+    head = list(COLUMNS)
+    rows = [head] + [[table_row(n, r, derived).get(c, "") for c in head] for n, r in results.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -228,7 +246,9 @@ def table(results: dict[str, dict], derived: dict) -> str:
     lines += ["", "ratios:"]
     pairs = [
         ("SFT alignpipe / raw loop, tokens/s, 1 thread", d["sft_vs_raw_tokens_per_s_1t"]),
+        ("SFT alignpipe / raw loop, tokens per CPU-second, 1 thread", d["sft_vs_raw_tokens_per_cpu_s_1t"]),
         ("SFT alignpipe / raw loop, tokens/s, 2 threads", d["sft_vs_raw_tokens_per_s_2t"]),
+        ("SFT alignpipe / raw loop, tokens/s, peer model", d["sft_vs_raw_tokens_per_s_peer"]),
         ("SFT 2 threads / 1 thread", d["sft_2t_vs_1t"]),
         ("packing on / off, real tokens/s", d["packing_real_tokens_per_s_on_vs_off"]),
         ("real-token share, packing on / off", "{} / {}".format(fmt(d["packing_real_share"]["on"]),

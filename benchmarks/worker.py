@@ -36,6 +36,7 @@ class Probe:
     def reset(self, record: bool = False) -> None:
         self.begins: list[float] = []
         self.ends: list[float] = []
+        self.cpu: list[float] = []  # process CPU time at the first step's start and at each step's end
         self.first_begin_wall: float | None = None
         self.tokens = self.real_tokens = self.label_tokens = 0
         self.batch_size = self.params = self.trainable = None
@@ -56,6 +57,7 @@ class Probe:
         self.begins.append(time.perf_counter())
         if self.first_begin_wall is None:
             self.first_begin_wall = time.time()
+            self.cpu.append(time.process_time())
         for key, ids in inputs.items():
             if not (key.endswith("input_ids") and torch.is_tensor(ids)):
                 continue
@@ -77,6 +79,7 @@ class Probe:
 
     def on_step_end(self) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
     def install(self, no_kv_cache: bool = False) -> None:
         from transformers import Trainer, TrainerCallback
@@ -104,11 +107,11 @@ class Probe:
         def probed_generate(model, *args, **kwargs):
             if no_kv_cache:
                 kwargs["use_cache"] = False
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             if probe.first_begin_wall is None:
                 probe.first_begin_wall = time.time()
             out = generate(model, *args, **kwargs)
-            probe.generate_calls.append((t, time.perf_counter()))
+            probe.generate_calls.append((t, cpu))
             return out
 
         Trainer.train, Trainer.training_step, GenerationMixin.generate = (probed_train, probed_training_step,
@@ -122,12 +125,14 @@ class Probe:
         loop = self.ends[-1] - self.begins[0]
         steps = len(self.ends)
         out.update(
-            steps=steps, loop_s=loop, setup_s=self.begins[0] - t_call, after_s=t_return - self.ends[-1],
+            steps=steps, loop_s=loop, cpu_share=(self.cpu[-1] - self.cpu[0]) / loop,
+            setup_s=self.begins[0] - t_call, after_s=t_return - self.ends[-1],
             steps_per_s=steps / loop, samples_per_s=steps * self.batch_size / loop,
             tokens=self.tokens, tokens_per_s=self.tokens / loop, real_tokens_per_s=self.real_tokens / loop,
             real_share=self.real_tokens / self.tokens if self.tokens else None,
             label_tokens=self.label_tokens, params=self.params, trainable_params=self.trainable,
             model_flops_per_s=6 * self.params * self.tokens / loop, first_loss=self.first_loss,
+            gflop_per_step=6e-9 * self.params * self.tokens / steps,
         )
         return out
 
@@ -154,6 +159,7 @@ def ppo_summary(stage_dir: Path, probe: Probe) -> dict:
     if len(calls) == len(rows) >= 2:
         # wall clock between the first and the last rollout: every update's logging and checkpoints included
         wall = calls[-1][0] - calls[0][0]
+        out["cpu_share"] = (calls[-1][1] - calls[0][1]) / wall
         out["steps_per_s_wall"] = (len(calls) - 1) / wall
         out["samples_per_s_wall"] = (len(calls) - 1) * samples / len(rows) / wall
     return out
@@ -175,7 +181,8 @@ def run_stage(spec: dict) -> dict:
     for i in range(1 + spec["repeats"]):
         probe.reset(record=bool(record) and i == min(1, spec["repeats"]))  # a full-length run
         # a long stage warms up on a short run of itself: same code paths, less time
-        warm = [] if i or not spec["warmup_steps"] else ["--set", f"stages.{spec['stage']}.trainer.max_steps="
+        steps_key = "total_updates" if spec["stage_kind"] == "ppo" else "max_steps"
+        warm = [] if i or not spec["warmup_steps"] else ["--set", f"stages.{spec['stage']}.trainer.{steps_key}="
                                                           f"{spec['warmup_steps']}"]
         t_call = time.perf_counter()
         rc = alignpipe(["run", spec["recipe_path"], "--stages", spec["stage"], "--force", *warm])
@@ -183,6 +190,9 @@ def run_stage(spec: dict) -> dict:
         if rc != 0:
             raise SystemExit(f"alignpipe run exited with {rc}")
         row = probe.summary(t_call, t_return)
+        manifest = json.loads((stage_dir / "manifest.json").read_text())
+        # the trainer's own figure (train_runtime includes its set-up inside `train()`): what peers report
+        row["trainer_steps_per_s"] = (manifest.get("metrics") or {}).get("train_steps_per_s")
         if spec["stage_kind"] == "ppo":
             row.update(ppo_summary(stage_dir, probe))
             if probe.generate_calls:
@@ -199,21 +209,22 @@ def matmul(spec: dict) -> dict:
     """The machine's fp32 matmul rate: the median of 5 timings per size, the best size wins."""
     import torch
 
-    per_size = {}
+    per_size, shares = {}, []
     for n in spec["matmul_sizes"]:
         a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
         reps = max(1, int(1e9 // (2 * n**3)))  # about 1 GFLOP per timing
         for _ in range(2):
             torch.mm(a, b, out=c)
-        times = []
+        times, cpu = [], time.process_time()
         for _ in range(5):
             t = time.perf_counter()
             for _ in range(reps):
                 torch.mm(a, b, out=c)
             times.append((time.perf_counter() - t) / reps)
         per_size[str(n)] = 2 * n**3 / statistics.median(times)
+        shares.append((time.process_time() - cpu) / (sum(times) * reps))
     best = max(per_size.values())
-    return {"warmup": {}, "runs": [{"flops_per_s": best, "per_size": per_size}]}
+    return {"warmup": {}, "runs": [{"flops_per_s": best, "per_size": per_size, "cpu_share": min(shares)}]}
 
 
 def main() -> None:
