@@ -376,7 +376,7 @@ def to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
-            if f.name == "path":
+            if isinstance(obj, Recipe) and f.name == "path":  # ModelSpec.path is config; Recipe.path is not
                 continue
             out[_yaml_name(f)] = to_plain(getattr(obj, f.name))
         return out

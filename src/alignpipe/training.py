@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 
 def last_checkpoint(ctx) -> str | None:
     """The newest complete trainer checkpoint in the stage folder, or None (fresh start / --restart).
 
-    transformers writes `checkpoint-N/` and only then `trainer_state.json` inside it, so a folder
-    without that file is a half-written checkpoint and is ignored.
+    Half-written checkpoints (the process died while saving) are never used: they are removed, and
+    the newest complete one before them is resumed from.
     """
     if not ctx.resume or not ctx.checkpoints_dir.is_dir():
         return None
-    done = [p for p in ctx.checkpoints_dir.glob("checkpoint-*")
-            if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
+    found = sorted((p for p in ctx.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    done = [p for p in found if is_complete_checkpoint(p)]
+    for torn in found:
+        if torn not in done and (not done or int(torn.name.split("-")[-1]) > int(done[-1].name.split("-")[-1])):
+            print(f"[alignpipe] stage {ctx.name}: removing half-written checkpoint {torn.name}", flush=True)
+            shutil.rmtree(torn)
     if not done:
         return None
-    newest = max(done, key=lambda p: int(p.name.split("-")[-1]))
-    print(f"[alignpipe] stage {ctx.name}: resuming from {newest}", flush=True)
-    return str(newest)
+    print(f"[alignpipe] stage {ctx.name}: resuming from {done[-1]}", flush=True)
+    return str(done[-1])
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether a transformers `checkpoint-N/` folder was written to the end.
+
+    transformers (5.x `Trainer._save_checkpoint`) writes the weights, optimizer, scheduler and RNG
+    state, and `trainer_state.json` last, each in one call of one process; so a state file that
+    parses and names step N proves the files before it are whole. It is not written atomically, so a
+    kill during that last write leaves it torn: that is why it is parsed, not just looked for.
+    """
+    try:
+        state = json.loads((Path(folder) / "trainer_state.json").read_text())
+        return int(state["global_step"]) == int(Path(folder).name.split("-")[-1])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def train_log_metrics(trainer) -> dict:
