@@ -231,3 +231,17 @@ def test_shipped_recipe_runs_on_a_tiny_lookalike(name, arch, tmp_path):
         assert check["end_of_turn"] == {"qwen2": "<|im_end|>", "llama": "<|eot_id|>"}[arch]
         assert check["assistant_mask"] == ({"turns": 2, "tokens": check["assistant_mask"]["tokens"]}
                                            if stage == "sft" else "not used by this stage")
+
+
+def test_flash_attention_needs_its_package():
+    import importlib.util
+
+    from alignpipe.errors import AlignpipeError
+    from alignpipe.modeling import load_kwargs
+    from alignpipe.recipe import ModelSpec
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(AlignpipeError, match="needs the flash-attn package"):
+        load_kwargs(ModelSpec(path="org/model", attn_implementation="flash_attention_2"))
+    assert load_kwargs(ModelSpec(path="org/model", attn_implementation="sdpa"))["attn_implementation"] == "sdpa"

@@ -87,6 +87,12 @@ def load_kwargs(spec: ModelSpec) -> dict:
     if spec.revision:
         kwargs["revision"] = spec.revision
     if spec.attn_implementation:
+        import importlib.util
+
+        if spec.attn_implementation.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+            raise AlignpipeError(f"attn_implementation {spec.attn_implementation} needs the flash-attn package",
+                                 key="model.attn_implementation",
+                                 fix="pip install flash-attn --no-build-isolation (CUDA), or use sdpa")
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.load_in_4bit or spec.load_in_8bit:
         _require_quantization(spec)
