@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import load_recipe
+from alignpipe.recipe import load_recipe, to_plain
 from alignpipe.runner import make_context
 from alignpipe.stages import dpo
 from alignpipe.validate import validate
-from conftest import TINY_EVAL, tiny_recipe, write_yaml
+from conftest import REPO, TINY_EVAL, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 25, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
            "logging_steps": 1, "beta": 0.1}
@@ -118,7 +118,8 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
 
 
 @pytest.mark.parametrize("trainer, message", [
-    ({"loss_type": ["sigmoid", "simpo"]}, "unknown DPO loss type 'simpo'"),
+    ({"loss_type": ["sigmoid", "hinge2"]}, "unknown DPO loss type 'hinge2'"),
+    ({"loss_type": "simpo"}, "'simpo' is not a DPO loss type in TRL 1.16: SimPO is trl.experimental.cpo"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "1 loss_weights for 2 loss types"),
 ])
 def test_recipe_checks_loss_settings(tmp_path, trainer, message):
@@ -128,8 +129,20 @@ def test_recipe_checks_loss_settings(tmp_path, trainer, message):
         validate(load_recipe(path))
 
 
-def test_dpo_must_start_from_a_policy(tmp_path):
+def test_dpo_without_from_needs_a_model_path(tmp_path):
     stages = {"dpo": {"data": {"embedded": "pairs"}}}
     path = write_yaml(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages))
     with pytest.raises(RecipeError, match="from"):
         validate(load_recipe(path))
+
+
+def test_variants_recipe_shares_the_default_runs():
+    """recipes/dpo-variants.yaml writes into runs/default: its upstream blocks must equal the default's, or running
+    it would start the default's pretrain/sft over."""
+    default, variants = (load_recipe(REPO / "recipes" / f) for f in ("default.yaml", "dpo-variants.yaml"))
+    assert variants.name == default.name
+    for attr in ("seed", "runs_dir", "model", "chat_template", "world"):
+        assert to_plain(getattr(variants, attr)) == to_plain(getattr(default, attr)), attr
+    for stage in ("pretrain", "sft"):
+        assert to_plain(variants.stages[stage]) == to_plain(default.stages[stage]), stage
+    assert all(cfg.kind == "dpo" for name, cfg in variants.stages.items() if name not in ("pretrain", "sft"))

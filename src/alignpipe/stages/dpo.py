@@ -1,8 +1,8 @@
 """Direct preference optimisation: TRL's DPOTrainer on (prompt, chosen, rejected) conversations.
 
-Starts from a policy stage's checkpoint (usually sft). The reference policy is the start itself:
-a frozen second copy for full fine-tuning, or, with `lora:`, the same model with the adapter
-switched off (one copy of the base weights in memory). The loss is TRL's, chosen in the recipe's
+Starts from a policy stage's checkpoint (usually sft), or from `model.path`. The reference policy
+is the start itself: a frozen second copy for full fine-tuning, or, with `lora:`, the same model
+with the adapter switched off (one copy of the base weights in memory). The loss is TRL's, chosen in the recipe's
 `trainer:` block (`loss_type`, `loss_weights`, `beta`, `label_smoothing`, ...); see docs/dpo.md.
 
 Metrics: the shared judge pass rate, KL to the reference and reward-model score
@@ -20,6 +20,12 @@ from alignpipe.recipe import StageConfig
 # the first step). ORPO / CPO / SimPO are separate trainers in trl.experimental, KTO is trl.KTOTrainer.
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+OTHER_TRAINERS = {
+    "simpo": "SimPO is trl.experimental.cpo.CPOTrainer with loss_type simpo",
+    "orpo": "ORPO is trl.experimental.orpo.ORPOTrainer",
+    "cpo": "CPO is trl.experimental.cpo.CPOTrainer",
+    "kto": "KTO is trl.KTOTrainer, on unpaired data",
+}
 TRAIN_SLICE = 300  # training pairs whose implicit rewards are reported beside the held-out pairs'
 
 
@@ -39,10 +45,8 @@ def trainer_config_class():
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
     key = f"stages.{name}"
-    if cfg.from_ is None:
-        raise RecipeError("a dpo stage starts from a policy checkpoint", where=where, key=f"{key}.from",
-                          fix="set `from:` to an sft stage")
-    if recipe.stages[cfg.from_].kind == "reward":
+    # without `from`, the stage starts from `model.path` (validate rejects that for an `init:` model)
+    if cfg.from_ is not None and recipe.stages[cfg.from_].kind == "reward":
         raise RecipeError(f"starts from reward stage {cfg.from_!r}, which is not a policy", where=where,
                           key=f"{key}.from", fix="set `from:` to an sft stage")
     if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
@@ -50,7 +54,10 @@ def check(recipe, name: str, where: str) -> None:
                           fix="name a stage of kind reward, or remove the key")
     loss_type = cfg.trainer.get("loss_type", ["sigmoid"])
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    for i, lt in enumerate(loss_types):
+    for lt in loss_types:
+        if lt in OTHER_TRAINERS:
+            raise RecipeError(f"{lt!r} is not a DPO loss type in TRL 1.16: {OTHER_TRAINERS[lt]}", where=where,
+                              key=f"{key}.trainer.loss_type", fix="see docs/dpo.md for the variants this stage has")
         if lt not in LOSS_TYPES:
             raise RecipeError(f"unknown DPO loss type {lt!r}", where=where, key=f"{key}.trainer.loss_type",
                               fix=f"use one or more of {', '.join(LOSS_TYPES)}")
