@@ -7,6 +7,7 @@ libraries (TRL config fields), the file system (data files, run folder) or the p
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -31,7 +32,10 @@ def validate(recipe: Recipe) -> None:
     for name, cfg in recipe.stages.items():
         key = f"stages.{name}"
         module = stage_module(cfg.kind)
-        _check_trainer_keys(module.trainer_config_class(), cfg.trainer, where, f"{key}.trainer")
+        # a module serving several kinds (grpo, rloo) takes the kind: each has its own TRL config class
+        takes_kind = "kind" in inspect.signature(module.trainer_config_class).parameters
+        config_class = module.trainer_config_class(cfg.kind) if takes_kind else module.trainer_config_class()
+        _check_trainer_keys(config_class, cfg.trainer, where, f"{key}.trainer")
         _check_data(recipe, cfg, where, f"{key}.data")
         if cfg.checkpoint_every < 0:
             raise RecipeError(f"checkpoint_every must be 0 or more, got {cfg.checkpoint_every}", where=where,

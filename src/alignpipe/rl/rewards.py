@@ -1,0 +1,83 @@
+"""Where an RL stage's reward comes from: a reward stage's model, or a Python function.
+
+A reward model's raw score is normalised with the mean/std its reward stage measured on held-out
+pairs, so a score of +1 means "one standard deviation better than usual" whatever the model's scale.
+A Python function `module:function` takes TRL's reward-function form for conversational data,
+`fn(prompts, completions, **kwargs) -> list[float]` with each prompt a list of messages and each
+completion `[{"role": "assistant", "content": ...}]` (e.g. `alignpipe.data.world:judge_reward`), so
+the same function serves the ppo, grpo and rloo stages.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignpipe.errors import RecipeError
+
+JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
+
+
+def load_function(spec: str, where: str = "", key: str = "reward_function") -> Callable[..., list[float]]:
+    """The function named `module:function` (imported now, so a typo fails before training)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RecipeError(f"reward function {spec!r} is not `module:function`", where=where, key=key,
+                          fix=f"e.g. {JUDGE_FUNCTION}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RecipeError(f"cannot import reward function {spec!r}: {err}", where=where, key=key,
+                          fix="name an importable module and a function in it") from None
+    if not callable(fn):
+        raise RecipeError(f"{spec!r} is not callable", where=where, key=key, fix="name a function")
+    return fn
+
+
+def is_judge(spec: str | None) -> bool:
+    """Does this reward function train on the embedded world's judge (so its pass rate is no longer
+    an independent measure)?"""
+    if not spec:
+        return False
+    try:
+        from alignpipe.data.world import judge_reward
+
+        return load_function(spec) is judge_reward
+    except RecipeError:
+        return spec == JUDGE_FUNCTION
+
+
+@dataclass
+class RewardSource:
+    """`raw(prompts, responses)` -> scores as the source gives them; `normalise` -> (raw - mean) / std.
+    Prompts are conversations (lists of messages), responses the assistant's text."""
+
+    name: str  # "reward stage <name>" or the function's spec, for logs
+    raw_fn: Callable[[list[list[dict]], list[str]], list[float]]
+    mean: float = 0.0
+    std: float = 1.0
+
+    def raw(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        return [float(s) for s in self.raw_fn(prompts, responses)]
+
+    def normalise(self, scores: list[float]) -> list[float]:
+        return [(s - self.mean) / self.std for s in scores]
+
+
+def from_reward_stage(stage_dir, spec=None, batch_size: int = 64) -> tuple[RewardSource, object]:
+    """(source, the loaded reward artifact) for a reward stage's model, normalised by its mean/std."""
+    from alignpipe.reward.artifact import load_reward_model, score
+
+    artifact = load_reward_model(stage_dir, spec)
+    std = float(artifact.std) if artifact.std and artifact.std > 0 else 1.0
+    source = RewardSource(name=f"reward stage {stage_dir}",
+                          raw_fn=lambda p, r: score(artifact, p, r, batch_size=batch_size),
+                          mean=float(artifact.mean), std=std)
+    return source, artifact
+
+
+def from_function(spec: str, where: str = "") -> RewardSource:
+    fn = load_function(spec, where)
+    return RewardSource(name=spec, raw_fn=lambda p, r: fn(
+        prompts=p, completions=[[{"role": "assistant", "content": text}] for text in r]))

@@ -1,0 +1,127 @@
+"""GRPO and RLOO (kinds `grpo`, `rloo`): TRL's GRPOTrainer / RLOOTrainer, wired to this recipe.
+
+Several responses per prompt; each is scored by a reward stage's model or a Python function
+(`module:function`, TRL's reward-function form), and its advantage is its reward relative to the
+others for the same prompt (GRPO: group mean/std; RLOO: leave-one-out mean), so no value model.
+A response that never ends its turn gets `-missing_eot_penalty` on top, as a second reward function.
+
+With `reward_function: alignpipe.data.world:judge_reward` the policy trains on the judge itself
+(verifiable rewards): the metrics then say `judge_used_for_training: true`, and its judge pass rate
+is a training score, not an independent measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignpipe.errors import RecipeError
+from alignpipe.recipe import StageConfig
+
+
+@dataclass
+class Config(StageConfig):
+    reward_model: str | None = None  # a reward stage of this recipe
+    reward_function: str | None = None  # or `module:function`, e.g. alignpipe.data.world:judge_reward
+    missing_eot_penalty: float = 1.0  # subtracted from the reward of a response cut off unfinished
+
+
+def trainer_config_class(kind: str = "grpo"):
+    from trl import GRPOConfig, RLOOConfig
+
+    return RLOOConfig if kind == "rloo" else GRPOConfig
+
+
+def check(recipe, name: str, where: str) -> None:
+    cfg = recipe.stages[name]
+    key = f"stages.{name}"
+    if (cfg.reward_model is None) == (cfg.reward_function is None):
+        raise RecipeError(f"a {cfg.kind} stage needs exactly one reward: `reward_model` or `reward_function`",
+                          where=where, key=key, fix="set reward_model: <a reward stage> or reward_function: "
+                                                    "alignpipe.data.world:judge_reward")
+    if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
+        raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
+                          fix="name a stage of kind reward")
+    if cfg.reward_function is not None:
+        from alignpipe.rl.rewards import load_function
+
+        load_function(cfg.reward_function, where, f"{key}.reward_function")
+    if not cfg.data:
+        raise RecipeError("no prompts", where=where, key=f"{key}.data", fix="e.g. data: {embedded: rl_prompts}")
+    if cfg.missing_eot_penalty and "reward_weights" in cfg.trainer:
+        raise RecipeError("trainer.reward_weights is set by the stage (reward, then the end-of-turn penalty)",
+                          where=where, key=f"{key}.trainer.reward_weights",
+                          fix="remove it, or set missing_eot_penalty: 0 to weigh rewards yourself")
+
+
+def missing_eot(end_ids: set[int]):
+    """A TRL reward function: -1 for a completion that did not end with end-of-turn, else 0."""
+
+    def missing_eot(prompts, completions, completion_ids, **kwargs) -> list[float]:
+        return [0.0 if ids and ids[-1] in end_ids else -1.0 for ids in completion_ids]
+
+    return missing_eot
+
+
+def run(ctx) -> dict:
+    from datasets import Dataset
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from alignpipe.evaluation import evaluate_aligned
+    from alignpipe.rl.policy import AdapterOff
+    from alignpipe.rl.rewards import is_judge, load_function
+    from alignpipe.stages.ppo import load_prompts, parent_comparison
+    from alignpipe.stages.sft import lora_config
+    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+
+    cfg = ctx.config
+    tokenizer = ctx.load_tokenizer()
+    model = ctx.load_model()
+    dataset = Dataset.from_list([{"prompt": p} for p in load_prompts(ctx)])
+
+    # --- rewards: the reward model (TRL scores it; its tokenizer given explicitly, or TRL would ask the hub)
+    if cfg.reward_model:
+        from alignpipe.reward.artifact import load_reward_model
+
+        artifact = load_reward_model(ctx.stage_dir(cfg.reward_model), ctx.recipe.model)
+        funcs, classes = [artifact.model], [artifact.tokenizer]
+    else:
+        funcs, classes = [load_function(cfg.reward_function, str(ctx.recipe.path))], [None]
+    defaults: dict = {}
+    if cfg.missing_eot_penalty:
+        funcs.append(missing_eot({tokenizer.eos_token_id, tokenizer.pad_token_id}))
+        classes.append(None)
+        defaults["reward_weights"] = [1.0, cfg.missing_eot_penalty]
+
+    # the prototype's settings (80 steps x 4 prompts x 8 samples, lr 3e-5 constant, beta 0.1)
+    args = ctx.trainer_args(trainer_config_class(cfg.kind), per_device_train_batch_size=32, num_generations=8,
+                            max_completion_length=40, learning_rate=3e-5, lr_scheduler_type="constant",
+                            warmup_steps=0, beta=0.1, max_steps=80, logging_steps=5, remove_unused_columns=False,
+                            **defaults)
+    trainer_class = RLOOTrainer if cfg.kind == "rloo" else GRPOTrainer
+    trainer = trainer_class(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                            processing_class=tokenizer, reward_processing_classes=classes,
+                            peft_config=lora_config(ctx, "CAUSAL_LM"))
+    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    write_log_history(trainer, ctx.dir / "train_log.jsonl")
+
+    metrics = {**train_log_metrics(trainer), "reward_source": cfg.reward_model or cfg.reward_function,
+               "judge_used_for_training": is_judge(cfg.reward_function)}
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    if rewards:
+        metrics["train_reward_first"], metrics["train_reward_last"] = rewards[0], rewards[-1]
+    trainer.save_model(str(ctx.model_dir))
+    tokenizer.save_pretrained(str(ctx.model_dir))
+    if cfg.reward_model:
+        del artifact, funcs, classes  # evaluate_aligned loads the reward model itself
+
+    # --- evaluate; the reference is the starting policy (LoRA: the same weights with the adapter off)
+    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
+        policy = trainer.model
+        reference = AdapterOff(policy) if hasattr(policy, "disable_adapter") else ctx.load_model()
+        policy.eval()
+        metrics.update(evaluate_aligned(ctx, policy, reference.to(next(policy.parameters()).device), tokenizer))
+        metrics.update(parent_comparison(ctx, metrics))
+    if metrics["judge_used_for_training"]:
+        print(f"[alignpipe] stage {ctx.name}: trained on the judge ({cfg.reward_function}); its judge pass rate "
+              "is a training score, not an independent measure", flush=True)
+    return metrics

@@ -1,0 +1,265 @@
+"""PPO end to end on a tiny model: it learns a reward a tiny model can learn, LoRA keeps one copy of
+the base weights, a killed run resumes bit-exactly, and it trains against a real reward stage.
+The maths is tested in test_ppo_math.py; here the wiring."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignpipe.errors import RecipeError
+from alignpipe.modeling import count_parameters, load_stage_model
+from alignpipe.recipe import ModelSpec, load_recipe
+from alignpipe.rl import rewards
+from alignpipe.rl.policy import build, distinct_weights, response_logits
+from alignpipe.rl.rollout import Rollout, response_mask_from
+from alignpipe.runner import run_recipe
+from alignpipe.stages import ppo
+from conftest import tiny_recipe, write_yaml
+
+TOY = '''
+import os
+CALLS = {"n": 0}
+
+def short(prompts, completions, **kwargs):
+    """1 for an empty response, falling linearly to 0 at 40 characters: learnable in a few updates."""
+    CALLS["n"] += 1
+    if CALLS["n"] == int(os.environ.get("TOY_CRASH_AT", "0")):
+        raise RuntimeError("injected crash")
+    return [1.0 - min(len(c[0]["content"]), 40) / 40 for c in completions]
+'''
+EVAL = {"num_prompts": 8, "samples_per_prompt": 2, "max_new_tokens": 12}
+TRAINER = {"total_updates": 12, "rollout_batch_size": 16, "minibatch_size": 8, "learning_rate": 1e-3,
+           "max_new_tokens": 16, "kl_coef": 0.02}
+
+
+def toy_stage(**over) -> dict:
+    stage = {"kind": "ppo", "from": "sft", "reward_function": "toy_rewards:short", "data": {"embedded": "rl_prompts"},
+             "eval": EVAL, "trainer": dict(TRAINER)}
+    trainer = over.pop("trainer", {})
+    stage.update(over)
+    stage["trainer"].update(trainer)
+    return stage
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with pretrain + sft built once, and the toy reward module importable."""
+    root = tmp_path_factory.mktemp("ppo")
+    (root / "toy_rewards.py").write_text(TOY)
+    sys.path.insert(0, str(root))
+    run_recipe(load_recipe(write_yaml(root / "base.yaml", tiny_recipe(root / "runs"))))
+    yield root
+    sys.path.remove(str(root))
+    sys.modules.pop("toy_rewards", None)
+
+
+def run_stages(work, stages: dict, only: list[str], name: str = "recipe") -> dict:
+    recipe = load_recipe(write_yaml(work / f"{name}.yaml", tiny_recipe(work / "runs", extra_stages=stages)))
+    return run_recipe(recipe, only)
+
+
+def log_rows(stage_dir) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_ppo_learns_a_short_response_reward(work):
+    m = run_stages(work, {"ppo": toy_stage()}, ["ppo"])["ppo"]
+    assert m["status"] == "complete"
+    rows = log_rows(work / "runs" / "tiny" / "ppo")
+    assert [r["update"] for r in rows] == list(range(1, 13))
+    for key in ("reward_raw", "reward_normalised", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
+                "clipfrac", "approx_kl", "response_length", "eot_share", "time_gen", "time_score", "time_train"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    first = sum(r["reward_raw"] for r in rows[:3]) / 3
+    last = sum(r["reward_raw"] for r in rows[-3:]) / 3
+    assert last > first + 0.2, (first, last)  # the policy learned to answer shorter
+    assert rows[-1]["kl"] > 0.1  # ... by moving away from the reference, which the KL term measured
+    metrics = m["metrics"]
+    assert metrics["judge_used_for_training"] is False
+    assert metrics["kl_to_reference"] > 0 and 0 <= metrics["judge_pass_rate"] <= 1
+    assert metrics["reference_extra_weights"] == metrics["policy_weights"] - metrics["value_head_weights"]
+    # the saved policy reloads as a plain causal LM; the value head is kept beside it
+    stage = work / "runs" / "tiny" / "ppo"
+    assert load_stage_model(stage, ModelSpec()) is not None
+    assert set(load_file(stage / "model" / "value_head.safetensors")) == {"weight", "bias"}
+    assert (stage / "logs").is_dir() and any((stage / "logs").iterdir())  # TensorBoard events
+
+
+def test_lora_ppo_holds_one_copy_of_the_base_weights(work):
+    sft = work / "runs" / "tiny" / "sft"
+    from peft import LoraConfig
+
+    base_model = load_stage_model(sft, ModelSpec())
+    untouched = load_stage_model(sft, ModelSpec())
+    n_base = count_parameters(base_model)
+    # init_lora_weights=False: a random adapter, so the policy differs from the reference from the start
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+    policy, reference = build(base_model, lora)
+    n_adapter = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
+    n_head = sum(p.numel() for p in policy.value_head.parameters())
+    assert n_adapter > 0
+    assert distinct_weights(policy, reference) == n_base + n_adapter + n_head
+    assert distinct_weights(reference) == distinct_weights(policy.lm)  # the reference's weights ARE the policy's
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 11, 12, 13, 14, 15]])
+    am = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    ref_logits = response_logits(reference, ids, am, prompt_len=3)
+    assert torch.allclose(ref_logits, response_logits(untouched, ids, am, prompt_len=3), atol=1e-5)
+    assert not torch.allclose(ref_logits, response_logits(policy.lm, ids, am, prompt_len=3), atol=1e-3)
+
+    # full fine-tuning: the reference is a frozen copy, which the policy's optimiser cannot move
+    full_policy, frozen = build(load_stage_model(sft, ModelSpec()))
+    assert distinct_weights(full_policy, frozen) == 2 * n_base + n_head
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients(work):
+    from peft import LoraConfig
+
+    grads = []
+    for checkpointing in (False, True):
+        lm = load_stage_model(work / "runs" / "tiny" / "sft", ModelSpec())
+        if checkpointing:
+            lm.activation_checkpointing_enable()
+        assert lm.is_activation_checkpointing == checkpointing
+        torch.manual_seed(0)  # the same random adapter and value head both times
+        policy, _ = build(lm, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM",
+                                         init_lora_weights=False))
+        policy.value_head.weight.data.normal_()  # a value head that is not zero, so its gradient flows into the trunk
+        policy.train()
+        ids = torch.tensor([[0, 5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16]])
+        logits, values = policy(ids, (ids > 0).long(), prompt_len=3)
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 2
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_lora_ppo_stage_saves_an_adapter(work):
+    stage = toy_stage(lora={"r": 4, "alpha": 8}, trainer={"total_updates": 3})
+    m = run_stages(work, {"ppo_lora": stage}, ["ppo_lora"])["ppo_lora"]
+    metrics = m["metrics"]
+    assert metrics["reference_extra_weights"] == 0  # the reference adds no weights: the adapter is switched off
+    out = work / "runs" / "tiny" / "ppo_lora"
+    assert (out / "model" / "adapter_config.json").is_file() and not (out / "model" / "model.safetensors").exists()
+    merged = load_stage_model(out, ModelSpec())  # base (the sft stage) + adapter, merged
+    assert count_parameters(merged) == count_parameters(load_stage_model(work / "runs" / "tiny" / "sft", ModelSpec()))
+
+
+def test_killed_run_resumes_bit_exactly(work, monkeypatch):
+    toy = sys.modules.get("toy_rewards") or __import__("toy_rewards")
+    stages = {"ppo_a": toy_stage(trainer={"total_updates": 5}, checkpoint_every=2),
+              "ppo_b": toy_stage(trainer={"total_updates": 5}, checkpoint_every=2)}
+    run_stages(work, stages, ["ppo_a"])
+    # ppo_b dies while scoring update 4, after its checkpoint at update 2 ...
+    toy.CALLS["n"] = 0
+    monkeypatch.setenv("TOY_CRASH_AT", "4")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_stages(work, stages, ["ppo_b"])
+    runs = work / "runs" / "tiny"
+    assert json.loads((runs / "ppo_b" / "manifest.json").read_text())["status"] == "failed"
+    assert [r["update"] for r in log_rows(runs / "ppo_b")] == [1, 2, 3]
+    assert (runs / "ppo_b" / "checkpoints" / "update-2" / "state.json").is_file()
+    # ... and the next run resumes from update 2 and ends exactly where the uninterrupted run did
+    monkeypatch.delenv("TOY_CRASH_AT")
+    m = run_stages(work, stages, ["ppo_b"])["ppo_b"]
+    assert m["status"] == "complete"
+    a, b = (load_file(runs / s / "model" / "model.safetensors") for s in ("ppo_a", "ppo_b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timing = {"time_gen", "time_score", "time_forward", "time_train", "samples_per_s"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in log_rows(runs / "ppo_a")]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in log_rows(runs / "ppo_b")]
+
+
+def test_ppo_against_a_reward_stage(work):
+    stages = {
+        "reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": EVAL,
+                   "trainer": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-3}},
+        "ppo_rm": toy_stage(reward_function=None, reward_model="reward", trainer={"total_updates": 3}),
+    }
+    manifests = run_stages(work, stages, ["ppo_rm"], name="with_rm")
+    metrics = manifests["ppo_rm"]["metrics"]
+    assert metrics["reward_source"] == "reward" and metrics["reward_stage"] == "reward"
+    for key in ("mean_reward", "parent_mean_reward", "parent_judge_pass_rate", "kl_to_reference"):
+        assert isinstance(metrics[key], float), key
+    assert isinstance(metrics["reward_hacking_suspected"], bool)
+    # scores are normalised with the reward stage's held-out statistics
+    stats = json.loads((work / "runs" / "tiny" / "reward" / "model" / "reward.json").read_text())
+    for r in log_rows(work / "runs" / "tiny" / "ppo_rm"):
+        assert r["reward_normalised"] == pytest.approx((r["reward_raw"] - stats["mean"]) / stats["std"], abs=1e-4)
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+
+def test_response_mask_stops_after_the_first_end_of_turn():
+    ids = torch.tensor([[4, 9, 3, 9, 2], [4, 4, 4, 4, 4], [9, 0, 0, 0, 0]])
+    mask, ended = response_mask_from(ids, eot_id=9)
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_rollout_rows_drop_columns_that_are_padding_in_every_row():
+    # prompts left-padded to width 3, responses right-padded to width 3 (pad 0, end-of-turn 9)
+    ids = torch.tensor([[0, 0, 5, 7, 9, 0], [0, 6, 5, 7, 7, 9], [1, 2, 3, 9, 0, 0]])
+    am = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    mask, ended = response_mask_from(ids[:, 3:], eot_id=9)
+    ro = Rollout([[]] * 3, [""] * 3, ids, am, 3, ids[:, 3:], mask, ended)
+    sub_ids, sub_am, prompt_len, tokens, width = ro.rows(torch.tensor([0, 1]))
+    assert sub_ids.tolist() == [[0, 5, 7, 9, 0], [6, 5, 7, 7, 9]] and prompt_len == 2 and width == 3
+    assert sub_am.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]] and tokens.tolist() == [[7, 9, 0], [7, 7, 9]]
+    sub_ids, _, prompt_len, _, width = ro.rows(torch.tensor([2, 0]))
+    assert sub_ids.tolist() == [[1, 2, 3, 9, 0], [0, 0, 5, 7, 9]] and prompt_len == 3 and width == 2
+
+
+def test_prompt_batches_cover_every_prompt_once_per_epoch():
+    prompts = list(range(10))
+    seen = [p for u in range(5) for p in ppo.prompt_batch(prompts, u, 2, rank=0, world=1, seed=3)]
+    assert sorted(seen) == prompts  # 5 updates x 2 = one epoch: a permutation
+    assert ppo.prompt_batch(prompts, 7, 4, 0, 1, 3) == ppo.prompt_batch(prompts, 7, 4, 0, 1, 3)
+    ranks = [ppo.prompt_batch(prompts, 0, 5, rank=r, world=2, seed=3) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == prompts  # two processes split the stream, no overlap
+
+
+def test_reward_hacking_needs_rm_up_and_judge_down():
+    assert ppo.reward_hacking(mean_reward=1.0, judge=0.2, parent_mean_reward=0.5, parent_judge=0.3)
+    assert not ppo.reward_hacking(mean_reward=1.0, judge=0.4, parent_mean_reward=0.5, parent_judge=0.3)
+    assert not ppo.reward_hacking(mean_reward=0.4, judge=0.2, parent_mean_reward=0.5, parent_judge=0.3)
+
+
+def test_reward_functions_and_the_judge_flag():
+    assert rewards.is_judge("alignpipe.data.world:judge_reward")
+    assert not rewards.is_judge("toy_rewards:short") and not rewards.is_judge(None)
+    with pytest.raises(RecipeError, match="module:function"):
+        rewards.load_function("judge_reward")
+    with pytest.raises(RecipeError, match="cannot import"):
+        rewards.load_function("alignpipe.data.world:no_such_function")
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"reward_function": None}, "exactly one reward"),
+    ({"reward_model": "sft"}, "exactly one reward"),
+    ({"reward_function": None, "reward_model": "sft"}, "not a reward stage"),
+    ({"trainer": {"learning_rte": 1e-4}}, "learning_rte"),
+    ({"trainer": {"ppo_epochs": "two"}}, "expected int"),
+    ({"trainer": {"minibatch_size": 64}}, "larger than rollout_batch_size"),
+    ({"trainer": {"kl_estimator": "k4"}}, "kl_estimator"),
+    ({"data": {}}, "no prompts"),
+])
+def test_recipe_errors_name_the_key(tmp_path, stage, message):
+    from alignpipe.validate import validate
+
+    stage = {"reward_function": "alignpipe.data.world:judge_reward", **stage}
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages={
+        "ppo": toy_stage(**stage)})))
+    with pytest.raises(RecipeError, match=message):
+        validate(recipe)
