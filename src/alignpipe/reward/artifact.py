@@ -98,7 +98,9 @@ def load_reward_dir(model_dir: Path, spec: ModelSpec | None = None) -> RewardArt
                        fix="give a reward stage folder built by `alignpipe run` (runs/<recipe>/<stage>)")
     stats = json.loads(stats_path.read_text())
     spec = spec or ModelSpec()
-    model = modeling.load_pretrained(model_dir, spec, OneOutput).to(modeling.device()).eval()
+    model = modeling.load_pretrained(model_dir, spec, OneOutput).eval()
+    if not (spec.load_in_4bit or spec.load_in_8bit):  # bitsandbytes places quantised weights itself
+        model.to(modeling.device())
     if model.config.num_labels != 1 or model.config.pad_token_id is None:
         raise RunError(f"expected a one-output classifier with a pad token, found num_labels="
                        f"{model.config.num_labels}, pad_token_id={model.config.pad_token_id}", where=str(model_dir),
