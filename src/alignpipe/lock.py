@@ -31,13 +31,13 @@ class RunLock:
     def acquire(self) -> None:
         if int(os.environ.get("RANK", "0")) != 0:
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RunError(f"cannot create the run folder ({err.strerror})", where=str(self.path.parent),
-                           key="runs_dir", fix="set runs_dir to a writable folder") from None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
+            except OSError as err:
+                raise RunError(f"cannot write the run folder's lock file ({err.strerror})", where=str(self.path),
+                               key="runs_dir", fix="set runs_dir to a writable folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -46,8 +46,8 @@ class RunLock:
                 raise RunError(f"another alignpipe run is writing this run folder ({holder or 'pid unknown'})",
                                where=str(self.path.parent), fix="wait for it to finish or stop it; two runs of "
                                "the same recipe would overwrite each other's checkpoints") from None
-            # The holder we waited on may have unlinked the file between our open and our flock:
-            # then we locked an orphan inode and must start again on the new file.
+            # The previous holder may have released and unlinked the file between our open and our
+            # flock: then we locked an orphan inode and must start again on the path's new file.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
