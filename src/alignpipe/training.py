@@ -69,3 +69,12 @@ def write_log_history(trainer, path: Path) -> None:
     with open(path, "w") as fh:
         for row in trainer.state.log_history:
             fh.write(json.dumps(row) + "\n")
+
+
+def save_stage_model(trainer, tokenizer, model_dir) -> None:
+    """The stage's checkpoint: weights (or adapter) via the trainer, which writes on the main process
+    only, and the tokenizer with its chat template, also from the main process only (two ranks
+    rewriting chat_template.jinja at once was seen corrupting a child's template check)."""
+    trainer.save_model(str(model_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(model_dir))

@@ -63,7 +63,7 @@ def run(ctx) -> dict:
 
     from alignpipe import modeling
     from alignpipe.templates import EMBEDDED_SPECIAL_TOKENS
-    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+    from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
 
     recipe = ctx.recipe
     train_texts, eval_texts = load_texts(ctx, "train"), load_texts(ctx, "eval")
@@ -117,6 +117,5 @@ def run(ctx) -> dict:
         judged, _ = evaluate_policy(model, tokenizer, ctx.world, ctx.config.eval, ctx.seed, ctx.dir)
         metrics.update(judged)
 
-    trainer.save_model(str(ctx.model_dir))
-    tokenizer.save_pretrained(str(ctx.model_dir))
+    save_stage_model(trainer, tokenizer, ctx.model_dir)
     return metrics

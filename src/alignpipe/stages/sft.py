@@ -56,7 +56,7 @@ def run(ctx) -> dict:
     from trl import SFTTrainer
 
     from alignpipe.evaluation import evaluate_policy
-    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+    from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -72,8 +72,7 @@ def run(ctx) -> dict:
 
     metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"]}
     # save first (LoRA: the adapter), then evaluate the model that was saved
-    trainer.save_model(str(ctx.model_dir))
-    tokenizer.save_pretrained(str(ctx.model_dir))
+    save_stage_model(trainer, tokenizer, ctx.model_dir)
     model = trainer.model
     if ctx.config.eval.enabled and "embedded" in ctx.config.data:
         judged, _ = evaluate_policy(model, tokenizer, ctx.world, ctx.config.eval, ctx.seed, ctx.dir)
