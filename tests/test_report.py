@@ -216,7 +216,8 @@ def test_win_rates_by_judge_and_reward_model(tmp_path):
     calibration = [{"bucket": [0.5, 0.55], "count": 10, "confidence": 0.52, "accuracy": 0.5},
                    {"bucket": [0.9, 0.95], "count": 30, "confidence": 0.93, "accuracy": 0.9}]
     rm = _stage(run, "rm", "reward", {"pairwise_accuracy": 0.9, "eval_pairs": 40, "onpolicy_accuracy": 0.7,
-                                      "onpolicy_pairs": 20, "ece": 0.02}, sft, parent="sft", lineage=["pretrain", "sft"])
+                                      "onpolicy_pairs": 20, "ece": 0.02}, sft, parent="sft",
+                lineage=["pretrain", "sft"])
     (rm / "reward_eval.json").write_text(json.dumps({"calibration": calibration}))
 
     # by hand: judge W/T/L = 2/6/0 -> 0.625; reward model W/L = 6/2 -> 0.75; of the 2 pairs the judge

@@ -27,15 +27,16 @@ FIG_PREFIX = "fig-"
 POLICY_BASELINE_KIND = "sft"
 SAMPLE_PROMPTS = 8
 # log-history keys that are bookkeeping, not training signal
-_SKIP_KEYS = {"epoch", "step", "update", "learning_rate", "lr", "num_tokens", "total_flos", "train_runtime",
-              "train_samples_per_second", "train_steps_per_second", "train_loss", "eval_runtime",
+_SKIP_KEYS = {"epoch", "step", "update", "step_time", "learning_rate", "lr", "num_tokens", "total_flos",
+              "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "eval_runtime",
               "eval_samples_per_second", "eval_steps_per_second", "time", "elapsed_s", "seconds"}
 _SKIP_PREFIXES = ("time_", "samples")  # timings and throughput (per-update PPO rows)
 # what a reader looks for first: exact keys the stages log (trainer loss, reward-model accuracy, DPO margins,
 # PPO reward / KL / entropy / clip fraction / response length), then anything else by these substrings
 _PREFERRED = ("loss", "eval_loss", "policy_loss", "value_loss", "accuracy", "mean_token_accuracy", "rewards/accuracies",
               "margin", "rewards/margins", "rewards/chosen", "rewards/rejected", "reward_normalised", "reward",
-              "score", "kl", "entropy", "clipfrac", "response_length", "eot_share")
+              "score", "kl", "entropy", "clipfrac", "clip_ratio/region_mean", "response_length",
+              "completions/mean_length", "eot_share", "completions/clipped_ratio")
 _PRIORITY = ("loss", "accurac", "margin", "reward", "score", "kl", "entropy", "clip", "length", "token")
 MAX_PANELS = 9
 
@@ -563,7 +564,8 @@ class Report:
             lines += _table(["stage", "vs", "judge win rate", "judge W/T/L", "RM win rate", "RM", "RM agrees with "
                              "judge (decisive pairs)", "verdict"], table)
         if disagreements:
-            lines += ["", "Where they disagree (pairs the judge decides but the reward model orders the other way):", ""]
+            lines += ["", "Where they disagree (pairs the judge decides, ordered the other way by the reward model):",
+                      ""]
             lines += _table(["stage", "prompt", "aligned response (judge, reward)", "SFT response (judge, reward)"],
                             [[n, _md_cell(a["prompt"], 40),
                               f"{_md_cell(a['response'], 60)} ({'pass' if a['judge'] else 'fail'}, {a['reward']:.2f})",
