@@ -9,6 +9,7 @@ adds: logging, metrics, schedulers' bookkeeping, callbacks, checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -33,34 +34,44 @@ def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from worker import sync
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    # as the trainer does: fp32 weights, bf16 autocast on a GPU that has it
+    bf16 = gpu and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     t_call = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
     model.train()
     pad_id = model.config.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     params = sum(p.numel() for p in model.parameters())
     tokens = real = 0
     first_loss = None
+    sync()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for rows in batches:
         input_ids, mask, labels = collate(rows, pad_id)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        tokens += input_ids.numel()
+        real += int(mask.sum())
+        input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+        with autocast:
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if first_loss is None:
             first_loss = loss.item()
-        tokens += input_ids.numel()
-        real += int(mask.sum())
+    sync()
     loop, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     steps = len(batches)
     return {"steps": steps, "loop_s": loop, "cpu_share": cpu / loop, "setup_s": t0 - t_call,
             "steps_per_s": steps / loop, "samples_per_s": sum(len(b) for b in batches) / loop, "tokens": tokens,
-            "tokens_per_s": tokens / loop,
-            "real_tokens_per_s": real / loop, "real_share": real / tokens, "params": params,
-            "model_flops_per_s": 6 * params * tokens / loop, "gflop_per_step": 6e-9 * params * tokens / steps,
-            "first_loss": first_loss,
+            "tokens_per_s": tokens / loop, "real_tokens_per_s": real / loop, "real_share": real / tokens,
+            "params": params, "model_flops_per_s": 6 * params * tokens / loop,
+            "gflop_per_step": 6e-9 * params * tokens / steps, "first_loss": first_loss,
             "t0_wall": time.time() - (time.perf_counter() - t0)}
 
 

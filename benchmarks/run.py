@@ -172,6 +172,7 @@ def derive(results: dict[str, dict]) -> dict:
                                                      m("sft_1t", "real_tokens_per_s")),
         "dpo_precomputed_vs_live_ref_pairs_per_s": ratio(m("dpo_full", "samples_per_s"),
                                                          m("dpo_full_live_ref", "samples_per_s")),
+        "dpo_setup_s": {"precomputed": m("dpo_full", "setup_s"), "live_ref": m("dpo_full_live_ref", "setup_s")},
         "ppo_kv_cache_vs_none_generated_tokens_per_s": ratio(m("ppo", "generated_tokens_per_s"),
                                                              m("ppo_no_cache", "generated_tokens_per_s")),
         "ppo_kv_cache_vs_none_update_time": ratio(m("ppo_no_cache", "update_s"), m("ppo", "update_s")),
@@ -254,6 +255,8 @@ def table(results: dict[str, dict], derived: dict) -> str:
         ("real-token share, packing on / off", "{} / {}".format(fmt(d["packing_real_share"]["on"]),
                                                                 fmt(d["packing_real_share"]["off"]))),
         ("DPO precomputed ref / live ref, pairs/s", d["dpo_precomputed_vs_live_ref_pairs_per_s"]),
+        ("DPO set-up s before the first step, precomputed / live ref", "{} / {}".format(
+            fmt(d["dpo_setup_s"]["precomputed"]), fmt(d["dpo_setup_s"]["live_ref"]))),
         ("PPO generated tokens/s, KV cache / none", d["ppo_kv_cache_vs_none_generated_tokens_per_s"]),
         ("PPO update time, no cache / KV cache", d["ppo_kv_cache_vs_none_update_time"]),
         ("matmul limit FLOP/s, 1 / 2 threads", "{} / {}".format(fmt(d["matmul_flops_per_s"].get("1t")),

@@ -27,6 +27,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that a timestamp means the step is done (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class Probe:
     """Step and generation timings of whatever trainer runs in this process."""
 
@@ -54,6 +62,7 @@ class Probe:
     def on_step_begin(self, inputs) -> None:
         import torch
 
+        sync()
         self.begins.append(time.perf_counter())
         if self.first_begin_wall is None:
             self.first_begin_wall = time.time()
@@ -78,6 +87,7 @@ class Probe:
             self.first_loss = float(loss)
 
     def on_step_end(self) -> None:
+        sync()
         self.ends.append(time.perf_counter())
         self.cpu.append(time.process_time())
 
@@ -206,20 +216,27 @@ def run_stage(spec: dict) -> dict:
 
 
 def matmul(spec: dict) -> dict:
-    """The machine's fp32 matmul rate: the median of 5 timings per size, the best size wins."""
+    """The machine's matmul rate (fp32 on CPU, bf16 on a GPU): the median of 5 timings per size, the
+    best size wins."""
     import torch
 
+    gpu = torch.cuda.is_available()
+    kw = {"device": "cuda", "dtype": torch.bfloat16} if gpu else {}
+    sizes = (4096, 8192) if gpu else spec["matmul_sizes"]
+    work = 1e12 if gpu else 1e9  # FLOP per timing
     per_size, shares = {}, []
-    for n in spec["matmul_sizes"]:
-        a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-        reps = max(1, int(1e9 // (2 * n**3)))  # about 1 GFLOP per timing
+    for n in sizes:
+        a, b, c = torch.randn(n, n, **kw), torch.randn(n, n, **kw), torch.empty(n, n, **kw)
+        reps = max(1, int(work // (2 * n**3)))
         for _ in range(2):
             torch.mm(a, b, out=c)
         times, cpu = [], time.process_time()
         for _ in range(5):
+            sync()
             t = time.perf_counter()
             for _ in range(reps):
                 torch.mm(a, b, out=c)
+            sync()
             times.append((time.perf_counter() - t) / reps)
         per_size[str(n)] = 2 * n**3 / statistics.median(times)
         shares.append((time.process_time() - cpu) / (sum(times) * reps))
@@ -241,6 +258,8 @@ def main() -> None:
     else:
         result = run_stage(spec)
     result["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["torch_threads"] = torch.get_num_threads()
     Path(spec["out"]).write_text(json.dumps(result, indent=1))
 

@@ -44,10 +44,10 @@ class StageContext:
     @functools.cached_property
     def world(self):
         """The embedded task world of this recipe (its seed is the recipe's unless `world.seed` is set)."""
-        from alignpipe.data.world import World, WorldConfig
+        from alignpipe.data.world import WorldConfig
 
         overrides = {"seed": self.recipe.seed, **self.recipe.world}
-        return World(WorldConfig(**overrides))
+        return _shared_world(WorldConfig(**overrides))
 
     def stage_dir(self, stage: str) -> Path:
         return self.recipe.stage_dir(stage)
@@ -123,3 +123,12 @@ class StageContext:
         args.update(defaults)
         args.update(self.config.trainer)
         return config_class(**args)
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_world(config):
+    """One World per config in a process: every stage context (upstream ones too, for fingerprints) asks for
+    it, and building it plus hashing its rows took ~0.5-1 s each time (make bench, benchmarks/README.md)."""
+    from alignpipe.data.world import World
+
+    return World(config)
