@@ -198,6 +198,38 @@ def test_ppo_against_a_reward_stage(work):
         assert r["reward_normalised"] == pytest.approx((r["reward_raw"] - stats["mean"]) / stats["std"], abs=1e-4)
 
 
+def test_two_process_ddp_ppo_keeps_the_ranks_identical(work, tmp_path):
+    """`make ppo ACCELERATE=recipes/accelerate/ddp.yaml NPROC=2`: two gloo processes, each sampling its own
+    prompts; gradients are averaged by accelerate's DDP, so both ranks end with the same policy."""
+    import os
+    import shlex
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    runs = tmp_path / "runs" / "tiny"
+    for parent in ("pretrain", "sft"):
+        shutil.copytree(work / "runs" / "tiny" / parent, runs / parent)
+    recipe = write_yaml(tmp_path / "ddp.yaml", tiny_recipe(tmp_path / "runs", extra_stages={
+        "ppo": toy_stage(lora={"r": 4, "alpha": 8}, trainer={"total_updates": 3, "rollout_batch_size": 8,
+                                                             "minibatch_size": 4})}))
+    dry = subprocess.run(["make", "-n", "ppo", f"RECIPE={recipe}", "ACCELERATE=recipes/accelerate/ddp.yaml",
+                          "NPROC=2"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    command = shlex.split(next(line for line in dry.splitlines() if "accelerate launch" in line))
+    sums = tmp_path / "checksums"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNPIPE_DEBUG_PARAM_CHECKSUM": str(sums),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((sums / f"ppo-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["wrapped_as"] == "DistributedDataParallel" for r in ranks), (ranks, proc.stderr[-3000:])
+    assert ranks[0]["checksum"] == ranks[1]["checksum"], "the ranks hold different policies"
+    rows = log_rows(runs / "ppo")
+    assert len(rows) == 3 and all(r["samples"] == 16 for r in rows)  # 8 responses per process per update
+    assert json.loads((runs / "ppo" / "manifest.json").read_text())["status"] == "complete"
+
+
 # --- pieces -------------------------------------------------------------------------------------
 
 

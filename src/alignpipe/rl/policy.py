@@ -24,9 +24,8 @@ class PolicyWithValue(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
-        hidden = lm.get_output_embeddings().in_features
-        dtype = lm.get_output_embeddings().weight.dtype
-        self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+        # float32 whatever the LM's dtype: a bf16 head would round away small value updates
+        self.value_head = nn.Linear(lm.get_output_embeddings().in_features, 1, dtype=torch.float32)
         # Start at V = 0 everywhere: random values would add noise to the first advantages.
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -38,7 +37,7 @@ class PolicyWithValue(nn.Module):
         holds the distribution that produced response token t and the value of the state before it."""
         hidden = run_trunk(self.lm, input_ids, attention_mask)[:, prompt_len - 1: -1]
         logits = self.lm.get_output_embeddings()(hidden).float() / temperature
-        values = self.value_head(hidden).squeeze(-1).float()
+        values = self.value_head(hidden.float()).squeeze(-1)
         return logits, values
 
 

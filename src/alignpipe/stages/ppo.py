@@ -148,6 +148,7 @@ def run(ctx) -> dict:
 
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from torch.utils.tensorboard import SummaryWriter
 
     from alignpipe.rl import ppo_math as pm
@@ -158,7 +159,11 @@ def run(ctx) -> dict:
 
     cfg, s = ctx.config, settings(ctx.recipe, ctx.name)
     seed = ctx.seed if s.seed is None else s.seed
-    accelerator = Accelerator()
+    # Without a GPU, processes only form a (gloo) group with cpu=True; a PartialState made earlier without
+    # it (the runner's barrier) would leave each process training alone, so start accelerate's state afresh,
+    # as transformers' TrainingArguments does for the TRL stages.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     torch.manual_seed(seed)
 
@@ -289,6 +294,8 @@ def run(ctx) -> dict:
     if writer is not None:
         writer.close()
 
+    dump_parameter_checksum(ctx, policy, unwrapped, s.total_updates)
+
     # --- save the policy (LoRA: the adapter only; its base is the parent, recorded in the manifest)
     metrics: dict = {"updates": s.total_updates, "reward_source": cfg.reward_model or cfg.reward_function,
                      "judge_used_for_training": rewards.is_judge(cfg.reward_function), **memory,
@@ -316,6 +323,28 @@ def run(ctx) -> dict:
         metrics = broadcast_object_list([metrics], from_process=0)[0]
     accelerator.wait_for_everyone()
     return metrics
+
+
+def dump_parameter_checksum(ctx, wrapped, model, updates: int) -> None:
+    """With ALIGNPIPE_DEBUG_PARAM_CHECKSUM set: record this process's view of the trained policy, in
+    the format of `alignpipe.distributed.dump_parameter_checksum` (tests compare ranks with it)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from alignpipe.distributed import CHECKSUM_ENV, parameter_checksum
+
+    folder = os.environ.get(CHECKSUM_ENV)
+    if not folder:
+        return
+    record = {"stage": ctx.name, "rank": dist.get_rank() if dist.is_initialized() else 0,
+              "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+              "backend": dist.get_backend() if dist.is_initialized() else None,
+              "wrapped_as": type(wrapped).__name__, "checksum": parameter_checksum(model), "global_step": updates}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{ctx.name}-rank{record['rank']}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def forward_rollout(policy, reference, ro, s: PPOSettings):
