@@ -35,9 +35,12 @@ def is_main_process() -> bool:
 def barrier() -> None:
     """Wait until every process gets here (a no-op in a single process)."""
     if world_size() > 1:
+        import torch
         from accelerate import PartialState
 
-        PartialState().wait_for_everyone()  # initialises the process group on first use (gloo on CPU)
+        # without cpu=True on a GPU-less machine each process believes it is alone and nothing waits;
+        # the first call initialises the process group (gloo on CPU)
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 def destroy() -> None:
