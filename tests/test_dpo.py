@@ -21,20 +21,23 @@ from conftest import REPO, TINY_EVAL, tiny_recipe, write_yaml
 TRAINER = {"max_steps": 25, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
            "logging_steps": 1, "beta": 0.1}
 STAGES = {
+    # a reward stage, only to check that DPO reports its score beside the judge's
+    "reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+               "trainer": {"max_steps": 5, "per_device_train_batch_size": 8, "logging_steps": 1}},
     "dpo": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
             "trainer": {**TRAINER, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}},
-    "dpo_lora": {"kind": "dpo", "from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
-                 "lora": {"r": 4, "alpha": 8}, "trainer": {**TRAINER, "learning_rate": 1e-2}},
-    # a second loss variant beside them: IPO with a length-normalised sigmoid term
+    "dpo_lora": {"kind": "dpo", "from": "sft", "reward_model": "reward", "data": {"embedded": "pairs"},
+                 "eval": TINY_EVAL, "lora": {"r": 4, "alpha": 8}, "trainer": {**TRAINER, "learning_rate": 1e-2}},
+    # a second loss variant beside them: IPO alone (the stage's default loss weights must not leak into it)
     "dpo_ipo": {"kind": "dpo", "from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
-                "trainer": {**TRAINER, "max_steps": 5, "loss_type": ["ipo", "sigmoid_norm"],
-                            "loss_weights": [1.0, 0.5]}},
+                "trainer": {**TRAINER, "max_steps": 5, "loss_type": "ipo"}},
 }
+DPO_STAGES = [name for name in STAGES if name != "reward"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny recipe with pretrain -> sft -> three dpo stages, run once for the whole module."""
+    """A tiny recipe with pretrain -> sft -> reward and three dpo stages, run once for the whole module."""
     root = tmp_path_factory.mktemp("dpo")
     path = write_yaml(root / "tiny.yaml", tiny_recipe(root / "runs", extra_stages=STAGES))
     assert main(["run", str(path)]) == 0
@@ -48,11 +51,11 @@ def _manifest(stage_dir):
 def test_full_and_lora_dpo_train_and_report(trained):
     _, runs = trained
     sft_weights = load_file(runs / "sft" / "model" / "model.safetensors")
-    for stage in STAGES:
+    for stage in DPO_STAGES:
         m = _manifest(runs / stage)
         assert m["status"] == "complete" and m["parent"]["stage"] == "sft"
         metrics = m["metrics"]
-        for key in ("judge_pass_rate", "kl_to_reference", "implicit_accuracy", "implicit_margin",
+        for key in ("judge_pass_rate", "kl_to_reference", "mean_reward", "implicit_accuracy", "implicit_margin",
                     "implicit_reward_chosen", "implicit_reward_rejected", "train_implicit_accuracy"):
             assert key in metrics, (stage, key)
         assert 0.0 <= metrics["judge_pass_rate"] <= 1.0
@@ -66,7 +69,11 @@ def test_full_and_lora_dpo_train_and_report(trained):
     assert (runs / "dpo_lora" / "model" / "adapter_config.json").is_file()
     assert not (runs / "dpo_lora" / "model" / "model.safetensors").exists()
     assert _manifest(runs / "dpo_lora")["base_model"] == {"stage_dir": str(runs / "sft")}
-    assert _manifest(runs / "dpo_ipo")["metrics"]["loss_type"] == ["ipo", "sigmoid_norm"]
+    assert _manifest(runs / "dpo_ipo")["metrics"]["loss_type"] == ["ipo"]
+    # the named reward stage is an upstream of the stage and scored its samples
+    assert _manifest(runs / "dpo_lora")["metrics"]["reward_stage"] == "reward"
+    assert "upstream:reward" in _manifest(runs / "dpo_lora")["inputs"]
+    assert _manifest(runs / "dpo_lora")["metrics"]["loss_type"] == list(dpo.DEFAULT_LOSS_TYPE)
 
 
 def test_implicit_accuracy_on_training_pairs_rises(trained):

@@ -26,6 +26,8 @@ OTHER_TRAINERS = {
     "cpo": "CPO is trl.experimental.cpo.CPOTrainer",
     "kto": "KTO is trl.KTOTrainer, on unpaired data",
 }
+# The stage's loss when the recipe names none: DPO plus TRL's SFT term on the chosen responses (docs/dpo.md).
+DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHTS = ("sigmoid", "sft"), (1.0, 2.0)
 TRAIN_SLICE = 300  # training pairs whose implicit rewards are reported beside the held-out pairs'
 
 
@@ -52,7 +54,7 @@ def check(recipe, name: str, where: str) -> None:
     if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
         raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
                           fix="name a stage of kind reward, or remove the key")
-    loss_type = cfg.trainer.get("loss_type", ["sigmoid"])
+    loss_type = cfg.trainer.get("loss_type", DEFAULT_LOSS_TYPE)
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     for lt in loss_types:
         if lt in OTHER_TRAINERS:
@@ -141,10 +143,12 @@ def build_trainer(ctx):
     # folder is a private temp folder per process (rank 1 then cannot find rank 0's file).
     from alignpipe.distributed import world_size
 
-    args = ctx.trainer_args(trainer_config_class(), max_length=128, per_device_train_batch_size=32,
-                            per_device_eval_batch_size=64, learning_rate=2e-4, lr_scheduler_type="cosine",
-                            warmup_steps=5, max_steps=100, beta=0.1, loss_type=["sigmoid", "sft"],
-                            loss_weights=[1.0, 1.0], precompute_ref_log_probs=world_size() == 1)
+    defaults = dict(max_length=128, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
+                    lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1,
+                    precompute_ref_log_probs=world_size() == 1)
+    if "loss_type" not in ctx.config.trainer:  # our weights belong to our loss list only
+        defaults.update(loss_type=list(DEFAULT_LOSS_TYPE), loss_weights=list(DEFAULT_LOSS_WEIGHTS))
+    args = ctx.trainer_args(trainer_config_class(), **defaults)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     return trainer, reference
