@@ -71,7 +71,7 @@ def check(recipe, name: str, where: str) -> None:
 
 def pairs(ctx, split: str) -> list[dict]:
     """`{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the embedded world's
-    preference pairs (held-out tasks for "eval"), or a user dataset with a slice held out."""
+    preference pairs (held-out prompts for "eval"), or a user dataset with a slice held out."""
     if ctx.config.data.get("embedded") == "pairs":
         return ctx.world.preference_rows(split)
     from alignpipe.data.loading import load_family
@@ -156,7 +156,7 @@ def build_trainer(ctx):
 
 def run(ctx) -> dict:
     from alignpipe.evaluation import evaluate_aligned
-    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+    from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
 
     trainer, reference = build_trainer(ctx)
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
@@ -167,8 +167,7 @@ def run(ctx) -> dict:
 
     # save first (LoRA: the adapter only; the manifest records the base), then evaluate what was saved
     tokenizer = trainer.processing_class
-    trainer.save_model(str(ctx.model_dir))
-    tokenizer.save_pretrained(str(ctx.model_dir))
+    save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
     if reference is None:
         reference = adapter_disabled(policy)
