@@ -294,7 +294,7 @@ def test_wrong_habit_is_systematic(world):
     rng = random.Random(0)
     t = {t.key: t for t in world.train_tasks + world.eval_tasks}
     assert world.bad_response(t[("add", (3, 4))], "wrong", rng) == "The answer is 8."
-    assert world.bad_response(t[("compare", (34, 57))], "wrong", rng) == "The answer is 34."
+    assert world.bad_response(t[("compare", (14, 37))], "wrong", rng) == "The answer is 14."
     assert world.bad_response(t[("reverse", ("cat",))], "wrong", rng) == "The answer is cat."
     assert world.bad_response(t[("sort", ("cat",))], "wrong", rng) == "The answer is tca."
 
