@@ -276,11 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated contestant names")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--workdir", default=None, help="keep recipes, runs and logs here (default: a temp folder)")
+    p.add_argument("--budget", type=int, default=None, help="seconds after which waiting contestants are skipped")
     args = p.parse_args(argv)
 
     settings = Settings.quick() if args.quick else Settings()
     if args.repeats is not None:
         settings.repeats = args.repeats
+    if args.budget is not None:
+        settings.budget_s = args.budget
     contestants = plan(settings)
     if args.only:
         wanted = set(args.only.split(","))
@@ -302,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for c in contestants:
         t = time.perf_counter()
+        if time.time() - started > settings.budget_s:
+            results[c.name] = {"kind": c.kind, "threads": c.threads, "status": "skipped",
+                               "error": f"time budget of {settings.budget_s}s spent (busy machine?)"}
+            log(f"{c.name}: skipped, over the time budget")
+            continue
         results[c.name] = run_contestant(c, settings, recipes, work, kinds)
         log(f"{c.name}: {results[c.name]['status']} in {time.perf_counter() - t:.1f}s "
             f"(load {os.getloadavg()[0]:.2f})")
