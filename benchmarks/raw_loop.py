@@ -48,7 +48,7 @@ def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     params = sum(p.numel() for p in model.parameters())
     tokens = real = 0
-    first_loss = None
+    first_loss, in_step = None, 0.0
     sync()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for rows in batches:
@@ -56,9 +56,12 @@ def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
         tokens += input_ids.numel()
         real += int(mask.sum())
         input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+        t = time.perf_counter()
         with autocast:
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
+        sync()
+        in_step += time.perf_counter() - t
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -67,7 +70,8 @@ def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
     sync()
     loop, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     steps = len(batches)
-    return {"steps": steps, "loop_s": loop, "cpu_share": cpu / loop, "setup_s": t0 - t_call,
+    return {"steps": steps, "loop_s": loop, "cpu_share": cpu / loop, "fwd_bwd_share": in_step / loop,
+            "setup_s": t0 - t_call,
             "steps_per_s": steps / loop, "samples_per_s": sum(len(b) for b in batches) / loop, "tokens": tokens,
             "tokens_per_s": tokens / loop, "real_tokens_per_s": real / loop, "real_share": real / tokens,
             "params": params, "model_flops_per_s": 6 * params * tokens / loop,

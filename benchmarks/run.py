@@ -35,7 +35,8 @@ from contestants import (REFERENCE, REFERENCE_STARTUP_S, Contestant, Settings, a
 # figures whose median is reported (each run gives one value)
 MEDIAN_KEYS = ("steps_per_s", "samples_per_s", "tokens_per_s", "real_tokens_per_s", "model_flops_per_s",
                "setup_s", "loop_s", "total_s", "after_s", "flops_per_s", "update_s", "generated_tokens_per_s",
-               "steps_per_s_wall", "samples_per_s_wall", "response_length", "cpu_share", "trainer_steps_per_s")
+               "steps_per_s_wall", "samples_per_s_wall", "response_length", "cpu_share", "trainer_steps_per_s",
+               "fwd_bwd_share")
 
 
 def log(msg: str) -> None:
@@ -209,8 +210,8 @@ def fmt(v, digits=3) -> str:
     return str(v)
 
 
-COLUMNS = ("contestant", "thr", "cpu", "steps/s", "samples/s", "tokens/s", "real", "MFU", "MFU/cpu", "setup_s",
-           "startup_s", "rss_MB", "LLaMA-F", "ratio", "note")
+COLUMNS = ("contestant", "thr", "cpu", "fwd+bwd", "steps/s", "samples/s", "tokens/s", "real", "MFU", "MFU/cpu",
+           "setup_s", "startup_s", "rss_MB", "LLaMA-F", "ratio", "note")
 
 
 def table_row(name: str, r: dict, derived: dict) -> dict:
@@ -232,6 +233,7 @@ def table_row(name: str, r: dict, derived: dict) -> dict:
     return {**cells, "steps/s": fmt(med.get("steps_per_s_wall") or med.get("steps_per_s")),
             "samples/s": fmt(med.get("samples_per_s_wall") or med.get("samples_per_s")),
             "tokens/s": fmt(med.get("tokens_per_s")), "real": fmt(med.get("real_share"), 2),
+            "fwd+bwd": f"{med['fwd_bwd_share']:.0%}" if med.get("fwd_bwd_share") is not None else "-",
             "MFU": fmt(med.get("mfu"), 2), "MFU/cpu": fmt(med.get("mfu_cpu"), 2), "setup_s": fmt(med.get("setup_s"), 2),
             "startup_s": fmt((r.get("warmup") or {}).get("startup_s"), 2),
             "LLaMA-F": fmt(ref.get("llamafactory")), "ratio": fmt(ref.get("ratio"), 3), "note": note}

@@ -49,6 +49,7 @@ class Probe:
         self.tokens = self.real_tokens = self.label_tokens = 0
         self.batch_size = self.params = self.trainable = None
         self.first_loss: float | None = None
+        self.in_step = 0.0  # seconds inside `training_step` (forward + backward); the optimiser and overhead are not
         self.generate_calls: list[tuple[float, float]] = []
         self.batches: list | None = [] if record else None
 
@@ -110,7 +111,10 @@ class Probe:
 
         def probed_training_step(trainer, model, inputs, *args, **kwargs):
             probe.on_step_begin(inputs)
+            t = time.perf_counter()
             loss = training_step(trainer, model, inputs, *args, **kwargs)
+            sync()
+            probe.in_step += time.perf_counter() - t
             probe.on_step_loss(loss)
             return loss
 
@@ -135,7 +139,7 @@ class Probe:
         loop = self.ends[-1] - self.begins[0]
         steps = len(self.ends)
         out.update(
-            steps=steps, loop_s=loop, cpu_share=(self.cpu[-1] - self.cpu[0]) / loop,
+            steps=steps, loop_s=loop, cpu_share=(self.cpu[-1] - self.cpu[0]) / loop, fwd_bwd_share=self.in_step / loop,
             setup_s=self.begins[0] - t_call, after_s=t_return - self.ends[-1],
             steps_per_s=steps / loop, samples_per_s=steps * self.batch_size / loop,
             tokens=self.tokens, tokens_per_s=self.tokens / loop, real_tokens_per_s=self.real_tokens / loop,
