@@ -18,7 +18,7 @@ else
   ALIGNPIPE := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE) --num_processes $(NPROC) -m alignpipe.cli
 endif
 
-.PHONY: install pipeline test pretrain sft reward dpo ppo grpo report chat bench clean
+.PHONY: install pipeline test pretrain sft reward dpo ppo grpo report chat bench bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,20 @@ chat: install
 
 bench: install
 	$(PY) benchmarks/run.py $(ARGS)
+
+# LLaMA-Factory 0.9.5 in a venv of its own, for the bench's lf_* contestants (same work as ours, same run).
+# torch pinned to our CPU wheel. PyPI's torchvision/torchaudio do not load beside torch 2.13 (built for
+# other torch versions) and break transformers' imports; text training needs neither, so they go
+# (`pip check` then lists them as missing; benchmarks/llamafactory.py stands in an empty torchaudio).
+LF_VENV ?= .venv-llamafactory
+bench-peers: $(LF_VENV)/.installed
+
+$(LF_VENV)/.installed:
+	test -x $(LF_VENV)/bin/python || $(PYTHON) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LF_VENV)/bin/python -m pip install -q "$(TORCH)" "llamafactory==0.9.5"
+	$(LF_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio
+	touch $@
 
 clean:
 	rm -rf runs benchmarks/out .pytest_cache

@@ -6,6 +6,11 @@ and with the machine's matmul limit (MFU). The *peer* recipe has the ~0.66M-para
 and the settings LLaMA-Factory was measured with on this machine (batch 8, cutoff 64, 40 steps;
 PPO 30 updates of 8 prompts, 16 new tokens), so steps/s compare with its figures directly.
 
+Those figures were taken on data nobody recorded (much shorter sequences than the embedded world's), so
+when LLaMA-Factory's venv is built (`make bench-peers`) the `lf_*` contestants run LLaMA-Factory itself on
+the same model, data, batch, cutoff and steps as our peer stages, in the same bench run
+(benchmarks/llamafactory.py); without it they are listed as missing.
+
 Contestants are leaf stages of those recipes (their parents are built once, by `prepare`), so
 forcing one never invalidates another. A stage kind whose module has not landed yet is reported
 as missing instead of failing the run.
@@ -57,6 +62,7 @@ class Settings:
         "n_corpus_docs": 2000, "n_corpus_eval_docs": 50, "n_sft": 600, "n_pairs": 400, "n_eval_pairs": 32,
         "n_eval_prompts": 16, "n_rl_prompts": 256})
     matmul_sizes: tuple = (512, 1024, 2048)
+    lf_venv: str | None = None  # LLaMA-Factory's venv (None: $LLAMAFACTORY_VENV or .venv-llamafactory)
     timeout_s: int = 600  # per contestant process
     budget_s: int = 840  # contestants still waiting when this much time has passed are skipped (make bench < 15 min)
 
@@ -77,13 +83,16 @@ class Settings:
 @dataclass
 class Contestant:
     name: str
-    kind: str  # "matmul" | "stage" (an alignpipe stage via `alignpipe run`) | "raw_sft" (the hand-written loop)
+    # "matmul" | "stage" (an alignpipe stage via `alignpipe run`) | "raw_sft" (the hand-written loop) |
+    # "llamafactory" (LLaMA-Factory in its own venv, on the work of the peer stage `stage`)
+    kind: str
     recipe: str | None = None  # "compute" | "peer"
     stage: str | None = None  # stage name in that recipe
     stage_kind: str | None = None  # the alignpipe stage kind it needs
     threads: int = 1
     reference: str | None = None  # key of REFERENCE
-    options: dict = field(default_factory=dict)  # worker switches (record_batches, no_kv_cache, batches_from)
+    # worker switches (record_batches, no_kv_cache, batches_from); llamafactory: same_work_as (our contestants)
+    options: dict = field(default_factory=dict)
     warmup_steps: int | None = None  # warm up on a shorter run of the same stage (None: a full run)
     note: str = ""
 
@@ -130,6 +139,19 @@ def plan(settings: Settings) -> list[Contestant]:
         peer("ppo", "stage", "ppo", "ppo", reference="ppo", note="KV cache"),
         peer("ppo_no_cache", "stage", "ppo", "ppo", options={"no_kv_cache": True},
              note="generation without KV cache"),
+        # LLaMA-Factory on the same model, data and settings as our peer stages (only when its venv is built)
+        peer("lf_sft_full", "llamafactory", "sft_full", "sft", options={"same_work_as": ["sft_full"]},
+             note="LLaMA-Factory, same work as sft_full"),
+        peer("lf_sft_lora", "llamafactory", "sft_lora", "sft", options={"same_work_as": ["sft_lora"]},
+             note="LLaMA-Factory, same work as sft_lora"),
+        peer("lf_reward_lora", "llamafactory", "reward_lora", "reward", options={"same_work_as": ["reward_lora"]},
+             note="LLaMA-Factory, same work as reward_lora"),
+        # LLaMA-Factory's full DPO runs the reference forward every step, as our live-ref variant does
+        peer("lf_dpo_full", "llamafactory", "dpo_full", "dpo",
+             options={"same_work_as": ["dpo_full", "dpo_full_live_ref"]},
+             note="LLaMA-Factory, same work as dpo_full; reference forward every step"),
+        peer("lf_dpo_lora", "llamafactory", "dpo_lora", "dpo", options={"same_work_as": ["dpo_lora"]},
+             note="LLaMA-Factory, same work as dpo_lora; reference = adapter off, every step"),
         compute("sft_2t", "stage", "sft", "sft", threads=2, note="compute model, 2 threads"),
         compute("raw_sft_2t", "raw_sft", "sft", "sft", threads=2, options={"batches_from": batches},
                 note="hand-written loop, 2 threads"),

@@ -1,9 +1,11 @@
 """`make bench`: throughput and memory of every alignpipe stage, against a raw PyTorch loop, the
-machine's matmul limit and LLaMA-Factory's figures on this machine. See benchmarks/README.md.
+machine's matmul limit and LLaMA-Factory (its earlier figures, and, with `make bench-peers`, LLaMA-Factory
+itself on the same work in the same run). See benchmarks/README.md.
 
     python benchmarks/run.py                    # everything (~10 min on 2 cores)
     python benchmarks/run.py --only sft_1t,raw_sft_1t --repeats 5
     python benchmarks/run.py --quick            # tiny settings: checks the plumbing, not the speed
+    python benchmarks/run.py --only sft_full,lf_sft_full --lf-venv /path/to/venv   # ours and LLaMA-Factory
 
 Each contestant runs in its own process (benchmarks/worker.py): one warm-up run, then `repeats`
 timed runs; the median is reported. Results: benchmarks/results.json and a printed table.
@@ -29,6 +31,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import llamafactory as lf_bench  # noqa: E402 - benchmarks/llamafactory.py, not the package
 from contestants import (REFERENCE, REFERENCE_STARTUP_S, Contestant, Settings, available_kinds,  # noqa: E402
                          compute_recipe, peer_recipe, plan, prep_stages)
 
@@ -86,6 +89,11 @@ def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path,
             "reference": c.reference}
     if c.stage_kind and (c.stage_kind not in kinds or c.stage not in recipes[c.recipe]["stages"]):
         return {**base, "status": "missing", "error": f"stage kind {c.stage_kind!r} not in this checkout"}
+    if c.kind == "llamafactory":
+        base["same_work_as"] = c.options["same_work_as"]
+        if lf_bench.venv_python(settings.lf_venv) is None:
+            where = settings.lf_venv or os.environ.get("LLAMAFACTORY_VENV") or lf_bench.DEFAULT_VENV
+            return {**base, "status": "missing", "error": f"no LLaMA-Factory venv at {where} (make bench-peers)"}
     if c.options.get("batches_from") and not (work / c.options["batches_from"]).is_file():
         return {**base, "status": "skipped", "error": f"needs {c.options['batches_from']} (run sft_1t first)"}
     runs_root = Path(recipes[c.recipe]["runs_dir"]) / c.recipe if c.recipe else None
@@ -94,6 +102,10 @@ def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path,
             "stage_dir": str(runs_root / c.stage) if c.stage else None,
             "model_dir": str(runs_root / "pretrain" / "model") if c.recipe else None,
             "matmul_sizes": list(settings.matmul_sizes)}
+    cmd = [sys.executable, str(HERE / "worker.py")]
+    if c.kind == "llamafactory":  # its data and config are written here, it trains in its own venv
+        spec = lf_bench.prepare(c, settings, recipes[c.recipe], work, spec)
+        cmd = [str(lf_bench.venv_python(settings.lf_venv)), str(HERE / "llamafactory.py")]
     spec_path = work / f"{c.name}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     env = child_env(c.threads)
@@ -101,8 +113,8 @@ def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path,
     t = time.perf_counter()
     try:
         with open(work / f"{c.name}.log", "w") as fh:
-            proc = subprocess.run([sys.executable, str(HERE / "worker.py"), str(spec_path)], env=env, stdout=fh,
-                                  stderr=subprocess.STDOUT, timeout=settings.timeout_s)
+            proc = subprocess.run([*cmd, str(spec_path)], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=settings.timeout_s)
     except subprocess.TimeoutExpired:
         return {**base, "status": "failed", "error": f"timed out after {settings.timeout_s}s"}
     wall = time.perf_counter() - t
@@ -192,7 +204,39 @@ def derive(results: dict[str, dict]) -> dict:
         row["startup_s"] = {"ours": startup, "llamafactory": REFERENCE_STARTUP_S}
         vs_peer[name] = row
     derived["vs_llamafactory"] = vs_peer
+    derived["vs_llamafactory_same_work"] = same_work(results, m, ratio)
     return derived
+
+
+def same_work(results: dict[str, dict], m, ratio) -> dict:
+    """Ours / LLaMA-Factory run here on the same model, data and settings: steps/s (training loop only, both
+    measured by worker.py's probe), the trainer's own steps/s (its `train()` set-up included), tokens per step
+    (padding included, and without it) to check the work is the same, and process start -> first step."""
+
+    def per_step(name, share=False):
+        tokens, steps = m(name, "tokens"), m(name, "steps")
+        if share:
+            tokens = tokens * m(name, "real_share") if tokens and m(name, "real_share") is not None else None
+        return tokens / steps if tokens and steps else None
+
+    def startup(name):
+        return (results[name].get("warmup") or {}).get("startup_s")
+
+    out = {}
+    for lf, r in results.items():
+        if r.get("kind") != "llamafactory" or r.get("status") != "ok":
+            continue
+        for ours in r.get("same_work_as", []):
+            if (results.get(ours) or {}).get("status") != "ok":
+                continue
+            row = {}
+            for key, get in (("steps_per_s", lambda n: m(n, "steps_per_s")),
+                             ("trainer_steps_per_s", lambda n: m(n, "trainer_steps_per_s")),
+                             ("tokens_per_step", per_step), ("real_tokens_per_step", lambda n: per_step(n, True)),
+                             ("startup_s", startup)):
+                row[key] = {"ours": get(ours), "llamafactory": get(lf), "ratio": ratio(get(ours), get(lf))}
+            out[f"{ours}/{lf}"] = row
+    return out
 
 
 # --- the table -----------------------------------------------------------------------------------------
@@ -265,6 +309,14 @@ def table(results: dict[str, dict], derived: dict) -> str:
                                                                fmt(d["matmul_flops_per_s"].get("2t")))),
     ]
     lines += [f"  {k}: {fmt(v)}" for k, v in pairs]
+    if d.get("vs_llamafactory_same_work"):
+        lines += ["", "same work, LLaMA-Factory run here (ours / LLaMA-Factory = ratio):"]
+        for pair, row in d["vs_llamafactory_same_work"].items():
+            cells = [f"{label} {fmt(row[key]['ours'])} / {fmt(row[key]['llamafactory'])}"
+                     + (f" = {fmt(row[key]['ratio'])}" if key == "steps_per_s" else "")
+                     for key, label in (("steps_per_s", "steps/s"), ("tokens_per_step", "tokens/step"),
+                                        ("real_tokens_per_step", "real"), ("startup_s", "startup s"))]
+            lines.append(f"  {pair}: " + "; ".join(cells))
     return "\n".join(lines)
 
 
@@ -278,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated contestant names")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--workdir", default=None, help="keep recipes, runs and logs here (default: a temp folder)")
+    p.add_argument("--lf-venv", default=None, help="LLaMA-Factory's venv (default: $LLAMAFACTORY_VENV or "
+                   ".venv-llamafactory, built by `make bench-peers`); without one the lf_* contestants are missing")
     p.add_argument("--budget", type=int, default=None, help="seconds after which waiting contestants are skipped")
     args = p.parse_args(argv)
 
@@ -286,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.repeats = args.repeats
     if args.budget is not None:
         settings.budget_s = args.budget
+    if args.lf_venv is not None:
+        settings.lf_venv = str(Path(args.lf_venv).resolve())
     contestants = plan(settings)
     if args.only:
         wanted = set(args.only.split(","))

@@ -1,12 +1,16 @@
 """`make bench`'s plumbing on tiny settings (behaviour, not speed): contestants run in their own
 processes, the raw loop replays exactly the batches alignpipe's SFT trained on, packing removes
-padding, PPO's time split is read back, and the figures are aggregated into ratios and a table."""
+padding, PPO's time split is read back, and the figures are aggregated into ratios and a table.
+LLaMA-Factory itself is not needed: its contestants are missing without its venv, and the data and
+configs they would get are checked here."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import contestants  # noqa: E402
+import llamafactory as lf_bench  # noqa: E402 - benchmarks/llamafactory.py
 import run as bench  # noqa: E402
 import worker  # noqa: E402
 
@@ -22,8 +27,13 @@ QUICK = contestants.Settings.quick()
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench")
+def bench_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def report(bench_dir):
+    tmp = bench_dir
     out = tmp / "results.json"
     only = "matmul_1t,sft_1t,raw_sft_1t,sft_packed_1t,ppo"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", only,
@@ -102,3 +112,58 @@ def test_ppo_summary_from_train_log(tmp_path):
     assert out["samples_per_s"] == pytest.approx(8.0)
     assert out["split_share"]["train"] == pytest.approx(0.6)
     assert out["generated_tokens_per_s"] == pytest.approx(2 * 8 * 12 / 0.4)
+
+
+def test_llamafactory_contestants_missing_without_their_venv(tmp_path):
+    settings = replace(QUICK, lf_venv=str(tmp_path / "no-venv"))
+    recipes = bench.write_recipes(settings, tmp_path, contestants.available_kinds())
+    lf = [c for c in contestants.plan(settings) if c.kind == "llamafactory"]
+    assert {c.name for c in lf} == {"lf_sft_full", "lf_sft_lora", "lf_reward_lora", "lf_dpo_full", "lf_dpo_lora"}
+    result = bench.run_contestant(lf[0], settings, recipes, tmp_path, contestants.available_kinds())
+    assert result["status"] == "missing" and "bench-peers" in result["error"]
+
+
+def test_llamafactory_gets_our_data_and_settings(report, bench_dir):
+    """The exported rows are the embedded world's, and each config carries the peer stage's work."""
+    import yaml
+
+    recipe = yaml.safe_load((bench_dir / "work" / "peer.yaml").read_text())
+    data = bench_dir / "lf_data"
+    model_dir = bench_dir / "work" / "runs" / "peer" / "pretrain" / "model"
+    counts = lf_bench.export_data(recipe, data, QUICK.peer_cutoff, model_dir)
+    info = json.loads((data / "dataset_info.json").read_text())
+    assert counts["alignpipe_sft"] == QUICK.world["n_sft"] and counts["alignpipe_pairs"] == QUICK.world["n_pairs"]
+    assert 0 < counts["alignpipe_pairs_rm"] <= counts["alignpipe_pairs"]  # our reward stage's filter
+    assert info["alignpipe_pairs"]["ranking"] and not info["alignpipe_sft"]["ranking"]
+    pair = json.loads((data / "alignpipe_pairs.json").read_text())[0]
+    assert pair["messages"][-1]["role"] == "user" and pair["chosen"]["role"] == "assistant"
+    for c in contestants.plan(QUICK):
+        if c.kind != "llamafactory" or c.stage not in recipe["stages"]:
+            continue
+        args = lf_bench.lf_config(recipe, c.stage, data, bench_dir / c.name)
+        stage = recipe["stages"][c.stage]
+        assert args["stage"] == {"sft": "sft", "reward": "rm", "dpo": "dpo"}[stage["kind"]]
+        assert (args["cutoff_len"], args["per_device_train_batch_size"], args["max_steps"]) == (
+            QUICK.peer_cutoff, QUICK.peer_batch, QUICK.peer_steps)
+        assert Path(args["model_name_or_path"]).parent.name == stage["from"]
+        assert args["finetuning_type"] == ("lora" if "lora" in c.name else "full")
+        assert "template" not in args  # parsed from our tokenizer's chat template
+        if "lora" in c.name:
+            assert (args["lora_rank"], args["lora_alpha"]) == (8, 16)
+
+
+def test_same_work_ratios():
+    def ok(steps_per_s, tokens, kind="stage", **extra):
+        return {"status": "ok", "kind": kind, "warmup": {"startup_s": 5.0}, **extra,
+                "median": {"steps_per_s": steps_per_s, "tokens": tokens, "steps": 40, "real_share": 0.5}}
+
+    results = {"sft_full": ok(20.0, 40 * 480), "dpo_full": ok(10.0, 40 * 900),
+               "lf_sft_full": ok(16.0, 40 * 496, kind="llamafactory", same_work_as=["sft_full"]),
+               "lf_dpo_full": ok(8.0, 40 * 960, kind="llamafactory", same_work_as=["dpo_full", "dpo_full_live_ref"])}
+    same = bench.derive(results)["vs_llamafactory_same_work"]
+    assert set(same) == {"sft_full/lf_sft_full", "dpo_full/lf_dpo_full"}  # live ref did not run: no row
+    row = same["sft_full/lf_sft_full"]
+    assert row["steps_per_s"]["ratio"] == pytest.approx(1.25)
+    assert row["tokens_per_step"] == {"ours": 480, "llamafactory": 496, "ratio": pytest.approx(480 / 496)}
+    assert row["real_tokens_per_step"]["ours"] == 240
+    assert "same work, LLaMA-Factory" in bench.table(results, bench.derive(results))
