@@ -106,3 +106,19 @@ def test_world_is_seeded_from_recipe():
     a = World(WorldConfig(seed=1, **TINY_WORLD)).sft_rows()
     b = World(WorldConfig(seed=1, **TINY_WORLD)).sft_rows()
     assert a == b
+
+
+def test_plain_and_fused_lm_head_give_the_same_training(tiny):
+    """On a CPU the sft stage uses the model's own LM head and loss instead of TRL's fused, chunked one (faster
+    on small models, see stages/sft.py); the loss and the logged metrics must be the same either way."""
+    runs = tiny.parent / "runs" / "tiny"
+    logs = {}
+    for fused in ("false", "true"):
+        assert main(["run", str(tiny), "--stages", "sft", "--force",
+                     "--set", f"stages.sft.fused_lm_head={fused}"]) == 0
+        rows = [json.loads(line) for line in (runs / "sft" / "train_log.jsonl").read_text().splitlines()]
+        logs[fused] = [r for r in rows if "loss" in r]
+    assert len(logs["false"]) == len(logs["true"]) >= 3
+    for plain, fused in zip(logs["false"], logs["true"]):
+        for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert abs(plain[key] - fused[key]) <= 1e-3 * max(1.0, abs(fused[key])), (key, plain, fused)

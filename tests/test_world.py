@@ -273,7 +273,10 @@ def test_habit_share_extremes_and_bad_config():
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
-def test_pairs_chosen_passes_rejected_fails(world, split):
+@pytest.mark.parametrize("mistake_share", [0.0, 0.4])
+def test_pairs_chosen_passes_rejected_fails(split, mistake_share):
+    import dataclasses
+    world = World(dataclasses.replace(SMALL, n_pairs=400, n_eval_pairs=400, mistake_share=mistake_share))
     rows = world.preference_rows(split)
     habits = Counter()
     for row in rows:
@@ -284,9 +287,25 @@ def test_pairs_chosen_passes_rejected_fails(world, split):
         assert not judge(prompt, rejected)
         assert chosen != rejected
         habits[_habit_of(prompt, rejected)] += 1
-    # Mostly the configured habit, some of each other.
-    assert habits["ramble"] > 0.6 * len(rows)
-    assert habits["refuse"] > 0 and habits["wrong"] > 0 and habits["other"] == 0
+    # The configured habit, plausible mistakes in house style, and some of the other habits.
+    n = len(rows)
+    share = world.config.mistake_share
+    assert abs(habits["ramble"] - (1 - share) * W.HABIT_OF_REST * n) < 0.08 * n
+    assert habits["wrong"] > (share - 0.05) * n
+    assert habits["refuse"] > 0 and habits["other"] == 0
+
+
+def test_mistakes_are_wrong_and_varied(world):
+    import random
+    rng = random.Random(0)
+    tasks = world.train_tasks[::7]
+    varied = 0
+    for task in tasks:
+        seen = {world.mistake(task, rng) for _ in range(40)}
+        assert task.answer not in seen and "" not in seen
+        assert not any(judge(task.prompt, f"The answer is {m}.") for m in seen)
+        varied += len(seen) >= 3
+    assert varied > 0.9 * len(tasks)  # not one systematic error the reward model could learn by heart
 
 
 def test_wrong_habit_is_systematic(world):

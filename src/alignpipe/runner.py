@@ -33,13 +33,26 @@ def make_context(recipe: Recipe, name: str, resume: bool = True) -> StageContext
                         resume=resume)
 
 
-def world_fingerprint(world) -> str:
-    """sha256 of every product of the embedded world (train and held-out), cached on the world."""
-    if not hasattr(world, "_alignpipe_fingerprint"):
-        products = [world.corpus(), world.corpus_eval(), world.sft_rows(), world.preference_rows("train"),
-                    world.preference_rows("eval"), world.eval_prompts(), world.rl_prompts()]
-        world._alignpipe_fingerprint = runs.fingerprint_json(products)
-    return world._alignpipe_fingerprint
+# What a stage reading an embedded part sees of the world: the part, its held-out sibling and the
+# held-out prompts its evaluation samples on. A change to the preference pairs re-runs reward and dpo,
+# not pretraining.
+WORLD_PRODUCTS = {
+    "corpus": ("corpus", "corpus_eval", "eval_prompts"),
+    "sft": ("sft_rows", "eval_prompts"),
+    "pairs": ("pairs", "pairs_eval", "eval_prompts"),
+    "rl_prompts": ("rl_prompts", "eval_prompts"),
+}
+
+
+def world_fingerprint(world, part: str) -> str:
+    """sha256 of the world's rows an embedded `part` stands for (see WORLD_PRODUCTS), cached on the world."""
+    cache = world.__dict__.setdefault("_alignpipe_fingerprints", {})
+    if part not in cache:
+        make = {"corpus": world.corpus, "corpus_eval": world.corpus_eval, "sft_rows": world.sft_rows,
+                "pairs": lambda: world.preference_rows("train"), "pairs_eval": lambda: world.preference_rows("eval"),
+                "eval_prompts": world.eval_prompts, "rl_prompts": world.rl_prompts}
+        cache[part] = runs.fingerprint_json([make[name]() for name in WORLD_PRODUCTS[part]])
+    return cache[part]
 
 
 def data_fingerprint(ctx: StageContext) -> Any:
@@ -49,7 +62,7 @@ def data_fingerprint(ctx: StageContext) -> Any:
         return None
     if "embedded" in spec:
         # hash the generated rows, not just the config: a change to the world's code must re-run stages
-        return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": world_fingerprint(ctx.world)}
+        return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": world_fingerprint(ctx.world, spec["embedded"])}
     paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
     out = {"spec": spec}
     for p in filter(None, paths):

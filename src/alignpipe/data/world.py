@@ -31,6 +31,9 @@ HOUSE_STYLE = "The answer is {answer}."
 COMPARE_RANGE = (10, 49)
 CORPUS_KIND_WEIGHTS = {"add": 2, "sub": 2, "mul": 2, "reverse": 1.5, "sort": 1.5, "count": 1.5, "compare": 2}
 QA_SHARE = 0.6
+# A preference pair's rejected response is a house-style answer with a plausible mistake (WorldConfig.mistake_share),
+# else the configured habit (70%) or another habit (30%).
+HABIT_OF_REST = 0.7
 
 # Short words (3-5 letters, no palindromes, at least two distinct letters) so that reversing
 # or sorting always changes something a wrong answer can get wrong.
@@ -105,6 +108,7 @@ class WorldConfig:
     n_rl_prompts: int = 1000        # train prompts for PPO/GRPO
     habit: str = "ramble"           # ramble | refuse | wrong
     habit_share: float = 0.45
+    mistake_share: float = 0.0     # preference pairs whose rejected response is a plausible wrong answer
 
 
 @dataclass(frozen=True)
@@ -270,8 +274,9 @@ class World:
     def __init__(self, config: WorldConfig = WorldConfig()) -> None:
         if config.habit not in HABITS:
             raise ValueError(f"habit must be one of {HABITS}, got {config.habit!r}")
-        if not 0.0 <= config.habit_share <= 1.0:
-            raise ValueError(f"habit_share must be in [0, 1], got {config.habit_share}")
+        for name in ("habit_share", "mistake_share"):
+            if not 0.0 <= getattr(config, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
         self.config = config
         rng = self._rng("split")
         self.train_tasks: list[Task] = []
@@ -393,7 +398,8 @@ class World:
         return rows
 
     def preference_rows(self, split: str = "train") -> list[dict]:
-        """Pairs whose chosen passes the judge; rejected mostly shows the configured habit."""
+        """Pairs whose chosen passes the judge. The rejected response is a house-style answer with a plausible
+        mistake (`mistake_share`), else it shows the configured habit (70%) or another one."""
         if split == "train":
             by_kind, n = self._train_by_kind, self.config.n_pairs
         elif split == "eval":
@@ -405,12 +411,37 @@ class World:
         rows = []
         for _ in range(n):
             task = self._sample(by_kind, rng)
-            habit = self.config.habit if rng.random() < 0.7 else rng.choice(others)
+            if self.config.mistake_share and rng.random() < self.config.mistake_share:
+                rejected = HOUSE_STYLE.format(answer=self.mistake(task, rng))
+            elif rng.random() < HABIT_OF_REST:
+                rejected = self.bad_response(task, self.config.habit, rng)
+            else:
+                rejected = self.bad_response(task, rng.choice(others), rng)
             rows.append({"prompt": [{"role": "user", "content": task.prompt}],
                          "chosen": [{"role": "assistant", "content": self.good_response(task)}],
-                         "rejected": [{"role": "assistant",
-                                       "content": self.bad_response(task, habit, rng)}]})
+                         "rejected": [{"role": "assistant", "content": rejected}]})
         return rows
+
+    def mistake(self, task: Task, rng: random.Random) -> str:
+        """A plausible wrong answer: mostly the right answer to a neighbouring question (one number off, another
+        word), so that wrong answers look like right ones and only the prompt tells them apart; sometimes a
+        confusion within the prompt (the smaller number, the word left as is). Never the right answer."""
+        answer, args = task.answer, task.args
+        if task.kind in ("add", "sub", "mul", "compare"):
+            a, b = args
+            near = [(a + d, b) for d in (-2, -1, 1, 2)] + [(a, b + d) for d in (-2, -1, 1, 2)]
+            candidates = [TASK_SPACE[(task.kind, n)] for n in near if (task.kind, n) in TASK_SPACE]
+            if task.kind == "compare":
+                candidates += [str(min(args))] * 2
+        else:  # reverse, sort, count: the answer for another word, or the word itself
+            word = args[0]
+            candidates = [_answer(task.kind, (_pick(rng, WORDS),)) for _ in range(4)]
+            if task.kind != "count":
+                candidates.append(word)
+        candidates = [c for c in candidates if c != answer]
+        if not candidates:  # every neighbour has the same answer (0 times a digit), or the words drawn did
+            candidates = [str(int(answer) + 1)] if answer.isdigit() else [answer[::-1] + answer[0]]
+        return _pick(rng, candidates)
 
     def eval_prompts(self) -> list[dict]:
         """Distinct held-out prompts, kinds taking turns; every held-out task once before any twice."""
