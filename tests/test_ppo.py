@@ -93,6 +93,16 @@ def test_ppo_learns_a_short_response_reward(work):
     assert (stage / "logs").is_dir() and any((stage / "logs").iterdir())  # TensorBoard events
 
 
+def test_ppo_ptx_trains_on_the_text_beside_the_reward(work):
+    """PPO-ptx: every optimiser step adds the next-token loss on corpus text; that loss falls as it trains."""
+    stage = toy_stage(ptx_data={"embedded": "corpus"}, trainer={"total_updates": 8, "ptx_coef": 2.0})
+    assert run_stages(work, {"ppo_ptx": stage}, ["ppo_ptx"])["ppo_ptx"]["status"] == "complete"
+    rows = log_rows(work / "runs" / "tiny" / "ppo_ptx")
+    losses = [r["ptx_loss"] for r in rows]
+    assert all(isinstance(x, float) and x > 0 for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
 def test_lora_ppo_holds_one_copy_of_the_base_weights(work):
     sft = work / "runs" / "tiny" / "sft"
     from peft import LoraConfig
@@ -285,6 +295,8 @@ def test_reward_functions_and_the_judge_flag():
     ({"trainer": {"ppo_epochs": "two"}}, "expected int"),
     ({"trainer": {"minibatch_size": 64}}, "larger than rollout_batch_size"),
     ({"trainer": {"kl_estimator": "k4"}}, "kl_estimator"),
+    ({"trainer": {"ptx_coef": 0.5}}, "needs text"),
+    ({"ptx_data": {"embedded": "pairs"}}, "not plain text"),
     ({"data": {}}, "no prompts"),
 ])
 def test_recipe_errors_name_the_key(tmp_path, stage, message):

@@ -6,6 +6,9 @@ its turn loses `missing_eot_penalty`); turn that into per-token rewards with a K
 reference policy (adaptive or fixed coefficient); estimate advantages with GAE from the value head;
 then a few epochs of clipped policy + value loss over minibatches, stopping early if the policy
 moves too far (approx-KL). The maths is in `alignpipe.rl.ppo_math`, tested against hand values.
+Optionally PPO-ptx (InstructGPT): each optimiser step also takes `ptx_coef` times the next-token loss
+on a batch of plain text (`ptx_data`, e.g. the pretraining corpus), against the drift of what the
+model knew while PPO changes how it answers.
 
 With LoRA one copy of the base weights serves the policy (adapter on), the reference (adapter off)
 and the value head beside them. Full fine-tuning keeps a frozen copy as the reference.
@@ -19,7 +22,7 @@ Recipe:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alignpipe.errors import RecipeError
 from alignpipe.recipe import StageConfig
@@ -29,6 +32,7 @@ from alignpipe.recipe import StageConfig
 class Config(StageConfig):
     reward_model: str | None = None  # a reward stage of this recipe
     reward_function: str | None = None  # or `module:function` in TRL's reward-function form
+    ptx_data: dict = field(default_factory=dict)  # plain text for PPO-ptx, e.g. {embedded: corpus} or {path: ...}
 
 
 @dataclass
@@ -60,6 +64,9 @@ class PPOSettings:
     whiten_rewards: bool = False
     missing_eot_penalty: float = 1.0  # subtracted from the normalised score of a response cut off unfinished
     target_approx_kl: float | None = None  # stop an update's remaining minibatches once approx-KL exceeds this
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the next-token loss on `ptx_data` in every optimiser step (0: off)
+    ptx_batch_size: int = 8  # text blocks per optimiser step
+    ptx_block_size: int = 64  # tokens per block
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     seed: int | None = None  # default: the recipe's seed
 
@@ -107,6 +114,12 @@ def check(recipe, name: str, where: str) -> None:
         load_function(cfg.reward_function, where, f"{key}.reward_function")
     if not cfg.data:
         raise RecipeError("no prompts", where=where, key=f"{key}.data", fix="e.g. data: {embedded: rl_prompts}")
+    if settings(recipe, name).ptx_coef > 0 and not cfg.ptx_data:
+        raise RecipeError("ptx_coef > 0 needs text to train on", where=where, key=f"{key}.ptx_data",
+                          fix="e.g. ptx_data: {embedded: corpus}, or set trainer.ptx_coef: 0")
+    if cfg.ptx_data and cfg.ptx_data.get("embedded", "corpus") != "corpus":
+        raise RecipeError(f"ptx_data: embedded {cfg.ptx_data['embedded']!r} is not plain text", where=where,
+                          key=f"{key}.ptx_data.embedded", fix="use {embedded: corpus} or a text file")
     if cfg.from_ is None:
         raise RecipeError("a ppo stage starts from a policy stage", where=where, key=f"{key}.from",
                           fix="set from: sft")
@@ -121,6 +134,29 @@ def load_prompts(ctx) -> list[list[dict]]:
 
         rows = load_family(ctx, "prompts")
     return [r["prompt"] for r in rows]
+
+
+def load_ptx_blocks(ctx, tokenizer, block_size: int) -> "torch.Tensor":
+    """The `ptx_data` texts, each ending in EOS, packed into blocks [N, block_size] (as pretraining packs)."""
+    import dataclasses
+
+    import torch
+
+    from alignpipe.stages import pretrain
+
+    if "embedded" in ctx.config.ptx_data:
+        texts = ctx.world.corpus()
+    else:
+        from alignpipe.data.loading import load_family
+
+        texts_ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, data=ctx.config.ptx_data))
+        texts = [r["text"] for r in load_family(texts_ctx, "text")]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    blocks = pretrain.pack([d + [tokenizer.eos_token_id] for d in ids], block_size)
+    if not blocks:
+        raise RecipeError(f"ptx_data gives no block of {block_size} tokens", where=str(ctx.recipe.path),
+                          key=f"stages.{ctx.name}.ptx_data", fix="give more text, or a smaller ptx_block_size")
+    return torch.tensor(blocks, dtype=torch.long)
 
 
 def prompt_batch(prompts: list, update: int, size: int, rank: int, world: int, seed: int) -> list:
@@ -211,6 +247,7 @@ def run(ctx) -> dict:
         writer = SummaryWriter(str(ctx.logs_dir), purge_step=start + 1)  # drop events past the checkpoint
 
     prompts = load_prompts(ctx)
+    ptx_blocks = load_ptx_blocks(ctx, tokenizer, s.ptx_block_size) if s.ptx_coef > 0 else None
     every = cfg.checkpoint_every or 25
 
     def mean_all(x) -> float:
@@ -244,8 +281,9 @@ def run(ctx) -> dict:
         t3 = time.perf_counter()
 
         # --- 4. PPO epochs over minibatches
+        ptx = None if ptx_blocks is None else ptx_batches(ptx_blocks, s, update_seed(seed, update, rank), dev)
         stats, steps, stopped = optimise(policy, optimizer, accelerator, trainable, ro, old_logp, old_values,
-                                         advantages, returns, s, mean_all)
+                                         advantages, returns, s, mean_all, ptx)
         scheduler.step()
         t4 = time.perf_counter()
 
@@ -368,11 +406,21 @@ def forward_rollout(policy, reference, ro, s: PPOSettings):
     return tuple(torch.cat(p) for p in parts)
 
 
+def ptx_batches(blocks, s: PPOSettings, seed: int, dev):
+    """An endless stream of `ptx_batch_size` random text blocks for one update (seeded: resumable)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield blocks[torch.randint(len(blocks), (s.ptx_batch_size,), generator=gen)].to(dev)
+
+
 def optimise(policy, optimizer, accelerator, trainable, ro, old_logp, old_values, advantages, returns,
-             s: PPOSettings, mean_all) -> tuple[dict[str, float], int, bool]:
+             s: PPOSettings, mean_all, ptx=None) -> tuple[dict[str, float], int, bool]:
     """`ppo_epochs` passes over the rollout in shuffled minibatches, one optimiser step each
-    (a minibatch split into micro-batches accumulates). Stops early when a minibatch's approx-KL
-    exceeds `target_approx_kl`. Returns (mean stats per step, optimiser steps, stopped early)."""
+    (a minibatch split into micro-batches accumulates; with `ptx`, a batch of text blocks adds
+    `ptx_coef` times its next-token loss). Stops early when a minibatch's approx-KL exceeds
+    `target_approx_kl`. Returns (mean stats per step, optimiser steps, stopped early)."""
     from contextlib import nullcontext
 
     import torch
@@ -390,6 +438,13 @@ def optimise(policy, optimizer, accelerator, trainable, ro, old_logp, old_values
             mb = order[mb_start:mb_start + s.minibatch_size]
             chunks = [mb[j:j + micro] for j in range(0, len(mb), micro)]
             step: dict[str, float] = {}
+            if ptx is not None:  # through the policy's own forward, so DDP sees it; synced with the last chunk
+                blocks = next(ptx)
+                with accelerator.no_sync(policy):
+                    logits, _ = policy(blocks, torch.ones_like(blocks), 1)
+                    ptx_loss = -pm.logprobs_from_logits(logits, blocks[:, 1:]).mean()
+                    accelerator.backward(s.ptx_coef * ptx_loss)
+                step["ptx_loss"] = ptx_loss.item()
             for c, idx in enumerate(chunks):
                 # gradients are averaged over processes once per optimiser step, not per micro-batch
                 with accelerator.no_sync(policy) if c < len(chunks) - 1 else nullcontext():
