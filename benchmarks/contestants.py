@@ -21,8 +21,11 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field, replace
 
-# LLaMA-Factory 0.9.5 on this 2-core machine, 0.66M-param tiny Llama, batch 8, cutoff 64, fp32, 40 steps
-# (issue 9 / shared/STACK.md). PPO: 30 steps, 16 new tokens. Units: steps/s (PPO also samples/s).
+# LLaMA-Factory 0.9.5 figures reported earlier for this 2-core machine, 0.66M-param tiny Llama, batch 8, cutoff 64,
+# fp32, 40 steps (issue 9 / shared/STACK.md). PPO: 30 steps, 16 new tokens. Units: steps/s (PPO also samples/s).
+# The data they were taken on is unknown: on the embedded world's batches (~265 real tokens a step) even a raw
+# PyTorch loop stays near 25 steps/s, so they must have been on much shorter sequences. The `lf_*` contestants
+# (make bench-peers) run LLaMA-Factory itself on the same work, and those are the ratios to read.
 REFERENCE = {
     "sft_lora": {"steps_per_s": 64.0},
     "sft_full": {"steps_per_s": 71.0},
