@@ -297,6 +297,17 @@ def test_reward_functions_and_the_judge_flag():
         rewards.load_function("alignpipe.data.world:no_such_function")
 
 
+def test_missing_ptx_file_fails_validation_naming_the_key(tmp_path):
+    from alignpipe.errors import AlignpipeError
+    from alignpipe.validate import validate
+
+    stage = toy_stage(reward_function="alignpipe.data.world:judge_reward", ptx_data={"path": "no-such-file.jsonl"},
+                      trainer={"ptx_coef": 0.1})
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"ppo": stage})))
+    with pytest.raises(AlignpipeError, match=r"ptx_data[\s\S]*no-such-file"):
+        validate(recipe)
+
+
 @pytest.mark.parametrize("stage, message", [
     ({"reward_function": None}, "exactly one reward"),
     ({"reward_model": "sft"}, "exactly one reward"),

@@ -123,6 +123,10 @@ def check(recipe, name: str, where: str) -> None:
     if cfg.ptx_data and cfg.ptx_data.get("embedded", "corpus") != "corpus":
         raise RecipeError(f"ptx_data: embedded {cfg.ptx_data['embedded']!r} is not plain text", where=where,
                           key=f"{key}.ptx_data.embedded", fix="use {embedded: corpus} or a text file")
+    if cfg.ptx_data and "embedded" not in cfg.ptx_data:  # a text file: read it now, as pretraining would
+        from alignpipe.data.loading import check_spec
+
+        check_spec(cfg.ptx_data, recipe.path.parent, where, f"{key}.ptx_data", "pretrain")
     if cfg.from_ is None:
         raise RecipeError("a ppo stage starts from a policy stage", where=where, key=f"{key}.from",
                           fix="set from: sft")
