@@ -62,7 +62,8 @@ def data_fingerprint(ctx: StageContext) -> Any:
         return None
     if "embedded" in spec:
         # hash the generated rows, not just the config: a change to the world's code must re-run stages
-        return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": world_fingerprint(ctx.world, spec["embedded"])}
+        rows = world_fingerprint(ctx.world, spec["embedded"])
+        return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": rows}
     paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
     out = {"spec": spec}
     for p in filter(None, paths):

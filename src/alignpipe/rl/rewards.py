@@ -35,6 +35,23 @@ def load_function(spec: str, where: str = "", key: str = "reward_function") -> C
     return fn
 
 
+def check_reward_source(recipe, name: str, where: str) -> None:
+    """An RL stage names exactly one reward: a reward stage of the recipe, or a loadable `module:function`;
+    and it has prompts."""
+    cfg, key = recipe.stages[name], f"stages.{name}"
+    if (cfg.reward_model is None) == (cfg.reward_function is None):
+        raise RecipeError(f"a {cfg.kind} stage needs exactly one reward: `reward_model` or `reward_function`",
+                          where=where, key=key, fix="set reward_model: <a reward stage> or reward_function: "
+                                                    "alignpipe.data.world:judge_reward")
+    if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
+        raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
+                          fix="name a stage of kind reward")
+    if cfg.reward_function is not None:
+        load_function(cfg.reward_function, where, f"{key}.reward_function")
+    if not cfg.data:
+        raise RecipeError("no prompts", where=where, key=f"{key}.data", fix="e.g. data: {embedded: rl_prompts}")
+
+
 def is_judge(spec: str | None) -> bool:
     """Does this reward function train on the embedded world's judge (so its pass rate is no longer
     an independent measure)?"""

@@ -34,19 +34,9 @@ def trainer_config_class(kind: str = "grpo"):
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
     key = f"stages.{name}"
-    if (cfg.reward_model is None) == (cfg.reward_function is None):
-        raise RecipeError(f"a {cfg.kind} stage needs exactly one reward: `reward_model` or `reward_function`",
-                          where=where, key=key, fix="set reward_model: <a reward stage> or reward_function: "
-                                                    "alignpipe.data.world:judge_reward")
-    if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
-        raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
-                          fix="name a stage of kind reward")
-    if cfg.reward_function is not None:
-        from alignpipe.rl.rewards import load_function
+    from alignpipe.rl.rewards import check_reward_source
 
-        load_function(cfg.reward_function, where, f"{key}.reward_function")
-    if not cfg.data:
-        raise RecipeError("no prompts", where=where, key=f"{key}.data", fix="e.g. data: {embedded: rl_prompts}")
+    check_reward_source(recipe, name, where)
     if cfg.missing_eot_penalty and "reward_weights" in cfg.trainer:
         raise RecipeError("trainer.reward_weights is set by the stage (reward, then the end-of-turn penalty)",
                           where=where, key=f"{key}.trainer.reward_weights",

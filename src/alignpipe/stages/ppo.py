@@ -104,26 +104,18 @@ def settings(recipe, name: str) -> PPOSettings:
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
     key = f"stages.{name}"
-    settings(recipe, name)
-    if (cfg.reward_model is None) == (cfg.reward_function is None):
-        raise RecipeError("a ppo stage needs exactly one reward: `reward_model` or `reward_function`",
-                          where=where, key=key, fix="set reward_model: <a reward stage> (or a reward_function)")
-    if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
-        raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
-                          fix="name a stage of kind reward")
-    if cfg.reward_function is not None:
-        from alignpipe.rl.rewards import load_function
+    s = settings(recipe, name)
+    from alignpipe.rl.rewards import check_reward_source
 
-        load_function(cfg.reward_function, where, f"{key}.reward_function")
-    if not cfg.data:
-        raise RecipeError("no prompts", where=where, key=f"{key}.data", fix="e.g. data: {embedded: rl_prompts}")
-    if settings(recipe, name).ptx_coef > 0 and not cfg.ptx_data:
+    check_reward_source(recipe, name, where)
+    if s.ptx_coef > 0 and not cfg.ptx_data:
         raise RecipeError("ptx_coef > 0 needs text to train on", where=where, key=f"{key}.ptx_data",
                           fix="e.g. ptx_data: {embedded: corpus}, or set trainer.ptx_coef: 0")
-    if cfg.ptx_data and cfg.ptx_data.get("embedded", "corpus") != "corpus":
-        raise RecipeError(f"ptx_data: embedded {cfg.ptx_data['embedded']!r} is not plain text", where=where,
-                          key=f"{key}.ptx_data.embedded", fix="use {embedded: corpus} or a text file")
-    if cfg.ptx_data and "embedded" not in cfg.ptx_data:  # a text file: read it now, as pretraining would
+    if "embedded" in cfg.ptx_data:
+        if cfg.ptx_data["embedded"] != "corpus":
+            raise RecipeError(f"ptx_data: embedded {cfg.ptx_data['embedded']!r} is not plain text", where=where,
+                              key=f"{key}.ptx_data.embedded", fix="use {embedded: corpus} or a text file")
+    elif cfg.ptx_data:  # a text file: read it now, as pretraining would
         from alignpipe.data.loading import check_spec
 
         check_spec(cfg.ptx_data, recipe.path.parent, where, f"{key}.ptx_data", "pretrain")
