@@ -5,15 +5,20 @@ Each stage kind is run three ways from the same parents: uninterrupted (in this 
 subprocess that SIGKILLs itself after a checkpoint, and re-run (in this process) after the kill.
 The kill comes from inside the dying process at a fixed step (a TrainerCallback for the
 transformers/TRL trainers, the reward function for PPO), so where it dies does not depend on timing.
-The comparison is bit-exact: every file of the saved model, every metric but wall-clock timings, and
-every logged training row.
+
+Training is deterministic, so a re-run that ignored the checkpoint and started over would also end
+bit-exact: the resumed process therefore counts what it executes (optimiser steps and logged rows
+through a TrainerCallback; PPO updates through the reward function, called once per rollout) and
+must run exactly the steps after the checkpoint. The comparison with the uninterrupted run is
+bit-exact: every file of the saved model, every metric but wall-clock timings, and every logged
+training row, TRL's running `num_tokens` included.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +27,9 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
+import alignpipe
 from alignpipe.cli import main
 from alignpipe.errors import RunError
 from alignpipe.lock import LOCK_NAME, RunLock
@@ -60,24 +67,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 # A PPO reward (TRL reward-function form) that SIGKILLs its process on call $KILL_AT_CALL (one call per update).
+# Each call is also recorded, so a test can count the rollouts a process scored.
 REWARD = r"""
 import os, signal
 
-CALLS = {"n": 0}
+CALLS = {"n": 0, "batches": []}
 
 
 def short(prompts, completions, **kwargs):
     CALLS["n"] += 1
+    CALLS["batches"].append(len(prompts))
     if CALLS["n"] == int(os.environ.get("KILL_AT_CALL", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
     return [1.0 - min(len(c[0]["content"]), 40) / 40 for c in completions]
 """
 
 TIMING = ("runtime", "per_s", "per_second", "time_", "_time", "wall")  # wall-clock figures
-# TRL's SFT and DPO trainers keep their running token count (`num_tokens`, `eval_num_tokens`; trl 1.16
-# `_total_train_tokens`) outside the checkpointed state, so it restarts at 0 on resume: a logging
-# counter, not training state (the report does not draw it). Everything else logged must match.
-NOT_RESTORED = "num_tokens"
 TRAINER = {"per_device_train_batch_size": 8, "warmup_steps": 0, "logging_steps": 2}
 # Each kind: its stage config, its parents (copied from the reference run), how to kill it and where.
 KINDS = {
@@ -150,7 +155,9 @@ def _copy_parents(root: Path, name: str, parents: list[str]) -> None:
 
 
 def _killed_run(root: Path, path: Path, stage: str, env: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), **env}
+    # this checkout's alignpipe, not whichever one the interpreter has installed
+    imports = os.pathsep.join([str(root), str(Path(alignpipe.__file__).parents[1])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": imports, **env}
     return subprocess.run([sys.executable, "-c", KILLER, "run", str(path), "--stages", stage], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -159,13 +166,23 @@ def _log_rows(stage_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (stage_dir / "train_log.jsonl").read_text().splitlines()]
     # the trainer's closing summary averages the loss over the steps this process ran: not comparable
     keep = [r for r in rows if "train_runtime" not in r]
-    return [{k: v for k, v in r.items() if not any(t in k for t in TIMING) and not k.endswith(NOT_RESTORED)}
-            for r in keep]
+    return [_untimed(r) for r in keep]
+
+
+def _training_rows(stage_dir: Path) -> list[dict]:
+    """The rows logged while training: those before the trainer's closing summary (evaluations after
+    training, DPO's, are logged after it)."""
+    rows = [json.loads(line) for line in (stage_dir / "train_log.jsonl").read_text().splitlines()]
+    return rows[:next(i for i, r in enumerate(rows) if "train_runtime" in r)]
+
+
+def _untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not any(t in k for t in TIMING)}
 
 
 def _metrics(stage_dir: Path) -> dict:
     metrics = json.loads((stage_dir / "manifest.json").read_text())["metrics"]
-    return {k: v for k, v in metrics.items() if not any(t in k for t in TIMING)}
+    return _untimed(metrics)
 
 
 def _model_files(stage_dir: Path) -> dict[str, bytes]:
@@ -188,11 +205,45 @@ def _kind_of(name: str) -> str:
     return KINDS[name]["stage"].get("kind", name)
 
 
+class Recorder(TrainerCallback):
+    """What one process's trainer executes: the step it starts at, each optimiser step, each logged row."""
+
+    def __init__(self, into: dict) -> None:
+        self.into, self.training = into, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.into["began_at"], self.training = state.global_step, True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False  # the stage's own evaluation after training logs too: not a training row
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.into["steps"].append(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training:
+            self.into["logged"].append({**logs, "step": state.global_step})
+
+
+def record_trainers(monkeypatch) -> dict:
+    """Adds a Recorder to every trainer this process builds (through the public add_callback)."""
+    from transformers import Trainer
+
+    seen = {"began_at": None, "steps": [], "logged": []}
+    init = Trainer.__init__
+
+    def init_and_record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(Recorder(seen))
+
+    monkeypatch.setattr(Trainer, "__init__", init_and_record)
+    return seen
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_sigkilled_stage_resumes_exactly(kind, work, capsys):
+def test_sigkilled_stage_resumes_exactly(kind, work, capsys, monkeypatch):
     spec = KINDS[kind]
-    if importlib.util.find_spec(f"alignpipe.stages.{STAGE_MODULES[_kind_of(kind)]}") is None:
-        pytest.skip(f"the {_kind_of(kind)} stage has not landed in this checkout")
+    assert _kind_of(kind) in STAGE_MODULES  # every kind is tested: a missing stage fails, never skips
     name = f"{kind.replace('_', '')}-killed"
     _copy_parents(work, name, spec["parents"])
     path = write_yaml(work / f"{name}.yaml", recipe_for(work / "runs", name, kind))
@@ -221,6 +272,10 @@ def test_sigkilled_stage_resumes_exactly(kind, work, capsys):
     assert (work / "runs" / name / LOCK_NAME).read_text().startswith("pid ")  # the dead run's lock file
 
     # --- the same command again resumes from the newest checkpoint, and ends where the reference ended
+    seen = record_trainers(monkeypatch)
+    rewards = sys.modules.get("resume_rewards")
+    if rewards is not None:
+        rewards.CALLS["batches"].clear()
     t0 = time.time()
     capsys.readouterr()
     assert main(["run", str(path), "--stages", kind]) == 0
@@ -229,13 +284,30 @@ def test_sigkilled_stage_resumes_exactly(kind, work, capsys):
     err = out.err + out.out
     assert "taking over a stale lock" in err
     assert "resuming an interrupted run" in err
-    resumed_from = "update-" if kind == "ppo" else "checkpoint-"
-    assert f"{resumed_from}{spec['resume_from']}" in err, err[-2000:]
+    n = spec["resume_from"]
     assert_same_run(ref_dir, stage_dir)
-    steps = _metrics(stage_dir).get("global_step") or _metrics(stage_dir).get("updates")
+    metrics = _metrics(stage_dir)
+    if kind == "ppo":
+        total = metrics["updates"]
+        assert f"resuming from {stage_dir / 'checkpoints' / f'update-{n}'} (update {n})" in err, err[-2000:]
+        # this process scored exactly the rollouts after the checkpoint (one reward call per update) ...
+        batch = spec["stage"]["trainer"]["rollout_batch_size"]
+        assert sys.modules["resume_rewards"].CALLS["batches"] == [batch] * (total - n)
+        # ... and the first update it logged is N+1
+        assert re.findall(r"\[alignpipe\] ppo (\d+)/", out.out)[0] == str(n + 1), out.out[-2000:]
+    else:
+        total = metrics["global_step"]
+        assert f"resuming from {stage_dir / 'checkpoints' / f'checkpoint-{n}'}" in err, err[-2000:]
+        # this process began at step N and executed exactly the optimiser steps N+1 .. total ...
+        assert seen["began_at"] == n
+        assert seen["steps"] == list(range(n + 1, total + 1))
+        # ... and logged exactly the rows the reference logged while training after step N
+        logged = [_untimed(r) for r in seen["logged"] if "train_runtime" not in r]
+        assert logged and logged[0]["step"] > n
+        assert logged == [_untimed(r) for r in _training_rows(ref_dir) if r["step"] > n]
     print(f"\n{kind}: bit-exact after SIGKILL at {spec.get('kill_at') or 'update ' + str(spec['kill_at_call'])}"
-          f" (resumed from {spec['resume_from']}, {steps} total); reference {t_ref:.1f}s, killed run "
-          f"{t_kill:.1f}s, resume {t_resume:.1f}s")
+          f" (resumed from {n}, {total} total, {total - n} run after resuming); reference {t_ref:.1f}s, "
+          f"killed run {t_kill:.1f}s, resume {t_resume:.1f}s")
 
 
 def test_restart_ignores_checkpoints(work, capsys):

@@ -1,4 +1,9 @@
-"""Run folders: manifests are written atomically; a stage killed mid-run never looks complete."""
+"""Run folders: manifests and PPO checkpoints are written atomically; a stage killed mid-run never looks
+complete.
+
+The atomic-write tests SIGKILL a real writer process at a fixed point of its write: after the new
+bytes are written and flushed (at `os.fsync`) and just before the rename (at `os.replace`). The file
+a reader finds afterwards must be the old one, whole."""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
+
+import alignpipe
 from alignpipe import runs
 from conftest import tiny_recipe, write_yaml
 
@@ -51,3 +60,96 @@ def test_killed_stage_is_not_complete_and_reruns(tmp_path):
     assert main(["run", str(path), "--set", "stages.pretrain.trainer.max_steps=10",
                  "--set", "stages.pretrain.eval.enabled=false"]) == 0
     assert runs.is_complete(stage_dir)
+
+
+# --- atomic writes, proven by killing the writer -------------------------------------------------------
+
+# Runs `SETUP` (the old state, written normally), then arms a SIGKILL at the first call of os.<AT> and
+# runs `WRITE` (the new state), which must not survive. The kill is a real one: no cleanup, no finally.
+KILL_DURING_WRITE = r"""
+import os, signal, sys
+from pathlib import Path
+root, at = Path(sys.argv[1]), sys.argv[2]
+exec(sys.argv[3])  # SETUP
+real = getattr(os, at)
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(os, at, die)
+exec(sys.argv[4])  # WRITE
+print("the write finished without reaching os." + at, flush=True)
+"""
+
+
+def kill_during_write(root: Path, at: str, setup: str, write: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(alignpipe.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(root), at, setup, write], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-2000:]
+
+
+MANIFEST_SETUP = """
+from alignpipe.runs import StageRun
+run = StageRun(root, {"stage": "sft", "config": {"x": 1}})
+run.start()
+"""
+MANIFEST_WRITE = """
+run.finish({"judge_pass_rate": 0.5, "padding": "x" * 100000})  # large: a torn write would show
+"""
+
+
+@pytest.mark.parametrize("at", ["fsync", "replace"])
+def test_manifest_killed_between_write_and_rename_keeps_the_old_one(tmp_path, at):
+    kill_during_write(tmp_path, at, MANIFEST_SETUP, MANIFEST_WRITE)
+    manifest = runs.read_manifest(tmp_path)  # parses: whole
+    assert manifest["status"] == "running" and "metrics" not in manifest
+    assert manifest["stage"] == "sft" and manifest["config"] == {"x": 1}
+    assert not runs.is_complete(tmp_path)
+    # the new bytes were written, but only to a temp file beside it
+    temps = [p for p in tmp_path.iterdir() if p.name != runs.MANIFEST]
+    assert len(temps) == 1 and temps[0].name.startswith(f".{runs.MANIFEST}.tmp-")
+
+
+PPO_SETUP = """
+import torch
+from alignpipe.rl import state
+from alignpipe.rl.ppo_math import AdaptiveKLController
+torch.manual_seed(0)
+policy = torch.nn.Linear(4, 4)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+kl = AdaptiveKLController(0.05, 1.0, 100)
+
+def step(k):
+    policy(torch.ones(1, 4)).sum().backward()
+    optimizer.step(); scheduler.step(); kl.update(0.5 * k, 8); optimizer.zero_grad()
+
+step(1)
+state.save(root, 2, policy, optimizer, scheduler, kl)
+torch.save(dict(policy.state_dict()), root / "weights-at-2.pt")
+"""
+PPO_WRITE = """
+step(2)
+state.save(root, 4, policy, optimizer, scheduler, kl)
+"""
+
+
+def test_ppo_checkpoint_killed_between_write_and_rename_keeps_the_old_one(tmp_path):
+    import torch
+
+    from alignpipe.rl import state
+    from alignpipe.rl.ppo_math import AdaptiveKLController
+
+    kill_during_write(tmp_path, "replace", PPO_SETUP, PPO_WRITE)
+    assert [p.name for p in state.complete(tmp_path)] == ["update-2"]
+    assert not (tmp_path / "update-4").exists()
+    assert state.newest(tmp_path) == tmp_path / "update-2"
+    # update-2 loads whole and holds the state after one step
+    policy = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    kl = AdaptiveKLController(0.05, 1.0, 100)
+    assert state.load(tmp_path / "update-2", policy, optimizer, scheduler, kl) == 2
+    saved = torch.load(tmp_path / "weights-at-2.pt", weights_only=True)
+    assert all(torch.equal(policy.state_dict()[k], saved[k]) for k in saved)
+    assert optimizer.state_dict()["state"][0]["step"].item() == 1 and scheduler.last_epoch == 1
+    assert kl.value != 0.05  # the controller's moved coefficient came back too

@@ -222,3 +222,99 @@ def test_signature_sees_vocabulary_and_template(qwen, llama):
 
 def test_errors_are_alignpipe_errors():
     assert issubclass(tc.TemplateError, AlignpipeError)
+
+
+# --- each upstream check refuses on its own -----------------------------------------------------------
+
+REWARD_STAGE = {"from": "sft", "data": {"embedded": "pairs"}, "eval": {"enabled": False},
+                "trainer": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-3}}
+PPO_ON_RM = {"kind": "ppo", "from": "sft", "reward_model": "reward", "data": {"embedded": "rl_prompts"},
+             "eval": {"enabled": False}, "trainer": {"total_updates": 1, "rollout_batch_size": 8, "minibatch_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def with_reward(pretrained, tmp_path_factory):
+    """pretrain (copied), sft and a reward stage, complete; a ppo stage on that reward model in the recipe."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("with_reward")
+    shutil.copytree(pretrained[0] / "runs", root / "runs")
+    assert main(["run", str(write_yaml(root / "tiny.yaml", reward_recipe(root / "runs"))), "--stages", "reward"]) == 0
+    return root
+
+
+def reward_recipe(runs_dir) -> dict:
+    recipe = tiny_recipe(runs_dir, extra_stages={"reward": REWARD_STAGE, "ppo": PPO_ON_RM})
+    recipe["stages"]["sft"]["eval"] = {"enabled": False}
+    return recipe
+
+
+def _resave_as_if_trained_so(stage_dir, change) -> None:
+    """Change a complete stage's saved tokenizer files, then record their hashes in its manifest, as if
+    the stage had been trained with them: only the vocabulary / template check can tell."""
+    import json
+
+    from alignpipe.runs import fingerprint_path, write_json_atomic
+
+    change(stage_dir / "model")
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    for name in manifest["outputs"]:
+        if name != "model":
+            manifest["outputs"][name] = fingerprint_path(stage_dir / "model" / name)
+    write_json_atomic(stage_dir / "manifest.json", manifest)
+
+
+def _add_a_token(model_dir) -> None:
+    import json
+
+    tokenizer_json = model_dir / "tokenizer.json"
+    data = json.loads(tokenizer_json.read_text())
+    data["model"]["vocab"]["zzzz"] = len(data["model"]["vocab"])
+    tokenizer_json.write_text(json.dumps(data))
+
+
+def _copy_of(with_reward, tmp_path):
+    import shutil
+
+    shutil.copytree(with_reward / "runs", tmp_path / "runs")
+    return load_recipe(write_yaml(tmp_path / "tiny.yaml", reward_recipe(tmp_path / "runs"))), tmp_path / "runs" / "tiny"
+
+
+def test_reward_model_with_another_vocabulary_refused(with_reward, tmp_path):
+    recipe, runs_dir = _copy_of(with_reward, tmp_path)
+    _resave_as_if_trained_so(runs_dir / "reward", _add_a_token)
+    with pytest.raises(RunError, match=r"stage 'reward' was trained with a different tokenizer \(301 tokens\) "
+                                       r"than this stage's \(300 tokens\)") as err:
+        run_stage(recipe, "ppo")
+    assert err.value.key == "stages.ppo.reward_model"
+    assert not (runs_dir / "ppo").exists()
+
+
+def test_reward_model_with_another_template_refused(with_reward, tmp_path):
+    recipe, runs_dir = _copy_of(with_reward, tmp_path)
+
+    def other_template(model_dir):
+        (model_dir / "chat_template.jinja").write_text(EMBEDDED.replace("<|assistant|>", "<|assistant|> "))
+
+    _resave_as_if_trained_so(runs_dir / "reward", other_template)
+    with pytest.raises(RunError, match="stage 'reward' was trained with a different chat template") as err:
+        run_stage(recipe, "ppo")
+    assert err.value.key == "stages.ppo.reward_model"
+    assert not (runs_dir / "ppo").exists()
+
+
+def test_parent_with_another_vocabulary_refused(with_reward, tmp_path):
+    """A stage's tokenizer is loaded from its parent, so through the runner the two always agree; the
+    check is reached by handing the stage a tokenizer of another vocabulary (what a stage that built
+    its own would hold)."""
+    from alignpipe.runner import make_context
+
+    recipe, runs_dir = _copy_of(with_reward, tmp_path)
+    ctx = make_context(recipe, "reward")
+    tokenizer = ctx.load_tokenizer()
+    tokenizer.add_tokens(["zzzz"])
+    with pytest.raises(RunError, match=r"stage 'sft' was trained with a different tokenizer \(300 tokens\) "
+                                       r"than this stage's \(301 tokens\)") as err:
+        tc.check_stage_templates(ctx, tokenizer)
+    assert err.value.key == "stages.reward.from"
+    assert tc.check_stage_templates(ctx)["tokenizer"]["vocab_size"] == 300  # its own tokenizer passes

@@ -28,6 +28,44 @@ def last_checkpoint(ctx) -> str | None:
     return str(done[-1])
 
 
+def train(trainer, ctx) -> None:
+    """`trainer.train()`, resumed from the newest complete checkpoint (if any), TRL's token count included.
+
+    TRL's SFT, DPO and reward trainers keep the running `num_tokens` they log outside transformers'
+    checkpointed state, so a resumed run would log it from 0 again. The count is saved into each
+    checkpoint's `trainer_state.json` (as a stateful callback, written with the step it belongs to)
+    and put back before training resumes.
+    """
+    checkpoint = last_checkpoint(ctx)
+    saved = {}
+    if checkpoint is not None:
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks") or {}
+    # a checkpoint written without the count (an older alignpipe) resumes without it: transformers
+    # cannot update a callback state that the checkpoint lacks
+    if hasattr(trainer, "_total_train_tokens") and (checkpoint is None or TOKEN_COUNT in saved):
+        trainer.add_callback(_token_count_callback(trainer))
+        if checkpoint is not None:
+            trainer._total_train_tokens = saved[TOKEN_COUNT]["attributes"]["total_train_tokens"]
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+
+TOKEN_COUNT = "TokenCount"  # the callback's class name: its key in trainer_state.json's stateful_callbacks
+
+
+def _token_count_callback(trainer):
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TokenCount(TrainerCallback, ExportableState):
+        def __init__(self, trainer=None, **_):
+            self.trainer = trainer
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"total_train_tokens": getattr(self.trainer, "_total_train_tokens", 0)}}
+
+    return TokenCount(trainer)
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
     """Whether a transformers `checkpoint-N/` folder was written to the end.
 
