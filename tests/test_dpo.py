@@ -68,7 +68,9 @@ def test_full_and_lora_dpo_train_and_report(trained):
     assert sum(not torch.equal(sft_weights[k], full[k]) for k in sft_weights) >= len(sft_weights) // 2
     assert (runs / "dpo_lora" / "model" / "adapter_config.json").is_file()
     assert not (runs / "dpo_lora" / "model" / "model.safetensors").exists()
-    assert _manifest(runs / "dpo_lora")["base_model"] == {"stage_dir": str(runs / "sft")}
+    # the base is named relative to the run folder (by stage and manifest hash), so the folder can move
+    assert _manifest(runs / "dpo_lora")["base_model"] == {
+        "stage": "sft", "manifest_sha256": _manifest(runs / "dpo_lora")["parent"]["manifest_sha256"]}
     assert _manifest(runs / "dpo_ipo")["metrics"]["loss_type"] == ["ipo"]
     # the named reward stage is an upstream of the stage and scored its samples
     assert _manifest(runs / "dpo_lora")["metrics"]["reward_stage"] == "reward"

@@ -55,7 +55,7 @@ def cmd_run(args) -> int:
     _threads()
     from alignpipe.runner import run_recipe, summary_table
 
-    manifests = run_recipe(recipe, args.stages, force=args.force, restart=args.restart)
+    manifests = run_recipe(recipe, args.stages, force=args.force, restart=args.restart, keep=args.keep)
     from alignpipe.distributed import is_main_process
 
     if is_main_process():  # one table, not one per process
@@ -64,6 +64,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from alignpipe import stage_versions
     from alignpipe.runs import read_manifest
 
     root = Path(args.run_dir)
@@ -80,8 +81,11 @@ def cmd_show(args) -> int:
 
     for name, m in manifests.items():
         chain = " -> ".join([*m.get("lineage", []), name])
-        print(f"{name}: {m.get('kind')} [{m.get('status')}] lineage: {chain}; parent: "
-              f"{(m.get('parent') or {}).get('path', m.get('base_model'))}")
+        print(f"{name}: {m.get('kind')} [{m.get('status')}] version {stage_versions.version_of(m)} lineage: "
+              f"{chain}; parent: {(m.get('parent') or {}).get('stage', m.get('base_model'))}")
+        stage_dir = next(d for d in dirs if d.name == name)
+        for line in stage_versions.describe_versions(stage_dir):
+            print(f"  {line}")
     print(summary_table(manifests))
     return 0
 
@@ -101,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to run (their missing upstream stages are built first)")
     p.add_argument("--force", action="store_true", help="re-run the named stages even if complete")
     p.add_argument("--restart", action="store_true", help="start the named stages over instead of resuming")
+    p.add_argument("--keep", type=int, default=1, metavar="N",
+                   help="earlier versions of a re-run stage to keep in runs/<name>/.history/ (default 1)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a recipe and its data without training")

@@ -53,9 +53,13 @@ class StageContext:
         return self.recipe.stage_dir(stage)
 
     def base_model_ref(self) -> dict[str, Any]:
-        """Where this stage's starting weights come from, recorded in its manifest for LoRA reloads."""
+        """Where this stage's starting weights come from, recorded in its manifest for LoRA reloads: a
+        stage of the same run folder (by name and manifest hash, so the run folder can move and the
+        version is found in the stage's history after a re-run), or the recipe's model as written."""
         if self.parent_dir is not None:
-            return {"stage_dir": str(self.parent_dir)}
+            from alignpipe.runs import manifest_hash
+
+            return {"stage": self.config.from_, "manifest_sha256": manifest_hash(self.parent_dir)}
         return {"path": self.recipe.model.path}
 
     def load_tokenizer(self):

@@ -6,7 +6,12 @@ A gate is `<metric> <op> <expression>`: the metric is one of this stage's own me
 is arithmetic (+ - * / and parentheses) over numbers, this stage's metrics (`eval_loss`) and other
 stages' metrics (`sft.judge_pass_rate`). It is parsed by a small recursive-descent parser, never by
 `eval`. A missed gate leaves the stage complete (its artifacts are kept), records the result in the
-manifest (`gates: [{expr, value, threshold, passed}]`) and makes `alignpipe run` stop with a GateError.
+stage's `gates.json` (`[{expr, value, threshold, passed}]`) and makes `alignpipe run` stop with a GateError.
+
+Gates are not part of a stage's fingerprint: they are checked against the metrics its manifest
+recorded, so changing only a threshold re-checks the stage (`alignpipe run`, `alignpipe gates runs/x`)
+without training it again. `gates.json` is the latest check; the manifest is never rewritten for it
+(its hash is what downstream stages are fingerprinted on).
 """
 
 from __future__ import annotations
@@ -190,20 +195,25 @@ def _value(node: Node, lookup: Callable[[str | None, str], Any]) -> float:
 
 
 def evaluate_gates(recipe, stage: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Check `stage`'s gates against its fresh `metrics` (other stages' metrics come from their
+    """Check `stage`'s gates against its `metrics` (other stages' metrics come from their
     manifests). Never raises for a missing metric: that gate is recorded as missed, with the reason."""
+    return check(recipe.stages[stage].gates, stage, metrics, recipe.run_root)
+
+
+def check(texts: list[str], stage: str, metrics: dict[str, Any], run_root: Path) -> list[dict[str, Any]]:
+    """Gates `texts` of `stage` against `metrics`; other stages' metrics from `run_root/<stage>`."""
     from alignpipe.runs import read_manifest
 
     def lookup(ref_stage: str | None, metric: str) -> Any:
         if ref_stage is None or ref_stage == stage:
             return metrics.get(metric)
-        manifest = read_manifest(recipe.stage_dir(ref_stage)) or {}
+        manifest = read_manifest(Path(run_root) / ref_stage) or {}
         if manifest.get("status") != "complete":
             raise _Missing(f"stage {ref_stage!r} is not complete")
         return (manifest.get("metrics") or {}).get(metric)
 
     results = []
-    for text in recipe.stages[stage].gates:
+    for text in texts:
         gate = parse_gate(text)
         row: dict[str, Any] = {"expr": gate.text, "metric": gate.metric, "op": gate.op}
         try:
@@ -215,6 +225,56 @@ def evaluate_gates(recipe, stage: str, metrics: dict[str, Any]) -> list[dict[str
             row.update(value=None, threshold=None, passed=False, reason=f"{why} (stage {stage!r} reports: {have})")
         results.append(row)
     return results
+
+
+RESULTS = "gates.json"
+
+
+def write_results(stage_dir: Path, results: list[dict[str, Any]]) -> None:
+    """The latest check of a stage's gates, beside its manifest (none: the file is removed)."""
+    from alignpipe.runs import write_json_atomic
+
+    path = Path(stage_dir) / RESULTS
+    if results:
+        write_json_atomic(path, results)
+    elif path.is_file():
+        path.unlink()
+
+
+def recorded(stage_dir: Path) -> list[dict[str, Any]]:
+    """The latest recorded gate results of a stage (folders from before gates.json: the manifest's)."""
+    import json
+
+    from alignpipe.runs import read_manifest
+
+    path = Path(stage_dir) / RESULTS
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return []
+    return (read_manifest(stage_dir) or {}).get("gates") or []
+
+
+def recheck_run(run_root: Path, recipe=None) -> dict[str, list[dict[str, Any]]]:
+    """Re-check every complete stage of a run folder on its recorded metrics and rewrite gates.json.
+    The gates are the recipe's when one is given, else those each stage recorded. By stage name."""
+    from alignpipe.runs import read_manifest
+
+    out = {}
+    for d in sorted(p for p in Path(run_root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        manifest = read_manifest(d)
+        if not manifest or manifest.get("status") != "complete":
+            continue
+        if recipe is not None:
+            texts = list(recipe.stages[d.name].gates) if d.name in recipe.stages else []
+        else:
+            texts = [row["expr"] for row in recorded(d)]
+        results = check(texts, d.name, manifest.get("metrics") or {}, run_root)
+        write_results(d, results)
+        if results:
+            out[d.name] = results
+    return out
 
 
 def describe(stage: str, row: dict[str, Any]) -> str:

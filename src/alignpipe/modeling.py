@@ -3,7 +3,6 @@ or loaded from a stage's checkpoint (full weights, or a LoRA adapter over its re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -193,12 +192,13 @@ def load_stage_model(stage_dir: Path, spec: ModelSpec, model_class=None, merge: 
         return load_pretrained(model_dir, spec, model_class)
     from peft import PeftModel
 
-    manifest = json.loads((Path(stage_dir) / "manifest.json").read_text())
-    base_ref = manifest["base_model"]
-    if base_ref.get("stage_dir"):
-        base = load_stage_model(Path(base_ref["stage_dir"]), spec, model_class)
+    from alignpipe.stage_versions import base_of
+
+    base_ref = base_of(stage_dir)  # a stage folder (current or in its history), or the recipe's model
+    if isinstance(base_ref, Path):
+        base = load_stage_model(base_ref, spec, model_class)
     else:
-        base = load_pretrained(base_ref["path"], spec, model_class)
+        base = load_pretrained(base_ref, spec, model_class)
     config = None
     if model_class is not None:  # e.g. a reward model's body from a causal-LM adapter: apply it to the body
         from peft import PeftConfig

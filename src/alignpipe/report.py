@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.errors import RunError
+from alignpipe.gates import recorded as recorded_gates
 
 FIG_PREFIX = "fig-"
 POLICY_BASELINE_KIND = "sft"
@@ -294,7 +295,7 @@ def _checkpoint(stage: Stage) -> str:
     if (model / "adapter_config.json").is_file():
         cfg = json.loads((model / "adapter_config.json").read_text())
         base = (stage.manifest.get("base_model") or {})
-        over = Path(base["stage_dir"]).name if base.get("stage_dir") else base.get("path", "?")
+        over = base.get("stage") or (Path(base["stage_dir"]).name if base.get("stage_dir") else base.get("path", "?"))
         what = f"LoRA adapter r={cfg.get('r')} over {over}"
     elif (model / "reward.json").is_file():
         what = "reward model (full weights + score head)"
@@ -420,7 +421,7 @@ class Report:
     def gates(self) -> list[str]:
         rows = []
         for s in self.stages:
-            for g in s.manifest.get("gates") or []:
+            for g in recorded_gates(s.dir):
                 verdict = "passed" if g.get("passed") else "**MISSED**"
                 rows.append([s.name, f"`{_md_cell(g.get('expr', ''))}`", _fmt(g.get("value"), 4),
                              _fmt(g.get("threshold"), 4), verdict + (f" ({_md_cell(g['reason'])})" if g.get("reason")

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from alignpipe import gates, runs
+from alignpipe import gates, runs, stage_versions
 from alignpipe.context import StageContext
 from alignpipe.errors import AlignpipeError, RunError
 from alignpipe.lock import RunLock
@@ -78,7 +78,7 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
     """A hash of everything that determines a stage's result, and the parts it was made from."""
     recipe = ctx.recipe
     parts: dict[str, Any] = {
-        "config": to_plain(ctx.config),
+        "config": {k: v for k, v in to_plain(ctx.config).items() if k != "gates"},  # re-checked, not re-trained
         "seed": recipe.seed,
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
@@ -102,48 +102,78 @@ def output_fingerprints(ctx: StageContext) -> dict[str, str]:
     return out
 
 
-def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = False) -> dict:
-    """Run one stage (its upstream stages must be complete). Returns its manifest."""
+def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = False,
+              keep: int = stage_versions.DEFAULT_KEEP) -> dict:
+    """Run one stage (its upstream stages must be complete). Returns its manifest.
+
+    A complete stage is never deleted by a re-run: the new attempt trains in `.next/<stage>` and is
+    swapped in when complete (stage_versions)."""
     ctx = make_context(recipe, name, resume=not restart)
     cfg = ctx.config
+    stage_dir = ctx.dir
     for upstream in recipe.upstream(name):
         runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
+    main = distributed.is_main_process()  # with several processes only the main one writes the folder
+    if main and (done := stage_versions.settle(stage_dir, keep)):  # a swap cut short by a kill
+        log(f"stage {name}: {done}")
+    distributed.barrier()
     fingerprint, parts = stage_fingerprint(ctx)
-    old = runs.read_manifest(ctx.dir)
+    old = runs.read_manifest(stage_dir)
     if old and not force and old.get("schema") != runs.MANIFEST_SCHEMA:  # never resume, skip or delete it
         raise RunError(f"written by an incompatible alignpipe (manifest schema {old.get('schema')!r}, this version "
-                       f"writes {runs.MANIFEST_SCHEMA})", where=str(ctx.dir / runs.MANIFEST),
+                       f"writes {runs.MANIFEST_SCHEMA})", where=str(stage_dir / runs.MANIFEST),
                        fix=f"move the folder away or use another runs_dir; or overwrite it: --stages {name} --force")
-    if old and not force and old.get("status") == "complete" and old.get("fingerprint") == fingerprint:
+    action, attempt = stage_versions.plan(stage_dir, fingerprint, force=force, restart=restart)
+    if action == "skip":
         log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
-        gates.raise_if_missed(name, old.get("gates") or [], ctx.dir)  # a missed gate still fails the run
+        if (left := stage_versions.unfinished_attempt(stage_dir)) is not None:
+            log(f"stage {name}: an unfinished attempt for another config is kept in "
+                f"{stage_versions.next_dir(stage_dir)} (status {left.get('status')!r}); "
+                f"`alignpipe discard {stage_dir}` deletes it")
+        recheck_gates(recipe, name, old, main)  # gates read the recorded metrics: no training
         return old
     # the chat template, tokenizer and parents are checked before anything is deleted or trained
     template_check = check_stage_templates(ctx)
     check_lora_targets(recipe, name)  # its parent may have been built only now
-    main = distributed.is_main_process()  # with several processes only the main one writes the folder
     distributed.barrier()  # every process has read the old manifest before the main one changes it
-    if ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint):
+    if action == "reuse":
+        log(f"stage {name}: version {attempt.name} in its history has the same config and inputs; restored "
+            "it instead of training")
+        if main:
+            replaced = stage_versions.restore(stage_dir, int(attempt.name))
+            stage_versions.prune(stage_dir, keep)
+            log(f"stage {name}: version {replaced} moved into the history")
+        distributed.barrier()
+        restored = runs.read_manifest(stage_dir)
+        recheck_gates(recipe, name, restored, main)
+        return restored
+    ctx.dir = attempt
+    if attempt != stage_dir:
+        log(f"stage {name}: version {stage_versions.version_of(old)} stays in place until the new one is complete; "
+            f"training it in {attempt}")
+    if action == "fresh" and (attempt.exists() or attempt != stage_dir):
         why = "--force" if force else "--restart" if restart else "its config or inputs changed"
         log(f"stage {name}: starting over ({why})")
-        if main:
-            shutil.rmtree(ctx.dir)
-    elif old:
-        log(f"stage {name}: resuming an interrupted run (status {old.get('status')!r})")
+        if main and attempt.exists():  # never the complete current version (stage_versions.plan)
+            shutil.rmtree(attempt)
+    elif action == "resume":
+        log(f"stage {name}: resuming an interrupted run (status {runs.read_manifest(attempt).get('status')!r})")
 
     from transformers import set_seed
 
     set_seed(recipe.seed)
     parent_manifest = runs.read_manifest(ctx.parent_dir) if ctx.parent_dir else None
-    run = runs.StageRun(ctx.dir, {
+    run = runs.StageRun(attempt, {
         "stage": name,
         "kind": cfg.kind,
         "status": "running",
+        "version": stage_versions.new_version(stage_dir) if attempt != stage_dir or action == "fresh"
+        else stage_versions.version_of(old),
         "recipe": str(recipe.path),
         "resolved_config": to_plain(cfg),
         "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),
                             "chat_template": recipe.chat_template, "world": recipe.world},
-        "parent": ({"stage": cfg.from_, "path": str(ctx.parent_dir),
+        "parent": ({"stage": cfg.from_, "path": cfg.from_,  # relative to the run folder, which can move
                     "manifest_sha256": runs.manifest_hash(ctx.parent_dir)} if ctx.parent_dir else None),
         "base_model": ctx.base_model_ref(),
         "fingerprint": fingerprint,
@@ -156,31 +186,63 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         "template_check": template_check,
         "world_size": distributed.world_size(),
     })
-    if main:
-        run.start()
-    distributed.barrier()
-    log(f"stage {name} ({cfg.kind}): running -> {ctx.dir}")
+    log(f"stage {name} ({cfg.kind}): running -> {attempt}")
     t0 = time.time()
     try:
+        if main:
+            run.start()
+        distributed.barrier()
         metrics = stage_module(cfg.kind).run(ctx)
+        results = gates.evaluate_gates(recipe, name, metrics)
+        if main:
+            gates.write_results(attempt, results)
+            run.finish(metrics, outputs=output_fingerprints(ctx))
     except BaseException as err:  # record the failure, then let it propagate (KeyboardInterrupt too)
         if main:
-            run.fail(f"{type(err).__name__}: {err}")
-            (ctx.dir / "error.txt").write_text(traceback.format_exc())
-        raise
-    results = gates.evaluate_gates(recipe, name, metrics)
-    if main:
-        run.finish(metrics, outputs=output_fingerprints(ctx), **({"gates": results} if results else {}))
+            _record_failure(run, attempt, err)
+        if attempt != stage_dir:
+            log(f"stage {name}: the current version {stage_dir} is untouched; the new attempt is kept in "
+                f"{attempt}: run the same command again (without --force) to resume it, or "
+                f"`alignpipe discard {stage_dir}` to delete it")
+        raise stage_versions.storage_error(err, name, attempt, stage_dir) or err
+    if main and attempt != stage_dir:
+        stage_versions.promote(attempt, stage_dir, keep)  # one rename: the new version replaces the old
+        log(f"stage {name}: version {run.data['version']} swapped in; version {stage_versions.version_of(old)} "
+            f"kept in {stage_versions.history_root(stage_dir)} (`alignpipe restore {stage_dir} "
+            f"{stage_versions.version_of(old)}` brings it back)")
+    ctx.dir = stage_dir
     distributed.barrier()  # the next stage (on any process) starts from what was just saved
     log(f"stage {name}: complete in {time.time() - t0:.1f}s")
     for row in results:
         log(f"gate {'passed' if row['passed'] else 'MISSED'}: {gates.describe(name, row)}")
-    gates.raise_if_missed(name, results, ctx.dir)  # stop here: later stages build on this one
-    return run.data if main else (runs.read_manifest(ctx.dir) or run.data)
+    gates.raise_if_missed(name, results, stage_dir)  # stop here: later stages build on this one
+    return runs.read_manifest(stage_dir) or run.data
+
+
+def recheck_gates(recipe: Recipe, name: str, manifest: dict, main: bool) -> None:
+    """Check a complete stage's gates (the recipe's, as they are now) against its recorded metrics."""
+    stage_dir = recipe.stage_dir(name)
+    results = gates.evaluate_gates(recipe, name, manifest.get("metrics") or {})
+    if results != gates.recorded(stage_dir):
+        if main:
+            gates.write_results(stage_dir, results)
+        for row in results:
+            log(f"gate {'passed' if row['passed'] else 'MISSED'} (re-checked on the recorded metrics): "
+                f"{gates.describe(name, row)}")
+    gates.raise_if_missed(name, results, stage_dir)  # a missed gate still fails the run
+
+
+def _record_failure(run: runs.StageRun, attempt: Path, err: BaseException) -> None:
+    """Mark the attempt failed, with its traceback; on a full or read-only disk this may fail too."""
+    try:
+        run.fail(f"{type(err).__name__}: {err}")
+        (attempt / "error.txt").write_text(traceback.format_exc())
+    except OSError:
+        pass
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = False,
-               restart: bool = False) -> dict[str, dict]:
+               restart: bool = False, keep: int = stage_versions.DEFAULT_KEEP) -> dict[str, dict]:
     """Run `only` (default: every stage) and whatever they need, in order. Returns manifests by stage."""
     order = recipe.order(only)
     if only:
@@ -193,7 +255,8 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
         with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
             for name in order:
                 explicit = only is None or name in only
-                manifests[name] = run_stage(recipe, name, force=force and explicit, restart=restart and explicit)
+                manifests[name] = run_stage(recipe, name, force=force and explicit,
+                                            restart=restart and explicit, keep=keep)
     finally:
         distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
     return manifests

@@ -228,12 +228,11 @@ def check_lora_targets(recipe: Recipe, stage: str) -> None:
 def _module_names(recipe: Recipe, stage: str) -> tuple[set[str], set[str]]:
     """Module names of the model a stage starts from, built on the meta device (no weights read), and the
     last part of its linear layers' names; empty while that model is not on disk yet."""
-    import json
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from alignpipe import modeling, runs
+    from alignpipe.stage_versions import base_of
 
     cfg = recipe.stages[stage]
     source = recipe.model.path
@@ -243,8 +242,8 @@ def _module_names(recipe: Recipe, stage: str) -> tuple[set[str], set[str]]:
             return set(), set()
         source = str(modeling.checkpoint_dir(stage_dir))
         while modeling.is_adapter(Path(source)):  # a LoRA stage saved only its adapter: its base has the config
-            base = json.loads((Path(source).parent / runs.MANIFEST).read_text())["base_model"]
-            source = str(modeling.checkpoint_dir(Path(base["stage_dir"]))) if base.get("stage_dir") else base["path"]
+            base = base_of(Path(source).parent)
+            source = str(modeling.checkpoint_dir(base)) if isinstance(base, Path) else base
     if source is None:  # a from-scratch model: nothing to match against before it exists
         return set(), set()
     local_only = {} if Path(str(source)).is_dir() else {"local_files_only": True}  # validate works offline
