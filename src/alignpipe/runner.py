@@ -74,11 +74,50 @@ def data_fingerprint(ctx: StageContext) -> Any:
     return out
 
 
+# Settings that cannot change what a stage trains: how it logs, reports and keeps checkpoints, and how
+# it batches evaluation. They stay in the manifest's resolved_config but not in the fingerprint, so
+# changing one skips a complete stage (or resumes an interrupted one) instead of training it again.
+RESULT_NEUTRAL_KEYS = ("checkpoint_every",)
+RESULT_NEUTRAL_TRAINER_KEYS = (
+    "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
+    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "save_total_limit", "save_steps",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "skip_memory_metrics",
+    "include_num_input_tokens_seen", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+    "hub_private_repo", "hub_always_push", "hub_revision",
+)
+
+
+def result_config(config: dict) -> dict:
+    """A stage's plain config without the settings that cannot change its result (RESULT_NEUTRAL_*)."""
+    out = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_KEYS}
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
+    return out
+
+
+def changed_inputs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each leaf that differs between two fingerprint parts (manifest `inputs`)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key, "(unset)"), new.get(key, "(unset)"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_inputs(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
     """A hash of everything that determines a stage's result, and the parts it was made from."""
     recipe = ctx.recipe
     parts: dict[str, Any] = {
-        "config": to_plain(ctx.config),
+        "config": result_config(to_plain(ctx.config)),
         "seed": recipe.seed,
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
@@ -124,7 +163,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     distributed.barrier()  # every process has read the old manifest before the main one changes it
     if ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint):
-        why = "--force" if force else "--restart" if restart else "its config or inputs changed"
+        why = "--force" if force else "--restart" if restart else _why_changed(old, parts)
         log(f"stage {name}: starting over ({why})")
         if main:
             shutil.rmtree(ctx.dir)
@@ -177,6 +216,17 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         log(f"gate {'passed' if row['passed'] else 'MISSED'}: {gates.describe(name, row)}")
     gates.raise_if_missed(name, results, ctx.dir)  # stop here: later stages build on this one
     return run.data if main else (runs.read_manifest(ctx.dir) or run.data)
+
+
+def _why_changed(old: dict | None, parts: dict) -> str:
+    """What differs from the folder's last run, for the "starting over" line."""
+    if not old:
+        return "no manifest"
+    changed = changed_inputs(old.get("inputs") or {}, parts)
+    if not changed:
+        return "its config or inputs changed"
+    more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return "its config or inputs changed: " + "; ".join(changed[:5]) + more
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = False,
