@@ -46,6 +46,12 @@ def sft_stage(folder: Path) -> dict:
             "trainer": {**TRAINER, "max_steps": 3, "max_length": 64}}
 
 
+def write_prefs(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": q, "chosen": r, "rejected": w}) + "\n"
+                            for q, r, w in arithmetic(32)))
+    return path
+
+
 @pytest.fixture(scope="module")
 def lora_sft(qwen_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("byo_sft")
@@ -102,3 +108,64 @@ def test_export_of_a_lora_stage_stops_at_the_end_of_turn(lora_sft, tmp_path):
                              logits_processor=LogitsProcessorList([EndTurnAt()]))
     new = gen[0, prompt_len:].tolist()
     assert new[-1] == im_end and len(new) == 3, tok.decode(new)
+
+
+# --- item 2: DPO's counts are the pairs it trains on ----------------------------------------------------
+
+
+def test_dpo_reports_the_pairs_it_trains_on(qwen_dir, tmp_path, capsys):
+    rows = arithmetic(64, seed=1)
+    long_at = {0, 10, 20, 30, 40}  # 0 is held out (the first 64 // 20 = 3 rows are)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": " ".join([q] * 12) if i in long_at else q, "chosen": r,
+                                         "rejected": w}) + "\n" for i, (q, r, w) in enumerate(rows)))
+    dpo = {"data": {"path": str(prefs)}, "lora": {"r": 4, "alpha": 8},
+           "trainer": {**TRAINER, "max_steps": -1, "num_train_epochs": 1, "max_length": 64}}
+    path = recipe(tmp_path, qwen_dir, {"dpo": dpo})
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    metrics = read_manifest(tmp_path / "runs" / "byo" / "dpo")["metrics"]
+    # 64 pairs: 3 held out (one of them too long), 61 for training of which 4 have a prompt of >64 tokens
+    assert metrics["pairs_trained_on"] == 57 and metrics["pairs_held_out"] == 2
+    assert metrics["pairs_dropped_prompt_too_long"] == 5
+    assert metrics["global_step"] == math.ceil(57 / 8)  # one epoch over exactly the pairs reported
+    assert "57 pairs trained on, 2 held out; dropped 4 training and 1 held-out pairs" in out, out
+    assert out.count("data (pairs): 64 rows read") == 1, out  # the data summary is printed once
+
+
+# --- item 3: validate refuses what run refuses ------------------------------------------------------
+
+
+@pytest.mark.parametrize("template,refusal", [
+    ("llama3", "neither the tokenizer's EOS nor a generation stop token"),  # <|eot_id|> is not even a token here
+    ("model", "marks no assistant tokens"),  # Qwen's own template has no {% generation %} block
+])
+def test_validate_refuses_what_run_refuses_and_run_leaves_no_folder(qwen_dir, tmp_path, capsys, template, refusal):
+    dpo = {"from": "sft", "data": {"path": str(write_prefs(tmp_path / "prefs.jsonl"))}}
+    path = recipe(tmp_path, qwen_dir, {"sft": sft_stage(tmp_path), "dpo": dpo})
+    for command in ("validate", "run"):
+        capsys.readouterr()
+        assert main([command, str(path), "--set", f"chat_template={template}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert refusal in err and "stage 'sft'" in err and "fix:" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_checks_a_complete_parent_as_run_does(lora_sft, qwen_dir, tmp_path, capsys):
+    import shutil
+
+    root = lora_sft.parents[2]  # the fixture's folder: its recipe and data
+    runs = tmp_path / "runs"
+    shutil.copytree(lora_sft.parent, runs / "byo")
+    prefs = write_prefs(tmp_path / "prefs.jsonl")
+    data = {**__import__("yaml").safe_load((root / "byo.yaml").read_text()), "runs_dir": str(runs)}
+    data["stages"]["dpo"] = {"from": "sft", "data": {"path": str(prefs)}, "lora": {"r": 4, "alpha": 8}}
+    path = write_yaml(tmp_path / "byo.yaml", data)
+    assert main(["validate", str(path)]) == 0
+    # the parent's tokenizer changed after it completed: run would refuse, so validate does
+    tok_file = runs / "byo" / "sft" / "model" / "tokenizer.json"
+    tok_file.write_text(tok_file.read_text() + "\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tokenizer.json of stage 'sft' changed after that stage completed" in err, err

@@ -239,6 +239,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
         if missing:
             log(f"building upstream stage(s) first: {', '.join(missing)} (needed by {', '.join(only)})")
     manifests = {}
+    new_folder = not recipe.run_root.exists()
     try:
         with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
             for name in order:
@@ -246,7 +247,14 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
                 manifests[name] = run_stage(recipe, name, force=force and explicit, restart=restart and explicit)
     finally:
         distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
+        _remove_if_empty(recipe.run_root, new_folder)
     return manifests
+
+
+def _remove_if_empty(run_root: Path, created: bool) -> None:
+    """A run refused before its first stage wrote anything leaves no run folder behind."""
+    if created and distributed.is_main_process() and run_root.is_dir() and not any(run_root.iterdir()):
+        run_root.rmdir()
 
 
 def summary_table(manifests: dict[str, dict]) -> str:
