@@ -107,7 +107,7 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
     copies = {}
     for stage in ("dpo", "dpo_lora"):
         ctx = make_context(recipe, stage)
-        trainer, reference = dpo.build_trainer(ctx)
+        trainer, reference, _ = dpo.build_trainer(ctx)
         copies[stage] = _base_storages(ctx, trainer, reference)
         if stage == "dpo_lora":
             assert trainer.ref_model is None and reference is None

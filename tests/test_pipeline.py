@@ -64,10 +64,18 @@ def test_pretrain_then_sft(tiny, capsys):
     assert again["metrics"]["judge_pass_rate"] == sft["metrics"]["judge_pass_rate"]
     assert abs(again["metrics"]["eval_loss"] - sft["metrics"]["eval_loss"]) < 1e-6
 
-    # a changed config re-runs that stage (and nothing upstream)
+    # settings that cannot change the result (logging, progress, checkpoints kept, eval batch) skip the stage
+    assert main(["run", str(tiny), "--set", "stages.sft.trainer.logging_steps=1", "--set",
+                 "stages.sft.trainer.disable_tqdm=false", "--set", "stages.sft.trainer.save_total_limit=5",
+                 "--set", "stages.sft.trainer.per_device_eval_batch_size=3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped") == 2 and "starting over" not in err
+
+    # a changed config re-runs that stage (and nothing upstream), and the log names the key: old -> new
     assert main(["run", str(tiny), "--set", "stages.sft.trainer.learning_rate=5e-4"]) == 0
     err = capsys.readouterr().err
-    assert "its config or inputs changed" in err and err.count("skipped") == 1
+    assert "its config or inputs changed: config.trainer.learning_rate: 0.001 -> 0.0005" in err, err
+    assert err.count("skipped") == 1
 
 
 def test_show_prints_lineage(tiny, capsys):

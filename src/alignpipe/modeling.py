@@ -206,7 +206,20 @@ def load_stage_model(stage_dir: Path, spec: ModelSpec, model_class=None, merge: 
         config = PeftConfig.from_pretrained(str(model_dir))
         config.task_type = None  # a plain PeftModel: the adapter's layer names are the same under any head
     model = PeftModel.from_pretrained(base, str(model_dir), config=config)
+    if model_class is None:  # the base's config still stops where documents end: stop where turns end
+        _stop_at_stage_eos(model, model_dir, spec)
     return model.merge_and_unload() if merge else model
+
+
+def _stop_at_stage_eos(model, model_dir: Path, spec: ModelSpec) -> None:
+    """Mirror the stage tokenizer's EOS (the template's end of turn, see template_checks) onto a model whose
+    config came from its base: an adapter stores no config, so without this the reloaded (and exported)
+    model keeps the base's EOS (e.g. Qwen's <|endoftext|>) and plain `generate` runs past every turn."""
+    if not (Path(model_dir) / "tokenizer_config.json").is_file():
+        return
+    from alignpipe.template_checks import add_stop_token
+
+    add_stop_token(model, load_tokenizer(model_dir, spec).eos_token_id)
 
 
 def count_parameters(model) -> int:

@@ -74,11 +74,50 @@ def data_fingerprint(ctx: StageContext) -> Any:
     return out
 
 
+# Settings that cannot change what a stage trains: how it logs, reports and keeps checkpoints, and how
+# it batches evaluation. They stay in the manifest's resolved_config but not in the fingerprint, so
+# changing one skips a complete stage (or resumes an interrupted one) instead of training it again.
+RESULT_NEUTRAL_KEYS = ("checkpoint_every", "gates")  # gates are re-checked on recorded metrics, not re-trained
+RESULT_NEUTRAL_TRAINER_KEYS = (
+    "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
+    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "save_total_limit", "save_steps",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "skip_memory_metrics",
+    "include_num_input_tokens_seen", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+    "hub_private_repo", "hub_always_push", "hub_revision",
+)
+
+
+def result_config(config: dict) -> dict:
+    """A stage's plain config without the settings that cannot change its result (RESULT_NEUTRAL_*)."""
+    out = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_KEYS}
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
+    return out
+
+
+def changed_inputs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each leaf that differs between two fingerprint parts (manifest `inputs`)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key, "(unset)"), new.get(key, "(unset)"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_inputs(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
     """A hash of everything that determines a stage's result, and the parts it was made from."""
     recipe = ctx.recipe
     parts: dict[str, Any] = {
-        "config": {k: v for k, v in to_plain(ctx.config).items() if k != "gates"},  # re-checked, not re-trained
+        "config": result_config(to_plain(ctx.config)),
         "seed": recipe.seed,
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
@@ -152,7 +191,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         log(f"stage {name}: version {stage_versions.version_of(old)} stays in place until the new one is complete; "
             f"training it in {attempt}")
     if action == "fresh" and (attempt.exists() or attempt != stage_dir):
-        why = "--force" if force else "--restart" if restart else "its config or inputs changed"
+        why = "--force" if force else "--restart" if restart else _why_changed(old, parts)
         log(f"stage {name}: starting over ({why})")
         if main and attempt.exists():  # never the complete current version (stage_versions.plan)
             shutil.rmtree(attempt)
@@ -241,6 +280,17 @@ def _record_failure(run: runs.StageRun, attempt: Path, err: BaseException) -> No
         pass
 
 
+def _why_changed(old: dict | None, parts: dict) -> str:
+    """What differs from the folder's last run, for the "starting over" line."""
+    if not old:
+        return "no manifest"
+    changed = changed_inputs(old.get("inputs") or {}, parts)
+    if not changed:
+        return "its config or inputs changed"
+    more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return "its config or inputs changed: " + "; ".join(changed[:5]) + more
+
+
 def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = False,
                restart: bool = False, keep: int = stage_versions.DEFAULT_KEEP) -> dict[str, dict]:
     """Run `only` (default: every stage) and whatever they need, in order. Returns manifests by stage."""
@@ -251,6 +301,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
         if missing:
             log(f"building upstream stage(s) first: {', '.join(missing)} (needed by {', '.join(only)})")
     manifests = {}
+    new_folder = not recipe.run_root.exists()
     try:
         with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
             for name in order:
@@ -259,7 +310,14 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
                                             restart=restart and explicit, keep=keep)
     finally:
         distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
+        _remove_if_empty(recipe.run_root, new_folder)
     return manifests
+
+
+def _remove_if_empty(run_root: Path, created: bool) -> None:
+    """A run refused before its first stage wrote anything leaves no run folder behind."""
+    if created and distributed.is_main_process() and run_root.is_dir() and not any(run_root.iterdir()):
+        run_root.rmdir()
 
 
 def summary_table(manifests: dict[str, dict]) -> str:

@@ -275,20 +275,22 @@ def _generation_eos(ctx) -> list[int]:
         return []
 
 
-def check_stage_templates(ctx, tokenizer=None) -> dict:
-    """All checks for one stage, before it trains. Returns the report the runner keeps in the manifest."""
+def check_stage_templates(ctx, tokenizer=None, against_parents: bool = True) -> dict:
+    """All checks for one stage, before it trains. Returns the report the runner keeps in the manifest.
+    `against_parents=False` (validate, while the parents are still to be built): the template and EOS only."""
     from alignpipe.validate import check_parent_template
 
     cfg, recipe = ctx.config, ctx.recipe
     if ctx.parent_dir is None and recipe.model.init is not None:
         return {"skipped": "this stage trains its tokenizer; its children check it"}
-    check_parent_template(recipe, ctx.name)
+    if against_parents:
+        check_parent_template(recipe, ctx.name)
     tokenizer = tokenizer if tokenizer is not None else ctx.load_tokenizer()
     signature = tokenizer_signature(tokenizer)
-    if cfg.from_:
+    if cfg.from_ and against_parents:
         _check_upstream(ctx, cfg.from_, signature, f"stages.{ctx.name}.from")
     reward_model = getattr(cfg, "reward_model", None)
-    if reward_model:
+    if reward_model and against_parents:
         _check_upstream(ctx, reward_model, signature, f"stages.{ctx.name}.reward_model")
     if cfg.kind == "pretrain":  # plain text: the template is only carried along for later stages
         return {"tokenizer": signature, "template": "not used by pretraining"}

@@ -58,7 +58,35 @@ def validate(recipe: Recipe) -> None:
         check = getattr(module, "check", None)
         if check is not None:  # stage-specific checks (e.g. a reward_model that is not a reward stage)
             check(recipe, name, where)
+    check_stage_tokenizers(recipe)
     _check_runs_dir(recipe, where)
+
+
+def check_stage_tokenizers(recipe: Recipe) -> None:
+    """The checks `run` makes before each stage trains (template_checks.check_stage_templates: the chat
+    template, the end of turn as a stop token, the tokenizer against its parents), made for every stage
+    whose tokenizer can be read now. A stage whose parents are complete and up to date (`run` will skip
+    them) is checked against them, exactly as `run` will; one whose parents are still to be (re)built is
+    checked on the recipe's model, the tokenizer they start from too. Stages of an `init:` model wait
+    for their pretrain stage; hub models for `run` (validate works offline)."""
+    import dataclasses
+
+    from alignpipe import runs
+    from alignpipe.runner import make_context, stage_fingerprint
+    from alignpipe.template_checks import check_stage_templates
+
+    local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
+    fresh: dict[str, bool] = {}  # complete, with the fingerprint `run` would compute now: it will be skipped
+    for name in recipe.order():
+        ctx = make_context(recipe, name)
+        ups = recipe.upstream(name)
+        if ups and all(fresh.get(u) for u in ups):
+            check_stage_templates(ctx)
+        elif local_model:
+            check_stage_templates(dataclasses.replace(ctx, parent_dir=None), against_parents=not ups)
+        old = runs.read_manifest(ctx.dir) if all(fresh.get(u) for u in ups) else None
+        fresh[name] = bool(old) and old.get("status") == "complete" and \
+            old.get("fingerprint") == stage_fingerprint(ctx)[0]
 
 
 def _check_model(recipe: Recipe, where: str) -> None:

@@ -122,7 +122,7 @@ def format_report(report: dict) -> str:
     """A few lines for the screen."""
     lines = [
         f"data ({report['family']}): {report['rows_read']} rows read, {report['rows_kept']} kept, "
-        f"{report['rows_dropped']} dropped, {report['rows_out']} to train on"
+        f"{report['rows_dropped']} dropped, {report['rows_out']} usable"
     ]
     for s in report["sources"]:
         how = "detected" if s["detected"] else "given"

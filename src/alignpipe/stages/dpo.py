@@ -69,16 +69,32 @@ def check(recipe, name: str, where: str) -> None:
                           key=f"{key}.trainer.loss_weights", fix="give one weight per entry of loss_type")
 
 
-def pairs(ctx, split: str) -> list[dict]:
-    """`{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the embedded world's
-    preference pairs (held-out prompts for "eval"), or a user dataset with a slice held out."""
+def pairs(ctx) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) `{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the
+    embedded world's preference pairs (held-out prompts for the second), or a user dataset (read once)
+    with a slice held out."""
     if ctx.config.data.get("embedded") == "pairs":
-        return ctx.world.preference_rows(split)
+        return ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
     from alignpipe.data.loading import load_family
 
     rows = load_family(ctx, "pairs")
     n_eval = min(200, max(1, len(rows) // 20))
-    return rows[n_eval:] if split == "train" else rows[:n_eval]
+    return rows[n_eval:], rows[:n_eval]
+
+
+def pair_counts(trainer, stage: str, train_rows: int, heldout_rows: int) -> dict:
+    """How many pairs the trainer really uses. TRL 1.16 drops a pair whose prompt alone fills max_length
+    (with truncation_mode keep_start the collator would cut every completion token): count what it kept."""
+    kept = len(trainer.train_dataset)
+    heldout = len(trainer.eval_dataset["heldout"])
+    counts = {"pairs_trained_on": kept, "pairs_held_out": heldout,
+              "pairs_dropped_prompt_too_long": (train_rows - kept) + (heldout_rows - heldout)}
+    dropped = (f"; dropped {train_rows - kept} training and {heldout_rows - heldout} held-out pairs whose prompt "
+               f"alone fills max_length {trainer.args.max_length} (raise max_length to keep them)"
+               if counts["pairs_dropped_prompt_too_long"] else "")
+    print(f"[alignpipe] stage {stage}: {kept} pairs trained on, {heldout} held out"
+          f"{dropped}", flush=True)
+    return counts
 
 
 def adapter_disabled(peft_model):
@@ -116,8 +132,8 @@ def implicit_reward_metrics(trainer) -> dict:
 
 
 def build_trainer(ctx):
-    """The DPOTrainer for this stage, and the reference policy as a model (None with LoRA: the trainer
-    switches the adapter off instead)."""
+    """The DPOTrainer for this stage, the reference policy as a model (None with LoRA: the trainer
+    switches the adapter off instead), and the pairs it trains on and holds out (`pair_counts`)."""
     from datasets import Dataset
     from trl import DPOTrainer
 
@@ -132,9 +148,10 @@ def build_trainer(ctx):
     if peft_config is None:
         reference = ctx.load_model().eval().requires_grad_(False)
 
-    train_ds = Dataset.from_list(pairs(ctx, "train"))
+    train_rows, heldout_rows = pairs(ctx)
+    train_ds = Dataset.from_list(train_rows)
     # implicit rewards are measured on the held-out pairs and, to compare, on a slice of the training pairs
-    eval_ds = {"heldout": Dataset.from_list(pairs(ctx, "eval")),
+    eval_ds = {"heldout": Dataset.from_list(heldout_rows),
                "train": train_ds.select(range(min(TRAIN_SLICE, len(train_ds))))}
 
     # Defaults measured on the embedded world (docs/dpo.md): plain sigmoid DPO over-optimises there, the SFT
@@ -151,18 +168,18 @@ def build_trainer(ctx):
     args = ctx.trainer_args(trainer_config_class(), **defaults)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
-    return trainer, reference
+    return trainer, reference, pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows))
 
 
 def run(ctx) -> dict:
     from alignpipe.evaluation import evaluate_aligned
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
-    trainer, reference = build_trainer(ctx)
+    trainer, reference, counts = build_trainer(ctx)
     train(trainer, ctx)
     args = trainer.args
-    metrics = {**train_log_metrics(trainer), "loss_type": list(args.loss_type), "beta": args.beta,
-               **implicit_reward_metrics(trainer)}
+    metrics = {**train_log_metrics(trainer), **counts, "loss_type": list(args.loss_type),
+               "beta": args.beta, **implicit_reward_metrics(trainer)}
     write_log_history(trainer, ctx.dir / "train_log.jsonl")  # after the evaluations: their rows too
 
     # save first (LoRA: the adapter only; the manifest records the base), then evaluate what was saved

@@ -36,22 +36,23 @@ def lora_config(ctx, task_type: str):
                       modules_to_save=spec.modules_to_save, task_type=task_type)
 
 
-def conversations(ctx, split: str, tokenizer=None, max_length: int | None = None) -> list[dict]:
-    """`{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset (whose report
-    counts tokens after the chat template, and truncations at `max_length`, when given the tokenizer)."""
+def conversations(ctx, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) `{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset,
+    read once, with a slice held out (its report counts tokens after the chat template, and truncations at
+    `max_length`, when given the tokenizer)."""
     if ctx.config.data.get("embedded") == "sft":
         world = ctx.world
-        if split == "train":
-            return world.sft_rows()
         # held-out loss: house-style answers to the held-out prompts
-        return [{"messages": [{"role": "user", "content": p["prompt"]},
-                              {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
-                for p in world.eval_prompts()]
+        return world.sft_rows(), [{"messages": [{"role": "user", "content": p["prompt"]},
+                                                {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
+                                  for p in world.eval_prompts()]
     from alignpipe.data.loading import load_family
 
     rows = load_family(ctx, "conversations", tokenizer, max_length)
     n_eval = min(200, max(1, len(rows) // 20))
-    return rows[n_eval:] if split == "train" else rows[:n_eval]
+    print(f"[alignpipe] stage {ctx.name}: {len(rows) - n_eval} conversations trained on, {n_eval} held out",
+          flush=True)
+    return rows[n_eval:], rows[:n_eval]
 
 
 def plain_head_trainer():
@@ -108,8 +109,8 @@ def run(ctx) -> dict:
     args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=128,
                             per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1e-3,
                             lr_scheduler_type="cosine", warmup_steps=10, max_steps=300)
-    train_ds = Dataset.from_list(conversations(ctx, "train", tokenizer, args.max_length))
-    eval_ds = Dataset.from_list(conversations(ctx, "eval", tokenizer, args.max_length))
+    train_rows, eval_rows = conversations(ctx, tokenizer, args.max_length)
+    train_ds, eval_ds = Dataset.from_list(train_rows), Dataset.from_list(eval_rows)
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
     train(trainer, ctx)
