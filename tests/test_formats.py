@@ -209,8 +209,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(DataError) as err:
         prepare_data({"path": "bad.jsonl", "max_dropped": 0.01}, tmp_path, "text", key="stages.pretrain.data")
     assert str(err.value).startswith("bad.jsonl: stages.pretrain.data: 2 of 44 rows dropped (4.5%), more than "
-                                     "max_dropped 0.01: invalid_json x1 (lines 4: invalid JSON")
-    assert "empty_text x1 (lines 5" in str(err.value)
+                                     "max_dropped 0.01: invalid_json x1 (first at 4: invalid JSON")
+    assert "empty_text x1 (first at 5: 'text' is empty; line 5)" in str(err.value)
     assert str(err.value).endswith("accept more: --set stages.pretrain.data.max_dropped=0.06")
     (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')
     with pytest.raises(DataError, match=r"lines\.json: line 2 column 1: invalid JSON: Extra data; .*rename it to \.jsonl"):
@@ -285,7 +285,7 @@ def test_drops_keep_only_first_five_and_no_usable_rows_is_an_error(tmp_path):
     write_rows(tmp_path / "a.jsonl", [{"instruction": "i", "output": ""}] * 7)
     with pytest.raises(DataError) as err:
         prepare_data({"path": "a.jsonl"}, tmp_path, "conversations")
-    assert str(err.value).startswith("a.jsonl: format alpaca: no usable rows out of 7 (empty_response x7 (lines 1, 2")
+    assert str(err.value).startswith("a.jsonl: format alpaca: no usable rows out of 7 (empty_response x7 (first at 1:")
     data = normalise([{"instruction": "i", "output": ""}] * 7 + [{"instruction": "i", "output": "o"}], "alpaca")
     assert data.drops.counts == {"empty_response": 7} and data.drops.first_rows["empty_response"] == [1, 2, 3, 4, 5]
 

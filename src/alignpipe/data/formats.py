@@ -91,7 +91,8 @@ class Drops:
 
     def summary(self, unit: str = "row") -> str:
         return ", ".join(
-            f"{r} x{d['count']} ({unit}s {', '.join(map(str, d['first_rows']))}: {d['example']})"
+            f"{r} x{d['count']} (first at {d['first_rows'][0]}: {d['example']}; {unit}"
+            f"{'s' if len(d['first_rows']) > 1 else ''} {', '.join(map(str, d['first_rows']))})"
             for r, d in self.as_dict().items()
         )
 
