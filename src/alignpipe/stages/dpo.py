@@ -69,16 +69,14 @@ def check(recipe, name: str, where: str) -> None:
                           key=f"{key}.trainer.loss_weights", fix="give one weight per entry of loss_type")
 
 
-def pairs(ctx, split: str) -> list[dict]:
-    """`{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the embedded world's
-    preference pairs (held-out prompts for "eval"), or a user dataset with a slice held out."""
+def pairs(ctx) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) `{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the embedded
+    world's preference pairs, or a user dataset split by the recipe's held-out prompts."""
     if ctx.config.data.get("embedded") == "pairs":
-        return ctx.world.preference_rows(split)
-    from alignpipe.data.loading import load_family
+        return ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
+    from alignpipe.data.loading import load_split
 
-    rows = load_family(ctx, "pairs")
-    n_eval = min(200, max(1, len(rows) // 20))
-    return rows[n_eval:] if split == "train" else rows[:n_eval]
+    return load_split(ctx, "pairs", 200)
 
 
 def adapter_disabled(peft_model):
@@ -132,9 +130,10 @@ def build_trainer(ctx):
     if peft_config is None:
         reference = ctx.load_model().eval().requires_grad_(False)
 
-    train_ds = Dataset.from_list(pairs(ctx, "train"))
+    train_rows, eval_rows = pairs(ctx)
+    train_ds = Dataset.from_list(train_rows)
     # implicit rewards are measured on the held-out pairs and, to compare, on a slice of the training pairs
-    eval_ds = {"heldout": Dataset.from_list(pairs(ctx, "eval")),
+    eval_ds = {"heldout": Dataset.from_list(eval_rows),
                "train": train_ds.select(range(min(TRAIN_SLICE, len(train_ds))))}
 
     # Defaults measured on the embedded world (docs/dpo.md): plain sigmoid DPO over-optimises there, the SFT

@@ -36,22 +36,29 @@ def lora_config(ctx, task_type: str):
                       modules_to_save=spec.modules_to_save, task_type=task_type)
 
 
-def conversations(ctx, split: str, tokenizer=None, max_length: int | None = None) -> list[dict]:
-    """`{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset (whose report
-    counts tokens after the chat template, and truncations at `max_length`, when given the tokenizer)."""
+def conversations(ctx, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) `{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset
+    split by the recipe's held-out prompts (its report counts tokens after the chat template, and truncations
+    at `max_length`, when given the tokenizer)."""
     if ctx.config.data.get("embedded") == "sft":
         world = ctx.world
-        if split == "train":
-            return world.sft_rows()
         # held-out loss: house-style answers to the held-out prompts
-        return [{"messages": [{"role": "user", "content": p["prompt"]},
-                              {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
-                for p in world.eval_prompts()]
-    from alignpipe.data.loading import load_family
+        return world.sft_rows(), [{"messages": [{"role": "user", "content": p["prompt"]},
+                                                {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
+                                  for p in world.eval_prompts()]
+    from alignpipe.data.loading import load_split
 
-    rows = load_family(ctx, "conversations", tokenizer, max_length)
-    n_eval = min(200, max(1, len(rows) // 20))
-    return rows[n_eval:] if split == "train" else rows[:n_eval]
+    return load_split(ctx, "conversations", 200, tokenizer, max_length)
+
+
+def dataset(rows: list[dict], tokenizer):
+    """Rows as TRL's dataset; those with tools, tool calls or loss_weight-0 turns tokenized here
+    (`alignpipe.data.sft_tokens`), the rest left to TRL."""
+    from datasets import Dataset
+
+    from alignpipe.data.sft_tokens import needs_own_tokens, tokenize_rows
+
+    return Dataset.from_list(tokenize_rows(rows, tokenizer) if needs_own_tokens(rows) else rows)
 
 
 def plain_head_trainer():
@@ -98,8 +105,8 @@ def trainer_class(ctx, args):
 
 
 def run(ctx) -> dict:
-    from datasets import Dataset
-
+    from alignpipe.data.formats import DataError
+    from alignpipe.data.loading import as_user_error
     from alignpipe.evaluation import evaluate_policy
     from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
 
@@ -108,8 +115,11 @@ def run(ctx) -> dict:
     args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=128,
                             per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1e-3,
                             lr_scheduler_type="cosine", warmup_steps=10, max_steps=300)
-    train_ds = Dataset.from_list(conversations(ctx, "train", tokenizer, args.max_length))
-    eval_ds = Dataset.from_list(conversations(ctx, "eval", tokenizer, args.max_length))
+    train_rows, eval_rows = conversations(ctx, tokenizer, args.max_length)
+    try:
+        train_ds, eval_ds = dataset(train_rows, tokenizer), dataset(eval_rows, tokenizer)
+    except DataError as err:
+        raise as_user_error(err, str(ctx.recipe.path)) from None
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
