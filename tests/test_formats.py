@@ -78,7 +78,7 @@ CASES = {
     ),
     "kto": (
         {"prompt": "q", "completion": "a", "label": True},
-        "unpaired",
+        "kto",
         {"prompt": [user("q")], "completion": [bot("a")], "label": True},
     ),
     "prompt_only": ({"prompt": "tell me a story"}, "prompts", {"prompt": [user("tell me a story")]}),
@@ -163,7 +163,7 @@ def test_stage_families_and_conversions():
     convo = normalise([{"messages": [user("q"), bot("a"), user("q2"), bot("a2")]}], "messages")
     assert to_family(convo, "prompts").rows == [{"prompt": [user("q"), bot("a"), user("q2")]}]
     pairs = normalise([CASES["preference"][0]], "preference")
-    assert to_family(pairs, "unpaired").rows == [
+    assert to_family(pairs, "kto").rows == [
         {"prompt": [user("q")], "completion": [bot("good")], "label": True},
         {"prompt": [user("q")], "completion": [bot("bad")], "label": False},
     ]
@@ -198,10 +198,20 @@ def test_ambiguous_and_unknown_columns_name_what_was_seen_and_expected():
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n')
+    # an invalid line is listed with the other bad rows (line numbers), not alone and first
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n{"text": ""}\n'
+                                        + '{"text": "d"}\n' * 40)
+    data = prepare_data({"path": "bad.jsonl", "max_dropped": 0.1}, tmp_path, "text")
+    drops = data.parts[0].drops.as_dict()
+    assert drops["invalid_json"]["first_rows"] == [4] and drops["empty_text"]["first_rows"] == [5]
+    assert "Expecting property name enclosed in double quotes" in drops["invalid_json"]["example"]
+    assert prepare_data({"path": "bad.jsonl"}, tmp_path, "text").parts[0].rows_read == 44  # 2/44 < 0.05
     with pytest.raises(DataError) as err:
-        load_rows({"path": "bad.jsonl"}, tmp_path, key="stages.pretrain.data")
-    assert str(err.value).startswith("bad.jsonl: line 4: invalid JSON: Expecting property name enclosed in double quotes")
+        prepare_data({"path": "bad.jsonl", "max_dropped": 0.01}, tmp_path, "text", key="stages.pretrain.data")
+    assert str(err.value).startswith("bad.jsonl: stages.pretrain.data: 2 of 44 rows dropped (4.5%), more than "
+                                     "max_dropped 0.01: invalid_json x1 (first at 4: invalid JSON")
+    assert "empty_text x1 (first at 5: 'text' is empty; line 5)" in str(err.value)
+    assert str(err.value).endswith("accept more: --set stages.pretrain.data.max_dropped=0.06")
     (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')
     with pytest.raises(DataError, match=r"lines\.json: line 2 column 1: invalid JSON: Extra data; .*rename it to \.jsonl"):
         load_rows({"path": "lines.json"}, tmp_path)
@@ -254,7 +264,7 @@ def test_report_counts_known_bad_rows(tmp_path):
     ]
     path = tmp_path / "sft.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    report = validation_report(prepare_data({"path": "sft.jsonl"}, tmp_path, "conversations"))
+    report = validation_report(prepare_data({"path": "sft.jsonl", "max_dropped": 1}, tmp_path, "conversations"))
     assert (report["rows_read"], report["rows_kept"], report["rows_dropped"]) == (10, 2, 8)
     dropped = report["sources"][0]["dropped"]
     assert {r: (d["count"], d["first_rows"]) for r, d in dropped.items()} == {
@@ -282,7 +292,7 @@ def test_drops_keep_only_first_five_and_no_usable_rows_is_an_error(tmp_path):
 
 def test_kto_labels_from_csv_text(tmp_path):
     write_rows(tmp_path / "k.csv", [{"prompt": "q", "completion": "a", "label": v} for v in ("true", "False", "1", "maybe")])
-    (part,) = prepare_data({"path": "k.csv"}, tmp_path, "unpaired").parts
+    (part,) = prepare_data({"path": "k.csv", "max_dropped": 0.25}, tmp_path, "kto").parts
     assert [r["label"] for r in part.rows] == [True, False, True]
     assert part.drops.first_rows == {"wrong_type": [5]}  # line 5: the header is line 1
 

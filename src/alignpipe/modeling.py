@@ -38,7 +38,8 @@ def resolve_dtype(name: str) -> "torch.dtype":
 # --- from scratch -------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, special_tokens: list[str], chat_template: str):
+def train_tokenizer(texts: list[str], vocab_size: int, special_tokens: list[str], chat_template: str,
+                    bos_token: str | None = None):
     """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers (pad/eos set)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -50,7 +51,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, special_tokens: list[str]
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", chat_template=chat_template,
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", bos_token=bos_token, chat_template=chat_template,
         model_max_length=2048, padding_side="right",
     )
 

@@ -142,6 +142,14 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str) -> None:
     spec = cfg.data
     if not spec:
         return
+    from alignpipe.data.formats import DataError
+    from alignpipe.data.loading import as_user_error
+    from alignpipe.data.sources import check_one_source
+
+    try:
+        check_one_source(spec, key)
+    except DataError as err:
+        raise as_user_error(err, where) from None
     if "embedded" in spec:
         if spec["embedded"] not in EMBEDDED_PARTS:
             raise RecipeError(f"unknown embedded data {spec['embedded']!r}", where=where, key=f"{key}.embedded",

@@ -5,10 +5,12 @@ Every format normalises to one of five *families*, the conversational shapes TRL
     text           {"text": str}                                           pretrain
     conversations  {"messages": [msg, ...]}                                sft
     pairs          {"prompt": [msg, ...], "chosen": [msg], "rejected": [msg]}   reward, dpo
-    unpaired       {"prompt": [msg, ...], "completion": [msg], "label": bool}   kto
+    kto            {"prompt": [msg, ...], "completion": [msg], "label": bool}   kto (unpaired preference)
     prompts        {"prompt": [msg, ...]}                                  ppo, grpo, rloo
 
-where a msg is {"role": "system" | "user" | "assistant" | "tool", "content": str}.
+where a msg is {"role": "system" | "user" | "assistant" | "tool", "content": str} plus, where the data has
+them, `tool_calls` and `loss_weight: 0.0` (see `alignpipe.data.messages`); a conversation may carry
+`tools` (the function schemas its calls use).
 `to_family` converts between families where that is well defined (a pair gives SFT its chosen
 conversation; any conversation gives RL its prompt) and says why when it is not.
 
@@ -20,6 +22,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from alignpipe.data import messages as msgs
+from alignpipe.data.messages import Drop as _Drop
 
 
 class DataError(ValueError):
@@ -33,14 +38,15 @@ class DataError(ValueError):
 
 # --------------------------------------------------------------------------- families
 
-FAMILIES = ("text", "conversations", "pairs", "unpaired", "prompts")
+FAMILIES = ("text", "conversations", "pairs", "kto", "prompts")
+ALIASES = {"unpaired": "kto"}  # the family's earlier name
 
 FAMILY_OF_STAGE = {
     "pretrain": "text",
     "sft": "conversations",
     "reward": "pairs",
     "dpo": "pairs",
-    "kto": "unpaired",
+    "kto": "kto",
     "ppo": "prompts",
     "grpo": "prompts",
     "rloo": "prompts",
@@ -55,14 +61,6 @@ def family_for_stage(stage_kind: str) -> str:
 
 
 # --------------------------------------------------------------------------- dropped rows
-
-
-class _Drop(Exception):
-    """Raised by a row normaliser: this row is unusable, for `reason` (a short code)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -91,9 +89,11 @@ class Drops:
             for reason, n in sorted(self.counts.items(), key=lambda kv: -kv[1])
         }
 
-    def summary(self) -> str:
+    def summary(self, unit: str = "row") -> str:
         return ", ".join(
-            f"{r} x{d['count']} (first at {d['first_rows'][0]}: {d['example']})" for r, d in self.as_dict().items()
+            f"{r} x{d['count']} (first at {d['first_rows'][0]}: {d['example']}; {unit}"
+            f"{'s' if len(d['first_rows']) > 1 else ''} {', '.join(map(str, d['first_rows']))})"
+            for r, d in self.as_dict().items()
         )
 
 
@@ -111,19 +111,17 @@ class NormalisedData:
     detected: bool = False  # format came from `format: auto`
     unit: str = "row"  # "line" or "row": what row_numbers count
     notes: list[str] = field(default_factory=list)
+    why: str = ""  # how the format was recognised, when detected
+
+
+class BadLine:
+    """A line of a file that could not be parsed: dropped with the other bad rows, not fatal on its own."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
 
 
 # --------------------------------------------------------------------------- messages
-
-# Role names seen in the wild (ShareGPT, LLaMA-Factory, Gemini-style) -> the four TRL chat templates use.
-_ROLES = {
-    "system": "system", "developer": "system",
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "model": "assistant", "chatgpt": "assistant",
-    "bing": "assistant", "bard": "assistant",
-    "tool": "tool", "function": "tool", "observation": "tool",
-}
-
 
 def _get(row: dict, name: str) -> Any:
     value = row.get(name)
@@ -138,31 +136,17 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-def _content(content: Any, name: str) -> str:
-    """Message content as a string; OpenAI-style lists of text parts are joined."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise _Drop("wrong_type", f"'{name}' has a {type(content).__name__} content, expected text")
-
-
 def _messages(value: Any, name: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
-    """A list of {role, content} dicts (or {from, value} for ShareGPT) -> normalised messages."""
-    if not isinstance(value, list):
-        raise _Drop("wrong_type", f"'{name}' is {type(value).__name__}, expected a list of messages")
-    if not value:
-        raise _Drop("empty_conversation", f"'{name}' is an empty list")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or role_key not in msg:
-            raise _Drop("wrong_type", f"'{name}'[{i}] is not a message with '{role_key}'")
-        role = _ROLES.get(str(msg[role_key]).lower())
-        if role is None:
-            raise _Drop("unknown_role", f"'{name}'[{i}] has role {msg[role_key]!r}")
-        out.append({"role": role, "content": _content(msg.get(content_key), f"{name}[{i}]")})
+    return msgs.messages(value, name, role_key, content_key)
+
+
+def _with_tools(row: dict, out: dict) -> dict:
+    """Carry a row's tool schemas (`tools`, a list or JSON text) with its conversation."""
+    schemas = msgs.tools(row.get("tools"))
+    if schemas:
+        out["tools"] = schemas
+    elif any(m.get("tool_calls") for m in out.get("messages", [])):
+        raise _Drop("bad_tools", "the conversation calls tools but the row has no 'tools' schemas")
     return out
 
 
@@ -179,7 +163,7 @@ def _check_response(turns: list[dict], name: str) -> None:
         raise _Drop("empty_response", f"'{name}' has no response turn")
     if turns[0]["role"] != "assistant" or turns[-1]["role"] != "assistant":
         raise _Drop("prompt_mismatch", f"'{name}' does not continue the prompt with an assistant turn")
-    if not turns[-1]["content"].strip():
+    if msgs.is_empty(turns[-1]):
         raise _Drop("empty_response", f"'{name}' response is empty")
 
 
@@ -221,16 +205,73 @@ def _row_alpaca(row: dict) -> dict:
 
 def _row_sharegpt(row: dict) -> dict:
     conv = _get(row, "conversations")
-    # Most ShareGPT dumps use from/value; some re-exports switched to role/content.
-    keys = ("role", "content") if conv and isinstance(conv[0], dict) and "role" in conv[0] else ("from", "value")
-    messages = _messages(conv, "conversations", *keys)
+    messages = _messages(conv, "conversations", *_sharegpt_keys(conv))
     if row.get("system") and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": _text(row["system"], "system")})
-    return {"messages": messages}
+    return _with_tools(row, {"messages": messages})
+
+
+def _sharegpt_keys(conv: Any) -> tuple[str, str]:
+    # Most ShareGPT dumps use from/value; some re-exports switched to role/content.
+    return ("role", "content") if conv and isinstance(conv[0], dict) and "role" in conv[0] else ("from", "value")
+
+
+def _row_sharegpt_preference(row: dict) -> dict:
+    """LLaMA-Factory's ranking format: `conversations` is the prompt, chosen/rejected one message each."""
+    conv = _get(row, "conversations")
+    prompt = _messages(conv, "conversations", *_sharegpt_keys(conv))
+    if row.get("system") and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": _text(row["system"], "system")})
+    sides = []
+    for side in ("chosen", "rejected"):
+        value = _get(row, side)
+        if isinstance(value, str):
+            sides.append([{"role": "assistant", "content": value}])
+        else:
+            value = value if isinstance(value, list) else [value]
+            sides.append(_messages(value, side, *_sharegpt_keys(value)))
+    return _pair(prompt, *sides)
 
 
 def _row_messages(row: dict) -> dict:
-    return {"messages": _messages(_get(row, "messages"), "messages")}
+    return _with_tools(row, {"messages": _messages(_get(row, "messages"), "messages")})
+
+
+def _row_messages_preference(row: dict) -> dict:
+    """`chosen_messages` / `rejected_messages`: two whole conversations sharing their prompt turns."""
+    chosen = _messages(_get(row, "chosen_messages"), "chosen_messages")
+    rejected = _messages(_get(row, "rejected_messages"), "rejected_messages")
+    prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+    if not prompt:
+        raise _Drop("prompt_mismatch", "chosen and rejected do not start with the same prompt turn")
+    return _pair(prompt, chosen, rejected)
+
+
+def _kto_label(row: dict) -> bool:
+    label = _get(row, "label")
+    # CSV files carry booleans as text.
+    if isinstance(label, str) and label.strip().lower() in _TRUE | _FALSE:
+        label = label.strip().lower() in _TRUE
+    elif isinstance(label, int) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise _Drop("wrong_type", f"'label' is {label!r}, expected true or false")
+    return label
+
+
+def _row_kto_messages(row: dict) -> dict:
+    """A conversation ending in the judged assistant reply, and its `label` (LLaMA-Factory's kto_tag)."""
+    messages = _messages(_get(row, "messages"), "messages")
+    label = _kto_label(row)
+    if messages[-1]["role"] != "assistant":
+        raise _Drop("last_turn_not_assistant", f"last turn is {messages[-1]['role']}, expected assistant")
+    cut = len(messages) - 1
+    while cut > 0 and messages[cut - 1]["role"] == "assistant":
+        cut -= 1
+    prompt, completion = messages[:cut], messages[cut:]
+    _check_prompt(prompt, "messages")
+    _check_response(completion, "messages")
+    return {"prompt": prompt, "completion": completion, "label": label}
 
 
 def _row_prompt_completion(row: dict) -> dict:
@@ -310,14 +351,7 @@ _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 def _row_kto(row: dict) -> dict:
     prompt = _turns(_get(row, "prompt"), "prompt", "user")
     completion = _turns(_get(row, "completion"), "completion", "assistant")
-    label = _get(row, "label")
-    # CSV files carry booleans as text.
-    if isinstance(label, str) and label.strip().lower() in _TRUE | _FALSE:
-        label = label.strip().lower() in _TRUE
-    elif isinstance(label, int) and label in (0, 1):
-        label = bool(label)
-    if not isinstance(label, bool):
-        raise _Drop("wrong_type", f"'label' is {label!r}, expected true or false")
+    label = _kto_label(row)
     _check_prompt(prompt, "prompt")
     _check_response(completion, "completion")
     return {"prompt": prompt, "completion": completion, "label": label}
@@ -329,13 +363,35 @@ def _row_prompt_only(row: dict) -> dict:
     return {"prompt": prompt}
 
 
+def _oasst_flat(rows: list, numbers: list[int], family: str | None, drops: Drops):
+    from alignpipe.data import oasst
+
+    return oasst.normalise_messages(list(zip(rows, numbers)), family or "conversations", drops)
+
+
+def _oasst_tree(rows: list, numbers: list[int], family: str | None, drops: Drops):
+    from alignpipe.data import oasst
+
+    flat = []
+    for row, number in zip(rows, numbers):
+        try:
+            flat += oasst.flatten_tree(row, number)
+        except _Drop as drop:
+            drops.add(drop.reason, number, drop.detail)
+    return oasst.normalise_messages(flat, family or "conversations", drops)
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     columns: frozenset[str]  # the columns that identify it
     family: str  # what its rows normalise to
-    normalise_row: Callable[[dict], dict]  # raises _Drop for an unusable row
+    normalise_row: Callable[[dict], dict] | None  # raises _Drop for an unusable row
     example: str  # for error messages
+    # Formats whose rows only mean something together (message trees): (rows, numbers, family, drops) ->
+    # (rows of that family, their row numbers, notes, messages read).
+    normalise_all: Callable | None = None
+    families: tuple[str, ...] = ()  # the families normalise_all builds directly (beside `family`)
 
 
 FORMATS = {
@@ -344,15 +400,26 @@ FORMATS = {
         Format("text", frozenset({"text"}), "text", _row_text, "text"),
         Format("alpaca", frozenset({"instruction", "output"}), "conversations", _row_alpaca,
                "instruction/input/output"),
-        Format("sharegpt", frozenset({"conversations"}), "conversations", _row_sharegpt, "conversations[from/value]"),
-        Format("messages", frozenset({"messages"}), "conversations", _row_messages, "messages[role/content]"),
+        Format("sharegpt", frozenset({"conversations"}), "conversations", _row_sharegpt,
+               "conversations[from/value], optional tools"),
+        Format("messages", frozenset({"messages"}), "conversations", _row_messages,
+               "messages[role/content], optional tools"),
         Format("prompt_completion", frozenset({"prompt", "completion"}), "conversations", _row_prompt_completion,
                "prompt/completion"),
+        Format("oasst", frozenset({"message_id", "parent_id", "text", "role"}), "conversations", None,
+               "oasst1 flat rows: message_id/parent_id/text/role/rank", _oasst_flat, ("pairs",)),
+        Format("oasst_tree", frozenset({"message_tree_id", "prompt"}), "conversations", None,
+               "OpenAssistant tree export: message_tree_id/prompt{text, role, replies}", _oasst_tree, ("pairs",)),
         Format("preference", frozenset({"prompt", "chosen", "rejected"}), "pairs", _row_preference,
                "prompt/chosen/rejected (or chosen/rejected conversations)"),
         Format("hh_rlhf", frozenset({"chosen", "rejected"}), "pairs", _row_hh_rlhf,
                "chosen/rejected strings with '\\n\\nHuman:'/'\\n\\nAssistant:' turns"),
-        Format("kto", frozenset({"prompt", "completion", "label"}), "unpaired", _row_kto, "prompt/completion/label"),
+        Format("sharegpt_preference", frozenset({"conversations", "chosen", "rejected"}), "pairs",
+               _row_sharegpt_preference, "conversations + one chosen/rejected message each (LLaMA-Factory ranking)"),
+        Format("messages_preference", frozenset({"chosen_messages", "rejected_messages"}), "pairs",
+               _row_messages_preference, "chosen_messages/rejected_messages"),
+        Format("kto", frozenset({"prompt", "completion", "label"}), "kto", _row_kto, "prompt/completion/label"),
+        Format("kto_messages", frozenset({"messages", "label"}), "kto", _row_kto_messages, "messages/label"),
         Format("prompt_only", frozenset({"prompt"}), "prompts", _row_prompt_only, "prompt"),
     ]
 }
@@ -361,9 +428,9 @@ FORMATS = {
 # (UltraFeedback has prompt/chosen/rejected *and* messages; Alpaca dumps often carry a `text` column).
 _NATIVE = {
     "text": {"text"},
-    "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion"},
-    "pairs": {"preference", "hh_rlhf"},
-    "unpaired": {"kto"},
+    "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion", "oasst", "oasst_tree"},
+    "pairs": {"preference", "hh_rlhf", "sharegpt_preference", "messages_preference", "oasst", "oasst_tree"},
+    "kto": {"kto", "kto_messages"},
     "prompts": {"prompt_only", "preference", "prompt_completion", "kto"},  # those with an explicit prompt
 }
 
@@ -401,6 +468,10 @@ def detect_format(rows: list, source_name: str, family: str | None = None) -> st
     if len(candidates) == 1:
         return candidates.pop()
     cols = ", ".join(sorted(seen)) or "none"
+    if not seen and rows and all(isinstance(r, BadLine) for r in rows[:1000]):
+        first = rows[0]
+        raise DataError(source_name, "format: auto", f"no line could be read ({first.detail})",
+                        "check that the file is JSON Lines, one object per line")
     if not candidates:
         raise DataError(source_name, "format: auto", f"unknown shape: columns [{cols}] match no known format",
                         f"expected one of: {_expected()}")
@@ -409,11 +480,17 @@ def detect_format(rows: list, source_name: str, family: str | None = None) -> st
                     f"set format: to one of {', '.join(sorted(candidates))} in the recipe")
 
 
+def detection_reason(fmt: str, rows: list) -> str:
+    """Why `fmt` was detected: the columns it recognised."""
+    spec = FORMATS[fmt]
+    return f"columns {', '.join(sorted(spec.columns))} ({spec.example})"
+
+
 # --------------------------------------------------------------------------- normalise and convert
 
 
 def _no_rows_left(data: NormalisedData, where: str) -> DataError:
-    return DataError(data.source, where, f"no usable rows out of {data.rows_read} ({data.drops.summary()})",
+    return DataError(data.source, where, f"no usable rows out of {data.rows_read} ({data.drops.summary(data.unit)})",
                      "fix the data, or check that format: matches it")
 
 
@@ -430,6 +507,7 @@ def normalise(
 
     Unusable rows are dropped and counted by reason; raises DataError when none are left.
     """
+    family = ALIASES.get(family, family)
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     detected = fmt == "auto"
@@ -439,8 +517,24 @@ def normalise(
         raise DataError(source, f"format: {fmt}", "unknown format", f"use auto or one of {', '.join(FORMATS)}")
     spec = FORMATS[fmt]
     numbers = row_numbers if row_numbers is not None else list(range(1, len(rows) + 1))
-    data = NormalisedData(source, fmt, spec.family, [], [], len(rows), Drops(), detected, unit)
+    data = NormalisedData(source, fmt, spec.family, [], [], len(rows), Drops(), detected, unit,
+                          why=detection_reason(fmt, rows) if detected else "")
+    good = []
     for row, number in zip(rows, numbers):
+        if isinstance(row, BadLine):
+            data.drops.add(row.reason, number, row.detail)
+        else:
+            good.append((row, number))
+    if spec.normalise_all is not None:
+        built = family if family in spec.families else None
+        data.rows, data.row_numbers, data.notes, messages_read = spec.normalise_all(
+            [r for r, _ in good], [n for _, n in good], built, data.drops)
+        data.family = built or spec.family
+        data.rows_read = messages_read + len(rows) - len(good)  # a tree's rows are its messages
+        if not data.rows:
+            raise _no_rows_left(data, f"format {fmt}")
+        return to_family(data, family) if family is not None else data
+    for row, number in good:
         try:
             if not isinstance(row, dict):
                 raise _Drop("wrong_type", f"row is a {type(row).__name__}, expected an object")
@@ -461,7 +555,7 @@ def _sft_row(row: dict) -> dict:
     messages = row["messages"]
     if messages[-1]["role"] != "assistant":
         raise _Drop("last_turn_not_assistant", f"last turn is {messages[-1]['role']}, expected assistant")
-    if not messages[-1]["content"].strip():
+    if msgs.is_empty(messages[-1]):
         raise _Drop("empty_response", "last assistant turn is empty")
     if len(messages) < 2 or not any(m["role"] == "user" for m in messages):
         raise _Drop("empty_prompt", "conversation has no user turn")
@@ -490,18 +584,19 @@ _CONVERT: dict[tuple[str, str], Callable[[dict], dict | list[dict]]] = {
     ("pairs", "conversations"): lambda r: _sft_row({"messages": r["prompt"] + r["chosen"]}),
     ("conversations", "prompts"): _prompt_of_conversation,
     ("pairs", "prompts"): lambda r: {"prompt": r["prompt"]},
-    ("unpaired", "prompts"): lambda r: {"prompt": r["prompt"]},
-    ("pairs", "unpaired"): _unpair,
+    ("kto", "prompts"): lambda r: {"prompt": r["prompt"]},
+    ("pairs", "kto"): _unpair,
 }
 _NOTES = {
     ("pairs", "conversations"): "sft on the chosen response of each pair",
-    ("pairs", "unpaired"): "each pair split into a desirable (chosen) and an undesirable (rejected) example",
+    ("pairs", "kto"): "each pair split into a desirable (chosen) and an undesirable (rejected) example",
     ("conversations", "prompts"): "prompt = every turn before the last assistant turn",
 }
 
 
 def to_family(data: NormalisedData, family: str) -> NormalisedData:
     """Convert normalised rows to `family` (what a stage trains on); DataError when that is impossible."""
+    family = ALIASES.get(family, family)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if data.family == family and family != "conversations":
@@ -515,7 +610,7 @@ def to_family(data: NormalisedData, family: str) -> NormalisedData:
     note = _NOTES.get((data.family, family))
     notes = data.notes + [note] if note else list(data.notes)
     out = NormalisedData(data.source, data.format, family, [], [], data.rows_read, data.drops, data.detected,
-                         data.unit, notes)
+                         data.unit, notes, data.why)
     for row, number in zip(data.rows, data.row_numbers):
         try:
             new = convert(row)

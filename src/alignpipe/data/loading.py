@@ -49,6 +49,29 @@ def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sf
         raise as_user_error(err, where) from None
 
 
+def load_split(ctx, family: str, cap: int | None, tokenizer=None, max_length: int | None = None
+               ) -> tuple[list[dict], list[dict]]:
+    """The stage's rows split by the recipe's held-out prompts (`alignpipe.data.split`): (train, held out, at
+    most `cap`). The split's counts and hash go into `data_report.json` and on the screen."""
+    from alignpipe.data.split import split_rows
+    from alignpipe.distributed import is_main_process
+
+    rows = load_family(ctx, family, tokenizer, max_length)
+    train, held, info = split_rows(ctx, rows, cap)
+    if not train or not held:
+        raise AlignpipeError(f"the held-out split leaves {len(train)} rows to train on and {len(held)} held out",
+                             where=str(ctx.recipe.path), key=f"stages.{ctx.name}.data",
+                             fix="give the stage more rows (prompts are held out by a seeded hash of their first "
+                                 "user turn)")
+    if is_main_process():
+        path = ctx.dir / "data_report.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "split": info}, indent=2))
+        extra = f" ({info['heldout_unused']} more held-out rows unused)" if info["heldout_unused"] else ""
+        print(f"  split {info['heldout_hash']}: {len(train)} rows to train on, {len(held)} held out "
+              f"({info['heldout_prompts']} prompts){extra}", flush=True)
+    return train, held
+
+
 def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int | None = None) -> list[dict]:
     """The stage's rows in `family` (default: its kind's), plus `data_report.json` in its folder."""
     from alignpipe.data.report import format_report, validation_report

@@ -31,7 +31,7 @@ def _render(rows: list[dict], family: str, tokenizer: Any) -> list[str | list[st
         return [chat(row["prompt"], generation_prompt=True) for row in rows]
     if family == "pairs":  # the trainer truncates prompt+chosen and prompt+rejected alike
         return [[chat(row["prompt"] + row["chosen"]), chat(row["prompt"] + row["rejected"])] for row in rows]
-    if family == "unpaired":
+    if family == "kto":
         return [chat(row["prompt"] + row["completion"]) for row in rows]
     raise ValueError(f"unknown family {family!r}")
 

@@ -2,9 +2,14 @@
 
 A stage's `data:` spec is one of
 
-    {path: data/x.jsonl, format: auto, split: train}            # .jsonl .json .parquet .csv, or a folder
+    {path: data/x.jsonl, format: auto, split: train}   # .jsonl .json .parquet .csv .txt .md, or a folder
     {hub: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs, subset: null, format: auto}
     {mixture: [{path: a.jsonl, weight: 0.7}, {hub: ..., weight: 0.3}], n: 1000, seed: 0}
+
+with, on a source (or a mixture entry), `columns:` mapping alignpipe's column names to the file's
+(`{prompt: question, response: answer}`, `{chosen: good, rejected: bad}`, message tags such as
+`{role_tag: from, content_tag: value, user_tag: human}`, as LLaMA-Factory's dataset_info does), and on
+the spec `max_dropped:` (default 0.05), the share of rows that may be dropped before the stage stops.
 
 `prepare_data` loads it, normalises every file to the family the stage needs, and mixes.
 """
@@ -20,11 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from alignpipe.data.formats import DataError, NormalisedData, normalise
+from alignpipe.data.formats import BadLine, DataError, NormalisedData, normalise
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-SOURCE_KEYS = {"path", "hub", "format", "split", "subset"}
-MIXTURE_KEYS = {"mixture", "n", "seed"}
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".md")
+SOURCE_KEYS = {"path", "hub", "format", "split", "subset", "columns", "max_dropped"}
+MIXTURE_KEYS = {"mixture", "n", "seed", "max_dropped"}
+SOURCES = ("embedded", "path", "hub", "mixture")  # a data spec names exactly one
+MAX_DROPPED = 0.05
+TEXT_DOC_CHARS = 20_000  # a plain-text document longer than this is cut (at a line end where there is one)
+# columns: alignpipe's names a map may use; `response` is `completion`. Tags rename keys / roles inside messages.
+COLUMN_NAMES = {"text", "instruction", "input", "output", "system", "history", "conversations", "messages",
+                "prompt", "completion", "response", "chosen", "rejected", "chosen_messages", "rejected_messages",
+                "label", "tools"}
+TAGS = {"role_tag": "role", "content_tag": "content"}
+ROLE_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool",
+             "function_tag": "function_call"}
 
 
 @dataclass
@@ -58,11 +73,43 @@ def _read_jsonl(path: Path, name: str) -> RawRows:
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(name, f"line {number}", f"invalid JSON: {e.msg} at column {e.colno}",
-                                "fix or delete that line") from None
+            except json.JSONDecodeError as e:  # listed with the other bad rows, not alone and first
+                rows.append(BadLine("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}"))
             numbers.append(number)
     return RawRows(name, rows, numbers, "line")
+
+
+def _read_text(path: Path, name: str) -> RawRows:
+    """Plain text (.txt, .md) as `{"text": document}` rows: documents are separated by blank lines, or, in a
+    file without blank lines, are its lines; a document over TEXT_DOC_CHARS is cut, at line ends if it can."""
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    blank = any(not line.strip() for line in lines)
+    docs, start, current = [], None, []
+
+    def close():
+        nonlocal start, current
+        if current:
+            docs.append((start, "\n".join(current)))
+        start, current = None, []
+
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            close()
+            continue
+        if start is None:
+            start = number
+        if current and (not blank or sum(len(c) + 1 for c in current) + len(line) > TEXT_DOC_CHARS):
+            close()
+            start = number
+        while len(line) > TEXT_DOC_CHARS:  # one very long line: cut at the last space within the limit
+            cut = line.rfind(" ", 0, TEXT_DOC_CHARS)
+            cut = cut if cut > 0 else TEXT_DOC_CHARS
+            current.append(line[:cut])
+            close()
+            start, line = number, line[cut:].lstrip()
+        current.append(line)
+    close()
+    return RawRows(name, [{"text": text} for _, text in docs], [n for n, _ in docs], "line")
 
 
 def _read_json(path: Path, name: str) -> RawRows:
@@ -114,11 +161,12 @@ def _read_parquet(path: Path, name: str) -> RawRows:
     return RawRows(name, rows, list(range(1, len(rows) + 1)), "row")
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+            ".txt": _read_text, ".md": _read_text}
 
 
 def read_file(path: Path, name: str | None = None) -> RawRows:
-    """Rows of one .jsonl / .json / .parquet / .csv file; `name` is how messages refer to it."""
+    """Rows of one .jsonl / .json / .parquet / .csv / .txt / .md file; `name` is how messages refer to it."""
     name = name or str(path)
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
@@ -220,6 +268,63 @@ def _check_keys(spec: dict, allowed: set[str], key: str) -> None:
         raise DataError("recipe", key, f"unknown key {unknown[0]!r}", f"use one of {', '.join(sorted(allowed))}")
 
 
+def check_one_source(spec: dict, key: str) -> None:
+    """A data spec names one source: `embedded`, `path`, `hub` or `mixture`. A `--set ...data.path=` onto a
+    recipe whose stage has `embedded:` would otherwise leave the path silently unused."""
+    named = [k for k in SOURCES if k in spec]
+    if len(named) > 1:
+        raise DataError("recipe", key, f"names two sources, {named[0]} and {named[1]}; a data spec has one of "
+                        f"{', '.join(SOURCES)}",
+                        f"keep one; from the command line, replace the whole mapping: --set '{key}={{path: my.jsonl}}'")
+
+
+def apply_columns(raw: RawRows, columns: dict, key: str) -> RawRows:
+    """Rename a file's columns (and keys / role names inside its messages) to the ones alignpipe reads."""
+    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+        raise DataError("recipe", f"{key}.columns", "must map names to column names",
+                        "e.g. columns: {prompt: question, response: answer}")
+    unknown = sorted(set(columns) - COLUMN_NAMES - set(TAGS) - set(ROLE_TAGS))
+    if unknown:
+        raise DataError("recipe", f"{key}.columns.{unknown[0]}", "is not a column alignpipe reads",
+                        f"use {', '.join(sorted(COLUMN_NAMES | set(TAGS) | set(ROLE_TAGS)))}")
+    present = {k for row in raw.rows[:1000] if isinstance(row, dict) for k in row}
+    renames = {("completion" if ours == "response" else ours): theirs for ours, theirs in columns.items()
+               if ours in COLUMN_NAMES}
+    for ours, theirs in renames.items():
+        if theirs not in present:
+            raise DataError(raw.source, f"{key}.columns.{ours}", f"column {theirs!r} is not in the file; its "
+                            f"columns are {', '.join(sorted(present)) or 'none'}",
+                            f"map {ours} to one of those columns")
+    keys = {theirs: ours for ours, theirs in ((TAGS[t], v) for t, v in columns.items() if t in TAGS)}
+    roles = {v: ROLE_TAGS[t] for t, v in columns.items() if t in ROLE_TAGS}
+
+    def message(m):
+        if not isinstance(m, dict):
+            return m
+        m = {keys.get(k, k): v for k, v in m.items()}
+        role_key = "role" if "role" in m else "from" if "from" in m else None
+        if role_key and m[role_key] in roles:
+            m[role_key] = roles[m[role_key]]
+        return m
+
+    def row(r):
+        if not isinstance(r, dict):
+            return r
+        out = {k: v for k, v in r.items() if k not in renames.values()}
+        out.update({ours: r[theirs] for ours, theirs in renames.items() if theirs in r})
+        if keys or roles:
+            for name in ("messages", "conversations", "chosen", "rejected", "chosen_messages", "rejected_messages",
+                         "prompt", "completion"):
+                v = out.get(name)
+                if isinstance(v, list):
+                    out[name] = [message(m) for m in v]
+                elif isinstance(v, dict):
+                    out[name] = message(v)
+        return out
+
+    return RawRows(raw.source, [row(r) for r in raw.rows], raw.row_numbers, raw.unit)
+
+
 def load_rows(spec: dict, base_dir: Path, key: str = "data") -> list[RawRows]:
     """Read a `{path: ...}` or `{hub: ...}` spec: one RawRows per file read (a folder gives several).
 
@@ -244,10 +349,27 @@ def load_rows(spec: dict, base_dir: Path, key: str = "data") -> list[RawRows]:
 
 def _normalise_source(spec: dict, base_dir: Path, family: str, key: str) -> list[NormalisedData]:
     fmt = spec.get("format") or "auto"
+    raws = load_rows(spec, base_dir, key)
+    if spec.get("columns") is not None:
+        raws = [apply_columns(raw, spec["columns"], key) for raw in raws]
     return [
         normalise(raw.rows, fmt, source=raw.source, row_numbers=raw.row_numbers, family=family, unit=raw.unit)
-        for raw in load_rows(spec, base_dir, key)
+        for raw in raws
     ]
+
+
+def check_dropped(parts: list[NormalisedData], spec: dict, key: str) -> None:
+    """Stop when more than `max_dropped` of the rows read were dropped (the message says by what)."""
+    limit = spec.get("max_dropped", MAX_DROPPED)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit <= 1:
+        raise DataError("recipe", f"{key}.max_dropped", f"{limit!r} is not a share between 0 and 1",
+                        "e.g. max_dropped: 0.1")
+    read, dropped = sum(p.rows_read for p in parts), sum(p.drops.total for p in parts)
+    if read and dropped / read > limit:
+        worst = max(parts, key=lambda p: p.drops.total)
+        raise DataError(worst.source, key, f"{dropped} of {read} rows dropped ({dropped / read:.1%}), more than "
+                        f"max_dropped {limit:g}: {worst.drops.summary(worst.unit)}",
+                        f"fix those rows, or accept more: --set {key}.max_dropped={min(1.0, dropped / read + 0.01):.2f}")
 
 
 def _counts(weights: list[float], available: list[int], n: int | None) -> list[int]:
@@ -280,8 +402,10 @@ def prepare_data(spec: dict, base_dir: Path, family: str, *, key: str = "data", 
     A mixture is sampled with `random.Random(spec.get("seed", seed))`, then shuffled: same spec and seed,
     same rows in the same order.
     """
+    check_one_source(spec, key)
     if "mixture" not in spec:
         parts = _normalise_source(spec, base_dir, family, key)
+        check_dropped(parts, spec, key)
         return PreparedData(family, [row for part in parts for row in part.rows], parts)
 
     _check_keys(spec, MIXTURE_KEYS, key)
@@ -299,11 +423,13 @@ def prepare_data(spec: dict, base_dir: Path, family: str, *, key: str = "data", 
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
             raise DataError("recipe", f"{where}.weight", f"{weight!r} is not a positive number",
                             "give each component a weight > 0")
+        component.pop("max_dropped", None)  # the spec's limit counts every component's rows together
         these = _normalise_source(component, base_dir, family, where)
         parts += these
         pools.append([row for part in these for row in part.rows])
         weights.append(float(weight))
 
+    check_dropped(parts, spec, key)
     rng = random.Random(spec.get("seed", seed))
     counts = _counts(weights, [len(p) for p in pools], n)
     rows, mixture = [], []

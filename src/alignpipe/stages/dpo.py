@@ -70,16 +70,13 @@ def check(recipe, name: str, where: str) -> None:
 
 
 def pairs(ctx) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) `{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the
-    embedded world's preference pairs (held-out prompts for the second), or a user dataset (read once)
-    with a slice held out."""
+    """(train, held-out) `{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the embedded
+    world's preference pairs, or a user dataset split by the recipe's held-out prompts."""
     if ctx.config.data.get("embedded") == "pairs":
         return ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
-    from alignpipe.data.loading import load_family
+    from alignpipe.data.loading import load_split
 
-    rows = load_family(ctx, "pairs")
-    n_eval = min(200, max(1, len(rows) // 20))
-    return rows[n_eval:], rows[:n_eval]
+    return load_split(ctx, "pairs", 200)
 
 
 def pair_counts(trainer, stage: str, train_rows: int, heldout_rows: int) -> dict:

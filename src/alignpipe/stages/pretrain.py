@@ -42,18 +42,17 @@ def unigram_perplexity(train_blocks: list[list[int]], eval_blocks: list[list[int
     return math.exp(sum(nll) / len(nll))
 
 
-def load_texts(ctx, split: str) -> list[str]:
-    """Plain-text documents from the stage's data: the embedded world, or a file in `text` format."""
+def load_texts(ctx) -> tuple[list[str], list[str]]:
+    """(train, held-out) plain-text documents: the embedded world, or a user file split by the recipe's seeded
+    held-out hash (never the first rows of a possibly sorted file)."""
     spec = ctx.config.data
     if spec.get("embedded") == "corpus":
         world = ctx.world
-        return world.corpus() if split == "train" else world.corpus_eval()[: ctx.config.eval_docs]
-    from alignpipe.data.loading import load_family
+        return world.corpus(), world.corpus_eval()[: ctx.config.eval_docs]
+    from alignpipe.data.loading import load_split
 
-    rows = load_family(ctx, "text")
-    texts = [r["text"] for r in rows]
-    n_eval = min(ctx.config.eval_docs, max(1, len(texts) // 20))
-    return texts[n_eval:] if split == "train" else texts[:n_eval]
+    train, held = load_split(ctx, "text", ctx.config.eval_docs)
+    return [r["text"] for r in train], [r["text"] for r in held]
 
 
 def run(ctx) -> dict:
@@ -62,16 +61,18 @@ def run(ctx) -> dict:
     from transformers import DataCollatorForLanguageModeling, Trainer
 
     from alignpipe import modeling
-    from alignpipe.templates import EMBEDDED_SPECIAL_TOKENS
+    from alignpipe.templates import template_special_tokens
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     recipe = ctx.recipe
-    train_texts, eval_texts = load_texts(ctx, "train"), load_texts(ctx, "eval")
+    train_texts, eval_texts = load_texts(ctx)
 
     # --- tokenizer and model
     if recipe.model.init is not None:
-        tokenizer = modeling.train_tokenizer(train_texts, recipe.model.init.vocab_size, EMBEDDED_SPECIAL_TOKENS,
-                                             ctx.chat_template or "")
+        # the recipe's template's own special tokens (chatml, llama3, a file), so every later stage can use it
+        specials, bos = template_special_tokens(ctx.chat_template)
+        tokenizer = modeling.train_tokenizer(train_texts, recipe.model.init.vocab_size, specials,
+                                             ctx.chat_template or "", bos)
         model = modeling.build_model(recipe.model.init, tokenizer)
     else:
         tokenizer = ctx.load_tokenizer()

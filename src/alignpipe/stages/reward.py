@@ -15,7 +15,6 @@ PPO normalises with (its first samples come from this same policy). Artifact: `a
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 
 from alignpipe.errors import AlignpipeError, RecipeError
@@ -24,7 +23,7 @@ from alignpipe.recipe import StageConfig
 
 @dataclass
 class Config(StageConfig):
-    eval_pairs: int = 200  # pairs held out of a user dataset for evaluation (the embedded world has its own)
+    eval_pairs: int = 200  # at most this many of a user dataset's held-out pairs are scored (the embedded world has its own)
     reload_tolerance: float = 1e-4  # the reloaded artifact must score this close to the trained model (fp32)
 
 
@@ -52,12 +51,10 @@ def pair_rows(ctx, tokenizer, max_length: int) -> tuple[list[dict], list[dict], 
     if ctx.config.data.get("embedded") == "pairs":
         raw_train, raw_eval = ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
     else:
-        from alignpipe.data.loading import load_family
+        from alignpipe.data.loading import load_split
 
-        rows = load_family(ctx, "pairs", tokenizer, max_length)
-        random.Random(ctx.seed).shuffle(rows)  # files are often sorted; hold out a random slice
-        n_eval = min(ctx.config.eval_pairs, max(1, len(rows) // 10))
-        raw_train, raw_eval = rows[n_eval:], rows[:n_eval]
+        # the recipe's held-out prompts: DPO's training pairs are never this model's held-out pairs
+        raw_train, raw_eval = load_split(ctx, "pairs", ctx.config.eval_pairs, tokenizer, max_length)
     train, train_report = filter_pairs(raw_train, "train", tokenizer, max_length)
     evals, eval_report = filter_pairs(raw_eval, "held-out", tokenizer, max_length)
     for report in (train_report, eval_report):

@@ -37,22 +37,28 @@ def lora_config(ctx, task_type: str):
 
 
 def conversations(ctx, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) `{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset,
-    read once, with a slice held out (its report counts tokens after the chat template, and truncations at
-    `max_length`, when given the tokenizer)."""
+    """(train, held-out) `{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset
+    split by the recipe's held-out prompts (its report counts tokens after the chat template, and truncations
+    at `max_length`, when given the tokenizer)."""
     if ctx.config.data.get("embedded") == "sft":
         world = ctx.world
         # held-out loss: house-style answers to the held-out prompts
         return world.sft_rows(), [{"messages": [{"role": "user", "content": p["prompt"]},
                                                 {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
                                   for p in world.eval_prompts()]
-    from alignpipe.data.loading import load_family
+    from alignpipe.data.loading import load_split
 
-    rows = load_family(ctx, "conversations", tokenizer, max_length)
-    n_eval = min(200, max(1, len(rows) // 20))
-    print(f"[alignpipe] stage {ctx.name}: {len(rows) - n_eval} conversations trained on, {n_eval} held out",
-          flush=True)
-    return rows[n_eval:], rows[:n_eval]
+    return load_split(ctx, "conversations", 200, tokenizer, max_length)
+
+
+def dataset(rows: list[dict], tokenizer):
+    """Rows as TRL's dataset; those with tools, tool calls or loss_weight-0 turns tokenized here
+    (`alignpipe.data.sft_tokens`), the rest left to TRL."""
+    from datasets import Dataset
+
+    from alignpipe.data.sft_tokens import needs_own_tokens, tokenize_rows
+
+    return Dataset.from_list(tokenize_rows(rows, tokenizer) if needs_own_tokens(rows) else rows)
 
 
 def plain_head_trainer():
@@ -99,8 +105,8 @@ def trainer_class(ctx, args):
 
 
 def run(ctx) -> dict:
-    from datasets import Dataset
-
+    from alignpipe.data.formats import DataError
+    from alignpipe.data.loading import as_user_error
     from alignpipe.evaluation import evaluate_policy
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
@@ -110,7 +116,10 @@ def run(ctx) -> dict:
                             per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1e-3,
                             lr_scheduler_type="cosine", warmup_steps=10, max_steps=300)
     train_rows, eval_rows = conversations(ctx, tokenizer, args.max_length)
-    train_ds, eval_ds = Dataset.from_list(train_rows), Dataset.from_list(eval_rows)
+    try:
+        train_ds, eval_ds = dataset(train_rows, tokenizer), dataset(eval_rows, tokenizer)
+    except DataError as err:
+        raise as_user_error(err, str(ctx.recipe.path)) from None
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
     train(trainer, ctx)

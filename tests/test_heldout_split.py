@@ -1,0 +1,101 @@
+"""One held-out split per recipe: sft, reward and dpo stages fed files that share prompts (in different formats,
+spellings and turn counts) never train on a prompt another stage holds out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignpipe.context import StageContext
+from alignpipe.data.split import heldout_prompts, prompt_key
+from alignpipe.recipe import load_recipe
+from conftest import write_yaml
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from hub_layout import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2")
+
+
+def write_files(folder: Path, n: int = 120) -> dict[str, Path]:
+    questions = [f"What is {i} plus {i + 1}?" for i in range(n)]  # sorted, as files often are
+    sft = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"{2 * i + 1}."}]}
+           for i, q in enumerate(questions)]
+    # multi-turn continuations of the same prompts: they must fall on the same side
+    sft += [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"{2 * i + 1}."},
+                          {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]}
+            for i, q in enumerate(questions[::3])]
+    # the same prompts, spelled differently, as prompt/chosen/rejected and as HH transcripts
+    pairs = [{"prompt": f"  {q.upper()} ", "chosen": f"{2 * i + 1}.", "rejected": "No idea."}
+             for i, q in enumerate(questions)]
+    hh = [{"chosen": f"\n\nHuman: {q}\n\nAssistant: {2 * i + 1}.", "rejected": f"\n\nHuman: {q}\n\nAssistant: Dunno."}
+          for i, q in enumerate(questions[: n // 2])]
+    return {"sft": jsonl(folder / "chat.jsonl", sft), "reward": jsonl(folder / "prefs.jsonl", pairs),
+            "dpo": jsonl(folder / "hh.jsonl", hh)}
+
+
+def recipe_file(folder: Path, model_dir: Path, files: dict[str, Path]) -> Path:
+    trainer = {"max_steps": 1, "max_length": 64}
+    stages = {"sft": {"data": {"path": str(files["sft"])}, "trainer": trainer},
+              "reward": {"from": "sft", "data": {"path": str(files["reward"])}, "trainer": trainer},
+              "dpo": {"from": "sft", "data": {"path": str(files["dpo"])}, "trainer": trainer}}
+    return write_yaml(folder / "r.yaml", {"name": "split", "seed": 0, "runs_dir": str(folder / "runs"),
+                                          "model": {"path": str(model_dir)}, "chat_template": "chatml",
+                                          "stages": stages})
+
+
+def contexts(path: Path) -> dict[str, StageContext]:
+    recipe = load_recipe(path)
+    return {n: StageContext(recipe, n, cfg, recipe.stage_dir(n), None) for n, cfg in recipe.stages.items()}
+
+
+def test_no_stage_trains_on_a_prompt_any_stage_holds_out(tmp_path, model_dir):
+    from alignpipe.stages import dpo, reward, sft
+
+    ctx = contexts(recipe_file(tmp_path, model_dir, write_files(tmp_path)))
+    tok = ctx["reward"].load_tokenizer()
+    splits = {"sft": sft.conversations(ctx["sft"]), "dpo": dpo.pairs(ctx["dpo"])}
+    r_train, r_held, _ = reward.pair_rows(ctx["reward"], tok, 64)
+    splits["reward"] = (r_train, r_held)
+    train = {name: {prompt_key(r) for r in rows} for name, (rows, _) in splits.items()}
+    held = {name: {prompt_key(r) for r in rows} for name, (_, rows) in splits.items()}
+    all_train, all_held = set().union(*train.values()), set().union(*held.values())
+    assert all(held.values()) and not all_held & all_train
+    assert held["sft"] & held["reward"]  # the same prompts are held out across formats and spellings
+    # multi-turn continuations sit with their prompt; the held-out rows are not the file's first rows
+    sft_held = splits["sft"][1]
+    assert any(len(r["messages"]) == 4 for r in sft_held)
+    assert [prompt_key(r) for r in sft_held] != [f"what is {i} plus {i + 1}?" for i in range(len(sft_held))]
+    # written once for the recipe, with its hash, and the hash is in every stage's report
+    saved = json.loads((tmp_path / "runs" / "split" / "heldout.json").read_text())
+    assert set(saved["stages"]) == {"sft", "reward", "dpo"}
+    assert set(saved["stages"]["sft"]) == held["sft"]
+    for name in ("sft", "reward", "dpo"):
+        report = json.loads((tmp_path / "runs" / "split" / name / "data_report.json").read_text())
+        assert report["split"]["heldout_hash"] == saved["hash"]
+    # what the policy evaluation gets: one row per held-out prompt, with the answer to compare with
+    prompts = heldout_prompts(ctx["dpo"])
+    assert {p["key"] for p in prompts} == all_held
+    first = next(p for p in prompts if p["stage"] == "sft" and len(p["prompt"]) == 1)
+    assert first["prompt"][0]["role"] == "user" and first["reference"].endswith(".")
+
+
+def test_a_tiny_file_still_holds_out_a_prompt(tmp_path, model_dir):
+    from alignpipe.stages import sft
+
+    files = write_files(tmp_path)
+    files["sft"] = jsonl(tmp_path / "few.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                               {"role": "assistant", "content": "a"}]}
+                                                 for i in range(6)])
+    ctx = contexts(recipe_file(tmp_path, model_dir, files))
+    train, held = sft.conversations(ctx["sft"])
+    assert len(held) == 1 and len(train) == 5
