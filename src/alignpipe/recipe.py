@@ -68,6 +68,36 @@ class LoraSpec:
 
 
 @dataclass
+class JudgeSpec:
+    """One judge of sampled responses (`eval.judges.<name>`): a verifier `module:function(prompt, response,
+    row) -> bool | float`, or a pairwise judge model, local (`model:` a folder or hub id) or behind an
+    OpenAI-compatible `endpoint:` (base URL, e.g. http://127.0.0.1:8000/v1, with `model:` its name)."""
+
+    verifier: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    api_key_env: str | None = None  # the environment variable holding the endpoint's key (never the key)
+    prompt_template: str | None = None  # a judging-prompt file with {prompt}, {a} and {b}; None: the built-in one
+    max_new_tokens: int = 8
+    timeout_s: float = 60.0
+
+    @property
+    def pairwise(self) -> bool:
+        return self.verifier is None
+
+
+@dataclass
+class LmEvalSpec:
+    """lm-evaluation-harness tasks run on the stage's checkpoint (`pip install alignpipe[lmeval]`)."""
+
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None  # a folder of task YAMLs (e.g. over local files), relative to the recipe
+    limit: int | None = None  # examples per task (None: all)
+    num_fewshot: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
 class EvalSpec:
     """Sampled evaluation of a policy on held-out prompts (same protocol for every policy stage)."""
 
@@ -78,6 +108,9 @@ class EvalSpec:
     top_p: float = 1.0
     batch_size: int = 128
     enabled: bool = True
+    prompts: str | None = None  # a file of prompts (any format with a user turn; optional reference answers)
+    judges: dict[str, JudgeSpec] = field(default_factory=dict)  # name -> judge; embedded data: `judge` built in
+    lm_eval: LmEvalSpec | None = None
 
 
 @dataclass
@@ -202,6 +235,9 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"expected a mapping, got {type(value).__name__}", where=where, key=key,
                               fix="write a YAML mapping (key: value)")
+        _, item = typing.get_args(tp) or (Any, Any)
+        if dataclasses.is_dataclass(item):  # e.g. eval.judges: name -> JudgeSpec
+            return {k: from_dict(item, v, where, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value
