@@ -123,7 +123,8 @@ class StageConfig:
     lora: LoraSpec | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
-    gates: list[str] = field(default_factory=list)  # e.g. "judge_pass_rate >= sft.judge_pass_rate + 0.1"
+    # e.g. ["judge_pass_rate >= sft.judge_pass_rate + 0.1"], or a mapping {eot_rate: ">= 0.95"} (read as a list)
+    gates: list[str] | dict[str, str] = field(default_factory=list)
     checkpoint_every: int = 0  # save a resumable training state every N steps (0: the trainer's default)
 
 
@@ -371,6 +372,8 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
                               fix=f"use one of {', '.join(KINDS)} (the kind defaults to the stage name)")
         cfg = from_dict(config_class(kind), sdata, where, key)
         cfg.kind = kind
+        if isinstance(cfg.gates, dict):  # {metric: "op expression"} -> ["metric op expression"]
+            cfg.gates = [f"{metric} {rule}" for metric, rule in cfg.gates.items()]
         stages[sname] = cfg
     recipe = Recipe(
         name=name,

@@ -55,8 +55,14 @@ def load_verifier(spec: str, where: str = "", key: str = "verifier") -> Callable
     return fn
 
 
-def run_verifier(fn: Callable, texts: list[str], responses: list[str], rows: list[dict], ended: list[bool]) -> list[float]:
-    return [float(fn(p, r, row)) if done else 0.0 for p, r, row, done in zip(texts, responses, rows, ended)]
+def run_verifier(fn: Callable, texts: list[str], responses: list[str], rows: list[dict],
+                 ended: list[bool]) -> list[bool | float]:
+    """The verifier's value per response (bool or float as it returns them; 0 / False when cut off)."""
+    out: list[bool | float] = []
+    for p, r, row, done in zip(texts, responses, rows, ended):
+        v = fn(p, r, row) if done else False
+        out.append(bool(v) if isinstance(v, bool) or type(v).__name__ == "bool_" else float(v))
+    return out
 
 
 def judging_prompt(spec, recipe_path: Path) -> str:
