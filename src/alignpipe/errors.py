@@ -28,3 +28,7 @@ class RecipeError(AlignpipeError):
 
 class RunError(AlignpipeError):
     """A problem with a run folder (missing or incomplete parent, lock held, incompatible version)."""
+
+
+class EvalError(AlignpipeError):
+    """A problem with a stage's evaluation: its prompts file, a judge, an lm-eval task."""

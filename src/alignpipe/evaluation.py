@@ -1,19 +1,24 @@
-"""The evaluation every policy stage shares: sample responses to held-out prompts, judge them.
+"""The evaluation every policy stage shares: sample responses to held-out prompts, then measure them.
 
-Sampling (temperature 1.0 by default), not greedy, so the figure describes the policy's distribution;
-a fixed seed and a fixed number of samples per prompt make it reproducible and comparable across
-stages. The judge is the embedded world's ground truth; no trained model ever sees it.
+Sampling (temperature 1.0 by default), not greedy, so the figures describe the policy's distribution; a
+fixed seed and a fixed number of samples per prompt make them reproducible and comparable across stages.
+`evaluate_stage` is the one entry point, the same for the embedded world and a user's own model and data:
+response health (`eval.health`), KL to the reference (the parent), the recipe's reward model (mean score,
+win rates against the parent and against sft, bootstrap intervals over prompts), each judge named in
+`eval.judges` (verifiers: pass rate; pairwise judge models: win rate against the parent) and lm-eval tasks.
+The embedded world is one instance: its held-out prompts are the eval prompts and its judge (`judge`, a
+verifier) is the world's ground truth, which no trained model ever sees.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from alignpipe.recipe import EvalSpec
+from alignpipe.recipe import EvalSpec, JudgeSpec
 
 
 @dataclass
@@ -24,15 +29,24 @@ class Samples:
     lengths: list[int]  # response tokens
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
+    prompt_index: list[int] = field(default_factory=list)  # which of the given prompts each sample answers
 
 
-def render_prompts(tokenizer, user_messages: list[str]) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
-                                          add_generation_prompt=True) for m in user_messages]
+def render_prompts(tokenizer, user_messages: list) -> list[str]:
+    """Each prompt (a user message, or a conversation ending with the user's turn) through the chat template."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": m}] if isinstance(m, str) else m,
+                                          tokenize=False, add_generation_prompt=True) for m in user_messages]
+
+
+def _user_text(m) -> str:
+    if isinstance(m, str):
+        return m
+    users = [t["content"] for t in m if t["role"] == "user"]
+    return users[-1] if users else ""
 
 
 @torch.no_grad()
-def sample(model, tokenizer, user_messages: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
+def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, seed: int = 0, batch_size: int = 128) -> Samples:
     """`n` sampled responses per prompt, with the KV cache, in batches of `batch_size` sequences."""
     was_training = model.training
@@ -59,7 +73,8 @@ def sample(model, tokenizer, user_messages: list[str], n: int, max_new_tokens: i
         for i, ids in enumerate(new):
             ended = eos in ids
             ids = ids[: ids.index(eos) + 1] if ended else ids
-            out.prompts.append(user_messages[start + i // n])
+            out.prompts.append(_user_text(user_messages[start + i // n]))
+            out.prompt_index.append(start + i // n)
             out.responses.append(tokenizer.decode(ids, skip_special_tokens=True))
             out.ended.append(ended)
             out.lengths.append(len(ids))
@@ -74,27 +89,6 @@ def judge_samples(samples: Samples) -> list[bool]:
 
     # a response cut off before end-of-turn is not a finished answer
     return [ended and judge(p, r) for p, r, ended in zip(samples.prompts, samples.responses, samples.ended)]
-
-
-def evaluate_policy(model, tokenizer, world, spec: EvalSpec, seed: int, out_dir: Path,
-                    extra: dict[str, list] | None = None) -> tuple[dict, Samples]:
-    """Judge pass rate of sampled responses to the world's held-out prompts; samples to a JSONL file.
-
-    `extra` adds per-sample columns to the samples file (e.g. reward-model scores).
-    """
-    prompts = [p["prompt"] for p in world.eval_prompts()[: spec.num_prompts]]
-    samples = sample(model, tokenizer, prompts, spec.samples_per_prompt, spec.max_new_tokens, spec.temperature,
-                     spec.top_p, seed, spec.batch_size)
-    passed = judge_samples(samples)
-    write_samples(Path(out_dir) / "eval_samples.jsonl", samples, passed, extra)
-    metrics = {
-        "judge_pass_rate": sum(passed) / len(passed),
-        "judge_passed": sum(passed),
-        "judge_total": len(passed),
-        "eot_rate": sum(samples.ended) / len(samples.ended),
-        "mean_response_tokens": sum(samples.lengths) / len(samples.lengths),
-    }
-    return metrics, samples
 
 
 def write_samples(path: Path, samples: Samples, passed: list[bool], extra: dict[str, list] | None = None) -> None:
@@ -152,20 +146,194 @@ def reward_stage_of(recipe, stage: str) -> str | None:
     return None
 
 
-def evaluate_aligned(ctx, policy, reference, tokenizer) -> dict:
-    """The shared evaluation of an aligned policy (dpo, ppo, grpo, ...): the judge's pass rate on sampled
-    held-out responses, the mean score of the recipe's reward model on those same samples, and the
-    KL divergence to the reference policy (nats per response, estimated on the policy's samples)."""
-    metrics, samples = evaluate_policy(policy, tokenizer, ctx.world, ctx.config.eval, ctx.seed, ctx.dir)
-    metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id)
+
+
+# --- the one evaluation of a policy stage -------------------------------------------------------------
+
+SAMPLES_FILE = "eval_samples.jsonl"
+
+
+def judges_of(ctx) -> dict[str, JudgeSpec]:
+    """The stage's judges: `eval.judges`, with the embedded world's judge as verifier `judge` for embedded data."""
+    from alignpipe.eval.verifiers import EMBEDDED
+
+    judges = dict(ctx.config.eval.judges)
+    if "embedded" in ctx.config.data and "judge" not in judges:
+        judges = {"judge": JudgeSpec(verifier=EMBEDDED), **judges}
+    return judges
+
+
+def sft_stage_of(recipe, stage: str) -> str | None:
+    """The nearest sft ancestor of `stage` (following `from`), the baseline of `rm_win_rate_vs_sft`."""
+    parent = recipe.stages[stage].from_
+    while parent:
+        if recipe.stages[parent].kind == "sft":
+            return parent
+        parent = recipe.stages[parent].from_
+    return None
+
+
+def read_samples(stage_dir: Path | None) -> list[dict]:
+    path = Path(stage_dir) / SAMPLES_FILE if stage_dir else None
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def covers(rows: list[dict], samples: Samples, n: int) -> bool:
+    """Do saved samples hold at least `n` samples of every prompt `samples` answers?"""
+    from collections import Counter
+
+    have = Counter(r["prompt"] for r in rows)
+    return bool(rows) and all(have[p] >= n for p in set(samples.prompts))
+
+
+def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
+    """Every policy stage's evaluation (see the module docstring). The stage's model is saved before this
+    runs; a failure here (a judge that does not answer) is recorded as `eval_status: failed` with one line,
+    the stage still completes, and `alignpipe eval runs/<recipe>/<stage>` re-runs only the evaluation."""
+    if not ctx.config.eval.enabled:
+        return {}
+    try:
+        return _evaluate(ctx, policy, tokenizer, reference)
+    except Exception as err:  # noqa: BLE001 - the trained stage is kept whatever its evaluation did
+        from alignpipe.errors import AlignpipeError
+
+        line = err.one_line() if isinstance(err, AlignpipeError) else f"{type(err).__name__}: {err}"
+        line = " ".join(line.split())
+        print(f"[alignpipe] stage {ctx.name}: evaluation failed: {line}; the trained model is saved; re-run only "
+              f"the evaluation with: alignpipe eval {ctx.dir}", flush=True)
+        return {"eval_status": "failed", "eval_error": line}
+
+
+def _evaluate(ctx, policy, tokenizer, reference) -> dict:
+    from alignpipe.eval.health import health_metrics
+    from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise, pairwise_metrics, run_verifier
+    from alignpipe.eval.prompts import eval_prompts
+    from alignpipe.eval.stats import paired, win_rate
+
+    spec, where = ctx.config.eval, str(ctx.recipe.path)
+    rows = eval_prompts(ctx)
+    if not rows:
+        print(f"[alignpipe] stage {ctx.name}: no held-out prompts to evaluate on (set eval.prompts)", flush=True)
+        return {"eval_status": "skipped: no held-out prompts"}
+
+    def draw(model) -> Samples:
+        return sample(model, tokenizer, [r["prompt"] for r in rows], spec.samples_per_prompt, spec.max_new_tokens,
+                      spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
+
+    samples = draw(policy)
+    out = [{"prompt": p, "response": r, "ended": e, "tokens": t}
+           for p, r, e, t in zip(samples.prompts, samples.responses, samples.ended, samples.lengths)]
+    metrics: dict = {"eval_status": "complete", "eval_prompts": len(rows), "eval_samples": len(out),
+                     **health_metrics(samples.responses, samples.response_ids, samples.ended)}
+    if reference is not None:
+        metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id)
+
+    # the parent's samples of the same prompts: its own file when it covers them, else drawn now from the
+    # reference (which is the parent), with the same protocol and seed
+    parent = read_samples(ctx.parent_dir)
+    if not covers(parent, samples, spec.samples_per_prompt):
+        parent = []
+        if reference is not None:
+            drawn = draw(reference)
+            parent = [{"prompt": p, "response": r, "ended": e, "tokens": t}
+                      for p, r, e, t in zip(drawn.prompts, drawn.responses, drawn.ended, drawn.lengths)]
+    parent_by_prompt = {}
+    for r in parent:
+        parent_by_prompt.setdefault(r["prompt"], []).append(r)
+    k_of: dict[str, int] = {}
+    for row in out:  # this row's k-th partner in the parent's samples
+        k = k_of[row["prompt"]] = k_of.get(row["prompt"], -1) + 1
+        theirs = parent_by_prompt.get(row["prompt"], [])
+        if k < len(theirs):
+            row["parent_response"], row["parent_ended"] = theirs[k]["response"], bool(theirs[k].get("ended", True))
+    with_parent = [r for r in out if "parent_response" in r]
+
+    judges = judges_of(ctx)
+    eval_rows = [rows[i] for i in samples.prompt_index]
+    for name, j in judges.items():
+        if j.pairwise:
+            continue
+        fn = load_verifier(j.verifier, where, f"stages.{ctx.name}.eval.judges.{name}.verifier")
+        values = run_verifier(fn, samples.prompts, samples.responses, eval_rows, samples.ended)
+        total = sum(float(v) for v in values)
+        metrics[f"{name}_pass_rate"] = total / len(values)
+        metrics[f"{name}_passed"] = int(total) if all(isinstance(v, bool) for v in values) else total
+        metrics[f"{name}_total"] = len(values)
+        for row, v in zip(out, values):
+            row[name] = v
+        if with_parent:
+            idx = [i for i, r in enumerate(out) if "parent_response" in r]
+            theirs = run_verifier(fn, [out[i]["prompt"] for i in idx], [out[i]["parent_response"] for i in idx],
+                                  [eval_rows[i] for i in idx], [out[i]["parent_ended"] for i in idx])
+            for i, v in zip(idx, theirs):
+                out[i][f"parent_{name}"] = v
+            _win(metrics, f"{name}_win_rate_vs_parent", with_parent, name, f"parent_{name}", ctx.seed)
+
+    # the recipe's reward model: mean score; win rates against the parent and against sft
     rm_stage = reward_stage_of(ctx.recipe, ctx.name)
     if rm_stage is not None:
         from alignpipe.reward.artifact import load_reward_model, score
 
         artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
-        scores = score(artifact, samples.prompts, samples.responses)
-        metrics["mean_reward"] = sum(scores) / len(scores)
+        for row, s in zip(out, score(artifact, samples.prompts, samples.responses)):
+            row["reward"] = s
+        metrics["mean_reward"] = sum(r["reward"] for r in out) / len(out)
         metrics["reward_stage"] = rm_stage
-        passed = judge_samples(samples)
-        write_samples(ctx.dir / "eval_samples.jsonl", samples, passed, {"reward": scores})
+        if with_parent:
+            for row, s in zip(with_parent, score(artifact, [r["prompt"] for r in with_parent],
+                                                 [r["parent_response"] for r in with_parent])):
+                row["parent_reward"] = s
+            _win(metrics, "rm_win_rate_vs_parent", with_parent, "reward", "parent_reward", ctx.seed)
+        sft = sft_stage_of(ctx.recipe, ctx.name)
+        if sft is not None and sft == ctx.config.from_ and "rm_win_rate_vs_parent" in metrics:
+            metrics["rm_win_rate_vs_sft"] = metrics["rm_win_rate_vs_parent"]
+            metrics["rm_win_rate_vs_sft_ci"] = metrics["rm_win_rate_vs_parent_ci"]
+        elif sft is not None and covers(base := read_samples(ctx.stage_dir(sft)), samples, spec.samples_per_prompt):
+            scored = [{**r, "reward": s} for r, s in zip(base, score(artifact, [r["prompt"] for r in base],
+                                                                     [r["response"] for r in base]))]
+            win = win_rate(paired(out, scored), "reward", seed=ctx.seed)
+            if win["rate"] is not None:
+                metrics["rm_win_rate_vs_sft"], metrics["rm_win_rate_vs_sft_ci"] = win["rate"], [win["lo"], win["hi"]]
+        del artifact
+
+    # pairwise judge models: this stage's response against the parent's, both orders
+    for name, j in judges.items():
+        if not j.pairwise:
+            continue
+        if not with_parent:
+            metrics[f"{name}_status"] = "skipped: no parent samples of the same prompts"
+            continue
+        verdicts = pairwise(judge_model(j, ctx.recipe.model), judging_prompt(j, ctx.recipe.path),
+                            [r["prompt"] for r in with_parent], [r["response"] for r in with_parent],
+                            [r["parent_response"] for r in with_parent])
+        for row, v in zip(with_parent, verdicts):
+            row[f"{name}_vs_parent"], row[f"{name}_answers"] = v.score(), [v.first, v.second]
+        metrics.update(pairwise_metrics(name, [r["prompt"] for r in with_parent], verdicts, ctx.seed))
+
+    write_rows(ctx.dir / SAMPLES_FILE, out)
+    if spec.lm_eval is not None and spec.lm_eval.tasks:
+        from alignpipe.eval.lm_eval import run_lm_eval
+
+        metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
     return metrics
+
+
+def _win(metrics: dict, name: str, rows: list[dict], mine: str, theirs: str, seed: int) -> None:
+    """`name` and `name_ci` from rows holding both columns (k-th sample against the parent's k-th)."""
+    from alignpipe.eval.stats import bootstrap_rate, outcome
+
+    per_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        per_prompt.setdefault(r["prompt"], []).append(outcome(float(r[mine]), float(r[theirs])))
+    win = bootstrap_rate(per_prompt, seed)
+    if win["rate"] is not None:
+        metrics[name], metrics[f"{name}_ci"] = win["rate"], [win["lo"], win["hi"]]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)

@@ -68,6 +68,36 @@ class LoraSpec:
 
 
 @dataclass
+class JudgeSpec:
+    """One judge of sampled responses (`eval.judges.<name>`): a verifier `module:function(prompt, response,
+    row) -> bool | float`, or a pairwise judge model, local (`model:` a folder or hub id) or behind an
+    OpenAI-compatible `endpoint:` (base URL, e.g. http://127.0.0.1:8000/v1, with `model:` its name)."""
+
+    verifier: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    api_key_env: str | None = None  # the environment variable holding the endpoint's key (never the key)
+    prompt_template: str | None = None  # a judging-prompt file with {prompt}, {a} and {b}; None: the built-in one
+    max_new_tokens: int = 8
+    timeout_s: float = 60.0
+
+    @property
+    def pairwise(self) -> bool:
+        return self.verifier is None
+
+
+@dataclass
+class LmEvalSpec:
+    """lm-evaluation-harness tasks run on the stage's checkpoint (`pip install alignpipe[lmeval]`)."""
+
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None  # a folder of task YAMLs (e.g. over local files), relative to the recipe
+    limit: int | None = None  # examples per task (None: all)
+    num_fewshot: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
 class EvalSpec:
     """Sampled evaluation of a policy on held-out prompts (same protocol for every policy stage)."""
 
@@ -78,6 +108,9 @@ class EvalSpec:
     top_p: float = 1.0
     batch_size: int = 128
     enabled: bool = True
+    prompts: str | None = None  # a file of prompts (any format with a user turn; optional reference answers)
+    judges: dict[str, JudgeSpec] = field(default_factory=dict)  # name -> judge; embedded data: `judge` built in
+    lm_eval: LmEvalSpec | None = None
 
 
 @dataclass
@@ -90,7 +123,8 @@ class StageConfig:
     lora: LoraSpec | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
-    gates: list[str] = field(default_factory=list)  # e.g. "judge_pass_rate >= sft.judge_pass_rate + 0.1"
+    # e.g. ["judge_pass_rate >= sft.judge_pass_rate + 0.1"], or a mapping {eot_rate: ">= 0.95"} (read as a list)
+    gates: list[str] | dict[str, str] = field(default_factory=list)
     checkpoint_every: int = 0  # save a resumable training state every N steps (0: the trainer's default)
 
 
@@ -202,6 +236,9 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"expected a mapping, got {type(value).__name__}", where=where, key=key,
                               fix="write a YAML mapping (key: value)")
+        _, item = typing.get_args(tp) or (Any, Any)
+        if dataclasses.is_dataclass(item):  # e.g. eval.judges: name -> JudgeSpec
+            return {k: from_dict(item, v, where, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value
@@ -335,6 +372,8 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
                               fix=f"use one of {', '.join(KINDS)} (the kind defaults to the stage name)")
         cfg = from_dict(config_class(kind), sdata, where, key)
         cfg.kind = kind
+        if isinstance(cfg.gates, dict):  # {metric: "op expression"} -> ["metric op expression"]
+            cfg.gates = [f"{metric} {rule}" for metric, rule in cfg.gates.items()]
         stages[sname] = cfg
     recipe = Recipe(
         name=name,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +75,15 @@ class Stage:
 
     @property
     def is_policy(self) -> bool:
-        return self.complete and "judge_pass_rate" in self.metrics and bool(self.samples)
+        """A complete stage with sampled, evaluated responses (embedded world or user data)."""
+        m = self.metrics
+        return self.complete and self.kind != "reward" and bool(self.samples) and \
+            ("judge_pass_rate" in m or "eot_rate" in m)
+
+    @property
+    def judged(self) -> bool:
+        """Judged by the embedded world's judge (its samples carry a `judge` column)."""
+        return self.is_policy and "judge_pass_rate" in self.metrics
 
     @property
     def judge_trained(self) -> bool:
@@ -131,62 +138,11 @@ def recipe_stage_names(stages: list[Stage]) -> list[str]:
 # --- statistics --------------------------------------------------------------------------------
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def by_prompt(samples: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for row in samples:
-        out.setdefault(row["prompt"], []).append(row)
-    return out
-
-
-def paired(aligned: list[dict], baseline: list[dict]) -> dict[str, list[tuple[dict, dict]]]:
-    """Per prompt present in both: (aligned k-th sample, baseline k-th sample) pairs."""
-    a, b = by_prompt(aligned), by_prompt(baseline)
-    return {p: list(zip(a[p], b[p])) for p in a if p in b}
-
-
-def _outcome(x: float, y: float) -> float:
-    return 1.0 if x > y else 0.0 if x < y else 0.5
-
-
-def win_rate(pairs: dict[str, list[tuple[dict, dict]]], key: str, seed: int = 0,
-             resamples: int = 1000) -> dict[str, Any]:
-    """Share of pairs the aligned sample wins by `key` (ties half), with a prompt-bootstrap 95% interval."""
-    per_prompt = {p: [_outcome(float(a[key]), float(b[key])) for a, b in rows] for p, rows in pairs.items()}
-    flat = [o for rows in per_prompt.values() for o in rows]
-    if not flat:
-        return {"rate": None}
-    rate = sum(flat) / len(flat)
-    rng = random.Random(seed)
-    prompts = list(per_prompt)
-    boot = []
-    for _ in range(resamples):
-        pick = [per_prompt[prompts[rng.randrange(len(prompts))]] for _ in prompts]
-        total = sum(len(r) for r in pick)
-        boot.append(sum(sum(r) for r in pick) / total)
-    boot.sort()
-    lo, hi = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
-    return {"rate": rate, "lo": lo, "hi": hi, "pairs": len(flat), "prompts": len(prompts),
-            "wins": flat.count(1.0), "ties": flat.count(0.5), "losses": flat.count(0.0)}
+from alignpipe.eval.stats import by_prompt, paired, verdict, wilson, win_rate  # noqa: E402,F401 - shared statistics
 
 
 def _verdict(win: dict) -> str:
-    """better / worse when the 95% interval of a win rate excludes 50%, else not distinguishable."""
-    if win["lo"] > 0.5:
-        return "better"
-    if win["hi"] < 0.5:
-        return "worse"
-    return "not distinguishable"
+    return verdict(win)
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
@@ -367,7 +323,8 @@ class Report:
         for old in self.run_dir.glob(f"{FIG_PREFIX}*.png"):  # figures of stages that no longer exist
             old.unlink()
         body: list[str] = []
-        for section in (self.summary, self.gates, self.lineage, self.pass_rate, self.win_rates, self.reward_model,
+        for section in (self.summary, self.verdicts, self.gates, self.lineage, self.pass_rate, self.win_rates,
+                        self.reward_model,
                         self.curves, self.responses, self.sample_table):
             lines = section()
             if lines:
@@ -418,6 +375,52 @@ class Report:
                 self.notes.append(f"stage `{s.name}` failed: {_md_cell(s.manifest.get('error', ''), 200)}")
         return ["## Summary", "", *_table(["stage", "kind", "status", *used], rows)]
 
+    def verdicts(self) -> list[str]:
+        """Per policy stage: a verdict against its parent by each judge, from the interval of its win rate
+        (the figures of the stage's manifest), the health of its responses, and where judges disagree."""
+        policies = [s for s in self.policies if "eot_rate" in s.metrics]
+        if not policies:
+            return []
+        rows, health, examples = [], [], []
+        for s in policies:
+            m = s.metrics
+            if m.get("eval_status") == "failed":
+                self.notes.append(f"stage `{s.name}`'s evaluation failed: {_md_cell(m.get('eval_error', ''), 200)} "
+                                  f"(re-run it: `alignpipe eval {s.dir}`).")
+            for label, key, vs in judge_figures(m, s.parent):
+                ci = m.get(f"{key}_ci")
+                if m.get(key) is None or not ci:
+                    continue
+                win = {"rate": m[key], "lo": ci[0], "hi": ci[1]}
+                rows.append([f"**{s.name}**", vs or "-", label, f"{m[key]:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]",
+                             verdict(win)])
+            health.append([s.name, _pct(m.get("eot_rate")), _pct(m.get("repetition_rate")), _fmt(m.get("distinct_2")),
+                           f"{_fmt(m.get('mean_response_tokens'), 1)} / {_fmt(m.get('p95_response_tokens'), 0)}",
+                           _fmt(m.get("kl_to_reference")),
+                           ", ".join(f"{k[:-len('_pass_rate')]} {m[k]:.1%}" for k in sorted(m)
+                                     if k.endswith("_pass_rate") and f"{k[:-len('_pass_rate')]}_total" in m) or "-"])
+            examples += [(s.name, *d) for d in disagreements(s.samples)[:3]]
+        lines = ["## Did it help?", "",
+                 "Each stage's k-th sample of a held-out prompt against its parent's k-th sample of the same prompt, "
+                 "by each judge: win rate (ties count half) with a 95% bootstrap interval over prompts. Verdict: "
+                 "better / worse when the interval excludes 50%, else no clear difference.", ""]
+        if rows:
+            lines += _table(["stage", "vs", "judge", "win rate [95% CI]", "verdict"], rows) + [""]
+        else:
+            lines += ["No stage has a parent's samples of the same prompts to compare with.", ""]
+        lines += ["Response health: the share that ends its turn within max_new_tokens (`eot_rate`; low means "
+                  "\"never stops\"), the share stuck in a repetition loop (`repetition_rate`), distinct word "
+                  "bigrams (`distinct_2`), response length, KL to the reference (nats per response) and each "
+                  "verifier's pass rate.", "",
+                  *_table(["stage", "ends its turn", "loops", "distinct-2", "tokens mean / p95", "KL to ref",
+                           "verifiers"], health)]
+        if examples:
+            lines += ["", "Where judges disagree (one says this stage's response is better, another its parent's):",
+                      "", *_table(["stage", "prompt", "this stage", "parent", "judges"],
+                                  [[n, _md_cell(r["prompt"], 40), _md_cell(r["response"], 60),
+                                    _md_cell(r.get("parent_response", ""), 60), why] for n, r, why in examples])]
+        return lines
+
     def gates(self) -> list[str]:
         rows = []
         for s in self.stages:
@@ -462,9 +465,10 @@ class Report:
     def pass_rate(self) -> list[str]:
         from alignpipe import plots
 
-        policies = self.policies
+        policies = [s for s in self.policies if s.judged]
         if not policies:
-            return ["## Judge pass rate", "", "No stage has judged samples yet (`eval_samples.jsonl`)."]
+            return [] if self.policies else ["## Judge pass rate", "", "No stage has judged samples yet "
+                                                                       "(`eval_samples.jsonl`)."]
         rows = []
         for s in policies:
             k = sum(bool(r.get("judge")) for r in s.samples)
@@ -514,7 +518,7 @@ class Report:
     def win_rates(self) -> list[str]:
         from alignpipe import plots
 
-        aligned = [s for s in self.policies if s.kind not in ("pretrain", POLICY_BASELINE_KIND)]
+        aligned = [s for s in self.policies if s.judged and s.kind not in ("pretrain", POLICY_BASELINE_KIND)]
         if not aligned:
             return []
         lines = ["## Aligned policies vs SFT", "",
@@ -664,13 +668,66 @@ class Report:
                     cells.append("-")
                     continue
                 r = got[0]
-                mark = "✅" if r.get("judge") else "❌"
+                mark = ("✅" if r.get("judge") else "❌") if "judge" in r else ""
                 cut = "" if r.get("ended", True) else " *(cut off)*"
                 cells.append(f"{mark} {_md_cell(r['response'], 70)}{cut}")
             rows.append(cells)
         return ["## Sample responses", "",
                 f"The first sample of each policy stage for the same {len(prompts)} held-out prompts "
                 "(✅ the judge passes it).", "", *_table(["prompt", *[s.name for s in policies]], rows)]
+
+
+def judge_figures(m: dict, parent: str | None) -> list[tuple[str, str, str | None]]:
+    """(label, metric, baseline) of every win rate a stage's manifest holds: reward model, verifiers, judges."""
+    out = []
+    if "rm_win_rate_vs_parent" in m:
+        out.append((f"reward model `{m.get('reward_stage', '?')}`", "rm_win_rate_vs_parent", parent))
+    for key in sorted(m):
+        if key.endswith("_win_rate_vs_parent") and not key.startswith("rm_"):
+            name = key[: -len("_win_rate_vs_parent")]
+            kind = "judge model" if f"{name}_position_consistency" in m else "verifier"
+            extra = ""
+            if kind == "judge model" and m.get(f"{name}_position_consistency") is not None:
+                extra = (f" (position consistency {m[f'{name}_position_consistency']:.0%}, "
+                         f"{m.get(f'{name}_unparseable', 0)} unparseable)")
+            out.append((f"{kind} `{name}`{extra}", key, parent))
+    if "rm_win_rate_vs_sft" in m and "rm_win_rate_vs_parent" not in m:
+        out.append((f"reward model `{m.get('reward_stage', '?')}`", "rm_win_rate_vs_sft", "sft"))
+    return out
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def pair_outcomes(row: dict) -> dict[str, int]:
+    """Each judge's say on one (this stage, parent) pair: +1 this stage's response, -1 the parent's, 0 even."""
+    out = {}
+    if "parent_reward" in row and "reward" in row:
+        out["reward model"] = _sign(float(row["reward"]) - float(row["parent_reward"]))
+    for k, v in row.items():
+        if k.startswith("parent_") and k not in ("parent_response", "parent_ended", "parent_reward") and \
+                k[len("parent_"):] in row:
+            out[k[len("parent_"):]] = _sign(float(row[k[len("parent_"):]]) - float(v))
+        elif k.endswith("_vs_parent") and v is not None:
+            out[k[: -len("_vs_parent")]] = _sign(float(v) - 0.5)
+    return out
+
+
+def disagreements(samples: list[dict]) -> list[tuple[dict, str]]:
+    """Pairs on which one judge prefers this stage's response and another the parent's."""
+    found = []
+    for row in samples:
+        says = pair_outcomes(row)
+        pro = [j for j, v in says.items() if v > 0]
+        con = [j for j, v in says.items() if v < 0]
+        if pro and con:
+            found.append((row, f"{', '.join(pro)}: this stage; {', '.join(con)}: parent"))
+    return found
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
 
 
 def task_kind(prompt: str) -> str | None:

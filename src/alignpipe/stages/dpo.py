@@ -5,8 +5,8 @@ is the start itself: a frozen second copy for full fine-tuning, or, with `lora:`
 with the adapter switched off (one copy of the base weights in memory). The loss is TRL's, chosen in the recipe's
 `trainer:` block (`loss_type`, `loss_weights`, `beta`, `label_smoothing`, ...); see docs/dpo.md.
 
-Metrics: the shared judge pass rate, KL to the reference and reward-model score
-(`evaluate_aligned`), and DPO's implicit-reward accuracy and margins on held-out pairs.
+Metrics: the shared evaluation (`evaluate_stage`: health, KL to the reference, reward-model win rates,
+judges), and DPO's implicit-reward accuracy and margins on held-out pairs.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def build_trainer(ctx):
 
 
 def run(ctx) -> dict:
-    from alignpipe.evaluation import evaluate_aligned
+    from alignpipe.evaluation import evaluate_stage
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer, reference, counts = build_trainer(ctx)
@@ -185,6 +185,5 @@ def run(ctx) -> dict:
     policy = trainer.model
     if reference is None:
         reference = adapter_disabled(policy)
-    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
-        metrics.update(evaluate_aligned(ctx, policy, reference, tokenizer))
+    metrics.update(evaluate_stage(ctx, policy, tokenizer, reference))
     return metrics

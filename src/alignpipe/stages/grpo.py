@@ -56,7 +56,7 @@ def run(ctx) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
-    from alignpipe.evaluation import evaluate_aligned
+    from alignpipe.evaluation import evaluate_stage
     from alignpipe.rl.policy import AdapterOff
     from alignpipe.rl.rewards import is_judge, load_function
     from alignpipe.stages.ppo import load_prompts, parent_comparison
@@ -102,14 +102,14 @@ def run(ctx) -> dict:
     trainer.save_model(str(ctx.model_dir))
     tokenizer.save_pretrained(str(ctx.model_dir))
     if cfg.reward_model:
-        del artifact, funcs, classes  # evaluate_aligned loads the reward model itself
+        del artifact, funcs, classes  # evaluate_stage loads the reward model itself
 
     # --- evaluate; the reference is the starting policy (LoRA: the same weights with the adapter off)
-    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
+    if ctx.config.eval.enabled:
         policy = trainer.model
         reference = AdapterOff(policy) if hasattr(policy, "disable_adapter") else ctx.load_model()
         policy.eval()
-        metrics.update(evaluate_aligned(ctx, policy, reference.to(next(policy.parameters()).device), tokenizer))
+        metrics.update(evaluate_stage(ctx, policy, tokenizer, reference.to(next(policy.parameters()).device)))
         metrics.update(parent_comparison(ctx, metrics))
     if metrics["judge_used_for_training"]:
         print(f"[alignpipe] stage {ctx.name}: trained on the judge ({cfg.reward_function}); its judge pass rate "

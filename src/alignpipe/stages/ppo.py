@@ -347,12 +347,12 @@ def run(ctx) -> dict:
 
     # --- evaluate as every policy stage does, then look for reward hacking (main process)
     if cfg.reward_model:
-        del source, artifact  # evaluate_aligned loads the reward model itself
-    if ctx.config.eval.enabled and "embedded" in ctx.config.data and accelerator.is_main_process:
-        from alignpipe.evaluation import evaluate_aligned
+        del source, artifact  # evaluate_stage loads the reward model itself
+    if ctx.config.eval.enabled and accelerator.is_main_process:
+        from alignpipe.evaluation import evaluate_stage
 
         unwrapped.eval()
-        metrics.update(evaluate_aligned(ctx, unwrapped.lm, reference, tokenizer))
+        metrics.update(evaluate_stage(ctx, unwrapped.lm, tokenizer, reference))
         metrics.update(parent_comparison(ctx, metrics))
     if world > 1:  # every process returns the same metrics (the runner checks gates on each)
         from accelerate.utils import broadcast_object_list
@@ -510,7 +510,8 @@ def parent_comparison(ctx, metrics: dict) -> dict:
 
     samples_file = ctx.parent_dir / "eval_samples.jsonl"
     rm_stage = metrics.get("reward_stage") or reward_stage_of(ctx.recipe, ctx.name)
-    if rm_stage is None or not samples_file.is_file() or "mean_reward" not in metrics:
+    if rm_stage is None or not samples_file.is_file() or "mean_reward" not in metrics \
+            or "judge_pass_rate" not in metrics:
         return {}
     from alignpipe.reward.artifact import load_reward_model, score
 

@@ -112,11 +112,10 @@ def run(ctx) -> dict:
         "parameters": modeling.count_parameters(model),
         **train_log_metrics(trainer),
     }
-    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
-        from alignpipe.evaluation import evaluate_policy
+    if ctx.config.eval.enabled and ("embedded" in ctx.config.data or ctx.config.eval.prompts):
+        from alignpipe.evaluation import evaluate_stage
 
-        judged, _ = evaluate_policy(model, tokenizer, ctx.world, ctx.config.eval, ctx.seed, ctx.dir)
-        metrics.update(judged)
+        metrics.update(evaluate_stage(ctx, model, tokenizer))
 
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     return metrics

@@ -1,7 +1,7 @@
 """Supervised fine-tuning on conversations: TRL's SFTTrainer with assistant-only loss.
 
 The chat template marks assistant turns with `{% generation %}`, so only the assistant's tokens are
-trained on. Optional packing and LoRA. Metrics: held-out loss and the judge's pass rate.
+trained on. Optional packing and LoRA. Metrics: held-out loss and the shared evaluation (`evaluate_stage`).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def trainer_class(ctx, args):
 def run(ctx) -> dict:
     from alignpipe.data.formats import DataError
     from alignpipe.data.loading import as_user_error
-    from alignpipe.evaluation import evaluate_policy
+    from alignpipe.evaluation import evaluate_stage
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     tokenizer = ctx.load_tokenizer()
@@ -129,7 +129,5 @@ def run(ctx) -> dict:
     # save first (LoRA: the adapter), then evaluate the model that was saved
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     model = trainer.model
-    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
-        judged, _ = evaluate_policy(model, tokenizer, ctx.world, ctx.config.eval, ctx.seed, ctx.dir)
-        metrics.update(judged)
+    metrics.update(evaluate_stage(ctx, model, tokenizer))
     return metrics

@@ -1,0 +1,121 @@
+"""The evaluation on a user's own model and data: a tiny hub-layout model, user-format files
+(conversations, pairs, prompts with reference answers), sft -> reward -> dpo. The dpo manifest carries
+the same metric names as the embedded world (health, KL, reward-model win rates with intervals, a
+verifier's pass rate); the report gives verdicts; a gate on one of them stops the run (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from alignpipe.cli import main
+from alignpipe.runs import read_manifest
+from conftest import write_yaml
+from hub_layout import arithmetic, save_tiny_model
+
+TRAINER = {"per_device_train_batch_size": 8, "learning_rate": 5e-3, "warmup_steps": 0, "logging_steps": 1,
+           "max_length": 64}
+VERIFIER = {"gsm8k": {"verifier": "alignpipe.eval.verifiers:gsm8k"}}
+
+
+def write_files(folder: Path) -> dict[str, Path]:
+    rows = arithmetic(96)
+    files = {"chat": folder / "chat.jsonl", "pairs": folder / "prefs.jsonl", "prompts": folder / "prompts.jsonl"}
+    files["chat"].write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                              {"role": "assistant", "content": r}]}) + "\n"
+                                     for q, r, _ in rows))
+    files["pairs"].write_text("".join(json.dumps({"prompt": q, "chosen": r, "rejected": w}) + "\n" for q, r, w in rows))
+    # GSM8K-style: question / answer ending in `#### N`
+    held = arithmetic(8, seed=7)
+    files["prompts"].write_text("".join(
+        json.dumps({"question": q, "answer": f"{r}\n#### {r.split()[-1].rstrip('.')}"}) + "\n" for q, r, _ in held))
+    return files
+
+
+def user_recipe(folder: Path, model_dir: Path, dpo_gates: list[str] | None = None) -> dict:
+    files = write_files(folder)
+    lora = {"r": 4, "alpha": 8}
+    ev = {"prompts": str(files["prompts"]), "num_prompts": 8, "samples_per_prompt": 2, "max_new_tokens": 12,
+          "judges": VERIFIER}
+    return {"name": "user", "seed": 0, "runs_dir": str(folder / "runs"), "model": {"path": str(model_dir)},
+            "chat_template": "chatml", "stages": {
+                "sft": {"data": {"path": str(files["chat"])}, "lora": lora, "eval": ev,
+                        "trainer": {**TRAINER, "max_steps": 6}},
+                "reward": {"from": "sft", "data": {"path": str(files["pairs"])}, "lora": lora, "eval_pairs": 16,
+                           "trainer": {**TRAINER, "max_steps": 4}},
+                "dpo": {"from": "sft", "reward_model": "reward", "data": {"path": str(files["pairs"])}, "lora": lora,
+                        "eval": ev, "gates": dpo_gates or [], "trainer": {**TRAINER, "max_steps": 4}}}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def user_run(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user")
+    path = write_yaml(folder / "user.yaml", user_recipe(folder, model_dir, {"eot_rate": ">= 0"}))
+    assert main(["run", str(path)]) == 0
+    return folder, path
+
+
+def test_dpo_on_user_data_reports_the_shared_metrics(user_run):
+    folder, _ = user_run
+    runs = folder / "runs" / "user"
+    m = read_manifest(runs / "dpo")["metrics"]
+    assert m["eval_status"] == "complete" and m["eval_samples"] == 16
+    for key in ("eot_rate", "repetition_rate", "distinct_2"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["mean_response_tokens"] > 0 and math.isfinite(m["kl_to_reference"])
+    assert m["reward_stage"] == "reward"
+    for key in ("rm_win_rate_vs_parent", "rm_win_rate_vs_sft"):
+        lo, hi = m[f"{key}_ci"]
+        assert 0.0 <= lo <= m[key] <= hi <= 1.0, key
+    assert m["rm_win_rate_vs_sft"] == m["rm_win_rate_vs_parent"]  # sft is the parent
+    assert m["gsm8k_total"] == 16 and m["gsm8k_pass_rate"] == m["gsm8k_passed"] / 16
+    # the samples file: this stage's responses beside the parent's k-th sample of the same prompt
+    rows = [json.loads(x) for x in (runs / "dpo" / "eval_samples.jsonl").read_text().splitlines()]
+    sft_rows = [json.loads(x) for x in (runs / "sft" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [r["parent_response"] for r in rows] == [r["response"] for r in sft_rows]
+    assert all(isinstance(r["gsm8k"], bool) and isinstance(r["reward"], float) for r in rows)
+    # sft was evaluated on the same prompts with the same protocol (no parent stage: no comparison)
+    s = read_manifest(runs / "sft")["metrics"]
+    assert s["gsm8k_total"] == 16 and "kl_to_reference" not in s and "eot_rate" in s
+    assert read_manifest(runs / "dpo")["gates"][0]["passed"]
+
+
+def test_report_gives_verdicts_for_user_data(user_run):
+    folder, _ = user_run
+    assert main(["report", str(folder / "runs" / "user")]) == 0
+    text = (folder / "runs" / "user" / "report.md").read_text()
+    assert "## Did it help?" in text
+    m = read_manifest(folder / "runs" / "user" / "dpo")["metrics"]
+    lo, hi = m["rm_win_rate_vs_parent_ci"]
+    verdict = "better" if lo > 0.5 else "worse" if hi < 0.5 else "no clear difference"
+    assert f"{m['rm_win_rate_vs_parent']:.1%} [{lo:.1%}, {hi:.1%}]" in text and verdict in text
+    assert "eot_rate" in text or "ends its turn" in text
+
+
+def test_gate_on_a_new_metric_stops_the_run(user_run, capsys):
+    folder, path = user_run
+    capsys.readouterr()
+    code = main(["run", str(path), "--set", "stages.dpo.gates=['rm_win_rate_vs_sft >= 1.01']"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    line = err[-1]
+    assert line.startswith("alignpipe: error:") and "rm_win_rate_vs_sft" in line and "1.01" in line
+    assert read_manifest(folder / "runs" / "user" / "dpo")["status"] == "complete"
+
+
+def test_gsm8k_verifier():
+    from alignpipe.eval.verifiers import final_number, gsm8k
+
+    row = {"answer": "Natalia sold 48/2 = 24 clips in May.\n#### 1,072"}
+    assert final_number(row["answer"]) == 1072
+    assert gsm8k("q", "so she sold 1072 clips", row) and gsm8k("q", "work... #### 1072", row)
+    assert not gsm8k("q", "It is 1071.", row) and not gsm8k("q", "no number", row)
+    assert not gsm8k("q", "1072", {"answer": None})
