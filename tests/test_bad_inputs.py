@@ -157,8 +157,10 @@ def case_template_without_generation_markers(d, shared):
     return _recipe(d, shared, chat_template="plain.jinja"), ["chat_template", "generation"], None
 
 
-def case_tokenizer_template_mismatch_with_parent(d, shared):
+def case_template_end_of_turn_not_a_token_of_the_model(d, shared):
     # a model trained with the embedded template's tokens, fine-tuned under chatml: <|im_end|> is no token of it
+    # (no parent stage here: a parent with another template or vocabulary is refused in the cases below and
+    # in test_templates.py)
     recipe = _recipe(d, shared, name="mismatch", chat_template="chatml",
                      model={"path": str(shared / "runs" / NAME / "pretrain" / "model")})
     del recipe["stages"]["pretrain"], recipe["stages"]["sft"]["from"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,8 +38,7 @@ def test_pretrain_then_sft(tiny, capsys):
     pm = pre["metrics"]
     assert pm["train_loss"] < pm["train_loss_first"]
     assert pm["perplexity"] < pm["unigram_perplexity"]
-    assert 0.0 <= sft["metrics"]["judge_pass_rate"] <= 1.0
-    assert (runs / "sft" / "eval_samples.jsonl").is_file()
+    assert_evaluated_on_held_out(tiny, runs)
 
     # SFT changed the weights it started from
     before = load_file(runs / "pretrain" / "model" / "model.safetensors")
@@ -76,6 +76,51 @@ def test_pretrain_then_sft(tiny, capsys):
     err = capsys.readouterr().err
     assert "its config or inputs changed: config.trainer.learning_rate: 0.001 -> 0.0005" in err, err
     assert err.count("skipped") == 1
+
+
+def assert_evaluated_on_held_out(recipe_path, runs) -> None:
+    """Each stage's evaluation used the world's held-out data: sft's samples answer exactly the held-out
+    prompts (none of them a training prompt), its pass rate is the judge's verdict on those samples, and
+    pretraining's perplexity is the model's on the held-out corpus, not on its training text."""
+    import math
+
+    from alignpipe.data.world import judge
+    from alignpipe.modeling import load_stage_model, load_tokenizer
+    from alignpipe.recipe import load_recipe
+    from alignpipe.runner import make_context
+    from alignpipe.stages.pretrain import pack
+
+    recipe = load_recipe(recipe_path)
+    ctx = make_context(recipe, "sft")
+    spec, world = ctx.config.eval, ctx.world
+    held_out = [p["prompt"] for p in world.eval_prompts()[: spec.num_prompts]]
+    assert len(held_out) == spec.num_prompts
+    rows = [json.loads(line) for line in (runs / "sft" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p for p in held_out for _ in range(spec.samples_per_prompt)]
+    trained_on = {r["messages"][0]["content"] for r in world.sft_rows()}
+    trained_on |= {p["prompt"][0]["content"] for p in world.rl_prompts()}
+    trained_on |= {p["prompt"][0]["content"] for p in world.preference_rows("train")}
+    assert not trained_on & set(held_out)
+    metrics = _manifest(runs / "sft")["metrics"]
+    verdicts = [r["ended"] and judge(r["prompt"], r["response"]) for r in rows]
+    assert [r["judge"] for r in rows] == verdicts
+    assert metrics["judge_total"] == len(rows) and metrics["judge_passed"] == sum(verdicts)
+    assert metrics["judge_pass_rate"] == sum(verdicts) / len(rows)
+
+    # pretraining's perplexity, recomputed here on the held-out corpus (and, to tell them apart, on its training text)
+    pre = make_context(recipe, "pretrain")
+    tokenizer = load_tokenizer(runs / "pretrain" / "model", recipe.model)
+    model = load_stage_model(runs / "pretrain", recipe.model).eval()
+
+    def perplexity(texts):
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        blocks = torch.tensor(pack([d + [tokenizer.eos_token_id] for d in ids], pre.config.block_size))
+        with torch.no_grad():
+            return math.exp(model(input_ids=blocks, labels=blocks).loss.item())
+
+    measured = _manifest(runs / "pretrain")["metrics"]["perplexity"]
+    assert measured == pytest.approx(perplexity(world.corpus_eval()[: pre.config.eval_docs]), rel=1e-4)
+    assert measured != pytest.approx(perplexity(world.corpus()), rel=1e-2)
 
 
 def test_show_prints_lineage(tiny, capsys):

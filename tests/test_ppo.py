@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from alignpipe.errors import RecipeError
 from alignpipe.modeling import count_parameters, load_stage_model
 from alignpipe.recipe import ModelSpec, load_recipe
+from alignpipe.rl import ppo_math as pm
 from alignpipe.rl import rewards
 from alignpipe.rl.policy import build, distinct_weights, response_logits
 from alignpipe.rl.rollout import Rollout, response_mask_from
@@ -82,6 +83,16 @@ def test_ppo_learns_a_short_response_reward(work):
     last = sum(r["reward_raw"] for r in rows[-3:]) / 3
     assert last > first + 0.2, (first, last)  # the policy learned to answer shorter
     assert rows[-1]["kl"] > 0.1  # ... by moving away from the reference, which the KL term measured
+    # the adaptive controller (kl_target 1.0 by default) moved the coefficient by its rule after each update
+    ctl = pm.AdaptiveKLController(TRAINER["kl_coef"], 1.0, ppo.PPOSettings().kl_horizon)
+    for r in rows:
+        assert r["kl_coef"] == pytest.approx(ctl.value, rel=1e-12)
+        ctl.update(r["kl"], r["samples"])
+    assert len({r["kl_coef"] for r in rows}) == len(rows)
+    # a response that never ended its turn lost missing_eot_penalty (1.0 by default) of its score
+    for r in rows:
+        assert r["score"] == pytest.approx(r["reward_normalised"] - 1.0 * (1 - r["eot_share"]), abs=1e-6)
+    assert any(r["eot_share"] < 1 for r in rows)  # the penalty was applied at least once
     metrics = m["metrics"]
     assert metrics["judge_used_for_training"] is False
     assert metrics["kl_to_reference"] > 0 and 0 <= metrics["judge_pass_rate"] <= 1
@@ -91,6 +102,41 @@ def test_ppo_learns_a_short_response_reward(work):
     assert load_stage_model(stage, ModelSpec()) is not None
     assert set(load_file(stage / "model" / "value_head.safetensors")) == {"weight", "bias"}
     assert (stage / "logs").is_dir() and any((stage / "logs").iterdir())  # TensorBoard events
+
+
+def test_fixed_kl_early_stop_and_eot_penalty_are_wired(work):
+    """kl_target: null keeps kl_coef fixed; target_approx_kl stops an update's minibatches early;
+    missing_eot_penalty is the configured one."""
+    full = {"total_updates": 2, "ppo_epochs": 2, "rollout_batch_size": 16, "minibatch_size": 8}
+    stages = {"ppo_stop": toy_stage(eval={"enabled": False}, trainer={
+                  **full, "kl_target": None, "target_approx_kl": 1e-9, "missing_eot_penalty": 3.0}),
+              "ppo_nostop": toy_stage(eval={"enabled": False}, trainer=full)}
+    run_stages(work, stages, list(stages))
+    stop, nostop = (log_rows(work / "runs" / "tiny" / s) for s in stages)
+    assert [r["kl_coef"] for r in stop] == [TRAINER["kl_coef"]] * 2
+    assert [(r["optimizer_steps"], r["early_stopped"]) for r in nostop] == [(4, False)] * 2  # 2 epochs x 2
+    for r in stop:
+        assert r["early_stopped"] is True and 1 <= r["optimizer_steps"] < 4
+        assert r["score"] == pytest.approx(r["reward_normalised"] - 3.0 * (1 - r["eot_share"]), abs=1e-6)
+    # the first rollout is the same in both (same seed, same start): only what came after it differs
+    assert stop[0]["reward_raw"] == nostop[0]["reward_raw"] and stop[0]["eot_share"] == nostop[0]["eot_share"]
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_advantage_whitening_is_wired(work, whiten):
+    """One update, one minibatch holding the whole rollout, one step: the policy has not moved, so the
+    ratio is 1 and the policy loss is minus the mean advantage, which whitening makes 0."""
+    name = f"ppo_whiten_{whiten}".lower()
+    stage = toy_stage(eval={"enabled": False}, trainer={
+        "total_updates": 1, "ppo_epochs": 1, "rollout_batch_size": 16, "minibatch_size": 16,
+        "whiten_advantages": whiten})
+    run_stages(work, {name: stage}, [name])
+    (row,) = log_rows(work / "runs" / "tiny" / name)
+    assert row["optimizer_steps"] == 1 and row["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    if whiten:
+        assert abs(row["policy_loss"]) < 1e-5
+    else:
+        assert abs(row["policy_loss"]) > 1e-3
 
 
 def test_ppo_ptx_trains_on_the_text_beside_the_reward(work):
@@ -175,7 +221,9 @@ def test_lora_ppo_stage_saves_an_adapter(work):
     assert count_parameters(merged) == count_parameters(load_stage_model(work / "runs" / "tiny" / "sft", ModelSpec()))
 
 
-def test_killed_run_resumes_bit_exactly(work, monkeypatch):
+def test_crashed_run_resumes_bit_exactly(work, monkeypatch, capsys):
+    """A run that fails (an exception; the SIGKILL case is in test_resume.py) resumes from its checkpoint:
+    the resumed run scores only the 3 updates after it, and ends where the uninterrupted run ended."""
     toy = sys.modules.get("toy_rewards") or __import__("toy_rewards")
     stages = {"ppo_a": toy_stage(trainer={"total_updates": 5}, checkpoint_every=2),
               "ppo_b": toy_stage(trainer={"total_updates": 5}, checkpoint_every=2)}
@@ -191,8 +239,12 @@ def test_killed_run_resumes_bit_exactly(work, monkeypatch):
     assert (runs / "ppo_b" / "checkpoints" / "update-2" / "state.json").is_file()
     # ... and the next run resumes from update 2 and ends exactly where the uninterrupted run did
     monkeypatch.delenv("TOY_CRASH_AT")
+    toy.CALLS["n"] = 0
+    capsys.readouterr()
     m = run_stages(work, stages, ["ppo_b"])["ppo_b"]
     assert m["status"] == "complete"
+    assert toy.CALLS["n"] == 3  # one reward call per update: updates 3, 4 and 5, not a restart
+    assert f"resuming from {runs / 'ppo_b' / 'checkpoints' / 'update-2'} (update 2)" in capsys.readouterr().out
     a, b = (load_file(runs / s / "model" / "model.safetensors") for s in ("ppo_a", "ppo_b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     timing = {"time_gen", "time_score", "time_forward", "time_train", "samples_per_s"}

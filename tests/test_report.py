@@ -252,3 +252,22 @@ def test_task_kind_of_world_prompts():
     assert task_kind("what is the larger of 4 and 83?") == "compare"
     assert task_kind("Reverse the word  cat.") == "reverse"
     assert task_kind("tell me a joke") is None
+
+
+def test_missed_gate_in_the_middle_stops_the_stages_after_it(tiny_run, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "tiny")
+    after = {"from": "sft", "data": {"embedded": "pairs"}, "eval": {"enabled": False},
+             "trainer": {"max_steps": 2, "per_device_train_batch_size": 8}}
+    gated = tiny_recipe(runs, extra_stages={"reward": after, "dpo": dict(after)})
+    gated["stages"]["sft"]["gates"] = ["judge_pass_rate >= 1.5"]  # impossible
+    recipe = write_yaml(tmp_path / "gated.yaml", gated)
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "stage sft missed a gate: not running reward, dpo" in err
+    assert err.strip().splitlines()[-1].startswith("alignpipe: error: ") and "gate missed" in err.splitlines()[-1]
+    assert _manifest(runs / "tiny" / "sft")["status"] == "complete"
+    assert not (runs / "tiny" / "reward").exists() and not (runs / "tiny" / "dpo").exists()
+    # the stages before it ran as usual (pretrain: skipped, complete)
+    assert "stage pretrain: complete with the same config and inputs, skipped" in err

@@ -304,10 +304,15 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
     new_folder = not recipe.run_root.exists()
     try:
         with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
-            for name in order:
+            for i, name in enumerate(order):
                 explicit = only is None or name in only
-                manifests[name] = run_stage(recipe, name, force=force and explicit,
-                                            restart=restart and explicit, keep=keep)
+                try:
+                    manifests[name] = run_stage(recipe, name, force=force and explicit,
+                                                restart=restart and explicit, keep=keep)
+                except gates.GateError:
+                    if order[i + 1:]:  # say what the missed gate stopped
+                        log(f"stage {name} missed a gate: not running {', '.join(order[i + 1:])}")
+                    raise
     finally:
         distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
         _remove_if_empty(recipe.run_root, new_folder)
