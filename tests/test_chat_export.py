@@ -165,6 +165,7 @@ def test_export_merges_lora_into_a_standalone_model(lora_sft, tmp_path, capsys):
 def test_export_refuses_a_quantised_base_unless_dequantised(lora_sft, tmp_path, capsys):
     stage = tmp_path / "runs" / "tiny" / "sft_q"
     shutil.copytree(lora_sft, stage)
+    shutil.copytree(lora_sft.parent / "pretrain", stage.parent / "pretrain")  # its base, by name in its run folder
     manifest = json.loads((stage / "manifest.json").read_text())
     manifest["recipe_settings"]["model"]["load_in_4bit"] = True  # as a QLoRA recipe records it
     (stage / "manifest.json").write_text(json.dumps(manifest))

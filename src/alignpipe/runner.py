@@ -78,7 +78,9 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
     """A hash of everything that determines a stage's result, and the parts it was made from."""
     recipe = ctx.recipe
     parts: dict[str, Any] = {
-        "config": {k: v for k, v in to_plain(ctx.config).items() if k != "gates"},  # re-checked, not re-trained
+        # gates are re-checked on the recorded metrics, never re-trained for (kept as [] so that stages
+        # fingerprinted before this rule, with no gates, keep their fingerprint)
+        "config": {**to_plain(ctx.config), "gates": []},
         "seed": recipe.seed,
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
