@@ -169,8 +169,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         "stage": name,
         "kind": cfg.kind,
         "status": "running",
-        "version": stage_versions.new_version(stage_dir) if attempt != stage_dir or action == "fresh"
-        else stage_versions.version_of(old),
+        "version": (stage_versions.version_of(runs.read_manifest(attempt)) if action == "resume"
+                    else stage_versions.new_version(stage_dir)),
         "recipe": str(recipe.path),
         "resolved_config": to_plain(cfg),
         "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),
