@@ -117,7 +117,9 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
     """A hash of everything that determines a stage's result, and the parts it was made from."""
     recipe = ctx.recipe
     parts: dict[str, Any] = {
-        "config": result_config(to_plain(ctx.config)),
+        # gates are re-checked on the recorded metrics, never re-trained for (kept as [] so that stages
+        # fingerprinted before this rule, with no gates, keep their fingerprint)
+        "config": {**result_config(to_plain(ctx.config)), "gates": []},
         "seed": recipe.seed,
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
@@ -206,8 +208,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         "stage": name,
         "kind": cfg.kind,
         "status": "running",
-        "version": stage_versions.new_version(stage_dir) if attempt != stage_dir or action == "fresh"
-        else stage_versions.version_of(old),
+        "version": (stage_versions.version_of(runs.read_manifest(attempt)) if action == "resume"
+                    else stage_versions.new_version(stage_dir)),
         "recipe": str(recipe.path),
         "resolved_config": to_plain(cfg),
         "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),

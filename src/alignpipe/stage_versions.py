@@ -216,6 +216,9 @@ def prune(stage_dir: Path, keep: int) -> list[int]:
 def find_version(run_root: Path, stage: str, sha256: str | None) -> Path:
     """The folder of `stage` whose manifest hashes to `sha256`: the current one, or one in its history."""
     current = Path(run_root) / stage
+    if not current.exists() and not history_root(current).exists():
+        raise RunError(f"this run folder has no stage {stage!r}, which a stage in it was trained on",
+                       where=str(current), fix="copy or move the whole run folder (runs/<recipe>), not single stages")
     if sha256 is None:
         return current
     for folder in [current, *(f for _, f, _ in history(current))]:
