@@ -162,7 +162,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     check_lora_targets(recipe, name)  # its parent may have been built only now
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     distributed.barrier()  # every process has read the old manifest before the main one changes it
-    if ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint):
+    starting_over = ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint)
+    if starting_over:
         why = "--force" if force else "--restart" if restart else _why_changed(old, parts)
         log(f"stage {name}: starting over ({why})")
         if main:
@@ -194,7 +195,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         "lineage": ([*parent_manifest.get("lineage", []), cfg.from_] if parent_manifest else []),
         "template_check": template_check,
         "world_size": distributed.world_size(),
-    })
+    }, earlier_wall_time_s=0.0 if starting_over or not old else float(old.get("wall_time_s") or 0))
     if main:
         run.start()
     distributed.barrier()
@@ -202,7 +203,13 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     t0 = time.time()
     try:
         metrics = stage_module(cfg.kind).run(ctx)
-    except BaseException as err:  # record the failure, then let it propagate (KeyboardInterrupt too)
+    except KeyboardInterrupt as err:  # Ctrl-C: say where it stopped and how to go on, then stop
+        hint = interrupted_hint(ctx, err)
+        log(f"stage {name}: {hint}")
+        if main:
+            run.fail(hint, status="interrupted")
+        raise
+    except BaseException as err:  # record the failure, then let it propagate
         if main:
             run.fail(f"{type(err).__name__}: {err}")
             (ctx.dir / "error.txt").write_text(traceback.format_exc())
@@ -216,6 +223,18 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         log(f"gate {'passed' if row['passed'] else 'MISSED'}: {gates.describe(name, row)}")
     gates.raise_if_missed(name, results, ctx.dir)  # stop here: later stages build on this one
     return run.data if main else (runs.read_manifest(ctx.dir) or run.data)
+
+
+def interrupted_hint(ctx: StageContext, err: KeyboardInterrupt) -> str:
+    """"interrupted at step N; re-run the same command to resume from checkpoint-M" (or to start over)."""
+    from alignpipe.training import newest_checkpoint_name
+
+    step = getattr(err, "step", None)  # training.StageInterrupted: Ctrl-C inside trainer.train
+    where = f"interrupted at step {step}" if step is not None else "interrupted"
+    checkpoint = newest_checkpoint_name(ctx.checkpoints_dir)
+    if checkpoint is None:
+        return f"{where}, before its first checkpoint; re-run the same command to start it again"
+    return f"{where}; re-run the same command to resume from {checkpoint}"
 
 
 def _why_changed(old: dict | None, parts: dict) -> str:

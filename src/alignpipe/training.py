@@ -28,6 +28,33 @@ def last_checkpoint(ctx) -> str | None:
     return str(done[-1])
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the trainer step it stopped at (the runner prints the resume hint)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"at step {step}")
+        self.step = step
+
+
+def fit(ctx, trainer) -> None:
+    """`trainer.train`, resuming from the stage's newest complete checkpoint (see last_checkpoint)."""
+    try:
+        trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    except KeyboardInterrupt as err:
+        raise StageInterrupted(trainer.state.global_step) from err
+
+
+def newest_checkpoint_name(checkpoints_dir: Path) -> str | None:
+    """The newest complete checkpoint a re-run resumes from (a trainer's checkpoint-N or PPO's update-N)."""
+    from alignpipe.rl import state
+
+    if not Path(checkpoints_dir).is_dir():
+        return None
+    found = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if is_complete_checkpoint(p)]
+    found += state.complete(Path(checkpoints_dir))
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1])).name if found else None
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
     """Whether a transformers `checkpoint-N/` folder was written to the end.
 

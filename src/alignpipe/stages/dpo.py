@@ -173,10 +173,10 @@ def build_trainer(ctx):
 
 def run(ctx) -> dict:
     from alignpipe.evaluation import evaluate_aligned
-    from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
+    from alignpipe.training import fit, save_stage_model, train_log_metrics, write_log_history
 
     trainer, reference, counts = build_trainer(ctx)
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    fit(ctx, trainer)
     args = trainer.args
     metrics = {**train_log_metrics(trainer), **counts, "loss_type": list(args.loss_type),
                "beta": args.beta, **implicit_reward_metrics(trainer)}

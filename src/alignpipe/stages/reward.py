@@ -110,11 +110,11 @@ def run(ctx) -> dict:
     from alignpipe.evaluation import write_samples
     from alignpipe.reward import metrics as rm_metrics
     from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
-    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+    from alignpipe.training import fit, train_log_metrics, write_log_history
 
     trainer, evals, report = build_trainer(ctx)
     tokenizer = trainer.processing_class
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    fit(ctx, trainer)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     metrics = {**train_log_metrics(trainer), "parameters": modeling.count_parameters(trainer.model),
                "pairs_train": report["train"]["kept"], "pairs_dropped": sum(report["train"]["dropped"].values()),

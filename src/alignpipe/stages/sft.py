@@ -102,7 +102,7 @@ def run(ctx) -> dict:
     from datasets import Dataset
 
     from alignpipe.evaluation import evaluate_policy
-    from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
+    from alignpipe.training import fit, save_stage_model, train_log_metrics, write_log_history
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -113,7 +113,7 @@ def run(ctx) -> dict:
     train_ds, eval_ds = Dataset.from_list(train_rows), Dataset.from_list(eval_rows)
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    fit(ctx, trainer)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
 
     metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"]}
