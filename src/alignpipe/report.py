@@ -463,7 +463,9 @@ class Report:
 
         policies = self.policies
         if not policies:
-            return ["## Judge pass rate", "", "No stage has judged samples yet (`eval_samples.jsonl`)."]
+            return ["## Judge pass rate", "", "No judge pass rate: the judge belongs to the embedded task world, and no "
+                    "stage here sampled and judged its held-out prompts (`eval_samples.jsonl`); stages trained on "
+                    "user data are not judged."]
         rows = []
         for s in policies:
             k = sum(bool(r.get("judge")) for r in s.samples)

@@ -279,7 +279,7 @@ def _remove_if_empty(run_root: Path, created: bool) -> None:
 def summary_table(manifests: dict[str, dict]) -> str:
     """A per-stage table of the headline metrics."""
     keys = ["perplexity", "unigram_perplexity", "eval_loss", "judge_pass_rate", "pairwise_accuracy",
-            "onpolicy_accuracy", "mean_reward", "kl_to_reference", "train_loss"]
+            "onpolicy_accuracy", "implicit_accuracy", "mean_reward", "kl_to_reference", "train_loss"]
     rows = [["stage", "kind", "status", "time_s"] + keys]
     for name, m in manifests.items():
         metrics = m.get("metrics") or {}

@@ -102,6 +102,12 @@ def _check_model(recipe: Recipe, where: str) -> None:
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
+            stage = local if (local / "manifest.json").is_file() else local.parent
+            if (local / "adapter_config.json").is_file() or (stage / "manifest.json").is_file():
+                raise RecipeError(f"model folder {path} is an alignpipe stage (a LoRA stage saves only its "
+                                  "adapter), not a model", where=where, key="model.path",
+                                  fix=f"in its own recipe, start from it with `from: {stage.name}`; elsewhere, "
+                                      f"run `alignpipe export {stage} OUT` and set model.path: OUT")
             raise RecipeError(f"model folder {path} has no config.json", where=where, key="model.path",
                               fix="point it at a folder written by save_pretrained (or a hub snapshot)")
         return
