@@ -51,3 +51,15 @@ def test_killed_stage_is_not_complete_and_reruns(tmp_path):
     assert main(["run", str(path), "--set", "stages.pretrain.trainer.max_steps=10",
                  "--set", "stages.pretrain.eval.enabled=false"]) == 0
     assert runs.is_complete(stage_dir)
+
+
+def test_manifests_from_before_result_neutral_settings_still_match():
+    """A stage completed by an alignpipe that hashed logging settings too is skipped, not re-trained."""
+    from alignpipe.runner import result_config, same_result
+
+    parts = {"config": {"trainer": {"learning_rate": 1e-3, "logging_steps": 5}, "checkpoint_every": 0}, "seed": 0}
+    legacy = {"fingerprint": runs.fingerprint_json(parts), "inputs": json.loads(json.dumps(parts))}
+    now = runs.fingerprint_json({**parts, "config": result_config(parts["config"])})
+    assert legacy["fingerprint"] != now and same_result(legacy, now)
+    changed = {**parts, "config": {**parts["config"], "trainer": {"learning_rate": 5e-4}}}
+    assert not same_result(legacy, runs.fingerprint_json({**changed, "config": result_config(changed["config"])}))

@@ -96,6 +96,18 @@ def result_config(config: dict) -> dict:
     return out
 
 
+def same_result(old: dict, fingerprint: str) -> bool:
+    """Whether a manifest was made from the inputs that give `fingerprint`. Manifests written before
+    RESULT_NEUTRAL_* existed hashed those settings too: their recorded inputs are re-hashed without them,
+    so upgrading alignpipe does not re-train every finished stage."""
+    if old.get("fingerprint") == fingerprint:
+        return True
+    inputs = old.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("config"), dict):
+        return False
+    return runs.fingerprint_json({**inputs, "config": result_config(inputs["config"])}) == fingerprint
+
+
 def changed_inputs(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`key: old -> new` for each leaf that differs between two fingerprint parts (manifest `inputs`)."""
     out = []
@@ -153,7 +165,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         raise RunError(f"written by an incompatible alignpipe (manifest schema {old.get('schema')!r}, this version "
                        f"writes {runs.MANIFEST_SCHEMA})", where=str(ctx.dir / runs.MANIFEST),
                        fix=f"move the folder away or use another runs_dir; or overwrite it: --stages {name} --force")
-    if old and not force and old.get("status") == "complete" and old.get("fingerprint") == fingerprint:
+    if old and not force and old.get("status") == "complete" and same_result(old, fingerprint):
         log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
         gates.raise_if_missed(name, old.get("gates") or [], ctx.dir)  # a missed gate still fails the run
         return old
@@ -162,7 +174,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     check_lora_targets(recipe, name)  # its parent may have been built only now
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     distributed.barrier()  # every process has read the old manifest before the main one changes it
-    starting_over = ctx.dir.exists() and (force or restart or not old or old.get("fingerprint") != fingerprint)
+    starting_over = ctx.dir.exists() and (force or restart or not old or not same_result(old, fingerprint))
     if starting_over:
         why = "--force" if force else "--restart" if restart else _why_changed(old, parts)
         log(f"stage {name}: starting over ({why})")

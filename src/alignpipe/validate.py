@@ -72,7 +72,7 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
     import dataclasses
 
     from alignpipe import runs
-    from alignpipe.runner import make_context, stage_fingerprint
+    from alignpipe.runner import make_context, same_result, stage_fingerprint
     from alignpipe.template_checks import check_stage_templates
 
     local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
@@ -85,8 +85,7 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
         elif local_model:
             check_stage_templates(dataclasses.replace(ctx, parent_dir=None), against_parents=not ups)
         old = runs.read_manifest(ctx.dir) if all(fresh.get(u) for u in ups) else None
-        fresh[name] = bool(old) and old.get("status") == "complete" and \
-            old.get("fingerprint") == stage_fingerprint(ctx)[0]
+        fresh[name] = bool(old) and old.get("status") == "complete" and same_result(old, stage_fingerprint(ctx)[0])
 
 
 def _check_model(recipe: Recipe, where: str) -> None:
