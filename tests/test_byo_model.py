@@ -170,3 +170,38 @@ def test_validate_checks_a_complete_parent_as_run_does(lora_sft, qwen_dir, tmp_p
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "tokenizer.json of stage 'sft' changed after that stage completed" in err, err
+
+
+# --- item 6: the smaller ones ----------------------------------------------------------------------
+
+
+def test_show_lists_stages_in_recipe_order_with_dpo_implicit_accuracy(tmp_path, capsys):
+    from alignpipe.runs import write_json_atomic
+
+    path = write_yaml(tmp_path / "r.yaml", {"name": "r", "stages": {"sft": {}, "reward": {}, "dpo": {}}})
+    metrics = {"sft": {"eval_loss": 1.5}, "reward": {"pairwise_accuracy": 0.9}, "dpo": {"implicit_accuracy": 0.75}}
+    for i, (name, m) in enumerate(metrics.items()):
+        write_json_atomic(tmp_path / "runs" / name / "manifest.json",
+                          {"stage": name, "kind": name, "status": "complete", "recipe": str(path), "metrics": m,
+                           "started_at": f"2026-01-01T00:00:0{9 - i}", "wall_time_s": 1.0})
+    assert main(["show", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # alphabetical (dpo, reward, sft) or by start time (dpo first) would differ: the recipe's order
+    assert [line.split(":")[0] for line in out[:3]] == ["sft", "reward", "dpo"], out
+    assert [line.split()[0] for line in out[-3:]] == ["sft", "reward", "dpo"], out
+    assert "implicit_accuracy" in out[3] and out[-1].split()[-1] == "0.750", out
+
+
+def test_model_path_at_a_lora_stage_points_to_export_or_from(lora_sft, tmp_path, capsys):
+    for folder in (lora_sft, lora_sft / "model"):
+        path = recipe(tmp_path, folder, {"sft": sft_stage(tmp_path)}, name="again")
+        assert main(["validate", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "is an alignpipe stage" in err and "from: sft" in err and f"alignpipe export {lora_sft} OUT" in err
+
+
+def test_a_missing_absolute_data_path_is_not_blamed_on_relative_resolution(qwen_dir, tmp_path, capsys):
+    path = recipe(tmp_path, qwen_dir, {"sft": {"data": {"path": str(tmp_path / "nope.jsonl")}}})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl" in err and "no such file or folder" in err and "relative paths" not in err, err

@@ -128,6 +128,26 @@ def test_generate_answers_a_prompt_file(lora_sft, tmp_path, capsys):
     assert "bad.jsonl:1" in capsys.readouterr().err
 
 
+def test_generate_answers_mt_bench_turns_in_order(lora_sft, tmp_path):
+    rows = [{"question_id": 81, "category": "math", "turns": ["what is 2 plus 3?", "and 4 plus 4?"]},
+            {"prompt": "reverse the word cat.", "id": 2}]
+    (tmp_path / "mt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(lora_sft), "--in", str(tmp_path / "mt.jsonl"), "--out", str(out),
+                 "--max-new-tokens", "8"]) == 0
+    first, plain = [json.loads(line) for line in out.read_text().splitlines()]
+    spec = ModelSpec()
+    model, tok = load_stage_model(lora_sft, spec).eval(), load_tokenizer(lora_sft / "model", spec)
+    # each turn is answered with the earlier turns and replies before it, as a chat would
+    one = greedy_reply(model, tok, [{"role": "user", "content": "what is 2 plus 3?"}], 8)
+    two = greedy_reply(model, tok, [{"role": "user", "content": "what is 2 plus 3?"},
+                                    {"role": "assistant", "content": one},
+                                    {"role": "user", "content": "and 4 plus 4?"}], 8)
+    assert first["question_id"] == 81 and first["responses"] == [one, two] and first["response"] == two
+    assert len(first["tokens_per_turn"]) == 2
+    assert plain["response"] == greedy_reply(model, tok, [{"role": "user", "content": "reverse the word cat."}], 8)
+
+
 def _logits(model, tok, text="<|user|>what is 2 plus 3?<|end|><|assistant|>The answer is"):
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -44,12 +44,13 @@ import os, signal, sys
 from transformers import Trainer, TrainerCallback
 
 KILL_AT = int(os.environ.get("KILL_AT_STEP", "0"))
+SIGNAL = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))  # SIGINT: what Ctrl-C sends
 
 
 class KillAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == KILL_AT:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), SIGNAL)
 
 
 _init = Trainer.__init__
@@ -308,6 +309,29 @@ def test_sigkilled_stage_resumes_exactly(kind, work, capsys, monkeypatch):
     print(f"\n{kind}: bit-exact after SIGKILL at {spec.get('kill_at') or 'update ' + str(spec['kill_at_call'])}"
           f" (resumed from {n}, {total} total, {total - n} run after resuming); reference {t_ref:.1f}s, "
           f"killed run {t_kill:.1f}s, resume {t_resume:.1f}s")
+
+
+def test_ctrl_c_says_how_to_resume_and_the_resumed_manifest_keeps_both_wall_times(work, capsys):
+    name = "sft-ctrl-c"
+    _copy_parents(work, name, ["pretrain"])
+    path = write_yaml(work / f"{name}.yaml", recipe_for(work / "runs", name, "sft"))
+    proc = _killed_run(work, path, "sft", {"KILL_AT_STEP": "10", "KILL_SIGNAL": "SIGINT"})
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    hint = "stage sft: interrupted at step 10; re-run the same command to resume from checkpoint-8"
+    assert hint in proc.stderr, proc.stderr[-3000:]
+    stage = work / "runs" / name / "sft"
+    first = json.loads((stage / "manifest.json").read_text())
+    assert first["status"] == "interrupted" and first["error"].endswith("resume from checkpoint-8")
+    assert not (stage / "error.txt").exists()
+
+    capsys.readouterr()
+    assert main(["run", str(path), "--stages", "sft"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    done = json.loads((stage / "manifest.json").read_text())
+    assert done["status"] == "complete" and "error" not in done and not (stage / "error.txt").exists()
+    # the total counts both attempts; this attempt's own time is kept beside it
+    assert 0 < done["wall_time_this_attempt_s"] < done["wall_time_s"]
+    assert abs(done["wall_time_s"] - (first["wall_time_s"] + done["wall_time_this_attempt_s"])) < 0.02
 
 
 def test_restart_ignores_checkpoints(work, capsys):

@@ -153,3 +153,13 @@ def test_ppo_checkpoint_killed_between_write_and_rename_keeps_the_old_one(tmp_pa
     assert all(torch.equal(policy.state_dict()[k], saved[k]) for k in saved)
     assert optimizer.state_dict()["state"][0]["step"].item() == 1 and scheduler.last_epoch == 1
     assert kl.value != 0.05  # the controller's moved coefficient came back too
+def test_manifests_from_before_result_neutral_settings_still_match():
+    """A stage completed by an alignpipe that hashed logging settings too is skipped, not re-trained."""
+    from alignpipe.runner import result_config, same_result
+
+    parts = {"config": {"trainer": {"learning_rate": 1e-3, "logging_steps": 5}, "checkpoint_every": 0}, "seed": 0}
+    legacy = {"fingerprint": runs.fingerprint_json(parts), "inputs": json.loads(json.dumps(parts))}
+    now = runs.fingerprint_json({**parts, "config": result_config(parts["config"])})
+    assert legacy["fingerprint"] != now and same_result(legacy, now)
+    changed = {**parts, "config": {**parts["config"], "trainer": {"learning_rate": 5e-4}}}
+    assert not same_result(legacy, runs.fingerprint_json({**changed, "config": result_config(changed["config"])}))

@@ -69,7 +69,7 @@ def cmd_show(args) -> int:
 
     root = Path(args.run_dir)
     dirs = [root] if (root / "manifest.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
-    manifests = {d.name: m for d in dirs if (m := read_manifest(d))}
+    manifests = _in_recipe_order({d.name: m for d in dirs if (m := read_manifest(d))})
     if not manifests:
         from alignpipe.errors import RunError
 
@@ -88,6 +88,21 @@ def cmd_show(args) -> int:
             print(f"  {line}")
     print(summary_table(manifests))
     return 0
+
+
+def _in_recipe_order(manifests: dict[str, dict]) -> dict[str, dict]:
+    """Stages in the order their recipe lists them (then any it no longer lists, oldest first)."""
+    import yaml
+
+    order: list[str] = []
+    for m in manifests.values():
+        try:
+            order = list((yaml.safe_load(Path(m.get("recipe", "")).read_text()) or {}).get("stages") or [])
+            break
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(manifests.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[1].get("started_at", ""))))
 
 
 def build_parser() -> argparse.ArgumentParser:

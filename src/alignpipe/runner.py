@@ -77,7 +77,7 @@ def data_fingerprint(ctx: StageContext) -> Any:
 # Settings that cannot change what a stage trains: how it logs, reports and keeps checkpoints, and how
 # it batches evaluation. They stay in the manifest's resolved_config but not in the fingerprint, so
 # changing one skips a complete stage (or resumes an interrupted one) instead of training it again.
-RESULT_NEUTRAL_KEYS = ("checkpoint_every", "gates")  # gates are re-checked on recorded metrics, not re-trained
+RESULT_NEUTRAL_KEYS = ("checkpoint_every",)
 RESULT_NEUTRAL_TRAINER_KEYS = (
     "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter", "log_level",
     "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
@@ -91,9 +91,23 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 def result_config(config: dict) -> dict:
     """A stage's plain config without the settings that cannot change its result (RESULT_NEUTRAL_*)."""
     out = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_KEYS}
+    if "gates" in out:  # re-checked on the recorded metrics, never re-trained for ([]: what stages without
+        out["gates"] = []  # gates were fingerprinted with, so they keep their fingerprint)
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
     return out
+
+
+def same_result(old: dict, fingerprint: str) -> bool:
+    """Whether a manifest was made from the inputs that give `fingerprint`. Manifests written before
+    RESULT_NEUTRAL_* existed hashed those settings too: their recorded inputs are re-hashed without them,
+    so upgrading alignpipe does not re-train every finished stage."""
+    if old.get("fingerprint") == fingerprint:
+        return True
+    inputs = old.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("config"), dict):
+        return False
+    return runs.fingerprint_json({**inputs, "config": result_config(inputs["config"])}) == fingerprint
 
 
 def changed_inputs(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -117,9 +131,7 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
     """A hash of everything that determines a stage's result, and the parts it was made from."""
     recipe = ctx.recipe
     parts: dict[str, Any] = {
-        # gates are re-checked on the recorded metrics, never re-trained for (kept as [] so that stages
-        # fingerprinted before this rule, with no gates, keep their fingerprint)
-        "config": {**result_config(to_plain(ctx.config)), "gates": []},
+        "config": result_config(to_plain(ctx.config)),
         "seed": recipe.seed,
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
@@ -164,7 +176,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         raise RunError(f"written by an incompatible alignpipe (manifest schema {old.get('schema')!r}, this version "
                        f"writes {runs.MANIFEST_SCHEMA})", where=str(stage_dir / runs.MANIFEST),
                        fix=f"move the folder away or use another runs_dir; or overwrite it: --stages {name} --force")
-    action, attempt = stage_versions.plan(stage_dir, fingerprint, force=force, restart=restart)
+    action, attempt = stage_versions.plan(stage_dir, fingerprint, force=force, restart=restart,
+                                          same=lambda m: same_result(m, fingerprint))
     if action == "skip":
         log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
         if (left := stage_versions.unfinished_attempt(stage_dir)) is not None:
@@ -192,7 +205,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     if attempt != stage_dir:
         log(f"stage {name}: version {stage_versions.version_of(old)} stays in place until the new one is complete; "
             f"training it in {attempt}")
-    if action == "fresh" and (attempt.exists() or attempt != stage_dir):
+    starting_over = action == "fresh"
+    if starting_over and (attempt.exists() or attempt != stage_dir):
         why = "--force" if force else "--restart" if restart else _why_changed(old, parts)
         log(f"stage {name}: starting over ({why})")
         if main and attempt.exists():  # never the complete current version (stage_versions.plan)
@@ -226,7 +240,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         "lineage": ([*parent_manifest.get("lineage", []), cfg.from_] if parent_manifest else []),
         "template_check": template_check,
         "world_size": distributed.world_size(),
-    })
+    }, earlier_wall_time_s=0.0 if starting_over else float((runs.read_manifest(attempt) or {}).get("wall_time_s") or 0))
     log(f"stage {name} ({cfg.kind}): running -> {attempt}")
     t0 = time.time()
     try:
@@ -238,7 +252,15 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         if main:
             gates.write_results(attempt, results)
             run.finish(metrics, outputs=output_fingerprints(ctx))
-    except BaseException as err:  # record the failure, then let it propagate (KeyboardInterrupt too)
+    except KeyboardInterrupt as err:  # Ctrl-C: say where it stopped and how to go on, then stop
+        hint = interrupted_hint(ctx, err)
+        log(f"stage {name}: {hint}")
+        if main:
+            run.fail(hint, status="interrupted")
+        if attempt != stage_dir:
+            log(f"stage {name}: the current version {stage_dir} is untouched; the new attempt is kept in {attempt}")
+        raise
+    except BaseException as err:  # record the failure, then let it propagate
         if main:
             _record_failure(run, attempt, err)
         if attempt != stage_dir:
@@ -280,6 +302,18 @@ def _record_failure(run: runs.StageRun, attempt: Path, err: BaseException) -> No
         (attempt / "error.txt").write_text(traceback.format_exc())
     except OSError:
         pass
+
+
+def interrupted_hint(ctx: StageContext, err: KeyboardInterrupt) -> str:
+    """"interrupted at step N; re-run the same command to resume from checkpoint-M" (or to start over)."""
+    from alignpipe.training import newest_checkpoint_name
+
+    step = getattr(err, "step", None)  # training.StageInterrupted: Ctrl-C inside trainer.train
+    where = f"interrupted at step {step}" if step is not None else "interrupted"
+    checkpoint = newest_checkpoint_name(ctx.checkpoints_dir)
+    if checkpoint is None:
+        return f"{where}, before its first checkpoint; re-run the same command to start it again"
+    return f"{where}; re-run the same command to resume from {checkpoint}"
 
 
 def _why_changed(old: dict | None, parts: dict) -> str:
@@ -330,7 +364,7 @@ def _remove_if_empty(run_root: Path, created: bool) -> None:
 def summary_table(manifests: dict[str, dict]) -> str:
     """A per-stage table of the headline metrics."""
     keys = ["perplexity", "unigram_perplexity", "eval_loss", "judge_pass_rate", "pairwise_accuracy",
-            "onpolicy_accuracy", "mean_reward", "kl_to_reference", "train_loss"]
+            "onpolicy_accuracy", "implicit_accuracy", "mean_reward", "kl_to_reference", "train_loss"]
     rows = [["stage", "kind", "status", "time_s"] + keys]
     for name, m in manifests.items():
         metrics = m.get("metrics") or {}

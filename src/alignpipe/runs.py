@@ -104,10 +104,11 @@ def git_revision() -> str | None:
 class StageRun:
     """The manifest of one stage's run folder, written as the stage goes: running -> complete|failed."""
 
-    def __init__(self, stage_dir: Path, base: dict[str, Any]) -> None:
+    def __init__(self, stage_dir: Path, base: dict[str, Any], earlier_wall_time_s: float = 0.0) -> None:
         self.dir = Path(stage_dir)
         self.data = dict(base)
         self.started = time.time()
+        self.earlier = earlier_wall_time_s  # attempts this one resumes (interrupted, killed, failed)
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -117,13 +118,19 @@ class StageRun:
     def finish(self, metrics: dict[str, Any], status: str = "complete", **extra: Any) -> None:
         self.data.update(extra)
         self.data["metrics"] = metrics
-        self.data["wall_time_s"] = round(time.time() - self.started, 2)
+        self.data.update(self._wall_times())
+        (self.dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's, now resumed to the end
         self.data["status"] = status  # last field written; the rename below makes it atomic
         write_json_atomic(self.dir / MANIFEST, self.data)
 
-    def fail(self, error: str) -> None:
-        self.data.update(status="failed", error=error, wall_time_s=round(time.time() - self.started, 2))
+    def fail(self, error: str, status: str = "failed") -> None:
+        self.data.update(status=status, error=error, **self._wall_times())
         write_json_atomic(self.dir / MANIFEST, self.data)
+
+    def _wall_times(self) -> dict[str, float]:
+        """`wall_time_s` over every attempt of this run folder, `wall_time_this_attempt_s` for this one."""
+        this = round(time.time() - self.started, 2)
+        return {"wall_time_s": round(self.earlier + this, 2), "wall_time_this_attempt_s": this}
 
 
 def require_complete(stage_dir: Path, needed_by: str) -> dict:

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from alignpipe.errors import RunError
@@ -80,7 +81,8 @@ def new_version(stage_dir: Path) -> int:
 # --- what a run of a stage does -----------------------------------------------------------------
 
 
-def plan(stage_dir: Path, fingerprint: str, force: bool, restart: bool) -> tuple[str, Path]:
+def plan(stage_dir: Path, fingerprint: str, force: bool, restart: bool,
+         same: Callable[[dict], bool] | None = None) -> tuple[str, Path]:
     """What running a stage means now, and in which folder:
 
     ("skip", stage)       the current version is complete with this fingerprint
@@ -88,24 +90,26 @@ def plan(stage_dir: Path, fingerprint: str, force: bool, restart: bool) -> tuple
     ("resume", folder)    an interrupted run with this fingerprint: continue it
     ("fresh", folder)     train from step 0 in `folder` (which the caller empties first)
 
-    A complete current version is never the folder a run trains in: that is `.next/<stage>`.
+    A complete current version is never the folder a run trains in: that is `.next/<stage>`. `same(manifest)`
+    says whether a manifest was made with this fingerprint (default: the recorded fingerprint equals it).
     """
+    same = same or (lambda manifest: manifest.get("fingerprint") == fingerprint)
     stage_dir = Path(stage_dir)
     current = read_manifest(stage_dir)
     complete = bool(current) and current.get("status") == "complete"
     if not complete:  # nothing good to protect: train in place, as a first run does
-        same = bool(current) and current.get("fingerprint") == fingerprint
-        return ("resume" if same and not (force or restart) else "fresh"), stage_dir
+        resumable = bool(current) and same(current)
+        return ("resume" if resumable and not (force or restart) else "fresh"), stage_dir
     side = next_dir(stage_dir)
     attempt = read_manifest(side)
-    attempt_same = bool(attempt) and attempt.get("fingerprint") == fingerprint
-    if current.get("fingerprint") == fingerprint and not force:
+    attempt_same = bool(attempt) and same(attempt)
+    if same(current) and not force:
         if attempt_same:  # a --force run of this same config was interrupted: finish it
             return ("fresh" if restart else "resume"), side
         return "skip", stage_dir
     if not force:
         for _, folder, manifest in history(stage_dir):
-            if manifest.get("status") == "complete" and manifest.get("fingerprint") == fingerprint:
+            if manifest.get("status") == "complete" and same(manifest):
                 return "reuse", folder
     return ("resume" if attempt_same and not (force or restart) else "fresh"), side
 

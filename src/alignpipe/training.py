@@ -46,7 +46,10 @@ def train(trainer, ctx) -> None:
         trainer.add_callback(_token_count_callback(trainer))
         if checkpoint is not None:
             trainer._total_train_tokens = saved[TOKEN_COUNT]["attributes"]["total_train_tokens"]
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt as err:
+        raise StageInterrupted(trainer.state.global_step) from err
 
 
 TOKEN_COUNT = "TokenCount"  # the callback's class name: its key in trainer_state.json's stateful_callbacks
@@ -64,6 +67,25 @@ def _token_count_callback(trainer):
             return {"args": {}, "attributes": {"total_train_tokens": getattr(self.trainer, "_total_train_tokens", 0)}}
 
     return TokenCount(trainer)
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the trainer step it stopped at (the runner prints the resume hint)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"at step {step}")
+        self.step = step
+
+
+def newest_checkpoint_name(checkpoints_dir: Path) -> str | None:
+    """The newest complete checkpoint a re-run resumes from (a trainer's checkpoint-N or PPO's update-N)."""
+    from alignpipe.rl import state
+
+    if not Path(checkpoints_dir).is_dir():
+        return None
+    found = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if is_complete_checkpoint(p)]
+    found += state.complete(Path(checkpoints_dir))
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1])).name if found else None
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

@@ -72,7 +72,7 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
     import dataclasses
 
     from alignpipe import runs
-    from alignpipe.runner import make_context, stage_fingerprint
+    from alignpipe.runner import make_context, same_result, stage_fingerprint
     from alignpipe.template_checks import check_stage_templates
 
     local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
@@ -85,8 +85,7 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
         elif local_model:
             check_stage_templates(dataclasses.replace(ctx, parent_dir=None), against_parents=not ups)
         old = runs.read_manifest(ctx.dir) if all(fresh.get(u) for u in ups) else None
-        fresh[name] = bool(old) and old.get("status") == "complete" and \
-            old.get("fingerprint") == stage_fingerprint(ctx)[0]
+        fresh[name] = bool(old) and old.get("status") == "complete" and same_result(old, stage_fingerprint(ctx)[0])
 
 
 def _check_model(recipe: Recipe, where: str) -> None:
@@ -102,6 +101,12 @@ def _check_model(recipe: Recipe, where: str) -> None:
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
+            stage = local if (local / "manifest.json").is_file() else local.parent
+            if (local / "adapter_config.json").is_file() or (stage / "manifest.json").is_file():
+                raise RecipeError(f"model folder {path} is an alignpipe stage (a LoRA stage saves only its "
+                                  "adapter), not a model", where=where, key="model.path",
+                                  fix=f"in its own recipe, start from it with `from: {stage.name}`; elsewhere, "
+                                      f"run `alignpipe export {stage} OUT` and set model.path: OUT")
             raise RecipeError(f"model folder {path} has no config.json", where=where, key="model.path",
                               fix="point it at a folder written by save_pretrained (or a hub snapshot)")
         return

@@ -182,15 +182,38 @@ def read_prompts(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise AlignpipeError(f"not JSON: {err.msg}", where=f"{path}:{n}", fix="one JSON object per line") from None
-        ok = isinstance(row, dict) and (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list))
+        turns = row.get("turns") if isinstance(row, dict) else None
+        ok = isinstance(row, dict) and (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)
+                                        or (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)))
         if not ok:
-            raise AlignpipeError('expected {"prompt": "..."} or {"messages": [...]}', where=f"{path}:{n}",
-                                 fix="give each line a prompt string or a list of chat messages")
+            raise AlignpipeError('expected {"prompt": "..."}, {"messages": [...]} or {"turns": ["...", ...]}',
+                                 where=f"{path}:{n}", fix="give each line a prompt string, a list of chat messages, "
+                                                          "or a list of user turns (MT-Bench style)")
         rows.append(row)
     return rows
 
 
+def answer(model, tokenizer, conversations: list[list[dict]], gen: dict, stops: list[int]) -> list[dict]:
+    """One assistant reply per conversation, batched and left-padded: response text, tokens, ended."""
+    import torch
+
+    dev = next(model.parameters()).device
+    texts = [render(tokenizer, c) for c in conversations]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**{k: v.to(dev) for k, v in enc.items()}, **gen)
+    replies = []
+    for ids in out[:, enc["input_ids"].shape[1]:].tolist():
+        reply, ended = cut(ids, stops)
+        reply = [t for t in reply if t != tokenizer.pad_token_id]
+        replies.append({"response": tokenizer.decode(reply, skip_special_tokens=True).strip(),
+                        "tokens": len(reply) + ended, "ended": ended})
+    return replies
+
+
 def cmd_generate(args) -> int:
+    """Each row's reply. A `turns` row (MT-Bench) is answered turn by turn, each reply joining the
+    conversation before the next turn: `responses` holds them all, `response` the last."""
     import torch
 
     from alignpipe.cli import _threads
@@ -201,22 +224,27 @@ def cmd_generate(args) -> int:
     stops = stop_ids(tokenizer, manifest)
     gen = generation_kwargs(args, tokenizer, stops)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    dev = next(model.parameters()).device
     torch.manual_seed(args.seed)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w") as fh:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start: start + args.batch_size]
-            texts = [render(tokenizer, system + (r["messages"] if "messages" in r else
-                                                 [{"role": "user", "content": r["prompt"]}])) for r in chunk]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(**{k: v.to(dev) for k, v in enc.items()}, **gen)
-            for row, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
-                reply, ended = cut(ids, stops)
-                reply = [t for t in reply if t != tokenizer.pad_token_id]
-                fh.write(json.dumps({**row, "response": tokenizer.decode(reply, skip_special_tokens=True).strip(),
-                                     "tokens": len(reply) + ended, "ended": ended}) + "\n")
+            turns = [r["turns"] if "turns" in r else [r] for r in chunk]
+            history = [list(system) for _ in chunk]
+            replies: list[list[dict]] = [[] for _ in chunk]
+            for k in range(max(len(t) for t in turns)):  # turn k of every row that has one, in one batch
+                todo = [i for i, t in enumerate(turns) if k < len(t)]
+                for i in todo:
+                    row = turns[i][k]
+                    history[i] += (row["messages"] if isinstance(row, dict) and "messages" in row else
+                                   [{"role": "user", "content": row["prompt"] if isinstance(row, dict) else row}])
+                for i, reply in zip(todo, answer(model, tokenizer, [history[i] for i in todo], gen, stops)):
+                    history[i].append({"role": "assistant", "content": reply["response"]})
+                    replies[i].append(reply)
+            for row, got in zip(chunk, replies):
+                extra = ({"responses": [g["response"] for g in got], "tokens_per_turn": [g["tokens"] for g in got],
+                          "ended_per_turn": [g["ended"] for g in got]} if "turns" in row else {})
+                fh.write(json.dumps({**row, **got[-1], **extra}) + "\n")
     print(f"{out_path}: {len(rows)} responses from {args.stage_dir}")
     return 0

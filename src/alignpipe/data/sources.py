@@ -341,6 +341,7 @@ def load_rows(spec: dict, base_dir: Path, key: str = "data") -> list[RawRows]:
     path = path if path.is_absolute() else Path(base_dir) / path
     if not path.exists():
         raise DataError(written, f"{key}.path", "no such file or folder",
+                        "check the path" if Path(written).expanduser().is_absolute() else
                         f"relative paths are resolved against {base_dir}")
     if path.is_dir():
         return _read_folder(path, written, spec.get("split"))
