@@ -271,3 +271,25 @@ def test_loss_weight_zero_turns_are_not_trained_on():
     assert trained == "second<|im_end|>"
     with pytest.raises(DataError, match="no turn to train on"):
         tokenize_rows([{"messages": [user("hi"), {**bot("a"), "loss_weight": 0.0}]}], tok)
+
+
+# --------------------------------------------------------------------------- reward pairs longer than max_length
+
+
+def test_reward_pairs_keep_responses_and_cut_long_prompts_from_the_left():
+    from alignpipe.reward.pairs import filter_pairs
+    from alignpipe.templates import CHATML
+
+    tok = _tokenizer(CHATML)
+    long_prompt = [user("old question " * 40), bot("old answer " * 40), user("tell me " * 30 + "the last question")]
+    pair = {"prompt": long_prompt, "chosen": [bot("The answer is 3.")], "rejected": [bot("No.")]}
+    too_long = {"prompt": [user("q")], "chosen": [bot("word " * 300)], "rejected": [bot("No.")]}
+    kept, report = filter_pairs([pair, too_long], "train", tok, max_length=60)
+    assert report.truncated == 1 and report.dropped == {"too_long": 1} and report.first_rows == {"too_long": [2]}
+    (fitted,) = kept
+    assert fitted["chosen"] == pair["chosen"] and fitted["rejected"] == pair["rejected"]  # whole responses
+    assert len(fitted["prompt"]) == 1 and fitted["prompt"][0]["content"].endswith("the last question")
+    for side in ("chosen", "rejected"):
+        ids = tok.apply_chat_template(fitted["prompt"] + fitted[side], tokenize=True, return_dict=True)["input_ids"]
+        assert len(ids) <= 60
+    assert "1 with the prompt cut from the left to fit" in report.summary()

@@ -20,8 +20,9 @@ def as_user_error(err: DataError, recipe_file: str) -> AlignpipeError:
     return AlignpipeError(what, where=recipe_file, key=err.where, fix=err.fix)
 
 
-def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sft") -> None:
-    """Read and normalise the data once, so that `validate` fails on what `run` would fail on.
+def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sft"):
+    """Read and normalise the data once, so that `validate` fails on what `run` would fail on; returns what
+    was read (a PreparedData; None when every source is a hub dataset).
 
     Hub datasets are not downloaded here (validate works offline): their ids are checked for form and
     noted; `run` downloads them, or fails at once with the hub's error when it is not reachable.
@@ -31,7 +32,7 @@ def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sf
     hub = [c for c in spec.get("mixture", [spec]) if isinstance(c, dict) and "hub" in c]
     try:
         for component in hub:
-            unknown = sorted(set(component) - {"hub", "split", "subset", "format", "weight"})
+            unknown = sorted(set(component) - {"hub", "split", "subset", "format", "weight", "columns", "max_dropped"})
             if unknown:
                 raise DataError("recipe", key, f"unknown key {unknown[0]!r}", "use hub, split, subset, format")
             if not HUB_ID.match(str(component["hub"])):
@@ -40,11 +41,12 @@ def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sf
             print(f"[alignpipe] {key}: hub dataset {component['hub']} is downloaded when the stage runs "
                   "(validate does not reach the hub)", file=sys.stderr)
         if not hub:
-            prepare_data(spec, base_dir, family_for_stage(kind), key=key)
-        elif "mixture" in spec:  # the local components are still read and checked
+            return prepare_data(spec, base_dir, family_for_stage(kind), key=key)
+        if "mixture" in spec:  # the local components are still read and checked
             local = [c for c in spec["mixture"] if "hub" not in c]
             if local:
-                prepare_data({**spec, "mixture": local}, base_dir, family_for_stage(kind), key=key)
+                return prepare_data({**spec, "mixture": local}, base_dir, family_for_stage(kind), key=key)
+        return None
     except DataError as err:
         raise as_user_error(err, where) from None
 

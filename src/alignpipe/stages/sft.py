@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from alignpipe.recipe import StageConfig
 
 
+DEFAULT_MAX_LENGTH = 128  # tokens per sequence unless the recipe's trainer.max_length says otherwise
+
+
 @dataclass
 class Config(StageConfig):
     # TRL computes the loss through its fused, chunked LM head (no [tokens, vocab] logits: the memory saver for
@@ -112,7 +115,7 @@ def run(ctx) -> dict:
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
-    args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=128,
+    args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=DEFAULT_MAX_LENGTH,
                             per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1e-3,
                             lr_scheduler_type="cosine", warmup_steps=10, max_steps=300)
     train_rows, eval_rows = conversations(ctx, tokenizer, args.max_length)
