@@ -293,3 +293,24 @@ def test_reward_pairs_keep_responses_and_cut_long_prompts_from_the_left():
         ids = tok.apply_chat_template(fitted["prompt"] + fitted[side], tokenize=True, return_dict=True)["input_ids"]
         assert len(ids) <= 60
     assert "1 with the prompt cut from the left to fit" in report.summary()
+
+
+# --------------------------------------------------------------------------- alignpipe data FILE
+
+
+def test_data_command_shows_format_drops_and_what_is_trained(tmp_path, capsys):
+    from alignpipe.cli import main
+
+    rows = CASES["sharegpt_tools"][0] + [{"conversations": [{"from": "human", "value": "only a question"}]}]
+    jsonl(tmp_path / "tools.jsonl", rows)
+    assert main(["data", str(tmp_path / "tools.jsonl"), "--as", "conversations"]) == 0
+    out = capsys.readouterr().out
+    assert "sharegpt (detected from columns conversations" in out and "2 read -> 1 kept" in out
+    assert "last_turn_not_assistant" in out and "(line 2)" in out
+    assert "a stage would stop here: 50.0% of the rows are dropped" in out
+    assert '«<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>»' in out
+    assert '<|im_start|>tool\n{"sky": "sunny"}<|im_end|>' in out and "«It is sunny.<|im_end|>»" in out
+    jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    assert main(["data", str(tmp_path / "p.jsonl"), "--template", "llama3"]) == 0
+    out = capsys.readouterr().out
+    assert "[chosen] <|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" in out and "«bad<|eot_id|>»" in out
