@@ -78,6 +78,9 @@ class EvalSpec:
     top_p: float = 1.0
     batch_size: int = 128
     enabled: bool = True
+    # an explicit held-out file (a data spec, e.g. {path: eval.jsonl}) instead of the recipe's seeded split;
+    # its prompts are held out of every stage's training rows (alignpipe.data.split)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

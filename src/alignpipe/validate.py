@@ -38,6 +38,7 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
         config_class = module.trainer_config_class(cfg.kind) if takes_kind else module.trainer_config_class()
         _check_trainer_keys(config_class, cfg.trainer, where, f"{key}.trainer")
         prepared = _check_data(recipe, cfg, where, f"{key}.data")
+        _check_eval_data(recipe, name, where)
         if show_data and prepared is not None:
             _show_data(recipe, name, prepared)
         if cfg.checkpoint_every < 0:
@@ -111,6 +112,34 @@ def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> No
                 not (isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or (k == "max_steps" and v == -1))):
             raise RecipeError(f"{k} must be a positive number, got {v!r}", where=where, key=f"{key}.{k}",
                               fix=f"set a positive {k}")
+
+
+def _check_eval_data(recipe: Recipe, name: str, where: str) -> None:
+    """An explicit `eval: {data: ...}` file is read like the stage's data, and shares no prompt with it."""
+    from alignpipe.data.formats import DataError
+    from alignpipe.data.loading import as_user_error
+    from alignpipe.data.split import SPLIT_KINDS, eval_file_rows, prompt_key
+
+    cfg = recipe.stages[name]
+    if not cfg.eval.data:
+        return
+    key = f"stages.{name}.eval.data"
+    if cfg.kind not in SPLIT_KINDS or not cfg.data or "embedded" in cfg.data:
+        raise RecipeError("an eval file is for a stage trained on user data", where=where, key=key,
+                          fix=f"remove it, or use it on a {'/'.join(SPLIT_KINDS)} stage with a data file")
+    try:
+        from alignpipe.data.sources import prepare_data
+        from alignpipe.data.formats import family_for_stage
+
+        keys = {prompt_key(r) for r in eval_file_rows(recipe, name)}
+        train = prepare_data(cfg.data, recipe.path.parent, family_for_stage(cfg.kind), key=f"stages.{name}.data")
+    except DataError as err:
+        raise as_user_error(err, where) from None
+    shared = sorted({prompt_key(r) for r in train.rows} & keys)
+    if shared:
+        raise RecipeError(f"{len(shared)} prompts of the eval file are also in the training data (first: "
+                          f"{shared[0][:60]!r})", where=where, key=key,
+                          fix="remove them from one of the files: an evaluation on trained prompts measures memory")
 
 
 def _show_data(recipe: Recipe, name: str, prepared) -> None:

@@ -69,13 +69,25 @@ def _stage_rows(recipe, name: str, cfg) -> list[dict]:
                         seed=recipe.seed).rows
 
 
+def eval_file_rows(recipe, name: str) -> list[dict]:
+    """The rows of a stage's explicit `eval: {data: ...}` file, in the stage's family."""
+    from alignpipe.data.sources import prepare_data
+
+    cfg = recipe.stages[name]
+    return prepare_data(cfg.eval.data, recipe.path.parent, family_for_stage(cfg.kind),
+                        key=f"stages.{name}.eval.data", seed=recipe.seed).rows
+
+
 def recipe_split(recipe) -> Split:
     """The recipe's split, decided over every user-data stage's rows (read once per process)."""
-    specs = json.dumps({n: c.data for n, c in user_stages(recipe).items()}, sort_keys=True, default=str)
+    specs = json.dumps({n: [c.data, c.eval.data] for n, c in recipe.stages.items()}, sort_keys=True, default=str)
     cache_key = f"{recipe.path.resolve()}\0{recipe.seed}\0{specs}"
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     extra = set()
+    for name, cfg in recipe.stages.items():  # explicit eval files: their prompts are held out everywhere
+        if cfg.eval.data and cfg.kind in SPLIT_KINDS:
+            extra |= {prompt_key(r) for r in eval_file_rows(recipe, name)}
     for name, cfg in user_stages(recipe).items():
         keys = {prompt_key(r) for r in _stage_rows(recipe, name, cfg)}
         if len(keys) >= 2 and not any(score(recipe.seed, k) < FRACTION for k in keys):
@@ -93,6 +105,8 @@ def split_rows(ctx, rows: list[dict], cap: int | None = None) -> tuple[list[dict
     for row in rows:
         (held if split.is_heldout(prompt_key(row)) else train).append(row)
     held.sort(key=lambda r: score(split.seed, prompt_key(r)))  # a stable subset under the cap
+    if ctx.config.eval.data:  # an explicit eval file replaces this stage's share of the split
+        held = eval_file_rows(ctx.recipe, ctx.name)
     unused = held[cap:] if cap is not None else []
     held = held[:cap] if cap is not None else held
     info = {"heldout_hash": split.digest, "fraction": split.fraction, "seed": split.seed, "train_rows": len(train),
@@ -133,10 +147,12 @@ def heldout_prompts(ctx) -> list[dict]:
     recipe = ctx.recipe
     split = recipe_split(recipe)
     out, seen = [], set()
-    for name, cfg in user_stages(recipe).items():
-        if family_for_stage(cfg.kind) == "text":
+    sources = [(n, eval_file_rows(recipe, n)) for n, c in recipe.stages.items() if c.eval.data and c.kind in SPLIT_KINDS]
+    sources += [(n, _stage_rows(recipe, n, c)) for n, c in user_stages(recipe).items()]
+    for name, rows in sources:
+        if family_for_stage(recipe.stages[name].kind) == "text":
             continue
-        for row in _stage_rows(recipe, name, cfg):
+        for row in rows:
             key = prompt_key(row)
             if not split.is_heldout(key):
                 continue
@@ -145,7 +161,8 @@ def heldout_prompts(ctx) -> list[dict]:
                 cut = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 prompt, answer = messages[:cut], messages[cut]
             else:
-                prompt, answer = row["prompt"], (row.get("chosen") or row.get("completion") or [None])[-1]
+                good = row.get("chosen") or (row.get("completion") if row.get("label", True) else None)
+                prompt, answer = row["prompt"], (good or [None])[-1]
             ident = json.dumps(prompt, sort_keys=True)
             if ident in seen:
                 continue
