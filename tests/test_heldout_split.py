@@ -127,3 +127,19 @@ def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tm
     write_yaml(path, data)
     assert main(["validate", str(path)]) == 2
     assert "stages.dpo.eval.data: 60 prompts of the eval file are also in the training data" in capsys.readouterr().err
+
+
+def test_validate_shows_what_each_stage_read(tmp_path, model_dir, capsys):
+    from alignpipe.cli import main
+
+    files = write_files(tmp_path)
+    with open(files["reward"], "a") as f:  # one invalid line and one bad row: both listed, in one pass
+        f.write('{"prompt": "broken",\n' + json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
+    assert main(["validate", str(recipe_file(tmp_path, model_dir, files))]) == 0
+    out = capsys.readouterr().out
+    assert "stage sft (sft):" in out and "messages (detected from columns messages" in out
+    assert "160 read -> 160 kept" in out
+    assert "tokens after the template: p50" in out and "longer than max_length 64" in out
+    assert "122 read -> 120 kept" in out
+    assert "invalid_json: invalid JSON" in out and "(line 121)" in out and "identical_pair" in out and "(line 122)" in out
+    assert "split " in out and "held out (" in out and out.rstrip().endswith("ok (3 stages: sft, reward, dpo)")
