@@ -314,3 +314,8 @@ def test_data_command_shows_format_drops_and_what_is_trained(tmp_path, capsys):
     assert main(["data", str(tmp_path / "p.jsonl"), "--template", "llama3"]) == 0
     out = capsys.readouterr().out
     assert "[chosen] <|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" in out and "«bad<|eot_id|>»" in out
+    # rows that know their file lines (as a stage's split gives them) are reported by line
+    from alignpipe.data.split import Rows
+
+    _, by_line = filter_pairs(Rows([pair, too_long], [7, 9], "line"), "train", tok, max_length=60)
+    assert by_line.first_rows == {"too_long": [9]} and "too_long x1 (first lines [9])" in by_line.summary()

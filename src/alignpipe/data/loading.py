@@ -58,7 +58,7 @@ def load_split(ctx, family: str, cap: int | None, tokenizer=None, max_length: in
     from alignpipe.data.split import split_rows
     from alignpipe.distributed import is_main_process
 
-    rows = load_family(ctx, family, tokenizer, max_length)
+    rows = load_family(ctx, family, tokenizer, max_length, numbered=True)
     train, held, info = split_rows(ctx, rows, cap)
     if not train or not held:
         raise AlignpipeError(f"the held-out split leaves {len(train)} rows to train on and {len(held)} held out",
@@ -74,8 +74,10 @@ def load_split(ctx, family: str, cap: int | None, tokenizer=None, max_length: in
     return train, held
 
 
-def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int | None = None) -> list[dict]:
-    """The stage's rows in `family` (default: its kind's), plus `data_report.json` in its folder."""
+def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int | None = None,
+                numbered: bool = False) -> list[dict]:
+    """The stage's rows in `family` (default: its kind's), plus `data_report.json` in its folder. `numbered`:
+    as a `split.Rows` that knows each row's line (without a mixture)."""
     from alignpipe.data.report import format_report, validation_report
     from alignpipe.data.sources import prepare_data
 
@@ -92,4 +94,10 @@ def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int 
         ctx.dir.mkdir(parents=True, exist_ok=True)
         (ctx.dir / "data_report.json").write_text(json.dumps(report, indent=2))
         print(format_report(report), flush=True)
+    if numbered and prepared.mixture is None and len(prepared.parts) == 1:
+        from alignpipe.data.split import Rows
+
+        part = prepared.parts[0]
+        if len(part.row_numbers) == len(prepared.rows):
+            return Rows(prepared.rows, part.row_numbers, part.unit)
     return prepared.rows

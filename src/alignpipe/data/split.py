@@ -97,18 +97,33 @@ def recipe_split(recipe) -> Split:
     return split
 
 
-def split_rows(ctx, rows: list[dict], cap: int | None = None) -> tuple[list[dict], list[dict], dict]:
+class Rows(list):
+    """A list of rows that also knows where each came from (`numbers`: file lines or record indices; None when
+    unknown, e.g. after mixing), so later drops can name the line."""
+
+    def __init__(self, rows=(), numbers: list | None = None, unit: str = "row"):
+        super().__init__(rows)
+        self.numbers = list(numbers) if numbers is not None else [None] * len(self)
+        self.unit = unit
+
+
+def split_rows(ctx, rows: list[dict], cap: int | None = None) -> tuple[Rows, Rows, dict]:
     """(train rows, held-out rows, what was done) for one stage; held-out rows past `cap` are used by neither,
     so a large file's evaluation stays small without its held-out prompts leaking into training."""
     split = recipe_split(ctx.recipe)
+    numbers = getattr(rows, "numbers", [None] * len(rows))
     train, held = [], []
-    for row in rows:
-        (held if split.is_heldout(prompt_key(row)) else train).append(row)
-    held.sort(key=lambda r: score(split.seed, prompt_key(r)))  # a stable subset under the cap
+    for row, number in zip(rows, numbers):
+        (held if split.is_heldout(prompt_key(row)) else train).append((row, number))
+    held.sort(key=lambda rn: score(split.seed, prompt_key(rn[0])))  # a stable subset under the cap
+    unit = getattr(rows, "unit", "row")
+    train = Rows([r for r, _ in train], [n for _, n in train], unit)
+    held = Rows([r for r, _ in held], [n for _, n in held], unit)
     if ctx.config.eval.data:  # an explicit eval file replaces this stage's share of the split
-        held = eval_file_rows(ctx.recipe, ctx.name)
+        held = Rows(eval_file_rows(ctx.recipe, ctx.name))
     unused = held[cap:] if cap is not None else []
-    held = held[:cap] if cap is not None else held
+    if cap is not None:
+        held = Rows(held[:cap], held.numbers[:cap], held.unit)
     info = {"heldout_hash": split.digest, "fraction": split.fraction, "seed": split.seed, "train_rows": len(train),
             "heldout_rows": len(held), "heldout_unused": len(unused),
             "heldout_prompts": len({prompt_key(r) for r in held})}

@@ -34,6 +34,7 @@ class PairReport:
     dropped: dict[str, int] = field(default_factory=dict)
     first_rows: dict[str, list[int]] = field(default_factory=dict)
     truncated: int = 0  # kept with the prompt cut from the left to fit max_length
+    unit: str = "row"  # what first_rows count: file lines, or positions in the list given
 
     @property
     def kept(self) -> int:
@@ -46,7 +47,7 @@ class PairReport:
             rows.append(row)
 
     def summary(self) -> str:
-        why = ", ".join(f"{r} x{n} (first rows {self.first_rows[r]})" for r, n in self.dropped.items())
+        why = ", ".join(f"{r} x{n} (first {self.unit}s {self.first_rows[r]})" for r, n in self.dropped.items())
         cut = f", {self.truncated} with the prompt cut from the left to fit" if self.truncated else ""
         return f"{self.name} pairs: {self.read} read, {self.kept} usable{cut}, {self.read - self.kept} dropped" + \
             (f": {why}" if why else "")
@@ -127,7 +128,10 @@ def filter_pairs(rows: list, name: str, tokenizer=None, max_length: int | None =
     """
     report = PairReport(name, read=len(rows))
     kept = []
-    for number, row in enumerate(rows, start=1):
+    # file lines when the rows know them (alignpipe.data.split.Rows), else positions in this list
+    numbers = [n if n is not None else i for i, n in enumerate(getattr(rows, "numbers", [None] * len(rows)), 1)]
+    report.unit = getattr(rows, "unit", "row") if hasattr(rows, "numbers") and None not in rows.numbers else "row"
+    for number, row in zip(numbers, rows):
         try:
             pair = clean_pair(row)
             if tokenizer is not None and max_length is not None:
