@@ -161,7 +161,7 @@ def _show_data(recipe: Recipe, name: str, prepared) -> None:
     if tokenizer is None:
         print(f"  tokens: not measured ({why_not})")
     if name in user_stages(recipe):
-        split = recipe_split(recipe)
+        split = recipe_split(recipe, local_only=True)
         held = [r for r in prepared.rows if split.is_heldout(prompt_key(r))]
         print(f"  split {split.digest}: {len(prepared.rows) - len(held)} rows to train on, {len(held)} held out "
               f"({len({prompt_key(r) for r in held})} prompts; the stage evaluates on at most "

@@ -78,10 +78,15 @@ def eval_file_rows(recipe, name: str) -> list[dict]:
                         key=f"stages.{name}.eval.data", seed=recipe.seed).rows
 
 
-def recipe_split(recipe) -> Split:
-    """The recipe's split, decided over every user-data stage's rows (read once per process)."""
+def _uses_hub(spec: dict) -> bool:
+    return any(isinstance(c, dict) and "hub" in c for c in spec.get("mixture", [spec]))
+
+
+def recipe_split(recipe, local_only: bool = False) -> Split:
+    """The recipe's split, decided over every user-data stage's rows (read once per process). `local_only`
+    (validate, offline) leaves out hub datasets; only a tiny hub split's fallback key can differ then."""
     specs = json.dumps({n: [c.data, c.eval.data] for n, c in recipe.stages.items()}, sort_keys=True, default=str)
-    cache_key = f"{recipe.path.resolve()}\0{recipe.seed}\0{specs}"
+    cache_key = f"{recipe.path.resolve()}\0{recipe.seed}\0{specs}\0{local_only}"
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     extra = set()
@@ -89,6 +94,8 @@ def recipe_split(recipe) -> Split:
         if cfg.eval.data and cfg.kind in SPLIT_KINDS:
             extra |= {prompt_key(r) for r in eval_file_rows(recipe, name)}
     for name, cfg in user_stages(recipe).items():
+        if local_only and _uses_hub(cfg.data):
+            continue
         keys = {prompt_key(r) for r in _stage_rows(recipe, name, cfg)}
         if len(keys) >= 2 and not any(score(recipe.seed, k) < FRACTION for k in keys):
             extra.add(min(keys, key=lambda k: score(recipe.seed, k)))
