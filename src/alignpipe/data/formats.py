@@ -492,7 +492,7 @@ def detect_format(rows: list, source_name: str, family: str | None = None) -> st
                     f"set format: to one of {', '.join(sorted(candidates))} in the recipe")
 
 
-def detection_reason(fmt: str, rows: list) -> str:
+def detection_reason(fmt: str) -> str:
     """Why `fmt` was detected: the columns it recognised."""
     spec = FORMATS[fmt]
     return f"columns {', '.join(sorted(spec.columns))} ({spec.example})"
@@ -530,7 +530,7 @@ def normalise(
     spec = FORMATS[fmt]
     numbers = row_numbers if row_numbers is not None else list(range(1, len(rows) + 1))
     data = NormalisedData(source, fmt, spec.family, [], [], len(rows), Drops(), detected, unit,
-                          why=detection_reason(fmt, rows) if detected else "")
+                          why=detection_reason(fmt) if detected else "")
     good = []
     for row, number in zip(rows, numbers):
         if isinstance(row, BadLine):
