@@ -319,3 +319,27 @@ def test_data_command_shows_format_drops_and_what_is_trained(tmp_path, capsys):
 
     _, by_line = filter_pairs(Rows([pair, too_long], [7, 9], "line"), "train", tok, max_length=60)
     assert by_line.first_rows == {"too_long": [9]} and "too_long x1 (first lines [9])" in by_line.summary()
+
+
+def test_trl_trains_on_the_masks_given(tmp_path):
+    """TRL's SFTTrainer takes the rows tokenized here and builds its labels from our masks."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from alignpipe.stages.sft import datasets
+    from alignpipe.templates import CHATML
+    from hub_layout import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m")
+    tok = _tokenizer(CHATML)
+    rows = [{"messages": [user("hi"), {**bot("skip me"), "loss_weight": 0.0}, *TOOL_CONVERSATION],
+             "tools": NORMAL_TOOLS}]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, bf16=False, report_to=[],
+                     assistant_only_loss=True, max_length=2048, activation_checkpointing=False)
+    train_ds, eval_ds = datasets(rows, rows, tok, args)  # as the sft stage does
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args, train_dataset=train_ds,
+                         eval_dataset=eval_ds, processing_class=tok)
+    labels = trainer.train_dataset[0]["labels"]
+    trained = tok.decode([t for t in labels if t != -100])
+    assert trained == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+                       "It is sunny.<|im_end|>")
