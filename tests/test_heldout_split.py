@@ -99,3 +99,47 @@ def test_a_tiny_file_still_holds_out_a_prompt(tmp_path, model_dir):
     ctx = contexts(recipe_file(tmp_path, model_dir, files))
     train, held = sft.conversations(ctx["sft"])
     assert len(held) == 1 and len(train) == 5
+
+
+def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tmp_path, model_dir, capsys):
+    from alignpipe.cli import main
+    from alignpipe.stages import dpo, sft
+
+    files = write_files(tmp_path)
+    evals = jsonl(tmp_path / "eval.jsonl", [{"prompt": "What is 500 plus 501?", "chosen": "1001.", "rejected": "2."}])
+    path = recipe_file(tmp_path, model_dir, files)
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["dpo"]["eval"] = {"data": {"path": str(evals)}}
+    # the same prompt in sft's file: held out there too, because dpo's eval file names it
+    extra = {"messages": [{"role": "user", "content": "what is 500  plus 501?"}, {"role": "assistant", "content": "x"}]}
+    with open(files["sft"], "a") as f:
+        f.write(json.dumps(extra) + "\n")
+    write_yaml(path, data)
+    ctx = contexts(path)
+    train, held = dpo.pairs(ctx["dpo"])
+    assert [prompt_key(r) for r in held] == ["what is 500 plus 501?"]
+    sft_train, _ = sft.conversations(ctx["sft"])
+    assert "what is 500 plus 501?" not in {prompt_key(r) for r in sft_train}
+    # an eval file sharing prompts with the stage's own training file is refused before anything runs
+    data["stages"]["dpo"]["eval"] = {"data": {"path": str(files["dpo"])}}
+    write_yaml(path, data)
+    assert main(["validate", str(path)]) == 2
+    assert "stages.dpo.eval.data: 60 prompts of the eval file are also in the training data" in capsys.readouterr().err
+
+
+def test_validate_shows_what_each_stage_read(tmp_path, model_dir, capsys):
+    from alignpipe.cli import main
+
+    files = write_files(tmp_path)
+    with open(files["reward"], "a") as f:  # one invalid line and one bad row: both listed, in one pass
+        f.write('{"prompt": "broken",\n' + json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
+    assert main(["validate", str(recipe_file(tmp_path, model_dir, files))]) == 0
+    out = capsys.readouterr().out
+    assert "stage sft (sft):" in out and "messages (detected from columns messages" in out
+    assert "160 read -> 160 kept" in out
+    assert "tokens after the template: p50" in out and "longer than max_length 64" in out
+    assert "122 read -> 120 kept" in out
+    assert "invalid_json: invalid JSON" in out and "(line 121)" in out and "identical_pair" in out and "(line 122)" in out
+    assert "split " in out and "held out (" in out and out.rstrip().endswith("ok (3 stages: sft, reward, dpo)")

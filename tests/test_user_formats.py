@@ -271,3 +271,75 @@ def test_loss_weight_zero_turns_are_not_trained_on():
     assert trained == "second<|im_end|>"
     with pytest.raises(DataError, match="no turn to train on"):
         tokenize_rows([{"messages": [user("hi"), {**bot("a"), "loss_weight": 0.0}]}], tok)
+
+
+# --------------------------------------------------------------------------- reward pairs longer than max_length
+
+
+def test_reward_pairs_keep_responses_and_cut_long_prompts_from_the_left():
+    from alignpipe.reward.pairs import filter_pairs
+    from alignpipe.templates import CHATML
+
+    tok = _tokenizer(CHATML)
+    long_prompt = [user("old question " * 40), bot("old answer " * 40), user("tell me " * 30 + "the last question")]
+    pair = {"prompt": long_prompt, "chosen": [bot("The answer is 3.")], "rejected": [bot("No.")]}
+    too_long = {"prompt": [user("q")], "chosen": [bot("word " * 300)], "rejected": [bot("No.")]}
+    kept, report = filter_pairs([pair, too_long], "train", tok, max_length=60)
+    assert report.truncated == 1 and report.dropped == {"too_long": 1} and report.first_rows == {"too_long": [2]}
+    (fitted,) = kept
+    assert fitted["chosen"] == pair["chosen"] and fitted["rejected"] == pair["rejected"]  # whole responses
+    assert len(fitted["prompt"]) == 1 and fitted["prompt"][0]["content"].endswith("the last question")
+    for side in ("chosen", "rejected"):
+        ids = tok.apply_chat_template(fitted["prompt"] + fitted[side], tokenize=True, return_dict=True)["input_ids"]
+        assert len(ids) <= 60
+    assert "1 with the prompt cut from the left to fit" in report.summary()
+
+
+# --------------------------------------------------------------------------- alignpipe data FILE
+
+
+def test_data_command_shows_format_drops_and_what_is_trained(tmp_path, capsys):
+    from alignpipe.cli import main
+
+    rows = CASES["sharegpt_tools"][0] + [{"conversations": [{"from": "human", "value": "only a question"}]}]
+    jsonl(tmp_path / "tools.jsonl", rows)
+    assert main(["data", str(tmp_path / "tools.jsonl"), "--as", "conversations"]) == 0
+    out = capsys.readouterr().out
+    assert "sharegpt (detected from columns conversations" in out and "2 read -> 1 kept" in out
+    assert "last_turn_not_assistant" in out and "(line 2)" in out
+    assert "a stage would stop here: 50.0% of the rows are dropped" in out
+    assert '«<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>»' in out
+    assert '<|im_start|>tool\n{"sky": "sunny"}<|im_end|>' in out and "«It is sunny.<|im_end|>»" in out
+    jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    assert main(["data", str(tmp_path / "p.jsonl"), "--template", "llama3"]) == 0
+    out = capsys.readouterr().out
+    assert "[chosen] <|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" in out and "«bad<|eot_id|>»" in out
+    # rows that know their file lines (as a stage's split gives them) are reported by line
+    from alignpipe.data.split import Rows
+
+    _, by_line = filter_pairs(Rows([pair, too_long], [7, 9], "line"), "train", tok, max_length=60)
+    assert by_line.first_rows == {"too_long": [9]} and "too_long x1 (first lines [9])" in by_line.summary()
+
+
+def test_trl_trains_on_the_masks_given(tmp_path):
+    """TRL's SFTTrainer takes the rows tokenized here and builds its labels from our masks."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from alignpipe.stages.sft import datasets
+    from alignpipe.templates import CHATML
+    from hub_layout import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m")
+    tok = _tokenizer(CHATML)
+    rows = [{"messages": [user("hi"), {**bot("skip me"), "loss_weight": 0.0}, *TOOL_CONVERSATION],
+             "tools": NORMAL_TOOLS}]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, bf16=False, report_to=[],
+                     assistant_only_loss=True, max_length=2048, activation_checkpointing=False)
+    train_ds, eval_ds = datasets(rows, rows, tok, args)  # as the sft stage does
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args, train_dataset=train_ds,
+                         eval_dataset=eval_ds, processing_class=tok)
+    labels = trainer.train_dataset[0]["labels"]
+    trained = tok.decode([t for t in labels if t != -100])
+    assert trained == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+                       "It is sunny.<|im_end|>")

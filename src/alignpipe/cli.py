@@ -28,12 +28,12 @@ def _threads() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load(args):
+def _load(args, show_data: bool = False):
     from alignpipe.recipe import load_recipe
     from alignpipe.validate import validate
 
     recipe = load_recipe(args.recipe, args.set)
-    validate(recipe)
+    validate(recipe, show_data)
     if getattr(args, "stages", None):
         unknown = [s for s in args.stages if s not in recipe.stages]
         if unknown:
@@ -45,7 +45,7 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
-    recipe = _load(args)
+    recipe = _load(args, show_data=True)
     print(f"{recipe.path}: ok ({len(recipe.stages)} stages: {', '.join(recipe.order())})")
     return 0
 

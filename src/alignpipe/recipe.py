@@ -111,6 +111,9 @@ class EvalSpec:
     prompts: str | None = None  # a file of prompts (any format with a user turn; optional reference answers)
     judges: dict[str, JudgeSpec] = field(default_factory=dict)  # name -> judge; embedded data: `judge` built in
     lm_eval: LmEvalSpec | None = None
+    # an explicit held-out file (a data spec, e.g. {path: eval.jsonl}) instead of the recipe's seeded split;
+    # its prompts are held out of every stage's training rows (alignpipe.data.split)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

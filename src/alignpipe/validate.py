@@ -21,8 +21,9 @@ from alignpipe.templates import has_generation_markers, resolve_template
 EMBEDDED_PARTS = ("corpus", "sft", "pairs", "rl_prompts")
 
 
-def validate(recipe: Recipe) -> None:
-    """Raise RecipeError / RunError on the first problem found."""
+def validate(recipe: Recipe, show_data: bool = False) -> None:
+    """Raise RecipeError / RunError on the first problem found; with `show_data`, print what each stage's
+    user data holds (source, format, rows read / kept / dropped, token lengths, the held-out split)."""
     where = str(recipe.path)
     template = resolve_template(recipe.chat_template, recipe.path)
     _check_model(recipe, where)
@@ -36,7 +37,10 @@ def validate(recipe: Recipe) -> None:
         takes_kind = "kind" in inspect.signature(module.trainer_config_class).parameters
         config_class = module.trainer_config_class(cfg.kind) if takes_kind else module.trainer_config_class()
         _check_trainer_keys(config_class, cfg.trainer, where, f"{key}.trainer")
-        _check_data(recipe, cfg, where, f"{key}.data")
+        prepared = _check_data(recipe, cfg, where, f"{key}.data")
+        _check_eval_data(recipe, name, where)
+        if show_data and prepared is not None:
+            _show_data(recipe, name, prepared)
         if cfg.checkpoint_every < 0:
             raise RecipeError(f"checkpoint_every must be 0 or more, got {cfg.checkpoint_every}", where=where,
                               key=f"{key}.checkpoint_every", fix="give a number of steps (0: the stage's default)")
@@ -143,10 +147,91 @@ def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> No
                               fix=f"set a positive {k}")
 
 
-def _check_data(recipe: Recipe, cfg, where: str, key: str) -> None:
+def _check_eval_data(recipe: Recipe, name: str, where: str) -> None:
+    """An explicit `eval: {data: ...}` file is read like the stage's data, and shares no prompt with it."""
+    from alignpipe.data.formats import DataError
+    from alignpipe.data.loading import as_user_error
+    from alignpipe.data.split import SPLIT_KINDS, eval_file_rows, prompt_key
+
+    cfg = recipe.stages[name]
+    if not cfg.eval.data:
+        return
+    key = f"stages.{name}.eval.data"
+    if cfg.kind not in SPLIT_KINDS or not cfg.data or "embedded" in cfg.data:
+        raise RecipeError("an eval file is for a stage trained on user data", where=where, key=key,
+                          fix=f"remove it, or use it on a {'/'.join(SPLIT_KINDS)} stage with a data file")
+    try:
+        from alignpipe.data.sources import prepare_data
+        from alignpipe.data.formats import family_for_stage
+
+        keys = {prompt_key(r) for r in eval_file_rows(recipe, name)}
+        train = prepare_data(cfg.data, recipe.path.parent, family_for_stage(cfg.kind), key=f"stages.{name}.data")
+    except DataError as err:
+        raise as_user_error(err, where) from None
+    shared = sorted({prompt_key(r) for r in train.rows} & keys)
+    if shared:
+        raise RecipeError(f"{len(shared)} prompts of the eval file are also in the training data (first: "
+                          f"{shared[0][:60]!r})", where=where, key=key,
+                          fix="remove them from one of the files: an evaluation on trained prompts measures memory")
+
+
+def _show_data(recipe: Recipe, name: str, prepared) -> None:
+    """What `run` will read for this stage, measured with the tokenizer it will start from (when it exists)."""
+    from alignpipe.data.formats import DataError
+    from alignpipe.data.loading import as_user_error
+    from alignpipe.data.report import format_report, validation_report
+    from alignpipe.data.split import prompt_key, recipe_split, user_stages
+
+    cfg = recipe.stages[name]
+    tokenizer, why_not = _stage_tokenizer(recipe, name)
+    max_length = cfg.trainer.get("max_length", getattr(stage_module(cfg.kind), "DEFAULT_MAX_LENGTH", None))
+    try:
+        report = validation_report(prepared, tokenizer, max_length, sample=2000, seed=recipe.seed)
+    except DataError as err:
+        raise as_user_error(err, str(recipe.path)) from None
+    print(f"stage {name} ({cfg.kind}):")
+    print(format_report(report))
+    if tokenizer is None:
+        print(f"  tokens: not measured ({why_not})")
+    if name in user_stages(recipe):
+        split = recipe_split(recipe, local_only=True)
+        held = [r for r in prepared.rows if split.is_heldout(prompt_key(r))]
+        print(f"  split {split.digest}: {len(prepared.rows) - len(held)} rows to train on, {len(held)} held out "
+              f"({len({prompt_key(r) for r in held})} prompts; the stage evaluates on at most "
+              f"{getattr(cfg, 'eval_pairs', None) or getattr(cfg, 'eval_docs', None) or 200})")
+
+
+def _stage_tokenizer(recipe: Recipe, name: str):
+    """(the tokenizer a stage starts from with the recipe's template, None) or (None, why it cannot be had yet)."""
+    from alignpipe import runs
+    from alignpipe.context import StageContext
+
+    cfg = recipe.stages[name]
+    parent = recipe.stage_dir(cfg.from_) if cfg.from_ else None
+    if parent is not None and not runs.is_complete(parent):
+        # stages after the first keep the model's tokenizer, unless a pretrain stage builds one from scratch
+        chain, up = [], cfg.from_
+        while up is not None:
+            chain.append(up)
+            up = recipe.stages[up].from_
+        pretrain = [n for n in chain if recipe.stages[n].kind == "pretrain"]
+        if pretrain and recipe.model.init is not None:
+            return None, f"the tokenizer is trained by stage {pretrain[0]!r}, which has not run yet"
+        parent = None
+    if cfg.kind == "pretrain" and recipe.model.init is not None:
+        return None, "plain text; the tokenizer is trained by this stage"
+    if parent is None and (recipe.model.path is None or not Path(recipe.model.path).expanduser().is_dir()):
+        return None, "the model is not on this machine yet"
+    try:
+        return StageContext(recipe, name, cfg, recipe.stage_dir(name), parent).load_tokenizer(), ""
+    except Exception as err:  # a tokenizer that cannot be read is reported by the stage itself
+        return None, f"tokenizer not readable ({type(err).__name__})"
+
+
+def _check_data(recipe: Recipe, cfg, where: str, key: str):
     spec = cfg.data
     if not spec:
-        return
+        return None
     from alignpipe.data.formats import DataError
     from alignpipe.data.loading import as_user_error
     from alignpipe.data.sources import check_one_source
@@ -159,11 +244,11 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str) -> None:
         if spec["embedded"] not in EMBEDDED_PARTS:
             raise RecipeError(f"unknown embedded data {spec['embedded']!r}", where=where, key=f"{key}.embedded",
                               fix=f"use one of {', '.join(EMBEDDED_PARTS)}")
-        return
+        return None
     from alignpipe.data.loading import check_spec
 
     _check_hub_data_offline(spec, where, key)
-    check_spec(spec, recipe.path.parent, where, key, cfg.kind)
+    return check_spec(spec, recipe.path.parent, where, key, cfg.kind)
 
 
 def _check_runs_dir(recipe: Recipe, where: str) -> None:

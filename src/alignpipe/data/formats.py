@@ -357,6 +357,17 @@ def _row_kto(row: dict) -> dict:
     return {"prompt": prompt, "completion": completion, "label": label}
 
 
+def _row_turns(row: dict) -> dict:
+    """MT-Bench style: `turns` is the user's questions in order; the first is the prompt (the later ones
+    follow the model's own answers, so they cannot be asked up front)."""
+    turns = _get(row, "turns")
+    if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+        raise _Drop("wrong_type", "'turns' is not a list of strings")
+    prompt = [{"role": "user", "content": turns[0]}]
+    _check_prompt(prompt, "turns")
+    return {"prompt": prompt}
+
+
 def _row_prompt_only(row: dict) -> dict:
     prompt = _turns(_get(row, "prompt"), "prompt", "user")
     _check_prompt(prompt, "prompt")
@@ -421,6 +432,7 @@ FORMATS = {
         Format("kto", frozenset({"prompt", "completion", "label"}), "kto", _row_kto, "prompt/completion/label"),
         Format("kto_messages", frozenset({"messages", "label"}), "kto", _row_kto_messages, "messages/label"),
         Format("prompt_only", frozenset({"prompt"}), "prompts", _row_prompt_only, "prompt"),
+        Format("turns", frozenset({"turns"}), "prompts", _row_turns, "turns (MT-Bench: the user's questions)"),
     ]
 }
 
@@ -431,7 +443,7 @@ _NATIVE = {
     "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion", "oasst", "oasst_tree"},
     "pairs": {"preference", "hh_rlhf", "sharegpt_preference", "messages_preference", "oasst", "oasst_tree"},
     "kto": {"kto", "kto_messages"},
-    "prompts": {"prompt_only", "preference", "prompt_completion", "kto"},  # those with an explicit prompt
+    "prompts": {"prompt_only", "preference", "prompt_completion", "kto", "turns"},  # those with an explicit prompt
 }
 
 
@@ -480,7 +492,7 @@ def detect_format(rows: list, source_name: str, family: str | None = None) -> st
                     f"set format: to one of {', '.join(sorted(candidates))} in the recipe")
 
 
-def detection_reason(fmt: str, rows: list) -> str:
+def detection_reason(fmt: str) -> str:
     """Why `fmt` was detected: the columns it recognised."""
     spec = FORMATS[fmt]
     return f"columns {', '.join(sorted(spec.columns))} ({spec.example})"
@@ -518,7 +530,7 @@ def normalise(
     spec = FORMATS[fmt]
     numbers = row_numbers if row_numbers is not None else list(range(1, len(rows) + 1))
     data = NormalisedData(source, fmt, spec.family, [], [], len(rows), Drops(), detected, unit,
-                          why=detection_reason(fmt, rows) if detected else "")
+                          why=detection_reason(fmt) if detected else "")
     good = []
     for row, number in zip(rows, numbers):
         if isinstance(row, BadLine):

@@ -20,8 +20,9 @@ def as_user_error(err: DataError, recipe_file: str) -> AlignpipeError:
     return AlignpipeError(what, where=recipe_file, key=err.where, fix=err.fix)
 
 
-def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sft") -> None:
-    """Read and normalise the data once, so that `validate` fails on what `run` would fail on.
+def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sft"):
+    """Read and normalise the data once, so that `validate` fails on what `run` would fail on; returns what
+    was read (a PreparedData; None when every source is a hub dataset).
 
     Hub datasets are not downloaded here (validate works offline): their ids are checked for form and
     noted; `run` downloads them, or fails at once with the hub's error when it is not reachable.
@@ -31,7 +32,7 @@ def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sf
     hub = [c for c in spec.get("mixture", [spec]) if isinstance(c, dict) and "hub" in c]
     try:
         for component in hub:
-            unknown = sorted(set(component) - {"hub", "split", "subset", "format", "weight"})
+            unknown = sorted(set(component) - {"hub", "split", "subset", "format", "weight", "columns", "max_dropped"})
             if unknown:
                 raise DataError("recipe", key, f"unknown key {unknown[0]!r}", "use hub, split, subset, format")
             if not HUB_ID.match(str(component["hub"])):
@@ -40,11 +41,12 @@ def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sf
             print(f"[alignpipe] {key}: hub dataset {component['hub']} is downloaded when the stage runs "
                   "(validate does not reach the hub)", file=sys.stderr)
         if not hub:
-            prepare_data(spec, base_dir, family_for_stage(kind), key=key)
-        elif "mixture" in spec:  # the local components are still read and checked
+            return prepare_data(spec, base_dir, family_for_stage(kind), key=key)
+        if "mixture" in spec:  # the local components are still read and checked
             local = [c for c in spec["mixture"] if "hub" not in c]
             if local:
-                prepare_data({**spec, "mixture": local}, base_dir, family_for_stage(kind), key=key)
+                return prepare_data({**spec, "mixture": local}, base_dir, family_for_stage(kind), key=key)
+        return None
     except DataError as err:
         raise as_user_error(err, where) from None
 
@@ -56,7 +58,7 @@ def load_split(ctx, family: str, cap: int | None, tokenizer=None, max_length: in
     from alignpipe.data.split import split_rows
     from alignpipe.distributed import is_main_process
 
-    rows = load_family(ctx, family, tokenizer, max_length)
+    rows = load_family(ctx, family, tokenizer, max_length, numbered=True)
     train, held, info = split_rows(ctx, rows, cap)
     if not train or not held:
         raise AlignpipeError(f"the held-out split leaves {len(train)} rows to train on and {len(held)} held out",
@@ -72,8 +74,10 @@ def load_split(ctx, family: str, cap: int | None, tokenizer=None, max_length: in
     return train, held
 
 
-def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int | None = None) -> list[dict]:
-    """The stage's rows in `family` (default: its kind's), plus `data_report.json` in its folder."""
+def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int | None = None,
+                numbered: bool = False) -> list[dict]:
+    """The stage's rows in `family` (default: its kind's), plus `data_report.json` in its folder. `numbered`:
+    as a `split.Rows` that knows each row's line (without a mixture)."""
     from alignpipe.data.report import format_report, validation_report
     from alignpipe.data.sources import prepare_data
 
@@ -90,4 +94,10 @@ def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int 
         ctx.dir.mkdir(parents=True, exist_ok=True)
         (ctx.dir / "data_report.json").write_text(json.dumps(report, indent=2))
         print(format_report(report), flush=True)
+    if numbered and prepared.mixture is None and len(prepared.parts) == 1:
+        from alignpipe.data.split import Rows
+
+        part = prepared.parts[0]
+        if len(part.row_numbers) == len(prepared.rows):
+            return Rows(prepared.rows, part.row_numbers, part.unit)
     return prepared.rows

@@ -97,6 +97,7 @@ def validation_report(
             "rows_dropped": part.drops.total,
             "dropped": part.drops.as_dict(),
             "notes": part.notes,
+            "why": part.why,
         }
         for part in data.parts
     ]
@@ -125,8 +126,8 @@ def format_report(report: dict) -> str:
         f"{report['rows_dropped']} dropped, {report['rows_out']} usable"
     ]
     for s in report["sources"]:
-        how = "detected" if s["detected"] else "given"
-        lines.append(f"  {s['source']}: {s['format']} ({how}), {s['rows_read']} read, {s['rows_kept']} kept")
+        how = f"detected from {s['why']}" if s["detected"] and s.get("why") else "detected" if s["detected"] else "given"
+        lines.append(f"  {s['source']}: {s['format']} ({how}), {s['rows_read']} read -> {s['rows_kept']} kept")
         for reason, d in s["dropped"].items():
             where = ", ".join(map(str, d["first_rows"]))
             lines.append(f"    dropped {d['count']:>5} {reason}: {d['example']} ({s['row_unit']} {where})")
@@ -136,7 +137,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  mixture: {m['source']} weight {m['weight']:g}: {m['taken']} of {m['available']}{extra}")
     t = report["tokens"]
     if t:
-        line = (f"  tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}"
+        line = (f"  tokens after the template: p50 {t['median']}, p95 {t['p95']}, max {t['max']} (min {t['min']})"
                 f" over {t['rows_measured']} rows")
         if "max_length" in t:
             line += f"; {t['truncated']} ({t['truncated_fraction']:.1%}) longer than max_length {t['max_length']}"

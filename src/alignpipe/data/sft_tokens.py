@@ -9,7 +9,6 @@ are turns of their own, outside every block, so they are not.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from alignpipe.data.formats import DataError
@@ -73,7 +72,3 @@ def tokenize_rows(rows: list[dict], tokenizer: Any) -> list[dict]:
                         "(every assistant turn has loss_weight 0)", "give each conversation a trained turn")
     return out
 
-
-def tools_json(row: dict) -> str | None:
-    """A row's tools as JSON text (what TRL and Arrow take), for rows handed to TRL untokenized."""
-    return json.dumps(row["tools"]) if row.get("tools") else None

@@ -69,14 +69,33 @@ def _stage_rows(recipe, name: str, cfg) -> list[dict]:
                         seed=recipe.seed).rows
 
 
-def recipe_split(recipe) -> Split:
-    """The recipe's split, decided over every user-data stage's rows (read once per process)."""
-    specs = json.dumps({n: c.data for n, c in user_stages(recipe).items()}, sort_keys=True, default=str)
-    cache_key = f"{recipe.path.resolve()}\0{recipe.seed}\0{specs}"
+def eval_file_rows(recipe, name: str) -> list[dict]:
+    """The rows of a stage's explicit `eval: {data: ...}` file, in the stage's family."""
+    from alignpipe.data.sources import prepare_data
+
+    cfg = recipe.stages[name]
+    return prepare_data(cfg.eval.data, recipe.path.parent, family_for_stage(cfg.kind),
+                        key=f"stages.{name}.eval.data", seed=recipe.seed).rows
+
+
+def _uses_hub(spec: dict) -> bool:
+    return any(isinstance(c, dict) and "hub" in c for c in spec.get("mixture", [spec]))
+
+
+def recipe_split(recipe, local_only: bool = False) -> Split:
+    """The recipe's split, decided over every user-data stage's rows (read once per process). `local_only`
+    (validate, offline) leaves out hub datasets; only a tiny hub split's fallback key can differ then."""
+    specs = json.dumps({n: [c.data, c.eval.data] for n, c in recipe.stages.items()}, sort_keys=True, default=str)
+    cache_key = f"{recipe.path.resolve()}\0{recipe.seed}\0{specs}\0{local_only}"
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     extra = set()
+    for name, cfg in recipe.stages.items():  # explicit eval files: their prompts are held out everywhere
+        if cfg.eval.data and cfg.kind in SPLIT_KINDS:
+            extra |= {prompt_key(r) for r in eval_file_rows(recipe, name)}
     for name, cfg in user_stages(recipe).items():
+        if local_only and _uses_hub(cfg.data):
+            continue
         keys = {prompt_key(r) for r in _stage_rows(recipe, name, cfg)}
         if len(keys) >= 2 and not any(score(recipe.seed, k) < FRACTION for k in keys):
             extra.add(min(keys, key=lambda k: score(recipe.seed, k)))
@@ -85,16 +104,33 @@ def recipe_split(recipe) -> Split:
     return split
 
 
-def split_rows(ctx, rows: list[dict], cap: int | None = None) -> tuple[list[dict], list[dict], dict]:
+class Rows(list):
+    """A list of rows that also knows where each came from (`numbers`: file lines or record indices; None when
+    unknown, e.g. after mixing), so later drops can name the line."""
+
+    def __init__(self, rows=(), numbers: list | None = None, unit: str = "row"):
+        super().__init__(rows)
+        self.numbers = list(numbers) if numbers is not None else [None] * len(self)
+        self.unit = unit
+
+
+def split_rows(ctx, rows: list[dict], cap: int | None = None) -> tuple[Rows, Rows, dict]:
     """(train rows, held-out rows, what was done) for one stage; held-out rows past `cap` are used by neither,
     so a large file's evaluation stays small without its held-out prompts leaking into training."""
     split = recipe_split(ctx.recipe)
+    numbers = getattr(rows, "numbers", [None] * len(rows))
     train, held = [], []
-    for row in rows:
-        (held if split.is_heldout(prompt_key(row)) else train).append(row)
-    held.sort(key=lambda r: score(split.seed, prompt_key(r)))  # a stable subset under the cap
+    for row, number in zip(rows, numbers):
+        (held if split.is_heldout(prompt_key(row)) else train).append((row, number))
+    held.sort(key=lambda rn: score(split.seed, prompt_key(rn[0])))  # a stable subset under the cap
+    unit = getattr(rows, "unit", "row")
+    train = Rows([r for r, _ in train], [n for _, n in train], unit)
+    held = Rows([r for r, _ in held], [n for _, n in held], unit)
+    if ctx.config.eval.data:  # an explicit eval file replaces this stage's share of the split
+        held = Rows(eval_file_rows(ctx.recipe, ctx.name))
     unused = held[cap:] if cap is not None else []
-    held = held[:cap] if cap is not None else held
+    if cap is not None:
+        held = Rows(held[:cap], held.numbers[:cap], held.unit)
     info = {"heldout_hash": split.digest, "fraction": split.fraction, "seed": split.seed, "train_rows": len(train),
             "heldout_rows": len(held), "heldout_unused": len(unused),
             "heldout_prompts": len({prompt_key(r) for r in held})}
@@ -133,10 +169,12 @@ def heldout_prompts(ctx) -> list[dict]:
     recipe = ctx.recipe
     split = recipe_split(recipe)
     out, seen = [], set()
-    for name, cfg in user_stages(recipe).items():
-        if family_for_stage(cfg.kind) == "text":
+    sources = [(n, eval_file_rows(recipe, n)) for n, c in recipe.stages.items() if c.eval.data and c.kind in SPLIT_KINDS]
+    sources += [(n, _stage_rows(recipe, n, c)) for n, c in user_stages(recipe).items()]
+    for name, rows in sources:
+        if family_for_stage(recipe.stages[name].kind) == "text":
             continue
-        for row in _stage_rows(recipe, name, cfg):
+        for row in rows:
             key = prompt_key(row)
             if not split.is_heldout(key):
                 continue
@@ -145,7 +183,8 @@ def heldout_prompts(ctx) -> list[dict]:
                 cut = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 prompt, answer = messages[:cut], messages[cut]
             else:
-                prompt, answer = row["prompt"], (row.get("chosen") or row.get("completion") or [None])[-1]
+                good = row.get("chosen") or (row.get("completion") if row.get("label", True) else None)
+                prompt, answer = row["prompt"], (good or [None])[-1]
             ident = json.dumps(prompt, sort_keys=True)
             if ident in seen:
                 continue

@@ -31,6 +31,9 @@ DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHTS = ("sigmoid", "sft"), (1.0, 2.0)
 TRAIN_SLICE = 300  # training pairs whose implicit rewards are reported beside the held-out pairs'
 
 
+DEFAULT_MAX_LENGTH = 128  # tokens per sequence unless the recipe's trainer.max_length says otherwise
+
+
 @dataclass
 class Config(StageConfig):
     # reward stage whose score is reported beside the judge (evaluation only; DPO never trains on it).
@@ -157,7 +160,7 @@ def build_trainer(ctx):
     # folder is a private temp folder per process (rank 1 then cannot find rank 0's file).
     from alignpipe.distributed import world_size
 
-    defaults = dict(max_length=128, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
+    defaults = dict(max_length=DEFAULT_MAX_LENGTH, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
                     lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1,
                     precompute_ref_log_probs=world_size() == 1)
     if "loss_type" not in ctx.config.trainer:  # our weights belong to our loss list only

@@ -21,6 +21,9 @@ from alignpipe.errors import AlignpipeError, RecipeError
 from alignpipe.recipe import StageConfig
 
 
+DEFAULT_MAX_LENGTH = 512  # tokens, or the model's max_position_embeddings when that is less
+
+
 @dataclass
 class Config(StageConfig):
     eval_pairs: int = 200  # at most this many of a user dataset's held-out pairs are scored (the embedded world has its own)
@@ -77,7 +80,7 @@ def build_trainer(ctx):
     model = ctx.load_model(OneOutput)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     limit = getattr(model.config, "max_position_embeddings", None) or 1024
-    args = ctx.trainer_args(trainer_config_class(), max_length=min(512, limit), per_device_train_batch_size=16,
+    args = ctx.trainer_args(trainer_config_class(), max_length=min(DEFAULT_MAX_LENGTH, limit), per_device_train_batch_size=16,
                             per_device_eval_batch_size=64, learning_rate=1e-3, lr_scheduler_type="cosine",
                             warmup_steps=10, max_steps=150)
     train, evals, report = pair_rows(ctx, tokenizer, args.max_length)
@@ -114,7 +117,8 @@ def run(ctx) -> dict:
     train(trainer, ctx)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     metrics = {**train_log_metrics(trainer), "parameters": modeling.count_parameters(trainer.model),
-               "pairs_train": report["train"]["kept"], "pairs_dropped": sum(report["train"]["dropped"].values()),
+               "pairs_train": report["train"]["kept"], "pairs_truncated": report["train"]["truncated"],
+               "pairs_heldout": report["eval"]["kept"], "pairs_dropped": sum(report["train"]["dropped"].values()),
                "pairs_dropped_by_reason": report["train"]["dropped"]}
 
     # --- held-out pairs, scored by the model as trained (LoRA: adapter active)

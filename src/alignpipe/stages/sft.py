@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from alignpipe.recipe import StageConfig
 
 
+DEFAULT_MAX_LENGTH = 128  # tokens per sequence unless the recipe's trainer.max_length says otherwise
+
+
 @dataclass
 class Config(StageConfig):
     # TRL computes the loss through its fused, chunked LM head (no [tokens, vocab] logits: the memory saver for
@@ -51,14 +54,18 @@ def conversations(ctx, tokenizer=None, max_length: int | None = None) -> tuple[l
     return load_split(ctx, "conversations", 200, tokenizer, max_length)
 
 
-def dataset(rows: list[dict], tokenizer):
-    """Rows as TRL's dataset; those with tools, tool calls or loss_weight-0 turns tokenized here
-    (`alignpipe.data.sft_tokens`), the rest left to TRL."""
+def datasets(train_rows: list[dict], eval_rows: list[dict], tokenizer, args):
+    """TRL's train and eval datasets. Rows with tools, tool calls or loss_weight-0 turns are tokenized here,
+    both splits alike (`alignpipe.data.sft_tokens`): TRL then builds its labels from our `assistant_masks`, and
+    its `assistant_only_loss` (which refuses tokenized rows) is switched off, the masks doing its work."""
     from datasets import Dataset
 
     from alignpipe.data.sft_tokens import needs_own_tokens, tokenize_rows
 
-    return Dataset.from_list(tokenize_rows(rows, tokenizer) if needs_own_tokens(rows) else rows)
+    if not needs_own_tokens(train_rows + eval_rows):
+        return Dataset.from_list(train_rows), Dataset.from_list(eval_rows)
+    args.assistant_only_loss = False
+    return Dataset.from_list(tokenize_rows(train_rows, tokenizer)), Dataset.from_list(tokenize_rows(eval_rows, tokenizer))
 
 
 def plain_head_trainer():
@@ -112,12 +119,12 @@ def run(ctx) -> dict:
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
-    args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=128,
+    args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=DEFAULT_MAX_LENGTH,
                             per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1e-3,
                             lr_scheduler_type="cosine", warmup_steps=10, max_steps=300)
     train_rows, eval_rows = conversations(ctx, tokenizer, args.max_length)
     try:
-        train_ds, eval_ds = dataset(train_rows, tokenizer), dataset(eval_rows, tokenizer)
+        train_ds, eval_ds = datasets(train_rows, eval_rows, tokenizer, args)
     except DataError as err:
         raise as_user_error(err, str(ctx.recipe.path)) from None
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
