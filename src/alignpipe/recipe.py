@@ -96,6 +96,7 @@ class LmEvalSpec:
     limit: int | None = None  # examples per task (None: all)
     num_fewshot: int | None = None
     batch_size: int = 8
+    max_gen_toks: int | None = None  # caps generation tasks' answers (None: each task's own setting)
 
 
 @dataclass

@@ -49,7 +49,7 @@ def cmd_eval(args) -> int:
         base = ctx.config.eval.lm_eval or LmEvalSpec()
         spec = LmEvalSpec(tasks=args.tasks, include_path=args.include_path or base.include_path,
                           data_files=base.data_files, limit=args.limit if args.limit is not None else base.limit,
-                          num_fewshot=base.num_fewshot, batch_size=base.batch_size)
+                          num_fewshot=base.num_fewshot, batch_size=base.batch_size, max_gen_toks=base.max_gen_toks)
         figures = run_lm_eval(ctx, policy, tokenizer, spec)
     else:
         from alignpipe.template_checks import add_stop_token

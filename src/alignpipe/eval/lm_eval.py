@@ -76,6 +76,7 @@ def run_lm_eval(ctx, model, tokenizer, spec, tasks: list[str] | None = None) -> 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
                                       task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                      gen_kwargs={"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None,
                                       random_seed=ctx.seed, numpy_random_seed=ctx.seed, torch_random_seed=ctx.seed,
                                       fewshot_random_seed=ctx.seed)
     results: dict[str, dict[str, float]] = {}
