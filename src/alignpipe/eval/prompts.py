@@ -48,8 +48,12 @@ def heldout_rows(ctx) -> list[dict]:
 
 
 def resolve(path: str, recipe_path: Path) -> Path:
+    """A path from a recipe: beside the recipe first, else as given (from the working folder), as data paths."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() or p.exists() else Path(recipe_path).parent / p
+    if p.is_absolute():
+        return p
+    beside = Path(recipe_path).parent / p
+    return beside if beside.exists() or not p.exists() else p
 
 
 def last_user(messages: list[dict]) -> str:
