@@ -134,7 +134,9 @@ def read_prompt_file(path: Path, key: str) -> list[dict]:
     from alignpipe.data.sources import read_file
 
     if not path.is_file():
-        raise EvalError(f"prompts file {path} not found", key=key, fix="give a file of prompts (jsonl/json/csv/parquet)")
+        raise EvalError(f"prompts file {path} not found", key=key,
+                        fix="put the file there or point `prompts:` at it (jsonl/json/csv/parquet); without `prompts:` a stage "
+                            "is evaluated on its held-out rows")
     try:
         raw = read_file(path, str(path))
     except DataError as err:
