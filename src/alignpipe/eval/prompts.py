@@ -9,6 +9,7 @@ and no prompts file are not evaluated.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,8 @@ def prompt_row(raw: dict) -> dict | None:
             if row and row["answer"] is None:
                 row["answer"] = _answer(raw)
             return row
+    if isinstance(raw.get("chosen"), str) and "\n\nHuman:" in raw["chosen"] and "prompt" not in raw:
+        return _hh_row(raw["chosen"])
     prompt = raw.get("prompt", raw.get("question"))
     if prompt is None and isinstance(raw.get("instruction"), str):
         prompt = "\n\n".join(p for p in (raw["instruction"], raw.get("input") or "") if p)
@@ -121,6 +124,14 @@ def prompt_row(raw: dict) -> dict | None:
     if not msgs or msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
         return None
     return {"prompt": msgs, "text": msgs[-1]["content"], "answer": _answer(raw)}
+
+
+def _hh_row(transcript: str) -> dict | None:
+    """An Anthropic HH transcript ("\n\nHuman: ... \n\nAssistant: ..."): every turn before the last reply."""
+    parts = re.split(r"\n\n(Human|Assistant):", transcript)
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+             for who, text in zip(parts[1::2], parts[2::2])]
+    return conversation_row(turns) if turns else None
 
 
 def _answer(raw: dict) -> str | None:
