@@ -120,3 +120,26 @@ def test_gsm8k_verifier():
     assert gsm8k("q", "so she sold 1072 clips", row) and gsm8k("q", "work... #### 1072", row)
     assert not gsm8k("q", "It is 1071.", row) and not gsm8k("q", "no number", row)
     assert not gsm8k("q", "1072", {"answer": None})
+
+
+def test_health_figures():
+    from alignpipe.eval.health import distinct_n, health_metrics, loops, percentile
+
+    assert loops([5, 6, 7] * 6) and not loops(list(range(18))) and not loops([1, 1, 1])  # short: never a loop
+    assert distinct_n(["a b a b", "a b"], 2) == 2 / 4 and distinct_n(["one"], 2) == 0.0
+    assert percentile([1, 2, 3, 4, 100], 95) == 100 and percentile([3], 95) == 3
+    m = health_metrics(["x y", "x y z"], [[1, 2], [3, 4, 5] * 5], [True, False])
+    assert m["eot_rate"] == 0.5 and m["repetition_rate"] == 0.5 and m["mean_response_tokens"] == 8.5
+
+
+def test_prompt_rows_from_common_formats():
+    from alignpipe.eval.prompts import prompt_row
+
+    assert prompt_row({"question": "q?", "answer": "a #### 3"}) == {
+        "prompt": [{"role": "user", "content": "q?"}], "text": "q?", "answer": "a #### 3"}
+    conv = prompt_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    assert conv["text"] == "hi" and conv["answer"] == "hello" and len(conv["prompt"]) == 1
+    assert prompt_row({"turns": ["first", "second"], "reference": ["ref"]})["answer"] == "ref"  # MT-Bench
+    assert prompt_row({"instruction": "do", "input": "this", "output": "done"})["text"] == "do\n\nthis"
+    assert prompt_row({"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}]})["answer"] == "c"
+    assert prompt_row({"title": "x"}) is None and prompt_row({"messages": [{"role": "assistant", "content": "a"}]}) is None

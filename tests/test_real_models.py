@@ -193,7 +193,9 @@ def hub_lookalikes(folder: Path) -> dict[str, Path]:
              "score_chosen": 8.0, "score_rejected": 3.0} for i, (q, r, w) in enumerate(rows)],
         "trl-lib/ultrafeedback-prompt": [{"prompt": [{"role": "user", "content": q}]} for q, _, _ in rows],
     }
-    out = {}
+    out = {"gsm8k": folder / "gsm8k_test.jsonl"}
+    out["gsm8k"].write_text("".join(json.dumps({"question": q, "answer": f"{r}\n#### {r.split()[-1].rstrip('.')}"})
+                                    + "\n" for q, r, _ in rows[:8]))
     for hub, data in shapes.items():
         out[hub] = folder / (hub.replace("/", "__") + ".jsonl")
         out[hub].write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -222,11 +224,16 @@ def test_shipped_recipe_runs_on_a_tiny_lookalike(name, arch, tmp_path):
         stage["trainer"] = {k: SHRINK.get(k, v) for k, v in stage["trainer"].items()}
         if "eval_pairs" in stage:
             stage["eval_pairs"] = 8
+        if "eval" in stage:  # the recipe's GSM8K file: a look-alike, and a short evaluation
+            stage["eval"] = {**stage["eval"], "prompts": str(files["gsm8k"]), "num_prompts": 4, "samples_per_prompt": 1,
+                             "max_new_tokens": 8, "batch_size": 4}
     path = write_yaml(tmp_path / f"{name}.yaml", recipe)
     assert main(["run", str(path)]) == 0
     for stage in recipe["stages"]:
         manifest = read_manifest(tmp_path / "runs" / recipe["name"] / stage)
         assert manifest["status"] == "complete", stage
+        if "eval" in recipe["stages"][stage]:  # the recipe's evaluation block ran
+            assert manifest["metrics"]["eval_status"] == "complete" and "gsm8k_pass_rate" in manifest["metrics"]
         check = manifest["template_check"]
         assert check["end_of_turn"] == {"qwen2": "<|im_end|>", "llama": "<|eot_id|>"}[arch]
         assert check["assistant_mask"] == ({"turns": 2, "tokens": check["assistant_mask"]["tokens"]}

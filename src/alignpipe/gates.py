@@ -1,6 +1,12 @@
 """Gates: thresholds on a stage's metrics, written in the recipe and checked when the stage completes.
 
     gates: ["judge_pass_rate >= sft.judge_pass_rate + 0.1", "kl_to_reference <= 5"]
+    gates: {rm_win_rate_vs_sft: ">= 0.55", eot_rate: ">= 0.95"}      # the same, as a mapping
+
+Every number a stage reports can be gated, the evaluation's the same for embedded and user data:
+`eot_rate`, `repetition_rate`, `distinct_2`, `mean_response_tokens`, `kl_to_reference`, `mean_reward`,
+`rm_win_rate_vs_parent`, `rm_win_rate_vs_sft`, `<verifier>_pass_rate`, `<judge>_win_rate_vs_parent`,
+`<judge>_position_consistency` and `lmeval_<task>_<metric>` (see alignpipe.evaluation).
 
 A gate is `<metric> <op> <expression>`: the metric is one of this stage's own metrics; the expression
 is arithmetic (+ - * / and parentheses) over numbers, this stage's metrics (`eval_loss`) and other

@@ -92,9 +92,11 @@ class LmEvalSpec:
 
     tasks: list[str] = field(default_factory=list)
     include_path: str | None = None  # a folder of task YAMLs (e.g. over local files), relative to the recipe
+    data_files: dict[str, str] = field(default_factory=dict)  # shipped task -> your local file (gsm8k_local)
     limit: int | None = None  # examples per task (None: all)
     num_fewshot: int | None = None
     batch_size: int = 8
+    max_gen_toks: int | None = None  # caps generation tasks' answers (None: each task's own setting)
 
 
 @dataclass

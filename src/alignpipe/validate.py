@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from alignpipe.errors import RecipeError, RunError
+from alignpipe.eval.checks import check_eval
 from alignpipe.gates import check_gates
 from alignpipe.recipe import Recipe
 from alignpipe.stages import stage_module
@@ -59,6 +60,7 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
             raise RecipeError("a pretrain stage starts from the recipe's model", where=where, key=f"{key}.from",
                               fix="remove `from:` (use model.path for continued pretraining)")
         check_gates(recipe, name, where)
+        check_eval(recipe, name, where)
         check = getattr(module, "check", None)
         if check is not None:  # stage-specific checks (e.g. a reward_model that is not a reward stage)
             check(recipe, name, where)

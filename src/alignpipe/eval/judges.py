@@ -111,7 +111,8 @@ class EndpointJudge:
 
 
 def _reason(err: Exception) -> str:
-    return str(getattr(err, "reason", None) or err).splitlines()[0][:200]
+    code = f"HTTP {err.code} " if isinstance(err, urllib.error.HTTPError) else ""
+    return code + str(getattr(err, "reason", None) or err).splitlines()[0][:200]
 
 
 class LocalJudge:

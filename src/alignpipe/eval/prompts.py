@@ -9,6 +9,7 @@ without a prompts file is not evaluated.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,12 @@ def heldout_rows(ctx) -> list[dict]:
 
 
 def resolve(path: str, recipe_path: Path) -> Path:
+    """A path from a recipe: beside the recipe first, else as given (from the working folder), as data paths."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() or p.exists() else Path(recipe_path).parent / p
+    if p.is_absolute():
+        return p
+    beside = Path(recipe_path).parent / p
+    return beside if beside.exists() or not p.exists() else p
 
 
 def last_user(messages: list[dict]) -> str:
@@ -100,6 +105,8 @@ def prompt_row(raw: dict) -> dict | None:
             if row and row["answer"] is None:
                 row["answer"] = _answer(raw)
             return row
+    if isinstance(raw.get("chosen"), str) and "\n\nHuman:" in raw["chosen"] and "prompt" not in raw:
+        return _hh_row(raw["chosen"])
     prompt = raw.get("prompt", raw.get("question"))
     if prompt is None and isinstance(raw.get("instruction"), str):
         prompt = "\n\n".join(p for p in (raw["instruction"], raw.get("input") or "") if p)
@@ -113,6 +120,14 @@ def prompt_row(raw: dict) -> dict | None:
     return {"prompt": msgs, "text": msgs[-1]["content"], "answer": _answer(raw)}
 
 
+def _hh_row(transcript: str) -> dict | None:
+    """An Anthropic HH transcript ("\n\nHuman: ... \n\nAssistant: ..."): every turn before the last reply."""
+    parts = re.split(r"\n\n(Human|Assistant):", transcript)
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+             for who, text in zip(parts[1::2], parts[2::2])]
+    return conversation_row(turns) if turns else None
+
+
 def _answer(raw: dict) -> str | None:
     return next((a for k in ANSWER_KEYS if k in raw and (a := _text_of(raw[k])) is not None), None)
 
@@ -124,7 +139,9 @@ def read_prompt_file(path: Path, key: str) -> list[dict]:
     from alignpipe.data.sources import read_file
 
     if not path.is_file():
-        raise EvalError(f"prompts file {path} not found", key=key, fix="give a file of prompts (jsonl/json/csv/parquet)")
+        raise EvalError(f"prompts file {path} not found", key=key,
+                        fix="put the file there or point `prompts:` at it (jsonl/json/csv/parquet); without `prompts:` a stage "
+                            "is evaluated on its held-out rows")
     try:
         raw = read_file(path, str(path))
     except DataError as err:

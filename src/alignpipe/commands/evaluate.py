@@ -1,0 +1,73 @@
+"""`alignpipe eval runs/<recipe>/<stage>`: re-run only a complete stage's evaluation (after a judge failed,
+or with new judges in the recipe), or, with `--tasks`, only lm-eval tasks on its checkpoint. The
+figures replace the evaluation's in the stage's manifest (its gates are checked again); stages built on
+this one see a changed parent and re-run on the next `alignpipe run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="re-run a complete stage's evaluation (or lm-eval tasks: --tasks)")
+    p.add_argument("stage_dir", help="a stage folder, runs/<recipe>/<stage>")
+    p.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="comma-separated lm-eval tasks to run instead of the stage's evaluation")
+    p.add_argument("--include-path", default=None, help="a folder of lm-eval task YAMLs (with --tasks)")
+    p.add_argument("--limit", type=int, default=None, help="examples per lm-eval task (with --tasks)")
+    p.add_argument("--recipe", default=None, help="the recipe file (default: the one in the manifest)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from alignpipe import gates, runs
+    from alignpipe.cli import _threads
+    from alignpipe.errors import RunError
+    from alignpipe.recipe import LmEvalSpec, load_recipe
+
+    stage_dir = Path(args.stage_dir)
+    manifest = runs.read_manifest(stage_dir)
+    if manifest is None or manifest.get("status") != "complete":
+        raise RunError("not a complete stage folder", where=str(stage_dir),
+                       fix="give runs/<recipe>/<stage> of a stage that completed (alignpipe run RECIPE first)")
+    recipe = load_recipe(args.recipe or manifest["recipe"])
+    name = manifest["stage"]
+    if name not in recipe.stages or Path(recipe.stage_dir(name)).resolve() != stage_dir.resolve():
+        raise RunError(f"the recipe has no stage {name!r} writing to this folder", where=str(recipe.path),
+                       fix="give the recipe that produced it with --recipe")
+    _threads()
+    from alignpipe.evaluation import evaluate_stage
+    from alignpipe.modeling import device, load_stage_model, load_tokenizer
+    from alignpipe.runner import make_context
+
+    ctx = make_context(recipe, name)
+    tokenizer = load_tokenizer(ctx.model_dir, recipe.model)
+    policy = load_stage_model(ctx.dir, recipe.model).to(device()).eval()
+    if args.tasks:
+        from alignpipe.eval.lm_eval import run_lm_eval
+
+        base = ctx.config.eval.lm_eval or LmEvalSpec()
+        spec = LmEvalSpec(tasks=args.tasks, include_path=args.include_path or base.include_path,
+                          data_files=base.data_files, limit=args.limit if args.limit is not None else base.limit,
+                          num_fewshot=base.num_fewshot, batch_size=base.batch_size, max_gen_toks=base.max_gen_toks)
+        figures = run_lm_eval(ctx, policy, tokenizer, spec)
+    else:
+        from alignpipe.template_checks import add_stop_token
+
+        add_stop_token(policy, tokenizer.eos_token_id)
+        # aligned stages are compared with their start (the parent), as when they were trained
+        reference = ctx.load_model().to(device()).eval() if ctx.parent_dir and ctx.config.kind not in (
+            "pretrain", "sft") else None
+        figures = evaluate_stage(ctx, policy, tokenizer, reference)
+    metrics = {**(manifest.get("metrics") or {}), **figures}
+    if figures.get("eval_status") == "complete":
+        metrics.pop("eval_error", None)  # the failure this run repaired
+    results = gates.evaluate_gates(recipe, name, metrics)
+    manifest["metrics"] = metrics
+    if results:
+        manifest["gates"] = results
+    runs.write_json_atomic(stage_dir / runs.MANIFEST, manifest)
+    print(f"stage {name}: evaluation {metrics.get('eval_status', 'complete')}; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if isinstance(v, float))[:600])
+    gates.raise_if_missed(name, results, stage_dir)
+    return 0 if metrics.get("eval_status") != "failed" else 1

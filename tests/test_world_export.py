@@ -1,0 +1,64 @@
+"""One path, not two: `alignpipe world export` writes the embedded world as ordinary files, and the
+general evaluation on its prompts file, with the embedded judge named as a verifier, gives exactly the
+figures of the embedded path (pass rates, KL, reward-model win rates) on the same checkpoints and seed."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from alignpipe.cli import main
+from alignpipe.data.world import World, WorldConfig
+from alignpipe.eval.prompts import read_prompt_file
+from alignpipe.runs import read_manifest
+from conftest import TINY_EVAL, TINY_WORLD, tiny_recipe, write_yaml
+
+STAGES = {
+    "reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+               "trainer": {"max_steps": 5, "per_device_train_batch_size": 8, "logging_steps": 1}},
+    "dpo": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+            "trainer": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
+                        "logging_steps": 1}},
+}
+FIGURES = ("judge_pass_rate", "judge_passed", "eot_rate", "repetition_rate", "distinct_2", "mean_response_tokens",
+           "kl_to_reference", "mean_reward", "rm_win_rate_vs_parent", "rm_win_rate_vs_parent_ci",
+           "rm_win_rate_vs_sft", "judge_win_rate_vs_parent", "judge_win_rate_vs_parent_ci")
+
+
+def test_export_writes_the_world_as_files(tmp_path):
+    data = tiny_recipe(tmp_path / "runs")
+    path = write_yaml(tmp_path / "tiny.yaml", data)
+    assert main(["world", "export", str(tmp_path / "world"), "--recipe", str(path)]) == 0
+    world = World(WorldConfig(seed=0, **TINY_WORLD))
+    out = tmp_path / "world"
+    rows = lambda name: [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows("conversations") == world.sft_rows() and rows("pairs_eval") == world.preference_rows("eval")
+    assert [r["text"] for r in rows("corpus")] == world.corpus()
+    prompts = read_prompt_file(out / "prompts.jsonl", "eval.prompts")
+    assert [(p["text"], p["answer"]) for p in prompts] == [(p["prompt"], p["answer"]) for p in world.eval_prompts()]
+
+
+def test_general_path_on_exported_prompts_matches_the_embedded_path(tmp_path):
+    data = tiny_recipe(tmp_path / "runs", extra_stages=STAGES)
+    path = write_yaml(tmp_path / "tiny.yaml", data)
+    assert main(["run", str(path)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    embedded = {s: read_manifest(run / s)["metrics"] for s in ("sft", "dpo")}
+    assert "rm_win_rate_vs_sft" in embedded["dpo"] and "judge_win_rate_vs_parent" in embedded["sft"]
+
+    # the same recipe, its evaluation on the exported prompts file with the judge as an ordinary verifier
+    assert main(["world", "export", str(tmp_path / "world"), "--recipe", str(path)]) == 0
+    general = copy.deepcopy(data)
+    for stage in ("pretrain", "sft", "dpo"):
+        general["stages"][stage]["eval"] = {
+            **TINY_EVAL, "prompts": str(tmp_path / "world" / "prompts.jsonl"),
+            "judges": {"judge": {"verifier": "alignpipe.eval.verifiers:embedded_judge"}}}
+    other = write_yaml(tmp_path / "general.yaml", general)
+    for stage in ("sft", "dpo"):
+        assert main(["eval", str(run / stage), "--recipe", str(other)]) == 0
+        again = read_manifest(run / stage)["metrics"]
+        # (re-evaluated now, sft also gets the reward model's score: it did not exist when sft ran)
+        for key in FIGURES:
+            if key in embedded[stage]:
+                assert again[key] == embedded[stage][key], (stage, key)
+    assert all(k in embedded["dpo"] for k in FIGURES)
