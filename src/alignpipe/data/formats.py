@@ -41,6 +41,8 @@ FAMILY_OF_STAGE = {
     "reward": "pairs",
     "dpo": "pairs",
     "kto": "unpaired",
+    "orpo": "pairs",
+    "cpo": "pairs",
     "ppo": "prompts",
     "grpo": "prompts",
     "rloo": "prompts",
