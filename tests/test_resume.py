@@ -96,6 +96,16 @@ KINDS = {
     "dpo": dict(stage={"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL, "checkpoint_every": 4,
                        "trainer": {**TRAINER, "max_steps": 12, "learning_rate": 2e-3, "beta": 0.1}},
                 parents=["pretrain", "sft"], kill_at=10, resume_from=8),
+    "kto": dict(stage={"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL, "checkpoint_every": 4,
+                       "trainer": {**TRAINER, "max_steps": 12, "learning_rate": 2e-3}},
+                parents=["pretrain", "sft"], kill_at=10, resume_from=8),
+    "orpo": dict(stage={"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL, "checkpoint_every": 4,
+                        "trainer": {**TRAINER, "max_steps": 12, "learning_rate": 2e-3}},
+                 parents=["pretrain", "sft"], kill_at=10, resume_from=8),
+    "cpo": dict(stage={"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL, "checkpoint_every": 4,
+                       "trainer": {**TRAINER, "max_steps": 12, "learning_rate": 2e-3, "loss_type": "simpo",
+                                   "cpo_alpha": 0.0}},
+                parents=["pretrain", "sft"], kill_at=10, resume_from=8),
     "ppo": dict(stage={"from": "sft", "reward_function": "resume_rewards:short", "data": {"embedded": "rl_prompts"},
                        "eval": TINY_EVAL, "checkpoint_every": 2,
                        "trainer": {"total_updates": 5, "rollout_batch_size": 16, "minibatch_size": 8,
@@ -150,7 +160,7 @@ def _copy_parents(root: Path, name: str, parents: list[str]) -> None:
 
 
 def _killed_run(root: Path, path: Path, stage: str, env: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), **env}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])), **env}
     return subprocess.run([sys.executable, "-c", KILLER, "run", str(path), "--stages", stage], env=env,
                           capture_output=True, text=True, timeout=600)
 

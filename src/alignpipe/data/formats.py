@@ -309,9 +309,7 @@ def _row_hh_rlhf(row: dict) -> dict:
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
-def _row_kto(row: dict) -> dict:
-    prompt = _turns(_get(row, "prompt"), "prompt", "user")
-    completion = _turns(_get(row, "completion"), "completion", "assistant")
+def _kto_label(row: dict) -> bool:
     label = _get(row, "label")
     # CSV files carry booleans as text.
     if isinstance(label, str) and label.strip().lower() in _TRUE | _FALSE:
@@ -320,8 +318,30 @@ def _row_kto(row: dict) -> dict:
         label = bool(label)
     if not isinstance(label, bool):
         raise _Drop("wrong_type", f"'label' is {label!r}, expected true or false")
+    return label
+
+
+def _row_kto(row: dict) -> dict:
+    prompt = _turns(_get(row, "prompt"), "prompt", "user")
+    completion = _turns(_get(row, "completion"), "completion", "assistant")
+    label = _kto_label(row)
     _check_prompt(prompt, "prompt")
     _check_response(completion, "completion")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def _row_kto_messages(row: dict) -> dict:
+    """LLaMA-Factory's KTO rows (its `kto_en_demo.json`): `messages` ending in the judged assistant reply,
+    and a boolean `label`. Added for the kto stage (issue 20): the prompt is every turn before that reply."""
+    messages = _messages(_get(row, "messages"), "messages")
+    label = _kto_label(row)
+    cut = _last_assistant(messages)
+    if cut is None or cut != len(messages) - 1:
+        raise _Drop("last_turn_not_assistant", f"last turn is {messages[-1]['role']}, expected the judged "
+                                               "assistant reply")
+    prompt, completion = messages[:cut], messages[cut:]
+    _check_prompt(prompt, "messages")
+    _check_response(completion, "messages")
     return {"prompt": prompt, "completion": completion, "label": label}
 
 
@@ -355,6 +375,8 @@ FORMATS = {
         Format("hh_rlhf", frozenset({"chosen", "rejected"}), "pairs", _row_hh_rlhf,
                "chosen/rejected strings with '\\n\\nHuman:'/'\\n\\nAssistant:' turns"),
         Format("kto", frozenset({"prompt", "completion", "label"}), "unpaired", _row_kto, "prompt/completion/label"),
+        Format("kto_messages", frozenset({"messages", "label"}), "unpaired", _row_kto_messages,
+               "messages[role/content] + label (LLaMA-Factory's KTO)"),
         Format("prompt_only", frozenset({"prompt"}), "prompts", _row_prompt_only, "prompt"),
     ]
 }
@@ -365,7 +387,7 @@ _NATIVE = {
     "text": {"text"},
     "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion"},
     "pairs": {"preference", "hh_rlhf"},
-    "unpaired": {"kto"},
+    "unpaired": {"kto", "kto_messages"},
     "prompts": {"prompt_only", "preference", "prompt_completion", "kto"},  # those with an explicit prompt
 }
 
