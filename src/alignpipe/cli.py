@@ -26,6 +26,10 @@ def _threads() -> None:
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
+    from alignpipe.progress import verbose
+
+    if not sys.stderr.isatty() and not verbose():  # TRL's own tqdm bars (DPO's reference log-probs) redraw
+        os.environ.setdefault("TQDM_DISABLE", "1")  # with carriage returns: noise in a log file
 
 
 def _load(args):
@@ -88,6 +92,8 @@ def cmd_show(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every logged training row and library warning (else: in <stage>/stage.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def recipe_args(p):
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to run (their missing upstream stages are built first)")
     p.add_argument("--force", action="store_true", help="re-run the named stages even if complete")
     p.add_argument("--restart", action="store_true", help="start the named stages over instead of resuming")
+    p.add_argument("-v", "--verbose", action="store_true", dest="verbose_run", help="as alignpipe -v")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a recipe and its data without training")
@@ -123,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose or getattr(args, "verbose_run", False):
+        from alignpipe.progress import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # processes started from here (accelerate launch) inherit it
     try:
         return args.func(args)
     except AlignpipeError as err:

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from alignpipe import gates, runs
+from alignpipe import gates, progress, runs, tracking
 from alignpipe.context import StageContext
 from alignpipe.errors import AlignpipeError, RunError
 from alignpipe.lock import RunLock
@@ -161,14 +161,20 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     distributed.barrier()
     log(f"stage {name} ({cfg.kind}): running -> {ctx.dir}")
     t0 = time.time()
+    trackers = tracking.start(ctx, tracking.lineage(ctx, (run.data["parent"] or {}).get("manifest_sha256"),
+                                                    fingerprint, run.data["git_revision"]))
     try:
-        metrics = stage_module(cfg.kind).run(ctx)
+        with progress.stage_log(ctx.dir / "stage.log"):  # per-step rows and library warnings: the file
+            metrics = stage_module(cfg.kind).run(ctx)
     except BaseException as err:  # record the failure, then let it propagate (KeyboardInterrupt too)
+        trackers.finish(failed=True)
         if main:
             run.fail(f"{type(err).__name__}: {err}")
             (ctx.dir / "error.txt").write_text(traceback.format_exc())
         raise
     results = gates.evaluate_gates(recipe, name, metrics)
+    trackers.summary({**metrics, **tracking.gate_metrics(results)})  # the manifest's figures, in the same run
+    trackers.finish(failed=any(not row["passed"] for row in results))
     if main:
         run.finish(metrics, outputs=output_fingerprints(ctx), **({"gates": results} if results else {}))
     distributed.barrier()  # the next stage (on any process) starts from what was just saved

@@ -7,6 +7,13 @@ import shutil
 from pathlib import Path
 
 
+def attach_progress(trainer, ctx):
+    """The stage's progress bars on the trainer, in place of its raw-dict console printer (progress.py)."""
+    from alignpipe.progress import attach
+
+    return attach(trainer, f"stage {ctx.name}")
+
+
 def last_checkpoint(ctx) -> str | None:
     """The newest complete trainer checkpoint in the stage folder, or None (fresh start / --restart).
 

@@ -11,6 +11,7 @@ Metrics: the shared judge pass rate, KL to the reference and reward-model score
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from alignpipe.errors import RecipeError
@@ -129,6 +130,7 @@ def build_trainer(ctx):
     from trl import DPOTrainer
 
     from alignpipe.stages.sft import lora_config
+    from alignpipe.training import attach_progress
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -156,8 +158,12 @@ def build_trainer(ctx):
     if "loss_type" not in ctx.config.trainer:  # our weights belong to our loss list only
         defaults.update(loss_type=list(DEFAULT_LOSS_TYPE), loss_weights=list(DEFAULT_LOSS_WEIGHTS))
     args = ctx.trainer_args(trainer_config_class(), **defaults)
+    if args.precompute_ref_log_probs:  # done inside DPOTrainer's constructor, with TRL's own bar on a terminal
+        print(f"[alignpipe] stage {ctx.name}: reference log-probs of {len(train_ds)} training and "
+              f"{sum(len(d) for d in eval_ds.values())} held-out pairs", file=sys.stderr, flush=True)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
+    attach_progress(trainer, ctx)
     return trainer, reference
 
 

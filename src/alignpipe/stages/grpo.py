@@ -61,7 +61,7 @@ def run(ctx) -> dict:
     from alignpipe.rl.rewards import is_judge, load_function
     from alignpipe.stages.ppo import load_prompts, parent_comparison
     from alignpipe.stages.sft import lora_config
-    from alignpipe.training import last_checkpoint, train_log_metrics, write_log_history
+    from alignpipe.training import attach_progress, last_checkpoint, train_log_metrics, write_log_history
 
     cfg = ctx.config
     tokenizer = ctx.load_tokenizer()
@@ -91,6 +91,7 @@ def run(ctx) -> dict:
     trainer = trainer_class(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                             processing_class=tokenizer, reward_processing_classes=classes,
                             peft_config=lora_config(ctx, "CAUSAL_LM"))
+    attach_progress(trainer, ctx)
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
 

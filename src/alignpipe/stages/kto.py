@@ -60,6 +60,7 @@ def build_trainer(ctx):
     from trl import KTOTrainer
 
     from alignpipe.stages.sft import lora_config
+    from alignpipe.training import attach_progress
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -73,6 +74,7 @@ def build_trainer(ctx):
                             warmup_steps=5, max_steps=100, beta=0.1)
     trainer = KTOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
+    attach_progress(trainer, ctx)
     return trainer, reference
 
 

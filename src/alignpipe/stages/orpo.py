@@ -54,6 +54,7 @@ def build_trainer(ctx):
 
     from alignpipe.stages.dpo import pairs
     from alignpipe.stages.sft import lora_config
+    from alignpipe.training import attach_progress
 
     if ctx.config.kind == "cpo":
         from trl.experimental.cpo import CPOTrainer as trainer_class
@@ -67,8 +68,9 @@ def build_trainer(ctx):
     defaults = dict(max_length=128, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
                     lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1, remove_unused_columns=False)
     args = ctx.trainer_args(trainer_config_class(ctx.config.kind), **defaults)
-    return trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
+    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
+    return attach_progress(trainer, ctx)
 
 
 def implicit_reward_metrics(trainer) -> dict:

@@ -63,7 +63,8 @@ def run(ctx) -> dict:
 
     from alignpipe import modeling
     from alignpipe.templates import EMBEDDED_SPECIAL_TOKENS
-    from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
+    from alignpipe.training import (attach_progress, last_checkpoint, save_stage_model, train_log_metrics,
+                                    write_log_history)
 
     recipe = ctx.recipe
     train_texts, eval_texts = load_texts(ctx, "train"), load_texts(ctx, "eval")
@@ -90,6 +91,7 @@ def run(ctx) -> dict:
                             lr_scheduler_type="cosine", warmup_steps=30, weight_decay=0.0, max_steps=600)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    attach_progress(trainer, ctx)
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     model = trainer.model

@@ -75,6 +75,7 @@ def build_trainer(ctx):
 
     from alignpipe.reward.artifact import OneOutput
     from alignpipe.stages.sft import lora_config
+    from alignpipe.training import attach_progress
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model(OneOutput)
@@ -86,6 +87,7 @@ def build_trainer(ctx):
     train, evals, report = pair_rows(ctx, tokenizer, args.max_length)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                             processing_class=tokenizer, peft_config=lora_config(ctx, "SEQ_CLS"))
+    attach_progress(trainer, ctx)
     return trainer, evals, report
 
 

@@ -101,7 +101,8 @@ def run(ctx) -> dict:
     from datasets import Dataset
 
     from alignpipe.evaluation import evaluate_policy
-    from alignpipe.training import last_checkpoint, save_stage_model, train_log_metrics, write_log_history
+    from alignpipe.training import (attach_progress, last_checkpoint, save_stage_model, train_log_metrics,
+                                    write_log_history)
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -112,6 +113,7 @@ def run(ctx) -> dict:
     eval_ds = Dataset.from_list(conversations(ctx, "eval", tokenizer, args.max_length))
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
+    attach_progress(trainer, ctx)
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
 
