@@ -144,8 +144,8 @@ def stage_log(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path) if _main_process() else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(name) for name in ("transformers", "trl", "peft", "accelerate", "datasets",
-                                                     "py.warnings")]
+    loggers = [logging.getLogger(name) for name in ("transformers", "trl", "peft", "accelerate", "datasets", "mlflow",
+                                                     "wandb", "py.warnings")]
     saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
     logging.captureWarnings(True)
     _STAGE_LOG.append(path)

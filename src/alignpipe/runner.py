@@ -161,10 +161,11 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     distributed.barrier()
     log(f"stage {name} ({cfg.kind}): running -> {ctx.dir}")
     t0 = time.time()
-    trackers = tracking.start(ctx, tracking.lineage(ctx, (run.data["parent"] or {}).get("manifest_sha256"),
-                                                    fingerprint, run.data["git_revision"]))
+    trackers = tracking.StageRuns({})
     try:
         with progress.stage_log(ctx.dir / "stage.log"):  # per-step rows and library warnings: the file
+            trackers = tracking.start(ctx, tracking.lineage(ctx, (run.data["parent"] or {}).get("manifest_sha256"),
+                                                            fingerprint, run.data["git_revision"]))
             metrics = stage_module(cfg.kind).run(ctx)
     except BaseException as err:  # record the failure, then let it propagate (KeyboardInterrupt too)
         trackers.finish(failed=True)

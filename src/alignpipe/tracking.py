@@ -118,7 +118,14 @@ def start(ctx, config: dict[str, Any]) -> StageRuns:
     handles: dict[str, Any] = {}
     wanted = [t for t in ctx.recipe.tracking if t != "tensorboard"] if is_main_process() else []
     if "mlflow" in wanted:
+        import logging
+
         import mlflow
+
+        from alignpipe.progress import verbose
+
+        if not verbose():  # its INFO lines ("creating experiment ...") are not the console's business
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for a database otherwise
@@ -131,9 +138,14 @@ def start(ctx, config: dict[str, Any]) -> StageRuns:
         import wandb
 
         ctx.dir.mkdir(parents=True, exist_ok=True)
+        from alignpipe.progress import verbose
+
+        # W&B's own console lines (its run summary) only with -v; it never wraps alignpipe's console
+        settings = wandb.Settings(silent=not verbose(), console="off", x_disable_stats=True)
         handles["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT") or ctx.recipe.name, name=ctx.name,
                                       group=ctx.recipe.name, job_type=ctx.config.kind, config=config,
-                                      tags=[ctx.config.kind], dir=str(ctx.dir), reinit="finish_previous")
+                                      tags=[ctx.config.kind], dir=str(ctx.dir), reinit="finish_previous",
+                                      settings=settings)
     if "trackio" in wanted:
         import trackio
 
