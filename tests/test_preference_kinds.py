@@ -142,3 +142,19 @@ def test_recipe_checks(tmp_path, stage, message):
     path = write_yaml(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages))
     with pytest.raises(RecipeError, match=message):
         validate(load_recipe(path))
+
+
+def test_kinds_recipe_shares_the_default_runs():
+    """recipes/preference-kinds.yaml writes into runs/default beside the default's dpo (docs/dpo.md compares
+    them): its upstream blocks must equal the default's, or running it would start pretrain/sft/reward over."""
+    from alignpipe.recipe import to_plain
+    from conftest import REPO
+
+    default, kinds = (load_recipe(REPO / "recipes" / f) for f in ("default.yaml", "preference-kinds.yaml"))
+    assert kinds.name == default.name
+    for attr in ("seed", "runs_dir", "model", "chat_template", "world"):
+        assert to_plain(getattr(kinds, attr)) == to_plain(getattr(default, attr)), attr
+    for stage in ("pretrain", "sft", "reward"):
+        assert to_plain(kinds.stages[stage]) == to_plain(default.stages[stage]), stage
+    assert {cfg.kind for name, cfg in kinds.stages.items() if name not in default.stages} == {"kto", "orpo", "cpo"}
+    validate(kinds)
