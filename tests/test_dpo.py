@@ -128,7 +128,7 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
 
 @pytest.mark.parametrize("trainer, message", [
     ({"loss_type": ["sigmoid", "hinge2"]}, "unknown DPO loss type 'hinge2'"),
-    ({"loss_type": "simpo"}, "'simpo' is not a DPO loss type in TRL 1.16: SimPO is trl.experimental.cpo"),
+    ({"loss_type": "simpo"}, "'simpo' is not a DPO loss type in TRL 1.16: SimPO is stage kind cpo with trainer.loss_type simpo"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "1 loss_weights for 2 loss types"),
 ])
 def test_recipe_checks_loss_settings(tmp_path, trainer, message):

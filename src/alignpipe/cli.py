@@ -26,6 +26,10 @@ def _threads() -> None:
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
+    from alignpipe.progress import verbose
+
+    if not sys.stderr.isatty() and not verbose():  # TRL's own tqdm bars (DPO's reference log-probs) redraw
+        os.environ.setdefault("TQDM_DISABLE", "1")  # with carriage returns: noise in a log file
 
 
 def _load(args, show_data: bool = False):
@@ -107,6 +111,8 @@ def _in_recipe_order(manifests: dict[str, dict]) -> dict[str, dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every logged training row and library warning (else: in <stage>/stage.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def recipe_args(p):
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="start the named stages over instead of resuming")
     p.add_argument("--keep", type=int, default=1, metavar="N",
                    help="earlier versions of a re-run stage to keep in runs/<name>/.history/ (default 1)")
+    p.add_argument("-v", "--verbose", action="store_true", dest="verbose_run", help="as alignpipe -v")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a recipe and its data without training")
@@ -144,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose or getattr(args, "verbose_run", False):
+        from alignpipe.progress import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # processes started from here (accelerate launch) inherit it
     try:
         return args.func(args)
     except AlignpipeError as err:

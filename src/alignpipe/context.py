@@ -10,6 +10,7 @@ from typing import Any
 
 from alignpipe.recipe import Recipe, StageConfig
 from alignpipe.templates import resolve_template
+from alignpipe.tracking import report_to
 
 
 @dataclass
@@ -104,7 +105,8 @@ class StageContext:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.logs_dir)
         args: dict[str, Any] = dict(
             output_dir=str(self.checkpoints_dir),
-            report_to=["tensorboard"],
+            report_to=report_to(self.recipe),  # the recipe's `tracking:` (tensorboard by default)
+            run_name=self.name,
             seed=self.seed,
             data_seed=self.seed,
             use_cpu=cpu,

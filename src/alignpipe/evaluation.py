@@ -57,7 +57,9 @@ def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, t
     out = Samples([], [], [], [], [], [])
     per_batch = max(1, batch_size // n)
     gen = torch.Generator().manual_seed(seed)
-    for start in range(0, len(texts), per_batch):
+    from alignpipe.progress import track
+
+    for start in track(range(0, len(texts), per_batch), "sampling", unit="batch"):
         chunk = texts[start:start + per_batch]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         enc = {k: v.to(dev) for k, v in enc.items()}

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from alignpipe.errors import RecipeError
+from alignpipe.tracking import DEFAULT_TRACKING
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -142,6 +143,7 @@ class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     chat_template: str = "embedded"
     world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for the embedded world
+    tracking: list[str] = field(default_factory=lambda: list(DEFAULT_TRACKING))  # experiment trackers (tracking.py)
     path: Path = Path("<memory>")  # the file it was read from (not a YAML key)
 
     @property
@@ -344,7 +346,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
     from alignpipe.stages import KINDS, config_class
 
     where = str(path)
-    known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "stages"}
+    known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "tracking", "stages"}
     for k in data:
         if k not in known:
             close = _closest(str(k), known)
@@ -388,6 +390,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         model=_parse_model(data.get("model", {"init": {}}), where),
         chat_template=_coerce(data.get("chat_template", "embedded"), str, where, "chat_template"),
         world=_coerce(data.get("world", {}), dict[str, Any], where, "world"),
+        tracking=_coerce(data.get("tracking", list(DEFAULT_TRACKING)), list[str], where, "tracking"),
         path=path,
     )
     _check_graph(recipe, where)

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from alignpipe import gates, runs, stage_versions
+from alignpipe import gates, progress, runs, stage_versions, tracking
 from alignpipe.context import StageContext
 from alignpipe.errors import AlignpipeError, RunError
 from alignpipe.lock import RunLock
@@ -243,16 +243,23 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     }, earlier_wall_time_s=0.0 if starting_over else float((runs.read_manifest(attempt) or {}).get("wall_time_s") or 0))
     log(f"stage {name} ({cfg.kind}): running -> {attempt}")
     t0 = time.time()
+    trackers = tracking.StageRuns({})
     try:
         if main:
             run.start()
         distributed.barrier()
-        metrics = stage_module(cfg.kind).run(ctx)
+        with progress.stage_log(attempt / "stage.log"):  # per-step rows and library warnings: the file
+            trackers = tracking.start(ctx, tracking.lineage(ctx, (run.data["parent"] or {}).get("manifest_sha256"),
+                                                            fingerprint, run.data["git_revision"]))
+            metrics = stage_module(cfg.kind).run(ctx)
         results = gates.evaluate_gates(recipe, name, metrics)
+        trackers.summary({**metrics, **tracking.gate_metrics(results)})  # the manifest's figures, in the same run
+        trackers.finish(failed=any(not row["passed"] for row in results))
         if main:
             gates.write_results(attempt, results)
             run.finish(metrics, outputs=output_fingerprints(ctx))
     except KeyboardInterrupt as err:  # Ctrl-C: say where it stopped and how to go on, then stop
+        trackers.finish(failed=True)
         hint = interrupted_hint(ctx, err)
         log(f"stage {name}: {hint}")
         if main:
@@ -261,6 +268,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
             log(f"stage {name}: the current version {stage_dir} is untouched; the new attempt is kept in {attempt}")
         raise
     except BaseException as err:  # record the failure, then let it propagate
+        trackers.finish(failed=True)
         if main:
             _record_failure(run, attempt, err)
         if attempt != stage_dir:

@@ -7,6 +7,13 @@ import shutil
 from pathlib import Path
 
 
+def attach_progress(trainer, ctx):
+    """The stage's progress bars on the trainer, in place of its raw-dict console printer (progress.py)."""
+    from alignpipe.progress import attach
+
+    return attach(trainer, f"stage {ctx.name}")
+
+
 def last_checkpoint(ctx) -> str | None:
     """The newest complete trainer checkpoint in the stage folder, or None (fresh start / --restart).
 
@@ -29,13 +36,15 @@ def last_checkpoint(ctx) -> str | None:
 
 
 def train(trainer, ctx) -> None:
-    """`trainer.train()`, resumed from the newest complete checkpoint (if any), TRL's token count included.
+    """`trainer.train()` with the stage's progress bar, resumed from the newest complete checkpoint (if any),
+    TRL's token count included; Ctrl-C becomes StageInterrupted (the runner prints the resume hint).
 
     TRL's SFT, DPO and reward trainers keep the running `num_tokens` they log outside transformers'
     checkpointed state, so a resumed run would log it from 0 again. The count is saved into each
     checkpoint's `trainer_state.json` (as a stateful callback, written with the step it belongs to)
     and put back before training resumes.
     """
+    attach_progress(trainer, ctx)
     checkpoint = last_checkpoint(ctx)
     saved = {}
     if checkpoint is not None:

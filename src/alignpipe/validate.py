@@ -18,6 +18,7 @@ from alignpipe.gates import check_gates
 from alignpipe.recipe import Recipe
 from alignpipe.stages import stage_module
 from alignpipe.templates import has_generation_markers, resolve_template
+from alignpipe.tracking import check_tracking
 
 EMBEDDED_PARTS = ("corpus", "sft", "pairs", "rl_prompts")
 
@@ -31,6 +32,7 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
     _check_model_safety(recipe, where)
     if recipe.world:
         _check_world(recipe, where)
+    check_tracking(recipe, where)
     for name, cfg in recipe.stages.items():
         key = f"stages.{name}"
         module = stage_module(cfg.kind)

@@ -47,6 +47,8 @@ FAMILY_OF_STAGE = {
     "reward": "pairs",
     "dpo": "pairs",
     "kto": "kto",
+    "orpo": "pairs",
+    "cpo": "pairs",
     "ppo": "prompts",
     "grpo": "prompts",
     "rloo": "prompts",

@@ -21,7 +21,7 @@ from pathlib import Path
 from alignpipe.data.formats import family_for_stage
 
 FRACTION = 0.05  # share of prompt keys held out
-SPLIT_KINDS = ("pretrain", "sft", "reward", "dpo", "kto")  # the kinds that take their held-out rows from here
+SPLIT_KINDS = ("pretrain", "sft", "reward", "dpo", "kto", "orpo", "cpo")  # the kinds that take their held-out rows from here
 FILE = "heldout.json"
 
 

@@ -180,7 +180,9 @@ def score(artifact: RewardArtifact, prompts: list, responses: list[str], batch_s
     rows = encode(artifact.tokenizer, prompts, responses)
     pad = artifact.model.config.pad_token_id
     out: list[float] = []
-    for start in range(0, len(rows), batch_size):
+    from alignpipe.progress import track
+
+    for start in track(range(0, len(rows), batch_size), "scoring", unit="batch"):
         chunk = rows[start:start + batch_size]
         width = max(len(r) for r in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)

@@ -16,6 +16,9 @@ KINDS: dict[str, str] = {
     "ppo": "ppo",
     "grpo": "grpo",
     "rloo": "grpo",
+    "kto": "kto",
+    "orpo": "orpo",
+    "cpo": "orpo",
 }
 
 

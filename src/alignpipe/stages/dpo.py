@@ -11,6 +11,7 @@ judges), and DPO's implicit-reward accuracy and margins on held-out pairs.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from alignpipe.errors import RecipeError
@@ -21,10 +22,10 @@ from alignpipe.recipe import StageConfig
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 OTHER_TRAINERS = {
-    "simpo": "SimPO is trl.experimental.cpo.CPOTrainer with loss_type simpo",
-    "orpo": "ORPO is trl.experimental.orpo.ORPOTrainer",
-    "cpo": "CPO is trl.experimental.cpo.CPOTrainer",
-    "kto": "KTO is trl.KTOTrainer, on unpaired data",
+    "simpo": "SimPO is stage kind cpo with trainer.loss_type simpo",
+    "orpo": "ORPO is stage kind orpo",
+    "cpo": "CPO is stage kind cpo",
+    "kto": "KTO is stage kind kto, on unpaired data",
 }
 # The stage's loss when the recipe names none: DPO plus TRL's SFT term on the chosen responses (docs/dpo.md).
 DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHTS = ("sigmoid", "sft"), (1.0, 2.0)
@@ -47,7 +48,8 @@ def trainer_config_class():
     return DPOConfig
 
 
-def check(recipe, name: str, where: str) -> None:
+def check_policy_references(recipe, name: str, where: str) -> None:
+    """A preference stage (dpo, kto, orpo, cpo) starts from a policy and names a reward stage, if any."""
     cfg = recipe.stages[name]
     key = f"stages.{name}"
     # without `from`, the stage starts from `model.path` (validate rejects that for an `init:` model)
@@ -57,6 +59,12 @@ def check(recipe, name: str, where: str) -> None:
     if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
         raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
                           fix="name a stage of kind reward, or remove the key")
+
+
+def check(recipe, name: str, where: str) -> None:
+    cfg = recipe.stages[name]
+    key = f"stages.{name}"
+    check_policy_references(recipe, name, where)
     loss_type = cfg.trainer.get("loss_type", DEFAULT_LOSS_TYPE)
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     for lt in loss_types:
@@ -166,6 +174,9 @@ def build_trainer(ctx):
     if "loss_type" not in ctx.config.trainer:  # our weights belong to our loss list only
         defaults.update(loss_type=list(DEFAULT_LOSS_TYPE), loss_weights=list(DEFAULT_LOSS_WEIGHTS))
     args = ctx.trainer_args(trainer_config_class(), **defaults)
+    if args.precompute_ref_log_probs:  # done inside DPOTrainer's constructor, with TRL's own bar on a terminal
+        print(f"[alignpipe] stage {ctx.name}: reference log-probs of {len(train_ds)} training and "
+              f"{sum(len(d) for d in eval_ds.values())} held-out pairs", file=sys.stderr, flush=True)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     return trainer, reference, pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows))

@@ -189,8 +189,10 @@ def run(ctx) -> dict:
     from alignpipe.rl import ppo_math as pm
     from alignpipe.rl import policy as rl_policy
     from alignpipe.rl import rewards, state
+    from alignpipe.progress import Progress, log_row
     from alignpipe.rl.rollout import generate
     from alignpipe.stages.sft import lora_config
+    from alignpipe.tracking import log_metrics
 
     cfg, s = ctx.config, settings(ctx.recipe, ctx.name)
     seed = ctx.seed if s.seed is None else s.seed
@@ -253,6 +255,7 @@ def run(ctx) -> dict:
         """Mean over processes (every process must call it)."""
         return accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=dev), reduction="mean").item()
 
+    bar = Progress(f"stage {ctx.name} ppo", s.total_updates, start=start, unit="update")
     for update in range(start, s.total_updates):
         torch.manual_seed(update_seed(seed, update, rank))
         t0 = time.perf_counter()
@@ -320,14 +323,14 @@ def run(ctx) -> dict:
             for k, v in row.items():
                 if k != "update":
                     writer.add_scalar(f"ppo/{k}", float(v), update + 1)
-            if update == start or (update + 1) % 10 == 0:
-                print(f"[alignpipe] ppo {update + 1}/{s.total_updates}: reward {row['reward_normalised']:+.3f} "
-                      f"kl {row['kl']:.3f} (coef {row['kl_coef']:.3f}) eot {row['eot_share']:.2f} "
-                      f"len {row['response_length']:.1f} {row['samples_per_s']:.1f} samples/s", flush=True)
+            log_row(row)  # the stage log (the console with -v) and the recipe's trackers
+            log_metrics(row, step=update + 1)
+        bar.set(update + 1)
         if (update + 1) % every == 0 and update + 1 < s.total_updates:
             if accelerator.is_main_process:
                 state.save(ctx.checkpoints_dir, update + 1, unwrapped, optimizer, scheduler, kl_ctl)
             accelerator.wait_for_everyone()
+    bar.close()
     if writer is not None:
         writer.close()
 
