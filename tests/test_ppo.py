@@ -64,8 +64,12 @@ def run_stages(work, stages: dict, only: list[str], name: str = "recipe") -> dic
     return run_recipe(recipe, only)
 
 
+def jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def log_rows(stage_dir) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "train_log.jsonl").read_text().splitlines()]
+    return jsonl(stage_dir / "train_log.jsonl")
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -95,11 +99,16 @@ def test_ppo_learns_a_short_response_reward(work):
     assert any(r["eot_share"] < 1 for r in rows)  # the penalty was applied at least once
     metrics = m["metrics"]
     assert metrics["judge_used_for_training"] is False
-    assert metrics["kl_to_reference"] > 0 and 0 <= metrics["judge_pass_rate"] <= 1
+    assert metrics["kl_to_reference"] > 0
+    samples = jsonl(work / "runs" / "tiny" / "ppo" / "eval_samples.jsonl")
+    assert len(samples) == metrics["judge_total"] == EVAL["num_prompts"] * EVAL["samples_per_prompt"]
+    assert metrics["judge_pass_rate"] == sum(r["judge"] for r in samples) / len(samples)
     assert metrics["reference_extra_weights"] == metrics["policy_weights"] - metrics["value_head_weights"]
     # the saved policy reloads as a plain causal LM; the value head is kept beside it
     stage = work / "runs" / "tiny" / "ppo"
-    assert load_stage_model(stage, ModelSpec()) is not None
+    reloaded = load_stage_model(stage, ModelSpec()).state_dict()
+    saved = load_file(stage / "model" / "model.safetensors")
+    assert saved and all(torch.equal(reloaded[k], v) for k, v in saved.items())
     assert set(load_file(stage / "model" / "value_head.safetensors")) == {"weight", "bias"}
     assert (stage / "logs").is_dir() and any((stage / "logs").iterdir())  # TensorBoard events
 
