@@ -110,6 +110,12 @@ def test_killed_rerun_keeps_the_current_version_then_resumes_and_swaps(base_run,
     capfd.readouterr()
     assert main(["show", str(run)]) == 0
     assert "new attempt: version 2 [running]" in capfd.readouterr().out
+    # meanwhile the old recipe still finds its stage complete (what downstream stages would load)
+    old_recipe = write_yaml(tmp_path / "old.yaml", base_recipe(tmp_path / "runs"))
+    assert main(["run", str(old_recipe), "--stages", "sft"]) == 0
+    err = capfd.readouterr().err
+    assert "sft: complete with the same config" in err and "unfinished attempt for another config" in err
+    assert files(sft / "model") == before
 
     # the same command resumes the attempt from its checkpoint and swaps it in
     assert main(["run", str(changed), "--stages", "sft"]) == 0

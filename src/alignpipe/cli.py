@@ -126,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to run (their missing upstream stages are built first)")
     p.add_argument("--force", action="store_true", help="re-run the named stages even if complete")
     p.add_argument("--restart", action="store_true", help="start the named stages over instead of resuming")
-    p.add_argument("--keep", type=int, default=1, metavar="N",
-                   help="earlier versions of a re-run stage to keep in runs/<name>/.history/ (default 1)")
+    from alignpipe.stage_versions import DEFAULT_KEEP  # light: no torch
+
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
+                   help=f"earlier versions of a re-run stage to keep in runs/<name>/.history/ (default {DEFAULT_KEEP})")
     p.add_argument("-v", "--verbose", action="store_true", dest="verbose_run", help="as alignpipe -v")
     p.set_defaults(func=cmd_run)
 
