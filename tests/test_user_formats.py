@@ -293,6 +293,11 @@ def test_reward_pairs_keep_responses_and_cut_long_prompts_from_the_left():
         ids = tok.apply_chat_template(fitted["prompt"] + fitted[side], tokenize=True, return_dict=True)["input_ids"]
         assert len(ids) <= 60
     assert "1 with the prompt cut from the left to fit" in report.summary()
+    # rows that know their file lines (as a stage's split gives them) are reported by line
+    from alignpipe.data.split import Rows
+
+    _, by_line = filter_pairs(Rows([pair, too_long], [7, 9], "line"), "train", tok, max_length=60)
+    assert by_line.first_rows == {"too_long": [9]} and "too_long x1 (first lines [9])" in by_line.summary()
 
 
 # --------------------------------------------------------------------------- alignpipe data FILE
@@ -314,11 +319,6 @@ def test_data_command_shows_format_drops_and_what_is_trained(tmp_path, capsys):
     assert main(["data", str(tmp_path / "p.jsonl"), "--template", "llama3"]) == 0
     out = capsys.readouterr().out
     assert "[chosen] <|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" in out and "«bad<|eot_id|>»" in out
-    # rows that know their file lines (as a stage's split gives them) are reported by line
-    from alignpipe.data.split import Rows
-
-    _, by_line = filter_pairs(Rows([pair, too_long], [7, 9], "line"), "train", tok, max_length=60)
-    assert by_line.first_rows == {"too_long": [9]} and "too_long x1 (first lines [9])" in by_line.summary()
 
 
 def test_trl_trains_on_the_masks_given(tmp_path):
