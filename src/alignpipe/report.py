@@ -350,8 +350,8 @@ class Report:
         return lines
 
     def summary(self) -> list[str]:
-        keys = ["judge_pass_rate", "kl_to_reference", "mean_reward", "pairwise_accuracy", "onpolicy_accuracy",
-                "perplexity", "eval_loss"]
+        keys = ["judge_pass_rate", "eot_rate", "kl_to_reference", "mean_reward", "rm_win_rate_vs_sft",
+                "pairwise_accuracy", "onpolicy_accuracy", "perplexity", "eval_loss"]
         used = [k for k in keys if any(k in s.metrics for s in self.stages)]
         rows = []
         for s in self.stages:
