@@ -34,18 +34,26 @@ def eval_prompts(ctx) -> list[dict]:
 
 
 def heldout_rows(ctx) -> list[dict]:
-    """The stage's own held-out user rows as prompts with reference answers (none for prompt-only data)."""
-    kind = ctx.config.kind
-    if kind == "sft":
-        from alignpipe.stages.sft import conversations
+    """The stage's own held-out user rows as prompts with reference answers (none for prompt-only data).
 
-        return [row for c in conversations(ctx, "eval") if (row := conversation_row(c["messages"]))]
-    if kind == "dpo":
-        from alignpipe.stages.dpo import pairs
+    The slice the sft and dpo stages hold out of a user file (its first min(200, 5%) rows), read without
+    rewriting the stage's data report; the recipe-wide held-out split replaces this when it lands."""
+    family = {"sft": "conversations", "dpo": "pairs"}.get(ctx.config.kind)
+    if family is None:
+        return []
+    from alignpipe.data.formats import DataError
+    from alignpipe.data.loading import as_user_error
+    from alignpipe.data.sources import prepare_data
 
-        return [{"prompt": p["prompt"], "text": last_user(p["prompt"]), "answer": _text_of(p["chosen"])}
-                for p in pairs(ctx, "eval")]
-    return []
+    try:
+        rows = prepare_data(ctx.config.data, ctx.recipe.path.parent, family, key=f"stages.{ctx.name}.data",
+                            seed=ctx.seed).rows
+    except DataError as err:
+        raise as_user_error(err, str(ctx.recipe.path)) from None
+    rows = rows[: min(200, max(1, len(rows) // 20))]
+    if family == "conversations":
+        return [row for c in rows if (row := conversation_row(c["messages"]))]
+    return [{"prompt": p["prompt"], "text": last_user(p["prompt"]), "answer": _text_of(p["chosen"])} for p in rows]
 
 
 def resolve(path: str, recipe_path: Path) -> Path:
