@@ -715,12 +715,13 @@ def pair_outcomes(row: dict) -> dict[str, int]:
 
 def disagreements(samples: list[dict]) -> list[tuple[dict, str]]:
     """Pairs on which one judge prefers this stage's response and another the parent's."""
-    found = []
+    found, seen = [], set()
     for row in samples:
         says = pair_outcomes(row)
         pro = [j for j, v in says.items() if v > 0]
         con = [j for j, v in says.items() if v < 0]
-        if pro and con:
+        if pro and con and row["prompt"] not in seen:  # one example per prompt
+            seen.add(row["prompt"])
             found.append((row, f"{', '.join(pro)}: this stage; {', '.join(con)}: parent"))
     return found
 
