@@ -143,3 +143,18 @@ def test_prompt_rows_from_common_formats():
     assert prompt_row({"instruction": "do", "input": "this", "output": "done"})["text"] == "do\n\nthis"
     assert prompt_row({"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}]})["answer"] == "c"
     assert prompt_row({"title": "x"}) is None and prompt_row({"messages": [{"role": "assistant", "content": "a"}]}) is None
+
+
+def test_without_a_prompts_file_a_stage_is_evaluated_on_its_held_out_rows(model_dir, tmp_path):
+    recipe = user_recipe(tmp_path, model_dir)
+    del recipe["stages"]["sft"]["eval"]["prompts"]
+    recipe["stages"] = {"sft": {**recipe["stages"]["sft"], "trainer": {**TRAINER, "max_steps": 1}}}
+    path = write_yaml(tmp_path / "heldout.yaml", recipe)
+    assert main(["run", str(path)]) == 0
+    sft = tmp_path / "runs" / "user" / "sft"
+    m = read_manifest(sft)["metrics"]
+    assert m["eval_status"] == "complete" and m["eval_prompts"] == 4  # 5% of 96 conversations
+    report = json.loads((sft / "data_report.json").read_text())
+    assert report["tokens"]["max_length"] == 64  # the training's data report, not overwritten by the evaluation
+    held = {json.loads(x)["messages"][0]["content"] for x in (tmp_path / "chat.jsonl").read_text().splitlines()[:4]}
+    assert {json.loads(x)["prompt"] for x in (sft / "eval_samples.jsonl").read_text().splitlines()} == held

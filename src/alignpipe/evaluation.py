@@ -234,13 +234,15 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
 
     # the parent's samples of the same prompts: its own file when it covers them, else drawn now from the
     # reference (which is the parent), with the same protocol and seed
-    parent = read_samples(ctx.parent_dir)
+    parent, how = read_samples(ctx.parent_dir), "its saved samples"
     if not covers(parent, samples, spec.samples_per_prompt):
-        parent = []
+        parent, how = [], None
         if reference is not None:
             drawn = draw(reference)
-            parent = [{"prompt": p, "response": r, "ended": e, "tokens": t}
-                      for p, r, e, t in zip(drawn.prompts, drawn.responses, drawn.ended, drawn.lengths)]
+            parent, how = [{"prompt": p, "response": r, "ended": e, "tokens": t} for p, r, e, t in
+                           zip(drawn.prompts, drawn.responses, drawn.ended, drawn.lengths)], "sampled now"
+    if parent:
+        metrics["eval_parent"] = f"{ctx.config.from_ or 'the recipe model'} ({how})"
     parent_by_prompt = {}
     for r in parent:
         parent_by_prompt.setdefault(r["prompt"], []).append(r)

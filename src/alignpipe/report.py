@@ -351,8 +351,8 @@ class Report:
         return lines
 
     def summary(self) -> list[str]:
-        keys = ["judge_pass_rate", "kl_to_reference", "mean_reward", "pairwise_accuracy", "onpolicy_accuracy",
-                "perplexity", "eval_loss"]
+        keys = ["judge_pass_rate", "eot_rate", "kl_to_reference", "mean_reward", "rm_win_rate_vs_sft",
+                "pairwise_accuracy", "onpolicy_accuracy", "perplexity", "eval_loss"]
         used = [k for k in keys if any(k in s.metrics for s in self.stages)]
         rows = []
         for s in self.stages:
@@ -716,12 +716,13 @@ def pair_outcomes(row: dict) -> dict[str, int]:
 
 def disagreements(samples: list[dict]) -> list[tuple[dict, str]]:
     """Pairs on which one judge prefers this stage's response and another the parent's."""
-    found = []
+    found, seen = [], set()
     for row in samples:
         says = pair_outcomes(row)
         pro = [j for j, v in says.items() if v > 0]
         con = [j for j, v in says.items() if v < 0]
-        if pro and con:
+        if pro and con and row["prompt"] not in seen:  # one example per prompt
+            seen.add(row["prompt"])
             found.append((row, f"{', '.join(pro)}: this stage; {', '.join(con)}: parent"))
     return found
 
