@@ -106,7 +106,8 @@ class StageContext:
         args: dict[str, Any] = dict(
             output_dir=str(self.checkpoints_dir),
             report_to=report_to(self.recipe),  # the recipe's `tracking:` (tensorboard by default)
-            run_name=self.name,
+            run_name=self.name,  # the trackers' run of this stage (tracking.py) ...
+            project=self.recipe.name,  # ... in the recipe's project (trackio; W&B and MLflow are told so directly)
             seed=self.seed,
             data_seed=self.seed,
             use_cpu=cpu,

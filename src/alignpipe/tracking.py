@@ -92,12 +92,15 @@ class StageRuns:
     def summary(self, metrics: dict) -> None:
         """The stage's closing figures, as in its manifest."""
         values = numeric(metrics)
+        if "trackio_reopen" in self.handles:
+            self.handles.pop("trackio_reopen")()
         if "wandb" in self.handles and values:
             self.handles["wandb"].summary.update(values)
         step = int(metrics.get("global_step") or metrics.get("updates") or 0) or None
         self.log(values, step=step)
 
     def finish(self, failed: bool = False) -> None:
+        self.handles.pop("trackio_reopen", None)
         for name, handle in self.handles.items():
             if name == "mlflow":
                 handle.end_run(status="FAILED" if failed else "FINISHED")
@@ -150,8 +153,11 @@ def start(ctx, config: dict[str, Any]) -> StageRuns:
     if "trackio" in wanted:
         import trackio
 
-        trackio.init(project=ctx.recipe.name, name=ctx.name, config=config)
+        # transformers' TrackioCallback re-opens this run (same project and name, resume="allow") and closes
+        # it when training ends; `reopen` opens it again for the stage's closing figures
+        trackio.init(project=ctx.recipe.name, name=ctx.name, config=config, resume="allow")
         handles["trackio"] = trackio
+        handles["trackio_reopen"] = lambda: trackio.init(project=ctx.recipe.name, name=ctx.name, resume="allow")
     runs = StageRuns(handles)
     _ACTIVE[:] = [runs]
     return runs
