@@ -18,10 +18,17 @@ SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" n
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
-def test_every_shipped_recipe_loads_and_validates(path, monkeypatch):
+def test_every_shipped_recipe_loads_and_validates(path, monkeypatch, tmp_path):
     # validate never reaches the hub: hub models/datasets are checked for form and noted (with
     # HF_HUB_OFFLINE=1 it would refuse those not cached, which on a test machine is all of them)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    text = path.read_text()
+    if "data/gsm8k_test.jsonl" in text:  # the real-model recipes evaluate on the user's local GSM8K copy
+        path = tmp_path / path.name
+        path.write_text(text)
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "gsm8k_test.jsonl").write_text(
+            '{"question": "What is 2 plus 3?", "answer": "2 + 3 = 5\\n#### 5"}\n')
     recipe = load_recipe(path)
     validate(recipe)
     assert recipe.order()[0] in recipe.stages
