@@ -69,3 +69,6 @@ def test_lm_eval_in_a_stage_and_on_demand(tmp_path):
     after = read_manifest(sft)["metrics"]
     assert 0 <= after["lm_eval"]["tiny_mc"]["acc,none"] <= 1 and "lmeval_tiny_mc_acc_none" in after
     assert after["lmeval_gsm8k_local_exact_match_strict_match"] == m["lmeval_gsm8k_local_exact_match_strict_match"]
+    assert main(["report", str(tmp_path / "runs" / "lmeval")]) == 0
+    text = (tmp_path / "runs" / "lmeval" / "report.md").read_text()
+    assert "## Benchmarks (lm-evaluation-harness)" in text and "| sft | tiny_mc | acc,none |" in text

@@ -323,7 +323,7 @@ class Report:
         for old in self.run_dir.glob(f"{FIG_PREFIX}*.png"):  # figures of stages that no longer exist
             old.unlink()
         body: list[str] = []
-        for section in (self.summary, self.verdicts, self.gates, self.lineage, self.pass_rate, self.win_rates,
+        for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate, self.win_rates,
                         self.reward_model,
                         self.curves, self.responses, self.sample_table):
             lines = section()
@@ -420,6 +420,15 @@ class Report:
                                   [[n, _md_cell(r["prompt"], 40), _md_cell(r["response"], 60),
                                     _md_cell(r.get("parent_response", ""), 60), why] for n, r, why in examples])]
         return lines
+
+    def benchmarks(self) -> list[str]:
+        """lm-evaluation-harness results in the stages' manifests (`eval.lm_eval`, `alignpipe eval --tasks`)."""
+        rows = [[s.name, task, metric, _fmt(value, 4)] for s in self.stages
+                for task, figures in sorted((s.metrics.get("lm_eval") or {}).items())
+                for metric, value in sorted(figures.items()) if not metric.startswith("sample")]
+        if not rows:
+            return []
+        return ["## Benchmarks (lm-evaluation-harness)", "", *_table(["stage", "task", "metric", "value"], rows)]
 
     def gates(self) -> list[str]:
         rows = []
