@@ -153,8 +153,14 @@ def test_without_a_prompts_file_a_stage_is_evaluated_on_its_held_out_rows(model_
     assert main(["run", str(path)]) == 0
     sft = tmp_path / "runs" / "user" / "sft"
     m = read_manifest(sft)["metrics"]
-    assert m["eval_status"] == "complete" and m["eval_prompts"] == 4  # 5% of 96 conversations
+    # the recipe's held-out split (alignpipe.data.split): every conversation whose first user turn it holds out
+    from alignpipe.data.split import prompt_key, recipe_split
+    from alignpipe.recipe import load_recipe
+
+    split = recipe_split(load_recipe(path))
+    rows = [json.loads(x) for x in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    held = {r["messages"][0]["content"] for r in rows if split.is_heldout(prompt_key(r))}
+    assert m["eval_status"] == "complete" and m["eval_prompts"] == len(held) > 0
     report = json.loads((sft / "data_report.json").read_text())
     assert report["tokens"]["max_length"] == 64  # the training's data report, not overwritten by the evaluation
-    held = {json.loads(x)["messages"][0]["content"] for x in (tmp_path / "chat.jsonl").read_text().splitlines()[:4]}
     assert {json.loads(x)["prompt"] for x in (sft / "eval_samples.jsonl").read_text().splitlines()} == held
