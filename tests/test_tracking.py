@@ -152,12 +152,22 @@ def test_wandb_offline(base, monkeypatch):
 
 
 def test_trackio_local(base, monkeypatch, tmp_path):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read once, when trackio is first imported
     trackio = pytest.importorskip("trackio")
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    from trackio import utils
+
+    assert str(utils.TRACKIO_DIR) == str(tmp_path / "trackio"), "trackio was imported before this test set its folder"
     runs_dir = _run(base, "trk", ["trackio"], "sft", monkeypatch)
     manifest = _manifest(runs_dir / "sft")
-    files = list((tmp_path / "trackio").rglob("*"))
-    assert files, "trackio wrote nothing"
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert SQLiteStorage.get_runs("trk") == ["sft"]  # one run per stage, project = recipe
+    logged = {}
+    for row in SQLiteStorage.get_logs("trk", "sft"):  # read back with trackio's own storage
+        logged.update({k: v for k, v in row.items() if k not in ("step", "timestamp")})
+    # the manifest's figures, by the manifest's names, with the manifest's values
+    expected = tracking.numeric(manifest["metrics"])
+    assert expected and {k: logged[k] for k in expected} == pytest.approx(expected, rel=1e-6)
     _no_secrets(tmp_path / "trackio")
     assert trackio and manifest["status"] == "complete"
 
