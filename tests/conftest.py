@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # a busy neighbour core made 2-thread steps ~170x slower
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+# trackio reads its folder once, at import: set before any test can import it, so no test writes to ~/.cache
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="alignpipe-tests-trackio-"))
 
 import torch  # noqa: E402
 

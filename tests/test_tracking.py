@@ -151,12 +151,11 @@ def test_wandb_offline(base, monkeypatch):
     _no_secrets(stage_dir / "wandb")
 
 
-def test_trackio_local(base, monkeypatch, tmp_path):
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read once, when trackio is first imported
+def test_trackio_local(base, monkeypatch):
     trackio = pytest.importorskip("trackio")
     from trackio import utils
 
-    assert str(utils.TRACKIO_DIR) == str(tmp_path / "trackio"), "trackio was imported before this test set its folder"
+    folder = Path(utils.TRACKIO_DIR)  # conftest points TRACKIO_DIR at a temp folder before trackio is imported
     runs_dir = _run(base, "trk", ["trackio"], "sft", monkeypatch)
     manifest = _manifest(runs_dir / "sft")
     from trackio.sqlite_storage import SQLiteStorage
@@ -168,7 +167,7 @@ def test_trackio_local(base, monkeypatch, tmp_path):
     # the manifest's figures, by the manifest's names, with the manifest's values
     expected = tracking.numeric(manifest["metrics"])
     assert expected and {k: logged[k] for k in expected} == pytest.approx(expected, rel=1e-6)
-    _no_secrets(tmp_path / "trackio")
+    _no_secrets(folder)
     assert trackio and manifest["status"] == "complete"
 
 
