@@ -136,7 +136,7 @@ def stop_ids_list(value) -> list[int]:
 # --- the checks --------------------------------------------------------------------------------
 
 
-def _spans(mask: list[int]) -> list[tuple[int, int]]:
+def mask_spans(mask: list[int]) -> list[tuple[int, int]]:
     """(start, end) of each run of 1s."""
     spans, start = [], None
     for i, m in enumerate([*mask, 0]):
@@ -156,7 +156,7 @@ def check_assistant_mask(tokenizer, messages: list[dict], eot_text: str) -> dict
     ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     others = [m["content"] for m in messages if m["role"] != "assistant"]
-    spans = _spans(mask)
+    spans = mask_spans(mask)
     fix = "mark each assistant turn as {% generation %}content + end-of-turn{% endgeneration %} in the template"
     if not spans:
         raise TemplateError("the chat template marks no assistant tokens (no {% generation %} block), which "

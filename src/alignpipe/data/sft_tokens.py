@@ -12,24 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from alignpipe.data.formats import DataError
+from alignpipe.template_checks import mask_spans
 
 
 def needs_own_tokens(rows: list[dict]) -> bool:
     """Whether any conversation has tools, tool calls or an untrained (loss_weight 0) turn."""
     return any(row.get("tools") or any(m.get("tool_calls") or m.get("loss_weight") == 0 for m in row["messages"])
                for row in rows)
-
-
-def _blocks(mask: list[int]) -> list[tuple[int, int]]:
-    """[start, end) of each run of 1s."""
-    runs, start = [], None
-    for i, bit in enumerate(mask + [0]):
-        if bit and start is None:
-            start = i
-        elif not bit and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def check_template_renders(row: dict, tokenizer: Any) -> None:
@@ -49,7 +38,7 @@ def tokenize(row: dict, tokenizer: Any) -> dict:
                                         return_assistant_tokens_mask=True)
     mask = list(out["assistant_masks"])
     assistant = [m for m in row["messages"] if m["role"] == "assistant"]
-    blocks = _blocks(mask)
+    blocks = mask_spans(mask)
     if len(blocks) != len(assistant):
         raise DataError("chat template", "generation markers",
                         f"{len(blocks)} trained blocks for {len(assistant)} assistant turns",

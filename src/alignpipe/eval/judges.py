@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from alignpipe.errors import EvalError, RecipeError
+from alignpipe.errors import EvalError
 
 DEFAULT_TEMPLATE = (
     "Two assistants answered the same question. Which answer is better?\n\n"
@@ -39,20 +39,9 @@ def parse_verdict(text: str) -> str | None:
 
 
 def load_verifier(spec: str, where: str = "", key: str = "verifier") -> Callable:
-    import importlib
+    from alignpipe.callables import import_callable
 
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RecipeError(f"verifier {spec!r} is not `module:function`", where=where, key=key,
-                          fix="e.g. alignpipe.eval.verifiers:gsm8k")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"cannot import verifier {spec!r}: {err}", where=where, key=key,
-                          fix="name an importable module and a function in it (fn(prompt, response, row))") from None
-    if not callable(fn):
-        raise RecipeError(f"verifier {spec!r} is not callable", where=where, key=key, fix="name a function")
-    return fn
+    return import_callable(spec, "verifier", "alignpipe.eval.verifiers:gsm8k", "fn(prompt, response, row)", where, key)
 
 
 def run_verifier(fn: Callable, texts: list[str], responses: list[str], rows: list[dict],

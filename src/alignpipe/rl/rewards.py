@@ -10,10 +10,10 @@ the same function serves the ppo, grpo and rloo stages.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from alignpipe.callables import import_callable
 from alignpipe.errors import RecipeError
 
 JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
@@ -21,18 +21,7 @@ JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
 
 def load_function(spec: str, where: str = "", key: str = "reward_function") -> Callable[..., list[float]]:
     """The function named `module:function` (imported now, so a typo fails before training)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RecipeError(f"reward function {spec!r} is not `module:function`", where=where, key=key,
-                          fix=f"e.g. {JUDGE_FUNCTION}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"cannot import reward function {spec!r}: {err}", where=where, key=key,
-                          fix="name an importable module and a function in it") from None
-    if not callable(fn):
-        raise RecipeError(f"{spec!r} is not callable", where=where, key=key, fix="name a function")
-    return fn
+    return import_callable(spec, "reward function", JUDGE_FUNCTION, where=where, key=key)
 
 
 def check_reward_source(recipe, name: str, where: str) -> None:
