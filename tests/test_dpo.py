@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
 from alignpipe.recipe import load_recipe, to_plain
-from alignpipe.runner import make_context
+from alignpipe.context import make_context
+from alignpipe.rl.policy import AdapterOff
 from alignpipe.stages import dpo
 from alignpipe.validate import validate
 from conftest import REPO, TINY_EVAL, tiny_recipe, write_yaml
@@ -112,7 +113,7 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
         if stage == "dpo_lora":
             assert trainer.ref_model is None and reference is None
             # the reference the stage measures KL against: the same storages, adapter off
-            ref = dpo.adapter_disabled(trainer.model)
+            ref = AdapterOff(trainer.model)
             assert {p.data_ptr() for p in ref.parameters()} == {p.data_ptr() for p in trainer.model.parameters()}
             ids = torch.tensor([[1, 2, 3, 4]])
             with torch.no_grad():

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignpipe.data.formats import DataError, detect_format, family_for_stage, normalise, to_family
+from alignpipe.data.formats import DataError, detect_format, normalise, to_family
+from alignpipe.stages import kind_of
 from alignpipe.data.report import format_report, validation_report
 from alignpipe.data.sources import load_rows, prepare_data
 
@@ -157,7 +158,7 @@ def test_hh_rlhf_shared_prefix_becomes_prompt_and_anomalies_are_dropped():
 
 
 def test_stage_families_and_conversions():
-    assert [family_for_stage(k) for k in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")] == [
+    assert [kind_of(k).family for k in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")] == [
         "text", "conversations", "pairs", "pairs", "prompts", "prompts",
     ]
     convo = normalise([{"messages": [user("q"), bot("a"), user("q2"), bot("a2")]}], "messages")

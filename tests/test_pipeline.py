@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig
-from alignpipe.stages.pretrain import pack, unigram_perplexity
+from alignpipe.stage_helpers import pack
+from alignpipe.stages.pretrain import unigram_perplexity
 from conftest import TINY_WORLD
 
 
@@ -87,8 +88,8 @@ def assert_evaluated_on_held_out(recipe_path, runs) -> None:
     from alignpipe.data.world import judge
     from alignpipe.modeling import load_stage_model, load_tokenizer
     from alignpipe.recipe import load_recipe
-    from alignpipe.runner import make_context
-    from alignpipe.stages.pretrain import pack
+    from alignpipe.context import make_context
+    from alignpipe.stage_helpers import pack
 
     recipe = load_recipe(recipe_path)
     ctx = make_context(recipe, "sft")

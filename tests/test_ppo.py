@@ -17,9 +17,10 @@ from alignpipe.recipe import ModelSpec, load_recipe
 from alignpipe.rl import ppo_math as pm
 from alignpipe.rl import rewards
 from alignpipe.rl.policy import build, distinct_weights, response_logits
+from alignpipe.rl.ppo_trainer import PPOSettings, prompt_batch
 from alignpipe.rl.rollout import Rollout, response_mask_from
 from alignpipe.runner import run_recipe
-from alignpipe.stages import ppo
+from alignpipe.stage_helpers import reward_hacking
 from conftest import tiny_recipe, write_yaml
 
 TOY = '''
@@ -88,7 +89,7 @@ def test_ppo_learns_a_short_response_reward(work):
     assert last > first + 0.2, (first, last)  # the policy learned to answer shorter
     assert rows[-1]["kl"] > 0.1  # ... by moving away from the reference, which the KL term measured
     # the adaptive controller (kl_target 1.0 by default) moved the coefficient by its rule after each update
-    ctl = pm.AdaptiveKLController(TRAINER["kl_coef"], 1.0, ppo.PPOSettings().kl_horizon)
+    ctl = pm.AdaptiveKLController(TRAINER["kl_coef"], 1.0, PPOSettings().kl_horizon)
     for r in rows:
         assert r["kl_coef"] == pytest.approx(ctl.value, rel=1e-12)
         ctl.update(r["kl"], r["samples"])
@@ -336,17 +337,17 @@ def test_rollout_rows_drop_columns_that_are_padding_in_every_row():
 
 def test_prompt_batches_cover_every_prompt_once_per_epoch():
     prompts = list(range(10))
-    seen = [p for u in range(5) for p in ppo.prompt_batch(prompts, u, 2, rank=0, world=1, seed=3)]
+    seen = [p for u in range(5) for p in prompt_batch(prompts, u, 2, rank=0, world=1, seed=3)]
     assert sorted(seen) == prompts  # 5 updates x 2 = one epoch: a permutation
-    assert ppo.prompt_batch(prompts, 7, 4, 0, 1, 3) == ppo.prompt_batch(prompts, 7, 4, 0, 1, 3)
-    ranks = [ppo.prompt_batch(prompts, 0, 5, rank=r, world=2, seed=3) for r in (0, 1)]
+    assert prompt_batch(prompts, 7, 4, 0, 1, 3) == prompt_batch(prompts, 7, 4, 0, 1, 3)
+    ranks = [prompt_batch(prompts, 0, 5, rank=r, world=2, seed=3) for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == prompts  # two processes split the stream, no overlap
 
 
 def test_reward_hacking_needs_rm_up_and_judge_down():
-    assert ppo.reward_hacking(mean_reward=1.0, judge=0.2, parent_mean_reward=0.5, parent_judge=0.3)
-    assert not ppo.reward_hacking(mean_reward=1.0, judge=0.4, parent_mean_reward=0.5, parent_judge=0.3)
-    assert not ppo.reward_hacking(mean_reward=0.4, judge=0.2, parent_mean_reward=0.5, parent_judge=0.3)
+    assert reward_hacking(mean_reward=1.0, judge=0.2, parent_mean_reward=0.5, parent_judge=0.3)
+    assert not reward_hacking(mean_reward=1.0, judge=0.4, parent_mean_reward=0.5, parent_judge=0.3)
+    assert not reward_hacking(mean_reward=0.4, judge=0.2, parent_mean_reward=0.5, parent_judge=0.3)
 
 
 def test_reward_functions_and_the_judge_flag():

@@ -14,7 +14,7 @@ from alignpipe.cli import main
 from alignpipe.data.formats import normalise
 from alignpipe.errors import RecipeError
 from alignpipe.recipe import load_recipe
-from alignpipe.runner import make_context
+from alignpipe.context import make_context
 from alignpipe.stages import kto
 from alignpipe.validate import validate
 from conftest import TINY_EVAL, tiny_recipe, write_yaml

@@ -116,7 +116,7 @@ def test_qwen_own_template_refused_for_assistant_only_sft(model_dir, tmp_path, c
 
 
 def test_hub_recipe_validates_offline_and_run_fails_fast(tmp_path, capsys, monkeypatch):
-    from alignpipe.data.sources import _probe_hub
+    from alignpipe.data.sources import probe_hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # no network, but not declared offline either
     recipe = {"name": "hub", "runs_dir": str(tmp_path / "runs"), "model": {"path": "Qwen/Qwen2.5-0.5B"},
@@ -128,7 +128,7 @@ def test_hub_recipe_validates_offline_and_run_fails_fast(tmp_path, capsys, monke
     assert "hub model Qwen/Qwen2.5-0.5B is downloaded when a stage runs" in err
     assert "hub dataset HuggingFaceH4/ultrachat_200k is downloaded when the stage runs" in err
 
-    if _probe_hub() is None:
+    if probe_hub() is None:
         pytest.skip("the hub is reachable from here: `run` would download the model")
     t0 = time.time()
     assert main(["run", str(path)]) == 2

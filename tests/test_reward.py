@@ -16,7 +16,8 @@ from alignpipe.recipe import LoraSpec, load_recipe
 from alignpipe.reward import metrics as M
 from alignpipe.reward.artifact import OneOutput, encode, load_reward_model, save_reward_model, score, score_ids
 from alignpipe.reward.pairs import filter_pairs
-from alignpipe.runner import make_context, run_recipe
+from alignpipe.context import make_context
+from alignpipe.runner import run_recipe
 from alignpipe.stages import reward as stage
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 

@@ -307,7 +307,7 @@ def test_parent_with_another_vocabulary_refused(with_reward, tmp_path):
     """A stage's tokenizer is loaded from its parent, so through the runner the two always agree; the
     check is reached by handing the stage a tokenizer of another vocabulary (what a stage that built
     its own would hold)."""
-    from alignpipe.runner import make_context
+    from alignpipe.context import make_context
 
     recipe, runs_dir = _copy_of(with_reward, tmp_path)
     ctx = make_context(recipe, "reward")

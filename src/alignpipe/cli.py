@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 
-def _threads() -> None:
+def set_threads() -> None:
     """One torch thread unless told otherwise: measured here, 2 threads beside a busy neighbour core
     made a training step ~170x slower, while small models gain little from a second thread."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -56,7 +56,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     recipe = _load(args)
-    _threads()
+    set_threads()
     from alignpipe.runner import run_recipe, summary_table
 
     manifests = run_recipe(recipe, args.stages, force=args.force, restart=args.restart, keep=args.keep)

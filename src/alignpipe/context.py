@@ -23,6 +23,13 @@ class StageContext:
     resume: bool = True  # resume from the newest checkpoint in dir/checkpoints (False: --restart)
 
     @property
+    def kind(self):
+        """The stage's kind, as its module declared it (`alignpipe.stages.StageKind`)."""
+        from alignpipe.stages import kind_of
+
+        return kind_of(self.config.kind)
+
+    @property
     def seed(self) -> int:
         return self.recipe.seed
 
@@ -71,7 +78,7 @@ class StageContext:
         tok = load_tokenizer(source, self.recipe.model)
         if self.chat_template is not None:
             tok.chat_template = self.chat_template
-        if self.config.kind != "pretrain":  # chat stages stop where the template ends a turn
+        if self.kind.chat:  # chat stages stop where the template ends a turn
             from alignpipe.template_checks import use_end_of_turn_as_eos
 
             use_end_of_turn_as_eos(tok)
@@ -90,7 +97,7 @@ class StageContext:
             model = load_stage_model(self.parent_dir, self.recipe.model, model_class)
         else:
             model = load_pretrained(self.recipe.model.path, self.recipe.model, model_class)
-        if self.config.kind != "pretrain":
+        if self.kind.chat:
             from alignpipe.template_checks import add_stop_token
 
             add_stop_token(model, self._stop_token_id)
@@ -130,6 +137,14 @@ class StageContext:
         args.update(defaults)
         args.update(self.config.trainer)
         return config_class(**args)
+
+
+def make_context(recipe: Recipe, name: str, resume: bool = True) -> StageContext:
+    """The context of stage `name` of `recipe`, in its own folder, its parent the `from` stage's."""
+    cfg = recipe.stages[name]
+    parent = recipe.stage_dir(cfg.from_) if cfg.from_ else None
+    return StageContext(recipe=recipe, name=name, config=cfg, dir=recipe.stage_dir(name), parent_dir=parent,
+                        resume=resume)
 
 
 @functools.lru_cache(maxsize=4)

@@ -60,22 +60,22 @@ def parameter_checksum(model) -> str:
     return h.hexdigest()
 
 
-def dump_parameter_checksum(trainer) -> None:
-    """With ALIGNPIPE_DEBUG_PARAM_CHECKSUM set: record this process's view of the trained model."""
+def dump_parameter_checksum(stage: str, wrapped, model, step: int) -> None:
+    """With ALIGNPIPE_DEBUG_PARAM_CHECKSUM set: record this process's view of the trained model (`model`,
+    trained as `wrapped`, e.g. DDP) after `step` steps / updates, in `<stage>-rank<r>.json`."""
     folder = os.environ.get(CHECKSUM_ENV)
     if not folder:
         return
     import torch.distributed as dist
 
-    stage = Path(trainer.args.output_dir).parent.name  # runs/<recipe>/<stage>/checkpoints
     record = {
         "stage": stage,
         "rank": dist.get_rank() if dist.is_initialized() else 0,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "backend": dist.get_backend() if dist.is_initialized() else None,
-        "wrapped_as": type(trainer.model_wrapped).__name__,
-        "checksum": parameter_checksum(trainer.model),
-        "global_step": trainer.state.global_step,
+        "wrapped_as": type(wrapped).__name__,
+        "checksum": parameter_checksum(model),
+        "global_step": step,
     }
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"{stage}-rank{record['rank']}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -139,11 +139,13 @@ def reward_stage_of(recipe, stage: str) -> str | None:
     first complete reward stage."""
     from alignpipe.runs import is_complete
 
-    own = getattr(recipe.stages[stage], "reward_model", None)
+    from alignpipe.stages import kind_of, references
+
+    own = references(recipe.stages[stage]).get("reward_model")
     if own:
         return own
     for name, cfg in recipe.stages.items():
-        if cfg.kind == "reward" and is_complete(recipe.stage_dir(name)):
+        if kind_of(cfg.kind).scorer and is_complete(recipe.stage_dir(name)):
             return name
     return None
 
@@ -166,10 +168,12 @@ def judges_of(ctx) -> dict[str, JudgeSpec]:
 
 
 def sft_stage_of(recipe, stage: str) -> str | None:
-    """The nearest sft ancestor of `stage` (following `from`), the baseline of `rm_win_rate_vs_sft`."""
+    """The nearest baseline ancestor of `stage` (an sft stage, following `from`): the `rm_win_rate_vs_sft` one."""
+    from alignpipe.stages import kind_of
+
     parent = recipe.stages[stage].from_
     while parent:
-        if recipe.stages[parent].kind == "sft":
+        if kind_of(recipe.stages[parent].kind).baseline:
             return parent
         parent = recipe.stages[parent].from_
     return None

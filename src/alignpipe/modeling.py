@@ -127,12 +127,12 @@ def _hub_access(path: str | Path) -> tuple[dict, str | None]:
     after the hub client's retries."""
     if Path(path).expanduser().is_dir():
         return {}, None
-    from alignpipe.data.sources import _offline_setting, _probe_hub
+    from alignpipe.data.sources import offline_setting, probe_hub
 
-    offline = _offline_setting()
+    offline = offline_setting()
     if offline:  # explicit: the hub client reads the variable once, at import
         return {"local_files_only": True}, f"{offline} is set"
-    unreachable = _probe_hub()
+    unreachable = probe_hub()
     return ({"local_files_only": True}, unreachable) if unreachable else ({}, None)
 
 

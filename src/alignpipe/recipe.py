@@ -165,9 +165,9 @@ class Recipe:
                 wanted.add(parent)
                 parent = self.stages[parent].from_
         for name, cfg in self.stages.items():  # a stage's reward model is an upstream too
-            ref = getattr(cfg, "reward_model", None)
-            if name in wanted and ref:
-                wanted |= set(self.order([ref]))
+            refs = list(_references(cfg).values())
+            if name in wanted and refs:
+                wanted |= set(self.order(refs))
         done: list[str] = []
         while len(done) < len(wanted):
             for name in self.stages:
@@ -178,10 +178,7 @@ class Recipe:
     def upstream(self, stage: str) -> list[str]:
         cfg = self.stages[stage]
         deps = [cfg.from_] if cfg.from_ else []
-        ref = getattr(cfg, "reward_model", None)
-        if ref:
-            deps.append(ref)
-        return deps
+        return deps + list(_references(cfg).values())
 
 
 # --- YAML -> dataclasses ----------------------------------------------------------------------
@@ -397,11 +394,17 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
     return recipe
 
 
+def _references(cfg) -> dict[str, str]:
+    """The other stages a stage's config names, beside `from` (its kind declares which fields)."""
+    from alignpipe.stages import references
+
+    return references(cfg)
+
+
 def _check_graph(recipe: Recipe, where: str) -> None:
     """Every `from` / `reward_model` names a stage of this recipe, and there is no cycle."""
     for name, cfg in recipe.stages.items():
-        for field_name in ("from", "reward_model"):
-            ref = cfg.from_ if field_name == "from" else getattr(cfg, "reward_model", None)
+        for field_name, ref in {"from": cfg.from_, **_references(cfg)}.items():
             if ref is not None and ref not in recipe.stages:
                 raise RecipeError(f"names stage {ref!r}, which this recipe does not have", where=where,
                                   key=f"stages.{name}.{field_name}",

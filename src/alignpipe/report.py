@@ -22,9 +22,12 @@ from typing import Any
 
 from alignpipe.errors import RunError
 from alignpipe.gates import recorded as recorded_gates
+from alignpipe.metrics import HEADLINE_METRICS
+from alignpipe.stages import KINDS, StageKind
+
+UNKNOWN_KIND = StageKind("?", object, lambda ctx: {}, lambda: object, family=None, embedded=None)
 
 FIG_PREFIX = "fig-"
-POLICY_BASELINE_KIND = "sft"
 SAMPLE_PROMPTS = 8
 # log-history keys that are bookkeeping, not training signal
 _SKIP_KEYS = {"epoch", "step", "update", "step_time", "learning_rate", "lr", "num_tokens", "total_flos",
@@ -54,6 +57,11 @@ class Stage:
         return self.manifest.get("kind", "?")
 
     @property
+    def facts(self) -> StageKind:
+        """What the stage's kind declares (a kind this alignpipe does not know: a policy like any other)."""
+        return KINDS.get(self.kind) or UNKNOWN_KIND
+
+    @property
     def status(self) -> str:
         return self.manifest.get("status", "?")
 
@@ -77,7 +85,7 @@ class Stage:
     def is_policy(self) -> bool:
         """A complete stage with sampled, evaluated responses (embedded world or user data)."""
         m = self.metrics
-        return self.complete and self.kind != "reward" and bool(self.samples) and \
+        return self.complete and self.facts.policy and bool(self.samples) and \
             ("judge_pass_rate" in m or "eot_rate" in m)
 
     @property
@@ -138,23 +146,13 @@ def recipe_stage_names(stages: list[Stage]) -> list[str]:
 # --- statistics --------------------------------------------------------------------------------
 
 
+from alignpipe.data.world import task_kind  # noqa: E402 - the embedded world's task kinds
 from alignpipe.eval.stats import by_prompt, paired, verdict, wilson, win_rate  # noqa: E402,F401 - shared statistics
+from alignpipe.reward.metrics import pearson  # noqa: E402
 
 
 def _verdict(win: dict) -> str:
     return verdict(win)
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 3:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
 
 
 # --- reward-model scores for samples that lack them ---------------------------------------------
@@ -289,15 +287,15 @@ class Report:
 
     @property
     def reward_stages(self) -> list[Stage]:
-        return [s for s in self.stages if s.kind == "reward" and s.complete]
+        return [s for s in self.stages if s.facts.scorer and s.complete]
 
     def baseline_for(self, stage: Stage) -> Stage | None:
         """The nearest sft ancestor with samples, else the first sft policy stage."""
         for name in reversed(stage.lineage):
             s = self.by_name.get(name)
-            if s is not None and s.kind == POLICY_BASELINE_KIND and s.is_policy:
+            if s is not None and s.facts.baseline and s.is_policy:
                 return s
-        return next((s for s in self.policies if s.kind == POLICY_BASELINE_KIND and s is not stage), None)
+        return next((s for s in self.policies if s.facts.baseline and s is not stage), None)
 
     def scorer_for(self, stage: Stage) -> RewardScorer | None:
         if not self.score_rewards:
@@ -351,9 +349,7 @@ class Report:
         return lines
 
     def summary(self) -> list[str]:
-        keys = ["judge_pass_rate", "eot_rate", "kl_to_reference", "mean_reward", "rm_win_rate_vs_sft",
-                "pairwise_accuracy", "onpolicy_accuracy", "perplexity", "eval_loss"]
-        used = [k for k in keys if any(k in s.metrics for s in self.stages)]
+        used = [k for k in HEADLINE_METRICS if any(k in s.metrics for s in self.stages)]
         rows = []
         for s in self.stages:
             m = s.metrics
@@ -491,11 +487,11 @@ class Report:
                  "intervals over samples" + ("; hatched: the stage trained on the judge." if
                                              any(r["judge_trained"] for r in rows) else "."), "",
                  self.figure(plots.pass_rates(rows, self.fig_path("pass_rate"))), ""]
-        base = next((s for s in policies if s.kind == POLICY_BASELINE_KIND), None)
+        base = next((s for s in policies if s.facts.baseline), None)
         if base is not None:
             b = next(r for r in rows if r["stage"] == base.name)
             for r in rows:
-                if r["stage"] == base.name or r["stage"] in [s.name for s in policies if s.kind == "pretrain"]:
+                if r["stage"] == base.name or r["stage"] in [s.name for s in policies if not s.facts.chat]:
                     continue
                 overlap = not (r["lo"] > b["hi"] or r["hi"] < b["lo"])
                 verdict = ("within noise of" if overlap else "clearly above" if r["rate"] > b["rate"]
@@ -527,7 +523,7 @@ class Report:
     def win_rates(self) -> list[str]:
         from alignpipe import plots
 
-        aligned = [s for s in self.policies if s.judged and s.kind not in ("pretrain", POLICY_BASELINE_KIND)]
+        aligned = [s for s in self.policies if s.judged and s.facts.aligned]
         if not aligned:
             return []
         lines = ["## Aligned policies vs SFT", "",
@@ -563,7 +559,7 @@ class Report:
                     self.notes.append(f"the judge and the reward model disagree about `{s.name}`: judge win rate "
                                       f"{judge['rate']:.0%}, reward-model win rate {rm['rate']:.0%} against "
                                       f"`{base.name}`" + (" (it optimised that reward model: possible reward "
-                                                          "hacking)" if s.kind in ("ppo", "grpo", "rloo") else "")
+                                                          "hacking)" if s.facts.trained_on_reward else "")
                                       + ".")
             elif scorer is not None and scorer.error:
                 self.notes.append(f"reward-model scores unavailable ({_md_cell(scorer.error, 160)}).")
@@ -621,13 +617,13 @@ class Report:
                 series[f"{rm.parent} (scored by {rm.name})"] = rm.samples
             scorer = self._scorers.setdefault(rm.name, RewardScorer(rm)) if self.score_rewards else None
             for p in self.policies:
-                if p.kind != "pretrain" and p.name != rm.parent:
+                if p.facts.chat and p.name != rm.parent:
                     rows = _with_rewards(p, scorer, self._reward_cache)
                     if rows:
                         series[p.name] = rows
             series = {label: {"tokens": [r["tokens"] for r in rows], "reward": [r["reward"] for r in rows],
                               "judge": [bool(r.get("judge")) for r in rows],
-                              "corr": pearson([float(r["tokens"]) for r in rows], [r["reward"] for r in rows])}
+                              "corr": pearson([float(r["tokens"]) for r in rows], [r["reward"] for r in rows], at_least=3)}
                       for label, rows in series.items()}
             if series:
                 lines += ["", "Reward against response length (a reward model that pays for length shows a "
@@ -665,7 +661,7 @@ class Report:
         policies = self.policies
         if not policies:
             return []
-        first = next((s for s in policies if s.kind == POLICY_BASELINE_KIND), policies[0])
+        first = next((s for s in policies if s.facts.baseline), policies[0])
         prompts = list(by_prompt(first.samples))[:SAMPLE_PROMPTS]
         grouped = {s.name: by_prompt(s.samples) for s in policies}
         rows = []
@@ -738,22 +734,6 @@ def disagreements(samples: list[dict]) -> list[tuple[dict, str]]:
 
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
-
-
-def task_kind(prompt: str) -> str | None:
-    """The embedded world's task kind of a prompt, matched against its phrasings (None: not one)."""
-    import re
-
-    from alignpipe.data.world import PROMPT_TEMPLATES
-
-    text = " ".join(str(prompt).lower().split())
-    for kind, templates in PROMPT_TEMPLATES.items():
-        for t in templates:
-            pattern = re.escape(t).replace(r"\{w\}", "[a-z]+")
-            pattern = re.sub(r"\\\{[ab]\\\}", r"\\d+", pattern)
-            if re.fullmatch(pattern, text):
-                return kind
-    return None
 
 
 def curve_series(rows: list[dict]) -> tuple[dict[str, tuple[list[float], list[float]]], str]:

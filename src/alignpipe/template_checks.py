@@ -289,12 +289,14 @@ def check_stage_templates(ctx, tokenizer=None, against_parents: bool = True) -> 
     signature = tokenizer_signature(tokenizer)
     if cfg.from_ and against_parents:
         _check_upstream(ctx, cfg.from_, signature, f"stages.{ctx.name}.from")
-    reward_model = getattr(cfg, "reward_model", None)
-    if reward_model and against_parents:
-        _check_upstream(ctx, reward_model, signature, f"stages.{ctx.name}.reward_model")
-    if cfg.kind == "pretrain":  # plain text: the template is only carried along for later stages
+    from alignpipe.stages import references
+
+    for field_name, upstream in references(cfg).items():
+        if against_parents:
+            _check_upstream(ctx, upstream, signature, f"stages.{ctx.name}.{field_name}")
+    if not ctx.kind.chat:  # plain text: the template is only carried along for later stages
         return {"tokenizer": signature, "template": "not used by pretraining"}
-    assistant_mask = cfg.kind == "sft" and cfg.trainer.get("assistant_only_loss", True)
+    assistant_mask = ctx.kind.assistant_loss and cfg.trainer.get("assistant_only_loss", True)
     try:
         report = check_template(tokenizer, assistant_mask=assistant_mask, generation_eos=_generation_eos(ctx))
     except TemplateError as err:  # name the recipe and the stage

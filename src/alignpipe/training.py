@@ -116,7 +116,9 @@ def train_log_metrics(trainer) -> dict:
     """Headline training figures from the trainer's log history: final loss, steps, throughput."""
     from alignpipe.distributed import dump_parameter_checksum
 
-    dump_parameter_checksum(trainer)  # a debugging aid for multi-process runs; off unless its env var is set
+    stage = Path(trainer.args.output_dir).parent.name  # runs/<recipe>/<stage>/checkpoints
+    # a debugging aid for multi-process runs; off unless its env var is set
+    dump_parameter_checksum(stage, trainer.model_wrapped, trainer.model, trainer.state.global_step)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})

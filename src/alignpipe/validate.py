@@ -7,7 +7,6 @@ libraries (TRL config fields), the file system (data files, run folder) or the p
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -16,12 +15,9 @@ from alignpipe.errors import RecipeError, RunError
 from alignpipe.eval.checks import check_eval
 from alignpipe.gates import check_gates
 from alignpipe.recipe import Recipe
-from alignpipe.stages import stage_module
+from alignpipe.stages import kind_of
 from alignpipe.templates import has_generation_markers, resolve_template
 from alignpipe.tracking import check_tracking
-
-EMBEDDED_PARTS = ("corpus", "sft", "pairs", "rl_prompts")
-
 
 def validate(recipe: Recipe, show_data: bool = False) -> None:
     """Raise RecipeError / RunError on the first problem found; with `show_data`, print what each stage's
@@ -35,11 +31,8 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
     check_tracking(recipe, where)
     for name, cfg in recipe.stages.items():
         key = f"stages.{name}"
-        module = stage_module(cfg.kind)
-        # a module serving several kinds (grpo, rloo) takes the kind: each has its own TRL config class
-        takes_kind = "kind" in inspect.signature(module.trainer_config_class).parameters
-        config_class = module.trainer_config_class(cfg.kind) if takes_kind else module.trainer_config_class()
-        _check_trainer_keys(config_class, cfg.trainer, where, f"{key}.trainer")
+        kind = kind_of(cfg.kind)
+        _check_trainer_keys(kind.trainer_config(), cfg.trainer, where, f"{key}.trainer")
         prepared = _check_data(recipe, cfg, where, f"{key}.data")
         _check_eval_data(recipe, name, where)
         if show_data and prepared is not None:
@@ -48,24 +41,23 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
             raise RecipeError(f"checkpoint_every must be 0 or more, got {cfg.checkpoint_every}", where=where,
                               key=f"{key}.checkpoint_every", fix="give a number of steps (0: the stage's default)")
         check_lora_targets(recipe, name)
-        if cfg.kind == "sft" and template is not None and not has_generation_markers(template) \
+        if kind.assistant_loss and template is not None and not has_generation_markers(template) \
                 and cfg.trainer.get("assistant_only_loss", True):
             raise RecipeError("the chat template has no {% generation %} markers, which assistant-only loss needs",
                               where=where, key="chat_template",
                               fix="use a built-in template (embedded, chatml, llama3) or add the markers, or set "
                                   f"{key}.trainer.assistant_only_loss: false")
-        if cfg.from_ is None and recipe.model.init is not None and cfg.kind != "pretrain":
+        if cfg.from_ is None and recipe.model.init is not None and kind.chat:
             raise RecipeError("this stage starts from the recipe's model, but the model is an `init:` block "
                               "(random weights with no tokenizer)", where=where, key=f"{key}.from",
                               fix="set `from:` to a pretrain stage, or give `model.path`")
-        if cfg.kind == "pretrain" and cfg.from_ is not None:
-            raise RecipeError("a pretrain stage starts from the recipe's model", where=where, key=f"{key}.from",
+        if not kind.chat and cfg.from_ is not None:
+            raise RecipeError(f"a {cfg.kind} stage starts from the recipe's model", where=where, key=f"{key}.from",
                               fix="remove `from:` (use model.path for continued pretraining)")
         check_gates(recipe, name, where)
         check_eval(recipe, name, where)
-        check = getattr(module, "check", None)
-        if check is not None:  # stage-specific checks (e.g. a reward_model that is not a reward stage)
-            check(recipe, name, where)
+        if kind.check is not None:  # the kind's own checks (e.g. a reward_model that is not a reward stage)
+            kind.check(recipe, name, where)
     check_stage_tokenizers(recipe)
     _check_runs_dir(recipe, where)
 
@@ -77,10 +69,8 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
     them) is checked against them, exactly as `run` will; one whose parents are still to be (re)built is
     checked on the recipe's model, the tokenizer they start from too. Stages of an `init:` model wait
     for their pretrain stage; hub models for `run` (validate works offline)."""
-    import dataclasses
-
-    from alignpipe import runs
-    from alignpipe.runner import make_context, same_result, stage_fingerprint
+    from alignpipe.context import make_context
+    from alignpipe.stage_plan import is_up_to_date
     from alignpipe.template_checks import check_stage_templates
 
     local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
@@ -92,8 +82,7 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
             check_stage_templates(ctx)
         elif local_model:
             check_stage_templates(dataclasses.replace(ctx, parent_dir=None), against_parents=not ups)
-        old = runs.read_manifest(ctx.dir) if all(fresh.get(u) for u in ups) else None
-        fresh[name] = bool(old) and old.get("status") == "complete" and same_result(old, stage_fingerprint(ctx)[0])
+        fresh[name] = all(fresh.get(u) for u in ups) and is_up_to_date(recipe, name)
 
 
 def _check_model(recipe: Recipe, where: str) -> None:
@@ -155,21 +144,21 @@ def _check_eval_data(recipe: Recipe, name: str, where: str) -> None:
     """An explicit `eval: {data: ...}` file is read like the stage's data, and shares no prompt with it."""
     from alignpipe.data.formats import DataError
     from alignpipe.data.loading import as_user_error
-    from alignpipe.data.split import SPLIT_KINDS, eval_file_rows, prompt_key
+    from alignpipe.data.split import eval_file_rows, prompt_key
+    from alignpipe.stages import kinds_where
 
     cfg = recipe.stages[name]
     if not cfg.eval.data:
         return
     key = f"stages.{name}.eval.data"
-    if cfg.kind not in SPLIT_KINDS or not cfg.data or "embedded" in cfg.data:
+    if not kind_of(cfg.kind).user_split or not cfg.data or "embedded" in cfg.data:
         raise RecipeError("an eval file is for a stage trained on user data", where=where, key=key,
-                          fix=f"remove it, or use it on a {'/'.join(SPLIT_KINDS)} stage with a data file")
+                          fix=f"remove it, or use it on a {'/'.join(kinds_where(user_split=True))} stage with a data file")
     try:
         from alignpipe.data.sources import prepare_data
-        from alignpipe.data.formats import family_for_stage
 
         keys = {prompt_key(r) for r in eval_file_rows(recipe, name)}
-        train = prepare_data(cfg.data, recipe.path.parent, family_for_stage(cfg.kind), key=f"stages.{name}.data")
+        train = prepare_data(cfg.data, recipe.path.parent, kind_of(cfg.kind).family, key=f"stages.{name}.data")
     except DataError as err:
         raise as_user_error(err, where) from None
     shared = sorted({prompt_key(r) for r in train.rows} & keys)
@@ -187,8 +176,8 @@ def _show_data(recipe: Recipe, name: str, prepared) -> None:
     from alignpipe.data.split import prompt_key, recipe_split, user_stages
 
     cfg = recipe.stages[name]
-    tokenizer, why_not = _stage_tokenizer(recipe, name)
-    max_length = cfg.trainer.get("max_length", getattr(stage_module(cfg.kind), "DEFAULT_MAX_LENGTH", None))
+    tokenizer, why_not = stage_tokenizer(recipe, name)
+    max_length = cfg.trainer.get("max_length", kind_of(cfg.kind).max_length)
     try:
         report = validation_report(prepared, tokenizer, max_length, sample=2000, seed=recipe.seed)
     except DataError as err:
@@ -205,7 +194,7 @@ def _show_data(recipe: Recipe, name: str, prepared) -> None:
               f"{getattr(cfg, 'eval_pairs', None) or getattr(cfg, 'eval_docs', None) or 200})")
 
 
-def _stage_tokenizer(recipe: Recipe, name: str):
+def stage_tokenizer(recipe: Recipe, name: str):
     """(the tokenizer a stage starts from with the recipe's template, None) or (None, why it cannot be had yet)."""
     from alignpipe import runs
     from alignpipe.context import StageContext
@@ -218,11 +207,11 @@ def _stage_tokenizer(recipe: Recipe, name: str):
         while up is not None:
             chain.append(up)
             up = recipe.stages[up].from_
-        pretrain = [n for n in chain if recipe.stages[n].kind == "pretrain"]
-        if pretrain and recipe.model.init is not None:
-            return None, f"the tokenizer is trained by stage {pretrain[0]!r}, which has not run yet"
+        builders = [n for n in chain if not kind_of(recipe.stages[n].kind).chat]
+        if builders and recipe.model.init is not None:
+            return None, f"the tokenizer is trained by stage {builders[0]!r}, which has not run yet"
         parent = None
-    if cfg.kind == "pretrain" and recipe.model.init is not None:
+    if not kind_of(cfg.kind).chat and recipe.model.init is not None:
         return None, "plain text; the tokenizer is trained by this stage"
     if parent is None and (recipe.model.path is None or not Path(recipe.model.path).expanduser().is_dir()):
         return None, "the model is not on this machine yet"
@@ -245,14 +234,20 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
     except DataError as err:
         raise as_user_error(err, where) from None
     if "embedded" in spec:
-        if spec["embedded"] not in EMBEDDED_PARTS:
-            raise RecipeError(f"unknown embedded data {spec['embedded']!r}", where=where, key=f"{key}.embedded",
-                              fix=f"use one of {', '.join(EMBEDDED_PARTS)}")
+        from alignpipe.data.world import WORLD_PARTS
+
+        part, kind = spec["embedded"], kind_of(cfg.kind)
+        if part not in WORLD_PARTS:
+            raise RecipeError(f"unknown embedded data {part!r}", where=where, key=f"{key}.embedded",
+                              fix=f"use one of {', '.join(WORLD_PARTS)}")
+        if kind.embedded is not None and part != kind.embedded:
+            raise RecipeError(f"a {cfg.kind} stage trains on the embedded {kind.embedded!r}, not {part!r}", where=where,
+                              key=f"{key}.embedded", fix=f"use `data: {{embedded: {kind.embedded}}}` or a data file")
         return None
     from alignpipe.data.loading import check_spec
 
     _check_hub_data_offline(spec, where, key)
-    return check_spec(spec, recipe.path.parent, where, key, cfg.kind)
+    return check_spec(spec, recipe.path.parent, where, key, kind_of(cfg.kind).family)
 
 
 def _check_runs_dir(recipe: Recipe, where: str) -> None:
@@ -293,9 +288,9 @@ def _check_model_safety(recipe: Recipe, where: str) -> None:
 
 
 def _check_hub_model_offline(recipe: Recipe, where: str) -> None:
-    from alignpipe.data.sources import _offline_setting
+    from alignpipe.data.sources import offline_setting
 
-    path, offline = recipe.model.path, _offline_setting()
+    path, offline = recipe.model.path, offline_setting()
     if path and offline and not _in_hub_cache(path, "model"):
         raise RecipeError(f"hub model {path} is not in the local cache and {offline} is set", where=where,
                           key="model.path", fix=f"download it on a connected machine first, or unset {offline}, "
@@ -303,9 +298,9 @@ def _check_hub_model_offline(recipe: Recipe, where: str) -> None:
 
 
 def _check_hub_data_offline(spec: dict, where: str, key: str) -> None:
-    from alignpipe.data.sources import _offline_setting
+    from alignpipe.data.sources import offline_setting
 
-    offline = _offline_setting()
+    offline = offline_setting()
     for i, part in enumerate(spec.get("mixture", [spec])):
         hub = part.get("hub") if isinstance(part, dict) else None
         if hub and offline and not _in_hub_cache(str(hub), "dataset"):
@@ -381,7 +376,7 @@ def _module_names(recipe: Recipe, stage: str) -> tuple[set[str], set[str]]:
         config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code, **local_only)
     except (OSError, ValueError):
         return set(), set()  # a hub model not downloaded yet: peft checks when the stage loads it
-    model_class = AutoModelForSequenceClassification if cfg.kind == "reward" else AutoModelForCausalLM
+    model_class = AutoModelForSequenceClassification if kind_of(cfg.kind).scorer else AutoModelForCausalLM
     with torch.device("meta"):
         model = model_class.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     modules = dict(model.named_modules())

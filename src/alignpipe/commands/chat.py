@@ -58,7 +58,9 @@ def stage_manifest(stage_dir: Path) -> dict:
     manifest = require_complete(stage_dir, needed_by=stage_dir.name)
     if not (stage_dir / "model").is_dir():
         raise RunError("the stage saved no model", where=str(stage_dir / "model"), fix="give a policy stage")
-    if manifest.get("kind") == "reward":
+    from alignpipe.stages import is_scorer_manifest
+
+    if is_scorer_manifest(manifest):
         raise RunError("a reward stage scores responses, it does not write them", where=str(stage_dir),
                        fix="give a policy stage (sft, dpo, ppo, ...); score with `alignpipe score`")
     return manifest
@@ -120,9 +122,9 @@ def cmd_chat(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from alignpipe.cli import _threads
+    from alignpipe.cli import set_threads
 
-    _threads()
+    set_threads()
     model, tokenizer, manifest = load_stage(Path(args.stage_dir))
     stops = stop_ids(tokenizer, manifest)
     gen = generation_kwargs(args, tokenizer, stops)
@@ -216,9 +218,9 @@ def cmd_generate(args) -> int:
     conversation before the next turn: `responses` holds them all, `response` the last."""
     import torch
 
-    from alignpipe.cli import _threads
+    from alignpipe.cli import set_threads
 
-    _threads()
+    set_threads()
     rows = read_prompts(Path(args.inp))
     model, tokenizer, manifest = load_stage(Path(args.stage_dir))
     stops = stop_ids(tokenizer, manifest)

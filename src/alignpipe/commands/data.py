@@ -75,7 +75,7 @@ def _pick(rows: list[dict], n: int) -> list[int]:
 
 
 def cmd_data(args) -> int:
-    from alignpipe.data.formats import DataError, family_for_stage
+    from alignpipe.data.formats import DataError
     from alignpipe.data.loading import as_user_error
     from alignpipe.data.report import format_report, validation_report
     from alignpipe.data.sources import MAX_DROPPED, prepare_data
@@ -88,7 +88,8 @@ def cmd_data(args) -> int:
         raise AlignpipeError("--stage needs --recipe", key="--stage", fix="add --recipe RECIPE.yaml")
     if args.recipe:
         from alignpipe.recipe import load_recipe
-        from alignpipe.validate import _stage_tokenizer
+        from alignpipe.stages import kind_of
+        from alignpipe.validate import stage_tokenizer
 
         recipe = load_recipe(args.recipe)
         if args.stage:
@@ -96,17 +97,15 @@ def cmd_data(args) -> int:
                 raise AlignpipeError(f"no stage named {args.stage!r}", where=args.recipe, key="--stage",
                                      fix=f"choose from {', '.join(recipe.stages)}")
             cfg = recipe.stages[args.stage]
-            family = family or family_for_stage(cfg.kind)
+            family = family or kind_of(cfg.kind).family
             key = f"stages.{args.stage}.data"
             if spec is None:
                 spec, base = dict(cfg.data), recipe.path.parent
                 if "embedded" in spec:
                     raise AlignpipeError("this stage reads the embedded world, not a file", where=args.recipe,
                                          key=key, fix="give FILE to see how it would be read")
-            tokenizer, _ = _stage_tokenizer(recipe, args.stage)
-            from alignpipe.stages import stage_module
-
-            max_length = cfg.trainer.get("max_length", getattr(stage_module(cfg.kind), "DEFAULT_MAX_LENGTH", None))
+            tokenizer, _ = stage_tokenizer(recipe, args.stage)
+            max_length = cfg.trainer.get("max_length", kind_of(cfg.kind).max_length)
     if spec is None:
         raise AlignpipeError("no data to read", key="FILE", fix="give a FILE, or --recipe R --stage S")
     template = resolve_template(args.template or (recipe.chat_template if recipe else "chatml"),

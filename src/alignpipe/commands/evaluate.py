@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
 
 def cmd_eval(args) -> int:
     from alignpipe import gates, runs
-    from alignpipe.cli import _threads
+    from alignpipe.cli import set_threads
     from alignpipe.errors import RunError
     from alignpipe.recipe import LmEvalSpec, load_recipe
 
@@ -35,10 +35,10 @@ def cmd_eval(args) -> int:
     if name not in recipe.stages or Path(recipe.stage_dir(name)).resolve() != stage_dir.resolve():
         raise RunError(f"the recipe has no stage {name!r} writing to this folder", where=str(recipe.path),
                        fix="give the recipe that produced it with --recipe")
-    _threads()
+    set_threads()
     from alignpipe.evaluation import evaluate_stage
     from alignpipe.modeling import device, load_stage_model, load_tokenizer
-    from alignpipe.runner import make_context
+    from alignpipe.context import make_context
 
     ctx = make_context(recipe, name)
     tokenizer = load_tokenizer(ctx.model_dir, recipe.model)
@@ -56,8 +56,7 @@ def cmd_eval(args) -> int:
 
         add_stop_token(policy, tokenizer.eos_token_id)
         # aligned stages are compared with their start (the parent), as when they were trained
-        reference = ctx.load_model().to(device()).eval() if ctx.parent_dir and ctx.config.kind not in (
-            "pretrain", "sft") else None
+        reference = ctx.load_model().to(device()).eval() if ctx.parent_dir and ctx.kind.aligned else None
         figures = evaluate_stage(ctx, policy, tokenizer, reference)
     metrics = {**(manifest.get("metrics") or {}), **figures}
     if figures.get("eval_status") == "complete":

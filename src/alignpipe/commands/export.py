@@ -72,13 +72,15 @@ def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from alignpipe import modeling
-    from alignpipe.cli import _threads
+    from alignpipe.cli import set_threads
     from alignpipe.commands.chat import model_spec, stage_manifest
     from alignpipe.runs import manifest_hash, read_manifest
 
-    _threads()
+    set_threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)
-    if (read_manifest(stage_dir) or {}).get("kind") == "reward":
+    from alignpipe.stages import is_scorer_manifest
+
+    if is_scorer_manifest(read_manifest(stage_dir)):
         raise ExportError("a reward stage's model/ is already standalone (score head merged in)",
                           where=str(stage_dir / "model"), fix="copy that folder; load it with "
                           "AutoModelForSequenceClassification or alignpipe.reward.artifact.load_reward_model")

@@ -35,7 +35,9 @@ def find_reward_stage(path: Path) -> Path:
         return path
     if not path.is_dir():
         raise RunError("no such folder", where=str(path), fix="give runs/<recipe>/<reward stage>")
-    found = sorted(d for d in path.iterdir() if (read_manifest(d) or {}).get("kind") == "reward")
+    from alignpipe.stages import is_scorer_manifest
+
+    found = sorted(d for d in path.iterdir() if is_scorer_manifest(read_manifest(d)))
     if len(found) == 1:
         return found[0]
     if not found:

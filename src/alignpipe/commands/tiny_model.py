@@ -29,7 +29,7 @@ def read_texts(path: Path) -> list[str]:
 
 
 def cmd_tiny_model(args) -> int:
-    from alignpipe.cli import _threads
+    from alignpipe.cli import set_threads
     from alignpipe.tiny_model import save_tiny_model
 
     out = Path(args.out)
@@ -37,7 +37,7 @@ def cmd_tiny_model(args) -> int:
         raise AlignpipeError("the output folder exists and is not empty", where=str(out),
                              fix="give a new folder, or remove this one first")
     texts = read_texts(Path(args.text)) if args.text else None
-    _threads()
+    set_threads()
     save_tiny_model(out, like=args.like, texts=texts, vocab_size=args.vocab_size)
     print(f"{out}: a tiny {args.like} look-alike (random weights, tokenizer trained on "
           f"{args.text or 'the built-in text'}); use it as `model: {{path: {out}}}`")

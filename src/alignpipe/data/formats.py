@@ -40,26 +40,7 @@ class DataError(ValueError):
 
 FAMILIES = ("text", "conversations", "pairs", "kto", "prompts")
 ALIASES = {"unpaired": "kto"}  # the family's earlier name
-
-FAMILY_OF_STAGE = {
-    "pretrain": "text",
-    "sft": "conversations",
-    "reward": "pairs",
-    "dpo": "pairs",
-    "kto": "kto",
-    "orpo": "pairs",
-    "cpo": "pairs",
-    "ppo": "prompts",
-    "grpo": "prompts",
-    "rloo": "prompts",
-}
-
-
-def family_for_stage(stage_kind: str) -> str:
-    """The data family a stage kind trains on (`sft` -> `conversations`, ...)."""
-    if stage_kind not in FAMILY_OF_STAGE:
-        raise KeyError(f"no data family for stage kind {stage_kind!r}; known: {', '.join(FAMILY_OF_STAGE)}")
-    return FAMILY_OF_STAGE[stage_kind]
+# (each stage kind declares the family it trains on: alignpipe.stages.StageKind.family)
 
 
 # --------------------------------------------------------------------------- dropped rows

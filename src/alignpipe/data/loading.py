@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from alignpipe.data.formats import DataError, family_for_stage
+from alignpipe.data.formats import DataError
 from alignpipe.errors import AlignpipeError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or org/name
@@ -20,7 +20,7 @@ def as_user_error(err: DataError, recipe_file: str) -> AlignpipeError:
     return AlignpipeError(what, where=recipe_file, key=err.where, fix=err.fix)
 
 
-def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sft"):
+def check_spec(spec: dict, base_dir: Path, where: str, key: str, family: str = "conversations"):
     """Read and normalise the data once, so that `validate` fails on what `run` would fail on; returns what
     was read (a PreparedData; None when every source is a hub dataset).
 
@@ -41,11 +41,11 @@ def check_spec(spec: dict, base_dir: Path, where: str, key: str, kind: str = "sf
             print(f"[alignpipe] {key}: hub dataset {component['hub']} is downloaded when the stage runs "
                   "(validate does not reach the hub)", file=sys.stderr)
         if not hub:
-            return prepare_data(spec, base_dir, family_for_stage(kind), key=key)
+            return prepare_data(spec, base_dir, family, key=key)
         if "mixture" in spec:  # the local components are still read and checked
             local = [c for c in spec["mixture"] if "hub" not in c]
             if local:
-                return prepare_data({**spec, "mixture": local}, base_dir, family_for_stage(kind), key=key)
+                return prepare_data({**spec, "mixture": local}, base_dir, family, key=key)
         return None
     except DataError as err:
         raise as_user_error(err, where) from None
@@ -81,7 +81,7 @@ def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int 
     from alignpipe.data.report import format_report, validation_report
     from alignpipe.data.sources import prepare_data
 
-    family = family or family_for_stage(ctx.config.kind)
+    family = family or ctx.kind.family
     try:
         prepared = prepare_data(ctx.config.data, ctx.recipe.path.parent, family, key=f"stages.{ctx.name}.data",
                                 seed=ctx.seed)

@@ -211,7 +211,7 @@ def _read_folder(folder: Path, name: str, split: str | None) -> list[RawRows]:
 # --------------------------------------------------------------------------- the hub
 
 
-def _offline_setting() -> str | None:
+def offline_setting() -> str | None:
     """The environment variable that puts the hub client in offline (cache-only) mode, if one is set."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
@@ -219,7 +219,7 @@ def _offline_setting() -> str | None:
     return None
 
 
-def _probe_hub() -> str | None:
+def probe_hub() -> str | None:
     """Why the hub cannot be reached, or None. Without this, a machine with no internet spends ~25 s
     in the hub client's retries before failing."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -234,8 +234,8 @@ def _probe_hub() -> str | None:
 
 def _read_hub(hub: str, subset: str | None, split: str, key: str) -> RawRows:
     name = f"{hub}[{split}]"
-    offline = _offline_setting()
-    unreachable = None if offline else _probe_hub()
+    offline = offline_setting()
+    unreachable = None if offline else probe_hub()
     if unreachable:
         raise DataError(name, f"{key}.hub", f"the Hugging Face hub is not reachable: {unreachable}",
                         f"use a local file ({key}.path), or set HF_HUB_OFFLINE=1 if this dataset is already cached")

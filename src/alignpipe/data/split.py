@@ -18,10 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignpipe.data.formats import family_for_stage
 
 FRACTION = 0.05  # share of prompt keys held out
-SPLIT_KINDS = ("pretrain", "sft", "reward", "dpo", "kto", "orpo", "cpo")  # the kinds that take their held-out rows from here
 FILE = "heldout.json"
 
 
@@ -53,10 +51,17 @@ class Split:
         return score(self.seed, key) < self.fraction or key in self.extra
 
 
+def _kind(cfg):
+    """The stage's kind (`alignpipe.stages.StageKind`): whether it takes its held-out rows from here, its family."""
+    from alignpipe.stages import kind_of
+
+    return kind_of(cfg.kind)
+
+
 def user_stages(recipe) -> dict:
     """Stages whose data is the user's (a path, hub dataset or mixture, not the embedded world)."""
     return {name: cfg for name, cfg in recipe.stages.items()
-            if cfg.data and "embedded" not in cfg.data and cfg.kind in SPLIT_KINDS}
+            if cfg.data and "embedded" not in cfg.data and _kind(cfg).user_split}
 
 
 _CACHE: dict[str, Split] = {}
@@ -65,7 +70,7 @@ _CACHE: dict[str, Split] = {}
 def _stage_rows(recipe, name: str, cfg) -> list[dict]:
     from alignpipe.data.sources import prepare_data
 
-    return prepare_data(cfg.data, recipe.path.parent, family_for_stage(cfg.kind), key=f"stages.{name}.data",
+    return prepare_data(cfg.data, recipe.path.parent, _kind(cfg).family, key=f"stages.{name}.data",
                         seed=recipe.seed).rows
 
 
@@ -74,7 +79,7 @@ def eval_file_rows(recipe, name: str) -> list[dict]:
     from alignpipe.data.sources import prepare_data
 
     cfg = recipe.stages[name]
-    return prepare_data(cfg.eval.data, recipe.path.parent, family_for_stage(cfg.kind),
+    return prepare_data(cfg.eval.data, recipe.path.parent, _kind(cfg).family,
                         key=f"stages.{name}.eval.data", seed=recipe.seed).rows
 
 
@@ -91,7 +96,7 @@ def recipe_split(recipe, local_only: bool = False) -> Split:
         return _CACHE[cache_key]
     extra = set()
     for name, cfg in recipe.stages.items():  # explicit eval files: their prompts are held out everywhere
-        if cfg.eval.data and cfg.kind in SPLIT_KINDS:
+        if cfg.eval.data and _kind(cfg).user_split:
             extra |= {prompt_key(r) for r in eval_file_rows(recipe, name)}
     for name, cfg in user_stages(recipe).items():
         if local_only and _uses_hub(cfg.data):
@@ -169,10 +174,10 @@ def heldout_prompts(ctx) -> list[dict]:
     recipe = ctx.recipe
     split = recipe_split(recipe)
     out, seen = [], set()
-    sources = [(n, eval_file_rows(recipe, n)) for n, c in recipe.stages.items() if c.eval.data and c.kind in SPLIT_KINDS]
+    sources = [(n, eval_file_rows(recipe, n)) for n, c in recipe.stages.items() if c.eval.data and _kind(c).user_split]
     sources += [(n, _stage_rows(recipe, n, c)) for n, c in user_stages(recipe).items()]
     for name, rows in sources:
-        if family_for_stage(recipe.stages[name].kind) == "text":
+        if _kind(recipe.stages[name]).family == "text":
             continue
         for row in rows:
             key = prompt_key(row)

@@ -204,6 +204,12 @@ def _template_regex(template: str) -> re.Pattern:
 _PROMPT_REGEXES = [(k, _template_regex(t)) for k in KINDS for t in PROMPT_TEMPLATES[k]]
 
 
+def task_kind(prompt: str) -> str | None:
+    """The task kind of a world prompt, matched against its phrasings (None: not one)."""
+    text = " ".join(str(prompt).lower().split())
+    return next((kind for kind, regex in _PROMPT_REGEXES if regex.fullmatch(text)), None)
+
+
 # --- judging ------------------------------------------------------------------------------
 
 def solve(prompt: str) -> str | None:
@@ -485,3 +491,27 @@ def build_splits(config: WorldConfig = WorldConfig()) -> dict[str, list[dict]]:
         "eval_prompts": world.eval_prompts(),
         "rl_prompts": world.rl_prompts(),
     }
+
+
+# What a stage reading an embedded part (`data: {embedded: <part>}`) sees of the world, for its fingerprint:
+# the part, its held-out sibling and the held-out prompts its evaluation samples on. A change to the
+# preference pairs re-runs reward and dpo, not pretraining.
+WORLD_PARTS: dict[str, tuple[str, ...]] = {
+    "corpus": ("corpus", "corpus_eval", "eval_prompts"),
+    "sft": ("sft_rows", "eval_prompts"),
+    "pairs": ("pairs", "pairs_eval", "eval_prompts"),
+    "rl_prompts": ("rl_prompts", "eval_prompts"),
+}
+
+
+def part_fingerprint(world: World, part: str) -> str:
+    """sha256 of the world's rows an embedded `part` stands for (see WORLD_PARTS), cached on the world."""
+    from alignpipe.runs import fingerprint_json
+
+    cache = world.__dict__.setdefault("_alignpipe_fingerprints", {})
+    if part not in cache:
+        make = {"corpus": world.corpus, "corpus_eval": world.corpus_eval, "sft_rows": world.sft_rows,
+                "pairs": lambda: world.preference_rows("train"), "pairs_eval": lambda: world.preference_rows("eval"),
+                "eval_prompts": world.eval_prompts, "rl_prompts": world.rl_prompts}
+        cache[part] = fingerprint_json([make[name]() for name in WORLD_PARTS[part]])
+    return cache[part]

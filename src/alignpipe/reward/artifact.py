@@ -77,7 +77,9 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
     stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
     if manifest is not None:
-        if manifest.get("kind") != "reward":
+        from alignpipe.stages import is_scorer_manifest
+
+        if not is_scorer_manifest(manifest):
             raise RunError(f"not a reward stage (kind {manifest.get('kind')!r})", where=str(stage_dir),
                            fix="give the folder of a stage with `kind: reward`")
         if manifest.get("status") != "complete":

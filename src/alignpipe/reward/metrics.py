@@ -42,8 +42,11 @@ def calibration(margins: list[float], n_buckets: int = 10) -> tuple[float, list[
     return ece, table
 
 
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson correlation; None when either side is constant (it is undefined then)."""
+def pearson(xs: list[float], ys: list[float], at_least: int = 1) -> float | None:
+    """Pearson correlation; None when either side is constant (it is undefined then) or for fewer than
+    `at_least` points."""
+    if len(xs) < max(1, at_least):
+        return None
     mx, my = fmean(xs), fmean(ys)
     sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
     sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)

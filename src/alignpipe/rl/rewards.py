@@ -32,7 +32,9 @@ def check_reward_source(recipe, name: str, where: str) -> None:
         raise RecipeError(f"a {cfg.kind} stage needs exactly one reward: `reward_model` or `reward_function`",
                           where=where, key=key, fix="set reward_model: <a reward stage> or reward_function: "
                                                     "alignpipe.data.world:judge_reward")
-    if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
+    from alignpipe.stages import kind_of
+
+    if cfg.reward_model is not None and not kind_of(recipe.stages[cfg.reward_model].kind).scorer:
         raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
                           fix="name a stage of kind reward")
     if cfg.reward_function is not None:
@@ -56,8 +58,8 @@ def is_judge(spec: str | None) -> bool:
 
 @dataclass
 class RewardSource:
-    """`raw(prompts, responses)` -> scores as the source gives them; `normalise` -> (raw - mean) / std.
-    Prompts are conversations (lists of messages), responses the assistant's text."""
+    """`raw(prompts, responses)` -> scores as the source gives them; the trainer normalises them as
+    (raw - mean) / std. Prompts are conversations (lists of messages), responses the assistant's text."""
 
     name: str  # "reward stage <name>" or the function's spec, for logs
     raw_fn: Callable[[list[list[dict]], list[str]], list[float]]
@@ -66,9 +68,6 @@ class RewardSource:
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
         return [float(s) for s in self.raw_fn(prompts, responses)]
-
-    def normalise(self, scores: list[float]) -> list[float]:
-        return [(s - self.mean) / self.std for s in scores]
 
 
 def from_reward_stage(stage_dir, spec=None, batch_size: int = 64) -> tuple[RewardSource, object]:

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
 from alignpipe.recipe import StageConfig
+from alignpipe.stage_helpers import check_policy_references, evaluate_policy, lora_config, preference_pairs
+from alignpipe.stages import StageKind
+
+if TYPE_CHECKING:
+    from alignpipe.context import StageContext
 
 # DPOConfig.loss_type values in TRL 1.16 (checked before anything is trained: TRL only fails at
 # the first step). ORPO / CPO / SimPO are separate trainers in trl.experimental, KTO is trl.KTOTrainer.
@@ -48,19 +54,6 @@ def trainer_config_class():
     return DPOConfig
 
 
-def check_policy_references(recipe, name: str, where: str) -> None:
-    """A preference stage (dpo, kto, orpo, cpo) starts from a policy and names a reward stage, if any."""
-    cfg = recipe.stages[name]
-    key = f"stages.{name}"
-    # without `from`, the stage starts from `model.path` (validate rejects that for an `init:` model)
-    if cfg.from_ is not None and recipe.stages[cfg.from_].kind == "reward":
-        raise RecipeError(f"starts from reward stage {cfg.from_!r}, which is not a policy", where=where,
-                          key=f"{key}.from", fix="set `from:` to an sft stage")
-    if cfg.reward_model is not None and recipe.stages[cfg.reward_model].kind != "reward":
-        raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
-                          fix="name a stage of kind reward, or remove the key")
-
-
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
     key = f"stages.{name}"
@@ -80,16 +73,6 @@ def check(recipe, name: str, where: str) -> None:
                           key=f"{key}.trainer.loss_weights", fix="give one weight per entry of loss_type")
 
 
-def pairs(ctx) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) `{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}` rows: the embedded
-    world's preference pairs, or a user dataset split by the recipe's held-out prompts."""
-    if ctx.config.data.get("embedded") == "pairs":
-        return ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
-    from alignpipe.data.loading import load_split
-
-    return load_split(ctx, "pairs", 200)
-
-
 def pair_counts(trainer, stage: str, train_rows: int, heldout_rows: int) -> dict:
     """How many pairs the trainer really uses. TRL 1.16 drops a pair whose prompt alone fills max_length
     (with truncation_mode keep_start the collator would cut every completion token): count what it kept."""
@@ -103,23 +86,6 @@ def pair_counts(trainer, stage: str, train_rows: int, heldout_rows: int) -> dict
     print(f"[alignpipe] stage {stage}: {kept} pairs trained on, {heldout} held out"
           f"{dropped}", flush=True)
     return counts
-
-
-def adapter_disabled(peft_model):
-    """The LoRA policy with its adapter switched off, as a model of its own: DPO's reference,
-    without a second copy of the base weights (used for the KL figure)."""
-    import torch
-
-    class AdapterOff(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.policy = peft_model
-
-        def forward(self, **kwargs):
-            with self.policy.disable_adapter():
-                return self.policy(**kwargs)
-
-    return AdapterOff()
 
 
 def implicit_reward_metrics(trainer) -> dict:
@@ -139,13 +105,11 @@ def implicit_reward_metrics(trainer) -> dict:
     return metrics
 
 
-def build_trainer(ctx):
+def build_trainer(ctx: StageContext):
     """The DPOTrainer for this stage, the reference policy as a model (None with LoRA: the trainer
     switches the adapter off instead), and the pairs it trains on and holds out (`pair_counts`)."""
     from datasets import Dataset
     from trl import DPOTrainer
-
-    from alignpipe.stages.sft import lora_config
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -156,7 +120,7 @@ def build_trainer(ctx):
     if peft_config is None:
         reference = ctx.load_model().eval().requires_grad_(False)
 
-    train_rows, heldout_rows = pairs(ctx)
+    train_rows, heldout_rows = preference_pairs(ctx)
     train_ds = Dataset.from_list(train_rows)
     # implicit rewards are measured on the held-out pairs and, to compare, on a slice of the training pairs
     eval_ds = {"heldout": Dataset.from_list(heldout_rows),
@@ -182,8 +146,8 @@ def build_trainer(ctx):
     return trainer, reference, pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows))
 
 
-def run(ctx) -> dict:
-    from alignpipe.evaluation import evaluate_stage
+def run(ctx: StageContext) -> dict:
+    from alignpipe.rl.policy import AdapterOff
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer, reference, counts = build_trainer(ctx)
@@ -198,6 +162,10 @@ def run(ctx) -> dict:
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
     if reference is None:
-        reference = adapter_disabled(policy)
-    metrics.update(evaluate_stage(ctx, policy, tokenizer, reference))
+        reference = AdapterOff(policy)  # the LoRA policy with its adapter switched off: no second copy
+    metrics.update(evaluate_policy(ctx, policy, tokenizer, reference))
     return metrics
+
+
+DECLARES = (StageKind("dpo", Config, run, trainer_config_class, family="pairs", embedded="pairs",
+                      references=("reward_model",), user_split=True, max_length=DEFAULT_MAX_LENGTH, check=check),)

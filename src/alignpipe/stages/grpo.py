@@ -13,9 +13,15 @@ is a training score, not an independent measure.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
 from alignpipe.recipe import StageConfig
+from alignpipe.stage_helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
+from alignpipe.stages import StageKind
+
+if TYPE_CHECKING:
+    from alignpipe.context import StageContext
 
 
 @dataclass
@@ -25,10 +31,16 @@ class Config(StageConfig):
     missing_eot_penalty: float = 1.0  # subtracted from the reward of a response cut off unfinished
 
 
-def trainer_config_class(kind: str = "grpo"):
-    from trl import GRPOConfig, RLOOConfig
+def grpo_config_class():
+    from trl import GRPOConfig
 
-    return RLOOConfig if kind == "rloo" else GRPOConfig
+    return GRPOConfig
+
+
+def rloo_config_class():
+    from trl import RLOOConfig
+
+    return RLOOConfig
 
 
 def check(recipe, name: str, where: str) -> None:
@@ -52,15 +64,11 @@ def missing_eot(end_ids: set[int]):
     return missing_eot
 
 
-def run(ctx) -> dict:
+def run(ctx: StageContext) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
-    from alignpipe.evaluation import evaluate_stage
-    from alignpipe.rl.policy import AdapterOff
     from alignpipe.rl.rewards import is_judge, load_function
-    from alignpipe.stages.ppo import load_prompts, parent_comparison
-    from alignpipe.stages.sft import lora_config
     from alignpipe.training import train, train_log_metrics, write_log_history
 
     cfg = ctx.config
@@ -83,11 +91,11 @@ def run(ctx) -> dict:
         defaults["reward_weights"] = [1.0, cfg.missing_eot_penalty]
 
     # the prototype's settings (80 steps x 4 prompts x 8 samples, lr 3e-5 constant, beta 0.1)
-    args = ctx.trainer_args(trainer_config_class(cfg.kind), per_device_train_batch_size=32, num_generations=8,
+    args = ctx.trainer_args(ctx.kind.trainer_config(), per_device_train_batch_size=32, num_generations=8,
                             max_completion_length=40, learning_rate=3e-5, lr_scheduler_type="constant",
                             warmup_steps=0, beta=0.1, max_steps=80, logging_steps=5, remove_unused_columns=False,
                             **defaults)
-    trainer_class = RLOOTrainer if cfg.kind == "rloo" else GRPOTrainer
+    trainer_class = RLOOTrainer if ctx.kind is RLOO else GRPOTrainer
     trainer = trainer_class(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                             processing_class=tokenizer, reward_processing_classes=classes,
                             peft_config=lora_config(ctx, "CAUSAL_LM"))
@@ -107,11 +115,17 @@ def run(ctx) -> dict:
     # --- evaluate; the reference is the starting policy (LoRA: the same weights with the adapter off)
     if ctx.config.eval.enabled:
         policy = trainer.model
-        reference = AdapterOff(policy) if hasattr(policy, "disable_adapter") else ctx.load_model()
+        reference = start_as_reference(ctx, policy)
         policy.eval()
-        metrics.update(evaluate_stage(ctx, policy, tokenizer, reference.to(next(policy.parameters()).device)))
-        metrics.update(parent_comparison(ctx, metrics))
+        metrics.update(evaluate_policy(ctx, policy, tokenizer, reference, against_parent=True))
     if metrics["judge_used_for_training"]:
         print(f"[alignpipe] stage {ctx.name}: trained on the judge ({cfg.reward_function}); its judge pass rate "
               "is a training score, not an independent measure", flush=True)
     return metrics
+
+
+GRPO = StageKind("grpo", Config, run, grpo_config_class, family="prompts", embedded="rl_prompts",
+                 references=("reward_model",), trained_on_reward=True, check=check)
+RLOO = StageKind("rloo", Config, run, rloo_config_class, family="prompts", embedded="rl_prompts",
+                 references=("reward_model",), trained_on_reward=True, check=check)
+DECLARES = (GRPO, RLOO)

@@ -16,8 +16,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignpipe.recipe import StageConfig
+from alignpipe.stage_helpers import check_policy_references, evaluate_policy, lora_config, rows
+from alignpipe.stages import StageKind
+
+if TYPE_CHECKING:
+    from alignpipe.context import StageContext
 
 
 @dataclass
@@ -33,34 +39,27 @@ def trainer_config_class():
     return KTOConfig
 
 
-def check(recipe, name: str, where: str) -> None:
-    from alignpipe.stages.dpo import check_policy_references
-
-    check_policy_references(recipe, name, where)
-
-
-def unpaired(ctx) -> tuple[list[dict], list[dict]]:
+def unpaired(ctx: StageContext) -> tuple[list[dict], list[dict]]:
     """(train, held-out) unpaired rows: the embedded world's pairs split in two and shuffled, or a user
     dataset (unpaired or paired, see the module doc) split by the recipe's held-out prompts."""
-    if ctx.config.data.get("embedded") == "pairs":
+
+    def embedded(world) -> tuple[list[dict], list[dict]]:
         out = []
         for split in ("train", "eval"):
-            rows = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
-                    for p in ctx.world.preference_rows(split) for side in ("chosen", "rejected")]
-            random.Random(f"{ctx.seed}:kto:{split}").shuffle(rows)
-            out.append(rows)
+            found = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                     for p in world.preference_rows(split) for side in ("chosen", "rejected")]
+            random.Random(f"{ctx.seed}:kto:{split}").shuffle(found)
+            out.append(found)
         return out[0], out[1]
-    from alignpipe.data.loading import load_split
 
-    return load_split(ctx, "kto", 200)
+    return rows(ctx, embedded, 200)
 
 
-def build_trainer(ctx):
+def build_trainer(ctx: StageContext):
     """The KTOTrainer for this stage, and the reference as a model (None with LoRA: the adapter off)."""
     from datasets import Dataset
     from trl import KTOTrainer
 
-    from alignpipe.stages.sft import lora_config
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
     peft_config = lora_config(ctx, "CAUSAL_LM")
@@ -89,8 +88,7 @@ def implicit_reward_metrics(trainer) -> dict:
     return metrics
 
 
-def run(ctx) -> dict:
-    from alignpipe.evaluation import evaluate_stage
+def run(ctx: StageContext) -> dict:
     from alignpipe.rl.policy import AdapterOff
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
@@ -102,5 +100,9 @@ def run(ctx) -> dict:
     tokenizer = trainer.processing_class
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
-    metrics.update(evaluate_stage(ctx, policy, tokenizer, reference if reference is not None else AdapterOff(policy)))
+    metrics.update(evaluate_policy(ctx, policy, tokenizer, reference if reference is not None else AdapterOff(policy)))
     return metrics
+
+
+DECLARES = (StageKind("kto", Config, run, trainer_config_class, family="kto", embedded="pairs",
+                      references=("reward_model",), user_split=True, check=check_policy_references),)

@@ -14,9 +14,16 @@ Data: the pairs family, as for dpo (`{"prompt": [user], "chosen": [assistant], "
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
 from alignpipe.recipe import StageConfig
+from alignpipe.stage_helpers import (check_policy_references, evaluate_policy, lora_config, preference_pairs,
+                                     start_as_reference)
+from alignpipe.stages import StageKind
+
+if TYPE_CHECKING:
+    from alignpipe.context import StageContext
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")  # CPOConfig.loss_type in TRL 1.16
 
@@ -28,44 +35,42 @@ class Config(StageConfig):
     reward_model: str | None = None
 
 
-def trainer_config_class(kind: str = "orpo"):
-    if kind == "cpo":
-        from trl.experimental.cpo import CPOConfig
-
-        return CPOConfig
+def orpo_config_class():
     from trl.experimental.orpo import ORPOConfig
 
     return ORPOConfig
 
 
-def check(recipe, name: str, where: str) -> None:
-    from alignpipe.stages.dpo import check_policy_references
+def cpo_config_class():
+    from trl.experimental.cpo import CPOConfig
 
+    return CPOConfig
+
+
+def check_cpo(recipe, name: str, where: str) -> None:
     check_policy_references(recipe, name, where)
     cfg = recipe.stages[name]
     loss_type = cfg.trainer.get("loss_type")
-    if cfg.kind == "cpo" and loss_type is not None and loss_type not in CPO_LOSS_TYPES:
+    if loss_type is not None and loss_type not in CPO_LOSS_TYPES:
         raise RecipeError(f"unknown CPO loss type {loss_type!r}", where=where, key=f"stages.{name}.trainer.loss_type",
                           fix=f"use one of {', '.join(CPO_LOSS_TYPES)} (simpo: SimPO)")
 
 
-def build_trainer(ctx):
+def build_trainer(ctx: StageContext):
     from datasets import Dataset
 
-    from alignpipe.stages.dpo import pairs
-    from alignpipe.stages.sft import lora_config
-    if ctx.config.kind == "cpo":
+    if ctx.kind is CPO:
         from trl.experimental.cpo import CPOTrainer as trainer_class
     else:
         from trl.experimental.orpo import ORPOTrainer as trainer_class
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
-    train_rows, heldout_rows = pairs(ctx)
+    train_rows, heldout_rows = preference_pairs(ctx)
     train_ds, eval_ds = Dataset.from_list(train_rows), Dataset.from_list(heldout_rows)
     # the DPO stage's budget and learning rate (docs/dpo.md compares them on the same SFT parent)
     defaults = dict(max_length=128, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
                     lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1, remove_unused_columns=False)
-    args = ctx.trainer_args(trainer_config_class(ctx.config.kind), **defaults)
+    args = ctx.trainer_args(ctx.kind.trainer_config(), **defaults)
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
     return trainer
@@ -83,23 +88,26 @@ def implicit_reward_metrics(trainer) -> dict:
     return metrics
 
 
-def run(ctx) -> dict:
-    from alignpipe.evaluation import evaluate_stage
-    from alignpipe.rl.policy import AdapterOff
+def run(ctx: StageContext) -> dict:
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer = build_trainer(ctx)
     train(trainer, ctx)
     args = trainer.args
     metrics = {**train_log_metrics(trainer), "beta": args.beta, **implicit_reward_metrics(trainer)}
-    if ctx.config.kind == "cpo":
+    if ctx.kind is CPO:
         metrics["loss_type"] = args.loss_type
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     tokenizer = trainer.processing_class
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
     if ctx.config.eval.enabled:  # KL is measured against the start (ORPO/CPO train without a reference)
-        reference = AdapterOff(policy) if hasattr(policy, "disable_adapter") else \
-            ctx.load_model().eval().requires_grad_(False).to(next(policy.parameters()).device)
-        metrics.update(evaluate_stage(ctx, policy, tokenizer, reference))
+        metrics.update(evaluate_policy(ctx, policy, tokenizer, start_as_reference(ctx, policy)))
     return metrics
+
+
+ORPO = StageKind("orpo", Config, run, orpo_config_class, family="pairs", embedded="pairs", references=("reward_model",),
+                 user_split=True, check=check_policy_references)
+CPO = StageKind("cpo", Config, run, cpo_config_class, family="pairs", embedded="pairs", references=("reward_model",),
+                user_split=True, check=check_cpo)
+DECLARES = (ORPO, CPO)

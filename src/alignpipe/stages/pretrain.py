@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignpipe.recipe import StageConfig
+from alignpipe.stages import StageKind
+from alignpipe.stage_helpers import pack, rows
+
+if TYPE_CHECKING:
+    from alignpipe.context import StageContext
 
 
 @dataclass
@@ -25,12 +31,6 @@ def trainer_config_class():
     return TrainingArguments
 
 
-def pack(docs: list[list[int]], block_size: int) -> list[list[int]]:
-    """Concatenate tokenised documents (each ending in EOS) and cut into full blocks; the tail is dropped."""
-    flat = [t for d in docs for t in d]
-    return [flat[i: i + block_size] for i in range(0, len(flat) - block_size + 1, block_size)]
-
-
 def unigram_perplexity(train_blocks: list[list[int]], eval_blocks: list[list[int]], vocab_size: int) -> float:
     """Perplexity of a unigram model (add-one smoothed token frequencies) on the held-out blocks."""
     counts = [1] * vocab_size
@@ -42,20 +42,16 @@ def unigram_perplexity(train_blocks: list[list[int]], eval_blocks: list[list[int
     return math.exp(sum(nll) / len(nll))
 
 
-def load_texts(ctx) -> tuple[list[str], list[str]]:
+def load_texts(ctx: StageContext) -> tuple[list[str], list[str]]:
     """(train, held-out) plain-text documents: the embedded world, or a user file split by the recipe's seeded
     held-out hash (never the first rows of a possibly sorted file)."""
-    spec = ctx.config.data
-    if spec.get("embedded") == "corpus":
-        world = ctx.world
-        return world.corpus(), world.corpus_eval()[: ctx.config.eval_docs]
-    from alignpipe.data.loading import load_split
-
-    train, held = load_split(ctx, "text", ctx.config.eval_docs)
+    train, held = rows(ctx, lambda world: ([{"text": t} for t in world.corpus()],
+                                           [{"text": t} for t in world.corpus_eval()[: ctx.config.eval_docs]]),
+                       ctx.config.eval_docs)
     return [r["text"] for r in train], [r["text"] for r in held]
 
 
-def run(ctx) -> dict:
+def run(ctx: StageContext) -> dict:
     import torch
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer
@@ -113,9 +109,13 @@ def run(ctx) -> dict:
         **train_log_metrics(trainer),
     }
     if ctx.config.eval.enabled and ("embedded" in ctx.config.data or ctx.config.eval.prompts):
-        from alignpipe.evaluation import evaluate_stage
+        from alignpipe.stage_helpers import evaluate_policy
 
-        metrics.update(evaluate_stage(ctx, model, tokenizer))
+        metrics.update(evaluate_policy(ctx, model, tokenizer))
 
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     return metrics
+
+
+DECLARES = (StageKind("pretrain", Config, run, trainer_config_class, family="text", embedded="corpus", chat=False,
+                      user_split=True),)

@@ -16,9 +16,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignpipe.errors import AlignpipeError, RecipeError
 from alignpipe.recipe import StageConfig
+from alignpipe.stage_helpers import lora_config, rows
+from alignpipe.stages import StageKind
+
+if TYPE_CHECKING:
+    from alignpipe.context import StageContext
 
 
 DEFAULT_MAX_LENGTH = 512  # tokens, or the model's max_position_embeddings when that is less
@@ -38,26 +44,18 @@ def trainer_config_class():
 
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
-    embedded = cfg.data.get("embedded")
-    if embedded is not None and embedded != "pairs":
-        raise RecipeError(f"a reward stage trains on preference pairs, not {embedded!r}", where=where,
-                          key=f"stages.{name}.data.embedded", fix="use `data: {embedded: pairs}` or a pairs dataset")
     if not cfg.data:
         raise RecipeError("a reward stage needs preference pairs", where=where, key=f"stages.{name}.data",
                           fix="add `data: {embedded: pairs}` or a file with prompt/chosen/rejected")
 
 
-def pair_rows(ctx, tokenizer, max_length: int) -> tuple[list[dict], list[dict], dict]:
+def pair_rows(ctx: StageContext, tokenizer, max_length: int) -> tuple[list[dict], list[dict], dict]:
     """Train and held-out pairs, with bad pairs dropped; the drop report is printed and returned."""
     from alignpipe.reward.pairs import filter_pairs
 
-    if ctx.config.data.get("embedded") == "pairs":
-        raw_train, raw_eval = ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
-    else:
-        from alignpipe.data.loading import load_split
-
-        # the recipe's held-out prompts: DPO's training pairs are never this model's held-out pairs
-        raw_train, raw_eval = load_split(ctx, "pairs", ctx.config.eval_pairs, tokenizer, max_length)
+    # the recipe's held-out prompts: DPO's training pairs are never this model's held-out pairs
+    raw_train, raw_eval = rows(ctx, lambda world: (world.preference_rows("train"), world.preference_rows("eval")),
+                               ctx.config.eval_pairs, tokenizer, max_length)
     train, train_report = filter_pairs(raw_train, "train", tokenizer, max_length)
     evals, eval_report = filter_pairs(raw_eval, "held-out", tokenizer, max_length)
     for report in (train_report, eval_report):
@@ -74,7 +72,6 @@ def build_trainer(ctx):
     from trl import RewardTrainer
 
     from alignpipe.reward.artifact import OneOutput
-    from alignpipe.stages.sft import lora_config
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model(OneOutput)
@@ -103,7 +100,7 @@ def onpolicy_samples(ctx, tokenizer):
     return samples, judge_samples(samples)
 
 
-def run(ctx) -> dict:
+def run(ctx: StageContext) -> dict:
     import torch
 
     from alignpipe import modeling
@@ -165,3 +162,7 @@ def _response_ids(tokenizer, pairs: list[dict], side: str) -> list[list[int]]:
     """Tokens of each pair's response text (for the reward-length correlation)."""
     texts = ["".join(m["content"] for m in p[side]) for p in pairs]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+DECLARES = (StageKind("reward", Config, run, trainer_config_class, family="pairs", embedded="pairs", policy=False,
+                      scorer=True, user_split=True, max_length=DEFAULT_MAX_LENGTH, check=check),)

@@ -7,8 +7,14 @@ trained on. Optional packing and LoRA. Metrics: held-out loss and the shared eva
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignpipe.recipe import StageConfig
+from alignpipe.stage_helpers import evaluate_policy, lora_config, rows
+from alignpipe.stages import StageKind
+
+if TYPE_CHECKING:
+    from alignpipe.context import StageContext
 
 
 DEFAULT_MAX_LENGTH = 128  # tokens per sequence unless the recipe's trainer.max_length says otherwise
@@ -28,30 +34,18 @@ def trainer_config_class():
     return SFTConfig
 
 
-def lora_config(ctx, task_type: str):
-    """The stage's peft LoraConfig, or None for full fine-tuning."""
-    spec = ctx.config.lora
-    if spec is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
-                      modules_to_save=spec.modules_to_save, task_type=task_type)
-
-
-def conversations(ctx, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], list[dict]]:
+def conversations(ctx: StageContext, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], list[dict]]:
     """(train, held-out) `{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset
     split by the recipe's held-out prompts (its report counts tokens after the chat template, and truncations
     at `max_length`, when given the tokenizer)."""
-    if ctx.config.data.get("embedded") == "sft":
-        world = ctx.world
-        # held-out loss: house-style answers to the held-out prompts
-        return world.sft_rows(), [{"messages": [{"role": "user", "content": p["prompt"]},
-                                                {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
-                                  for p in world.eval_prompts()]
-    from alignpipe.data.loading import load_split
+    return rows(ctx, _embedded_conversations, 200, tokenizer, max_length)
 
-    return load_split(ctx, "conversations", 200, tokenizer, max_length)
+
+def _embedded_conversations(world) -> tuple[list[dict], list[dict]]:
+    # held-out loss: house-style answers to the held-out prompts
+    return world.sft_rows(), [{"messages": [{"role": "user", "content": p["prompt"]},
+                                            {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
+                              for p in world.eval_prompts()]
 
 
 def datasets(train_rows: list[dict], eval_rows: list[dict], tokenizer, args):
@@ -111,10 +105,9 @@ def trainer_class(ctx, args):
     return SFTTrainer if fused else plain_head_trainer()
 
 
-def run(ctx) -> dict:
+def run(ctx: StageContext) -> dict:
     from alignpipe.data.formats import DataError
     from alignpipe.data.loading import as_user_error
-    from alignpipe.evaluation import evaluate_stage
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     tokenizer = ctx.load_tokenizer()
@@ -136,5 +129,9 @@ def run(ctx) -> dict:
     # save first (LoRA: the adapter), then evaluate the model that was saved
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     model = trainer.model
-    metrics.update(evaluate_stage(ctx, model, tokenizer))
+    metrics.update(evaluate_policy(ctx, model, tokenizer))
     return metrics
+
+
+DECLARES = (StageKind("sft", Config, run, trainer_config_class, family="conversations", embedded="sft",
+                      assistant_loss=True, baseline=True, user_split=True, max_length=DEFAULT_MAX_LENGTH),)

@@ -1,0 +1,163 @@
+"""This stage's run, decided once: the fingerprint of its inputs, its manifest, and whether it is
+skipped, restored from its history, resumed or started over (`plan`). The runner asks for it once per
+stage and acts on it; `validate` asks the same question to check stages against up-to-date parents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignpipe import runs, stage_versions
+from alignpipe.context import StageContext, make_context
+from alignpipe.errors import RunError
+from alignpipe.recipe import Recipe, to_plain
+
+
+@dataclass
+class StagePlan:
+    """What `run` will do with one stage, and what it decided on."""
+
+    ctx: StageContext
+    fingerprint: str  # hash of everything that determines the result (`stage_fingerprint`)
+    inputs: dict  # the parts it was made from (the manifest's `inputs`)
+    old: dict | None  # the manifest in the stage folder now
+    action: str  # skip | reuse | resume | fresh (stage_versions.plan)
+    attempt: Path  # the folder it trains in (the stage folder, `.next/<stage>`, or a history version to restore)
+
+    def why_fresh(self, force: bool, restart: bool) -> str:
+        return "--force" if force else "--restart" if restart else why_changed(self.old, self.inputs)
+
+
+def plan(recipe: Recipe, name: str, force: bool = False, restart: bool = False) -> StagePlan:
+    """Fingerprint the stage, read its manifest, and decide (refusing a manifest of another schema)."""
+    ctx = make_context(recipe, name, resume=not restart)
+    fingerprint, parts = stage_fingerprint(ctx)
+    old = runs.read_manifest(ctx.dir)
+    if old and not force and old.get("schema") != runs.MANIFEST_SCHEMA:  # never resume, skip or delete it
+        raise RunError(f"written by an incompatible alignpipe (manifest schema {old.get('schema')!r}, this version "
+                       f"writes {runs.MANIFEST_SCHEMA})", where=str(ctx.dir / runs.MANIFEST),
+                       fix=f"move the folder away or use another runs_dir; or overwrite it: --stages {name} --force")
+    action, attempt = stage_versions.plan(ctx.dir, fingerprint, force=force, restart=restart,
+                                          same=lambda m: same_result(m, fingerprint))
+    return StagePlan(ctx, fingerprint, parts, old, action, attempt)
+
+
+def is_up_to_date(recipe: Recipe, name: str) -> bool:
+    """Complete, with the fingerprint `run` would compute now: `run` will skip it."""
+    ctx = make_context(recipe, name)
+    old = runs.read_manifest(ctx.dir)
+    return bool(old) and old.get("status") == "complete" and same_result(old, stage_fingerprint(ctx)[0])
+
+
+def data_fingerprint(ctx: StageContext) -> Any:
+    """What identifies a stage's data: the world config for embedded data, file hashes otherwise."""
+    spec = ctx.config.data
+    if not spec:
+        return None
+    if "embedded" in spec:
+        # hash the generated rows, not just the config: a change to the world's code must re-run stages
+        from alignpipe.data.world import part_fingerprint
+
+        rows = part_fingerprint(ctx.world, spec["embedded"])
+        return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": rows}
+    paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
+    out = {"spec": spec}
+    for p in filter(None, paths):
+        path = Path(p) if Path(p).is_absolute() else ctx.recipe.path.parent / p
+        if not path.exists():
+            path = Path(p)
+        out[str(p)] = runs.fingerprint_path(path) if path.exists() else "missing"
+    return out
+
+
+# Settings that cannot change what a stage trains: how it logs, reports and keeps checkpoints, and how
+# it batches evaluation. They stay in the manifest's resolved_config but not in the fingerprint, so
+# changing one skips a complete stage (or resumes an interrupted one) instead of training it again.
+RESULT_NEUTRAL_KEYS = ("checkpoint_every",)
+RESULT_NEUTRAL_TRAINER_KEYS = (
+    "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
+    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "save_total_limit", "save_steps",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "skip_memory_metrics",
+    "include_num_input_tokens_seen", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+    "hub_private_repo", "hub_always_push", "hub_revision",
+)
+
+
+def result_config(config: dict) -> dict:
+    """A stage's plain config without the settings that cannot change its result (RESULT_NEUTRAL_*)."""
+    out = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_KEYS}
+    if "gates" in out:  # re-checked on the recorded metrics, never re-trained for ([]: what stages without
+        out["gates"] = []  # gates were fingerprinted with, so they keep their fingerprint)
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
+    return out
+
+
+def same_result(old: dict, fingerprint: str) -> bool:
+    """Whether a manifest was made from the inputs that give `fingerprint`. Manifests written before
+    RESULT_NEUTRAL_* existed hashed those settings too: their recorded inputs are re-hashed without them,
+    so upgrading alignpipe does not re-train every finished stage."""
+    if old.get("fingerprint") == fingerprint:
+        return True
+    inputs = old.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("config"), dict):
+        return False
+    return runs.fingerprint_json({**inputs, "config": result_config(inputs["config"])}) == fingerprint
+
+
+def changed_inputs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each leaf that differs between two fingerprint parts (manifest `inputs`)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key, "(unset)"), new.get(key, "(unset)"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_inputs(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
+    """A hash of everything that determines a stage's result, and the parts it was made from."""
+    recipe = ctx.recipe
+    parts: dict[str, Any] = {
+        "config": result_config(to_plain(ctx.config)),
+        "seed": recipe.seed,
+        "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
+        "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
+        "data": data_fingerprint(ctx),
+    }
+    for upstream in recipe.upstream(ctx.name):
+        up_dir = recipe.stage_dir(upstream)
+        parts[f"upstream:{upstream}"] = runs.manifest_hash(up_dir) if runs.is_complete(up_dir) else "incomplete"
+    return runs.fingerprint_json(parts), parts
+
+
+def output_fingerprints(ctx: StageContext) -> dict[str, str]:
+    """Hashes of what the stage wrote, so a child's manifest can be traced to these exact files."""
+    model_dir = ctx.model_dir
+    if not model_dir.is_dir():
+        return {}
+    out = {"model": runs.fingerprint_path(model_dir)}
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        if (model_dir / name).is_file():
+            out[name] = runs.fingerprint_path(model_dir / name)
+    return out
+
+
+def why_changed(old: dict | None, parts: dict) -> str:
+    """What differs from the folder's last run, for the "starting over" line."""
+    if not old:
+        return "no manifest"
+    changed = changed_inputs(old.get("inputs") or {}, parts)
+    if not changed:
+        return "its config or inputs changed"
+    more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return "its config or inputs changed: " + "; ".join(changed[:5]) + more
