@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from alignpipe.recipe import EvalSpec, JudgeSpec
+from alignpipe.recipe import JudgeSpec
 
 
 @dataclass

@@ -18,7 +18,6 @@ import importlib.util
 import numbers
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from alignpipe.errors import RecipeError
@@ -167,8 +166,3 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
     """From a stage alignpipe drives itself (PPO): a row to the stage's tracker runs, if any are open."""
     for runs in _ACTIVE:
         runs.log(metrics, step)
-
-
-def wandb_files(stage_dir: Path) -> list[Path]:
-    """The W&B run folders a stage wrote (offline or online), newest last."""
-    return sorted((stage_dir / "wandb").glob("*run-*"), key=lambda p: p.stat().st_mtime)

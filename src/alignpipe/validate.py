@@ -234,14 +234,15 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
     except DataError as err:
         raise as_user_error(err, where) from None
     if "embedded" in spec:
-        from alignpipe.data.world import WORLD_PARTS
+        from alignpipe.data.world import WORLD_PART_NAMES, WORLD_PARTS
 
         part, kind = spec["embedded"], kind_of(cfg.kind)
         if part not in WORLD_PARTS:
             raise RecipeError(f"unknown embedded data {part!r}", where=where, key=f"{key}.embedded",
                               fix=f"use one of {', '.join(WORLD_PARTS)}")
         if kind.embedded is not None and part != kind.embedded:
-            raise RecipeError(f"a {cfg.kind} stage trains on the embedded {kind.embedded!r}, not {part!r}", where=where,
+            raise RecipeError(f"a {cfg.kind} stage trains on {WORLD_PART_NAMES[kind.embedded]} (embedded "
+                              f"{kind.embedded!r}), not {part!r}", where=where,
                               key=f"{key}.embedded", fix=f"use `data: {{embedded: {kind.embedded}}}` or a data file")
         return None
     from alignpipe.data.loading import check_spec

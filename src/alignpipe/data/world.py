@@ -504,6 +504,11 @@ WORLD_PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# what each part holds, in words (for errors)
+WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "preference pairs",
+                    "rl_prompts": "prompts"}
+
+
 def part_fingerprint(world: World, part: str) -> str:
     """sha256 of the world's rows an embedded `part` stands for (see WORLD_PARTS), cached on the world."""
     from alignpipe.runs import fingerprint_json
