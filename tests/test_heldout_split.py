@@ -59,11 +59,12 @@ def contexts(path: Path) -> dict[str, StageContext]:
 
 
 def test_no_stage_trains_on_a_prompt_any_stage_holds_out(tmp_path, model_dir):
-    from alignpipe.stages import dpo, reward, sft
+    from alignpipe.stage_helpers import preference_pairs
+    from alignpipe.stages import reward, sft
 
     ctx = contexts(recipe_file(tmp_path, model_dir, write_files(tmp_path)))
     tok = ctx["reward"].load_tokenizer()
-    splits = {"sft": sft.conversations(ctx["sft"]), "dpo": dpo.pairs(ctx["dpo"])}
+    splits = {"sft": sft.conversations(ctx["sft"]), "dpo": preference_pairs(ctx["dpo"])}
     r_train, r_held, _ = reward.pair_rows(ctx["reward"], tok, 64)
     splits["reward"] = (r_train, r_held)
     train = {name: {prompt_key(r) for r in rows} for name, (rows, _) in splits.items()}
@@ -103,7 +104,8 @@ def test_a_tiny_file_still_holds_out_a_prompt(tmp_path, model_dir):
 
 def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tmp_path, model_dir, capsys):
     from alignpipe.cli import main
-    from alignpipe.stages import dpo, sft
+    from alignpipe.stage_helpers import preference_pairs
+    from alignpipe.stages import sft
 
     files = write_files(tmp_path)
     evals = jsonl(tmp_path / "eval.jsonl", [{"prompt": "What is 500 plus 501?", "chosen": "1001.", "rejected": "2."}])
@@ -118,7 +120,7 @@ def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tm
         f.write(json.dumps(extra) + "\n")
     write_yaml(path, data)
     ctx = contexts(path)
-    train, held = dpo.pairs(ctx["dpo"])
+    train, held = preference_pairs(ctx["dpo"])
     assert [prompt_key(r) for r in held] == ["what is 500 plus 501?"]
     sft_train, _ = sft.conversations(ctx["sft"])
     assert "what is 500 plus 501?" not in {prompt_key(r) for r in sft_train}

@@ -12,7 +12,7 @@ from alignpipe import distributed, gates, progress, runs, stage_plan, stage_vers
 from alignpipe.context import StageContext
 from alignpipe.lock import RunLock
 from alignpipe.metrics import HEADLINE_METRICS
-from alignpipe.recipe import Recipe, to_plain
+from alignpipe.recipe import Recipe
 from alignpipe.stage_plan import output_fingerprints
 from alignpipe.template_checks import check_stage_templates
 from alignpipe.validate import check_lora_targets
@@ -39,7 +39,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     distributed.barrier()
     decided = stage_plan.plan(recipe, name, force=force, restart=restart)
     ctx, cfg, old, action, attempt = decided.ctx, decided.ctx.config, decided.old, decided.action, decided.attempt
-    fingerprint, parts = decided.fingerprint, decided.inputs
+    fingerprint = decided.fingerprint
     if action == "skip":
         log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
         if (left := stage_versions.unfinished_attempt(stage_dir)) is not None:
@@ -67,41 +67,17 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
     if attempt != stage_dir:
         log(f"stage {name}: version {stage_versions.version_of(old)} stays in place until the new one is complete; "
             f"training it in {attempt}")
-    starting_over = action == "fresh"
-    if starting_over and (attempt.exists() or attempt != stage_dir):
+    if action == "fresh" and (attempt.exists() or attempt != stage_dir):
         log(f"stage {name}: starting over ({decided.why_fresh(force, restart)})")
         if main and attempt.exists():  # never the complete current version (stage_versions.plan)
             shutil.rmtree(attempt)
     elif action == "resume":
-        log(f"stage {name}: resuming an interrupted run (status {runs.read_manifest(attempt).get('status')!r})")
+        log(f"stage {name}: resuming an interrupted run (status {decided.attempt_manifest.get('status')!r})")
 
     from transformers import set_seed
 
     set_seed(recipe.seed)
-    parent_manifest = runs.read_manifest(ctx.parent_dir) if ctx.parent_dir else None
-    run = runs.StageRun(attempt, {
-        "stage": name,
-        "kind": cfg.kind,
-        "status": "running",
-        "version": (stage_versions.version_of(runs.read_manifest(attempt)) if action == "resume"
-                    else stage_versions.new_version(stage_dir)),
-        "recipe": str(recipe.path),
-        "resolved_config": to_plain(cfg),
-        "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),
-                            "chat_template": recipe.chat_template, "world": recipe.world},
-        "parent": ({"stage": cfg.from_, "path": cfg.from_,  # relative to the run folder, which can move
-                    "manifest_sha256": runs.manifest_hash(ctx.parent_dir)} if ctx.parent_dir else None),
-        "base_model": ctx.base_model_ref(),
-        "fingerprint": fingerprint,
-        "inputs": parts,
-        "seed": recipe.seed,
-        "versions": runs.versions(),
-        "git_revision": runs.git_revision(),
-        "trust_remote_code": recipe.model.trust_remote_code,
-        "lineage": ([*parent_manifest.get("lineage", []), cfg.from_] if parent_manifest else []),
-        "template_check": template_check,
-        "world_size": distributed.world_size(),
-    }, earlier_wall_time_s=0.0 if starting_over else float((runs.read_manifest(attempt) or {}).get("wall_time_s") or 0))
+    run = runs.StageRun(attempt, decided.first_record(template_check), earlier_wall_time_s=decided.earlier_wall_time_s)
     log(f"stage {name} ({cfg.kind}): running -> {attempt}")
     t0 = time.time()
     trackers = tracking.StageRuns({})

@@ -4,6 +4,7 @@ evaluated against, the one policy evaluation, and the checks of a stage that sta
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -71,10 +72,16 @@ def start_as_reference(ctx: StageContext, policy):
 
 
 def evaluate_policy(ctx: StageContext, policy, tokenizer, reference=None, against_parent: bool = False) -> dict:
-    """The one evaluation of a policy stage (`alignpipe.evaluation.evaluate_stage`); with `against_parent`, also
-    the parent's figures on its own samples and whether reward hacking is suspected (`parent_comparison`)."""
+    """The one evaluation of a policy stage (`alignpipe.evaluation.evaluate_stage`), nothing when the stage's
+    `eval.enabled` is off; `reference` is the model KL is measured against, or a function that makes it (called
+    only when the stage is evaluated). With `against_parent`, also the parent's figures on its own samples and
+    whether reward hacking is suspected (`parent_comparison`)."""
     from alignpipe.evaluation import evaluate_stage
 
+    if not ctx.config.eval.enabled:
+        return {}
+    if inspect.isfunction(reference):  # a model (an nn.Module) is callable too: only a function is called
+        reference = reference()
     metrics = evaluate_stage(ctx, policy, tokenizer, reference)
     if against_parent:
         metrics.update(parent_comparison(ctx, metrics))

@@ -24,9 +24,45 @@ class StagePlan:
     old: dict | None  # the manifest in the stage folder now
     action: str  # skip | reuse | resume | fresh (stage_versions.plan)
     attempt: Path  # the folder it trains in (the stage folder, `.next/<stage>`, or a history version to restore)
+    attempt_manifest: dict | None  # the manifest in `attempt` now (an interrupted run's, when resuming)
 
     def why_fresh(self, force: bool, restart: bool) -> str:
         return "--force" if force else "--restart" if restart else why_changed(self.old, self.inputs)
+
+    @property
+    def earlier_wall_time_s(self) -> float:
+        """The time the attempt already trained (resuming), counted into the stage's wall time."""
+        return 0.0 if self.action == "fresh" else float((self.attempt_manifest or {}).get("wall_time_s") or 0)
+
+    def first_record(self, template_check: dict) -> dict:
+        """The manifest of the attempt while it runs: what it is, what it was made from, where it stands."""
+        from alignpipe import distributed
+
+        ctx, cfg, recipe = self.ctx, self.ctx.config, self.ctx.recipe
+        parent_manifest = runs.read_manifest(ctx.parent_dir) if ctx.parent_dir else None
+        return {
+            "stage": ctx.name,
+            "kind": cfg.kind,
+            "status": "running",
+            "version": (stage_versions.version_of(self.attempt_manifest) if self.action == "resume"
+                        else stage_versions.new_version(recipe.stage_dir(ctx.name))),
+            "recipe": str(recipe.path),
+            "resolved_config": to_plain(cfg),
+            "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),
+                                "chat_template": recipe.chat_template, "world": recipe.world},
+            "parent": ({"stage": cfg.from_, "path": cfg.from_,  # relative to the run folder, which can move
+                        "manifest_sha256": runs.manifest_hash(ctx.parent_dir)} if ctx.parent_dir else None),
+            "base_model": ctx.base_model_ref(),
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "seed": recipe.seed,
+            "versions": runs.versions(),
+            "git_revision": runs.git_revision(),
+            "trust_remote_code": recipe.model.trust_remote_code,
+            "lineage": ([*parent_manifest.get("lineage", []), cfg.from_] if parent_manifest else []),
+            "template_check": template_check,
+            "world_size": distributed.world_size(),
+        }
 
 
 def plan(recipe: Recipe, name: str, force: bool = False, restart: bool = False) -> StagePlan:
@@ -40,7 +76,7 @@ def plan(recipe: Recipe, name: str, force: bool = False, restart: bool = False) 
                        fix=f"move the folder away or use another runs_dir; or overwrite it: --stages {name} --force")
     action, attempt = stage_versions.plan(ctx.dir, fingerprint, force=force, restart=restart,
                                           same=lambda m: same_result(m, fingerprint))
-    return StagePlan(ctx, fingerprint, parts, old, action, attempt)
+    return StagePlan(ctx, fingerprint, parts, old, action, attempt, runs.read_manifest(attempt))
 
 
 def is_up_to_date(recipe: Recipe, name: str) -> bool:

@@ -113,11 +113,9 @@ def run(ctx: StageContext) -> dict:
         del artifact, funcs, classes  # evaluate_stage loads the reward model itself
 
     # --- evaluate; the reference is the starting policy (LoRA: the same weights with the adapter off)
-    if ctx.config.eval.enabled:
-        policy = trainer.model
-        reference = start_as_reference(ctx, policy)
-        policy.eval()
-        metrics.update(evaluate_policy(ctx, policy, tokenizer, reference, against_parent=True))
+    policy = trainer.model.eval()
+    metrics.update(evaluate_policy(ctx, policy, tokenizer, lambda: start_as_reference(ctx, policy),
+                                   against_parent=True))
     if metrics["judge_used_for_training"]:
         print(f"[alignpipe] stage {ctx.name}: trained on the judge ({cfg.reward_function}); its judge pass rate "
               "is a training score, not an independent measure", flush=True)

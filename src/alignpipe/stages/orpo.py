@@ -101,8 +101,8 @@ def run(ctx: StageContext) -> dict:
     tokenizer = trainer.processing_class
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
-    if ctx.config.eval.enabled:  # KL is measured against the start (ORPO/CPO train without a reference)
-        metrics.update(evaluate_policy(ctx, policy, tokenizer, start_as_reference(ctx, policy)))
+    # KL is measured against the start (ORPO/CPO train without a reference)
+    metrics.update(evaluate_policy(ctx, policy, tokenizer, lambda: start_as_reference(ctx, policy)))
     return metrics
 
 

@@ -134,7 +134,7 @@ def run(ctx: StageContext) -> dict:
     # --- evaluate as every policy stage does, then look for reward hacking (main process)
     if cfg.reward_model:
         del source, artifact  # the evaluation loads the reward model itself
-    if ctx.config.eval.enabled and trainer.is_main_process:
+    if trainer.is_main_process:
         trainer.unwrapped.eval()
         metrics.update(evaluate_policy(ctx, trainer.unwrapped.lm, tokenizer, trainer.reference, against_parent=True))
     if trainer.world > 1:  # every process returns the same metrics (the runner checks gates on each)
