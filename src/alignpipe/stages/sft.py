@@ -44,11 +44,7 @@ def conversations(ctx, tokenizer=None, max_length: int | None = None) -> tuple[l
     split by the recipe's held-out prompts (its report counts tokens after the chat template, and truncations
     at `max_length`, when given the tokenizer)."""
     if ctx.config.data.get("embedded") == "sft":
-        world = ctx.world
-        # held-out loss: house-style answers to the held-out prompts
-        return world.sft_rows(), [{"messages": [{"role": "user", "content": p["prompt"]},
-                                                {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
-                                  for p in world.eval_prompts()]
+        return ctx.world.sft_rows(), ctx.world.sft_eval_rows()  # held-out loss: house-style answers
     from alignpipe.data.loading import load_split
 
     return load_split(ctx, "conversations", 200, tokenizer, max_length)
