@@ -131,6 +131,37 @@ def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tm
     assert "stages.dpo.eval.data: 60 prompts of the eval file are also in the training data" in capsys.readouterr().err
 
 
+def test_when_every_stage_names_its_held_out_file_nothing_is_hashed_out(tmp_path, model_dir):
+    """The files are the split (as `world export` writes them): every training row is trained on, in order;
+    one stage without its own file brings the hashed split back for all."""
+    from alignpipe.stages import dpo, sft
+
+    files = write_files(tmp_path)
+    path = recipe_file(tmp_path, model_dir, files)
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    for name in ("sft", "reward", "dpo"):
+        data["stages"][name]["eval"] = {"data": {"path": str(jsonl(tmp_path / f"{name}_eval.jsonl", [
+            {"prompt": f"What is {900 + i} plus 1?", "chosen": "ok.", "rejected": "no."} for i in range(3)]))}}
+    data["stages"]["sft"]["eval"]["data"]["path"] = str(jsonl(tmp_path / "sft_eval.jsonl", [
+        {"messages": [{"role": "user", "content": "What is 1000 plus 1?"}, {"role": "assistant", "content": "1001."}]}]))
+    write_yaml(path, data)
+    ctx = contexts(path)
+    sft_rows = [json.loads(x) for x in files["sft"].read_text().splitlines()]
+    train, held = sft.conversations(ctx["sft"])
+    assert list(train) == sft_rows and [prompt_key(r) for r in held] == ["what is 1000 plus 1?"]
+    d_train, d_held = dpo.pairs(ctx["dpo"])
+    assert len(d_train) == 60 and len(d_held) == 3
+    assert {p["key"] for p in heldout_prompts(ctx["dpo"])} == {"what is 1000 plus 1?"} | {
+        f"what is {900 + i} plus 1?" for i in range(3)}
+
+    del data["stages"]["reward"]["eval"]  # one stage without its own file: the seeded hash holds prompts out again
+    write_yaml(path, data)
+    train, _ = sft.conversations(contexts(path)["sft"])
+    assert 0 < len(sft_rows) - len(train) < len(sft_rows) // 5
+
+
 def test_validate_shows_what_each_stage_read(tmp_path, model_dir, capsys):
     from alignpipe.cli import main
 

@@ -62,3 +62,22 @@ def test_general_path_on_exported_prompts_matches_the_embedded_path(tmp_path):
             if key in embedded[stage]:
                 assert again[key] == embedded[stage][key], (stage, key)
     assert all(k in embedded["dpo"] for k in FIGURES)
+
+
+def test_the_exported_recipe_trains_and_evaluates_like_the_embedded_one(tmp_path):
+    """`world export --recipe` writes the recipe on the files; run, it trains on the same rows (no hashed
+    split: each stage's held-out file is the world's own), so every stage's figures equal the embedded run's."""
+    data = tiny_recipe(tmp_path / "runs", extra_stages=STAGES)
+    path = write_yaml(tmp_path / "tiny.yaml", data)
+    assert main(["run", str(path)]) == 0
+    assert main(["world", "export", str(tmp_path / "world"), "--recipe", str(path)]) == 0
+    assert main(["run", str(tmp_path / "world" / "recipe.yaml")]) == 0
+    embedded, files = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-files"
+    timings = {"train_runtime_s", "train_steps_per_s", "train_samples_per_s"}
+    for stage in ("pretrain", "sft", "reward", "dpo"):
+        a, b = read_manifest(embedded / stage)["metrics"], read_manifest(files / stage)["metrics"]
+        assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
+        samples = lambda run: (run / stage / "eval_samples.jsonl").read_text()  # noqa: E731
+        assert samples(embedded) == samples(files), stage
+    assert all(k in b for k in FIGURES)  # dpo: pass rate, health, KL, reward-model win rates, all equal
+    assert "onpolicy_accuracy" in read_manifest(files / "reward")["metrics"]  # the reward stage's own check too

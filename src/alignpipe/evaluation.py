@@ -86,13 +86,6 @@ def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, t
     return out
 
 
-def judge_samples(samples: Samples) -> list[bool]:
-    from alignpipe.data.world import judge
-
-    # a response cut off before end-of-turn is not a finished answer
-    return [ended and judge(p, r) for p, r, ended in zip(samples.prompts, samples.responses, samples.ended)]
-
-
 def write_samples(path: Path, samples: Samples, passed: list[bool], extra: dict[str, list] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
@@ -165,6 +158,29 @@ def judges_of(ctx) -> dict[str, JudgeSpec]:
     if "embedded" in ctx.config.data and "judge" not in judges:
         judges = {"judge": JudgeSpec(verifier=EMBEDDED), **judges}
     return judges
+
+
+def judged_samples(ctx, load_policy, tokenizer) -> tuple[Samples, list[bool]] | None:
+    """Samples of the policy `load_policy()` on the stage's eval prompts, judged by its first verifier (a response
+    cut off before end-of-turn fails; a float verdict passes at 0.5): the reward stage's on-policy check. None
+    when the stage has no eval prompts or no verifier (nothing is loaded then)."""
+    from alignpipe.eval.judges import load_verifier, run_verifier
+    from alignpipe.eval.prompts import eval_prompts
+
+    verifiers = [(n, j) for n, j in judges_of(ctx).items() if not j.pairwise]
+    if not verifiers:
+        return None
+    rows = eval_prompts(ctx)
+    if not rows:
+        return None
+    name, j = verifiers[0]
+    fn = load_verifier(j.verifier, str(ctx.recipe.path), f"stages.{ctx.name}.eval.judges.{name}.verifier")
+    spec = ctx.config.eval
+    samples = sample(load_policy(), tokenizer, [r["prompt"] for r in rows], spec.samples_per_prompt,
+                     spec.max_new_tokens, spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
+    values = run_verifier(fn, samples.prompts, samples.responses, [rows[i] for i in samples.prompt_index],
+                          samples.ended)
+    return samples, [float(v) >= 0.5 for v in values]
 
 
 def sft_stage_of(recipe, stage: str) -> str | None:

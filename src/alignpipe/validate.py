@@ -189,8 +189,9 @@ def _show_data(recipe: Recipe, name: str, prepared) -> None:
     if name in user_stages(recipe):
         split = recipe_split(recipe, local_only=True)
         held = [r for r in prepared.rows if split.is_heldout(prompt_key(r))]
+        own = f"; its held-out rows: eval.data {cfg.eval.data.get('path', '')}".rstrip() if cfg.eval.data else ""
         print(f"  split {split.digest}: {len(prepared.rows) - len(held)} rows to train on, {len(held)} held out "
-              f"({len({prompt_key(r) for r in held})} prompts; the stage evaluates on at most "
+              f"({len({prompt_key(r) for r in held})} prompts{own}; the stage evaluates on at most "
               f"{getattr(cfg, 'eval_pairs', None) or getattr(cfg, 'eval_docs', None) or 200})")
 
 

@@ -7,6 +7,10 @@ file, falls on the same side. So the reward model's held-out pairs are never DPO
 eval loss is on prompts no stage trained on. A stage whose rows would have no held-out key at all (a tiny
 file) also holds out its lowest-hashed key; that is decided over every stage's data at once.
 
+When every user-data stage names its own held-out file (`eval: {data: FILE}`), those files are the whole split:
+nothing is hashed out of the training files (so `alignpipe world export`'s files train on exactly the embedded
+world's rows).
+
 The split is written to `runs/<recipe>/heldout.json` (the held-out prompt keys and their hash); each stage
 records the hash in its `data_report.json`. `heldout_prompts(ctx)` gives the policy evaluation those prompts.
 """
@@ -87,6 +91,12 @@ def _uses_hub(spec: dict) -> bool:
     return any(isinstance(c, dict) and "hub" in c for c in spec.get("mixture", [spec]))
 
 
+def explicit_only(recipe) -> bool:
+    """Every user-data stage names its held-out file: the files are the split, no prompt is hashed out."""
+    stages = user_stages(recipe)
+    return bool(stages) and all(cfg.eval.data for cfg in stages.values())
+
+
 def recipe_split(recipe, local_only: bool = False) -> Split:
     """The recipe's split, decided over every user-data stage's rows (read once per process). `local_only`
     (validate, offline) leaves out hub datasets; only a tiny hub split's fallback key can differ then."""
@@ -94,18 +104,19 @@ def recipe_split(recipe, local_only: bool = False) -> Split:
     cache_key = f"{recipe.path.resolve()}\0{recipe.seed}\0{specs}\0{local_only}"
     if cache_key in _CACHE:
         return _CACHE[cache_key]
+    fraction = 0.0 if explicit_only(recipe) else FRACTION
     extra = set()
     for name, cfg in recipe.stages.items():  # explicit eval files: their prompts are held out everywhere
         if cfg.eval.data and _kind(cfg).user_split:
             extra |= {prompt_key(r) for r in eval_file_rows(recipe, name)}
-    for name, cfg in user_stages(recipe).items():
+    for name, cfg in user_stages(recipe).items() if fraction else ():
         if local_only and _uses_hub(cfg.data):
             continue
         keys = {prompt_key(r) for r in _stage_rows(recipe, name, cfg)}
         if len(keys) >= 2 and not any(score(recipe.seed, k) < FRACTION for k in keys):
             extra.add(min(keys, key=lambda k: score(recipe.seed, k)))
-    digest = hashlib.sha256(json.dumps([recipe.seed, FRACTION, sorted(extra)]).encode()).hexdigest()[:16]
-    _CACHE[cache_key] = split = Split(recipe.seed, FRACTION, frozenset(extra), digest)
+    digest = hashlib.sha256(json.dumps([recipe.seed, fraction, sorted(extra)]).encode()).hexdigest()[:16]
+    _CACHE[cache_key] = split = Split(recipe.seed, fraction, frozenset(extra), digest)
     return split
 
 

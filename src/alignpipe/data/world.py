@@ -403,6 +403,12 @@ class World:
                                       {"role": "assistant", "content": reply}]})
         return rows
 
+    def sft_eval_rows(self) -> list[dict]:
+        """SFT's held-out demonstrations: the house-style answer to each held-out prompt."""
+        return [{"messages": [{"role": "user", "content": p["prompt"]},
+                              {"role": "assistant", "content": HOUSE_STYLE.format(answer=p["answer"])}]}
+                for p in self.eval_prompts()]
+
     def preference_rows(self, split: str = "train") -> list[dict]:
         """Pairs whose chosen passes the judge. The rejected response is a house-style answer with a plausible
         mistake (`mistake_share`), else it shows the configured habit (70%) or another one."""

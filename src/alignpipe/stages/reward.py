@@ -7,7 +7,7 @@ chat template. Bad pairs are counted and reported before training.
 
 Metrics, on held-out data: pairwise accuracy, mean margin, calibration (ECE of sigmoid(margin)),
 reward-length correlation; and on the parent policy's own sampled responses to held-out prompts,
-judged by the embedded world's judge: `onpolicy_accuracy` (pass vs fail, same prompt, ordered
+judged by a verifier (the embedded world's judge, or one named in `eval.judges`): `onpolicy_accuracy` (pass vs fail, same prompt, ordered
 correctly) and `judge_auc`. Those samples also give `reward_mean` / `reward_std`, the statistics
 PPO normalises with (its first samples come from this same policy). Artifact: `alignpipe.reward.artifact`.
 """
@@ -87,17 +87,12 @@ def build_trainer(ctx):
 
 
 def onpolicy_samples(ctx, tokenizer):
-    """The parent policy's sampled responses to held-out prompts, with the judge's verdicts."""
-    from alignpipe.evaluation import judge_samples, sample
-
+    """The parent policy's sampled responses to the stage's eval prompts with a verifier's verdicts (the embedded
+    world's judge, or the first verifier in `eval.judges`); None without eval prompts or a verifier."""
+    from alignpipe.evaluation import judged_samples
     from alignpipe.modeling import device
 
-    spec = ctx.config.eval
-    policy = ctx.load_model().to(device())
-    prompts = [p["prompt"] for p in ctx.world.eval_prompts()[: spec.num_prompts]]
-    samples = sample(policy, tokenizer, prompts, spec.samples_per_prompt, spec.max_new_tokens, spec.temperature,
-                     spec.top_p, ctx.seed, spec.batch_size)
-    return samples, judge_samples(samples)
+    return judged_samples(ctx, lambda: ctx.load_model().to(device()), tokenizer)
 
 
 def run(ctx: StageContext) -> dict:
@@ -128,11 +123,13 @@ def run(ctx: StageContext) -> dict:
     pair_figures, table = rm_metrics.pair_metrics(chosen, rejected, *lengths)
     metrics.update(pair_figures)
 
-    # --- the parent's own samples, judged: what PPO will feel (embedded world only: it has the judge)
+    # --- the parent's own samples, judged: what PPO will feel (needs a verifier: the embedded world's judge,
+    # or one in eval.judges)
     stats_scores = chosen + rejected
     stats_on = "eval_pairs"
-    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
-        samples, passed = onpolicy_samples(ctx, tokenizer)
+    judged = onpolicy_samples(ctx, tokenizer) if ctx.config.eval.enabled else None
+    if judged is not None:
+        samples, passed = judged
         sample_scores = score(trained, samples.prompts, samples.responses)
         metrics.update(rm_metrics.judged_metrics(samples.prompts, sample_scores, passed, samples.lengths))
         write_samples(ctx.dir / "eval_samples.jsonl", samples, passed, {"reward": sample_scores})

@@ -38,14 +38,8 @@ def conversations(ctx: StageContext, tokenizer=None, max_length: int | None = No
     """(train, held-out) `{"messages": [...]}` rows: the embedded world's demonstrations, or a user dataset
     split by the recipe's held-out prompts (its report counts tokens after the chat template, and truncations
     at `max_length`, when given the tokenizer)."""
-    return rows(ctx, _embedded_conversations, 200, tokenizer, max_length)
-
-
-def _embedded_conversations(world) -> tuple[list[dict], list[dict]]:
     # held-out loss: house-style answers to the held-out prompts
-    return world.sft_rows(), [{"messages": [{"role": "user", "content": p["prompt"]},
-                                            {"role": "assistant", "content": f"The answer is {p['answer']}."}]}
-                              for p in world.eval_prompts()]
+    return rows(ctx, lambda world: (world.sft_rows(), world.sft_eval_rows()), 200, tokenizer, max_length)
 
 
 def datasets(train_rows: list[dict], eval_rows: list[dict], tokenizer, args):
