@@ -134,7 +134,8 @@ def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tm
 def test_when_every_stage_names_its_held_out_file_nothing_is_hashed_out(tmp_path, model_dir):
     """The files are the split (as `world export` writes them): every training row is trained on, in order;
     one stage without its own file brings the hashed split back for all."""
-    from alignpipe.stages import dpo, sft
+    from alignpipe.stage_helpers import preference_pairs
+    from alignpipe.stages import sft
 
     files = write_files(tmp_path)
     path = recipe_file(tmp_path, model_dir, files)
@@ -151,7 +152,7 @@ def test_when_every_stage_names_its_held_out_file_nothing_is_hashed_out(tmp_path
     sft_rows = [json.loads(x) for x in files["sft"].read_text().splitlines()]
     train, held = sft.conversations(ctx["sft"])
     assert list(train) == sft_rows and [prompt_key(r) for r in held] == ["what is 1000 plus 1?"]
-    d_train, d_held = dpo.pairs(ctx["dpo"])
+    d_train, d_held = preference_pairs(ctx["dpo"])
     assert len(d_train) == 60 and len(d_held) == 3
     assert {p["key"] for p in heldout_prompts(ctx["dpo"])} == {"what is 1000 plus 1?"} | {
         f"what is {900 + i} plus 1?" for i in range(3)}
