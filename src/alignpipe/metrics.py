@@ -1,17 +1,17 @@
-"""The headline metrics of a stage: the columns of the terminal table after `alignpipe run` and of the
-report's summary, in this order (each shows only the metrics some stage has)."""
+"""The headline metrics of a stage: the columns of the terminal table after `alignpipe run` / `show` and of
+the report's summary, in this order (each shows only the metrics some stage has)."""
 
 HEADLINE_METRICS = (
-    "judge_pass_rate",  # the embedded world's judge on sampled held-out answers
-    "eot_rate",  # share of samples that end their turn
-    "kl_to_reference",  # nats per response against the stage's start
-    "mean_reward",  # the recipe's reward model on the samples
-    "rm_win_rate_vs_sft",
-    "pairwise_accuracy",  # reward model: held-out pairs
-    "onpolicy_accuracy",  # reward model: its parent's judged samples
-    "implicit_accuracy",  # dpo / orpo / cpo implicit reward on held-out pairs
     "perplexity",  # pretraining, held out
     "unigram_perplexity",  # its baseline
     "eval_loss",
+    "judge_pass_rate",  # the embedded world's judge on sampled held-out answers
+    "eot_rate",  # share of samples that end their turn
+    "pairwise_accuracy",  # reward model: held-out pairs
+    "onpolicy_accuracy",  # reward model: its parent's judged samples
+    "implicit_accuracy",  # dpo / orpo / cpo implicit reward on held-out pairs
+    "mean_reward",  # the recipe's reward model on the samples
+    "rm_win_rate_vs_sft",
+    "kl_to_reference",  # nats per response against the stage's start
     "train_loss",
 )
