@@ -38,7 +38,9 @@ def trainer_config_class():
 
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
-    embedded = cfg.data.get("embedded")
+    from alignpipe.labelling.sources import world_part
+
+    embedded = world_part(cfg.data)
     if embedded is not None and embedded != "pairs":
         raise RecipeError(f"a reward stage trains on preference pairs, not {embedded!r}", where=where,
                           key=f"stages.{name}.data.embedded", fix="use `data: {embedded: pairs}` or a pairs dataset")
@@ -51,8 +53,12 @@ def pair_rows(ctx, tokenizer, max_length: int) -> tuple[list[dict], list[dict], 
     """Train and held-out pairs, with bad pairs dropped; the drop report is printed and returned."""
     from alignpipe.reward.pairs import filter_pairs
 
+    from alignpipe.labelling.sources import labelled_pairs, reads_stages
+
     if ctx.config.data.get("embedded") == "pairs":
         raw_train, raw_eval = ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
+    elif reads_stages(ctx.config.data):  # a label stage's pairs, alone or mixed
+        raw_train, raw_eval, _ = labelled_pairs(ctx, ctx.config.eval_pairs, tokenizer, max_length)
     else:
         from alignpipe.data.loading import load_split
 
@@ -108,7 +114,9 @@ def run(ctx) -> dict:
 
     from alignpipe import modeling
     from alignpipe.evaluation import write_samples
+    from alignpipe.labelling.sources import world_part
     from alignpipe.reward import metrics as rm_metrics
+    from alignpipe.reward.onpolicy import failure_metrics
     from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
     from alignpipe.training import train, train_log_metrics, write_log_history
 
@@ -134,10 +142,11 @@ def run(ctx) -> dict:
     # --- the parent's own samples, judged: what PPO will feel (embedded world only: it has the judge)
     stats_scores = chosen + rejected
     stats_on = "eval_pairs"
-    if ctx.config.eval.enabled and "embedded" in ctx.config.data:
+    if ctx.config.eval.enabled and world_part(ctx.config.data):
         samples, passed = onpolicy_samples(ctx, tokenizer)
         sample_scores = score(trained, samples.prompts, samples.responses)
         metrics.update(rm_metrics.judged_metrics(samples.prompts, sample_scores, passed, samples.lengths))
+        metrics.update(failure_metrics(samples.prompts, samples.responses, samples.ended, passed, sample_scores))
         write_samples(ctx.dir / "eval_samples.jsonl", samples, passed, {"reward": sample_scores})
         stats_scores, stats_on = sample_scores, "parent_samples"
     mean = sum(stats_scores) / len(stats_scores)

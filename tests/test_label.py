@@ -1,0 +1,161 @@
+"""The label stage: pairs from the policy's own samples on training prompts only, written in the standard format
+and read by a reward stage as `data: {from: label}` with lineage; labellers checked at validate time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alignpipe.cli import main
+from alignpipe.data.world import World, WorldConfig, judge
+from alignpipe.labelling.labellers import Labeller, agreement, compare
+from alignpipe.labelling.queue import LABELS_FILE, LabelLog, current, read_log
+from alignpipe.recipe import load_recipe
+from alignpipe.runner import run_recipe
+from conftest import TINY_EVAL, TINY_WORLD, tiny_recipe, write_yaml
+
+LABEL = {"from": "sft", "data": {"embedded": "rl_prompts"}, "labeller": "label_rules:shorter", "num_prompts": 24,
+         "samples_per_prompt": 3, "eval": {"max_new_tokens": 12}}
+REWARD = {"from": "sft", "data": {"mixture": [{"embedded": "pairs", "weight": 1}, {"from": "label", "weight": 1}]},
+          "eval": TINY_EVAL, "trainer": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+                                         "warmup_steps": 0, "logging_steps": 1}}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """pretrain + sft of the tiny recipe, built once and copied into each test's run folder."""
+    root = tmp_path_factory.mktemp("label-base")
+    run_recipe(load_recipe(write_yaml(root / "base.yaml", tiny_recipe(root / "runs", name="base"))), ["sft"])
+    return root / "runs" / "base"
+
+
+def _recipe(tmp_path, base, stages: dict, name: str = "lab") -> Path:
+    for stage in ("pretrain", "sft"):
+        shutil.copytree(base / stage, tmp_path / "runs" / name / stage)
+    return write_yaml(tmp_path / f"{name}.yaml", tiny_recipe(tmp_path / "runs", name=name, extra_stages=stages))
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_label_pairs_come_from_training_prompts_and_a_reward_stage_trains_on_them(base, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    path = _recipe(tmp_path, base, {"label": LABEL, "reward": REWARD})
+    manifests = run_recipe(load_recipe(path))
+    label_dir = tmp_path / "runs" / "lab" / "label"
+    samples, queue, pairs = (_lines(label_dir / f) for f in ("samples.jsonl", "queue.jsonl", "pairs.jsonl"))
+    world = World(WorldConfig(**TINY_WORLD))
+    heldout = {p["prompt"] for p in world.eval_prompts()} | {t.prompt for t in world.eval_tasks}
+    train = {r["prompt"][0]["content"] for r in world.rl_prompts()}
+    # every raw sample is kept, 3 per prompt; every queued pair is labelled; no held-out prompt anywhere
+    assert len(samples) == 3 * manifests["label"]["metrics"]["prompts"]
+    assert {s["prompt"] for s in samples} <= train and not {s["prompt"] for s in samples} & heldout
+    labels = current(read_log(label_dir), "label_rules:shorter")
+    assert set(labels) == {it["id"] for it in queue}
+    assert pairs and all(p["prompt"][0]["content"] in train for p in pairs)
+    # the rule's verdicts (the shorter finished answer wins), and pairs in the standard format from them
+    for item in queue:
+        score = {s: (1 / (1 + len(item[s])) if item[f"{s}_ended"] else 0.0) for s in "ab"}
+        assert labels[item["id"]] == compare(score["a"], score["b"])
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs} == {
+        (it["a"], it["b"]) if labels[it["id"]] == "a" else (it["b"], it["a"]) for it in queue if labels[it["id"]] in "ab"}
+    metrics = manifests["label"]["metrics"]
+    assert metrics["pairs"] == len(pairs) == sum(v in "ab" for v in labels.values())
+    assert metrics["heldout_prompts_skipped"] == 0
+    # the reward stage read them (beside the world's pairs) and has the label stage in its lineage
+    reward = manifests["reward"]
+    assert reward["metrics"]["pairs_train"] >= len(pairs)
+    assert "upstream:label" in reward["inputs"]
+    assert "onpolicy_wrong_answer_accuracy" in reward["metrics"]
+    assert set(reward["metrics"]["onpolicy_accuracy_by_failure_type"]) == {"wrong_answer", "style", "cut_off"}
+
+    # lineage: the same recipe skips both; other labels (another rule) re-run the label and the reward stage
+    again = run_recipe(load_recipe(path))
+    assert again["reward"]["fingerprint"] == reward["fingerprint"]
+    recipe = load_recipe(path, ["stages.label.labeller=label_rules:longer"])
+    relabelled = run_recipe(recipe)
+    assert relabelled["label"]["metrics"]["pairs_sha256"] != metrics["pairs_sha256"]
+    assert relabelled["reward"]["fingerprint"] != reward["fingerprint"]
+    assert relabelled["reward"]["version"] == reward["version"] + 1
+
+
+def test_user_prompts_never_label_a_held_out_prompt(base, tmp_path, monkeypatch):
+    from alignpipe.data.split import FRACTION, prompt_key, score
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    prompts = [f"compute {a} + {b}." for a in range(10) for b in range(8)]
+    held = [p for p in prompts if score(0, prompt_key({"prompt": [{"role": "user", "content": p}]})) < FRACTION]
+    assert held  # the file has held-out prompts, so leaving them out is tested
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    stage = {**LABEL, "data": {"path": str(tmp_path / "prompts.jsonl")}, "num_prompts": 100, "samples_per_prompt": 2}
+    path = _recipe(tmp_path, base, {"label": stage}, name="user")
+    manifests = run_recipe(load_recipe(path))
+    sampled = {s["prompt"] for s in _lines(tmp_path / "runs" / "user" / "label" / "samples.jsonl")}
+    assert sampled == set(prompts) - set(held)
+    assert manifests["label"]["metrics"]["prompts"] == len(prompts) - len(held)
+
+
+def test_embedded_labeller_is_the_worlds_judge_and_agreement_is_reported():
+    world = World(WorldConfig(**TINY_WORLD))
+    task = world.train_tasks[0]
+    right, wrong = world.good_response(task), f"The answer is {task.answer}0."
+    assert judge(task.prompt, right) and not judge(task.prompt, wrong)
+    from alignpipe.eval.verifiers import embedded_judge
+
+    lab = Labeller("embedded", "", score=embedded_judge)
+    items = [{"prompt": task.prompt, "a": right, "b": wrong, "a_ended": True, "b_ended": True},
+             {"prompt": task.prompt, "a": wrong, "b": right, "a_ended": True, "b_ended": True},
+             {"prompt": task.prompt, "a": right, "b": right + " ok", "a_ended": False, "b_ended": True},
+             {"prompt": task.prompt, "a": wrong, "b": wrong + " ok", "a_ended": True, "b_ended": True}]
+    assert lab.label(items) == ["a", "b", "both_bad", "both_bad"]  # a cut-off answer never passes
+    got = agreement({"1": "a", "2": "b", "3": "tie"}, {"1": "a", "2": "a", "4": "b"})
+    assert got["label_agreement"] == 0.5 and got["label_agreement_items"] == 2
+
+
+def test_label_log_is_append_only_with_undo_and_survives_a_torn_line(tmp_path):
+    log = LabelLog(tmp_path)
+    log.append({"id": "1", "verdict": "a", "labeller": "human"})
+    log.append({"id": "2", "verdict": "b", "labeller": "human"})
+    log.append({"undo": "2", "labeller": "human"})
+    log.append({"id": "3", "verdict": "tie", "labeller": "human"})
+    with open(tmp_path / LABELS_FILE, "a") as fh:
+        fh.write('{"id": "4", "verd')  # a kill in the middle of a write
+    assert current(read_log(tmp_path), "human") == {"1": "a", "3": "tie"}
+    assert len((tmp_path / LABELS_FILE).read_text().splitlines()) == 5  # nothing rewritten
+
+
+BAD_LABELLERS = {
+    "unknown": ({"labeller": "crowd"}, "unknown labeller 'crowd'"),
+    "module": ({"labeller": "no_such_module_x:fn"}, "cannot import verifier 'no_such_module_x:fn'"),
+    "function": ({"labeller": "label_rules:nope"}, "cannot import verifier 'label_rules:nope'"),
+    "judge": ({"labeller": "judge:big"}, "labeller 'judge:big' names no judge of this stage"),
+    "second": ({"second_labeller": "label_rules:shorter"}, "second_labeller is the labeller again"),
+    "embedded_on_files": ({"labeller": "embedded", "data": {"path": "p.jsonl"}}, "the embedded judge knows only"),
+    "samples": ({"samples_per_prompt": 6}, "samples_per_prompt must be 2 to 4"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LABELLERS)
+def test_bad_labeller_is_one_line_at_validate(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "compute 1 + 2."}\n{"prompt": "compute 2 + 2."}\n')
+    change, expected = BAD_LABELLERS[case]
+    stages = {"label": {**LABEL, **change}, "reward": REWARD}
+    path = write_yaml(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "runs", name="bad", extra_stages=stages))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[alignpipe]")]
+    assert len(lines) == 1 and expected in lines[0] and "fix:" in lines[0] and str(path) in lines[0], lines
+
+
+def test_data_from_a_stage_that_is_not_a_label_stage_is_refused(tmp_path, capsys):
+    stages = {"reward": {**REWARD, "data": {"from": "sft"}}}
+    path = write_yaml(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "runs", name="bad", extra_stages=stages))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "`from: sft` names a sft stage" in err and "fix:" in err
