@@ -159,3 +159,120 @@ def test_data_from_a_stage_that_is_not_a_label_stage_is_refused(tmp_path, capsys
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "`from: sft` names a sft stage" in err and "fix:" in err
+
+
+# --- the labelling page, in a real browser ---------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def _browser():
+    """Headless Chromium through Selenium; skipped when missing, except in CI (CI=true), where it must run."""
+    import os
+
+    why = None
+    try:
+        from selenium import webdriver
+    except ImportError:
+        why = "selenium is not installed (pip install 'alignpipe[test]')"
+    if why is None and not (CHROMIUM and CHROMEDRIVER):
+        why = "chromium / chromedriver are not installed (apt-get install chromium chromium-driver)"
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the labelling page test cannot run in CI: {why}")
+        pytest.skip(why)
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _start_server(folder: Path, env: dict):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", "label", str(folder), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    line = proc.stdout.readline()
+    assert "open http://127.0.0.1:" in line, line
+    return proc, line.rsplit("open ", 1)[1].strip()
+
+
+def _wait(predicate, what: str, timeout: float = 240.0):
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if (value := predicate()):
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_labelling_page_in_a_browser_survives_a_killed_server_and_feeds_a_reward_stage(base, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from selenium.webdriver.common.by import By
+
+    driver = _browser()
+    stage = {**LABEL, "labeller": "human", "num_prompts": 4, "samples_per_prompt": 2, "poll_s": 0.2}
+    path = _recipe(tmp_path, base, {"label": stage, "reward": REWARD}, name="people")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                         str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", "run", str(path)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "runs" / "people" / "label"
+    server = None
+    try:
+        _wait(lambda: (folder / "queue.jsonl").is_file(), "the label stage's queue")
+        total = len(_lines(folder / "queue.jsonl"))
+        assert total >= 3, "the test needs a queue it can stop in the middle of"
+        server, url = _start_server(folder, env)
+        driver.get(url)
+        progress = lambda: driver.find_element(By.ID, "progress").text  # noqa: E731
+        _wait(lambda: progress() == f"0 / {total} labelled", "the page")
+        first = driver.find_element(By.ID, "a").text
+        driver.find_element(By.ID, "btn-a").click()  # by click
+        _wait(lambda: progress() == f"1 / {total} labelled", "the first label")
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys("b")  # by key
+        _wait(lambda: progress() == f"2 / {total} labelled", "the second label")
+        body.send_keys("u")  # undo the second
+        _wait(lambda: progress() == f"1 / {total} labelled", "the undo")
+        body.send_keys("x")
+        _wait(lambda: progress() == f"2 / {total} labelled", "the label after the undo")
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        if os.environ.get("ALIGNPIPE_SCREENSHOT"):  # docs/labelling-page.png is made this way
+            driver.save_screenshot(os.environ["ALIGNPIPE_SCREENSHOT"])
+        server.send_signal(signal.SIGKILL)  # mid-queue
+        server.wait()
+        queue = _lines(folder / "queue.jsonl")
+        assert current(read_log(folder), "human") == {queue[0]["id"]: "a", queue[1]["id"]: "both_bad"}
+        assert queue[0]["a"] == first
+        assert run.poll() is None  # the stage still waits for the rest
+
+        server, url = _start_server(folder, env)  # restarted: the labels are there and the queue resumes
+        driver.get(url)
+        _wait(lambda: progress() == f"2 / {total} labelled", "the resumed page")
+        assert driver.find_element(By.ID, "prompt").text == queue[2]["prompt"].strip()
+        for n in range(2, total):
+            driver.find_element(By.TAG_NAME, "body").send_keys("a")
+            _wait(lambda: progress() == f"{n + 1} / {total} labelled", f"label {n + 1}")
+        _wait(lambda: driver.find_element(By.ID, "done").is_displayed(), "the end of the queue")
+        assert run.wait(timeout=600) == 0, run.stderr.read()[-3000:]
+    finally:
+        driver.quit()
+        for proc in (server, run):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    label = json.loads((folder / "manifest.json").read_text())["metrics"]
+    assert label["labelled"] == total and label["verdicts"]["both_bad"] == 1 and label["pairs"] == total - 1
+    reward = json.loads((folder.parent / "reward" / "manifest.json").read_text())
+    assert reward["status"] == "complete" and "upstream:label" in reward["inputs"]
+    assert reward["metrics"]["pairs_train"] >= total - 1
