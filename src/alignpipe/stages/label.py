@@ -195,16 +195,23 @@ def wait_for_people(ctx, items: list[dict]) -> None:
         time.sleep(ctx.config.poll_s)
 
 
-def pairs_from(items: list[dict], verdicts: dict[str, str]) -> list[dict]:
-    out = []
+def pairs_from(items: list[dict], verdicts: dict[str, str]) -> tuple[list[dict], list[bool], int]:
+    """Pairs from the verdicts `a` / `b`, whether each rejected response ended its turn, and how many of those were left out because a response is empty (no
+    pair can hold an empty response: alignpipe.reward.pairs drops them; counted here, in the manifest)."""
+    out, rejected_ended, empty = [], [], 0
     for it in items:
         v = verdicts.get(it["id"])
         if v not in ("a", "b"):
             continue
         win, lose = (it["a"], it["b"]) if v == "a" else (it["b"], it["a"])
+        lose_ended = it["b_ended"] if v == "a" else it["a_ended"]
+        if not win.strip() or not lose.strip():
+            empty += 1
+            continue
         out.append({"prompt": it["messages"], "chosen": [{"role": "assistant", "content": win}],
                     "rejected": [{"role": "assistant", "content": lose}]})
-    return out
+        rejected_ended.append(lose_ended)
+    return out, rejected_ended, empty
 
 
 def run(ctx) -> dict:
@@ -237,13 +244,14 @@ def run(ctx) -> dict:
 
     log = read_log(ctx.dir)
     verdicts = current(log, labeller.name)
-    pairs = pairs_from(items, verdicts)
+    pairs, rejected_ended, empty = pairs_from(items, verdicts)
     write_lines_atomic(ctx.dir / PAIRS_FILE, pairs)
     counts = {v: sum(x == v for x in verdicts.values()) for v in lab.VERDICTS}
     metrics = {
         "labeller": labeller.name, "labeller_role": labeller.role, "prompts": len(prompts),
         "heldout_prompts_skipped": heldout_skipped, "samples": read_samples_count(ctx),
         "queue_items": len(items), "labelled": len(verdicts), "verdicts": counts, "pairs": len(pairs),
+        "pairs_left_out_empty_response": empty,
         "samples_sha256": runs.fingerprint_path(ctx.dir / SAMPLES_FILE) if (ctx.dir / SAMPLES_FILE).is_file() else None,
         "labels_sha256": runs.fingerprint_json(sorted(verdicts.items())),
         "pairs_sha256": runs.fingerprint_path(ctx.dir / PAIRS_FILE),
@@ -251,11 +259,7 @@ def run(ctx) -> dict:
     if "embedded" in cfg.data:  # what the rejected responses are, by the reward stage's failure types
         from alignpipe.reward.onpolicy import failure_type
 
-        rejected = [p["rejected"][0]["content"] for p in pairs]
-        by_item = {it["id"]: it for it in items}
-        ended = [by_item[i]["b_ended"] if v == "a" else by_item[i]["a_ended"] for i, v in verdicts.items()
-                 if v in ("a", "b")]
-        types = [failure_type(r, e, False) for r, e in zip(rejected, ended)]
+        types = [failure_type(p["rejected"][0]["content"], e, False) for p, e in zip(pairs, rejected_ended)]
         metrics["pairs_by_rejected_type"] = {t: types.count(t) for t in ("wrong_answer", "style", "cut_off")}
     if second is not None:
         metrics["second_labeller"] = second.name
