@@ -276,3 +276,54 @@ def test_labelling_page_in_a_browser_survives_a_killed_server_and_feeds_a_reward
     reward = json.loads((folder.parent / "reward" / "manifest.json").read_text())
     assert reward["status"] == "complete" and "upstream:label" in reward["inputs"]
     assert reward["metrics"]["pairs_train"] >= total - 1
+
+
+def test_judge_model_labeller_over_an_endpoint_and_agreement_with_a_rule(base, tmp_path, monkeypatch):
+    """An OpenAI-compatible endpoint on loopback that prefers the shorter answer labels the queue (asked in both
+    orders); the opposite rule as second labeller agrees on no winner, the same rule on every one."""
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Judge(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+            a, b = re.search(r"Answer A: (.*)\n\nAnswer B: (.*)\n\nReply", text, re.S).groups()
+            reply = "TIE" if len(a) == len(b) else "A" if len(a) < len(b) else "B"
+            body = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    judges = {"ep": {"endpoint": f"http://127.0.0.1:{srv.server_address[1]}/v1", "model": "judge"}}
+    common = {**LABEL, "labeller": "judge:ep", "num_prompts": 10, "samples_per_prompt": 2}
+    stages = {"label": {**common, "second_labeller": "label_rules:longer", "eval": {**LABEL["eval"], "judges": judges}},
+              "label_same": {**common, "kind": "label", "second_labeller": "label_rules:shorter",
+                             "eval": {**LABEL["eval"], "judges": judges}}}
+    try:
+        manifests = run_recipe(load_recipe(_recipe(tmp_path, base, stages, name="judged")))
+    finally:
+        srv.shutdown()
+    queue = _lines(tmp_path / "runs" / "judged" / "label" / "queue.jsonl")
+    labels = current(read_log(tmp_path / "runs" / "judged" / "label"), "judge:ep")
+    assert labels == {it["id"]: compare(-len(it["a"]), -len(it["b"])) if len(it["a"]) != len(it["b"]) else "tie"
+                      for it in queue}
+    opposite, same = manifests["label"]["metrics"], manifests["label_same"]["metrics"]
+
+    def rule(item, sign):  # label_rules: longer (sign 1) / shorter (sign -1); a cut-off answer scores 0
+        score = {s: (float(1 + len(item[s])) ** sign if item[f"{s}_ended"] else 0.0) for s in "ab"}
+        return compare(score["a"], score["b"])
+
+    for metrics, sign in ((opposite, 1), (same, -1)):
+        assert metrics["label_agreement_items"] == len(queue)
+        assert metrics["label_agreement"] == sum(labels[it["id"]] == rule(it, sign) for it in queue) / len(queue)
+    # where both answers ended, the opposite rule never names the judge's winner and the same rule always does
+    ended = [it for it in queue if it["a_ended"] and it["b_ended"] and len(it["a"]) != len(it["b"])]
+    assert all(rule(it, 1) != labels[it["id"]] == rule(it, -1) for it in ended)
