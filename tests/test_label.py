@@ -327,3 +327,19 @@ def test_judge_model_labeller_over_an_endpoint_and_agreement_with_a_rule(base, t
     # where both answers ended, the opposite rule never names the judge's winner and the same rule always does
     ended = [it for it in queue if it["a_ended"] and it["b_ended"] and len(it["a"]) != len(it["b"])]
     assert all(rule(it, 1) != labels[it["id"]] == rule(it, -1) for it in ended)
+
+
+def test_onpolicy_recipe_reuses_the_default_pretrain_and_sft_and_chains_two_rounds():
+    """recipes/onpolicy.yaml: its pretrain and sft equal default.yaml's (copied runs are skipped, not re-trained);
+    round two labels the round-one policy and its reward model reads both rounds' labels."""
+    from alignpipe.recipe import to_plain
+
+    repo = Path(__file__).resolve().parents[1]
+    default, onpolicy = (load_recipe(repo / "recipes" / f) for f in ("default.yaml", "onpolicy.yaml"))
+    for attr in ("seed", "model", "chat_template", "world"):
+        assert to_plain(getattr(onpolicy, attr)) == to_plain(getattr(default, attr)), attr
+    for stage in ("pretrain", "sft"):
+        assert to_plain(onpolicy.stages[stage]) == to_plain(default.stages[stage]), stage
+    assert onpolicy.stages["label_2"].from_ == "ppo" and onpolicy.stages["ppo"].trainer["entropy_coef"] == 0
+    assert set(onpolicy.upstream("reward_2")) == {"sft", "label", "label_2"}
+    assert onpolicy.order(["reward_2"]) == ["pretrain", "sft", "label", "reward", "ppo", "label_2", "reward_2"]
