@@ -8,7 +8,9 @@ chat template. Bad pairs are counted and reported before training.
 Metrics, on held-out data: pairwise accuracy, mean margin, calibration (ECE of sigmoid(margin)),
 reward-length correlation; and on the parent policy's own sampled responses to held-out prompts,
 judged by the embedded world's judge: `onpolicy_accuracy` (pass vs fail, same prompt, ordered
-correctly) and `judge_auc`. Those samples also give `reward_mean` / `reward_std`, the statistics
+correctly) and `judge_auc`, and the same by what is wrong with the failing sample
+(`onpolicy_accuracy_by_failure_type`, `onpolicy_wrong_answer_accuracy`: alignpipe.reward.onpolicy). Pairs may
+come from a label stage (`data: {from: label}`, alignpipe.labelling.sources). Those samples also give `reward_mean` / `reward_std`, the statistics
 PPO normalises with (its first samples come from this same policy). Artifact: `alignpipe.reward.artifact`.
 """
 
