@@ -343,3 +343,41 @@ def test_onpolicy_recipe_reuses_the_default_pretrain_and_sft_and_chains_two_roun
     assert onpolicy.stages["label_2"].from_ == "ppo" and onpolicy.stages["ppo"].trainer["entropy_coef"] == 0
     assert set(onpolicy.upstream("reward_2")) == {"sft", "label", "label_2"}
     assert onpolicy.order(["reward_2"]) == ["pretrain", "sft", "label", "reward", "ppo", "label_2", "reward_2"]
+
+
+def test_page_off_loopback_needs_the_flag_and_every_request_the_token(tmp_path):
+    import threading
+    import urllib.error
+    import urllib.request
+    from http.server import ThreadingHTTPServer
+
+    from alignpipe.errors import AlignpipeError
+    from alignpipe.labelling.queue import write_queue
+    from alignpipe.labelling.server import Labelling, make_handler, serve
+
+    write_queue(tmp_path, [{"id": "0-0-1", "prompt": "compute 1 + 2.", "a": "The answer is 3.", "b": "3"}])
+    with pytest.raises(AlignpipeError, match="--allow-remote"):
+        serve(tmp_path, host="0.0.0.0")
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Labelling(tmp_path), token="s3cret"))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+
+    def post(path, body, headers):
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+    try:
+        for path in ("/", "/api/state"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert err.value.code == 403
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post("/api/label", {"id": "0-0-1", "verdict": "a"}, {"X-Alignpipe-Token": "wrong"})
+        assert err.value.code == 403 and not (tmp_path / LABELS_FILE).exists()
+        assert b"Which answer is better" in urllib.request.urlopen(base + "/?token=s3cret", timeout=10).read()
+        state = post("/api/label", {"id": "0-0-1", "verdict": "a"}, {"X-Alignpipe-Token": "s3cret"})
+        assert state["labelled"] == 1 and state["item"] is None
+    finally:
+        srv.shutdown()
+    assert current(read_log(tmp_path), "human") == {"0-0-1": "a"}
