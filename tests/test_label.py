@@ -136,6 +136,7 @@ BAD_LABELLERS = {
     "second": ({"second_labeller": "label_rules:shorter"}, "second_labeller is the labeller again"),
     "embedded_on_files": ({"labeller": "embedded", "data": {"path": "p.jsonl"}}, "the embedded judge knows only"),
     "samples": ({"samples_per_prompt": 6}, "samples_per_prompt must be 2 to 4"),
+    "no_prompts": ({"data": {"embedded": "corpus"}}, "embedded 'corpus' has no prompts to label"),
 }
 
 

@@ -28,6 +28,7 @@ from alignpipe.errors import AlignpipeError, RecipeError
 from alignpipe.recipe import StageConfig
 
 SAMPLES_FILE = "samples.jsonl"
+EMBEDDED_PROMPTS = ("rl_prompts", "sft", "pairs")  # the world's parts whose (training) prompts can be labelled
 
 
 @dataclass
@@ -61,6 +62,9 @@ def check(recipe, name: str, where: str) -> None:
     if not cfg.data:
         raise RecipeError("a label stage needs prompts", where=where, key=f"{key}.data",
                           fix="add `data: {embedded: rl_prompts}` or a file of prompts")
+    if cfg.data.get("embedded") not in (None, *EMBEDDED_PROMPTS):
+        raise RecipeError(f"embedded {cfg.data['embedded']!r} has no prompts to label", where=where,
+                          key=f"{key}.data.embedded", fix=f"use one of {', '.join(EMBEDDED_PROMPTS)}")
     if not 2 <= cfg.samples_per_prompt <= 4:
         raise RecipeError(f"samples_per_prompt must be 2 to 4, got {cfg.samples_per_prompt}", where=where,
                           key=f"{key}.samples_per_prompt", fix="compare 2, 3 or 4 responses per prompt")
