@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from alignpipe.errors import RecipeError
+from alignpipe.labelling.sources import stage_sources
 from alignpipe.tracking import DEFAULT_TRACKING
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -164,10 +165,10 @@ class Recipe:
             while parent:
                 wanted.add(parent)
                 parent = self.stages[parent].from_
-        for name, cfg in self.stages.items():  # a stage's reward model is an upstream too
-            ref = getattr(cfg, "reward_model", None)
-            if name in wanted and ref:
-                wanted |= set(self.order([ref]))
+        for name, cfg in self.stages.items():  # a stage's reward model and labelled data are upstreams too
+            refs = [getattr(cfg, "reward_model", None), *stage_sources(cfg.data)]
+            if name in wanted and any(refs):
+                wanted |= set(self.order([r for r in refs if r]))
         done: list[str] = []
         while len(done) < len(wanted):
             for name in self.stages:
@@ -181,6 +182,7 @@ class Recipe:
         ref = getattr(cfg, "reward_model", None)
         if ref:
             deps.append(ref)
+        deps += [s for s in stage_sources(cfg.data) if s not in deps]  # data: {from: <label stage>}
         return deps
 
 
@@ -406,6 +408,10 @@ def _check_graph(recipe: Recipe, where: str) -> None:
                 raise RecipeError(f"names stage {ref!r}, which this recipe does not have", where=where,
                                   key=f"stages.{name}.{field_name}",
                                   fix=f"use one of {', '.join(recipe.stages)} or remove the key")
+        for ref in stage_sources(cfg.data):
+            if ref not in recipe.stages or ref == name:
+                raise RecipeError(f"`data: {{from: {ref}}}` names no other stage of this recipe", where=where,
+                                  key=f"stages.{name}.data", fix=f"name a label stage: one of {', '.join(recipe.stages)}")
     for name in recipe.stages:
         seen = [name]
         parent = recipe.stages[name].from_

@@ -352,7 +352,7 @@ class Report:
 
     def summary(self) -> list[str]:
         keys = ["judge_pass_rate", "eot_rate", "kl_to_reference", "mean_reward", "rm_win_rate_vs_sft",
-                "pairwise_accuracy", "onpolicy_accuracy", "perplexity", "eval_loss"]
+                "pairwise_accuracy", "onpolicy_accuracy", "onpolicy_wrong_answer_accuracy", "perplexity", "eval_loss"]
         used = [k for k in keys if any(k in s.metrics for s in self.stages)]
         rows = []
         for s in self.stages:
@@ -610,6 +610,9 @@ class Report:
                      if m.get(k) is not None]
             if facts:
                 lines += ["", "Metrics: " + ", ".join(facts) + "."]
+            if by_type := m.get("onpolicy_accuracy_by_failure_type"):  # reward/onpolicy.py
+                lines += ["", "On-policy accuracy by what is wrong with the failing sample: " + ", ".join(
+                    f"{t} {_fmt(row['accuracy'])} ({row['pairs']} pairs)" for t, row in by_type.items()) + "."]
             evals = rm.dir / "reward_eval.json"
             table = json.loads(evals.read_text()).get("calibration") if evals.is_file() else None
             if table:

@@ -52,6 +52,7 @@ FAMILY_OF_STAGE = {
     "ppo": "prompts",
     "grpo": "prompts",
     "rloo": "prompts",
+    "label": "prompts",
 }
 
 

@@ -19,6 +19,7 @@ KINDS: dict[str, str] = {
     "kto": "kto",
     "orpo": "orpo",
     "cpo": "orpo",
+    "label": "label",
 }
 
 

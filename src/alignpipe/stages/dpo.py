@@ -86,6 +86,10 @@ def pairs(ctx) -> tuple[list[dict], list[dict]]:
     if ctx.config.data.get("embedded") == "pairs":
         return ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
     from alignpipe.data.loading import load_split
+    from alignpipe.labelling.sources import labelled_pairs, reads_stages
+
+    if reads_stages(ctx.config.data):  # a label stage's pairs, alone or mixed
+        return labelled_pairs(ctx, 200)[:2]
 
     return load_split(ctx, "pairs", 200)
 

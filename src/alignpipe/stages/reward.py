@@ -7,8 +7,11 @@ chat template. Bad pairs are counted and reported before training.
 
 Metrics, on held-out data: pairwise accuracy, mean margin, calibration (ECE of sigmoid(margin)),
 reward-length correlation; and on the parent policy's own sampled responses to held-out prompts,
-judged by a verifier (the embedded world's judge, or one named in `eval.judges`): `onpolicy_accuracy` (pass vs fail, same prompt, ordered
-correctly) and `judge_auc`. Those samples also give `reward_mean` / `reward_std`, the statistics
+judged by a verifier (the embedded world's judge, or one named in `eval.judges`): `onpolicy_accuracy` (pass vs fail,
+same prompt, ordered correctly) and `judge_auc`; on the embedded world also by what is wrong with the failing sample
+(`onpolicy_accuracy_by_failure_type`, `onpolicy_wrong_answer_accuracy`: alignpipe.reward.onpolicy). Pairs may
+come from a label stage (`data: {from: label}`, alignpipe.labelling.sources). Those samples also give
+`reward_mean` / `reward_std`, the statistics
 PPO normalises with (its first samples come from this same policy). Artifact: `alignpipe.reward.artifact`.
 """
 
@@ -38,7 +41,9 @@ def trainer_config_class():
 
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
-    embedded = cfg.data.get("embedded")
+    from alignpipe.labelling.sources import world_part
+
+    embedded = world_part(cfg.data)
     if embedded is not None and embedded != "pairs":
         raise RecipeError(f"a reward stage trains on preference pairs, not {embedded!r}", where=where,
                           key=f"stages.{name}.data.embedded", fix="use `data: {embedded: pairs}` or a pairs dataset")
@@ -51,8 +56,12 @@ def pair_rows(ctx, tokenizer, max_length: int) -> tuple[list[dict], list[dict], 
     """Train and held-out pairs, with bad pairs dropped; the drop report is printed and returned."""
     from alignpipe.reward.pairs import filter_pairs
 
+    from alignpipe.labelling.sources import labelled_pairs, reads_stages
+
     if ctx.config.data.get("embedded") == "pairs":
         raw_train, raw_eval = ctx.world.preference_rows("train"), ctx.world.preference_rows("eval")
+    elif reads_stages(ctx.config.data):  # a label stage's pairs, alone or mixed
+        raw_train, raw_eval, _ = labelled_pairs(ctx, ctx.config.eval_pairs, tokenizer, max_length)
     else:
         from alignpipe.data.loading import load_split
 
@@ -98,12 +107,22 @@ def onpolicy_samples(ctx, tokenizer):
     return judged_samples(ctx, lambda: ctx.load_model().to(device()), tokenizer)
 
 
+def judged_by_world(ctx) -> bool:
+    """Whether the on-policy check's verifier is the embedded world's judge (embedded data or exported files)."""
+    from alignpipe.eval.verifiers import EMBEDDED
+    from alignpipe.evaluation import judges_of
+
+    verifiers = [j.verifier for j in judges_of(ctx).values() if not j.pairwise]
+    return bool(verifiers) and verifiers[0] == EMBEDDED
+
+
 def run(ctx) -> dict:
     import torch
 
     from alignpipe import modeling
     from alignpipe.evaluation import write_samples
     from alignpipe.reward import metrics as rm_metrics
+    from alignpipe.reward.onpolicy import failure_metrics
     from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
     from alignpipe.training import train, train_log_metrics, write_log_history
 
@@ -135,6 +154,8 @@ def run(ctx) -> dict:
         samples, passed = judged
         sample_scores = score(trained, samples.prompts, samples.responses)
         metrics.update(rm_metrics.judged_metrics(samples.prompts, sample_scores, passed, samples.lengths))
+        if judged_by_world(ctx):  # the failure types are the world's house style
+            metrics.update(failure_metrics(samples.prompts, samples.responses, samples.ended, passed, sample_scores))
         write_samples(ctx.dir / "eval_samples.jsonl", samples, passed, {"reward": sample_scores})
         stats_scores, stats_on = sample_scores, "parent_samples"
     mean = sum(stats_scores) / len(stats_scores)
