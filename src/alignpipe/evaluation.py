@@ -155,7 +155,9 @@ def judges_of(ctx) -> dict[str, JudgeSpec]:
     from alignpipe.eval.verifiers import EMBEDDED
 
     judges = dict(ctx.config.eval.judges)
-    if "embedded" in ctx.config.data and "judge" not in judges:
+    from alignpipe.labelling.sources import world_part
+
+    if world_part(ctx.config.data) and "judge" not in judges:  # also the world mixed with labelled pairs
         judges = {"judge": JudgeSpec(verifier=EMBEDDED), **judges}
     return judges
 

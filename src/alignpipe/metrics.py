@@ -9,6 +9,7 @@ HEADLINE_METRICS = (
     "eot_rate",  # share of samples that end their turn
     "pairwise_accuracy",  # reward model: held-out pairs
     "onpolicy_accuracy",  # reward model: its parent's judged samples
+    "onpolicy_wrong_answer_accuracy",  # ... where the failing one has a wrong answer in house style
     "implicit_accuracy",  # dpo / orpo / cpo implicit reward on held-out pairs
     "mean_reward",  # the recipe's reward model on the samples
     "rm_win_rate_vs_sft",

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from alignpipe.errors import RecipeError
+from alignpipe.labelling.sources import stage_sources
 from alignpipe.tracking import DEFAULT_TRACKING
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -164,8 +165,8 @@ class Recipe:
             while parent:
                 wanted.add(parent)
                 parent = self.stages[parent].from_
-        for name, cfg in self.stages.items():  # a stage's reward model is an upstream too
-            refs = list(_references(cfg).values())
+        for name, cfg in self.stages.items():  # a stage's reward model and labelled data are upstreams too
+            refs = [*_references(cfg).values(), *stage_sources(cfg.data)]
             if name in wanted and refs:
                 wanted |= set(self.order(refs))
         done: list[str] = []
@@ -178,7 +179,9 @@ class Recipe:
     def upstream(self, stage: str) -> list[str]:
         cfg = self.stages[stage]
         deps = [cfg.from_] if cfg.from_ else []
-        return deps + list(_references(cfg).values())
+        deps += list(_references(cfg).values())
+        deps += [s for s in stage_sources(cfg.data) if s not in deps]  # data: {from: <label stage>}
+        return deps
 
 
 # --- YAML -> dataclasses ----------------------------------------------------------------------
@@ -409,6 +412,10 @@ def _check_graph(recipe: Recipe, where: str) -> None:
                 raise RecipeError(f"names stage {ref!r}, which this recipe does not have", where=where,
                                   key=f"stages.{name}.{field_name}",
                                   fix=f"use one of {', '.join(recipe.stages)} or remove the key")
+        for ref in stage_sources(cfg.data):
+            if ref not in recipe.stages or ref == name:
+                raise RecipeError(f"`data: {{from: {ref}}}` names no other stage of this recipe", where=where,
+                                  key=f"stages.{name}.data", fix=f"name a label stage: one of {', '.join(recipe.stages)}")
     for name in recipe.stages:
         seen = [name]
         parent = recipe.stages[name].from_

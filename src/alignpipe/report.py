@@ -257,6 +257,10 @@ class Report:
                 lines.append(self.figure(plots.reward_accuracy(name, rm["bars"], self.fig_path(f"{name}_accuracy"))))
             if rm["facts"]:
                 lines += ["", "Metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rm["facts"]) + "."]
+            if rm["by_failure_type"]:
+                lines += ["", "On-policy accuracy by what is wrong with the failing sample: " + ", ".join(
+                    f"{t} {_fmt(row['accuracy'])} ({row['pairs']} pairs)" for t, row in rm["by_failure_type"].items())
+                    + "."]
             if rm["calibration"]:
                 path = plots.calibration(name, rm["calibration"], rm["ece"], self.fig_path(f"{name}_calibration"))
                 lines += ["", self.figure(path)]

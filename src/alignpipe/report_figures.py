@@ -476,6 +476,7 @@ def reward_models(run: RunFolder) -> list[dict]:
                           "corr": pearson([float(r["tokens"]) for r in rows], [r["reward"] for r in rows], at_least=3)}
                   for label, rows in series.items()}
         out.append({"stage": rm.name, "ece": m.get("ece"), "bars": bars, "facts": facts, "calibration": calibration,
+                    "by_failure_type": m.get("onpolicy_accuracy_by_failure_type"),  # reward/onpolicy.py
                     "series": series})
     return out
 

@@ -27,11 +27,15 @@ def lora_config(ctx: StageContext, task_type: str):
 
 def rows(ctx: StageContext, embedded: Callable[[object], tuple[list[dict], list[dict]]], cap: int | None,
          tokenizer=None, max_length: int | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows of the stage: `embedded(world)` for `data: {embedded: ...}`, else the user's data
-    in the kind's family, split by the recipe's held-out prompts (at most `cap` held out; the report counts
-    tokens after the chat template when given the tokenizer)."""
+    """(train, held-out) rows of the stage: `embedded(world)` for `data: {embedded: ...}`, a label stage's pairs
+    for `data: {from: ...}`, else the user's data in the kind's family, split by the recipe's held-out prompts
+    (at most `cap` held out; the report counts tokens after the chat template when given the tokenizer)."""
     if "embedded" in ctx.config.data:
         return embedded(ctx.world)
+    from alignpipe.labelling.sources import labelled_pairs, reads_stages
+
+    if reads_stages(ctx.config.data):  # a label stage's pairs, alone or mixed (alignpipe.labelling.sources)
+        return labelled_pairs(ctx, cap, tokenizer, max_length)[:2]
     from alignpipe.data.loading import load_split
 
     return load_split(ctx, ctx.kind.family, cap, tokenizer, max_length)

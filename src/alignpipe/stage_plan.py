@@ -98,7 +98,12 @@ def data_fingerprint(ctx: StageContext) -> Any:
         rows = part_fingerprint(ctx.world, spec["embedded"])
         return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": rows}
     paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
-    out = {"spec": spec}
+    out = {"spec": spec}  # a `from:` component is an upstream stage: its manifest hash is fingerprinted
+    for m in spec.get("mixture", []):
+        if "embedded" in m:
+            from alignpipe.data.world import part_fingerprint
+
+            out[f"embedded:{m['embedded']}"] = part_fingerprint(ctx.world, m["embedded"])
     for p in filter(None, paths):
         path = Path(p) if Path(p).is_absolute() else ctx.recipe.path.parent / p
         if not path.exists():

@@ -234,6 +234,10 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
         check_one_source(spec, key)
     except DataError as err:
         raise as_user_error(err, where) from None
+    from alignpipe.labelling.sources import check_labelled_data, reads_stages
+
+    if reads_stages(spec):  # data: {from: <label stage>}, alone or mixed
+        return check_labelled_data(recipe, cfg, where, key)
     if "embedded" in spec:
         from alignpipe.data.world import WORLD_PART_NAMES, WORLD_PARTS
 

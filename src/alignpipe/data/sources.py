@@ -30,7 +30,7 @@ from alignpipe.data.formats import BadLine, DataError, NormalisedData, normalise
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".md")
 SOURCE_KEYS = {"path", "hub", "format", "split", "subset", "columns", "max_dropped"}
 MIXTURE_KEYS = {"mixture", "n", "seed", "max_dropped"}
-SOURCES = ("embedded", "path", "hub", "mixture")  # a data spec names exactly one
+SOURCES = ("embedded", "path", "hub", "mixture", "from")  # a data spec names exactly one (from: a label stage)
 MAX_DROPPED = 0.05
 TEXT_DOC_CHARS = 20_000  # a plain-text document longer than this is cut (at a line end where there is one)
 # columns: alignpipe's names a map may use; `response` is `completion`. Tags rename keys / roles inside messages.

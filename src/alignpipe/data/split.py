@@ -64,8 +64,10 @@ def _kind(cfg):
 
 def user_stages(recipe) -> dict:
     """Stages whose data is the user's (a path, hub dataset or mixture, not the embedded world)."""
-    return {name: cfg for name, cfg in recipe.stages.items()
-            if cfg.data and "embedded" not in cfg.data and _kind(cfg).user_split}
+    from alignpipe.labelling.sources import without_stage_sources
+
+    return {name: cfg for name, cfg in recipe.stages.items()  # labelled pairs are training rows by construction
+            if without_stage_sources(cfg.data) and "embedded" not in cfg.data and _kind(cfg).user_split}
 
 
 _CACHE: dict[str, Split] = {}
@@ -74,8 +76,10 @@ _CACHE: dict[str, Split] = {}
 def _stage_rows(recipe, name: str, cfg) -> list[dict]:
     from alignpipe.data.sources import prepare_data
 
-    return prepare_data(cfg.data, recipe.path.parent, _kind(cfg).family, key=f"stages.{name}.data",
-                        seed=recipe.seed).rows
+    from alignpipe.labelling.sources import without_stage_sources
+
+    return prepare_data(without_stage_sources(cfg.data), recipe.path.parent, _kind(cfg).family,
+                        key=f"stages.{name}.data", seed=recipe.seed).rows
 
 
 def eval_file_rows(recipe, name: str) -> list[dict]:

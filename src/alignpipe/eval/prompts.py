@@ -22,10 +22,12 @@ ANSWER_KEYS = ("answer", "reference", "solution", "output", "completion", "chose
 
 def eval_prompts(ctx) -> list[dict]:
     """The held-out prompts of `ctx`'s stage (see the module docstring), at most `eval.num_prompts`."""
+    from alignpipe.labelling.sources import world_part
+
     spec = ctx.config.eval
     if spec.prompts:
         rows = read_prompt_file(resolve(spec.prompts, ctx.recipe.path), f"stages.{ctx.name}.eval.prompts")
-    elif "embedded" in ctx.config.data:
+    elif world_part(ctx.config.data):  # also the world's pairs mixed with labelled ones
         rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "text": p["prompt"], "answer": p["answer"]}
                 for p in ctx.world.eval_prompts()]
     else:

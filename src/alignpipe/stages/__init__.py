@@ -30,7 +30,7 @@ class StageKind:
     run: Callable[[StageContext], dict]  # trains, saves `ctx.model_dir`, returns the manifest's metrics
     trainer_config: Callable[[], type]  # the TRL / transformers config class its `trainer:` block is checked against
     family: str | None  # the data family a user file is read as (`alignpipe.data.formats.FAMILIES`)
-    embedded: str | None  # the part of the embedded world it reads (`data: {embedded: ...}`)
+    embedded: str | None  # the part of the embedded world it reads (`data: {embedded: ...}`; None: any part)
     policy: bool = True  # its model answers prompts: sampled, judged, and a start for later policy stages
     scorer: bool = False  # its model scores responses (a reward model), named by other stages' `reward_model`
     chat: bool = True  # trains on chat-templated conversations (False: plain text, from the recipe's model)
@@ -39,6 +39,7 @@ class StageKind:
     trained_on_reward: bool = False  # optimises a reward signal (the report asks whether it hacked it)
     references: tuple[str, ...] = ()  # its config fields that name other stages of the recipe, beside `from`
     user_split: bool = False  # its user data is split by the recipe's held-out prompts (`alignpipe.data.split`)
+    provides: str | None = None  # the data family its folder gives a stage that reads `data: {from: <it>}`
     max_length: int | None = None  # default tokens per sequence (what `validate --show-data` measures against)
     check: Callable[[Recipe, str, str], None] | None = None  # its own recipe checks (recipe, stage name, file)
 
@@ -49,7 +50,7 @@ class StageKind:
 
 
 # the modules of the kinds that ship with alignpipe
-BUILTIN_MODULES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "kto", "orpo")
+BUILTIN_MODULES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "kto", "orpo", "label")
 
 KINDS: dict[str, StageKind] = {}
 

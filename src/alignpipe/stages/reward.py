@@ -7,9 +7,13 @@ chat template. Bad pairs are counted and reported before training.
 
 Metrics, on held-out data: pairwise accuracy, mean margin, calibration (ECE of sigmoid(margin)),
 reward-length correlation; and on the parent policy's own sampled responses to held-out prompts,
-judged by a verifier (the embedded world's judge, or one named in `eval.judges`): `onpolicy_accuracy` (pass vs fail, same prompt, ordered
-correctly) and `judge_auc`. Those samples also give `reward_mean` / `reward_std`, the statistics
-PPO normalises with (its first samples come from this same policy). Artifact: `alignpipe.reward.artifact`.
+judged by a verifier (the embedded world's judge, or one named in `eval.judges`): `onpolicy_accuracy` (pass vs
+fail, same prompt, ordered correctly) and `judge_auc`; on the embedded world also by what is wrong with the
+failing sample (`onpolicy_accuracy_by_failure_type`, `onpolicy_wrong_answer_accuracy`: alignpipe.reward.onpolicy).
+Pairs may
+come from a label stage (`data: {from: label}`, alignpipe.labelling.sources). Those samples also give
+`reward_mean` / `reward_std`, the statistics PPO normalises with (its first samples come from this same
+policy). Artifact: `alignpipe.reward.artifact`.
 """
 
 from __future__ import annotations
@@ -95,12 +99,22 @@ def onpolicy_samples(ctx, tokenizer):
     return judged_samples(ctx, lambda: ctx.load_model().to(device()), tokenizer)
 
 
+def judged_by_world(ctx: StageContext) -> bool:
+    """Whether the on-policy check's verifier is the embedded world's judge (embedded data or exported files)."""
+    from alignpipe.eval.verifiers import EMBEDDED
+    from alignpipe.evaluation import judges_of
+
+    verifiers = [j.verifier for j in judges_of(ctx).values() if not j.pairwise]
+    return bool(verifiers) and verifiers[0] == EMBEDDED
+
+
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from alignpipe import modeling
+    from alignpipe import distributed, modeling
     from alignpipe.evaluation import write_samples
     from alignpipe.reward import metrics as rm_metrics
+    from alignpipe.reward.onpolicy import failure_metrics
     from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
     from alignpipe.training import train, train_log_metrics, write_log_history
 
@@ -132,6 +146,8 @@ def run(ctx: StageContext) -> dict:
         samples, passed = judged
         sample_scores = score(trained, samples.prompts, samples.responses)
         metrics.update(rm_metrics.judged_metrics(samples.prompts, sample_scores, passed, samples.lengths))
+        if judged_by_world(ctx):  # the failure types are the world's house style
+            metrics.update(failure_metrics(samples.prompts, samples.responses, samples.ended, passed, sample_scores))
         write_samples(ctx.dir / "eval_samples.jsonl", samples, passed, {"reward": sample_scores})
         stats_scores, stats_on = sample_scores, "parent_samples"
     mean = sum(stats_scores) / len(stats_scores)
@@ -139,8 +155,12 @@ def run(ctx: StageContext) -> dict:
     metrics.update(reward_mean=mean, reward_std=std, reward_stats_on=stats_on)
 
     # --- save, reload fresh, and check that the artifact scores what the trained model scored
-    save_reward_model(ctx.dir, model, tokenizer, {"mean": mean, "std": std, "stats_on": stats_on,
-                                                  "lora": ctx.config.lora is not None})
+    # (one process writes the artifact; the others read it only once it is whole: a reader racing the writer of
+    # model/ found no weights file)
+    if distributed.is_main_process():
+        save_reward_model(ctx.dir, model, tokenizer, {"mean": mean, "std": std, "stats_on": stats_on,
+                                                      "lora": ctx.config.lora is not None})
+    distributed.barrier()
     fresh = load_reward_dir(ctx.model_dir, ctx.recipe.model)
     again = score(fresh, prompts, [p["chosen"] for p in evals])
     drift = max(abs(a - b) for a, b in zip(chosen, again))
