@@ -10,10 +10,9 @@ reward-length correlation; and on the parent policy's own sampled responses to h
 judged by a verifier (the embedded world's judge, or one named in `eval.judges`): `onpolicy_accuracy` (pass vs
 fail, same prompt, ordered correctly) and `judge_auc`; on the embedded world also by what is wrong with the
 failing sample (`onpolicy_accuracy_by_failure_type`, `onpolicy_wrong_answer_accuracy`: alignpipe.reward.onpolicy).
-Pairs may
-come from a label stage (`data: {from: label}`, alignpipe.labelling.sources). Those samples also give
-`reward_mean` / `reward_std`, the statistics PPO normalises with (its first samples come from this same
-policy). Artifact: `alignpipe.reward.artifact`.
+Pairs may come from a label stage (`data: {from: label}`, alignpipe.labelling.sources). Those samples also give
+`reward_mean` / `reward_std`, the statistics PPO normalises with (its first samples come from this same policy).
+Artifact: `alignpipe.reward.artifact`.
 """
 
 from __future__ import annotations
