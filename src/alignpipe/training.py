@@ -44,6 +44,9 @@ def train(trainer, ctx) -> None:
     checkpoint's `trainer_state.json` (as a stateful callback, written with the step it belongs to)
     and put back before training resumes.
     """
+    from alignpipe.distributed import fsdp_on_cpu
+
+    fsdp_on_cpu(trainer)
     attach_progress(trainer, ctx)
     checkpoint = last_checkpoint(ctx)
     saved = {}
