@@ -88,3 +88,29 @@ def test_two_process_fsdp_logs_once(runs):
     assert proc.stderr.count("[alignpipe] stage dpo: complete") == 1
     assert proc.stdout.count("stage  ") == 1  # one summary table
     assert "destroy_process_group" not in proc.stderr
+
+
+def test_fsdp_on_cpu_refuses_lora_before_training(tmp_path, monkeypatch):
+    """What `accelerate launch --config_file fsdp_cpu.yaml` sets, and a real LoRA trainer: one clear refusal."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from alignpipe.distributed import fsdp_on_cpu
+    from alignpipe.errors import RecipeError
+    from alignpipe.modeling import load_tokenizer
+    from alignpipe.recipe import ModelSpec
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    tokenizer = load_tokenizer(model_dir, ModelSpec(path=str(model_dir)))
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tokenizer,
+                         args=SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to=[],
+                                        max_steps=1, activation_checkpointing=False),
+                         train_dataset=Dataset.from_list([{"messages": [{"role": "user", "content": "1+1?"},
+                                                                        {"role": "assistant", "content": "2"}]}]),
+                         peft_config=LoraConfig(r=2, lora_alpha=4, task_type="CAUSAL_LM"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RecipeError, match=r"r\.yaml: stages\.sft\.lora: .*full models only.*fix: remove"):
+        fsdp_on_cpu(trainer, "r.yaml", "sft")
+    assert trainer.state.global_step == 0 and not trainer.is_fsdp_enabled

@@ -51,7 +51,7 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def fsdp_on_cpu(trainer) -> bool:
+def fsdp_on_cpu(trainer, where: str = "", stage: str = "") -> bool:
     """Turn on the FSDP the launcher asked for, when the processes run on CPUs; True if it did.
 
     `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP and the FSDP_* variables, but
@@ -71,6 +71,12 @@ def fsdp_on_cpu(trainer) -> bool:
     state = trainer.accelerator.state
     if state.distributed_type == DistributedType.FSDP:
         return False
+    if hasattr(trainer.model, "peft_config"):  # refused before training: this path is tested on full models only
+        from alignpipe.errors import RecipeError
+
+        raise RecipeError("FSDP on CPU processes trains full models only, and this stage has LoRA", where=where,
+                          key=f"stages.{stage}.lora" if stage else "",
+                          fix="remove the stage's lora: block, or launch with recipes/accelerate/ddp.yaml")
     state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
     # each later AcceleratorState() copies the type back from PartialState's shared state: set both
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -89,11 +95,6 @@ def gathered(model):
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not hasattr(model, "config") or hasattr(model, "peft_config"):
-        from alignpipe.errors import RunError
-
-        raise RunError("an FSDP-sharded LoRA model cannot be gathered here", where=type(model).__name__,
-                       fix="train this stage without LoRA under FSDP, or with the DDP config (ddp.yaml)")
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     # fully_shard swaps the model's class for FSDP<class>(FSDPModule, <class>): build the class it wraps
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))

@@ -46,7 +46,7 @@ def train(trainer, ctx) -> None:
     """
     from alignpipe.distributed import fsdp_on_cpu
 
-    fsdp_on_cpu(trainer)
+    fsdp_on_cpu(trainer, str(ctx.recipe.path), ctx.name)
     count_flos_once(trainer)
     attach_progress(trainer, ctx)
     checkpoint = last_checkpoint(ctx)
