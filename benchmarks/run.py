@@ -302,7 +302,10 @@ def versus(results: dict[str, dict]) -> dict:
                 "real_tokens_per_step": med["tokens"] * med["real_share"] / med["steps"]
                 if med.get("tokens") and med.get("real_share") is not None and med.get("steps") else None,
                 "steps": med.get("steps"), "loop_s": med.get("loop_s"), "cpu_share": med.get("cpu_share"),
-                "peak_rss_mb": r.get("peak_rss_mb"), "runs_steps_per_s": [x.get("steps_per_s") for x in r.get("runs", [])]}
+                "peak_rss_mb": r.get("peak_rss_mb"), "runs_steps_per_s": [x.get("steps_per_s") for x in r.get("runs", [])],
+                # per CPU-second of the process: what a busy machine (a neighbour taking part of the core) moves less
+                "runs_steps_per_cpu_s": [x["steps_per_s"] / x["cpu_share"] if x.get("steps_per_s") and x.get("cpu_share")
+                                         else None for x in r.get("runs", [])]}
 
     out = {}
     for lf, theirs in results.items():
@@ -316,10 +319,13 @@ def versus(results: dict[str, dict]) -> dict:
             interleaved = lf in ours.get("interleaved_with", [])
             paired = [x / y for x, y in zip(a["runs_steps_per_s"], b["runs_steps_per_s"]) if x and y] \
                 if interleaved else []
+            per_cpu = [x / y for x, y in zip(a["runs_steps_per_cpu_s"], b["runs_steps_per_cpu_s"]) if x and y] \
+                if interleaved else []
             out[name] = {"llamafactory": lf, "interleaved": interleaved, "rounds": len(paired),
                          "ratio": a["steps_per_s"] / b["steps_per_s"] if a["steps_per_s"] and b["steps_per_s"] else None,
                          "paired_min": min(paired, default=None), "paired_max": max(paired, default=None),
-                         "paired": paired, "ours": a, "theirs": b}
+                         "paired": paired, "ratio_per_cpu_s": statistics.median(per_cpu) if per_cpu else None,
+                         "paired_per_cpu_s": per_cpu, "ours": a, "theirs": b}
     return out
 
 
@@ -327,13 +333,16 @@ def versus_table(rows: dict) -> list[str]:
     """The per-stage comparison the README shows: steps/s, real tokens/s, peak RSS, ratio with its spread."""
     if not rows:
         return []
-    head = ["stage", "alignpipe steps/s", "LLaMA-Factory steps/s", "ratio", "paired min..max", "rounds",
+    head = ["stage", "alignpipe steps/s", "LLaMA-Factory steps/s", "ratio", "paired min..max", "per CPU-s",
+            "rounds",
             "real tokens/s (ours / theirs)", "real tokens/step", "peak RSS MB", "cpu"]
     lines = [head]
     for name, v in rows.items():
         a, b = v["ours"], v["theirs"]
         lines.append([name, fmt(a["steps_per_s"]), fmt(b["steps_per_s"]), fmt(v["ratio"], 3),
-                      f"{fmt(v['paired_min'], 3)}..{fmt(v['paired_max'], 3)}", str(v["rounds"]),
+                      f"{fmt(v['paired_min'], 3)}..{fmt(v['paired_max'], 3)}",
+                      "{} ({}..{})".format(fmt(v["ratio_per_cpu_s"], 3), fmt(min(v["paired_per_cpu_s"], default=None), 3),
+                                           fmt(max(v["paired_per_cpu_s"], default=None), 3)), str(v["rounds"]),
                       f"{fmt(a['real_tokens_per_s'])} / {fmt(b['real_tokens_per_s'])}",
                       f"{fmt(a['real_tokens_per_step'])} / {fmt(b['real_tokens_per_step'])}",
                       f"{fmt(a['peak_rss_mb'], 4)} / {fmt(b['peak_rss_mb'], 4)}",

@@ -191,7 +191,7 @@ def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
 
 def test_versus_has_one_key_per_stage_with_paired_spread():
     def ok(rates, kind="stage", **extra):
-        runs = [{"steps_per_s": v} for v in rates]
+        runs = [{"steps_per_s": v, "cpu_share": 0.5} for v in rates]
         return {"status": "ok", "kind": kind, "peak_rss_mb": 500.0, "runs": runs, **extra,
                 "median": {"steps_per_s": sorted(rates)[len(rates) // 2], "tokens": 4000, "real_share": 0.5,
                            "steps": 10, "real_tokens_per_s": 1.0, "cpu_share": 1.0}}
@@ -208,6 +208,7 @@ def test_versus_has_one_key_per_stage_with_paired_spread():
     assert sft["paired"] == pytest.approx([1.25, 1.2, 1.1]) and sft["rounds"] == 3
     assert (sft["paired_min"], sft["paired_max"]) == (pytest.approx(1.1), pytest.approx(1.25))
     assert sft["ours"]["real_tokens_per_step"] == 200 and sft["theirs"]["peak_rss_mb"] == 500.0
+    assert sft["ratio_per_cpu_s"] == pytest.approx(1.2)  # same CPU share: the median of the paired ratios
     assert versus["dpo_full"]["rounds"] == 0 and versus["dpo_full"]["paired_min"] is None
     printed = bench.table(results, bench.derive(results))
     assert "alignpipe vs LLaMA-Factory" in printed and "1.1..1.25" in printed
