@@ -3,7 +3,8 @@
 Two model sizes. The *compute* recipe has a ~11M-parameter Llama (random init, fp32), big enough
 that matmuls dominate a step on a CPU: there alignpipe's SFT is compared with a hand-written loop
 and with the machine's matmul limit (MFU). The *peer* recipe has the ~0.66M-parameter tiny Llama
-and the settings LLaMA-Factory was measured with on this machine (batch 8, cutoff 64, 40 steps;
+and the settings LLaMA-Factory was measured with on this machine (batch 8, cutoff 64; 200 / 100 / 90 steps of
+SFT / reward / DPO, so that each run trains >= 10 s;
 PPO 30 updates of 8 prompts, 16 new tokens), so steps/s compare with its figures directly.
 
 Those figures were taken on data nobody recorded (much shorter sequences than the embedded world's), so
