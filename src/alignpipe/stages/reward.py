@@ -119,7 +119,7 @@ def judged_by_world(ctx) -> bool:
 def run(ctx) -> dict:
     import torch
 
-    from alignpipe import modeling
+    from alignpipe import distributed, modeling
     from alignpipe.evaluation import write_samples
     from alignpipe.reward import metrics as rm_metrics
     from alignpipe.reward.onpolicy import failure_metrics
@@ -136,7 +136,7 @@ def run(ctx) -> dict:
                "pairs_dropped_by_reason": report["train"]["dropped"]}
 
     # --- held-out pairs, scored by the model as trained (LoRA: adapter active)
-    model = trainer.model.eval()
+    model = distributed.gathered(trainer.model).eval()  # FSDP: whole tensors, to score and save
     trained = RewardArtifact(model, tokenizer, 0.0, 1.0)
     prompts = [p["prompt"] for p in evals]
     chosen = score(trained, prompts, [p["chosen"] for p in evals])
