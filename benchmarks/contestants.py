@@ -3,7 +3,8 @@
 Two model sizes. The *compute* recipe has a ~11M-parameter Llama (random init, fp32), big enough
 that matmuls dominate a step on a CPU: there alignpipe's SFT is compared with a hand-written loop
 and with the machine's matmul limit (MFU). The *peer* recipe has the ~0.66M-parameter tiny Llama
-and the settings LLaMA-Factory was measured with on this machine (batch 8, cutoff 64, 40 steps;
+and the settings LLaMA-Factory was measured with on this machine (batch 8, cutoff 64; 200 / 100 / 90 steps of
+SFT / reward / DPO, so that each run trains >= 10 s;
 PPO 30 updates of 8 prompts, 16 new tokens), so steps/s compare with its figures directly.
 
 Those figures were taken on data nobody recorded (much shorter sequences than the embedded world's), so
@@ -53,7 +54,9 @@ class Settings:
         "vocab_size": 450, "max_position_embeddings": 256})
     peer_batch: int = 8
     peer_cutoff: int = 64
-    peer_steps: int = 40
+    # per stage kind: >= 10 s of steps for each contestant on the idle machine (about 20 / 9.5 / 9 steps/s),
+    # so that a run's timing is not a matter of a second or two
+    peer_steps: dict = field(default_factory=lambda: {"sft": 200, "reward": 100, "dpo": 90})
     ppo_updates: int = 30
     ppo_new_tokens: int = 16
     peer_warmup_steps: int = 5
@@ -67,7 +70,8 @@ class Settings:
     matmul_sizes: tuple = (512, 1024, 2048)
     lf_venv: str | None = None  # LLaMA-Factory's venv (None: $LLAMAFACTORY_VENV or .venv-llamafactory)
     timeout_s: int = 600  # per contestant process
-    budget_s: int = 840  # contestants still waiting when this much time has passed are skipped (make bench < 15 min)
+    versus_repeats: int = 5  # interleaved timed runs of ours and LLaMA-Factory's on the same work (paired ratios)
+    budget_s: int = 2400  # contestants still waiting when this much time has passed are skipped
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -75,7 +79,8 @@ class Settings:
         tiny = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 2,
                 "vocab_size": 300, "max_position_embeddings": 128}
         return replace(cls(), repeats=1, compute_model=dict(tiny), compute_batch=4, compute_steps=3,
-                       peer_model=dict(tiny), peer_steps=4, ppo_updates=2, ppo_new_tokens=6, peer_warmup_steps=2,
+                       peer_model=dict(tiny), peer_steps={"sft": 4, "reward": 4, "dpo": 4},
+                       versus_repeats=2, ppo_updates=2, ppo_new_tokens=6, peer_warmup_steps=2,
                        ppo_warmup_updates=1,
                        prep_steps={"compute_pretrain": 2, "pretrain": 10, "sft": 4, "reward": 4},
                        world={"n_corpus_docs": 300, "n_corpus_eval_docs": 20, "n_sft": 100, "n_pairs": 60,
@@ -185,12 +190,12 @@ def compute_recipe(s: Settings, runs_dir: str, kinds: set[str]) -> dict:
 
 
 def peer_recipe(s: Settings, runs_dir: str, kinds: set[str]) -> dict:
-    timed = {"max_steps": s.peer_steps, "per_device_train_batch_size": s.peer_batch, "max_length": s.peer_cutoff}
+    timed = {"per_device_train_batch_size": s.peer_batch, "max_length": s.peer_cutoff}
     lora = {"r": 8, "alpha": 16}
 
     def leaf(kind, parent, data, trainer=None, **extra):
         return {"kind": kind, "from": parent, "data": {"embedded": data}, "eval": NO_EVAL,
-                "trainer": {**timed, **(trainer or {})}, **extra}
+                "trainer": {**timed, "max_steps": s.peer_steps[kind], **(trainer or {})}, **extra}
 
     stages = {
         # parents, built once

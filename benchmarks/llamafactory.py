@@ -169,7 +169,7 @@ def stub_torchaudio() -> None:
 
 def run_lf(spec: dict) -> dict:
     """`llamafactory-cli train` in-process, with worker.py's probe: warm-up, then the timed runs."""
-    from worker import T_START, Probe, peak_rss_mb
+    from worker import T_START, Probe, peak_rss_mb, repeat
 
     stub_torchaudio()
     import torch  # noqa: F401 - imported before the baseline RSS is read
@@ -180,8 +180,8 @@ def run_lf(spec: dict) -> dict:
     probe = Probe()
     probe.install()
     out_dir = Path(spec["lf_args"]["output_dir"])
-    runs = []
-    for i in range(1 + spec["repeats"]):
+
+    def run_once(i: int) -> dict:
         probe.reset()
         args = dict(spec["lf_args"])
         if i == 0 and spec["warmup_steps"]:
@@ -195,7 +195,9 @@ def run_lf(spec: dict) -> dict:
             row["trainer_steps_per_s"] = json.loads(results.read_text()).get("train_steps_per_second")
         if i == 0:  # process start (interpreter, imports, data, model) to the first training step
             row["startup_s"] = probe.first_begin_wall - T_START if probe.first_begin_wall else None
-        runs.append(row)
+        return row
+
+    runs = repeat(run_once, spec)
     return {"warmup": runs[0], "runs": runs[1:], "rss_after_imports_mb": rss_imports, "data": spec["lf_data"]}
 
 

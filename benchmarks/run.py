@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import shutil
 import statistics
 import subprocess
@@ -84,18 +85,22 @@ def prepare(recipes: dict[str, dict], work: Path, timeout: int) -> dict[str, flo
 # --- one contestant ------------------------------------------------------------------------------------
 
 
-def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path, kinds: set[str]) -> dict:
+def setup_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path, kinds: set[str]) -> tuple:
+    """(the result's fixed fields, the worker's command, its spec) for one contestant; the command is None when
+    it cannot run here (the fields then say why)."""
     base = {"kind": c.kind, "recipe": c.recipe, "stage": c.stage, "threads": c.threads, "note": c.note,
             "reference": c.reference}
     if c.stage_kind and (c.stage_kind not in kinds or c.stage not in recipes[c.recipe]["stages"]):
-        return {**base, "status": "missing", "error": f"stage kind {c.stage_kind!r} not in this checkout"}
+        return {**base, "status": "missing", "error": f"stage kind {c.stage_kind!r} not in this checkout"}, None, None
     if c.kind == "llamafactory":
         base["same_work_as"] = c.options["same_work_as"]
         if lf_bench.venv_python(settings.lf_venv) is None:
             where = settings.lf_venv or os.environ.get("LLAMAFACTORY_VENV") or lf_bench.DEFAULT_VENV
-            return {**base, "status": "missing", "error": f"no LLaMA-Factory venv at {where} (make bench-peers)"}
+            return {**base, "status": "missing", "error": f"no LLaMA-Factory venv at {where} (make bench-peers)"}, \
+                None, None
     if c.options.get("batches_from") and not (work / c.options["batches_from"]).is_file():
-        return {**base, "status": "skipped", "error": f"needs {c.options['batches_from']} (run sft_1t first)"}
+        return {**base, "status": "skipped", "error": f"needs {c.options['batches_from']} (run sft_1t first)"}, \
+            None, None
     runs_root = Path(recipes[c.recipe]["runs_dir"]) / c.recipe if c.recipe else None
     spec = {**asdict(c), "repeats": settings.repeats, "work": str(work), "out": str(work / f"{c.name}.json"),
             "recipe_path": str(work / f"{c.recipe}.yaml") if c.recipe else None,
@@ -106,8 +111,29 @@ def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path,
     if c.kind == "llamafactory":  # its data and config are written here, it trains in its own venv
         spec = lf_bench.prepare(c, settings, recipes[c.recipe], work, spec)
         cmd = [str(lf_bench.venv_python(settings.lf_venv)), str(HERE / "llamafactory.py")]
-    spec_path = work / f"{c.name}.spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1))
+    return base, cmd, spec
+
+
+def write_spec(c: Contestant, spec: dict, work: Path) -> Path:
+    path = work / f"{c.name}.spec.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+def collect(c: Contestant, base: dict, spec: dict, work: Path, returncode: int, wall: float) -> dict:
+    """A finished worker's result: its runs and their medians, or why it failed (the log's last lines)."""
+    if returncode != 0:
+        tail = (work / f"{c.name}.log").read_text().strip().splitlines()[-3:]
+        return {**base, "status": "failed", "error": " | ".join(tail), "wall_s": wall}
+    raw = json.loads(Path(spec["out"]).read_text())
+    return {**base, "status": "ok", "wall_s": wall, **raw, "median": medians(raw["runs"])}
+
+
+def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path, kinds: set[str]) -> dict:
+    base, cmd, spec = setup_contestant(c, settings, recipes, work, kinds)
+    if cmd is None:
+        return base
+    spec_path = write_spec(c, spec, work)
     env = child_env(c.threads)
     env["BENCH_T0"] = repr(time.time())
     t = time.perf_counter()
@@ -117,12 +143,68 @@ def run_contestant(c: Contestant, settings: Settings, recipes: dict, work: Path,
                                   timeout=settings.timeout_s)
     except subprocess.TimeoutExpired:
         return {**base, "status": "failed", "error": f"timed out after {settings.timeout_s}s"}
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        tail = (work / f"{c.name}.log").read_text().strip().splitlines()[-3:]
-        return {**base, "status": "failed", "error": " | ".join(tail), "wall_s": wall}
-    raw = json.loads(Path(spec["out"]).read_text())
-    return {**base, "status": "ok", "wall_s": wall, **raw, "median": medians(raw["runs"])}
+    return collect(c, base, spec, work, proc.returncode, time.perf_counter() - t)
+
+
+def _read_reply(reply, timeout: float) -> str:
+    """One line from a worker's reply pipe ('' when it died or took longer than `timeout`)."""
+    ready, _, _ = select.select([reply], [], [], timeout)
+    return reply.readline() if ready else ""
+
+
+def run_interleaved(group: list[Contestant], settings: Settings, recipes: dict, work: Path,
+                    kinds: set[str]) -> dict[str, dict]:
+    """Contestants on the same work, interleaved: each worker starts and warms up (one after another), then
+    round r runs every worker's r-th timed run in turn (ours, theirs, ours, theirs, ...), the others waiting
+    idle, so a change in the machine's load falls on both sides alike and each round gives a paired ratio."""
+    results, live = {}, {}
+    for c in group:
+        base, cmd, spec = setup_contestant(c, settings, recipes, work, kinds)
+        if cmd is None:
+            results[c.name] = base
+            continue
+        read_fd, write_fd = os.pipe()
+        spec = {**spec, "repeats": settings.versus_repeats, "reply_fd": write_fd}
+        env = child_env(c.threads)
+        env["BENCH_T0"] = repr(time.time())
+        log_fh = open(work / f"{c.name}.log", "w")
+        proc = subprocess.Popen([*cmd, str(write_spec(c, spec, work))], env=env, stdin=subprocess.PIPE, text=True,
+                                stdout=log_fh, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
+        os.close(write_fd)
+        reply = os.fdopen(read_fd)
+        live[c.name] = {"c": c, "base": base, "spec": spec, "proc": proc, "reply": reply, "log": log_fh,
+                        "t": time.perf_counter()}
+        if _read_reply(reply, settings.timeout_s).strip() != "ready":  # started and warmed up
+            live.pop(c.name)["proc"].kill()
+            results[c.name] = {**base, "status": "failed", "error": "did not get through its warm-up"}
+    for r in range(settings.versus_repeats):
+        for name, w in list(live.items()):
+            w["proc"].stdin.write("go\n")
+            w["proc"].stdin.flush()
+            if not _read_reply(w["reply"], settings.timeout_s):
+                w["proc"].kill()
+                results[name] = {**w["base"], "status": "failed", "error": f"timed run {r + 1} did not finish"}
+                live.pop(name)
+        log(f"  round {r + 1}/{settings.versus_repeats} of {', '.join(c.name for c in group)} "
+            f"(load {os.getloadavg()[0]:.2f})")
+    for name, w in live.items():
+        w["proc"].stdin.close()  # the end of the runs: the worker writes its result file and exits
+        rc = w["proc"].wait(timeout=settings.timeout_s)
+        w["reply"].close()
+        w["log"].close()
+        results[name] = {**collect(w["c"], w["base"], w["spec"], work, rc, time.perf_counter() - w["t"]),
+                         "interleaved_with": [c.name for c in group if c.name != name]}
+    return results
+
+
+def versus_groups(contestants: list[Contestant], settings: Settings) -> list[list[Contestant]]:
+    """Each LLaMA-Factory contestant with ours on the same work (ours first), when its venv is here."""
+    if lf_bench.venv_python(settings.lf_venv) is None:
+        return []
+    by_name = {c.name: c for c in contestants}
+    return [[by_name[n] for n in c.options["same_work_as"] if n in by_name] + [c]
+            for c in contestants if c.kind == "llamafactory"
+            and any(n in by_name for n in c.options["same_work_as"])]
 
 
 def medians(runs: list[dict]) -> dict:
@@ -205,7 +287,70 @@ def derive(results: dict[str, dict]) -> dict:
         vs_peer[name] = row
     derived["vs_llamafactory"] = vs_peer
     derived["vs_llamafactory_same_work"] = same_work(results, m, ratio)
+    derived["versus_llamafactory"] = versus(results)
     return derived
+
+
+def versus(results: dict[str, dict]) -> dict:
+    """Ours against LLaMA-Factory on the same work, from this run only, one key per stage (our contestant's
+    name). `ratio`: the median of our steps/s over the median of theirs; `paired_min`..`paired_max`: the
+    range of the rounds' ratios (our r-th timed run over their r-th, run one after the other)."""
+
+    def side(r: dict) -> dict:
+        med = r["median"]
+        return {"steps_per_s": med.get("steps_per_s"), "real_tokens_per_s": med.get("real_tokens_per_s"),
+                "real_tokens_per_step": med["tokens"] * med["real_share"] / med["steps"]
+                if med.get("tokens") and med.get("real_share") is not None and med.get("steps") else None,
+                "steps": med.get("steps"), "loop_s": med.get("loop_s"), "cpu_share": med.get("cpu_share"),
+                "peak_rss_mb": r.get("peak_rss_mb"), "runs_steps_per_s": [x.get("steps_per_s") for x in r.get("runs", [])],
+                # per CPU-second of the process: what a busy machine (a neighbour taking part of the core) moves less
+                "runs_steps_per_cpu_s": [x["steps_per_s"] / x["cpu_share"] if x.get("steps_per_s") and x.get("cpu_share")
+                                         else None for x in r.get("runs", [])]}
+
+    out = {}
+    for lf, theirs in results.items():
+        if theirs.get("kind") != "llamafactory" or theirs.get("status") != "ok":
+            continue
+        for name in theirs.get("same_work_as", []):
+            ours = results.get(name) or {}
+            if ours.get("status") != "ok":
+                continue
+            a, b = side(ours), side(theirs)
+            interleaved = lf in ours.get("interleaved_with", [])
+            paired = [x / y for x, y in zip(a["runs_steps_per_s"], b["runs_steps_per_s"]) if x and y] \
+                if interleaved else []
+            per_cpu = [x / y for x, y in zip(a["runs_steps_per_cpu_s"], b["runs_steps_per_cpu_s"]) if x and y] \
+                if interleaved else []
+            out[name] = {"llamafactory": lf, "interleaved": interleaved, "rounds": len(paired),
+                         "ratio": a["steps_per_s"] / b["steps_per_s"] if a["steps_per_s"] and b["steps_per_s"] else None,
+                         "paired_min": min(paired, default=None), "paired_max": max(paired, default=None),
+                         "paired": paired, "ratio_per_cpu_s": statistics.median(per_cpu) if per_cpu else None,
+                         "paired_per_cpu_s": per_cpu, "ours": a, "theirs": b}
+    return out
+
+
+def versus_table(rows: dict) -> list[str]:
+    """The per-stage comparison the README shows: steps/s, real tokens/s, peak RSS, ratio with its spread."""
+    if not rows:
+        return []
+    head = ["stage", "alignpipe steps/s", "LLaMA-Factory steps/s", "ratio", "paired min..max", "per CPU-s",
+            "rounds",
+            "real tokens/s (ours / theirs)", "real tokens/step", "peak RSS MB", "cpu"]
+    lines = [head]
+    for name, v in rows.items():
+        a, b = v["ours"], v["theirs"]
+        lines.append([name, fmt(a["steps_per_s"]), fmt(b["steps_per_s"]), fmt(v["ratio"], 3),
+                      f"{fmt(v['paired_min'], 3)}..{fmt(v['paired_max'], 3)}",
+                      "{} ({}..{})".format(fmt(v["ratio_per_cpu_s"], 3), fmt(min(v["paired_per_cpu_s"], default=None), 3),
+                                           fmt(max(v["paired_per_cpu_s"], default=None), 3)), str(v["rounds"]),
+                      f"{fmt(a['real_tokens_per_s'])} / {fmt(b['real_tokens_per_s'])}",
+                      f"{fmt(a['real_tokens_per_step'])} / {fmt(b['real_tokens_per_step'])}",
+                      f"{fmt(a['peak_rss_mb'], 4)} / {fmt(b['peak_rss_mb'], 4)}",
+                      f"{fmt(a['cpu_share'], 2)} / {fmt(b['cpu_share'], 2)}"])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return ["", "alignpipe vs LLaMA-Factory on the same work, this run (interleaved rounds):", *out]
 
 
 def same_work(results: dict[str, dict], m, ratio) -> dict:
@@ -317,6 +462,7 @@ def table(results: dict[str, dict], derived: dict) -> str:
                      for key, label in (("steps_per_s", "steps/s"), ("tokens_per_step", "tokens/step"),
                                         ("real_tokens_per_step", "real"), ("startup_s", "startup s"))]
             lines.append(f"  {pair}: " + "; ".join(cells))
+    lines += versus_table(d.get("versus_llamafactory") or {})
     return "\n".join(lines)
 
 
@@ -361,16 +507,23 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare({k: v for k, v in recipes.items() if k in needed}, work, settings.timeout_s)
 
     results: dict[str, dict] = {}
+    group_of = {c.name: g for g in versus_groups(contestants, settings) for c in g}
     for c in contestants:
+        if c.name in results:  # ran in its group
+            continue
         t = time.perf_counter()
         if time.time() - started > settings.budget_s:
             results[c.name] = {"kind": c.kind, "threads": c.threads, "status": "skipped",
                                "error": f"time budget of {settings.budget_s}s spent (busy machine?)"}
             log(f"{c.name}: skipped, over the time budget")
             continue
-        results[c.name] = run_contestant(c, settings, recipes, work, kinds)
-        log(f"{c.name}: {results[c.name]['status']} in {time.perf_counter() - t:.1f}s "
+        group = group_of.get(c.name)
+        ran = run_interleaved(group, settings, recipes, work, kinds) if group else \
+            {c.name: run_contestant(c, settings, recipes, work, kinds)}
+        results.update(ran)
+        log(f"{', '.join(ran)}: {', '.join(r['status'] for r in ran.values())} in {time.perf_counter() - t:.1f}s "
             f"(load {os.getloadavg()[0]:.2f})")
+    results = {c.name: results[c.name] for c in contestants}  # in the plan's order
     derived = derive(results)
 
     import torch

@@ -191,8 +191,8 @@ def run_stage(spec: dict) -> dict:
     probe.install(no_kv_cache=spec["options"].get("no_kv_cache", False))
     stage_dir = Path(spec["stage_dir"])
     record = spec["options"].get("record_batches")
-    runs = []
-    for i in range(1 + spec["repeats"]):
+
+    def run_once(i: int) -> dict:
         probe.reset(record=bool(record) and i == min(1, spec["repeats"]))  # a full-length run
         # a long stage warms up on a short run of itself: same code paths, less time
         steps_key = "total_updates" if spec["stage_kind"] == "ppo" else "max_steps"
@@ -215,8 +215,31 @@ def run_stage(spec: dict) -> dict:
             row["startup_s"] = probe.first_begin_wall - T_START if probe.first_begin_wall else None
         if probe.batches is not None:
             Path(spec["work"], record).write_text(json.dumps(probe.batches))
-        runs.append(row)
+        return row
+
+    runs = repeat(run_once, spec)
     return {"warmup": runs[0], "runs": runs[1:], "rss_after_imports_mb": rss_imports}
+
+
+def repeat(run_once, spec: dict) -> list[dict]:
+    """The warm-up run, then the timed ones: `repeats` in a row, or, when the parent interleaves this contestant
+    with others (a `reply_fd` in the spec), one each time it writes a line to our stdin; each timed run's row
+    goes back on that pipe as one JSON line, and stdin's end ends the runs."""
+    def timed(i: int) -> dict:
+        started = time.time()
+        return {**run_once(i), "started_at": started}  # wall clock: shows the interleaving in results.json
+
+    runs = [timed(0)]
+    if spec.get("reply_fd") is None:
+        return runs + [timed(i) for i in range(1, 1 + spec["repeats"])]
+    with os.fdopen(spec["reply_fd"], "w", buffering=1) as reply:
+        reply.write("ready\n")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            runs.append(timed(len(runs)))
+            reply.write(json.dumps(runs[-1], default=str) + "\n")
+    return runs
 
 
 def matmul(spec: dict) -> dict:

@@ -146,7 +146,7 @@ def test_llamafactory_gets_our_data_and_settings(report, bench_dir):
         stage = recipe["stages"][c.stage]
         assert args["stage"] == {"sft": "sft", "reward": "rm", "dpo": "dpo"}[stage["kind"]]
         assert (args["cutoff_len"], args["per_device_train_batch_size"], args["max_steps"]) == (
-            QUICK.peer_cutoff, QUICK.peer_batch, QUICK.peer_steps)
+            QUICK.peer_cutoff, QUICK.peer_batch, QUICK.peer_steps[stage["kind"]])
         assert Path(args["model_name_or_path"]).parent.name == stage["from"]
         assert args["finetuning_type"] == ("lora" if "lora" in c.name else "full")
         assert "template" not in args  # parsed from our tokenizer's chat template
@@ -169,3 +169,46 @@ def test_same_work_ratios():
     assert row["tokens_per_step"] == {"ours": 480, "llamafactory": 496, "ratio": pytest.approx(480 / 496)}
     assert row["real_tokens_per_step"]["ours"] == 240
     assert "same work, LLaMA-Factory" in bench.table(results, bench.derive(results))
+
+
+def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
+    """Two workers kept alive side by side: warm-ups first, then their timed runs alternate (a, b, a, b)."""
+    import yaml
+
+    work = bench_dir / "work"
+    recipes = {"peer": yaml.safe_load((work / "peer.yaml").read_text())}
+    plan = {c.name: c for c in contestants.plan(QUICK)}
+    group = [plan["sft_full"], plan["sft_lora"]]
+    results = bench.run_interleaved(group, QUICK, recipes, work, contestants.available_kinds())
+    assert [r["status"] for r in results.values()] == ["ok", "ok"], results
+    assert results["sft_full"]["interleaved_with"] == ["sft_lora"]
+    starts = sorted((run["started_at"], name) for name, r in results.items() for run in r["runs"])
+    assert [name for _, name in starts] == ["sft_full", "sft_lora"] * QUICK.versus_repeats
+    for name, r in results.items():
+        assert [run["steps"] for run in r["runs"]] == [QUICK.peer_steps["sft"]] * QUICK.versus_repeats
+        assert r["warmup"]["started_at"] < min(run["started_at"] for run in results["sft_full"]["runs"])
+
+
+def test_versus_has_one_key_per_stage_with_paired_spread():
+    def ok(rates, kind="stage", **extra):
+        runs = [{"steps_per_s": v, "cpu_share": 0.5} for v in rates]
+        return {"status": "ok", "kind": kind, "peak_rss_mb": 500.0, "runs": runs, **extra,
+                "median": {"steps_per_s": sorted(rates)[len(rates) // 2], "tokens": 4000, "real_share": 0.5,
+                           "steps": 10, "real_tokens_per_s": 1.0, "cpu_share": 1.0}}
+
+    results = {"sft_full": ok([10.0, 12.0, 11.0], interleaved_with=["lf_sft_full"]),
+               "dpo_full": ok([6.0, 6.0, 6.0]),  # not interleaved: a ratio, but no paired spread
+               "lf_sft_full": ok([8.0, 10.0, 10.0], kind="llamafactory", same_work_as=["sft_full"],
+                                 interleaved_with=["sft_full"]),
+               "lf_dpo_full": ok([5.0, 5.0, 5.0], kind="llamafactory", same_work_as=["dpo_full"])}
+    versus = bench.derive(results)["versus_llamafactory"]
+    assert set(versus) == {"sft_full", "dpo_full"}
+    sft = versus["sft_full"]
+    assert sft["ratio"] == pytest.approx(11.0 / 10.0)
+    assert sft["paired"] == pytest.approx([1.25, 1.2, 1.1]) and sft["rounds"] == 3
+    assert (sft["paired_min"], sft["paired_max"]) == (pytest.approx(1.1), pytest.approx(1.25))
+    assert sft["ours"]["real_tokens_per_step"] == 200 and sft["theirs"]["peak_rss_mb"] == 500.0
+    assert sft["ratio_per_cpu_s"] == pytest.approx(1.2)  # same CPU share: the median of the paired ratios
+    assert versus["dpo_full"]["rounds"] == 0 and versus["dpo_full"]["paired_min"] is None
+    printed = bench.table(results, bench.derive(results))
+    assert "alignpipe vs LLaMA-Factory" in printed and "1.1..1.25" in printed

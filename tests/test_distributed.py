@@ -26,9 +26,9 @@ from test_real_models import real_recipe
 ACCELERATE_DIR = REPO / "recipes" / "accelerate"
 
 
-def make_command(target: str, recipe: Path, nproc: int) -> list[str]:
-    """The command `make <target> RECIPE=... ACCELERATE=recipes/accelerate/ddp.yaml NPROC=...` runs."""
-    out = subprocess.run(["make", "-n", target, f"RECIPE={recipe}", "ACCELERATE=recipes/accelerate/ddp.yaml",
+def make_command(target: str, recipe: Path, nproc: int, config: str = "ddp.yaml") -> list[str]:
+    """The command `make <target> RECIPE=... ACCELERATE=recipes/accelerate/<config> NPROC=...` runs."""
+    out = subprocess.run(["make", "-n", target, f"RECIPE={recipe}", f"ACCELERATE=recipes/accelerate/{config}",
                           f"NPROC={nproc}"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if "accelerate launch" in x)
     return shlex.split(line)
@@ -43,7 +43,7 @@ def test_makefile_launches_through_accelerate(tmp_path):
 
 
 @pytest.mark.parametrize("name,kind", [("single_gpu", "NO"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
-                                       ("deepspeed_zero3", "DEEPSPEED")])
+                                       ("fsdp_cpu", "FSDP"), ("deepspeed_zero3", "DEEPSPEED")])
 def test_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -51,12 +51,75 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def fsdp_on_cpu(trainer, where: str = "", stage: str = "") -> bool:
+    """Turn on the FSDP the launcher asked for, when the processes run on CPUs; True if it did.
+
+    `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP and the FSDP_* variables, but
+    accelerate 1.15 selects FSDP only on top of a multi-device GPU-like type (`AcceleratorState.__init__`):
+    processes on CPUs form a gloo group as MULTI_CPU and train as plain DDP, the FSDP config silently unused.
+    torch's `fully_shard` itself runs on gloo, so the trainer's state is set to FSDP (with the plugin
+    built from the launcher's variables) before `train()` prepares the model; the trainer then shards,
+    all-gathers and saves a full state dict as it does on GPUs.
+    """
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return False
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type == DistributedType.FSDP:
+        return False
+    if hasattr(trainer.model, "peft_config"):  # refused before training: this path is tested on full models only
+        from alignpipe.errors import RecipeError
+
+        raise RecipeError("FSDP on CPU processes trains full models only, and this stage has LoRA", where=where,
+                          key=f"stages.{stage}.lora" if stage else "",
+                          fix="remove the stage's lora: block, or launch with recipes/accelerate/ddp.yaml")
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    # each later AcceleratorState() copies the type back from PartialState's shared state: set both
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    return True
+
+
+def gathered(model):
+    """`model` with whole tensors: a model sharded by FSDP2 comes back as a plain copy on every process
+    (its parameters all-gathered; every process must call this), any other model as it is. For code that
+    saves or scores a trained model itself instead of through the trainer (the reward stage)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return model
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    # fully_shard swaps the model's class for FSDP<class>(FSDPModule, <class>): build the class it wraps
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state, assign=True)
+    for name, buffer in model.named_buffers():  # buffers are not sharded; non-persistent ones (rotary
+        owner, _, leaf = name.rpartition(".")   # frequencies) are in no state dict
+        plain.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
+    plain.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain.train(model.training)
+
+
 def parameter_checksum(model) -> str:
-    """sha256 over every parameter's name and float32 bytes."""
+    """sha256 over every parameter's name and float32 bytes (a sharded parameter is gathered whole first:
+    under FSDP every process must call this)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        p = p.detach()
+        if hasattr(p, "full_tensor"):  # a DTensor (FSDP2): this process holds one shard
+            p = p.full_tensor()
         h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(p.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -74,6 +137,7 @@ def dump_parameter_checksum(stage: str, wrapped, model, step: int) -> None:
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "wrapped_as": type(wrapped).__name__,
+        "sharded": any(hasattr(p, "full_tensor") for p in model.parameters()),
         "checksum": parameter_checksum(model),
         "global_step": step,
     }

@@ -127,7 +127,7 @@ def run(ctx: StageContext) -> dict:
                "pairs_dropped_by_reason": report["train"]["dropped"]}
 
     # --- held-out pairs, scored by the model as trained (LoRA: adapter active)
-    model = trainer.model.eval()
+    model = distributed.gathered(trainer.model).eval()  # FSDP: whole tensors, to score and save
     trained = RewardArtifact(model, tokenizer, 0.0, 1.0)
     prompts = [p["prompt"] for p in evals]
     chosen = score(trained, prompts, [p["chosen"] for p in evals])
