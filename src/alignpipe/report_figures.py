@@ -397,7 +397,7 @@ def pass_rates(run: RunFolder) -> dict:
 
 def _task_kinds(run: RunFolder) -> dict[str, str]:
     """prompt -> task kind for the embedded world's prompts (empty for user data)."""
-    prompts = {r["prompt"] for s in run.policies for r in s.samples}
+    prompts = dict.fromkeys(r["prompt"] for s in run.policies for r in s.samples)  # in sample order: a stable figure
     kinds = {p: k for p in prompts if (k := task_kind(p))}
     return kinds if len(kinds) >= len(prompts) / 2 else {}
 
