@@ -400,3 +400,11 @@ def test_cut_off_pairs_false_leaves_out_pairs_whose_rejected_response_was_cut_of
     assert metrics["pairs_left_out_cut_off"] == cut and metrics["pairs"] == len(pairs) == len(decided) - cut
     ended = {it[s] for (it, _), s in zip(decided, loser) if it[f"{s}_ended"]}
     assert {p["rejected"][0]["content"] for p in pairs} <= ended
+
+
+def test_cut_off_pairs_at_its_default_keeps_the_fingerprint_of_label_stages_run_before_it_existed():
+    from alignpipe.runner import result_config
+
+    before = {"labeller": "embedded", "samples_per_prompt": 4}
+    assert result_config({**before, "cut_off_pairs": True}) == result_config(before)
+    assert result_config({**before, "cut_off_pairs": False}) != result_config(before)
