@@ -382,3 +382,29 @@ def test_page_off_loopback_needs_the_flag_and_every_request_the_token(tmp_path):
     finally:
         srv.shutdown()
     assert current(read_log(tmp_path), "human") == {"0-0-1": "a"}
+
+
+def test_cut_off_pairs_false_leaves_out_pairs_whose_rejected_response_was_cut_off(base, tmp_path, monkeypatch):
+    """`cut_off_pairs: false`: no pair rejects a response that never ended its turn; the left-out pairs are counted,
+    and the pairs kept are exactly the default's pairs less those."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    path = _recipe(tmp_path, base, {"label": {**LABEL, "cut_off_pairs": False}}, name="ended")
+    metrics = run_recipe(load_recipe(path))["label"]["metrics"]
+    label_dir = tmp_path / "runs" / "ended" / "label"
+    queue, pairs = _lines(label_dir / "queue.jsonl"), _lines(label_dir / "pairs.jsonl")
+    labels = current(read_log(label_dir), "label_rules:shorter")
+    decided = [(it, labels[it["id"]]) for it in queue if labels[it["id"]] in "ab"]
+    loser = [("b" if v == "a" else "a") for _, v in decided]
+    cut = sum(not it[f"{s}_ended"] for (it, _), s in zip(decided, loser))
+    assert cut > 0  # the rule rejects cut-off answers, so leaving them out is tested
+    assert metrics["pairs_left_out_cut_off"] == cut and metrics["pairs"] == len(pairs) == len(decided) - cut
+    ended = {it[s] for (it, _), s in zip(decided, loser) if it[f"{s}_ended"]}
+    assert {p["rejected"][0]["content"] for p in pairs} <= ended
+
+
+def test_cut_off_pairs_at_its_default_keeps_the_fingerprint_of_label_stages_run_before_it_existed():
+    from alignpipe.stage_plan import result_config
+
+    before = {"labeller": "embedded", "samples_per_prompt": 4}
+    assert result_config({**before, "cut_off_pairs": True}) == result_config(before)
+    assert result_config({**before, "cut_off_pairs": False}) != result_config(before)

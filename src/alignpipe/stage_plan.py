@@ -126,9 +126,16 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 )
 
 
+# Options added after stages were run, at the default that gives the earlier result: fingerprinted only when set
+# otherwise, so adding one re-runs no finished stage.
+LATER_OPTION_DEFAULTS = {"cut_off_pairs": True}
+
+
 def result_config(config: dict) -> dict:
-    """A stage's plain config without the settings that cannot change its result (RESULT_NEUTRAL_*)."""
-    out = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_KEYS}
+    """A stage's plain config without the settings that cannot change its result (RESULT_NEUTRAL_*, and
+    LATER_OPTION_DEFAULTS at their defaults)."""
+    out = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_KEYS
+           and not (k in LATER_OPTION_DEFAULTS and v == LATER_OPTION_DEFAULTS[k])}
     if "gates" in out:  # re-checked on the recorded metrics, never re-trained for ([]: what stages without
         out["gates"] = []  # gates were fingerprinted with, so they keep their fingerprint)
     if isinstance(out.get("trainer"), dict):

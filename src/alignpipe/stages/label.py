@@ -7,6 +7,7 @@ write preference pairs that a reward or dpo stage reads as `data: {from: <this s
       samples_per_prompt: 2          # 2-4, sampled with the evaluation's protocol (eval: temperature, top_p, ...)
       labeller: embedded             # embedded | module:function | judge:<eval judge> | human (labelling/labellers.py)
       second_labeller: null          # also label with this one and report the agreement
+      cut_off_pairs: true            # false: leave out pairs whose rejected response was cut off (no end of turn)
 
 The folder holds `samples.jsonl` (every sample), `queue.jsonl` (the pairs of different responses to one prompt,
 in a seeded random order), `labels.jsonl` (every verdict, append-only; labelling/queue.py) and `pairs.jsonl`
@@ -44,6 +45,7 @@ class Config(StageConfig):
     num_prompts: int = 500  # distinct training prompts sampled (fewer when the data has fewer)
     samples_per_prompt: int = 2
     pairs_per_prompt: int = 0  # queued pairs per prompt (0: every pair of different responses)
+    cut_off_pairs: bool = True  # false: no pair whose rejected response was cut off (no end of turn; counted)
     min_labels: int = 0  # human: the stage completes when this many items are labelled (0: the whole queue)
     poll_s: float = 1.0  # human: how often the stage looks at the label log
 
@@ -205,10 +207,12 @@ def wait_for_people(ctx, items: list[dict]) -> None:
         time.sleep(ctx.config.poll_s)
 
 
-def pairs_from(items: list[dict], verdicts: dict[str, str]) -> tuple[list[dict], list[bool], int]:
-    """Pairs from the verdicts `a` / `b`, whether each rejected response ended its turn, and how many of those were left out because a response is empty (no
-    pair can hold an empty response: alignpipe.reward.pairs drops them; counted here, in the manifest)."""
-    out, rejected_ended, empty = [], [], 0
+def pairs_from(items: list[dict], verdicts: dict[str, str], cut_off: bool = True
+               ) -> tuple[list[dict], list[bool], int, int]:
+    """Pairs from the verdicts `a` / `b`, whether each rejected response ended its turn, how many were left out
+    because a response is empty (no pair can hold an empty response: alignpipe.reward.pairs drops them), and how
+    many because the rejected response was cut off (only when `cut_off` is false); both counted in the manifest."""
+    out, rejected_ended, empty, cut = [], [], 0, 0
     for it in items:
         v = verdicts.get(it["id"])
         if v not in ("a", "b"):
@@ -218,10 +222,13 @@ def pairs_from(items: list[dict], verdicts: dict[str, str]) -> tuple[list[dict],
         if not win.strip() or not lose.strip():
             empty += 1
             continue
+        if not cut_off and not lose_ended:
+            cut += 1
+            continue
         out.append({"prompt": it["messages"], "chosen": [{"role": "assistant", "content": win}],
                     "rejected": [{"role": "assistant", "content": lose}]})
         rejected_ended.append(lose_ended)
-    return out, rejected_ended, empty
+    return out, rejected_ended, empty, cut
 
 
 def run(ctx: StageContext) -> dict:
@@ -254,14 +261,14 @@ def run(ctx: StageContext) -> dict:
 
     log = read_log(ctx.dir)
     verdicts = current(log, labeller.name)
-    pairs, rejected_ended, empty = pairs_from(items, verdicts)
+    pairs, rejected_ended, empty, cut = pairs_from(items, verdicts, cfg.cut_off_pairs)
     write_lines_atomic(ctx.dir / PAIRS_FILE, pairs)
     counts = {v: sum(x == v for x in verdicts.values()) for v in lab.VERDICTS}
     metrics = {
         "labeller": labeller.name, "labeller_role": labeller.role, "prompts": len(prompts),
         "heldout_prompts_skipped": heldout_skipped, "samples": read_samples_count(ctx),
         "queue_items": len(items), "labelled": len(verdicts), "verdicts": counts, "pairs": len(pairs),
-        "pairs_left_out_empty_response": empty,
+        "pairs_left_out_empty_response": empty, "pairs_left_out_cut_off": cut,
         "samples_sha256": runs.fingerprint_path(ctx.dir / SAMPLES_FILE) if (ctx.dir / SAMPLES_FILE).is_file() else None,
         "labels_sha256": runs.fingerprint_json(sorted(verdicts.items())),
         "pairs_sha256": runs.fingerprint_path(ctx.dir / PAIRS_FILE),
