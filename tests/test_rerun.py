@@ -27,33 +27,8 @@ from alignpipe.errors import RunError
 from alignpipe.modeling import load_stage_model
 from alignpipe.recipe import ModelSpec
 from conftest import tiny_recipe, write_yaml
+from kill_harness import KILLER
 
-# The CLI, dying by SIGKILL at the end of trainer step $KILL_AT_STEP (a callback added through the
-# trainer's public add_callback; where it dies does not depend on timing).
-KILLER = r"""
-import os, signal, sys
-from transformers import Trainer, TrainerCallback
-
-
-class KillAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == int(os.environ["KILL_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-_init = Trainer.__init__
-
-
-def _init_and_arm(self, *args, **kwargs):
-    _init(self, *args, **kwargs)
-    self.add_callback(KillAt())
-
-
-Trainer.__init__ = _init_and_arm
-from alignpipe.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def base_recipe(runs_dir: Path, **sft_trainer) -> dict:

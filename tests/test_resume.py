@@ -36,36 +36,8 @@ from alignpipe.lock import LOCK_NAME, RunLock
 from alignpipe.stages import KINDS as STAGE_MODULES
 from alignpipe.training import is_complete_checkpoint, last_checkpoint
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
+from kill_harness import KILLER
 
-# Runs the CLI, dying by SIGKILL at the end of trainer step $KILL_AT_STEP. The callback is added through
-# the trainer's public add_callback; nothing in training is replaced.
-KILLER = r"""
-import os, signal, sys
-from transformers import Trainer, TrainerCallback
-
-KILL_AT = int(os.environ.get("KILL_AT_STEP", "0"))
-SIGNAL = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))  # SIGINT: what Ctrl-C sends
-
-
-class KillAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == KILL_AT:
-            os.kill(os.getpid(), SIGNAL)
-
-
-_init = Trainer.__init__
-
-
-def _init_and_arm(self, *args, **kwargs):
-    _init(self, *args, **kwargs)
-    self.add_callback(KillAt())
-
-
-Trainer.__init__ = _init_and_arm
-from alignpipe.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
 
 # A PPO reward (TRL reward-function form) that SIGKILLs its process on call $KILL_AT_CALL (one call per update).
 # Each call is also recorded, so a test can count the rollouts a process scored.
