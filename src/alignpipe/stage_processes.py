@@ -16,14 +16,7 @@ from pathlib import Path
 from alignpipe.errors import RunError
 from alignpipe.lock import LOCK_PARENT_ENV
 from alignpipe.recipe import Recipe
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+from alignpipe.thread_choice import usable_cores
 
 
 def resolve_parallel(value: str | int) -> tuple[int, str]:
