@@ -4,6 +4,7 @@ machine, 2 only when the probe shows they pay; the pretrain stage records its ch
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import torch
@@ -23,10 +24,11 @@ def test_one_thread_unless_asked_and_on_one_core_or_a_busy_machine(monkeypatch):
     one_core = thread_choice.choose(_no_gain, cores=1, busy=0.0)
     assert one_core["threads"] == 1 and "1 usable core" in one_core["why"]
     busy = thread_choice.choose(_no_gain, cores=2, busy=1.0)
-    assert busy["threads"] == 1 and "another process is busy" in busy["why"] and "probe_s_1" not in busy
+    assert busy["threads"] == 1 and "busy with other processes" in busy["why"] and "probe_s_1" not in busy
     no_gain = thread_choice.choose(_no_gain, cores=2, busy=0.0)  # measured: no gain, so 1
     assert no_gain["threads"] == 1 and no_gain["probe_s_1"] > 0 and "needs" in no_gain["why"]
     assert torch.get_num_threads() == 1
+    assert 0.0 <= thread_choice.busy_cores(0.05) <= os.cpu_count() + 1e-6  # a share of the machine's cores
 
 
 def test_pretrain_records_its_thread_choice(tiny, monkeypatch):

@@ -2,12 +2,13 @@
 
 Measured on this project's 2-core machine: the default model's pretraining step is ~1.4x faster on 2
 threads when the other core is idle, and ~170x slower when a neighbour keeps it busy (shared/STACK.md).
-So 2 threads are used only when a short probe says they pay now: both cores usable, the load average
-below one busy core, and 2 threads faster than 1 on the stage's own step (forward + backward on a real
-batch, gradients dropped, the model unchanged), timed in turn. During training a watchdog goes back to
-1 thread for good if steps become several times slower than the probe measured (a neighbour arrived).
-Anything else (unset, `1`, one core, a busy machine, a probe that does not pay) is 1 thread.
-Whole-stage figures with 1 and 2 threads were identical here; the manifest records what was chosen.
+So 2 threads are used only when a short probe says they pay now: both cores usable, other processes
+using less than half a core (/proc/stat over half a second), and 2 threads faster than 1 on the stage's
+own step (forward + backward on a real batch, gradients dropped, the model unchanged), timed in turn.
+During training a watchdog goes back to 1 thread for good if steps become several times slower than the
+probe measured (a neighbour arrived). Anything else (unset, `1`, one core, a busy machine, a probe that
+does not pay) is 1 thread. 20 training steps on 1 and on 2 threads gave bit-identical parameters on this
+machine (measured 2026-12-01); a whole stage was not compared. The manifest records what was chosen.
 """
 
 from __future__ import annotations
@@ -30,9 +31,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores() -> float:
-    """The 1-minute load average, less this process (which is running while it asks)."""
-    return max(0.0, os.getloadavg()[0] - 1.0)
+def _cpu_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(window_s: float = 0.5) -> float:
+    """Cores kept busy by other processes now: the machine's CPU use over `window_s` while this process
+    sleeps (Linux /proc/stat); elsewhere the 1-minute load average less this process."""
+    try:
+        busy0, total0 = _cpu_jiffies()
+        time.sleep(window_s)
+        busy1, total1 = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return max(0.0, os.getloadavg()[0] - 1.0)
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
 
 
 def _timed(step, threads: int) -> float:
@@ -58,7 +73,7 @@ def choose(step, cores: int | None = None, busy: float | None = None) -> dict:
     elif cores < 2:
         choice["why"] = f"auto: {cores} usable core"
     elif busy > cores - 2 + 0.5:  # another process keeps a core busy: 2 threads would wait on it
-        choice["why"] = f"auto: load average {busy + 1:.2f} on {cores} cores (another process is busy)"
+        choice["why"] = f"auto: {busy:.2f} of {cores} cores busy with other processes"
     else:
         step()  # the first step warms allocators and kernels: not timed
         one, two = [], []
