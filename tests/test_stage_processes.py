@@ -26,16 +26,17 @@ def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
 
 
-def test_siblings_run_together_with_the_figures_of_a_sequential_run(tmp_path, capsys):
+def test_siblings_run_together_with_the_figures_of_a_sequential_run(tmp_path, capfd):
     recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"sft2": SIBLING}))
     assert main(["run", str(recipe), "--parallel", "2"]) == 0
-    err = capsys.readouterr().err
+    out, err = capfd.readouterr()
     assert "stages sft, sft2: running at the same time, one process each" in err, err
+    assert out.count("judge_pass_rate") == 1  # one summary table, the parent's (not one per stage process)
     together = tmp_path / "runs" / "tiny"
     in_turn = tmp_path / "seq" / "tiny"
     shutil.copytree(together / "pretrain", in_turn / "pretrain")  # the same parent, skipped: only sft, sft2 train
     assert main(["run", str(recipe), "--set", f"runs_dir={tmp_path / 'seq'}"]) == 0
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "at the same time" not in err and "stage pretrain: complete with the same config" in err
     for stage in ("sft", "sft2"):
         a, b = _manifest(together / stage), _manifest(in_turn / stage)
@@ -46,7 +47,7 @@ def test_siblings_run_together_with_the_figures_of_a_sequential_run(tmp_path, ca
     assert not (together / ".alignpipe.lock").exists()  # released at the end
     # a second parallel run finds everything complete and skips it
     assert main(["run", str(recipe), "--parallel", "2"]) == 0
-    assert "starting over" not in capsys.readouterr().err
+    assert "starting over" not in capfd.readouterr().err
 
 
 def test_a_sibling_that_misses_its_gate_fails_the_run_naming_it(tmp_path, capsys):

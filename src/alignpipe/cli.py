@@ -67,7 +67,9 @@ def cmd_run(args) -> int:
                            parallel=parallel, overrides=args.set)
     from alignpipe.distributed import is_main_process
 
-    if is_main_process():  # one table, not one per process
+    from alignpipe.lock import LOCK_PARENT_ENV
+
+    if is_main_process() and LOCK_PARENT_ENV not in os.environ:  # one table: not per rank, not per stage process
         print(summary_table(manifests))
     return 0
 
