@@ -12,6 +12,11 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 ACCELERATE ?=
 NPROC ?= 1
+# stages whose upstreams are complete (dpo and ppo after reward) run at the same time, one 1-thread process
+# each, when the machine has the cores (auto: usable cores / OMP_NUM_THREADS); PARALLEL=1 runs them in turn
+PARALLEL ?= auto
+# pretraining's torch threads: auto = 2 only when a probe on the idle machine shows they pay (thread_choice.py)
+THREADS ?= auto
 ifeq ($(ACCELERATE),)
   ALIGNPIPE := $(VENV)/bin/alignpipe
 else
@@ -32,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the report is written even when the run fails (a missed gate is shown in it); make still fails then
 pipeline: install
-	status=0; $(ALIGNPIPE) run $(RECIPE) $(ARGS) || status=$$?; \
+	status=0; ALIGNPIPE_THREADS=$(THREADS) $(ALIGNPIPE) run $(RECIPE) --parallel $(PARALLEL) $(ARGS) || status=$$?; \
 	$(VENV)/bin/alignpipe report runs/$$($(PY) -c "import yaml,sys; print(yaml.safe_load(open('$(RECIPE)'))['name'])") \
 	  || echo "alignpipe report failed (the run's status is unchanged)"; \
 	exit $$status

@@ -57,12 +57,19 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     recipe = _load(args)
     set_threads()
-    from alignpipe.runner import run_recipe, summary_table
+    from alignpipe.runner import log, run_recipe, summary_table
+    from alignpipe.stage_processes import resolve_parallel
 
-    manifests = run_recipe(recipe, args.stages, force=args.force, restart=args.restart, keep=args.keep)
+    parallel, why = resolve_parallel(args.parallel)
+    if parallel > 1:
+        log(f"independent stages run up to {parallel} at a time ({why})")
+    manifests = run_recipe(recipe, args.stages, force=args.force, restart=args.restart, keep=args.keep,
+                           parallel=parallel, overrides=args.set)
     from alignpipe.distributed import is_main_process
 
-    if is_main_process():  # one table, not one per process
+    from alignpipe.lock import LOCK_PARENT_ENV
+
+    if is_main_process() and LOCK_PARENT_ENV not in os.environ:  # one table: not per rank, not per stage process
         print(summary_table(manifests))
     return 0
 
@@ -130,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
                    help=f"earlier versions of a re-run stage to keep in runs/<name>/.history/ (default {DEFAULT_KEEP})")
+    p.add_argument("--parallel", default="1", metavar="N|auto",
+                   help="run up to N stages whose upstream stages are complete at the same time, one process "
+                        "each (auto: usable cores / OMP_NUM_THREADS; default 1)")
     p.add_argument("-v", "--verbose", action="store_true", dest="verbose_run", help="as alignpipe -v")
     p.set_defaults(func=cmd_run)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from alignpipe.errors import RunError
 
 LOCK_NAME = ".alignpipe.lock"
+LOCK_PARENT_ENV = "ALIGNPIPE_LOCK_PARENT"  # set by a run for the stage processes it starts (stage_processes)
 
 
 class RunLock:
@@ -43,6 +44,8 @@ class RunLock:
             except BlockingIOError:
                 holder = _read(fd)
                 os.close(fd)
+                if _held_by_parent(holder):  # a stage process started by the run that holds it
+                    return
                 raise RunError(f"another alignpipe run is writing this run folder ({holder or 'pid unknown'})",
                                where=str(self.path.parent), fix="wait for it to finish or stop it; two runs of "
                                "the same recipe would overwrite each other's checkpoints") from None
@@ -79,6 +82,13 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _held_by_parent(holder: str) -> bool:
+    """True in a stage process that its parent run started (stage_processes) while that parent holds the lock:
+    the parent's pid is in the environment and is the pid the lock file names."""
+    parent = os.environ.get(LOCK_PARENT_ENV, "")
+    return bool(parent) and parent == str(os.getppid()) and holder.startswith(f"pid {parent} ")
 
 
 def _read(fd: int) -> str:

@@ -8,8 +8,9 @@ import time
 import traceback
 from pathlib import Path
 
-from alignpipe import distributed, gates, progress, runs, stage_plan, stage_versions, tracking
+from alignpipe import distributed, gates, progress, runs, stage_plan, stage_processes, stage_versions, tracking
 from alignpipe.context import StageContext
+from alignpipe.errors import RunError
 from alignpipe.lock import RunLock
 from alignpipe.metrics import HEADLINE_METRICS
 from alignpipe.recipe import Recipe
@@ -162,27 +163,46 @@ def interrupted_hint(ctx: StageContext, err: KeyboardInterrupt) -> str:
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = False,
-               restart: bool = False, keep: int = stage_versions.DEFAULT_KEEP) -> dict[str, dict]:
-    """Run `only` (default: every stage) and whatever they need, in order. Returns manifests by stage."""
+               restart: bool = False, keep: int = stage_versions.DEFAULT_KEEP, parallel: int = 1,
+               overrides: list[str] | None = None) -> dict[str, dict]:
+    """Run `only` (default: every stage) and whatever they need, in order. Returns manifests by stage.
+
+    With `parallel` > 1 (one process, not under torchrun), stages whose upstreams are all complete run
+    that many at a time, each in a process of its own (stage_processes); `overrides` are the `--set`
+    items those processes need to read the same recipe."""
     order = recipe.order(only)
     if only:
         extra = [s for s in order if s not in only]
         missing = [s for s in extra if not runs.is_complete(recipe.stage_dir(s))]
         if missing:
             log(f"building upstream stage(s) first: {', '.join(missing)} (needed by {', '.join(only)})")
+    explicit = set(only or order)
+    if distributed.world_size() > 1:
+        parallel = 1  # the ranks of one run train one stage together
     manifests = {}
     new_folder = not recipe.run_root.exists()
     try:
         with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
-            for i, name in enumerate(order):
-                explicit = only is None or name in only
+            pending, done = list(order), set()
+            while pending:
+                group = stage_processes.ready_group(recipe, pending, done, parallel)
                 try:
-                    manifests[name] = run_stage(recipe, name, force=force and explicit,
-                                                restart=restart and explicit, keep=keep)
-                except gates.GateError:
-                    if order[i + 1:]:  # say what the missed gate stopped
-                        log(f"stage {name} missed a gate: not running {', '.join(order[i + 1:])}")
+                    if len(group) > 1:
+                        stage_processes.run_together(recipe, group, overrides or [], explicit if force else set(),
+                                                     explicit if restart else set(), keep, log)
+                        manifests.update({name: runs.read_manifest(recipe.stage_dir(name)) for name in group})
+                    else:
+                        name = group[0]
+                        manifests[name] = run_stage(recipe, name, force=force and name in explicit,
+                                                    restart=restart and name in explicit, keep=keep)
+                except (gates.GateError, RunError) as err:
+                    left = [s for s in pending if s not in group]
+                    if left:  # say what the missed gate or failed stage stopped
+                        what = "missed a gate" if isinstance(err, gates.GateError) else "did not complete"
+                        log(f"stage {', '.join(group)} {what}: not running {', '.join(left)}")
                     raise
+                done |= set(group)
+                pending = [s for s in pending if s not in group]
     finally:
         distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
         _remove_if_empty(recipe.run_root, new_folder)

@@ -1,0 +1,91 @@
+"""Independent stages at the same time (`alignpipe run --parallel N`): each in a process of its own, under
+the parent's run lock, with the figures of a sequential run; the lock lets in only the parent's children."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from alignpipe.cli import main
+from alignpipe.errors import RunError
+from alignpipe.lock import LOCK_PARENT_ENV, RunLock
+from alignpipe.stage_processes import resolve_parallel
+from conftest import TINY_EVAL, tiny_recipe, write_yaml
+
+SIBLING = {"kind": "sft", "from": "pretrain", "data": {"embedded": "sft"}, "eval": TINY_EVAL,
+           "trainer": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
+                       "logging_steps": 2}}
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_siblings_run_together_with_the_figures_of_a_sequential_run(tmp_path, capfd):
+    recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"sft2": SIBLING}))
+    assert main(["run", str(recipe), "--parallel", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert "stages sft, sft2: running at the same time, one process each" in err, err
+    assert out.count("judge_pass_rate") == 1  # one summary table, the parent's (not one per stage process)
+    together = tmp_path / "runs" / "tiny"
+    in_turn = tmp_path / "seq" / "tiny"
+    shutil.copytree(together / "pretrain", in_turn / "pretrain")  # the same parent, skipped: only sft, sft2 train
+    assert main(["run", str(recipe), "--set", f"runs_dir={tmp_path / 'seq'}"]) == 0
+    err = capfd.readouterr().err
+    assert "at the same time" not in err and "stage pretrain: complete with the same config" in err
+    for stage in ("sft", "sft2"):
+        a, b = _manifest(together / stage), _manifest(in_turn / stage)
+        assert a["status"] == "complete" and a["parent"]["stage"] == "pretrain"
+        assert a["parent"]["manifest_sha256"]  # lineage to the pretrain stage the parent process built
+        for key in ("train_loss", "eval_loss", "judge_pass_rate"):
+            assert a["metrics"][key] == b["metrics"][key], (stage, key)
+    assert not (together / ".alignpipe.lock").exists()  # released at the end
+    # a second parallel run finds everything complete and skips it
+    assert main(["run", str(recipe), "--parallel", "2"]) == 0
+    assert "starting over" not in capfd.readouterr().err
+
+
+def test_a_sibling_that_misses_its_gate_fails_the_run_naming_it(tmp_path, capsys):
+    gated = {**SIBLING, "gates": ["eval_loss < 0"]}  # can never pass
+    recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"sft2": gated}))
+    assert main(["run", str(recipe), "--parallel", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "stage(s) sft2 (exit 2) failed in their own process" in err, err
+    runs = tmp_path / "runs" / "tiny"
+    assert _manifest(runs / "sft")["status"] == "complete"  # the sibling that passed is kept
+    assert _manifest(runs / "sft2")["status"] == "complete"  # a missed gate keeps the stage (as in turn)
+
+
+def _try_lock(run_root, parent_pid: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != LOCK_PARENT_ENV}
+    if parent_pid is not None:
+        env[LOCK_PARENT_ENV] = parent_pid
+    code = "import sys; from alignpipe.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('in')"
+    return subprocess.run([sys.executable, "-c", code, str(run_root)], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_the_lock_lets_in_only_the_children_of_its_holder(tmp_path):
+    with RunLock(tmp_path):
+        assert _try_lock(tmp_path, str(os.getpid())).stdout.strip() == "in"  # our child, told we hold it
+        refused = _try_lock(tmp_path, None)  # anyone else
+        assert refused.returncode != 0 and "another alignpipe run is writing" in refused.stderr
+        pretending = _try_lock(tmp_path, str(os.getppid()))  # names a pid that is not its parent
+        assert pretending.returncode != 0 and "another alignpipe run is writing" in pretending.stderr
+
+
+def test_parallel_auto_is_cores_over_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_parallel("auto")[0] == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+    assert resolve_parallel("auto")[0] == 1
+    assert resolve_parallel("3")[0] == 3
+    for bad in ("0", "two"):
+        with pytest.raises(RunError, match="--parallel"):
+            resolve_parallel(bad)
