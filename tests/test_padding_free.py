@@ -1,0 +1,68 @@
+"""Padding-free batches (alignpipe.padding_free): the same rows, truncation and labels as padded batches, so the
+same first loss; the automatic check keeps padded batches on a model where flattening is not exact (BLOOM: its
+ALiBi positions come from the attention mask, not from position_ids), and the manifest says which was used."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignpipe.cli import main
+from alignpipe.runs import read_manifest
+from alignpipe.tiny_model import arithmetic
+from conftest import TINY_EVAL, write_yaml
+
+
+def train_rows(stage_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (stage_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def test_padding_free_sft_trains_on_the_same_tokens_as_padded(tiny):
+    runs = tiny.parent / "runs" / "tiny"
+    logs, manifests = {}, {}
+    for setting in ("false", "null"):
+        assert main(["run", str(tiny), "--stages", "sft", "--force", "--set", f"stages.sft.padding_free={setting}",
+                     "--set", "stages.sft.trainer.max_length=24"]) == 0  # some rows are cut: same cut both ways
+        logs[setting], manifests[setting] = train_rows(runs / "sft"), read_manifest(runs / "sft")["metrics"]
+    assert manifests["false"]["batching"] == "padded"
+    assert manifests["null"]["batching"] == "padding_free", manifests["null"]["batching_reason"]
+    padded, flat = logs["false"], logs["null"]
+    assert len(padded) == len(flat) >= 3
+    # step 1 is the same work: same loss, same real tokens (padded counts its mask, padding-free has no pad)
+    assert flat[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-4)
+    for p, f in zip(padded, flat):
+        assert f["num_tokens"] == p["num_tokens"]
+        assert f["loss"] == pytest.approx(p["loss"], rel=2e-2)
+
+
+def test_auto_check_keeps_padded_batches_where_flattening_is_not_exact(tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from alignpipe.padding_free import choose, flattening_error
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"{q} {r} {w}\n" for q, r, w in arithmetic(100)))
+    model_dir = tmp_path / "tiny-bloom"
+    assert main(["tiny-model", "--like", "qwen2", "--out", str(model_dir), "--text", str(text)]) == 0
+    qwen = json.loads((model_dir / "config.json").read_text())
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=qwen["vocab_size"], hidden_size=32, n_layer=2, n_head=2,
+                                         eos_token_id=qwen["eos_token_id"], pad_token_id=qwen.get("pad_token_id")))
+    assert "not exact" in choose(bloom, None, "unit").reason and flattening_error(bloom)
+    assert choose(bloom, True, "unit").padding_free  # the recipe can still force it
+    bloom.save_pretrained(model_dir)  # BLOOM weights beside the look-alike's tokenizer
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": r}]}) + "\n"
+                            for q, r, _ in arithmetic(32)))
+    recipe = write_yaml(tmp_path / "bloom.yaml", {
+        "name": "bloom", "seed": 0, "runs_dir": str(tmp_path / "runs"), "model": {"path": str(model_dir)},
+        "chat_template": "chatml",
+        "stages": {"sft": {"data": {"path": str(chat)}, "eval": TINY_EVAL,
+                           "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 48}}}})
+    assert main(["run", str(recipe)]) == 0
+    metrics = read_manifest(tmp_path / "runs" / "bloom" / "sft")["metrics"]
+    assert metrics["batching"] == "padded"
+    assert "not exact" in metrics["batching_reason"]
