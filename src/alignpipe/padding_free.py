@@ -100,3 +100,69 @@ def sft_collator(tokenizer, args):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True,
                                            pad_to_multiple_of=args.pad_to_multiple_of)
+
+
+# --- reward models: chosen and rejected laid end to end, scored at each sequence's last token -----------------
+
+def pair_collator(pad_token_id: int):
+    """Collates TRL's tokenized preference rows (`chosen_ids`, `rejected_ids`, optional `margin`) into one row:
+    the chosen sequences, then the rejected ones (TRL's order), positions restarting at each. The all-ones
+    `attention_mask` is only for TRL's token count: `score_flat_rows` drops it before the model sees it."""
+    import torch
+
+    def collate(examples: list[dict]) -> dict:
+        seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        ids = torch.tensor([t for s in seqs for t in s])[None]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
+        if "margin" in examples[0]:
+            batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+        return batch
+
+    return collate
+
+
+def score_flat_rows(model) -> list:
+    """Hooks that make a sequence-classification model (transformers' `...ForSequenceClassification`, under peft
+    or not) score a flattened row as the padded batch: the forward drops the mask so transformers keeps each
+    sequence to itself, and the output's logits become the score head's output at each sequence's last non-pad
+    token (what the model pools on a padded row). Hooks sit on the model and its `score` module as they are after
+    peft wrapped them, so DDP / FSDP / peft stay in the call path. Inert on padded batches. Returns the handles."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state: dict = {}
+
+    def flattened(kwargs) -> bool:
+        pos, ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+        return pos is not None and ids is not None and ids.shape[0] == 1 and int((pos[0] == 0).sum()) > 1
+
+    def before(module, args, kwargs):
+        state.clear()
+        if not args and flattened(kwargs):
+            state["ids"], state["pos"] = kwargs["input_ids"][0], kwargs["position_ids"][0]
+            kwargs = {**kwargs, "attention_mask": None}
+        return args, kwargs
+
+    def keep_scores(module, args, output):
+        if "ids" in state:
+            state["scores"] = output[0]
+
+    def after(module, args, kwargs, output):
+        if "scores" not in state:
+            return output
+        ids, pos = state["ids"], state["pos"]
+        seq = (pos == 0).cumsum(0) - 1
+        index = torch.arange(len(ids), device=ids.device)
+        starts = index[pos == 0]
+        pad = base.config.get_text_config().pad_token_id
+        real = ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)
+        last = torch.where(real, index, starts[seq])  # no real token: the sequence's first, as argmax of zeros
+        last = torch.full_like(starts, -1).scatter_reduce(0, seq, last, "amax")
+        output.logits = state.pop("scores")[last]
+        state.clear()
+        return output
+
+    return [base.register_forward_pre_hook(before, with_kwargs=True),
+            base.score.register_forward_hook(keep_scores),
+            base.register_forward_hook(after, with_kwargs=True)]
