@@ -66,3 +66,36 @@ def test_auto_check_keeps_padded_batches_where_flattening_is_not_exact(tmp_path)
     metrics = read_manifest(tmp_path / "runs" / "bloom" / "sft")["metrics"]
     assert metrics["batching"] == "padded"
     assert "not exact" in metrics["batching_reason"]
+
+
+def test_flattened_forward_gives_the_padded_per_token_outputs():
+    """The DPO hooks on a fused-head model: the body sees one row of real tokens, the trainer gets the padded
+    layout back with the same log-probs (zeros at the pad)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignpipe.padding_free import flatten_padded_forward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    lengths = torch.tensor([5, 9, 3, 9])
+    ids = torch.randint(1, 50, (4, 9))
+    mask = (torch.arange(9) < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a prompt
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        seen = []
+        model.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True)
+        flatten_padded_forward(model)
+        flat = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert seen == [torch.Size([1, int(lengths.sum())])]
+    assert flat.log_probs.shape == padded.log_probs.shape
+    assert torch.allclose(flat.log_probs, padded.log_probs, atol=1e-5)
+    assert torch.allclose(flat.entropy, padded.entropy, atol=1e-5)
+    assert torch.equal(flat.label_mask, padded.label_mask)
+    assert padded.log_probs[0, 4:].abs().sum() == 0  # the pad stays zero

@@ -166,3 +166,52 @@ def score_flat_rows(model) -> list:
     return [base.register_forward_pre_hook(before, with_kwargs=True),
             base.score.register_forward_hook(keep_scores),
             base.register_forward_hook(after, with_kwargs=True)]
+
+
+# --- causal LMs called with padded batches (TRL's DPOTrainer): flattened inside the forward -------------------
+
+def flatten_padded_forward(model) -> list:
+    """Hooks that make a causal LM patched with TRL's fused LM head (`model(..., labels=, fused_lm_head=True)`)
+    run a right-padded batch as one flattened row of its real tokens, and hand back the per-token outputs
+    (log-probs, entropy, label mask, ...) in the padded batch's layout, zeros at the pad: the trainer's loss and
+    metrics code sees the padded batch it built. Hooked on the model itself, so peft (adapter on or off), DDP and
+    FSDP stay in the call path. Inert on any other call (generation, a left-padded batch). Returns the handles."""
+    import torch
+
+    state: dict = {}
+
+    def before(module, args, kwargs):
+        state.clear()
+        ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
+        if (args or not kwargs.get("fused_lm_head") or ids is None or mask is None or labels is None
+                or ids.shape[0] < 2 or kwargs.get("position_ids") is not None or kwargs.get("shift_labels") is not None):
+            return args, kwargs
+        lengths = mask.sum(1)
+        if not torch.equal(mask.bool(), torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]):
+            return args, kwargs  # not right-padded: left as it is
+        real = mask.bool()
+        positions = torch.cat([torch.arange(int(n), device=ids.device) for n in lengths])[None]
+        flat_labels = labels[real][None].clone()
+        flat_labels[positions == 0] = -100  # a sequence's first token is never predicted (the padded shift drops it)
+        state.update(real=real)
+        return args, {**kwargs, "input_ids": ids[real][None], "attention_mask": None, "position_ids": positions,
+                      "labels": flat_labels}
+
+    def after(module, args, kwargs, output):
+        real = state.pop("real", None)
+        if real is None:
+            return output
+        # padded output (r, i) predicts token (r, i+1): flat output index = flat index of token (r, i+1) - 1
+        flat_index = real.flatten().cumsum(0).view(real.shape) - 1
+        predicted = real[:, 1:]
+        source = flat_index[:, 1:][predicted] - 1
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+            flat = getattr(output, name, None)
+            if flat is not None:
+                padded = flat.new_zeros(predicted.shape)
+                padded[predicted] = flat[0, source]
+                setattr(output, name, padded)
+        return output
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True)]
