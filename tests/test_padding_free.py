@@ -22,13 +22,13 @@ def train_rows(stage_dir) -> list[dict]:
 def test_padding_free_sft_trains_on_the_same_tokens_as_padded(tiny):
     runs = tiny.parent / "runs" / "tiny"
     logs, manifests = {}, {}
-    for setting in ("false", "null"):
+    for setting in ("false", "true"):
         assert main(["run", str(tiny), "--stages", "sft", "--force", "--set", f"stages.sft.padding_free={setting}",
                      "--set", "stages.sft.trainer.max_length=24"]) == 0  # some rows are cut: same cut both ways
         logs[setting], manifests[setting] = train_rows(runs / "sft"), read_manifest(runs / "sft")["metrics"]
     assert manifests["false"]["batching"] == "padded"
-    assert manifests["null"]["batching"] == "padding_free", manifests["null"]["batching_reason"]
-    padded, flat = logs["false"], logs["null"]
+    assert manifests["true"]["batching"] == "padding_free", manifests["true"]["batching_reason"]
+    padded, flat = logs["false"], logs["true"]
     assert len(padded) == len(flat) >= 3
     # step 1 is the same work: same loss, same real tokens (padded counts its mask, padding-free has no pad)
     assert flat[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-4)
@@ -75,7 +75,7 @@ def test_flattened_forward_gives_the_padded_per_token_outputs():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from alignpipe.padding_free import flatten_padded_forward
+    from alignpipe.padding_free import Batching, flatten_padded_forward
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -91,7 +91,7 @@ def test_flattened_forward_gives_the_padded_per_token_outputs():
         padded = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
         seen = []
         model.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True)
-        flatten_padded_forward(model)
+        flatten_padded_forward(model, Batching(True, "forced"))
         flat = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     assert seen == [torch.Size([1, int(lengths.sum())])]
     assert flat.log_probs.shape == padded.log_probs.shape
@@ -99,3 +99,22 @@ def test_flattened_forward_gives_the_padded_per_token_outputs():
     assert torch.allclose(flat.entropy, padded.entropy, atol=1e-5)
     assert torch.equal(flat.label_mask, padded.label_mask)
     assert padded.log_probs[0, 4:].abs().sum() == 0  # the pad stays zero
+
+
+def test_auto_flattens_a_batch_only_where_that_costs_less():
+    """With a dense mask the flattened row's attention grows with the square of its tokens: the peer bench's
+    batches (8 rows of ~33 tokens) run flattened, the default DPO's (64 rows of ~40 of up to 60) stay padded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignpipe.padding_free import choose
+
+    def model(layers, hidden, mlp):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=450, hidden_size=hidden, num_hidden_layers=layers,
+                                            intermediate_size=mlp, num_attention_heads=4, num_key_value_heads=4))
+
+    peer = choose(model(2, 128, 608), None, "peer")
+    assert peer.padding_free and peer.costs is not None
+    assert peer.flatten([20, 33, 64, 25, 40, 30, 28, 26])
+    default = choose(model(4, 128, 512), None, "default")
+    assert not default.flatten([40] * 63 + [60])
+    assert choose(model(4, 128, 512), True, "forced").flatten([40] * 63 + [60])  # true: every batch

@@ -137,16 +137,16 @@ def test_padding_free_pairs_train_as_padded_ones(built, tmp_path, lora):
     from transformers import set_seed
 
     logs = {}
-    for setting in (False, None):
+    for setting in (False, True):
         set_seed(0)  # the same fresh score head
         ctx = _context(built, tmp_path / str(setting), lora)
         ctx.config.padding_free = setting
         ctx.config.trainer = {**ctx.config.trainer, "max_steps": 3}
         trainer, _, _, batches = stage.build_trainer(ctx)
-        assert batches.padding_free is (setting is None), batches.reason
+        assert batches.padding_free is setting, batches.reason
         trainer.train()
         logs[setting] = [h for h in trainer.state.log_history if "loss" in h]
-    padded, flat = logs[False], logs[None]
+    padded, flat = logs[False], logs[True]
     assert len(padded) == len(flat) == 3
     for key in ("loss", "accuracy", "margin", "num_tokens"):
         assert flat[0][key] == pytest.approx(padded[0][key], rel=1e-4, abs=1e-6), key

@@ -20,13 +20,40 @@ TOLERANCE = {"float32": 1e-4}  # other dtypes (bf16, fp16): 2e-2
 
 @dataclass(frozen=True)
 class Batching:
-    """How a stage batches its rows, and why (one line for the log and the manifest)."""
+    """How a stage batches its rows, and why (one line for the log and the manifest). `costs` (per token, per
+    attention score, from the model's shape) make each batch flattened only when that costs less; None: always."""
 
     padding_free: bool
     reason: str
+    costs: tuple[float, float] | None = None
 
     def manifest(self) -> dict:
         return {"batching": "padding_free" if self.padding_free else "padded", "batching_reason": self.reason}
+
+    def flatten(self, lengths: list[int]) -> bool:
+        """Whether a batch of sequences of these lengths runs flattened. With a dense mask (sdpa, eager) the
+        flattened row's attention spans all its tokens (T^2 scores against B x L^2 padded), so a batch of many
+        sequences can cost more flattened than padded; the estimate weighs that against the pad tokens saved."""
+        if not self.padding_free:
+            return False
+        if self.costs is None:
+            return True
+        per_token, per_score = self.costs
+        total, longest, rows = sum(lengths), max(lengths), len(lengths)
+        flat = total * per_token + total ** 2 * per_score
+        padded = rows * longest * per_token + rows * longest ** 2 * per_score
+        return flat < padded
+
+
+def step_costs(model) -> tuple[float, float]:
+    """FLOPs per token (linear layers and head) and per attention score (all layers), from the model's config.
+    The per-score figure is ~2 x hidden per layer: measured on a 4-layer, hidden-128 Llama on this CPU (sdpa),
+    where batches of 64 sequences of ~40 tokens ran 1.4x slower flattened and 32 of ~40 equally fast."""
+    config = model.config.get_text_config()
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = layers * (8 * hidden ** 2 + 6 * hidden * mlp) + 2 * hidden * config.vocab_size
+    return float(per_token), float(layers * 2 * hidden)
 
 
 def flash_attention(model) -> bool:
@@ -34,8 +61,9 @@ def flash_attention(model) -> bool:
 
 
 def choose(model, setting: bool | None, stage: str) -> Batching:
-    """The stage's batching. `setting` true/false forces it; None (auto) is padding-free on a CPU or with
-    flash-attention kernels, and only when `flattening_is_exact` on this model."""
+    """The stage's batching. `setting` true/false forces it (true: every batch flattened); None (auto) is
+    padding-free on a CPU or with flash-attention kernels, only when `flattening_error` finds none on this model,
+    and, with a dense mask, batch by batch where it costs less (`Batching.flatten`)."""
     import torch
 
     if setting is not None:
@@ -45,10 +73,13 @@ def choose(model, setting: bool | None, stage: str) -> Batching:
                                  "O(tokens^2)")
     else:
         error = flattening_error(model)
-        if error is None:
-            choice = Batching(True, "auto: padded and flattened forwards of this model agree")
-        else:
+        if error is not None:
             choice = Batching(False, f"auto: flattened batches are not exact on this model ({error})")
+        elif flash_attention(model):
+            choice = Batching(True, "auto: padded and flattened forwards of this model agree (flash-attention)")
+        else:
+            choice = Batching(True, "auto: padded and flattened forwards of this model agree; each batch is "
+                                    "flattened when that costs less than padding it", step_costs(model))
     print(f"[alignpipe] stage {stage}: {'padding-free' if choice.padding_free else 'padded'} batches "
           f"({choice.reason})", flush=True)
     return choice
@@ -92,26 +123,38 @@ def flattening_error(model) -> str | None:
     return None
 
 
-def sft_collator(tokenizer, args):
-    """TRL's language-modelling collator in padding-free mode, for rows TRL has tokenized, masked and truncated
-    as for padded batches (so both do the same work)."""
+def sft_collator(tokenizer, args, batching: Batching):
+    """TRL's language-modelling collator, padding-free for the batches `batching` flattens and padded for the
+    others, on rows TRL has tokenized, masked and truncated as for padded batches (the same work either way)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True,
-                                           pad_to_multiple_of=args.pad_to_multiple_of)
+    flat, padded = (DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=free,
+                                                    pad_to_multiple_of=args.pad_to_multiple_of)
+                    for free in (True, False))
+
+    def collate(examples: list[dict]) -> dict:
+        return (flat if batching.flatten([len(e["input_ids"]) for e in examples]) else padded)(examples)
+
+    return collate
 
 
 # --- reward models: chosen and rejected laid end to end, scored at each sequence's last token -----------------
 
-def pair_collator(pad_token_id: int):
+def pair_collator(pad_token_id: int, batching: Batching):
     """Collates TRL's tokenized preference rows (`chosen_ids`, `rejected_ids`, optional `margin`) into one row:
     the chosen sequences, then the rejected ones (TRL's order), positions restarting at each. The all-ones
-    `attention_mask` is only for TRL's token count: `score_flat_rows` drops it before the model sees it."""
+    `attention_mask` is only for TRL's token count: `score_flat_rows` drops it before the model sees it. A
+    batch that `batching` keeps padded goes through TRL's own collator."""
     import torch
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    padded = DataCollatorForPreference(pad_token_id=pad_token_id)
 
     def collate(examples: list[dict]) -> dict:
         seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        if not batching.flatten([len(s) for s in seqs]):
+            return padded(examples)
         ids = torch.tensor([t for s in seqs for t in s])[None]
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                  "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
@@ -170,12 +213,13 @@ def score_flat_rows(model) -> list:
 
 # --- causal LMs called with padded batches (TRL's DPOTrainer): flattened inside the forward -------------------
 
-def flatten_padded_forward(model) -> list:
+def flatten_padded_forward(model, batching: Batching) -> list:
     """Hooks that make a causal LM patched with TRL's fused LM head (`model(..., labels=, fused_lm_head=True)`)
     run a right-padded batch as one flattened row of its real tokens, and hand back the per-token outputs
     (log-probs, entropy, label mask, ...) in the padded batch's layout, zeros at the pad: the trainer's loss and
     metrics code sees the padded batch it built. Hooked on the model itself, so peft (adapter on or off), DDP and
-    FSDP stay in the call path. Inert on any other call (generation, a left-padded batch). Returns the handles."""
+    FSDP stay in the call path. Inert on any other call (generation, a left-padded batch) and on a batch that
+    `batching` keeps padded. Returns the handles."""
     import torch
 
     state: dict = {}
@@ -189,6 +233,8 @@ def flatten_padded_forward(model) -> list:
         lengths = mask.sum(1)
         if not torch.equal(mask.bool(), torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]):
             return args, kwargs  # not right-padded: left as it is
+        if not batching.flatten(lengths.tolist()):
+            return args, kwargs
         real = mask.bool()
         positions = torch.cat([torch.arange(int(n), device=ids.device) for n in lengths])[None]
         flat_labels = labels[real][None].clone()

@@ -131,7 +131,7 @@ def build_trainer(ctx: StageContext):
     if batches.padding_free:  # before the trainer: its reference pre-computation runs in the constructor
         for m in (model, reference):
             if m is not None:
-                flatten_padded_forward(m)
+                flatten_padded_forward(m, batches)
 
     train_rows, heldout_rows = preference_pairs(ctx)
     train_ds = Dataset.from_list(train_rows)

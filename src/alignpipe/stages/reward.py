@@ -90,7 +90,7 @@ def build_trainer(ctx):
                             warmup_steps=10, max_steps=150)
     train, evals, report = pair_rows(ctx, tokenizer, args.max_length)
     batches = batching(ctx, model)
-    collator = padding_free.pair_collator(tokenizer.pad_token_id) if batches.padding_free else None
+    collator = padding_free.pair_collator(tokenizer.pad_token_id, batches) if batches.padding_free else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), data_collator=collator,
                             processing_class=tokenizer, peft_config=lora_config(ctx, "SEQ_CLS"))
     if batches.padding_free:  # inert on padded batches (the scoring after training)

@@ -135,7 +135,7 @@ def run(ctx: StageContext) -> dict:
     if batches.padding_free and not (args.packing or args.padding_free):
         from alignpipe.padding_free import sft_collator
 
-        collator = sft_collator(tokenizer, args)
+        collator = sft_collator(tokenizer, args, batches)
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"),
                                        data_collator=collator)
