@@ -35,6 +35,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def batch_rows(inputs) -> list[list[list[int]]]:
+    """A batch's rows as [input_ids, labels] lists: split at each pad of a padded batch, or at each restart of
+    the positions of a padding-free one (whose labels carry -100 at a sequence's first token: never predicted)."""
+    if "attention_mask" in inputs:
+        mask = inputs["attention_mask"].bool()
+        return [[ids[m].tolist(), lab[m].tolist()] for ids, lab, m in zip(inputs["input_ids"], inputs["labels"], mask)]
+    starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [inputs["input_ids"].shape[1]]
+    ids, labels = inputs["input_ids"][0].tolist(), inputs["labels"][0].tolist()
+    return [[ids[a:b], labels[a:b]] for a, b in zip(starts, starts[1:]) if b > a]
+
+
 class Probe:
     """Step and generation timings of whatever trainer runs in this process."""
 
@@ -79,9 +90,7 @@ class Probe:
         if labels is not None:
             self.label_tokens += int((labels != -100).sum())
         if self.batches is not None:  # the raw loop replays these exact rows
-            mask = inputs["attention_mask"].bool()
-            self.batches.append([[ids[m].tolist(), lab[m].tolist()]
-                                 for ids, lab, m in zip(inputs["input_ids"], inputs["labels"], mask)])
+            self.batches.append(batch_rows(inputs))
 
     def on_step_loss(self, loss) -> None:
         if self.first_loss is None:

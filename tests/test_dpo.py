@@ -127,6 +127,32 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
     assert copies == {"dpo": 2.0, "dpo_lora": 1.0}
 
 
+@pytest.mark.parametrize("stage, precompute", [("dpo", True), ("dpo", False), ("dpo_lora", False)],
+                         ids=["full-precomputed-ref", "full-live-ref", "lora-adapter-off-ref"])
+def test_padding_free_forwards_train_as_padded_ones(trained, stage, precompute):
+    """Policy and reference forwards flattened (alignpipe.padding_free): TRL's own padded batches, truncation
+    and loss code, the same step-1 loss and implicit rewards as padded forwards."""
+    from transformers import set_seed
+
+    path, _ = trained
+    logs = {}
+    for setting in (False, True):
+        set_seed(0)
+        ctx = make_context(load_recipe(path), stage)
+        ctx.config.padding_free = setting
+        ctx.config.trainer = {**ctx.config.trainer, "max_steps": 3, "precompute_ref_log_probs": precompute,
+                              "max_length": 40}  # some pairs cut: the same cut both ways
+        trainer, _, counts = dpo.build_trainer(ctx)
+        assert counts["batching"] == ("padding_free" if setting else "padded"), counts
+        trainer.train()
+        logs[setting] = [h for h in trainer.state.log_history if "loss" in h]
+    padded, flat = logs[False], logs[True]
+    assert len(padded) == len(flat) == 3
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert flat[0][key] == pytest.approx(padded[0][key], rel=1e-4, abs=1e-5), key
+    assert flat[-1]["loss"] == pytest.approx(padded[-1]["loss"], rel=1e-2)
+
+
 @pytest.mark.parametrize("trainer, message", [
     ({"loss_type": ["sigmoid", "hinge2"]}, "unknown DPO loss type 'hinge2'"),
     ({"loss_type": "simpo"}, "'simpo' is not a DPO loss type in TRL 1.16: SimPO is stage kind cpo with trainer.loss_type simpo"),

@@ -46,7 +46,7 @@ def _train(ctx):
     from transformers import set_seed
 
     set_seed(0)
-    trainer, evals, report = stage.build_trainer(ctx)
+    trainer, evals, report, _ = stage.build_trainer(ctx)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -128,6 +128,29 @@ def test_lora_trains_adapter_and_head_and_saves_both(built, tmp_path):
     over_base = PeftModel.from_pretrained(base, str(ctx.dir / "adapter")).eval()
     again = score(RewardArtifact(over_base, tok, 0.0, 1.0), prompts, responses)
     assert max(abs(a - b) for a, b in zip(in_memory, again)) < 1e-4
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8)], ids=["full", "lora"])
+def test_padding_free_pairs_train_as_padded_ones(built, tmp_path, lora):
+    """Chosen and rejected in one flattened row, scored at each sequence's last token: the same step-1 loss,
+    accuracy and margin as padded batches (under peft too: its copy of the score head is the one hooked)."""
+    from transformers import set_seed
+
+    logs = {}
+    for setting in (False, True):
+        set_seed(0)  # the same fresh score head
+        ctx = _context(built, tmp_path / str(setting), lora)
+        ctx.config.padding_free = setting
+        ctx.config.trainer = {**ctx.config.trainer, "max_steps": 3}
+        trainer, _, _, batches = stage.build_trainer(ctx)
+        assert batches.padding_free is setting, batches.reason
+        trainer.train()
+        logs[setting] = [h for h in trainer.state.log_history if "loss" in h]
+    padded, flat = logs[False], logs[True]
+    assert len(padded) == len(flat) == 3
+    for key in ("loss", "accuracy", "margin", "num_tokens"):
+        assert flat[0][key] == pytest.approx(padded[0][key], rel=1e-4, abs=1e-6), key
+    assert flat[-1]["loss"] == pytest.approx(padded[-1]["loss"], rel=1e-2)
 
 
 def test_stage_end_to_end_and_score_command(built, tmp_path, capsys):

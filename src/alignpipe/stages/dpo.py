@@ -46,6 +46,11 @@ class Config(StageConfig):
     # reward stage whose score is reported beside the judge (evaluation only; DPO never trains on it).
     # Unset: the recipe's first reward stage that is complete when this stage runs.
     reward_model: str | None = None
+    # Padding-free forwards (alignpipe.padding_free): TRL builds and truncates its padded batches as always, and
+    # each forward (policy and reference) runs their real tokens as one flattened row. null = auto (on a CPU or
+    # with flash-attention, when a check on this model finds the flattened forward exact), true/false force it.
+    # The manifest says which was used. (TRL 1.16's own `padding_free` is switched off inside DPOTrainer.)
+    padding_free: bool | None = None
 
 
 def trainer_config_class():
@@ -107,7 +112,8 @@ def implicit_reward_metrics(trainer) -> dict:
 
 def build_trainer(ctx: StageContext):
     """The DPOTrainer for this stage, the reference policy as a model (None with LoRA: the trainer
-    switches the adapter off instead), and the pairs it trains on and holds out (`pair_counts`)."""
+    switches the adapter off instead), and the pairs it trains on and holds out (`pair_counts`) with the
+    batching it uses."""
     from datasets import Dataset
     from trl import DPOTrainer
 
@@ -119,6 +125,13 @@ def build_trainer(ctx: StageContext):
     reference = None
     if peft_config is None:
         reference = ctx.load_model().eval().requires_grad_(False)
+    from alignpipe.padding_free import choose, flatten_padded_forward
+
+    batches = choose(model, ctx.config.padding_free, ctx.name)
+    if batches.padding_free:  # before the trainer: its reference pre-computation runs in the constructor
+        for m in (model, reference):
+            if m is not None:
+                flatten_padded_forward(m, batches)
 
     train_rows, heldout_rows = preference_pairs(ctx)
     train_ds = Dataset.from_list(train_rows)
@@ -143,7 +156,8 @@ def build_trainer(ctx: StageContext):
               f"{sum(len(d) for d in eval_ds.values())} held-out pairs", file=sys.stderr, flush=True)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
-    return trainer, reference, pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows))
+    return trainer, reference, {**pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows)),
+                                **batches.manifest()}
 
 
 def run(ctx: StageContext) -> dict:

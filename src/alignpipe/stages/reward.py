@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from alignpipe import padding_free
 from alignpipe.errors import AlignpipeError, RecipeError
 from alignpipe.recipe import StageConfig
 from alignpipe.stage_helpers import lora_config, rows
@@ -37,6 +38,10 @@ DEFAULT_MAX_LENGTH = 512  # tokens, or the model's max_position_embeddings when 
 class Config(StageConfig):
     eval_pairs: int = 200  # at most this many of a user dataset's held-out pairs are scored (the embedded world has its own)
     reload_tolerance: float = 1e-4  # the reloaded artifact must score this close to the trained model (fp32)
+    # Padding-free batches (alignpipe.padding_free): a batch's chosen and rejected sequences in one row, each
+    # scored at its last token. null = auto (on a CPU or with flash-attention, when a check on this model finds
+    # the flattened forward exact), true/false force it. The manifest says which was used.
+    padding_free: bool | None = None
 
 
 def trainer_config_class():
@@ -84,9 +89,21 @@ def build_trainer(ctx):
                             per_device_eval_batch_size=64, learning_rate=1e-3, lr_scheduler_type="cosine",
                             warmup_steps=10, max_steps=150)
     train, evals, report = pair_rows(ctx, tokenizer, args.max_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+    batches = batching(ctx, model)
+    collator = padding_free.pair_collator(tokenizer.pad_token_id, batches) if batches.padding_free else None
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), data_collator=collator,
                             processing_class=tokenizer, peft_config=lora_config(ctx, "SEQ_CLS"))
-    return trainer, evals, report
+    if batches.padding_free:  # inert on padded batches (the scoring after training)
+        padding_free.score_flat_rows(trainer.model)
+    return trainer, evals, report, batches
+
+
+def batching(ctx, model):
+    """Padded or padding-free batches (Config.padding_free); padding-free needs the score head as `score` (the
+    head transformers' `...ForSequenceClassification` models pool)."""
+    if not hasattr(model, "score") and ctx.config.padding_free is not False:
+        return padding_free.Batching(False, f"{type(model).__name__} has no `score` head to pool")
+    return padding_free.choose(model, ctx.config.padding_free, ctx.name)
 
 
 def onpolicy_samples(ctx, tokenizer):
@@ -117,14 +134,14 @@ def run(ctx: StageContext) -> dict:
     from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
     from alignpipe.training import train, train_log_metrics, write_log_history
 
-    trainer, evals, report = build_trainer(ctx)
+    trainer, evals, report, batches = build_trainer(ctx)
     tokenizer = trainer.processing_class
     train(trainer, ctx)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     metrics = {**train_log_metrics(trainer), "parameters": modeling.count_parameters(trainer.model),
                "pairs_train": report["train"]["kept"], "pairs_truncated": report["train"]["truncated"],
                "pairs_heldout": report["eval"]["kept"], "pairs_dropped": sum(report["train"]["dropped"].values()),
-               "pairs_dropped_by_reason": report["train"]["dropped"]}
+               "pairs_dropped_by_reason": report["train"]["dropped"], **batches.manifest()}
 
     # --- held-out pairs, scored by the model as trained (LoRA: adapter active)
     model = distributed.gathered(trainer.model).eval()  # FSDP: whole tensors, to score and save

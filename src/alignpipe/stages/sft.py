@@ -26,6 +26,10 @@ class Config(StageConfig):
     # large vocabularies on a GPU). On a CPU it is the slow part of a small model's step (make bench: ~13 of
     # ~57 ms on the peer model), so there the model's own head and loss are used. true/false force either.
     fused_lm_head: bool | None = None
+    # Padding-free batches (alignpipe.padding_free): TRL tokenizes and truncates the rows as for padded batches,
+    # then each batch is laid end to end in one row. null = auto (on a CPU or with flash-attention, when a check
+    # on this model finds the flattened forward exact), true/false force it. The manifest says which was used.
+    padding_free: bool | None = None
 
 
 def trainer_config_class():
@@ -78,8 +82,10 @@ def plain_head_trainer():
                 correct = self.accelerator.gather_for_metrics((logp.argmax(-1) == labels[mask]).sum()).sum()
                 self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
                 self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
-                if mode == "train":
-                    tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                if mode == "train":  # padding-free batches have no mask and no pad tokens
+                    real = inputs["attention_mask"].sum() if "attention_mask" in inputs else (labels.new_tensor(
+                        inputs["input_ids"].numel()))
+                    tokens = self.accelerator.gather_for_metrics(real).sum().item()
                     self._total_train_tokens += tokens
                 self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss, outputs) if return_outputs else loss
@@ -87,9 +93,19 @@ def plain_head_trainer():
     return PlainHeadSFTTrainer
 
 
+def batching(ctx, model, args):
+    """Padded or padding-free batches (Config.padding_free). TRL's own packing / padding_free (trainer block)
+    keep TRL's collator."""
+    from alignpipe.padding_free import Batching, choose
+
+    if args.packing or args.padding_free:
+        return Batching(True, "TRL's packing / padding_free in the trainer block")
+    return choose(model, ctx.config.padding_free, ctx.name)
+
+
 def trainer_class(ctx, args):
-    """TRL's SFTTrainer, or the plain-head one (see Config.fused_lm_head). Packed / padding-free batches carry
-    no attention mask and keep TRL's path."""
+    """TRL's SFTTrainer, or the plain-head one (see Config.fused_lm_head). TRL's own packed / padding-free
+    batches keep TRL's path."""
     import torch
     from trl import SFTTrainer
 
@@ -114,12 +130,19 @@ def run(ctx: StageContext) -> dict:
         train_ds, eval_ds = datasets(train_rows, eval_rows, tokenizer, args)
     except DataError as err:
         raise as_user_error(err, str(ctx.recipe.path)) from None
+    batches = batching(ctx, model, args)
+    collator = None
+    if batches.padding_free and not (args.packing or args.padding_free):
+        from alignpipe.padding_free import sft_collator
+
+        collator = sft_collator(tokenizer, args, batches)
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                       processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"))
+                                       processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"),
+                                       data_collator=collator)
     train(trainer, ctx)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
 
-    metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"]}
+    metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"], **batches.manifest()}
     # save first (LoRA: the adapter), then evaluate the model that was saved
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     model = trainer.model
