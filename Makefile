@@ -23,7 +23,7 @@ else
   ALIGNPIPE := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE) --num_processes $(NPROC) -m alignpipe.cli
 endif
 
-.PHONY: install pipeline test pretrain sft reward dpo ppo grpo report chat bench bench-peers clean
+.PHONY: install install-test pipeline test pretrain sft reward dpo ppo grpo report chat bench bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: pinned to the CPU wheel unless TORCH= says otherwise (or a torch is already there)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the tests' own packages (lm-eval, trackers, selenium): only `make test` waits for them
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -42,7 +49,7 @@ pipeline: install
 	  || echo "alignpipe report failed (the run's status is unchanged)"; \
 	exit $$status
 
-test: install
+test: install-test
 	$(PY) -m pytest tests $(ARGS)
 
 pretrain sft reward dpo ppo grpo: install
