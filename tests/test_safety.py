@@ -141,9 +141,29 @@ def _package():
     return [(ast.parse(p.read_text()), str(p.relative_to(SRC))) for p in sorted(SRC.rglob("*.py"))]
 
 
+# the one computed argument list: `run --parallel` starts this interpreter on alignpipe.cli for each stage
+# (stage_processes.child_command); the recipe path, stage names and --set items are single list items, no shell
+COMPUTED_ARGV = {"stage_processes.py": "subprocess.Popen with a computed command"}
+
+
 def test_no_recipe_string_reaches_a_shell():
-    """No shell anywhere; the only subprocesses are fixed argument lists (git, for the manifest)."""
-    assert [p for tree, where in _package() for p in shell_problems(tree, where)] == []
+    """No shell anywhere; the subprocesses are fixed argument lists (git, for the manifest) or the stage child's."""
+    problems = [p for tree, where in _package() for p in shell_problems(tree, where)]
+    assert [p for p in problems if COMPUTED_ARGV.get(p.split(":")[0]) != p.split(": ", 1)[1]] == []
+
+
+def test_the_stage_child_is_this_interpreter_with_one_argument_per_item(tmp_path):
+    """The computed argv above: a list of strings, this Python first, a hostile recipe value kept as one item."""
+    import sys
+    from types import SimpleNamespace
+
+    from alignpipe.stage_processes import child_command
+
+    recipe = SimpleNamespace(path=tmp_path / "r; rm -rf x.yaml")
+    cmd = child_command(recipe, "dpo", ["stages.dpo.trainer.beta=$(id)"], force=True, restart=False, keep=2)
+    assert cmd[:4] == [sys.executable, "-m", "alignpipe.cli", "run"]
+    assert all(isinstance(a, str) for a in cmd)
+    assert str(tmp_path / "r; rm -rf x.yaml") in cmd and "stages.dpo.trainer.beta=$(id)" in cmd
 
 
 def test_every_torch_load_is_weights_only():
