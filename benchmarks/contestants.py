@@ -71,6 +71,7 @@ class Settings:
     lf_venv: str | None = None  # LLaMA-Factory's venv (None: $LLAMAFACTORY_VENV or .venv-llamafactory)
     timeout_s: int = 600  # per contestant process
     versus_repeats: int = 5  # interleaved timed runs of ours and LLaMA-Factory's on the same work (paired ratios)
+    versus_turn_steps: int = 5  # inside those runs the training loops take turns every this many steps
     budget_s: int = 2400  # contestants still waiting when this much time has passed are skipped
 
     @classmethod
@@ -80,7 +81,7 @@ class Settings:
                 "vocab_size": 300, "max_position_embeddings": 128}
         return replace(cls(), repeats=1, compute_model=dict(tiny), compute_batch=4, compute_steps=3,
                        peer_model=dict(tiny), peer_steps={"sft": 4, "reward": 4, "dpo": 4},
-                       versus_repeats=2, ppo_updates=2, ppo_new_tokens=6, peer_warmup_steps=2,
+                       versus_repeats=2, versus_turn_steps=2, ppo_updates=2, ppo_new_tokens=6, peer_warmup_steps=2,
                        ppo_warmup_updates=1,
                        prep_steps={"compute_pretrain": 2, "pretrain": 10, "sft": 4, "reward": 4},
                        world={"n_corpus_docs": 300, "n_corpus_eval_docs": 20, "n_sft": 100, "n_pairs": 60,

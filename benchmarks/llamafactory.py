@@ -169,8 +169,9 @@ def stub_torchaudio() -> None:
 
 def run_lf(spec: dict) -> dict:
     """`llamafactory-cli train` in-process, with worker.py's probe: warm-up, then the timed runs."""
-    from worker import T_START, Probe, peak_rss_mb, repeat
+    from worker import T_START, Probe, peak_rss_mb, pin, repeat
 
+    pin(spec)
     stub_torchaudio()
     import torch  # noqa: F401 - imported before the baseline RSS is read
     import transformers  # noqa: F401
@@ -197,7 +198,7 @@ def run_lf(spec: dict) -> dict:
             row["startup_s"] = probe.first_begin_wall - T_START if probe.first_begin_wall else None
         return row
 
-    runs = repeat(run_once, spec)
+    runs = repeat(run_once, spec, probe)
     return {"warmup": runs[0], "runs": runs[1:], "rss_after_imports_mb": rss_imports, "data": spec["lf_data"]}
 
 

@@ -14,6 +14,7 @@ timed runs; the median is reported. Results: benchmarks/results.json and a print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -154,19 +155,35 @@ def _read_reply(reply, timeout: float) -> str:
 
 def run_interleaved(group: list[Contestant], settings: Settings, recipes: dict, work: Path,
                     kinds: set[str]) -> dict[str, dict]:
-    """Contestants on the same work, interleaved: each worker starts and warms up (one after another), then
-    round r runs every worker's r-th timed run in turn (ours, theirs, ours, theirs, ...), the others waiting
-    idle, so a change in the machine's load falls on both sides alike and each round gives a paired ratio."""
+    """Contestants on the same work, interleaved, on one CPU: each worker starts and warms up (one after
+    another); then in round r each sets up its r-th timed run in turn, their training loops take turns of
+    `versus_turn_steps` steps (ours, theirs, ours, theirs, ...; the others wait idle), and each finishes its
+    run in turn. A change in the machine's speed that lasts longer than a turn (a second or so) falls on both
+    sides alike, so each round gives a paired ratio. Our workers' runs overlap in time (one waits mid-run for
+    its turn) in one run folder: this process holds the folder's lock for them, as `alignpipe run --parallel`
+    does for its stage processes (their stages are distinct)."""
+    from alignpipe.lock import LOCK_PARENT_ENV, RunLock
+
+    with contextlib.ExitStack() as locks:
+        for root in {Path(recipes[c.recipe]["runs_dir"]) / recipes[c.recipe]["name"]
+                     for c in group if c.kind == "stage"}:
+            locks.enter_context(RunLock(root))
+        return _interleave(group, settings, recipes, work, kinds, {LOCK_PARENT_ENV: str(os.getpid())})
+
+
+def _interleave(group: list[Contestant], settings: Settings, recipes: dict, work: Path, kinds: set[str],
+                extra_env: dict) -> dict[str, dict]:
     results, live = {}, {}
+    cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     for c in group:
         base, cmd, spec = setup_contestant(c, settings, recipes, work, kinds)
         if cmd is None:
             results[c.name] = base
             continue
         read_fd, write_fd = os.pipe()
-        spec = {**spec, "repeats": settings.versus_repeats, "reply_fd": write_fd}
-        env = child_env(c.threads)
-        env["BENCH_T0"] = repr(time.time())
+        spec = {**spec, "repeats": settings.versus_repeats, "reply_fd": write_fd,
+                "turn_steps": settings.versus_turn_steps, "cpu": cpu}
+        env = {**child_env(c.threads), **extra_env, "BENCH_T0": repr(time.time())}
         log_fh = open(work / f"{c.name}.log", "w")
         proc = subprocess.Popen([*cmd, str(write_spec(c, spec, work))], env=env, stdin=subprocess.PIPE, text=True,
                                 stdout=log_fh, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
@@ -177,14 +194,29 @@ def run_interleaved(group: list[Contestant], settings: Settings, recipes: dict, 
         if _read_reply(reply, settings.timeout_s).strip() != "ready":  # started and warmed up
             live.pop(c.name)["proc"].kill()
             results[c.name] = {**base, "status": "failed", "error": "did not get through its warm-up"}
+
+    def turn(name: str, expected: set[str], what: str) -> str | None:
+        """Let worker `name` go on until its next reply; None (and the worker dropped) when it is not expected."""
+        w = live[name]
+        w["proc"].stdin.write("go\n")
+        w["proc"].stdin.flush()
+        line = _read_reply(w["reply"], settings.timeout_s)
+        said = "row" if line.startswith("{") else line.strip()
+        if said in expected:
+            return said
+        w["proc"].kill()
+        results[name] = {**w["base"], "status": "failed",
+                         "error": f"{what}: expected {' or '.join(sorted(expected))}, got {said or 'nothing'}"}
+        live.pop(name)
+        return None
+
     for r in range(settings.versus_repeats):
-        for name, w in list(live.items()):
-            w["proc"].stdin.write("go\n")
-            w["proc"].stdin.flush()
-            if not _read_reply(w["reply"], settings.timeout_s):
-                w["proc"].kill()
-                results[name] = {**w["base"], "status": "failed", "error": f"timed run {r + 1} did not finish"}
-                live.pop(name)
+        what = f"timed run {r + 1}"
+        in_loop = [n for n in list(live) if turn(n, {"loop"}, what)]  # each sets up its run, then waits
+        while in_loop:
+            in_loop = [n for n in in_loop if n in live and turn(n, {"turn", "done"}, what) == "turn"]
+        for name in list(live):
+            turn(name, {"row"}, what)  # each finishes its run (evaluation, saving) in turn
         log(f"  round {r + 1}/{settings.versus_repeats} of {', '.join(c.name for c in group)} "
             f"(load {os.getloadavg()[0]:.2f})")
     for name, w in live.items():
@@ -297,8 +329,10 @@ def derive(results: dict[str, dict]) -> dict:
 
 def versus(results: dict[str, dict]) -> dict:
     """Ours against LLaMA-Factory on the same work, from this run only, one key per stage (our contestant's
-    name). `ratio`: the median of our steps/s over the median of theirs; `paired_min`..`paired_max`: the
-    range of the rounds' ratios (our r-th timed run over their r-th, run one after the other)."""
+    name). Interleaved: `ratio` is the median over rounds of our r-th timed run's steps/s over their r-th
+    (their loops took turns), `paired_min`..`paired_max` the range of those, `pooled` all rounds' steps over
+    all their loop seconds, ours over theirs. Not interleaved: `ratio` is the median of our steps/s over the
+    median of theirs, with no spread."""
 
     def side(r: dict) -> dict:
         med = r["median"]
@@ -307,6 +341,10 @@ def versus(results: dict[str, dict]) -> dict:
                 if med.get("tokens") and med.get("real_share") is not None and med.get("steps") else None,
                 "steps": med.get("steps"), "loop_s": med.get("loop_s"), "cpu_share": med.get("cpu_share"),
                 "peak_rss_mb": r.get("peak_rss_mb"), "runs_steps_per_s": [x.get("steps_per_s") for x in r.get("runs", [])],
+                "pooled_steps_per_s": sum(x["steps"] for x in r.get("runs", []) if x.get("loop_s")) /
+                sum(x["loop_s"] for x in r.get("runs", []) if x.get("loop_s"))
+                if any(x.get("loop_s") for x in r.get("runs", [])) else None,
+                "turns_per_run": r["runs"][0].get("turns") if r.get("runs") else None,
                 # per CPU-second of the process: what a busy machine (a neighbour taking part of the core) moves less
                 "runs_steps_per_cpu_s": [x["steps_per_s"] / x["cpu_share"] if x.get("steps_per_s") and x.get("cpu_share")
                                          else None for x in r.get("runs", [])]}
@@ -325,8 +363,12 @@ def versus(results: dict[str, dict]) -> dict:
                 if interleaved else []
             per_cpu = [x / y for x, y in zip(a["runs_steps_per_cpu_s"], b["runs_steps_per_cpu_s"]) if x and y] \
                 if interleaved else []
+            medians_ratio = a["steps_per_s"] / b["steps_per_s"] if a["steps_per_s"] and b["steps_per_s"] else None
             out[name] = {"llamafactory": lf, "interleaved": interleaved, "rounds": len(paired),
-                         "ratio": a["steps_per_s"] / b["steps_per_s"] if a["steps_per_s"] and b["steps_per_s"] else None,
+                         "ratio": statistics.median(paired) if paired else medians_ratio,
+                         "ratio_of_medians": medians_ratio,
+                         "pooled": a["pooled_steps_per_s"] / b["pooled_steps_per_s"]
+                         if interleaved and a["pooled_steps_per_s"] and b["pooled_steps_per_s"] else None,
                          "paired_min": min(paired, default=None), "paired_max": max(paired, default=None),
                          "paired": paired, "ratio_per_cpu_s": statistics.median(per_cpu) if per_cpu else None,
                          "paired_per_cpu_s": per_cpu, "ours": a, "theirs": b}
@@ -337,16 +379,15 @@ def versus_table(rows: dict) -> list[str]:
     """The per-stage comparison the README shows: steps/s, real tokens/s, peak RSS, ratio with its spread."""
     if not rows:
         return []
-    head = ["stage", "alignpipe steps/s", "LLaMA-Factory steps/s", "ratio", "paired min..max", "per CPU-s",
-            "rounds",
+    head = ["stage", "alignpipe steps/s", "LLaMA-Factory steps/s", "ratio", "paired min..max", "pooled",
+            "rounds x turns",
             "real tokens/s (ours / theirs)", "real tokens/step", "peak RSS MB", "cpu"]
     lines = [head]
     for name, v in rows.items():
         a, b = v["ours"], v["theirs"]
         lines.append([name, fmt(a["steps_per_s"]), fmt(b["steps_per_s"]), fmt(v["ratio"], 3),
                       f"{fmt(v['paired_min'], 3)}..{fmt(v['paired_max'], 3)}",
-                      "{} ({}..{})".format(fmt(v["ratio_per_cpu_s"], 3), fmt(min(v["paired_per_cpu_s"], default=None), 3),
-                                           fmt(max(v["paired_per_cpu_s"], default=None), 3)), str(v["rounds"]),
+                      fmt(v["pooled"], 3), f"{v['rounds']} x {a['turns_per_run'] or '-'}",
                       f"{fmt(a['real_tokens_per_s'])} / {fmt(b['real_tokens_per_s'])}",
                       f"{fmt(a['real_tokens_per_step'])} / {fmt(b['real_tokens_per_step'])}",
                       f"{fmt(a['peak_rss_mb'], 4)} / {fmt(b['peak_rss_mb'], 4)}",
@@ -354,7 +395,8 @@ def versus_table(rows: dict) -> list[str]:
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return ["", "alignpipe vs LLaMA-Factory on the same work, this run (interleaved rounds):", *out]
+    return ["", "alignpipe vs LLaMA-Factory on the same work, this run (ratio: the median of the rounds' paired "
+                "ratios; in a round the two training loops take turns every few steps):", *out]
 
 
 def same_work(results: dict[str, dict], m, ratio) -> dict:

@@ -46,10 +46,28 @@ def batch_rows(inputs) -> list[list[list[int]]]:
     return [[ids[a:b], labels[a:b]] for a, b in zip(starts, starts[1:]) if b > a]
 
 
+class Turns:
+    """Taking turns with other workers inside a timed run (the parent passes the turn): at the first step and
+    after every `steps` steps this worker writes a line on the reply pipe ("loop" before its first step,
+    "turn" later, "done" when its training loop has returned) and waits for the parent's next line on stdin.
+    So two contestants' steps alternate every few steps, and a change in the machine's speed that lasts
+    longer than a turn falls on both alike."""
+
+    def __init__(self, steps: int, reply, commands=sys.stdin) -> None:
+        self.steps, self.reply, self.commands = steps, reply, commands
+
+    def hand_over(self, what: str) -> None:
+        self.reply.write(what + "\n")
+        self.reply.flush()
+        if not self.commands.readline().strip():
+            raise SystemExit("the bench parent ended the run in the middle of a turn")
+
+
 class Probe:
     """Step and generation timings of whatever trainer runs in this process."""
 
     def __init__(self) -> None:
+        self.turns: Turns | None = None  # set by `repeat` for the timed runs the parent interleaves by turns
         self.reset()
 
     def reset(self, record: bool = False) -> None:
@@ -63,6 +81,10 @@ class Probe:
         self.in_step = 0.0  # seconds inside `training_step` (forward + backward); the optimiser and overhead are not
         self.generate_calls: list[tuple[float, float]] = []
         self.batches: list | None = [] if record else None
+        self.paused = 0.0  # seconds waiting for our turn inside the loop: not part of it
+        self.waited_before = self.waited_after = 0.0  # waiting for the others' set-up, and for our turn to finish
+        self.turn_s: list[float] = []  # each turn's seconds of steps (turns: every `turns.steps` steps)
+        self.turn_began: float | None = None
 
     # --- trainer hooks
     def on_train(self, trainer) -> None:
@@ -75,6 +97,16 @@ class Probe:
         import torch
 
         sync()
+        if self.turns is not None and len(self.begins) % self.turns.steps == 0:
+            t = time.perf_counter()
+            if self.turn_began is not None:
+                self.turn_s.append(t - self.turn_began)
+            self.turns.hand_over("turn" if self.begins else "loop")
+            self.turn_began = time.perf_counter()
+            if self.begins:
+                self.paused += self.turn_began - t
+            else:
+                self.waited_before = self.turn_began - t
         self.begins.append(time.perf_counter())
         if self.first_begin_wall is None:
             self.first_begin_wall = time.time()
@@ -116,7 +148,13 @@ class Probe:
         def probed_train(trainer, *args, **kwargs):
             probe.on_train(trainer)
             trainer.add_callback(StepEnd())
-            return train(trainer, *args, **kwargs)
+            out = train(trainer, *args, **kwargs)
+            if probe.turns is not None and probe.ends:  # the loop is over: the rest of the run waits its turn too
+                probe.turn_s.append(probe.ends[-1] - probe.turn_began)
+                t = time.perf_counter()
+                probe.turns.hand_over("done")
+                probe.waited_after = time.perf_counter() - t
+            return out
 
         def probed_training_step(trainer, model, inputs, *args, **kwargs):
             probe.on_step_begin(inputs)
@@ -142,14 +180,17 @@ class Probe:
 
     # --- figures of one run
     def summary(self, t_call: float, t_return: float) -> dict:
-        out = {"total_s": t_return - t_call}
+        waited = self.waited_before + self.paused + self.waited_after  # taking turns: the others' time
+        out = {"total_s": t_return - t_call - waited}
         if not self.ends:
             return out
-        loop = self.ends[-1] - self.begins[0]
+        loop = self.ends[-1] - self.begins[0] - self.paused
         steps = len(self.ends)
+        if self.turn_s:
+            out.update(turns=len(self.turn_s), turn_s=self.turn_s)
         out.update(
             steps=steps, loop_s=loop, cpu_share=(self.cpu[-1] - self.cpu[0]) / loop, fwd_bwd_share=self.in_step / loop,
-            setup_s=self.begins[0] - t_call, after_s=t_return - self.ends[-1],
+            setup_s=self.begins[0] - t_call - self.waited_before, after_s=t_return - self.ends[-1] - self.waited_after,
             steps_per_s=steps / loop, samples_per_s=steps * self.batch_size / loop,
             tokens=self.tokens, tokens_per_s=self.tokens / loop, real_tokens_per_s=self.real_tokens / loop,
             real_share=self.real_tokens / self.tokens if self.tokens else None,
@@ -226,14 +267,15 @@ def run_stage(spec: dict) -> dict:
             Path(spec["work"], record).write_text(json.dumps(probe.batches))
         return row
 
-    runs = repeat(run_once, spec)
+    runs = repeat(run_once, spec, probe)
     return {"warmup": runs[0], "runs": runs[1:], "rss_after_imports_mb": rss_imports}
 
 
-def repeat(run_once, spec: dict) -> list[dict]:
+def repeat(run_once, spec: dict, probe: Probe | None = None) -> list[dict]:
     """The warm-up run, then the timed ones: `repeats` in a row, or, when the parent interleaves this contestant
     with others (a `reply_fd` in the spec), one each time it writes a line to our stdin; each timed run's row
-    goes back on that pipe as one JSON line, and stdin's end ends the runs."""
+    goes back on that pipe as one JSON line, and stdin's end ends the runs. With `turn_steps` in the spec, a
+    timed run's loop also takes turns with the others' (Turns)."""
     def timed(i: int) -> dict:
         started = time.time()
         return {**run_once(i), "started_at": started}  # wall clock: shows the interleaving in results.json
@@ -246,9 +288,18 @@ def repeat(run_once, spec: dict) -> list[dict]:
         for line in sys.stdin:
             if not line.strip():
                 break
+            if probe is not None and spec.get("turn_steps"):
+                probe.turns = Turns(spec["turn_steps"], reply)
             runs.append(timed(len(runs)))
             reply.write(json.dumps(runs[-1], default=str) + "\n")
     return runs
+
+
+def pin(spec: dict) -> None:
+    """Run on the one CPU the parent chose (`cpu` in the spec): contestants compared with each other then
+    share a core, so a difference between the machine's cores is not read as a difference between them."""
+    if spec.get("cpu") is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {spec["cpu"]})
 
 
 def matmul(spec: dict) -> dict:
@@ -285,6 +336,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    pin(spec)
     if spec["kind"] == "matmul":
         result = matmul(spec)
     elif spec["kind"] == "raw_sft":

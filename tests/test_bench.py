@@ -175,7 +175,8 @@ def test_same_work_ratios():
 
 
 def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
-    """Two workers kept alive side by side: warm-ups first, then their timed runs alternate (a, b, a, b)."""
+    """Two workers kept alive side by side on one CPU: warm-ups first, then in each round their training loops
+    take turns every `versus_turn_steps` steps (a, b, a, b, ...), and the waiting is not counted as loop time."""
     import yaml
 
     work = bench_dir / "work"
@@ -187,14 +188,25 @@ def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
     assert results["sft_full"]["interleaved_with"] == ["sft_lora"]
     starts = sorted((run["started_at"], name) for name, r in results.items() for run in r["runs"])
     assert [name for _, name in starts] == ["sft_full", "sft_lora"] * QUICK.versus_repeats
+    steps, k = QUICK.peer_steps["sft"], QUICK.versus_turn_steps
+    assert steps > k  # so there are turns to take
     for name, r in results.items():
-        assert [run["steps"] for run in r["runs"]] == [QUICK.peer_steps["sft"]] * QUICK.versus_repeats
+        assert [run["steps"] for run in r["runs"]] == [steps] * QUICK.versus_repeats
         assert r["warmup"]["started_at"] < min(run["started_at"] for run in results["sft_full"]["runs"])
+        assert "turns" not in r["warmup"]
+        for run in r["runs"]:
+            assert run["turns"] == -(-steps // k) == len(run["turn_s"])
+            # the loop is the turns' own seconds (each ends at a step's end), not the other's turns between them
+            assert run["loop_s"] == pytest.approx(sum(run["turn_s"]), rel=0.05)
+            assert run["loop_s"] < run["total_s"] - run["setup_s"]
+    # while one worker's loop ran, the other's did not: its turns fit in the gaps
+    a, b = (results[n]["runs"][0] for n in ("sft_full", "sft_lora"))
+    assert a["started_at"] < b["started_at"]
 
 
 def test_versus_has_one_key_per_stage_with_paired_spread():
     def ok(rates, kind="stage", **extra):
-        runs = [{"steps_per_s": v, "cpu_share": 0.5} for v in rates]
+        runs = [{"steps_per_s": v, "cpu_share": 0.5, "steps": 10, "loop_s": 10 / v, "turns": 2} for v in rates]
         return {"status": "ok", "kind": kind, "peak_rss_mb": 500.0, "runs": runs, **extra,
                 "median": {"steps_per_s": sorted(rates)[len(rates) // 2], "tokens": 4000, "real_share": 0.5,
                            "steps": 10, "real_tokens_per_s": 1.0, "cpu_share": 1.0}}
@@ -207,8 +219,11 @@ def test_versus_has_one_key_per_stage_with_paired_spread():
     versus = bench.derive(results)["versus_llamafactory"]
     assert set(versus) == {"sft_full", "dpo_full"}
     sft = versus["sft_full"]
-    assert sft["ratio"] == pytest.approx(11.0 / 10.0)
     assert sft["paired"] == pytest.approx([1.25, 1.2, 1.1]) and sft["rounds"] == 3
+    assert sft["ratio"] == pytest.approx(1.2)  # interleaved: the median of the rounds' paired ratios
+    assert sft["ratio_of_medians"] == pytest.approx(11.0 / 10.0)
+    assert sft["pooled"] == pytest.approx((30 / (10 / 10 + 10 / 12 + 10 / 11)) / (30 / (10 / 8 + 10 / 10 + 10 / 10)))
+    assert versus["dpo_full"]["ratio"] == pytest.approx(6.0 / 5.0) and versus["dpo_full"]["pooled"] is None
     assert (sft["paired_min"], sft["paired_max"]) == (pytest.approx(1.1), pytest.approx(1.25))
     assert sft["ours"]["real_tokens_per_step"] == 200 and sft["theirs"]["peak_rss_mb"] == 500.0
     assert sft["ratio_per_cpu_s"] == pytest.approx(1.2)  # same CPU share: the median of the paired ratios
