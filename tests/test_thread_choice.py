@@ -1,16 +1,26 @@
-"""Torch threads chosen by measuring (ALIGNPIPE_THREADS=auto): 1 unless asked, 1 on one core or a busy
-machine, 2 only when the probe shows they pay; the pretrain stage records its choice in the manifest."""
+"""Torch threads chosen by measuring (ALIGNPIPE_THREADS=auto): 1 unless asked, 1 on one core, a busy machine
+or beside sibling stage processes, 2 only when the probe shows they pay; the trainer stages (pretrain, sft,
+reward, dpo) record their choice in the manifest, and the probe and 2 threads leave their figures unchanged."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from alignpipe import thread_choice
 from alignpipe.cli import main
+from conftest import TINY_EVAL, tiny_recipe, write_yaml
+
+REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+          "trainer": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0,
+                      "logging_steps": 1}}
+TIMING = ("runtime", "per_s", "per_second", "time", "wall")  # wall-clock figures: the only ones allowed to differ
 
 
 def _no_gain():
@@ -28,6 +38,9 @@ def test_one_thread_unless_asked_and_on_one_core_or_a_busy_machine(monkeypatch):
     no_gain = thread_choice.choose(_no_gain, cores=2, busy=0.0)  # measured: no gain, so 1
     assert no_gain["threads"] == 1 and no_gain["probe_s_1"] > 0 and "needs" in no_gain["why"]
     assert torch.get_num_threads() == 1
+    monkeypatch.setenv(thread_choice.AT_ONCE_ENV, "2")  # a parallel run's stage process: never probes
+    sibling = thread_choice.choose(_no_gain, cores=2, busy=0.0)
+    assert sibling["threads"] == 1 and "one of 2 stage processes" in sibling["why"] and "probe_s_1" not in sibling
     assert 0.0 <= thread_choice.busy_cores(0.05) <= os.cpu_count() + 1e-6  # a share of the machine's cores
 
 
@@ -52,3 +65,63 @@ def test_the_watchdog_goes_back_to_one_thread_when_steps_slow_down():
         assert choice["threads_fell_back_at_step"] == 4 and "back to 1 thread at step 4" in choice["why"]
     finally:
         torch.set_num_threads(1)
+
+
+def _short_recipe(tmp_path, **reward):
+    """pretrain (a few steps: only the later stages are looked at), sft and reward."""
+    data = tiny_recipe(tmp_path / "runs", extra_stages={"reward": {**REWARD, **reward}})
+    data["stages"]["pretrain"]["trainer"]["max_steps"] = 10
+    return write_yaml(tmp_path / "tiny.yaml", data)
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_sft_and_reward_on_a_busy_machine_record_one_thread_and_why(tmp_path, monkeypatch):
+    monkeypatch.setenv(thread_choice.ENV, "auto")
+    monkeypatch.setattr(thread_choice, "usable_cores", lambda: 2)
+    monkeypatch.setattr(thread_choice, "busy_cores", lambda window_s=0.5: 1.5)  # a neighbour keeps a core busy
+    recipe = _short_recipe(tmp_path)
+    assert main(["run", str(recipe)]) == 0
+    for stage in ("pretrain", "sft", "reward"):
+        metrics = _manifest(tmp_path / "runs" / "tiny" / stage)["metrics"]
+        assert metrics["torch_threads"] == 1, stage
+        assert metrics["torch_threads_why"] == "auto: 1.50 of 2 cores busy with other processes", stage
+    assert torch.get_num_threads() == 1
+
+
+def _untimed(folder) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
+
+
+def test_the_probe_and_two_threads_leave_sft_and_reward_figures_unchanged(tmp_path, monkeypatch):
+    """sft and reward trained after a probe on 2 threads (forced: no gain needed) give the bits, logged rows and
+    metrics of the same stages on 1 thread without a probe, from the same pretrain checkpoint (the reward stage
+    with LoRA: the probe runs through the peft model too)."""
+    recipe = _short_recipe(tmp_path, lora={"r": 4, "alpha": 8})
+    one, two = tmp_path / "runs" / "tiny", tmp_path / "two" / "tiny"
+    assert main(["run", str(recipe)]) == 0  # ALIGNPIPE_THREADS unset: 1 thread, no probe
+    shutil.copytree(one / "pretrain", two / "pretrain")
+    monkeypatch.setenv(thread_choice.ENV, "auto")
+    monkeypatch.setattr(thread_choice, "usable_cores", lambda: 2)
+    monkeypatch.setattr(thread_choice, "busy_cores", lambda window_s=0.5: 0.0)
+    monkeypatch.setattr(thread_choice, "GAIN_NEEDED", 0.0)  # the probe always picks 2 threads
+    assert main(["run", str(recipe), "--set", f"runs_dir={tmp_path / 'two'}"]) == 0
+    for stage in ("sft", "reward"):
+        a, b = _manifest(one / stage)["metrics"], _manifest(two / stage)["metrics"]
+        assert a["torch_threads"] == 1 and a["torch_threads_why"] == "ALIGNPIPE_THREADS=1"
+        assert b["torch_threads"] == 2 and b["torch_threads_why"].startswith("auto: probe step"), b
+        rows_one, rows_two = _untimed(one / stage), _untimed(two / stage)
+        assert [r.keys() for r in rows_one] == [r.keys() for r in rows_two], stage
+        for r, q in zip(rows_one, rows_two):  # TRL's num_tokens, token accuracy, ... included
+            for key in r:  # the entropy diagnostic is a sum over the vocabulary: its order of adding moves its last bits
+                assert r[key] == (pytest.approx(q[key], rel=1e-6) if key == "entropy" else q[key]), (stage, key)
+        for key in set(a) - {"torch_threads", "torch_threads_why"}:
+            if not any(t in key for t in TIMING):
+                assert a[key] == b[key], (stage, key)
+        weights = [load_file(str(next((d / stage / "model").glob("*.safetensors")))) for d in (one, two)]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), stage
+    assert torch.get_num_threads() == 1

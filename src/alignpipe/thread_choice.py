@@ -7,8 +7,13 @@ using less than half a core (/proc/stat over half a second), and 2 threads faste
 own step (forward + backward on a real batch, gradients dropped, the model unchanged), timed in turn.
 During training a watchdog goes back to 1 thread for good if steps become several times slower than the
 probe measured (a neighbour arrived). Anything else (unset, `1`, one core, a busy machine, a probe that
-does not pay) is 1 thread. 20 training steps on 1 and on 2 threads gave bit-identical parameters on this
-machine (measured 2026-12-01); a whole stage was not compared. The manifest records what was chosen.
+does not pay) is 1 thread, and so is every stage process that `alignpipe run --parallel N` runs beside
+another (the parent says how many run at once in ALIGNPIPE_STAGES_AT_ONCE: two 2-thread processes on 2 cores
+are the ~170x case). 20 training steps on 1 and on 2 threads gave bit-identical parameters on this machine
+(measured 2026-12-01). The manifest records what was chosen (`manifest_fields`).
+
+`for_trainer` is the probe of a stage that trains with a transformers/TRL Trainer (`training.train`): the
+trainer's own loss on its first batch, with the trainer's logged figures and the random state put back.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import time
 
 ENV = "ALIGNPIPE_THREADS"
+AT_ONCE_ENV = "ALIGNPIPE_STAGES_AT_ONCE"  # set by the parent of stage processes that run at the same time
 GAIN_NEEDED = 1.15  # 2 threads must be at least this much faster than 1 on the probe
 SLOWDOWN_LIMIT = 3.0  # the watchdog's fallback: steps this many times slower than the probe's
 PROBE_ROUNDS = 3  # each round times one step at 1 thread, then one at 2
@@ -59,22 +65,31 @@ def _timed(step, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def reason_for_one(cores: int | None = None, busy: float | None = None) -> str | None:
+    """Why 2 threads cannot pay now, found without probing; None when only a probe can tell."""
+    at_once = int(os.environ.get(AT_ONCE_ENV, "1") or 1)
+    if at_once > 1:  # its siblings share the cores (and may not be busy yet when it looks)
+        return f"one of {at_once} stage processes running at the same time"
+    cores = usable_cores() if cores is None else cores
+    if cores < 2:
+        return f"{cores} usable core"
+    busy = busy_cores() if busy is None else busy
+    if busy > cores - 2 + 0.5:  # another process keeps a core busy: 2 threads would wait on it
+        return f"{busy:.2f} of {cores} cores busy with other processes"
+    return None
+
+
 def choose(step, cores: int | None = None, busy: float | None = None) -> dict:
     """{threads, why, probe_s_1, probe_s_2}: the threads to train with, set in torch. `step` runs one
     probe step; `cores` and `busy` default to this machine's (given in tests)."""
     import torch
 
     wanted = os.environ.get(ENV, "1")
-    cores = usable_cores() if cores is None else cores
-    busy = busy_cores() if busy is None else busy
     choice = {"threads": 1, "why": f"{ENV}={wanted}"}
-    if wanted != "auto":
-        pass
-    elif cores < 2:
-        choice["why"] = f"auto: {cores} usable core"
-    elif busy > cores - 2 + 0.5:  # another process keeps a core busy: 2 threads would wait on it
-        choice["why"] = f"auto: {busy:.2f} of {cores} cores busy with other processes"
-    else:
+    reason = reason_for_one(cores, busy) if wanted == "auto" else None
+    if reason is not None:
+        choice["why"] = f"auto: {reason}"
+    elif wanted == "auto":
         step()  # the first step warms allocators and kernels: not timed
         one, two = [], []
         for _ in range(PROBE_ROUNDS):
@@ -82,12 +97,64 @@ def choose(step, cores: int | None = None, busy: float | None = None) -> dict:
             two.append(_timed(step, 2))
         t1, t2 = statistics.median(one), statistics.median(two)
         choice.update(probe_s_1=round(t1, 4), probe_s_2=round(t2, 4))
+        timings = f"auto: probe step {t1 * 1e3:.0f} ms on 1 thread, {t2 * 1e3:.0f} ms on 2"
         if t1 / t2 >= GAIN_NEEDED:
-            choice.update(threads=2, why=f"auto: probe step {t1 * 1e3:.0f} ms on 1 thread, {t2 * 1e3:.0f} ms on 2")
+            choice.update(threads=2, why=timings)
         else:
-            choice["why"] = (f"auto: probe step {t1 * 1e3:.0f} ms on 1 thread, {t2 * 1e3:.0f} ms on 2 "
-                             f"(needs {GAIN_NEEDED}x)")
+            choice["why"] = f"{timings} (needs {GAIN_NEEDED}x)"
     torch.set_num_threads(choice["threads"])
+    return choice
+
+
+def manifest_fields(choice: dict) -> dict:
+    """What a stage's manifest records of its choice."""
+    return {"torch_threads": choice["threads"], "torch_threads_why": choice["why"]}
+
+
+def for_trainer(trainer) -> dict:
+    """`choose`, probed on the trainer's own step: its first `per_device_train_batch_size` training rows, collated
+    by its collator, forward + backward through its `compute_loss`, gradients dropped (no optimiser step, so the
+    model is unchanged). The trainer's running figures (TRL's per-step metrics and token count) and the random
+    state (torch, Python, numpy: the sampler and dropout draw from them) are put back, so the training that
+    follows logs and draws what it would have without the probe. Adds the watchdog when 2 threads are chosen."""
+    import copy
+    import random
+
+    import numpy as np
+    import torch
+
+    from alignpipe.distributed import world_size
+
+    model = trainer.model
+    if next(model.parameters()).device.type != "cpu":
+        return {"threads": torch.get_num_threads(), "why": "not CPU"}
+    if world_size() > 1:
+        torch.set_num_threads(1)
+        return {"threads": 1, "why": f"{world_size()} processes train this stage"}
+    dataset = trainer.train_dataset
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset: the columns the trainer's dataloader keeps
+        dataset = trainer._remove_unused_columns(dataset, description="training")
+    rows = [dataset[i] for i in range(min(trainer.args.per_device_train_batch_size, len(dataset)))]
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    figures = {k: copy.deepcopy(getattr(trainer, k)) for k in ("_metrics", "_total_train_tokens") if hasattr(trainer, k)}
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+    def step():
+        model.train()
+        trainer.compute_loss(model, dict(inputs)).backward()  # a copy: compute_loss may add keys (use_cache)
+        for p in model.parameters():
+            p.grad = None
+
+    try:
+        choice = choose(step)
+    finally:
+        for k, v in figures.items():
+            setattr(trainer, k, v)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+    if choice["threads"] > 1:
+        trainer.add_callback(watchdog(choice))
     return choice
 
 

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from alignpipe import thread_choice
+
 
 def attach_progress(trainer, ctx):
     """The stage's progress bars on the trainer, in place of its raw-dict console printer (progress.py)."""
@@ -35,9 +37,13 @@ def last_checkpoint(ctx) -> str | None:
     return str(done[-1])
 
 
-def train(trainer, ctx) -> None:
+def train(trainer, ctx, choose_threads: bool = False) -> dict:
     """`trainer.train()` with the stage's progress bar, resumed from the newest complete checkpoint (if any),
     TRL's token count included; Ctrl-C becomes StageInterrupted (the runner prints the resume hint).
+
+    With `choose_threads`, the torch threads are chosen by a probe on the trainer's own step
+    (thread_choice.for_trainer, ALIGNPIPE_THREADS) and the manifest fields of that choice are returned ({}
+    otherwise); training ends on 1 thread either way, so the evaluation after it runs on 1.
 
     TRL's SFT, DPO and reward trainers keep the running `num_tokens` they log outside transformers'
     checkpointed state, so a resumed run would log it from 0 again. The count is saved into each
@@ -59,10 +65,30 @@ def train(trainer, ctx) -> None:
         trainer.add_callback(_token_count_callback(trainer))
         if checkpoint is not None:
             trainer._total_train_tokens = saved[TOKEN_COUNT]["attributes"]["total_train_tokens"]
+    threads = None
+    if choose_threads:
+        threads = thread_choice.for_trainer(trainer)
+        _log(ctx, f"torch threads: {threads['threads']} ({threads['why']})")
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except KeyboardInterrupt as err:
         raise StageInterrupted(trainer.state.global_step) from err
+    finally:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(1)  # the evaluation after training, and later stages, start from 1 thread
+    if threads is None:
+        return {}
+    if threads.get("threads_fell_back_at_step") is not None:
+        _log(ctx, f"torch threads: {threads['why']}")
+    return thread_choice.manifest_fields(threads)
+
+
+def _log(ctx, msg: str) -> None:
+    import sys
+
+    print(f"[alignpipe] stage {ctx.name}: {msg}", file=sys.stderr, flush=True)
 
 
 def count_flos_once(trainer) -> None:

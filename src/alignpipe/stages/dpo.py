@@ -165,9 +165,9 @@ def run(ctx: StageContext) -> dict:
     from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer, reference, counts = build_trainer(ctx)
-    train(trainer, ctx)
+    threads = train(trainer, ctx, choose_threads=True)
     args = trainer.args
-    metrics = {**train_log_metrics(trainer), **counts, "loss_type": list(args.loss_type),
+    metrics = {**train_log_metrics(trainer), **counts, **threads, "loss_type": list(args.loss_type),
                "beta": args.beta, **implicit_reward_metrics(trainer)}
     write_log_history(trainer, ctx.dir / "train_log.jsonl")  # after the evaluations: their rows too
 

@@ -8,11 +8,9 @@ with that model's tokenizer. Metrics: held-out perplexity beside a unigram basel
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe import thread_choice
 from alignpipe.recipe import StageConfig
 from alignpipe.stages import StageKind
 from alignpipe.stage_helpers import pack, rows
@@ -89,15 +87,7 @@ def run(ctx: StageContext) -> dict:
                             lr_scheduler_type="cosine", warmup_steps=30, weight_decay=0.0, max_steps=600)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    threads = choose_threads(ctx, model, train_blocks[: args.per_device_train_batch_size])
-    if threads["threads"] > 1:
-        trainer.add_callback(thread_choice.watchdog(threads))
-    try:
-        train(trainer, ctx)
-    finally:
-        torch.set_num_threads(1)  # later stages (and their evaluation) start from one thread again
-    if threads.get("threads_fell_back_at_step") is not None:
-        ctx_log(ctx, f"torch threads: {threads['why']}")
+    threads = train(trainer, ctx, choose_threads=True)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     model = trainer.model
 
@@ -117,8 +107,7 @@ def run(ctx: StageContext) -> dict:
         "train_tokens": len(train_blocks) * ctx.config.block_size,
         "parameters": modeling.count_parameters(model),
         **train_log_metrics(trainer),
-        "torch_threads": threads["threads"],
-        "torch_threads_why": threads["why"],
+        **threads,
     }
     if ctx.config.eval.enabled and ("embedded" in ctx.config.data or ctx.config.eval.prompts):
         from alignpipe.stage_helpers import evaluate_policy
@@ -127,28 +116,6 @@ def run(ctx: StageContext) -> dict:
 
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     return metrics
-
-
-def choose_threads(ctx: StageContext, model, blocks: list[list[int]]) -> dict:
-    """Threads for this stage's training (thread_choice), probed on one real batch; the log says why."""
-    import torch
-
-    dev = next(model.parameters()).device
-    batch = torch.tensor(blocks, device=dev)
-
-    def step():
-        model.train()
-        model(input_ids=batch, labels=batch).loss.backward()
-        for p in model.parameters():
-            p.grad = None  # the probe leaves the model and its optimiser untouched
-
-    choice = thread_choice.choose(step) if dev.type == "cpu" else {"threads": torch.get_num_threads(), "why": "not CPU"}
-    ctx_log(ctx, f"torch threads: {choice['threads']} ({choice['why']})")
-    return choice
-
-
-def ctx_log(ctx: StageContext, msg: str) -> None:
-    print(f"[alignpipe] stage {ctx.name}: {msg}", file=sys.stderr, flush=True)
 
 
 DECLARES = (StageKind("pretrain", Config, run, trainer_config_class, family="text", embedded="corpus", chat=False,

@@ -136,9 +136,9 @@ def run(ctx: StageContext) -> dict:
 
     trainer, evals, report, batches = build_trainer(ctx)
     tokenizer = trainer.processing_class
-    train(trainer, ctx)
+    threads = train(trainer, ctx, choose_threads=True)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
-    metrics = {**train_log_metrics(trainer), "parameters": modeling.count_parameters(trainer.model),
+    metrics = {**train_log_metrics(trainer), **threads, "parameters": modeling.count_parameters(trainer.model),
                "pairs_train": report["train"]["kept"], "pairs_truncated": report["train"]["truncated"],
                "pairs_heldout": report["eval"]["kept"], "pairs_dropped": sum(report["train"]["dropped"].values()),
                "pairs_dropped_by_reason": report["train"]["dropped"], **batches.manifest()}

@@ -139,10 +139,11 @@ def run(ctx: StageContext) -> dict:
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"),
                                        data_collator=collator)
-    train(trainer, ctx)
+    threads = train(trainer, ctx, choose_threads=True)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
 
-    metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"], **batches.manifest()}
+    metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"], **batches.manifest(),
+               **threads}
     # save first (LoRA: the adapter), then evaluate the model that was saved
     save_stage_model(trainer, tokenizer, ctx.model_dir)
     model = trainer.model
