@@ -70,7 +70,7 @@ class Settings:
     matmul_sizes: tuple = (512, 1024, 2048)
     lf_venv: str | None = None  # LLaMA-Factory's venv (None: $LLAMAFACTORY_VENV or .venv-llamafactory)
     timeout_s: int = 600  # per contestant process
-    versus_repeats: int = 5  # interleaved timed runs of ours and LLaMA-Factory's on the same work (paired ratios)
+    versus_repeats: int = 8  # interleaved timed runs of ours and LLaMA-Factory's on the same work (paired ratios)
     versus_turn_steps: int = 5  # inside those runs the training loops take turns every this many steps
     budget_s: int = 2400  # contestants still waiting when this much time has passed are skipped
 

@@ -220,10 +220,11 @@ def test_versus_has_one_key_per_stage_with_paired_spread():
     assert set(versus) == {"sft_full", "dpo_full"}
     sft = versus["sft_full"]
     assert sft["paired"] == pytest.approx([1.25, 1.2, 1.1]) and sft["rounds"] == 3
-    assert sft["ratio"] == pytest.approx(1.2)  # interleaved: the median of the rounds' paired ratios
+    # interleaved: all rounds' steps over all loop seconds, ours over theirs; each round's ratio beside it
+    assert sft["ratio"] == pytest.approx((30 / (10 / 10 + 10 / 12 + 10 / 11)) / (30 / (10 / 8 + 10 / 10 + 10 / 10)))
+    assert sft["paired_median"] == pytest.approx(1.2)
     assert sft["ratio_of_medians"] == pytest.approx(11.0 / 10.0)
-    assert sft["pooled"] == pytest.approx((30 / (10 / 10 + 10 / 12 + 10 / 11)) / (30 / (10 / 8 + 10 / 10 + 10 / 10)))
-    assert versus["dpo_full"]["ratio"] == pytest.approx(6.0 / 5.0) and versus["dpo_full"]["pooled"] is None
+    assert versus["dpo_full"]["ratio"] == pytest.approx(6.0 / 5.0) and versus["dpo_full"]["paired_median"] is None
     assert (sft["paired_min"], sft["paired_max"]) == (pytest.approx(1.1), pytest.approx(1.25))
     assert sft["ours"]["real_tokens_per_step"] == 200 and sft["theirs"]["peak_rss_mb"] == 500.0
     assert sft["ratio_per_cpu_s"] == pytest.approx(1.2)  # same CPU share: the median of the paired ratios
