@@ -72,7 +72,7 @@ class Settings:
     timeout_s: int = 600  # per contestant process
     versus_repeats: int = 8  # interleaved timed runs of ours and LLaMA-Factory's on the same work (paired ratios)
     versus_turn_steps: int = 5  # inside those runs the training loops take turns every this many steps
-    budget_s: int = 3600  # contestants still waiting when this much time has passed are skipped (the 8 versus rounds alone take ~31 min idle)
+    budget_s: int = 3600  # contestants still waiting after this are skipped (8 versus rounds alone: ~31 min idle)
 
     @classmethod
     def quick(cls) -> "Settings":
