@@ -53,13 +53,13 @@ class Turns:
     So two contestants' steps alternate every few steps, and a change in the machine's speed that lasts
     longer than a turn falls on both alike."""
 
-    def __init__(self, steps: int, reply, commands=sys.stdin) -> None:
-        self.steps, self.reply, self.commands = steps, reply, commands
+    def __init__(self, steps: int, reply) -> None:
+        self.steps, self.reply = steps, reply
 
     def hand_over(self, what: str) -> None:
         self.reply.write(what + "\n")
         self.reply.flush()
-        if not self.commands.readline().strip():
+        if not sys.stdin.readline().strip():
             raise SystemExit("the bench parent ended the run in the middle of a turn")
 
 
@@ -285,11 +285,12 @@ def repeat(run_once, spec: dict, probe: Probe | None = None) -> list[dict]:
         return runs + [timed(i) for i in range(1, 1 + spec["repeats"])]
     with os.fdopen(spec["reply_fd"], "w", buffering=1) as reply:
         reply.write("ready\n")
+        turns = Turns(spec["turn_steps"], reply) if probe is not None and spec.get("turn_steps") else None
         for line in sys.stdin:
             if not line.strip():
                 break
-            if probe is not None and spec.get("turn_steps"):
-                probe.turns = Turns(spec["turn_steps"], reply)
+            if turns is not None:
+                probe.turns = turns  # after the warm-up: only timed runs take turns
             runs.append(timed(len(runs)))
             reply.write(json.dumps(runs[-1], default=str) + "\n")
     return runs
