@@ -153,10 +153,14 @@ def _read_reply(reply, timeout: float) -> str:
     return reply.readline() if ready else ""
 
 
-def run_interleaved(group: list[Contestant], settings: Settings, recipes: dict, work: Path,
+def run_interleaved(groups: list[list[Contestant]], settings: Settings, recipes: dict, work: Path,
                     kinds: set[str]) -> dict[str, dict]:
-    """Contestants on the same work, interleaved, on one CPU: each worker starts and warms up (one after
-    another); then in round r each sets up its r-th timed run in turn, their training loops take turns of
+    """Groups of contestants on the same work, interleaved, on one CPU: every worker of every group starts and
+    warms up (one after another) and stays alive. Then the rounds go round the groups: round 1 of each group,
+    round 2 of each, and so on, so one group's rounds are spread over the whole bench, and a slow spell of
+    some minutes falls on a round or two of every group, not on all the rounds of one.
+
+    In a group's round r each worker sets up its r-th timed run in turn, their training loops take turns of
     `versus_turn_steps` steps (ours, theirs, ours, theirs, ...; the others wait idle), and each finishes its
     run in turn. A change in the machine's speed that lasts longer than a turn (a second or so) falls on both
     sides alike, so each round gives a paired ratio. Our workers' runs overlap in time (one waits mid-run for
@@ -166,16 +170,16 @@ def run_interleaved(group: list[Contestant], settings: Settings, recipes: dict, 
 
     with contextlib.ExitStack() as locks:
         for root in {Path(recipes[c.recipe]["runs_dir"]) / recipes[c.recipe]["name"]
-                     for c in group if c.kind == "stage"}:
+                     for g in groups for c in g if c.kind == "stage"}:
             locks.enter_context(RunLock(root))
-        return _interleave(group, settings, recipes, work, kinds, {LOCK_PARENT_ENV: str(os.getpid())})
+        return _interleave(groups, settings, recipes, work, kinds, {LOCK_PARENT_ENV: str(os.getpid())})
 
 
-def _interleave(group: list[Contestant], settings: Settings, recipes: dict, work: Path, kinds: set[str],
+def _interleave(groups: list[list[Contestant]], settings: Settings, recipes: dict, work: Path, kinds: set[str],
                 extra_env: dict) -> dict[str, dict]:
     results, live = {}, {}
     cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    for c in group:
+    for c in (c for g in groups for c in g):
         base, cmd, spec = setup_contestant(c, settings, recipes, work, kinds)
         if cmd is None:
             results[c.name] = base
@@ -212,20 +216,23 @@ def _interleave(group: list[Contestant], settings: Settings, recipes: dict, work
 
     for r in range(settings.versus_repeats):
         what = f"timed run {r + 1}"
-        in_loop = [n for n in list(live) if turn(n, {"loop"}, what)]  # each sets up its run, then waits
-        while in_loop:
-            in_loop = [n for n in in_loop if n in live and turn(n, {"turn", "done"}, what) == "turn"]
-        for name in list(live):
-            turn(name, {"row"}, what)  # each finishes its run (evaluation, saving) in turn
-        log(f"  round {r + 1}/{settings.versus_repeats} of {', '.join(c.name for c in group)} "
-            f"(load {os.getloadavg()[0]:.2f})")
+        for group in groups:
+            names = [c.name for c in group if c.name in live]
+            in_loop = [n for n in names if turn(n, {"loop"}, what)]  # each sets up its run, then waits
+            while in_loop:
+                in_loop = [n for n in in_loop if n in live and turn(n, {"turn", "done"}, what) == "turn"]
+            for name in (n for n in names if n in live):
+                turn(name, {"row"}, what)  # each finishes its run (evaluation, saving) in turn
+            log(f"  round {r + 1}/{settings.versus_repeats} of {', '.join(c.name for c in group)} "
+                f"(load {os.getloadavg()[0]:.2f})")
+    group_of = {c.name: g for g in groups for c in g}
     for name, w in live.items():
         w["proc"].stdin.close()  # the end of the runs: the worker writes its result file and exits
         rc = w["proc"].wait(timeout=settings.timeout_s)
         w["reply"].close()
         w["log"].close()
         results[name] = {**collect(w["c"], w["base"], w["spec"], work, rc, time.perf_counter() - w["t"]),
-                         "interleaved_with": [c.name for c in group if c.name != name]}
+                         "interleaved_with": [c.name for c in group_of[name] if c.name != name]}
     return results
 
 
@@ -556,9 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare({k: v for k, v in recipes.items() if k in needed}, work, settings.timeout_s)
 
     results: dict[str, dict] = {}
-    group_of = {c.name: g for g in versus_groups(contestants, settings) for c in g}
+    groups = versus_groups(contestants, settings)
+    grouped = {c.name for g in groups for c in g}
     for c in contestants:
-        if c.name in results:  # ran in its group
+        if c.name in results:  # ran with the groups
             continue
         t = time.perf_counter()
         if time.time() - started > settings.budget_s:
@@ -566,8 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                                "error": f"time budget of {settings.budget_s}s spent (busy machine?)"}
             log(f"{c.name}: skipped, over the time budget")
             continue
-        group = group_of.get(c.name)
-        ran = run_interleaved(group, settings, recipes, work, kinds) if group else \
+        ran = run_interleaved(groups, settings, recipes, work, kinds) if c.name in grouped else \
             {c.name: run_contestant(c, settings, recipes, work, kinds)}
         results.update(ran)
         log(f"{', '.join(ran)}: {', '.join(r['status'] for r in ran.values())} in {time.perf_counter() - t:.1f}s "

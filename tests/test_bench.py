@@ -175,19 +175,22 @@ def test_same_work_ratios():
 
 
 def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
-    """Two workers kept alive side by side on one CPU: warm-ups first, then in each round their training loops
-    take turns every `versus_turn_steps` steps (a, b, a, b, ...), and the waiting is not counted as loop time."""
+    """Workers kept alive side by side on one CPU: warm-ups first, then the rounds go round the groups (round 1
+    of each group, then round 2 of each), and in a group's round its training loops take turns every
+    `versus_turn_steps` steps (a, b, a, b, ...), the waiting not counted as loop time."""
     import yaml
 
     work = bench_dir / "work"
     recipes = {"peer": yaml.safe_load((work / "peer.yaml").read_text())}
     plan = {c.name: c for c in contestants.plan(QUICK)}
-    group = [plan["sft_full"], plan["sft_lora"]]
-    results = bench.run_interleaved(group, QUICK, recipes, work, contestants.available_kinds())
-    assert [r["status"] for r in results.values()] == ["ok", "ok"], results
+    groups = [[plan["sft_full"], plan["sft_lora"]], [plan["reward_lora"]]]
+    results = bench.run_interleaved(groups, QUICK, recipes, work, contestants.available_kinds())
+    assert [r["status"] for r in results.values()] == ["ok", "ok", "ok"], results
     assert results["sft_full"]["interleaved_with"] == ["sft_lora"]
+    assert results["reward_lora"]["interleaved_with"] == []
     starts = sorted((run["started_at"], name) for name, r in results.items() for run in r["runs"])
-    assert [name for _, name in starts] == ["sft_full", "sft_lora"] * QUICK.versus_repeats
+    assert [name for _, name in starts] == ["sft_full", "sft_lora", "reward_lora"] * QUICK.versus_repeats
+    results.pop("reward_lora")
     steps, k = QUICK.peer_steps["sft"], QUICK.versus_turn_steps
     assert steps > k  # so there are turns to take
     for name, r in results.items():
