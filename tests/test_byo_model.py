@@ -205,3 +205,22 @@ def test_a_missing_absolute_data_path_is_not_blamed_on_relative_resolution(qwen_
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "nope.jsonl" in err and "no such file or folder" in err and "relative paths" not in err, err
+
+
+def test_continued_pretraining_trains_on_end_of_document_where_the_model_pads_with_eos(tmp_path):
+    """A base model without a pad token is given EOS as one (as most are); the packed pretraining blocks must
+    still be trained to predict EOS where each document ends, not have it masked as padding."""
+    from alignpipe import modeling
+    from alignpipe.stages.pretrain import block_collator
+    from alignpipe.stage_helpers import pack
+
+    folder = tmp_path / "tok"
+    tok = modeling.train_tokenizer(["one two three", "four five"], 300, [], "", None)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    tok = modeling.load_tokenizer(folder)
+    assert tok.pad_token_id == tok.eos_token_id  # the fallback most base models get
+    docs = [d + [tok.eos_token_id] for d in tok(["one two three", "four five"] * 4)["input_ids"]]
+    batch = block_collator([{"input_ids": b} for b in pack(docs, 8)])
+    assert (batch["input_ids"] == tok.eos_token_id).any()
+    assert torch.equal(batch["labels"], batch["input_ids"]) and bool(batch["attention_mask"].all())

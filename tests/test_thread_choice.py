@@ -67,6 +67,58 @@ def test_the_watchdog_goes_back_to_one_thread_when_steps_slow_down():
         torch.set_num_threads(1)
 
 
+class _Machine:
+    """A fake clock and CPU counters: this process keeps one core busy, the others `others` cores."""
+
+    def __init__(self) -> None:
+        self.t = self.machine = self.own = 0.0
+        self.state = type("State", (), {"global_step": 0})()
+
+    def drive(self, callback, windows: list[tuple[float, float]], steps: int) -> None:
+        """Windows of `steps` steps, each (seconds per step, cores busy with other processes)."""
+        if self.state.global_step == 0:
+            callback.on_step_end(None, self.state, None)  # the first step end starts the first window
+        for per_step, others in windows:
+            for _ in range(steps):
+                self.t, self.own, self.machine = self.t + per_step, self.own + per_step, self.machine + per_step * (1 + others)
+                self.state.global_step += 1
+                callback.on_step_end(None, self.state, None)
+
+
+@pytest.mark.parametrize("gain", [1.6, 1.05])
+def test_a_stage_beside_busy_siblings_raises_to_two_threads_once_they_end_if_that_pays(gain):
+    """dpo starts on 1 thread beside ppo; once the other processes leave the second core idle, 2 threads are timed
+    on the next steps and kept only when they are GAIN_NEEDED times faster."""
+    choice = {"threads": 1, "why": "auto: one of 2 stage processes running at the same time"}
+    m = _Machine()
+    raiser = thread_choice.raise_when_alone(choice, cores=2, steps_per_check=4, clock=lambda: m.t,
+                                            cpu_seconds=lambda: (m.machine, m.own))
+    try:
+        m.drive(raiser, [(1.0, 1.0), (1.0, 0.9)], 4)  # the sibling still runs: stays on 1
+        assert torch.get_num_threads() == 1 and choice["threads"] == 1
+        m.drive(raiser, [(1.0, 0.05)], 4)  # the sibling ended: 2 threads on trial
+        assert torch.get_num_threads() == 2
+        m.drive(raiser, [(1.0 / gain, 0.0), (0.5, 0.0)], 4)
+        if gain >= thread_choice.GAIN_NEEDED:
+            assert torch.get_num_threads() == 2 and choice["threads"] == 2
+            assert choice["threads_raised_at_step"] == 12 and choice["why"].endswith("so 2")
+            assert choice["probe_s_2"] == pytest.approx(1.0 / gain)  # the watchdog's yardstick from then on
+        else:
+            assert torch.get_num_threads() == 1 and choice["threads"] == 1 and choice["why"].endswith("so 1")
+        assert "at step 12 other processes used 0.05 cores: 1000 ms/step on 1 thread, then" in choice["why"]
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_only_a_stage_held_to_one_thread_by_busy_cores_waits_for_them(monkeypatch):
+    monkeypatch.setattr(thread_choice, "usable_cores", lambda: 2)
+    monkeypatch.setenv(thread_choice.ENV, "auto")
+    assert thread_choice.waits_for_idle({"threads": 1, "why": "auto: 1.50 of 2 cores busy with other processes"})
+    assert not thread_choice.waits_for_idle({"threads": 1, "why": "auto: probe", "probe_s_1": 0.1})  # measured
+    monkeypatch.setenv(thread_choice.ENV, "1")
+    assert not thread_choice.waits_for_idle({"threads": 1, "why": "ALIGNPIPE_THREADS=1"})  # asked for 1
+
+
 def _short_recipe(tmp_path, **reward):
     """pretrain (a few steps: only the later stages are looked at), sft and reward."""
     data = tiny_recipe(tmp_path / "runs", extra_stages={"reward": {**REWARD, **reward}})

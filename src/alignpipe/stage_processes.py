@@ -5,7 +5,8 @@ that its parent holds it, and RunLock lets a child in only while that very proce
 checks its upstream stages' fingerprints itself (they are complete, so they are skipped) and writes only
 its own stage folder. Every stage seeds itself at its start, so its figures are those of a sequential run.
 Each child is also told how many stage processes run at once (ALIGNPIPE_STAGES_AT_ONCE), so none of them
-picks 2 torch threads beside a sibling (thread_choice); a stage the run starts alone may still probe.
+picks 2 torch threads beside a sibling (thread_choice); a stage the run starts alone may still probe, and a
+trainer stage whose siblings have ended may raise to 2 (thread_choice.raise_when_alone).
 """
 
 from __future__ import annotations

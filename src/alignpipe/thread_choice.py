@@ -9,8 +9,10 @@ During training a watchdog goes back to 1 thread for good if steps become severa
 probe measured (a neighbour arrived). Anything else (unset, `1`, one core, a busy machine, a probe that
 does not pay) is 1 thread, and so is every stage process that `alignpipe run --parallel N` runs beside
 another (the parent says how many run at once in ALIGNPIPE_STAGES_AT_ONCE: two 2-thread processes on 2 cores
-are the ~170x case). 20 training steps on 1 and on 2 threads gave bit-identical parameters on this machine
-(measured 2026-12-01). The manifest records what was chosen (`manifest_fields`).
+are the ~170x case). A trainer stage held to 1 thread that way looks again while it trains: once the other
+processes leave a core idle (dpo's sibling ppo has ended), it times a few steps on 2 threads and keeps them
+if they pay (`raise_when_alone`). 20 training steps on 1 and on 2 threads gave bit-identical parameters on
+this machine (measured 2026-12-01). The manifest records what was chosen (`manifest_fields`).
 
 `for_trainer` is the probe of a stage that trains with a transformers/TRL Trainer (`training.train`): the
 trainer's own loss on its first batch, with the trainer's logged figures and the random state put back.
@@ -153,9 +155,71 @@ def for_trainer(trainer) -> dict:
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
         np.random.set_state(rng[2])
-    if choice["threads"] > 1:
+    if choice["threads"] > 1 or waits_for_idle(choice):
         trainer.add_callback(watchdog(choice))
+    if waits_for_idle(choice):
+        trainer.add_callback(raise_when_alone(choice, usable_cores()))
     return choice
+
+
+def waits_for_idle(choice: dict) -> bool:
+    """Whether a stage on 1 thread may raise to 2 later: `auto` was asked and the cores are there, but other
+    processes (its siblings in a parallel run, or a neighbour) kept them busy when it started, so it did not
+    probe."""
+    return (os.environ.get(ENV) == "auto" and choice["threads"] == 1 and "probe_s_1" not in choice
+            and usable_cores() >= 2)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process): two readings of these give
+    the CPU the other processes used in between."""
+    busy, _ = _cpu_jiffies()
+    return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def raise_when_alone(choice: dict, cores: int, steps_per_check: int = 20, clock=time.perf_counter,
+                     cpu_seconds=_cpu_seconds):
+    """A TrainerCallback for a stage that started on 1 thread beside busy processes (in `make pipeline`: dpo
+    beside ppo). Every `steps_per_check` steps it reads how much CPU the other processes used meanwhile; once
+    they leave a core idle (under half a core busy on 2), it times as many steps on 2 threads and keeps them
+    when they are GAIN_NEEDED times faster than the last steps on 1 (the watchdog then guards them), else it
+    goes back to 1 for good. `clock` and `cpu_seconds` are the machine's (given in tests)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class RaiseWhenAlone(TrainerCallback):
+        def __init__(self) -> None:
+            self.mark = None  # (clock, machine CPU s, own CPU s, step) at the start of the current window
+            self.phase, self.per_step_1 = "one", None  # "one" -> "trial" -> "done"
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.phase == "done":
+                return
+            now = (clock(), *cpu_seconds(), state.global_step)
+            if self.mark is None:
+                self.mark = now
+                return
+            wall, n = now[0] - self.mark[0], now[3] - self.mark[3]
+            if n < steps_per_check:
+                return
+            others = ((now[1] - self.mark[1]) - (now[2] - self.mark[2])) / max(wall, 1e-9)
+            per_step, self.mark = wall / n, now
+            if self.phase == "one" and others <= cores - 2 + 0.5:
+                self.per_step_1, self.others, self.phase = per_step, others, "trial"
+                torch.set_num_threads(2)
+            elif self.phase == "trial":
+                self.phase = "done"
+                gain = self.per_step_1 / per_step
+                tried = (f"; at step {state.global_step - n} other processes used {self.others:.2f} cores: "
+                         f"{self.per_step_1 * 1e3:.0f} ms/step on 1 thread, then {per_step * 1e3:.0f} on 2")
+                if gain >= GAIN_NEEDED:
+                    choice.update(threads=2, probe_s_2=per_step, threads_raised_at_step=state.global_step - n,
+                                  why=choice["why"] + tried + ", so 2")
+                else:
+                    torch.set_num_threads(1)
+                    choice["why"] += tried + f" (needs {GAIN_NEEDED}x), so 1"
+
+    return RaiseWhenAlone()
 
 
 def watchdog(choice: dict, steps_per_check: int = 20):
@@ -170,7 +234,7 @@ def watchdog(choice: dict, steps_per_check: int = 20):
         def on_step_end(self, args, state, control, **kwargs):
             import torch
 
-            if torch.get_num_threads() == 1:
+            if torch.get_num_threads() == 1 or "probe_s_2" not in choice:  # not (yet) on 2 threads for good
                 return
             now = time.perf_counter()
             if self.t0 is None:

@@ -80,7 +80,7 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
             torch.set_num_threads(1)  # the evaluation after training, and later stages, start from 1 thread
     if threads is None:
         return {}
-    if threads.get("threads_fell_back_at_step") is not None:
+    if threads.get("threads_fell_back_at_step") is not None or threads.get("threads_raised_at_step") is not None:
         _log(ctx, f"torch threads: {threads['why']}")
     return thread_choice.manifest_fields(threads)
 

@@ -42,6 +42,16 @@ def unigram_perplexity(train_blocks: list[list[int]], eval_blocks: list[list[int
     return math.exp(sum(nll) / len(nll))
 
 
+def block_collator(rows: list[dict]) -> dict:
+    """A batch of packed blocks, all full length: every token is a label, EOS included. (transformers'
+    language-modelling collator masks the pad token's id, and many base models pad with EOS: continued
+    pretraining would never learn where a document ends.)"""
+    import torch
+
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
 def load_texts(ctx: StageContext) -> tuple[list[str], list[str]]:
     """(train, held-out) plain-text documents: the embedded world, or a user file split by the recipe's seeded
     held-out hash (never the first rows of a possibly sorted file)."""
@@ -54,7 +64,7 @@ def load_texts(ctx: StageContext) -> tuple[list[str], list[str]]:
 def run(ctx: StageContext) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer
+    from transformers import Trainer
 
     from alignpipe import modeling
     from alignpipe.templates import template_special_tokens
@@ -86,7 +96,7 @@ def run(ctx: StageContext) -> dict:
     args = ctx.trainer_args(trainer_config_class(), per_device_train_batch_size=32, learning_rate=3e-3,
                             lr_scheduler_type="cosine", warmup_steps=30, weight_decay=0.0, max_steps=600)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+                      data_collator=block_collator)
     threads = train(trainer, ctx, choose_threads=True)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     model = trainer.model
