@@ -155,9 +155,10 @@ def for_trainer(trainer) -> dict:
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
         np.random.set_state(rng[2])
-    if choice["threads"] > 1 or waits_for_idle(choice):
+    waits = waits_for_idle(choice)
+    if choice["threads"] > 1 or waits:
         trainer.add_callback(watchdog(choice))
-    if waits_for_idle(choice):
+    if waits:
         trainer.add_callback(raise_when_alone(choice, usable_cores()))
     return choice
 
