@@ -8,6 +8,8 @@ from transformers import Trainer, TrainerCallback
 
 KILL_AT = int(os.environ.get("KILL_AT_STEP", "0"))
 SIGNAL = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))  # SIGINT: what Ctrl-C sends
+if SIGNAL == signal.SIGINT:  # as in a terminal: a shell's background job would start with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class KillAt(TrainerCallback):
