@@ -191,7 +191,7 @@ def raise_when_alone(choice: dict, cores: int, steps_per_check: int = 20, clock=
     class RaiseWhenAlone(TrainerCallback):
         def __init__(self) -> None:
             self.mark = None  # (clock, machine CPU s, own CPU s, step) at the start of the current window
-            self.phase, self.per_step_1 = "one", None  # "one" -> "trial" -> "done"
+            self.phase, self.per_step_1, self.others = "one", None, None  # "one" -> "trial" -> "done"
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.phase == "done":
