@@ -182,3 +182,38 @@ def test_variants_recipe_shares_the_default_runs():
     for stage in ("pretrain", "sft"):
         assert to_plain(variants.stages[stage]) == to_plain(default.stages[stage]), stage
     assert all(cfg.kind == "dpo" for name, cfg in variants.stages.items() if name not in ("pretrain", "sft"))
+
+
+def test_on_a_cpu_trls_fused_head_runs_in_narrow_tiles_and_scores_as_the_plain_head(tmp_path):
+    """TRL's fused LM head allocates a [tokens, tile] buffer per call (32,768 columns by default), which on a CPU
+    cost more than the projection; a CPU stage's trainer config narrows it. Checked with a vocabulary wider than a
+    tile (several tiles, summed online): the per-token log-probs are the plain head's."""
+    import trl.trainer.utils as trl_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig
+
+    from alignpipe.training import CPU_HEAD_TILE_COLUMNS
+
+    ctx = make_context(load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs"))), "sft")
+    default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    try:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = 32768
+        ctx.trainer_args(DPOConfig)
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_HEAD_TILE_COLUMNS
+
+        torch.manual_seed(0)
+        vocab = 2 * CPU_HEAD_TILE_COLUMNS + 123
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+                                             num_attention_heads=2, vocab_size=vocab)).eval()
+        ids = torch.randint(0, vocab, (2, 9))
+        labels = ids.clone()
+        labels[0, :3] = -100
+        with torch.no_grad():
+            plain = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+            want = plain.gather(-1, ids[:, 1:, None])[..., 0]
+            trl_utils.add_fused_lm_head(model)
+            got = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        mask = labels[:, 1:] != -100
+        torch.testing.assert_close(got[:, -mask.shape[1]:][mask], want[mask], atol=1e-5, rtol=1e-5)
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
