@@ -72,6 +72,9 @@ class Settings:
     timeout_s: int = 600  # per contestant process
     versus_repeats: int = 8  # interleaved timed runs of ours and LLaMA-Factory's on the same work (paired ratios)
     versus_turn_steps: int = 5  # inside those runs the training loops take turns every this many steps
+    # the rounds are shared out over this many fresh pairs of worker processes: the ratio moves with the process
+    # pair (sd 2.4% over 6 fresh sft_lora pairs with huge pages), so a run pools several pairs' draws
+    versus_process_pairs: int = 4
     budget_s: int = 3600  # contestants still waiting after this are skipped (8 versus rounds alone: ~31 min idle)
 
     @classmethod
@@ -81,8 +84,8 @@ class Settings:
                 "vocab_size": 300, "max_position_embeddings": 128}
         return replace(cls(), repeats=1, compute_model=dict(tiny), compute_batch=4, compute_steps=3,
                        peer_model=dict(tiny), peer_steps={"sft": 4, "reward": 4, "dpo": 4},
-                       versus_repeats=2, versus_turn_steps=2, ppo_updates=2, ppo_new_tokens=6, peer_warmup_steps=2,
-                       ppo_warmup_updates=1,
+                       versus_repeats=2, versus_turn_steps=2, versus_process_pairs=2, ppo_updates=2, ppo_new_tokens=6,
+                       peer_warmup_steps=2, ppo_warmup_updates=1,
                        prep_steps={"compute_pretrain": 2, "pretrain": 10, "sft": 4, "reward": 4},
                        world={"n_corpus_docs": 300, "n_corpus_eval_docs": 20, "n_sft": 100, "n_pairs": 60,
                               "n_eval_pairs": 8, "n_eval_prompts": 8, "n_rl_prompts": 32},

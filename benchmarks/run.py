@@ -180,18 +180,39 @@ def run_interleaved(groups: list[list[Contestant]], settings: Settings, recipes:
     run in turn. A change in the machine's speed that lasts longer than a turn (a second or so) falls on both
     sides alike, so each round gives a paired ratio. Our workers' runs overlap in time (one waits mid-run for
     its turn) in one run folder: this process holds the folder's lock for them, as `alignpipe run --parallel`
-    does for its stage processes (their stages are distinct)."""
+    does for its stage processes (their stages are distinct).
+
+    The rounds are shared out over `versus_process_pairs` sets of fresh worker processes, one set after the
+    other: the rounds of one process pair agree within ~2%, but the ratio moves with the pair itself (what sets
+    it lives as long as the processes), so one pair per run is one draw, and a run pools several."""
     from alignpipe.lock import LOCK_PARENT_ENV, RunLock
 
+    pairs = max(1, min(settings.versus_process_pairs, settings.versus_repeats))
+    rounds = [settings.versus_repeats // pairs + (i < settings.versus_repeats % pairs) for i in range(pairs)]
     with contextlib.ExitStack() as locks:
         for root in {Path(recipes[c.recipe]["runs_dir"]) / recipes[c.recipe]["name"]
                      for g in groups for c in g if c.kind == "stage"}:
             locks.enter_context(RunLock(root))
-        return _interleave(groups, settings, recipes, work, kinds, {LOCK_PARENT_ENV: str(os.getpid())})
+        env = {LOCK_PARENT_ENV: str(os.getpid())}
+        parts = [_interleave(groups, settings, recipes, work, kinds, env, pair, n) for pair, n in enumerate(rounds)]
+    return {name: merge_pairs([part[name] for part in parts]) for name in parts[0]}
+
+
+def merge_pairs(parts: list[dict]) -> dict:
+    """One contestant's result over its process pairs: every timed run (each says its `pair`), their medians,
+    the first process's warm-up (`warmups`: each one's), the highest peak RSS. A pair that failed fails it."""
+    failed = [p for p in parts if p.get("status") != "ok"]
+    if failed:
+        return failed[0]
+    runs = [{**run, "pair": i} for i, part in enumerate(parts) for run in part["runs"]]
+    return {**parts[0], "runs": runs, "median": medians(runs), "process_pairs": len(parts),
+            "warmups": [part["warmup"] for part in parts], "wall_s": sum(part["wall_s"] for part in parts),
+            "peak_rss_mb": max(part["peak_rss_mb"] for part in parts)}
 
 
 def _interleave(groups: list[list[Contestant]], settings: Settings, recipes: dict, work: Path, kinds: set[str],
-                extra_env: dict) -> dict[str, dict]:
+                extra_env: dict, pair: int, rounds: int) -> dict[str, dict]:
+    """One set of worker processes, started, warmed up, and taking `rounds` interleaved rounds."""
     results, live = {}, {}
     cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     for c in (c for g in groups for c in g):
@@ -200,10 +221,10 @@ def _interleave(groups: list[list[Contestant]], settings: Settings, recipes: dic
             results[c.name] = base
             continue
         read_fd, write_fd = os.pipe()
-        spec = {**spec, "repeats": settings.versus_repeats, "reply_fd": write_fd,
+        spec = {**spec, "repeats": rounds, "reply_fd": write_fd,
                 "turn_steps": settings.versus_turn_steps, "cpu": cpu}
         env = {**child_env(c.threads), **extra_env, "BENCH_T0": repr(time.time())}
-        log_fh = open(work / f"{c.name}.log", "w")
+        log_fh = open(work / f"{c.name}.log", "a" if pair else "w")
         proc = subprocess.Popen([*cmd, str(write_spec(c, spec, work))], env=env, stdin=subprocess.PIPE, text=True,
                                 stdout=log_fh, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
         os.close(write_fd)
@@ -229,8 +250,8 @@ def _interleave(groups: list[list[Contestant]], settings: Settings, recipes: dic
         live.pop(name)
         return None
 
-    for r in range(settings.versus_repeats):
-        what = f"timed run {r + 1}"
+    for r in range(rounds):
+        what = f"timed run {r + 1} of process pair {pair + 1}"
         for group in groups:
             names = [c.name for c in group if c.name in live]
             in_loop = [n for n in names if turn(n, {"loop"}, what)]  # each sets up its run, then waits
@@ -238,7 +259,7 @@ def _interleave(groups: list[list[Contestant]], settings: Settings, recipes: dic
                 in_loop = [n for n in in_loop if n in live and turn(n, {"turn", "done"}, what) == "turn"]
             for name in (n for n in names if n in live):
                 turn(name, {"row"}, what)  # each finishes its run (evaluation, saving) in turn
-            log(f"  round {r + 1}/{settings.versus_repeats} of {', '.join(c.name for c in group)} "
+            log(f"  pair {pair + 1}, round {r + 1}/{rounds} of {', '.join(c.name for c in group)} "
                 f"(load {os.getloadavg()[0]:.2f})")
     group_of = {c.name: g for g in groups for c in g}
     for name, w in live.items():
@@ -373,6 +394,12 @@ def versus(results: dict[str, dict]) -> dict:
                 "runs_steps_per_cpu_s": [x["steps_per_s"] / x["cpu_share"] if x.get("steps_per_s") and x.get("cpu_share")
                                          else None for x in r.get("runs", [])]}
 
+    def pooled_by_pair(r: dict) -> dict[int, float]:
+        """All steps over all loop seconds of each process pair's rounds."""
+        runs = [x for x in r.get("runs", []) if x.get("loop_s")]
+        return {p: sum(x["steps"] for x in runs if x.get("pair", 0) == p) /
+                sum(x["loop_s"] for x in runs if x.get("pair", 0) == p) for p in {x.get("pair", 0) for x in runs}}
+
     out = {}
     for lf, theirs in results.items():
         if theirs.get("kind") != "llamafactory" or theirs.get("status") != "ok":
@@ -390,7 +417,12 @@ def versus(results: dict[str, dict]) -> dict:
             medians_ratio = a["steps_per_s"] / b["steps_per_s"] if a["steps_per_s"] and b["steps_per_s"] else None
             pooled = a["pooled_steps_per_s"] / b["pooled_steps_per_s"] \
                 if interleaved and a["pooled_steps_per_s"] and b["pooled_steps_per_s"] else None
+            ours_pairs, theirs_pairs = pooled_by_pair(ours), pooled_by_pair(theirs)
+            by_pair = [ours_pairs[p] / theirs_pairs[p] for p in sorted(ours_pairs) if p in theirs_pairs] \
+                if interleaved else []
             out[name] = {"llamafactory": lf, "interleaved": interleaved, "rounds": len(paired),
+                         "process_pairs": len(by_pair), "by_pair": by_pair,
+                         "pair_min": min(by_pair, default=None), "pair_max": max(by_pair, default=None),
                          "ratio": pooled if pooled else medians_ratio, "ratio_of_medians": medians_ratio,
                          "paired_median": statistics.median(paired) if paired else None,
                          "paired_min": min(paired, default=None), "paired_max": max(paired, default=None),
@@ -403,15 +435,17 @@ def versus_table(rows: dict) -> list[str]:
     """The per-stage comparison the README shows: steps/s, real tokens/s, peak RSS, ratio with its spread."""
     if not rows:
         return []
-    head = ["stage", "alignpipe steps/s", "LLaMA-Factory steps/s", "ratio", "rounds: min..max", "median",
-            "rounds x turns",
+    head = ["stage", "alignpipe steps/s", "LLaMA-Factory steps/s", "ratio", "process pairs: min..max",
+            "rounds: min..max", "median", "pairs x rounds x turns",
             "real tokens/s (ours / theirs)", "real tokens/step", "peak RSS MB", "cpu"]
     lines = [head]
     for name, v in rows.items():
         a, b = v["ours"], v["theirs"]
+        pairs = v.get("process_pairs") or 1
         lines.append([name, fmt(a["steps_per_s"]), fmt(b["steps_per_s"]), fmt(v["ratio"], 3),
-                      f"{fmt(v['paired_min'], 3)}..{fmt(v['paired_max'], 3)}",
-                      fmt(v["paired_median"], 3), f"{v['rounds']} x {a['turns_per_run'] or '-'}",
+                      f"{fmt(v.get('pair_min'), 3)}..{fmt(v.get('pair_max'), 3)}",
+                      f"{fmt(v['paired_min'], 3)}..{fmt(v['paired_max'], 3)}", fmt(v["paired_median"], 3),
+                      f"{pairs} x {v['rounds'] // pairs} x {a['turns_per_run'] or '-'}",
                       f"{fmt(a['real_tokens_per_s'])} / {fmt(b['real_tokens_per_s'])}",
                       f"{fmt(a['real_tokens_per_step'])} / {fmt(b['real_tokens_per_step'])}",
                       f"{fmt(a['peak_rss_mb'], 4)} / {fmt(b['peak_rss_mb'], 4)}",
@@ -421,7 +455,7 @@ def versus_table(rows: dict) -> list[str]:
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return ["", "alignpipe vs LLaMA-Factory on the same work, this run (steps/s: medians over rounds; ratio: "
                 "all rounds' steps/s, ours over theirs, their training loops taking turns every few steps; then "
-                "each round's ratio):", *out]
+                "the same for each fresh pair of worker processes, and each round's ratio):", *out]
 
 
 def same_work(results: dict[str, dict], m, ratio) -> dict:

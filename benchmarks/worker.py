@@ -278,7 +278,8 @@ def repeat(run_once, spec: dict, probe: Probe | None = None) -> list[dict]:
     timed run's loop also takes turns with the others' (Turns)."""
     def timed(i: int) -> dict:
         started = time.time()
-        return {**run_once(i), "started_at": started}  # wall clock: shows the interleaving in results.json
+        # wall clock: shows the interleaving in results.json; the process: which worker process ran it
+        return {**run_once(i), "started_at": started, "pid": os.getpid()}
 
     runs = [timed(0)]
     if spec.get("reply_fd") is None:

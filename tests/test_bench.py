@@ -190,6 +190,10 @@ def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
     assert results["reward_lora"]["interleaved_with"] == []
     starts = sorted((run["started_at"], name) for name, r in results.items() for run in r["runs"])
     assert [name for _, name in starts] == ["sft_full", "sft_lora", "reward_lora"] * QUICK.versus_repeats
+    for r in results.values():  # the rounds were shared out over fresh worker processes, one pair after the other
+        assert [run["pair"] for run in r["runs"]] == list(range(QUICK.versus_process_pairs))
+        assert len({run["pid"] for run in r["runs"]}) == QUICK.versus_process_pairs == r["process_pairs"]
+        assert len(r["warmups"]) == QUICK.versus_process_pairs
     results.pop("reward_lora")
     steps, k = QUICK.peer_steps["sft"], QUICK.versus_turn_steps
     assert steps > k  # so there are turns to take
@@ -208,8 +212,9 @@ def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
 
 
 def test_versus_has_one_key_per_stage_with_paired_spread():
-    def ok(rates, kind="stage", **extra):
-        runs = [{"steps_per_s": v, "cpu_share": 0.5, "steps": 10, "loop_s": 10 / v, "turns": 2} for v in rates]
+    def ok(rates, kind="stage", **extra):  # the first two rounds from one process pair, the third from another
+        runs = [{"steps_per_s": v, "cpu_share": 0.5, "steps": 10, "loop_s": 10 / v, "turns": 2, "pair": i // 2}
+                for i, v in enumerate(rates)]
         return {"status": "ok", "kind": kind, "peak_rss_mb": 500.0, "runs": runs, **extra,
                 "median": {"steps_per_s": sorted(rates)[len(rates) // 2], "tokens": 4000, "real_share": 0.5,
                            "steps": 10, "real_tokens_per_s": 1.0, "cpu_share": 1.0}}
@@ -232,5 +237,8 @@ def test_versus_has_one_key_per_stage_with_paired_spread():
     assert sft["ours"]["real_tokens_per_step"] == 200 and sft["theirs"]["peak_rss_mb"] == 500.0
     assert sft["ratio_per_cpu_s"] == pytest.approx(1.2)  # same CPU share: the median of the paired ratios
     assert versus["dpo_full"]["rounds"] == 0 and versus["dpo_full"]["paired_min"] is None
+    # each process pair's rounds pooled the same way: pair 0 (rounds 1-2), pair 1 (round 3)
+    assert sft["by_pair"] == pytest.approx([(20 / (10 / 10 + 10 / 12)) / (20 / (10 / 8 + 10 / 10)), 1.1])
+    assert sft["process_pairs"] == 2 and versus["dpo_full"]["by_pair"] == []
     printed = bench.table(results, bench.derive(results))
-    assert "alignpipe vs LLaMA-Factory" in printed and "1.1..1.25" in printed
+    assert "alignpipe vs LLaMA-Factory" in printed and "1.1..1.25" in printed and "1.1..1.23" in printed
