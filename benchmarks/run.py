@@ -56,7 +56,9 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGE_PAGES]))
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+    # ALIGNPIPE_THREADS: a trainer stage's threads, as asked (auto would probe, and unset takes OMP_NUM_THREADS)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), ALIGNPIPE_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
                    filter(None, [str(HERE), env.get("PYTHONPATH")])))
     return env

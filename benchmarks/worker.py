@@ -257,6 +257,7 @@ def run_stage(spec: dict) -> dict:
         manifest = json.loads((stage_dir / "manifest.json").read_text())
         # the trainer's own figure (train_runtime includes its set-up inside `train()`): what peers report
         row["trainer_steps_per_s"] = (manifest.get("metrics") or {}).get("train_steps_per_s")
+        row["torch_threads"] = (manifest.get("metrics") or {}).get("torch_threads")  # what the stage trained on
         if spec["stage_kind"] == "ppo":
             row.update(ppo_summary(stage_dir, probe))
             if probe.generate_calls:

@@ -35,7 +35,7 @@ def bench_dir(tmp_path_factory):
 def report(bench_dir):
     tmp = bench_dir
     out = tmp / "results.json"
-    only = "matmul_1t,sft_1t,raw_sft_1t,sft_packed_1t,ppo"
+    only = "matmul_1t,sft_1t,raw_sft_1t,sft_packed_1t,ppo,sft_2t"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", only,
                            "--workdir", str(tmp / "work"), "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
@@ -57,6 +57,8 @@ def test_stage_contestants_time_the_configured_steps(report):
     assert 0 < med["setup_s"] < sft["warmup"]["startup_s"]  # startup also pays the interpreter and imports
     assert sft["peak_rss_mb"] >= sft["rss_after_imports_mb"] > 50
     assert 0 < med["mfu"] < 5  # against the matmul limit measured in the same run
+    # a contestant's threads are the ones its stage trained on (ALIGNPIPE_THREADS set for it, no probe)
+    assert [r["torch_threads"] for r in sft["runs"] + c["sft_2t"]["runs"]] == [1] * QUICK.repeats + [2] * QUICK.repeats
 
 
 def test_raw_loop_replays_the_same_batches(report):

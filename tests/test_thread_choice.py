@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from alignpipe import thread_choice
 from alignpipe.cli import main
+from alignpipe.errors import RunError
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 
 REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
@@ -42,6 +43,32 @@ def test_one_thread_unless_asked_and_on_one_core_or_a_busy_machine(monkeypatch):
     sibling = thread_choice.choose(_no_gain, cores=2, busy=0.0)
     assert sibling["threads"] == 1 and "one of 2 stage processes" in sibling["why"] and "probe_s_1" not in sibling
     assert 0.0 <= thread_choice.busy_cores(0.05) <= os.cpu_count() + 1e-6  # a share of the machine's cores
+
+
+def test_a_number_of_threads_is_taken_as_asked_and_unset_keeps_the_process_threads(monkeypatch):
+    try:
+        monkeypatch.setenv(thread_choice.ENV, "3")
+        asked = thread_choice.choose(_no_gain, cores=1, busy=2.0)  # no probe, whatever the machine
+        assert asked == {"threads": 3, "why": "ALIGNPIPE_THREADS=3"} and torch.get_num_threads() == 3
+        monkeypatch.delenv(thread_choice.ENV)
+        torch.set_num_threads(2)  # what OMP_NUM_THREADS=2 gives the CLI's process
+        kept = thread_choice.choose(_no_gain, cores=2, busy=0.0)
+        assert kept["threads"] == 2 and "OMP_NUM_THREADS" in kept["why"] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    thread_choice.check_env()  # unset: fine
+    for bad in ("two", "0", "-1", ""):
+        monkeypatch.setenv(thread_choice.ENV, bad)
+        with pytest.raises(RunError, match="ALIGNPIPE_THREADS=.* is neither auto nor a number.*fix: set it to auto"):
+            thread_choice.check_env()
+
+
+def test_a_bad_thread_setting_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    recipe = _short_recipe(tmp_path)
+    monkeypatch.setenv(thread_choice.ENV, "max")
+    assert main(["run", str(recipe)]) == 2
+    assert "ALIGNPIPE_THREADS='max' is neither auto nor a number" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_pretrain_records_its_thread_choice(tiny, monkeypatch):
@@ -163,7 +190,7 @@ def test_the_probe_and_two_threads_leave_sft_and_reward_figures_unchanged(tmp_pa
     assert main(["run", str(recipe), "--set", f"runs_dir={tmp_path / 'two'}"]) == 0
     for stage in ("sft", "reward"):
         a, b = _manifest(one / stage)["metrics"], _manifest(two / stage)["metrics"]
-        assert a["torch_threads"] == 1 and a["torch_threads_why"] == "ALIGNPIPE_THREADS=1"
+        assert a["torch_threads"] == 1 and a["torch_threads_why"] == "ALIGNPIPE_THREADS unset: OMP_NUM_THREADS"
         assert b["torch_threads"] == 2 and b["torch_threads_why"].startswith("auto: probe step"), b
         rows_one, rows_two = _untimed(one / stage), _untimed(two / stage)
         assert [r.keys() for r in rows_one] == [r.keys() for r in rows_two], stage

@@ -34,8 +34,10 @@ def set_threads() -> None:
 
 def _load(args, show_data: bool = False):
     from alignpipe.recipe import load_recipe
+    from alignpipe.thread_choice import check_env
     from alignpipe.validate import validate
 
+    check_env()
     recipe = load_recipe(args.recipe, args.set)
     validate(recipe, show_data)
     if getattr(args, "stages", None):

@@ -6,13 +6,16 @@ So 2 threads are used only when a short probe says they pay now: both cores usab
 using less than half a core (/proc/stat over half a second), and 2 threads faster than 1 on the stage's
 own step (forward + backward on a real batch, gradients dropped, the model unchanged), timed in turn.
 During training a watchdog goes back to 1 thread for good if steps become several times slower than the
-probe measured (a neighbour arrived). Anything else (unset, `1`, one core, a busy machine, a probe that
-does not pay) is 1 thread, and so is every stage process that `alignpipe run --parallel N` runs beside
+probe measured (a neighbour arrived). `auto` on one core, on a busy machine, or with a probe that does not pay
+is 1 thread, and so is every stage process that `alignpipe run --parallel N` runs beside
 another (the parent says how many run at once in ALIGNPIPE_STAGES_AT_ONCE: two 2-thread processes on 2 cores
 are the ~170x case). A trainer stage held to 1 thread that way looks again while it trains: once the other
 processes leave a core idle (dpo's sibling ppo has ended), it times a few steps on 2 threads and keeps them
 if they pay (`raise_when_alone`). 20 training steps on 1 and on 2 threads gave bit-identical parameters on
 this machine (measured 2026-12-01). The manifest records what was chosen (`manifest_fields`).
+
+A number (`ALIGNPIPE_THREADS=4`) is that many threads, as asked, with no probe; unset, a stage trains on the
+process's own threads (OMP_NUM_THREADS; the CLI and make set 1), like the stages that do not probe.
 
 `for_trainer` is the probe of a stage that trains with a transformers/TRL Trainer (`training.train`): the
 trainer's own loss on its first batch, with the trainer's logged figures and the random state put back.
@@ -67,6 +70,16 @@ def _timed(step, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def check_env() -> None:
+    """RunError before anything runs when ALIGNPIPE_THREADS is neither `auto` nor a number of threads."""
+    from alignpipe.errors import RunError
+
+    wanted = os.environ.get(ENV)
+    if wanted is not None and wanted != "auto" and not (wanted.isdigit() and int(wanted) > 0):
+        raise RunError(f"{ENV}={wanted!r} is neither auto nor a number of torch threads", where="the environment",
+                       key=ENV, fix="set it to auto, 1, 2, ... or unset it")
+
+
 def reason_for_one(cores: int | None = None, busy: float | None = None) -> str | None:
     """Why 2 threads cannot pay now, found without probing; None when only a probe can tell."""
     at_once = int(os.environ.get(AT_ONCE_ENV, "1") or 1)
@@ -86,7 +99,12 @@ def choose(step, cores: int | None = None, busy: float | None = None) -> dict:
     probe step; `cores` and `busy` default to this machine's (given in tests)."""
     import torch
 
-    wanted = os.environ.get(ENV, "1")
+    wanted = os.environ.get(ENV)
+    if wanted is None:  # the process's own threads, as every other part of the stage runs
+        return {"threads": torch.get_num_threads(), "why": f"{ENV} unset: OMP_NUM_THREADS"}
+    if wanted.isdigit() and int(wanted) > 0:  # as asked
+        torch.set_num_threads(int(wanted))
+        return {"threads": int(wanted), "why": f"{ENV}={wanted}"}
     choice = {"threads": 1, "why": f"{ENV}={wanted}"}
     reason = reason_for_one(cores, busy) if wanted == "auto" else None
     if reason is not None:

@@ -60,7 +60,8 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
 
     With `choose_threads`, the torch threads are chosen by a probe on the trainer's own step
     (thread_choice.for_trainer, ALIGNPIPE_THREADS) and the manifest fields of that choice are returned ({}
-    otherwise); training ends on 1 thread either way, so the evaluation after it runs on 1.
+    otherwise); training ends on the threads it started with (1 under make), so the evaluation after it runs on
+    those.
 
     TRL's SFT, DPO and reward trainers keep the running `num_tokens` they log outside transformers'
     checkpointed state, so a resumed run would log it from 0 again. The count is saved into each
@@ -84,6 +85,9 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
             trainer._total_train_tokens = saved[TOKEN_COUNT]["attributes"]["total_train_tokens"]
     threads = None
     if choose_threads:
+        import torch
+
+        threads_before = torch.get_num_threads()
         threads = thread_choice.for_trainer(trainer)
         _log(ctx, f"torch threads: {threads['threads']} ({threads['why']})")
     try:
@@ -94,7 +98,7 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
         if threads is not None:
             import torch
 
-            torch.set_num_threads(1)  # the evaluation after training, and later stages, start from 1 thread
+            torch.set_num_threads(threads_before)  # the evaluation after training, and later stages, start there
     if threads is None:
         return {}
     if threads.get("threads_fell_back_at_step") is not None or threads.get("threads_raised_at_step") is not None:
