@@ -75,7 +75,7 @@ class Settings:
     # the rounds are shared out over this many fresh pairs of worker processes: the ratio moves with the process
     # pair (sd 2.4% over 6 fresh sft_lora pairs with huge pages), so a run pools several pairs' draws
     versus_process_pairs: int = 4
-    budget_s: int = 3600  # contestants still waiting after this are skipped (8 versus rounds alone: ~31 min idle)
+    budget_s: int = 3600  # contestants still waiting after this are skipped (a full idle run: 30 min, 22 of them versus)
 
     @classmethod
     def quick(cls) -> "Settings":
