@@ -1,6 +1,6 @@
 """`make bench`: throughput and memory of every alignpipe stage, against a raw PyTorch loop, the
-machine's matmul limit and LLaMA-Factory (its earlier figures, and, with `make bench-peers`, LLaMA-Factory
-itself on the same work in the same run). See benchmarks/README.md.
+machine's matmul limit and LLaMA-Factory (with `make bench-peers`, LLaMA-Factory itself on the same work in the
+same run; for PPO, which it cannot run here, its reported figure). See benchmarks/README.md.
 
     python benchmarks/run.py                    # everything (~10 min on 2 cores)
     python benchmarks/run.py --only sft_1t,raw_sft_1t --repeats 5
@@ -507,7 +507,7 @@ def fmt(v, digits=3) -> str:
 
 
 COLUMNS = ("contestant", "thr", "cpu", "fwd+bwd", "steps/s", "samples/s", "tokens/s", "real", "MFU", "MFU/cpu",
-           "setup_s", "startup_s", "rss_MB", "LLaMA-F", "ratio", "note")
+           "setup_s", "startup_s", "rss_MB", "LF reported", "ratio", "note")
 
 
 def table_row(name: str, r: dict, derived: dict) -> dict:
@@ -532,7 +532,7 @@ def table_row(name: str, r: dict, derived: dict) -> dict:
             "fwd+bwd": f"{med['fwd_bwd_share']:.0%}" if med.get("fwd_bwd_share") is not None else "-",
             "MFU": fmt(med.get("mfu"), 2), "MFU/cpu": fmt(med.get("mfu_cpu"), 2), "setup_s": fmt(med.get("setup_s"), 2),
             "startup_s": fmt((r.get("warmup") or {}).get("startup_s"), 2),
-            "LLaMA-F": fmt(ref.get("llamafactory")), "ratio": fmt(ref.get("ratio"), 3), "note": note}
+            "LF reported": fmt(ref.get("llamafactory")), "ratio": fmt(ref.get("ratio"), 3), "note": note}
 
 
 def table(results: dict[str, dict], derived: dict) -> str:
