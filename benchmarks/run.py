@@ -381,6 +381,11 @@ def versus(results: dict[str, dict]) -> dict:
     two programs differently), so the mean over rounds repeats better than their median. Not interleaved:
     `ratio` is the median of our steps/s over the median of theirs, with no spread."""
 
+    def pool(runs: list[dict]) -> float | None:
+        """All steps over all loop seconds of these timed runs."""
+        timed = [x for x in runs if x.get("loop_s")]
+        return sum(x["steps"] for x in timed) / sum(x["loop_s"] for x in timed) if timed else None
+
     def side(r: dict) -> dict:
         med = r["median"]
         return {"steps_per_s": med.get("steps_per_s"), "real_tokens_per_s": med.get("real_tokens_per_s"),
@@ -388,19 +393,16 @@ def versus(results: dict[str, dict]) -> dict:
                 if med.get("tokens") and med.get("real_share") is not None and med.get("steps") else None,
                 "steps": med.get("steps"), "loop_s": med.get("loop_s"), "cpu_share": med.get("cpu_share"),
                 "peak_rss_mb": r.get("peak_rss_mb"), "runs_steps_per_s": [x.get("steps_per_s") for x in r.get("runs", [])],
-                "pooled_steps_per_s": sum(x["steps"] for x in r.get("runs", []) if x.get("loop_s")) /
-                sum(x["loop_s"] for x in r.get("runs", []) if x.get("loop_s"))
-                if any(x.get("loop_s") for x in r.get("runs", [])) else None,
+                "pooled_steps_per_s": pool(r.get("runs", [])),
                 "turns_per_run": r["runs"][0].get("turns") if r.get("runs") else None,
                 # per CPU-second of the process: what a busy machine (a neighbour taking part of the core) moves less
                 "runs_steps_per_cpu_s": [x["steps_per_s"] / x["cpu_share"] if x.get("steps_per_s") and x.get("cpu_share")
                                          else None for x in r.get("runs", [])]}
 
     def pooled_by_pair(r: dict) -> dict[int, float]:
-        """All steps over all loop seconds of each process pair's rounds."""
+        """Each process pair's rounds, pooled."""
         runs = [x for x in r.get("runs", []) if x.get("loop_s")]
-        return {p: sum(x["steps"] for x in runs if x.get("pair", 0) == p) /
-                sum(x["loop_s"] for x in runs if x.get("pair", 0) == p) for p in {x.get("pair", 0) for x in runs}}
+        return {p: pool([x for x in runs if x.get("pair", 0) == p]) for p in {x.get("pair", 0) for x in runs}}
 
     out = {}
     for lf, theirs in results.items():

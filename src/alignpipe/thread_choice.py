@@ -70,12 +70,17 @@ def _timed(step, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def _asked(wanted: str) -> int | None:
+    """The number of threads a value of ALIGNPIPE_THREADS asks for; None when it is not a number >= 1."""
+    return int(wanted) if wanted.isdigit() and int(wanted) > 0 else None
+
+
 def check_env() -> None:
     """RunError before anything runs when ALIGNPIPE_THREADS is neither `auto` nor a number of threads."""
     from alignpipe.errors import RunError
 
     wanted = os.environ.get(ENV)
-    if wanted is not None and wanted != "auto" and not (wanted.isdigit() and int(wanted) > 0):
+    if wanted is not None and wanted != "auto" and _asked(wanted) is None:
         raise RunError(f"{ENV}={wanted!r} is neither auto nor a number of torch threads", where="the environment",
                        key=ENV, fix="set it to auto, 1, 2, ... or unset it")
 
@@ -102,9 +107,10 @@ def choose(step, cores: int | None = None, busy: float | None = None) -> dict:
     wanted = os.environ.get(ENV)
     if wanted is None:  # the process's own threads, as every other part of the stage runs
         return {"threads": torch.get_num_threads(), "why": f"{ENV} unset: OMP_NUM_THREADS"}
-    if wanted.isdigit() and int(wanted) > 0:  # as asked
-        torch.set_num_threads(int(wanted))
-        return {"threads": int(wanted), "why": f"{ENV}={wanted}"}
+    asked = _asked(wanted)
+    if asked is not None:  # as asked
+        torch.set_num_threads(asked)
+        return {"threads": asked, "why": f"{ENV}={wanted}"}
     choice = {"threads": 1, "why": f"{ENV}={wanted}"}
     reason = reason_for_one(cores, busy) if wanted == "auto" else None
     if reason is not None:

@@ -96,8 +96,6 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
         raise StageInterrupted(trainer.state.global_step) from err
     finally:
         if threads is not None:
-            import torch
-
             torch.set_num_threads(threads_before)  # the evaluation after training, and later stages, start there
     if threads is None:
         return {}
