@@ -15,7 +15,8 @@ NPROC ?= 1
 # stages whose upstreams are complete (dpo and ppo after reward) run at the same time, one 1-thread process
 # each, when the machine has the cores (auto: usable cores / OMP_NUM_THREADS); PARALLEL=1 runs them in turn
 PARALLEL ?= auto
-# pretraining's torch threads: auto = 2 only when a probe on the idle machine shows they pay (thread_choice.py)
+# trainer stages' torch threads: auto = the usable cores shared among the stages the recipe runs at once, at most 2
+# (thread_choice.py; from the machine and the recipe only, so a busy neighbour never changes the figures)
 THREADS ?= auto
 # The packages after torch: uv by default (measured here: 6 s for what pip took 69 s); INSTALLER=pip for
 # pip, e.g. where the packages come from an index set in pip.conf, which uv does not read.

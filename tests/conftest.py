@@ -12,7 +12,6 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # a busy neighbour core made 2-thread steps ~170x slower
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("ALIGNPIPE_THREADS", None)  # tests train on one thread (thread_choice's tests set it themselves)
-os.environ.pop("ALIGNPIPE_STAGES_AT_ONCE", None)  # set only by a parallel run for its stage processes
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 # trackio reads its folder once, at import: set before any test can import it, so no test writes to ~/.cache
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="alignpipe-tests-trackio-"))

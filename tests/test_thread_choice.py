@@ -1,13 +1,14 @@
-"""Torch threads chosen by measuring (ALIGNPIPE_THREADS=auto): 1 unless asked, 1 on one core, a busy machine
-or beside sibling stage processes, 2 only when the probe shows they pay; the trainer stages (pretrain, sft,
-reward, dpo) record their choice in the manifest, and the probe and 2 threads leave their figures unchanged."""
+"""Torch threads decided from the machine and the recipe only (ALIGNPIPE_THREADS): unset keeps the process's
+threads, a number is taken as asked, `auto` shares the usable cores among the stages the recipe's plan runs at
+once (at most 2); the trainer stages (pretrain, sft, reward, dpo) record their choice in the manifest, with the
+machine facts that decide the numerics; and a busy neighbour slows a run down but never changes its figures."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,43 +17,47 @@ from safetensors.torch import load_file
 from alignpipe import thread_choice
 from alignpipe.cli import main
 from alignpipe.errors import RunError
+from alignpipe.recipe import load_recipe
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 
 REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
           "trainer": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0,
                       "logging_steps": 1}}
 TIMING = ("runtime", "per_s", "per_second", "time", "wall")  # wall-clock figures: the only ones allowed to differ
+DEFAULT_RECIPE = "recipes/default.yaml"
 
 
-def _no_gain():
-    time.sleep(0.01)  # the same time on any number of threads: 2 threads never pay
+def test_auto_shares_the_usable_cores_among_the_stages_the_recipe_runs_at_once(monkeypatch):
+    recipe = load_recipe(DEFAULT_RECIPE)
+    order = recipe.order(None)
 
+    def at_once(name, cores):
+        return thread_choice.stages_at_once(order, recipe.upstream, name, cores)
 
-def test_one_thread_unless_asked_and_on_one_core_or_a_busy_machine(monkeypatch):
-    monkeypatch.delenv(thread_choice.ENV, raising=False)
-    assert thread_choice.choose(_no_gain, cores=2, busy=0.0)["threads"] == 1
+    # the default recipe's plan on 2 cores: pretrain, sft, reward one at a time; dpo and ppo side by side
+    assert {s: at_once(s, 2) for s in order} == {"pretrain": 1, "sft": 1, "reward": 1, "dpo": 2, "ppo": 2}
+    assert {at_once(s, 1) for s in order} == {1}  # one core: one stage at a time
     monkeypatch.setenv(thread_choice.ENV, "auto")
-    one_core = thread_choice.choose(_no_gain, cores=1, busy=0.0)
-    assert one_core["threads"] == 1 and "1 usable core" in one_core["why"]
-    busy = thread_choice.choose(_no_gain, cores=2, busy=1.0)
-    assert busy["threads"] == 1 and "busy with other processes" in busy["why"] and "probe_s_1" not in busy
-    no_gain = thread_choice.choose(_no_gain, cores=2, busy=0.0)  # measured: no gain, so 1
-    assert no_gain["threads"] == 1 and no_gain["probe_s_1"] > 0 and "needs" in no_gain["why"]
-    assert torch.get_num_threads() == 1
-    monkeypatch.setenv(thread_choice.AT_ONCE_ENV, "2")  # a parallel run's stage process: never probes
-    sibling = thread_choice.choose(_no_gain, cores=2, busy=0.0)
-    assert sibling["threads"] == 1 and "one of 2 stage processes" in sibling["why"] and "probe_s_1" not in sibling
-    assert 0.0 <= thread_choice.busy_cores(0.05) <= os.cpu_count() + 1e-6  # a share of the machine's cores
+    try:
+        assert thread_choice.choose(at_once=1, cores=2)["threads"] == 2
+        beside = thread_choice.choose(at_once=2, cores=2)
+        assert beside["threads"] == 1 and "2 usable core(s) shared by 2 stage(s)" in beside["why"]
+        assert thread_choice.choose(at_once=1, cores=1)["threads"] == 1
+        assert thread_choice.choose(at_once=1, cores=16)["threads"] == thread_choice.AUTO_MAX_THREADS
+        assert thread_choice.choose(at_once=3, cores=16)["threads"] == thread_choice.AUTO_MAX_THREADS
+        assert thread_choice.choose(at_once=3, cores=2)["threads"] == 1  # never fewer than one
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_a_number_of_threads_is_taken_as_asked_and_unset_keeps_the_process_threads(monkeypatch):
     try:
         monkeypatch.setenv(thread_choice.ENV, "3")
-        asked = thread_choice.choose(_no_gain, cores=1, busy=2.0)  # no probe, whatever the machine
+        asked = thread_choice.choose(at_once=2, cores=1)  # whatever the machine and the plan
         assert asked == {"threads": 3, "why": "ALIGNPIPE_THREADS=3"} and torch.get_num_threads() == 3
         monkeypatch.delenv(thread_choice.ENV)
         torch.set_num_threads(2)  # what OMP_NUM_THREADS=2 gives the CLI's process
-        kept = thread_choice.choose(_no_gain, cores=2, busy=0.0)
+        kept = thread_choice.choose(at_once=1, cores=2)
         assert kept["threads"] == 2 and "OMP_NUM_THREADS" in kept["why"] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
@@ -79,71 +84,12 @@ def test_pretrain_records_its_thread_choice(tiny, monkeypatch):
     assert torch.get_num_threads() == 1  # later stages start from one thread again
 
 
-def test_the_watchdog_goes_back_to_one_thread_when_steps_slow_down():
-    choice = {"threads": 2, "why": "auto: probe", "probe_s_2": 1e-9}  # any real step is far slower than this
-    dog = thread_choice.watchdog(choice, steps_per_check=3)
-    state = type("State", (), {"global_step": 0})()
-    torch.set_num_threads(2)
-    try:
-        for step in range(1, 6):
-            state.global_step = step
-            dog.on_step_end(None, state, None)
-        assert torch.get_num_threads() == 1
-        assert choice["threads_fell_back_at_step"] == 4 and "back to 1 thread at step 4" in choice["why"]
-    finally:
-        torch.set_num_threads(1)
-
-
-class _Machine:
-    """A fake clock and CPU counters: this process keeps one core busy, the others `others` cores."""
-
-    def __init__(self) -> None:
-        self.t = self.machine = self.own = 0.0
-        self.state = type("State", (), {"global_step": 0})()
-
-    def drive(self, callback, windows: list[tuple[float, float]], steps: int) -> None:
-        """Windows of `steps` steps, each (seconds per step, cores busy with other processes)."""
-        if self.state.global_step == 0:
-            callback.on_step_end(None, self.state, None)  # the first step end starts the first window
-        for per_step, others in windows:
-            for _ in range(steps):
-                self.t, self.own, self.machine = self.t + per_step, self.own + per_step, self.machine + per_step * (1 + others)
-                self.state.global_step += 1
-                callback.on_step_end(None, self.state, None)
-
-
-@pytest.mark.parametrize("gain", [1.6, 1.05])
-def test_a_stage_beside_busy_siblings_raises_to_two_threads_once_they_end_if_that_pays(gain):
-    """dpo starts on 1 thread beside ppo; once the other processes leave the second core idle, 2 threads are timed
-    on the next steps and kept only when they are GAIN_NEEDED times faster."""
-    choice = {"threads": 1, "why": "auto: one of 2 stage processes running at the same time"}
-    m = _Machine()
-    raiser = thread_choice.raise_when_alone(choice, cores=2, steps_per_check=4, clock=lambda: m.t,
-                                            cpu_seconds=lambda: (m.machine, m.own))
-    try:
-        m.drive(raiser, [(1.0, 1.0), (1.0, 0.9)], 4)  # the sibling still runs: stays on 1
-        assert torch.get_num_threads() == 1 and choice["threads"] == 1
-        m.drive(raiser, [(1.0, 0.05)], 4)  # the sibling ended: 2 threads on trial
-        assert torch.get_num_threads() == 2
-        m.drive(raiser, [(1.0 / gain, 0.0), (0.5, 0.0)], 4)
-        if gain >= thread_choice.GAIN_NEEDED:
-            assert torch.get_num_threads() == 2 and choice["threads"] == 2
-            assert choice["threads_raised_at_step"] == 12 and choice["why"].endswith("so 2")
-            assert choice["probe_s_2"] == pytest.approx(1.0 / gain)  # the watchdog's yardstick from then on
-        else:
-            assert torch.get_num_threads() == 1 and choice["threads"] == 1 and choice["why"].endswith("so 1")
-        assert "at step 12 other processes used 0.05 cores: 1000 ms/step on 1 thread, then" in choice["why"]
-    finally:
-        torch.set_num_threads(1)
-
-
-def test_only_a_stage_held_to_one_thread_by_busy_cores_waits_for_them(monkeypatch):
-    monkeypatch.setattr(thread_choice, "usable_cores", lambda: 2)
+def test_pretrain_records_its_thread_choice(tiny, monkeypatch):
     monkeypatch.setenv(thread_choice.ENV, "auto")
-    assert thread_choice.waits_for_idle({"threads": 1, "why": "auto: 1.50 of 2 cores busy with other processes"})
-    assert not thread_choice.waits_for_idle({"threads": 1, "why": "auto: probe", "probe_s_1": 0.1})  # measured
-    monkeypatch.setenv(thread_choice.ENV, "1")
-    assert not thread_choice.waits_for_idle({"threads": 1, "why": "ALIGNPIPE_THREADS=1"})  # asked for 1
+    assert main(["run", str(tiny), "--stages", "pretrain"]) == 0
+    metrics = json.loads((tiny.parent / "runs" / "tiny" / "pretrain" / "manifest.json").read_text())["metrics"]
+    assert metrics["torch_threads"] in (1, 2) and metrics["torch_threads_why"].startswith("auto: ")
+    assert torch.get_num_threads() == 1  # later stages start from one thread again
 
 
 def _short_recipe(tmp_path, **reward):
@@ -157,50 +103,68 @@ def _manifest(folder):
     return json.loads((folder / "manifest.json").read_text())
 
 
-def test_sft_and_reward_on_a_busy_machine_record_one_thread_and_why(tmp_path, monkeypatch):
-    monkeypatch.setenv(thread_choice.ENV, "auto")
-    monkeypatch.setattr(thread_choice, "usable_cores", lambda: 2)
-    monkeypatch.setattr(thread_choice, "busy_cores", lambda window_s=0.5: 1.5)  # a neighbour keeps a core busy
-    recipe = _short_recipe(tmp_path)
-    assert main(["run", str(recipe)]) == 0
-    for stage in ("pretrain", "sft", "reward"):
-        metrics = _manifest(tmp_path / "runs" / "tiny" / stage)["metrics"]
-        assert metrics["torch_threads"] == 1, stage
-        assert metrics["torch_threads_why"] == "auto: 1.50 of 2 cores busy with other processes", stage
-    assert torch.get_num_threads() == 1
-
-
 def _untimed(folder) -> list[dict]:
     rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
 
 
-def test_the_probe_and_two_threads_leave_sft_and_reward_figures_unchanged(tmp_path, monkeypatch):
-    """sft and reward trained after a probe on 2 threads (forced: no gain needed) give the bits, logged rows and
-    metrics of the same stages on 1 thread without a probe, from the same pretrain checkpoint (the reward stage
-    with LoRA: the probe runs through the peft model too)."""
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _weights(stage_dir) -> dict:
+    return load_file(str(next((stage_dir / "model").glob("*.safetensors"))))
+
+
+def test_a_busy_neighbour_slows_a_run_but_never_changes_its_figures(tmp_path, monkeypatch):
+    """The same short recipe under ALIGNPIPE_THREADS=auto (2 threads on a 2-core machine), once idle and once with
+    a process spinning on the other core: every stage's metrics (wall-clock figures aside), logged rows and
+    weights are bit-identical, and the manifests name the threads and the machine facts behind them."""
     recipe = _short_recipe(tmp_path, lora={"r": 4, "alpha": 8})
-    one, two = tmp_path / "runs" / "tiny", tmp_path / "two" / "tiny"
-    assert main(["run", str(recipe)]) == 0  # ALIGNPIPE_THREADS unset: 1 thread, no probe
-    shutil.copytree(one / "pretrain", two / "pretrain")
+    monkeypatch.setenv(thread_choice.ENV, "auto")
+    idle, busy = tmp_path / "runs" / "tiny", tmp_path / "busy" / "tiny"
+    assert main(["run", str(recipe)]) == 0
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert main(["run", str(recipe), "--set", f"runs_dir={tmp_path / 'busy'}"]) == 0
+    finally:
+        spinner.kill()
+        spinner.wait()
+    threads = min(thread_choice.AUTO_MAX_THREADS, thread_choice.usable_cores())
+    for stage in ("pretrain", "sft", "reward"):
+        a, b = _manifest(idle / stage), _manifest(busy / stage)
+        assert a["metrics"]["torch_threads"] == b["metrics"]["torch_threads"] == threads, stage
+        assert a["machine"] == b["machine"] and a["machine"]["cpu_capability"] and a["machine"]["cpu_model"]
+        assert a["versions"] == b["versions"]
+        timed = {k for k in a["metrics"] if any(t in k for t in TIMING)}
+        assert {k: v for k, v in a["metrics"].items() if k not in timed} == \
+               {k: v for k, v in b["metrics"].items() if k not in timed}, stage
+        assert _untimed(idle / stage) == _untimed(busy / stage), stage
+        wa, wb = _weights(idle / stage), _weights(busy / stage)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), stage
+    assert torch.get_num_threads() == 1
+
+
+def test_a_stage_run_alone_trains_on_the_threads_of_its_place_in_the_plan(tmp_path, monkeypatch):
+    """Two sibling stages (two sfts from one pretrain) share the cores in the plan; re-run alone with `--stages`,
+    a sibling takes the same threads and gives the same figures, so `make dpo` trains dpo as `make pipeline` does."""
+    data = tiny_recipe(tmp_path / "runs")
+    data["stages"]["pretrain"]["trainer"]["max_steps"] = 10
+    data["stages"]["sft_b"] = {**data["stages"]["sft"], "kind": "sft", "trainer": {**data["stages"]["sft"]["trainer"],
+                                                                     "learning_rate": 2e-3}}
+    recipe = write_yaml(tmp_path / "tiny.yaml", data)
     monkeypatch.setenv(thread_choice.ENV, "auto")
     monkeypatch.setattr(thread_choice, "usable_cores", lambda: 2)
-    monkeypatch.setattr(thread_choice, "busy_cores", lambda window_s=0.5: 0.0)
-    monkeypatch.setattr(thread_choice, "GAIN_NEEDED", 0.0)  # the probe always picks 2 threads
-    assert main(["run", str(recipe), "--set", f"runs_dir={tmp_path / 'two'}"]) == 0
-    for stage in ("sft", "reward"):
-        a, b = _manifest(one / stage)["metrics"], _manifest(two / stage)["metrics"]
-        assert a["torch_threads"] == 1 and a["torch_threads_why"] == "ALIGNPIPE_THREADS unset: OMP_NUM_THREADS"
-        assert b["torch_threads"] == 2 and b["torch_threads_why"].startswith("auto: probe step"), b
-        rows_one, rows_two = _untimed(one / stage), _untimed(two / stage)
-        assert [r.keys() for r in rows_one] == [r.keys() for r in rows_two], stage
-        for r, q in zip(rows_one, rows_two):  # TRL's num_tokens, token accuracy, ... included
-            for key in r:  # the entropy diagnostic is a sum over the vocabulary: its order of adding moves its last bits
-                assert r[key] == (pytest.approx(q[key], rel=1e-6) if key == "entropy" else q[key]), (stage, key)
-        for key in set(a) - {"torch_threads", "torch_threads_why"}:
-            if not any(t in key for t in TIMING):
-                assert a[key] == b[key], (stage, key)
-        weights = [load_file(str(next((d / stage / "model").glob("*.safetensors")))) for d in (one, two)]
-        assert weights[0].keys() == weights[1].keys()
-        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), stage
+    assert main(["run", str(recipe)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    first = _manifest(run / "sft_b")
+    assert first["metrics"]["torch_threads"] == 1 and "shared by 2 stage(s)" in first["metrics"]["torch_threads_why"]
+    assert _manifest(run / "pretrain")["metrics"]["torch_threads"] == 2
+    assert main(["run", str(recipe), "--stages", "sft_b", "--force"]) == 0
+    again = _manifest(run / "sft_b")
+    assert again["version"] == first["version"] + 1
+    assert again["metrics"]["torch_threads"] == 1
+    timed = {k for k in first["metrics"] if any(t in k for t in TIMING)}
+    assert {k: v for k, v in first["metrics"].items() if k not in timed} == \
+           {k: v for k, v in again["metrics"].items() if k not in timed}
     assert torch.get_num_threads() == 1

@@ -88,6 +88,32 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The facts about this machine that decide a stage's numerics besides the versions: the CPU model, the
+    kernels torch picks on it (its CPU capability, which ATEN_CPU_CAPABILITY can lower), the usable cores and
+    the process's torch threads (a trainer stage's own are `torch_threads` in its metrics). Two runs of one
+    recipe and seed with equal machine facts and versions give bit-identical metrics; a difference in figures
+    between two machines is explained here first."""
+    import torch
+
+    return {"cpu_model": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "process_torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
 def git_revision() -> str | None:
     try:
         here = Path(__file__).resolve().parent

@@ -57,6 +57,7 @@ class StagePlan:
             "inputs": self.inputs,
             "seed": recipe.seed,
             "versions": runs.versions(),
+            "machine": runs.machine(),
             "git_revision": runs.git_revision(),
             "trust_remote_code": recipe.model.trust_remote_code,
             "lineage": ([*parent_manifest.get("lineage", []), cfg.from_] if parent_manifest else []),

@@ -4,9 +4,9 @@ The parent run holds the run folder's lock for the whole time; each child is tol
 that its parent holds it, and RunLock lets a child in only while that very process holds it. Each child
 checks its upstream stages' fingerprints itself (they are complete, so they are skipped) and writes only
 its own stage folder. Every stage seeds itself at its start, so its figures are those of a sequential run.
-Each child is also told how many stage processes run at once (ALIGNPIPE_STAGES_AT_ONCE), so none of them
-picks 2 torch threads beside a sibling (thread_choice); a stage the run starts alone may still probe, and a
-trainer stage whose siblings have ended may raise to 2 (thread_choice.raise_when_alone).
+A stage's torch threads do not depend on which stages run beside it now: under ALIGNPIPE_THREADS=auto
+each takes its share of the cores in the recipe's plan (thread_choice.stages_at_once), so a stage run alone
+(`--stages dpo`, `--parallel 1`) trains exactly as it does beside its siblings.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from alignpipe.errors import RunError
 from alignpipe.lock import LOCK_PARENT_ENV
 from alignpipe.recipe import Recipe
-from alignpipe.thread_choice import AT_ONCE_ENV, usable_cores
+from alignpipe.thread_choice import usable_cores
 
 
 def resolve_parallel(value: str | int) -> tuple[int, str]:
@@ -55,7 +55,7 @@ def run_together(recipe: Recipe, names: list[str], overrides: list[str], force: 
     import alignpipe
 
     source = str(Path(alignpipe.__file__).resolve().parents[1])  # the children run this very alignpipe
-    env = {**os.environ, LOCK_PARENT_ENV: str(os.getpid()), AT_ONCE_ENV: str(len(names)),
+    env = {**os.environ, LOCK_PARENT_ENV: str(os.getpid()),
            "PYTHONPATH": os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH", "")) if p)}
     procs = {}
     for name in names:

@@ -58,10 +58,9 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
     """`trainer.train()` with the stage's progress bar, resumed from the newest complete checkpoint (if any),
     TRL's token count included; Ctrl-C becomes StageInterrupted (the runner prints the resume hint).
 
-    With `choose_threads`, the torch threads are chosen by a probe on the trainer's own step
-    (thread_choice.for_trainer, ALIGNPIPE_THREADS) and the manifest fields of that choice are returned ({}
-    otherwise); training ends on the threads it started with (1 under make), so the evaluation after it runs on
-    those.
+    With `choose_threads`, the torch threads are decided from the machine and the recipe (thread_choice,
+    ALIGNPIPE_THREADS) and the manifest fields of that choice are returned ({} otherwise); training ends on the
+    threads it started with (1 under make), so the evaluation after it runs on those.
 
     TRL's SFT, DPO and reward trainers keep the running `num_tokens` they log outside transformers'
     checkpointed state, so a resumed run would log it from 0 again. The count is saved into each
@@ -88,7 +87,9 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
         import torch
 
         threads_before = torch.get_num_threads()
-        threads = thread_choice.for_trainer(trainer)
+        at_once = thread_choice.stages_at_once(ctx.recipe.order(None), ctx.recipe.upstream, ctx.name,
+                                               thread_choice.usable_cores())
+        threads = thread_choice.for_trainer(trainer, at_once)
         _log(ctx, f"torch threads: {threads['threads']} ({threads['why']})")
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -99,8 +100,6 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
             torch.set_num_threads(threads_before)  # the evaluation after training, and later stages, start there
     if threads is None:
         return {}
-    if threads.get("threads_fell_back_at_step") is not None or threads.get("threads_raised_at_step") is not None:
-        _log(ctx, f"torch threads: {threads['why']}")
     return thread_choice.manifest_fields(threads)
 
 
