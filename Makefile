@@ -81,12 +81,12 @@ chat: install
 	$(VENV)/bin/alignpipe chat runs/$$($(PY) -c "import yaml; print(yaml.safe_load(open('$(RECIPE)'))['name'])")/$(STAGE)
 
 bench: install
-	$(PY) benchmarks/run.py $(ARGS)
+	$(PY) -m benchmarks.run $(ARGS)
 
 # LLaMA-Factory 0.9.5 in a venv of its own, for the bench's lf_* contestants (same work as ours, same run).
 # torch pinned to our CPU wheel. PyPI's torchvision/torchaudio do not load beside torch 2.13 (built for
 # other torch versions) and break transformers' imports; text training needs neither, so they go
-# (`pip check` then lists them as missing; benchmarks/llamafactory.py stands in an empty torchaudio).
+# (`pip check` then lists them as missing; benchmarks/lf_contestant.py stands in an empty torchaudio).
 LF_VENV ?= .venv-llamafactory
 bench-peers: $(LF_VENV)/.installed
 

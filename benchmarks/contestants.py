@@ -10,7 +10,7 @@ PPO 30 updates of 8 prompts, 16 new tokens), so steps/s compare with its figures
 Those figures were taken on data nobody recorded (much shorter sequences than the embedded world's), so
 when LLaMA-Factory's venv is built (`make bench-peers`) the `lf_*` contestants run LLaMA-Factory itself on
 the same model, data, batch, cutoff and steps as our peer stages, in the same bench run
-(benchmarks/llamafactory.py); without it they are listed as missing.
+(benchmarks/lf_contestant.py); without it they are listed as missing.
 
 Contestants are leaf stages of those recipes (their parents are built once, by `prepare`), so
 forcing one never invalidates another. A stage kind whose module has not landed yet is reported

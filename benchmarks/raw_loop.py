@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks.process import T_START, peak_rss_mb, sync
+
 
 def collate(rows: list[list[list[int]]], pad_id: int):
     """Right-pad a batch of (ids, labels) rows to its longest row."""
@@ -33,8 +35,6 @@ def collate(rows: list[list[list[int]]], pad_id: int):
 def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
-
-    from worker import sync
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -80,8 +80,6 @@ def train_once(model_dir: Path, batches: list, lr: float = 1e-3) -> dict:
 
 
 def run(spec: dict) -> dict:
-    from worker import T_START, peak_rss_mb
-
     import torch  # noqa: F401
     import transformers  # noqa: F401
 

@@ -2,13 +2,13 @@
 machine's matmul limit and LLaMA-Factory (with `make bench-peers`, LLaMA-Factory itself on the same work in the
 same run; for PPO, which it cannot run here, its reported figure). See benchmarks/README.md.
 
-    python benchmarks/run.py                    # everything (~10 min on 2 cores)
-    python benchmarks/run.py --only sft_1t,raw_sft_1t --repeats 5
-    python benchmarks/run.py --quick            # tiny settings: checks the plumbing, not the speed
-    python benchmarks/run.py --only sft_full,lf_sft_full --lf-venv /path/to/venv   # ours and LLaMA-Factory
+    python -m benchmarks.run                    # everything (~10 min on 2 cores), from the repository root
+    python -m benchmarks.run --only sft_1t,raw_sft_1t --repeats 5
+    python -m benchmarks.run --quick            # tiny settings: checks the plumbing, not the speed
+    python -m benchmarks.run --only sft_full,lf_sft_full --lf-venv /path/to/venv   # ours and LLaMA-Factory
 
 Each contestant runs in its own process (benchmarks/worker.py): one warm-up run, then `repeats`
-timed runs; the median is reported. Results: benchmarks/results.json and a printed table.
+timed runs; the median is reported. Results: benchmarks/results/results.json and a printed table.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from benchmarks import lf_contestant as lf_bench
+from benchmarks.contestants import (REFERENCE, REFERENCE_STARTUP_S, Contestant, Settings, available_kinds,
+                                    compute_recipe, peer_recipe, plan, prep_stages)
 
-import llamafactory as lf_bench  # noqa: E402 - benchmarks/llamafactory.py, not the package
-from contestants import (REFERENCE, REFERENCE_STARTUP_S, Contestant, Settings, available_kinds,  # noqa: E402
-                         compute_recipe, peer_recipe, plan, prep_stages)
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"  # result files, beside none of the code
 
 # figures whose median is reported (each run gives one value)
 MEDIAN_KEYS = ("steps_per_s", "samples_per_s", "tokens_per_s", "real_tokens_per_s", "model_flops_per_s",
@@ -60,7 +61,7 @@ def child_env(threads: int) -> dict:
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), ALIGNPIPE_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
-                   filter(None, [str(HERE), env.get("PYTHONPATH")])))
+                   filter(None, [str(REPO), env.get("PYTHONPATH")])))  # `python -m benchmarks.worker`
     return env
 
 
@@ -125,10 +126,10 @@ def setup_contestant(c: Contestant, settings: Settings, recipes: dict, work: Pat
             "stage_dir": str(runs_root / c.stage) if c.stage else None,
             "model_dir": str(runs_root / "pretrain" / "model") if c.recipe else None,
             "matmul_sizes": list(settings.matmul_sizes)}
-    cmd = [sys.executable, str(HERE / "worker.py")]
+    cmd = [sys.executable, "-m", "benchmarks.worker"]
     if c.kind == "llamafactory":  # its data and config are written here, it trains in its own venv
         spec = lf_bench.prepare(c, settings, recipes[c.recipe], work, spec)
-        cmd = [str(lf_bench.venv_python(settings.lf_venv)), str(HERE / "llamafactory.py")]
+        cmd = [str(lf_bench.venv_python(settings.lf_venv)), "-m", "benchmarks.lf_contestant"]
     return base, cmd, spec
 
 
@@ -583,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings: plumbing check only")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per contestant (default 3; --quick 1)")
     p.add_argument("--only", default=None, help="comma-separated contestant names")
-    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--out", default=str(RESULTS / "results.json"))
     p.add_argument("--workdir", default=None, help="keep recipes, runs and logs here (default: a temp folder)")
     p.add_argument("--lf-venv", default=None, help="LLaMA-Factory's venv (default: $LLAMAFACTORY_VENV or "
                    ".venv-llamafactory, built by `make bench-peers`); without one the lf_* contestants are missing")
@@ -650,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         "derived": derived,
         "reference_llamafactory": {"figures": REFERENCE, "startup_s": REFERENCE_STARTUP_S},
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(table(results, derived))
     print(f"\n{len(results)} contestants in {report['total_s']:.0f}s; load {load_before[0]:.2f} -> "

@@ -1,4 +1,4 @@
-"""One contestant, in its own process: `python benchmarks/worker.py SPEC.json`.
+"""One contestant, in its own process: `python -m benchmarks.worker SPEC.json` (from the repository root).
 
 A stage contestant calls `alignpipe run RECIPE --stages STAGE --force` in-process, as the CLI does,
 once as a warm-up and then `repeats` times; the spec's result file gets one row of figures per run.
@@ -14,26 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-T_START = float(os.environ.get("BENCH_T0", time.time()))  # wall clock when the parent launched us
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def sync() -> None:
-    """Wait for queued GPU work, so that a timestamp means the step is done (no-op on CPU)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
+from benchmarks.process import T_START, peak_rss_mb, pin, sync
 
 def batch_rows(inputs) -> list[list[list[int]]]:
     """A batch's rows as [input_ids, labels] lists: split at each pad of a padded batch, or at each restart of
@@ -298,13 +284,6 @@ def repeat(run_once, spec: dict, probe: Probe | None = None) -> list[dict]:
     return runs
 
 
-def pin(spec: dict) -> None:
-    """Run on the one CPU the parent chose (`cpu` in the spec): contestants compared with each other then
-    share a core, so a difference between the machine's cores is not read as a difference between them."""
-    if spec.get("cpu") is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {spec["cpu"]})
-
-
 def matmul(spec: dict) -> dict:
     """The machine's matmul rate (fp32 on CPU, bf16 on a GPU): the median of 5 timings per size, the
     best size wins."""
@@ -343,7 +322,7 @@ def main() -> None:
     if spec["kind"] == "matmul":
         result = matmul(spec)
     elif spec["kind"] == "raw_sft":
-        import raw_loop
+        from benchmarks import raw_loop
 
         result = raw_loop.run(spec)
     else:

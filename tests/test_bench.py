@@ -14,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import contestants, worker
+from benchmarks import lf_contestant as lf_bench
+from benchmarks import run as bench
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import contestants  # noqa: E402
-import llamafactory as lf_bench  # noqa: E402 - benchmarks/llamafactory.py
-import run as bench  # noqa: E402
-import worker  # noqa: E402
 
 QUICK = contestants.Settings.quick()
 
@@ -36,9 +32,9 @@ def report(bench_dir):
     tmp = bench_dir
     out = tmp / "results.json"
     only = "matmul_1t,sft_1t,raw_sft_1t,sft_packed_1t,ppo,sft_2t"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", only,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", only,
                            "--workdir", str(tmp / "work"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 

@@ -6,7 +6,7 @@ Two halves, run by two interpreters:
   rows to LLaMA-Factory's dataset format (`dataset_info.json` beside them) and writes one LLaMA-Factory
   config per contestant, taken from the matching alignpipe stage of the peer recipe (parent model,
   LoRA, max_steps, batch, cutoff; learning rate, schedule and DPO beta/SFT term as our stage defaults).
-* `python benchmarks/llamafactory.py SPEC.json` runs in LLaMA-Factory's own venv (`make bench-peers`):
+* `python -m benchmarks.lf_contestant SPEC.json` runs in LLaMA-Factory's own venv (`make bench-peers`):
   what `llamafactory-cli train cfg.yaml` does (`llamafactory.train.tuner.run_exp`), in-process, with
   worker.py's probe installed, so steps/s, tokens and startup are measured exactly as for our stages:
   one short warm-up run, then `repeats` timed runs; only the training loop counts for steps/s.
@@ -26,6 +26,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.process import T_START, peak_rss_mb, pin
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -169,7 +171,7 @@ def stub_torchaudio() -> None:
 
 def run_lf(spec: dict) -> dict:
     """`llamafactory-cli train` in-process, with worker.py's probe: warm-up, then the timed runs."""
-    from worker import T_START, Probe, peak_rss_mb, pin, repeat
+    from benchmarks.worker import Probe, repeat
 
     pin(spec)
     stub_torchaudio()
@@ -204,15 +206,10 @@ def run_lf(spec: dict) -> dict:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    # this file is named like the package: benchmarks/ goes last on the path, so `llamafactory` is the package
-    # and `worker` is still found
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
     import torch
 
     torch.set_num_threads(spec["threads"])
     result = run_lf(spec)
-    from worker import peak_rss_mb
-
     result["peak_rss_mb"] = peak_rss_mb()
     result["torch_threads"] = torch.get_num_threads()
     import llamafactory
