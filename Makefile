@@ -1,4 +1,5 @@
-# alignpipe: `make pipeline` runs the embedded default recipe, `make test` runs the tests.
+# alignpipe: `make pipeline` runs the embedded default recipe, `make test` runs the tests (`make test-fast`: those
+# that train no model).
 # Both create .venv and install on first use. GPU users: see README ("Bring your own torch").
 
 PYTHON ?= python3
@@ -39,7 +40,7 @@ else
   ALIGNPIPE := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE) --num_processes $(NPROC) -m alignpipe.cli
 endif
 
-.PHONY: install install-test pipeline test pretrain sft reward dpo ppo grpo report chat bench bench-peers clean
+.PHONY: install install-test pipeline test test-fast pretrain sft reward dpo ppo grpo report chat bench bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +70,10 @@ pipeline: install
 
 test: install-test
 	$(PY) -m pytest tests $(ARGS)
+
+# the tests that train no model (pytest marker `slow` on the others): seconds, not the suite's minutes
+test-fast: install-test
+	$(PY) -m pytest tests -m "not slow" $(ARGS)
 
 pretrain sft reward dpo ppo grpo: install
 	$(ALIGNPIPE) run $(RECIPE) --stages $@ $(ARGS)

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny recipes that train for real in seconds on one CPU thread."""
+"""Shared fixtures: tiny recipes that train for real in seconds on one CPU thread, a trained tiny base to copy,
+a tiny model in hub layout, and the manifest reader. Tests that train a model are marked `slow`
+(`make test-fast` leaves them out)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="alignpipe-tests-trackio-"))
 
 import torch  # noqa: E402
+
+from alignpipe.runs import read_manifest  # noqa: E402 - the package's own reader; tests import it from here
 
 torch.set_num_threads(1)
 
@@ -61,3 +66,37 @@ def write_yaml(path: Path, data: dict) -> Path:
 def tiny(tmp_path) -> Path:
     """Path of a tiny pretrain+sft recipe whose runs go under tmp_path/runs."""
     return write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs"))
+
+
+def stage_manifest(stage_dir: Path) -> dict:
+    """A stage folder's manifest, read as the package reads it; fails naming the folder when there is none."""
+    manifest = read_manifest(Path(stage_dir))
+    assert manifest is not None, f"no readable manifest.json in {stage_dir}"
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_model(tmp_path_factory) -> Path:
+    """A random-weight qwen2 look-alike (~40k parameters) and its tokenizer in hub layout, built once per session.
+    Shared by every test that asks for it: copy it before changing it."""
+    from hub_layout import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The run folder `runs/tiny` of `tiny_recipe` with pretrain and sft complete, trained once per session.
+    Never change it: `copy_base` gives each user a copy."""
+    from alignpipe.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-base")
+    assert main(["run", str(write_yaml(root / "tiny.yaml", tiny_recipe(root / "runs")))]) == 0
+    return root / "runs" / "tiny"
+
+
+def copy_base(base: Path, runs_dir: Path, name: str = "tiny") -> Path:
+    """A copy of the trained base as `runs_dir/name`: a tiny recipe of that name and runs_dir, with the base's
+    pretrain and sft unchanged, skips them (same config and inputs) and trains only its other stages."""
+    shutil.copytree(base, Path(runs_dir) / name)
+    return Path(runs_dir) / name
