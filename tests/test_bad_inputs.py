@@ -18,6 +18,9 @@ import pytest
 from alignpipe.cli import main
 from conftest import tiny_recipe, write_yaml
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
+
 NAME = "shared"  # the recipe name of the complete run every case runs beside
 
 

@@ -39,6 +39,7 @@ def report(bench_dir):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_stage_contestants_time_the_configured_steps(report):
     data, _ = report
     c = data["contestants"]
@@ -57,6 +58,7 @@ def test_stage_contestants_time_the_configured_steps(report):
     assert [r["torch_threads"] for r in sft["runs"] + c["sft_2t"]["runs"]] == [1] * QUICK.repeats + [2] * QUICK.repeats
 
 
+@pytest.mark.slow
 def test_raw_loop_replays_the_same_batches(report):
     data, _ = report
     sft, raw = data["contestants"]["sft_1t"]["median"], data["contestants"]["raw_sft_1t"]["median"]
@@ -69,6 +71,7 @@ def test_raw_loop_replays_the_same_batches(report):
                                                                           raw["real_tokens_per_s"])
 
 
+@pytest.mark.slow
 def test_packing_removes_padding(report):
     data, _ = report
     shares = data["derived"]["packing_real_share"]
@@ -77,6 +80,7 @@ def test_packing_removes_padding(report):
     assert data["derived"]["packing_real_tokens_per_s_on_vs_off"] > 0
 
 
+@pytest.mark.slow
 def test_ppo_split_and_peer_comparison(report):
     data, printed = report
     assert "ppo" in data["stage_kinds"]  # a missing stage fails here, it does not skip
@@ -126,6 +130,7 @@ def test_llamafactory_contestants_missing_without_their_venv(tmp_path):
     assert result["status"] == "missing" and "bench-peers" in result["error"]
 
 
+@pytest.mark.slow
 def test_llamafactory_gets_our_data_and_settings(report, bench_dir):
     """The exported rows are the embedded world's, and each config carries the peer stage's work."""
     import yaml
@@ -172,6 +177,7 @@ def test_same_work_ratios():
     assert "same work, LLaMA-Factory" in bench.table(results, bench.derive(results))
 
 
+@pytest.mark.slow
 def test_contestants_on_the_same_work_run_interleaved(report, bench_dir):
     """Workers kept alive side by side on one CPU: warm-ups first, then the rounds go round the groups (round 1
     of each group, then round 2 of each), and in a group's round its training loops take turns every

@@ -62,6 +62,7 @@ def lora_sft(qwen_dir, tmp_path_factory) -> Path:
 # --- item 7: a tiny look-alike on the command line ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_model_command_writes_a_hub_layout_lookalike(qwen_dir, tmp_path, capsys):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -78,6 +79,7 @@ def test_tiny_model_command_writes_a_hub_layout_lookalike(qwen_dir, tmp_path, ca
 # --- item 1: the export stops where a turn ends --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_of_a_lora_stage_stops_at_the_end_of_turn(lora_sft, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
@@ -113,6 +115,7 @@ def test_export_of_a_lora_stage_stops_at_the_end_of_turn(lora_sft, tmp_path):
 # --- item 2: DPO's counts are the pairs it trains on ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dpo_reports_the_pairs_it_trains_on(qwen_dir, tmp_path, capsys):
     rows = arithmetic(64, seed=1)
     long_at = {0, 10, 20, 30, 40}
@@ -153,6 +156,7 @@ def test_validate_refuses_what_run_refuses_and_run_leaves_no_folder(qwen_dir, tm
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_validate_checks_a_complete_parent_as_run_does(lora_sft, qwen_dir, tmp_path, capsys):
     import shutil
 
@@ -192,6 +196,7 @@ def test_show_lists_stages_in_recipe_order_with_dpo_implicit_accuracy(tmp_path, 
     assert "implicit_accuracy" in out[3] and out[-1].split()[-1] == "0.750", out
 
 
+@pytest.mark.slow
 def test_model_path_at_a_lora_stage_points_to_export_or_from(lora_sft, tmp_path, capsys):
     for folder in (lora_sft, lora_sft / "model"):
         path = recipe(tmp_path, folder, {"sft": sft_stage(tmp_path)}, name="again")

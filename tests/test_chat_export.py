@@ -22,6 +22,9 @@ from alignpipe.modeling import load_stage_model, load_tokenizer
 from alignpipe.recipe import ModelSpec
 from conftest import REPO, tiny_recipe, write_yaml
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
+
 CHAT = [sys.executable, "-m", "alignpipe.cli", "chat"]
 
 

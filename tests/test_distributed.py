@@ -23,6 +23,9 @@ from conftest import REPO, write_yaml
 from hub_layout import save_tiny_model
 from test_real_models import real_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
+
 ACCELERATE_DIR = REPO / "recipes" / "accelerate"
 
 

@@ -17,7 +17,7 @@ from alignpipe.context import make_context
 from alignpipe.rl.policy import AdapterOff
 from alignpipe.stages import dpo
 from alignpipe.validate import validate
-from conftest import REPO, TINY_EVAL, tiny_recipe, write_yaml
+from conftest import REPO, TINY_EVAL, copy_base, stage_manifest, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 25, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
            "logging_steps": 1, "beta": 0.1}
@@ -37,23 +37,21 @@ DPO_STAGES = [name for name in STAGES if name != "reward"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny recipe with pretrain -> sft -> reward and three dpo stages, run once for the whole module."""
+def trained(tmp_path_factory, tiny_base):
+    """The session's tiny pretrain -> sft, then reward and three dpo stages, run once for the whole module."""
     root = tmp_path_factory.mktemp("dpo")
+    copy_base(tiny_base, root / "runs")
     path = write_yaml(root / "tiny.yaml", tiny_recipe(root / "runs", extra_stages=STAGES))
     assert main(["run", str(path)]) == 0
     return path, root / "runs" / "tiny"
 
 
-def _manifest(stage_dir):
-    return json.loads((stage_dir / "manifest.json").read_text())
-
-
+@pytest.mark.slow
 def test_full_and_lora_dpo_train_and_report(trained):
     _, runs = trained
     sft_weights = load_file(runs / "sft" / "model" / "model.safetensors")
     for stage in DPO_STAGES:
-        m = _manifest(runs / stage)
+        m = stage_manifest(runs / stage)
         assert m["status"] == "complete" and m["parent"]["stage"] == "sft"
         metrics = m["metrics"]
         for key in ("judge_pass_rate", "kl_to_reference", "mean_reward", "implicit_accuracy", "implicit_margin",
@@ -70,21 +68,22 @@ def test_full_and_lora_dpo_train_and_report(trained):
     assert (runs / "dpo_lora" / "model" / "adapter_config.json").is_file()
     assert not (runs / "dpo_lora" / "model" / "model.safetensors").exists()
     # the base is named relative to the run folder (by stage and manifest hash), so the folder can move
-    assert _manifest(runs / "dpo_lora")["base_model"] == {
-        "stage": "sft", "manifest_sha256": _manifest(runs / "dpo_lora")["parent"]["manifest_sha256"]}
-    assert _manifest(runs / "dpo_ipo")["metrics"]["loss_type"] == ["ipo"]
+    assert stage_manifest(runs / "dpo_lora")["base_model"] == {
+        "stage": "sft", "manifest_sha256": stage_manifest(runs / "dpo_lora")["parent"]["manifest_sha256"]}
+    assert stage_manifest(runs / "dpo_ipo")["metrics"]["loss_type"] == ["ipo"]
     # the named reward stage is an upstream of the stage and scored its samples
-    assert _manifest(runs / "dpo_lora")["metrics"]["reward_stage"] == "reward"
-    assert "upstream:reward" in _manifest(runs / "dpo_lora")["inputs"]
-    assert _manifest(runs / "dpo_lora")["metrics"]["loss_type"] == list(dpo.DEFAULT_LOSS_TYPE)
+    assert stage_manifest(runs / "dpo_lora")["metrics"]["reward_stage"] == "reward"
+    assert "upstream:reward" in stage_manifest(runs / "dpo_lora")["inputs"]
+    assert stage_manifest(runs / "dpo_lora")["metrics"]["loss_type"] == list(dpo.DEFAULT_LOSS_TYPE)
 
 
+@pytest.mark.slow
 def test_implicit_accuracy_on_training_pairs_rises(trained):
     _, runs = trained
     for stage in ("dpo", "dpo_lora"):
         log = [json.loads(line) for line in (runs / stage / "train_log.jsonl").read_text().splitlines()]
         accs = [row["rewards/accuracies"] for row in log if "rewards/accuracies" in row]
-        metrics = _manifest(runs / stage)["metrics"]
+        metrics = stage_manifest(runs / stage)["metrics"]
         # at step 1 policy == reference, so every implicit reward is 0 and no pair is ranked right
         assert accs[0] < 0.3, (stage, accs[0])
         assert metrics["train_implicit_accuracy"] >= 0.8, (stage, metrics)
@@ -102,6 +101,7 @@ def _base_storages(ctx, trainer, reference) -> float:
     return len(ptrs) / len({p.data_ptr() for p in ctx.load_model().parameters()})
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_adapter_switched_off(trained):
     path, _ = trained
     recipe = load_recipe(path)
@@ -127,6 +127,7 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
     assert copies == {"dpo": 2.0, "dpo_lora": 1.0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, precompute", [("dpo", True), ("dpo", False), ("dpo_lora", False)],
                          ids=["full-precomputed-ref", "full-live-ref", "lora-adapter-off-ref"])
 def test_padding_free_forwards_train_as_padded_ones(trained, stage, precompute):

@@ -15,7 +15,7 @@ from alignpipe import gates
 from alignpipe.cli import main
 from alignpipe.runs import read_manifest
 from conftest import write_yaml
-from hub_layout import arithmetic, save_tiny_model
+from hub_layout import arithmetic
 
 TRAINER = {"per_device_train_batch_size": 8, "learning_rate": 5e-3, "warmup_steps": 0, "logging_steps": 1,
            "max_length": 64}
@@ -52,8 +52,8 @@ def user_recipe(folder: Path, model_dir: Path, dpo_gates: list[str] | None = Non
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2")
+def model_dir(tiny_hub_model) -> Path:
+    return tiny_hub_model  # the session's, built once
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def user_run(model_dir, tmp_path_factory):
     return folder, path
 
 
+@pytest.mark.slow
 def test_dpo_on_user_data_reports_the_shared_metrics(user_run):
     folder, _ = user_run
     runs = folder / "runs" / "user"
@@ -89,6 +90,7 @@ def test_dpo_on_user_data_reports_the_shared_metrics(user_run):
     assert gates.recorded(runs / "dpo")[0]["passed"]  # gates.json beside the manifest
 
 
+@pytest.mark.slow
 def test_report_gives_verdicts_for_user_data(user_run):
     folder, _ = user_run
     assert main(["report", str(folder / "runs" / "user")]) == 0
@@ -101,6 +103,7 @@ def test_report_gives_verdicts_for_user_data(user_run):
     assert "eot_rate" in text or "ends its turn" in text
 
 
+@pytest.mark.slow
 def test_gate_on_a_new_metric_stops_the_run(user_run, capsys):
     folder, path = user_run
     capsys.readouterr()
@@ -145,6 +148,7 @@ def test_prompt_rows_from_common_formats():
     assert prompt_row({"title": "x"}) is None and prompt_row({"messages": [{"role": "assistant", "content": "a"}]}) is None
 
 
+@pytest.mark.slow
 def test_without_a_prompts_file_a_stage_is_evaluated_on_its_held_out_rows(model_dir, tmp_path):
     recipe = user_recipe(tmp_path, model_dir)
     del recipe["stages"]["sft"]["eval"]["prompts"]

@@ -228,6 +228,7 @@ def test_missing_file_and_bad_spec_name_path_and_recipe_key(tmp_path):
         load_rows({"path": "x.jsonl", "splt": "train"}, tmp_path, key="stages.sft.data")
 
 
+@pytest.mark.slow
 def test_offline_hub_fails_fast_with_a_clear_error(tmp_path):
     script = (
         "import time; from pathlib import Path\n"

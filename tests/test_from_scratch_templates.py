@@ -12,6 +12,9 @@ from alignpipe.runs import read_manifest
 from conftest import TINY_MODEL, write_yaml
 
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
+
 @pytest.mark.parametrize("template,end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")])
 def test_pretrain_from_scratch_then_sft_with_the_recipes_template(tmp_path, template, end):
     from transformers import AutoTokenizer

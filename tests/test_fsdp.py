@@ -23,6 +23,9 @@ from hub_layout import save_tiny_model
 from test_distributed import make_command
 from test_real_models import real_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
+
 STAGES = ("sft", "reward", "dpo")
 
 

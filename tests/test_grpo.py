@@ -13,7 +13,7 @@ from alignpipe.recipe import ModelSpec, load_recipe
 from alignpipe.runner import run_recipe
 from alignpipe.stages.grpo import missing_eot
 from alignpipe.validate import validate
-from conftest import REPO, tiny_recipe, write_yaml
+from conftest import REPO, copy_base, tiny_recipe, write_yaml
 
 EVAL = {"num_prompts": 8, "samples_per_prompt": 2, "max_new_tokens": 12}
 TRAINER = {"max_steps": 4, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 12,
@@ -29,9 +29,9 @@ def stage(kind: str = "grpo", **over) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_base):
     root = tmp_path_factory.mktemp("grpo")
-    run_recipe(load_recipe(write_yaml(root / "base.yaml", tiny_recipe(root / "runs"))))
+    copy_base(tiny_base, root / "runs")  # the session's tiny pretrain + sft
     return root
 
 
@@ -39,6 +39,7 @@ def run(root, stages: dict, only: list[str]) -> dict:
     return run_recipe(load_recipe(write_yaml(root / "r.yaml", tiny_recipe(root / "runs", extra_stages=stages))), only)
 
 
+@pytest.mark.slow
 def test_grpo_with_the_judge_says_it_trained_on_it(runs, capsys):
     m = run(runs, {"grpo": stage()}, ["grpo"])["grpo"]
     assert m["status"] == "complete"
@@ -53,6 +54,7 @@ def test_grpo_with_the_judge_says_it_trained_on_it(runs, capsys):
     assert load_stage_model(runs / "runs" / "tiny" / "grpo", ModelSpec()) is not None
 
 
+@pytest.mark.slow
 def test_rloo_with_a_reward_stage_and_lora(runs):
     stages = {
         "reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": EVAL,

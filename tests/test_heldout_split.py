@@ -14,16 +14,17 @@ from alignpipe.recipe import load_recipe
 from conftest import write_yaml
 
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
+
 def jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from hub_layout import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2")
+def model_dir(tiny_hub_model) -> Path:
+    return tiny_hub_model  # the session's, built once
 
 
 def write_files(folder: Path, n: int = 120) -> dict[str, Path]:

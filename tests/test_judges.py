@@ -17,7 +17,6 @@ import pytest
 from alignpipe.cli import main
 from alignpipe.runs import read_manifest
 from conftest import write_yaml
-from hub_layout import save_tiny_model
 from test_eval_user_data import TRAINER, write_files
 
 KEY_ENV, KEY = "ALIGNPIPE_TEST_JUDGE_KEY", "sk-test-7f3a9c41d2e8b6054ab1"
@@ -68,8 +67,8 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2")
+def model_dir(tiny_hub_model) -> Path:
+    return tiny_hub_model  # the session's, built once
 
 
 def judge_recipe(folder: Path, model_dir: Path, judges: dict) -> Path:
@@ -85,6 +84,7 @@ def judge_recipe(folder: Path, model_dir: Path, judges: dict) -> Path:
                     "eval": {**ev, "judges": judges}, "trainer": {**TRAINER, "max_steps": 2}}}})
 
 
+@pytest.mark.slow
 def test_local_and_endpoint_judges(model_dir, server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     Judge.asked.clear()
@@ -130,6 +130,7 @@ def test_local_and_endpoint_judges(model_dir, server, tmp_path, monkeypatch):
             assert KEY.encode() not in f.read_bytes(), f
 
 
+@pytest.mark.slow
 def test_failed_judge_keeps_the_stage_and_eval_reruns(model_dir, server, tmp_path, capsys):
     judges = {"remote": {"endpoint": server, "model": "judge"}}
     path = judge_recipe(tmp_path, model_dir, judges)
@@ -154,6 +155,7 @@ def test_failed_judge_keeps_the_stage_and_eval_reruns(model_dir, server, tmp_pat
     assert "implicit_accuracy" in m  # the training figures are kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("judge,needle", [
     ({"model": "/no/such/judge"}, "judge model /no/such/judge does not exist"),
     ({"verifier": "no_such_module:check"}, "cannot import verifier"),
@@ -167,6 +169,7 @@ def test_validate_refuses_a_bad_judge(model_dir, tmp_path, capsys, judge, needle
     assert len(err) == 1 and needle in err[0] and "stages.dpo.eval.judges.j" in err[0], err
 
 
+@pytest.mark.slow
 def test_prompts_file_without_a_user_turn_is_refused(model_dir, tmp_path, capsys):
     path = judge_recipe(tmp_path, model_dir, {})
     bad = tmp_path / "prompts.jsonl"

@@ -25,11 +25,9 @@ REWARD = {"from": "sft", "data": {"mixture": [{"embedded": "pairs", "weight": 1}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """pretrain + sft of the tiny recipe, built once and copied into each test's run folder."""
-    root = tmp_path_factory.mktemp("label-base")
-    run_recipe(load_recipe(write_yaml(root / "base.yaml", tiny_recipe(root / "runs", name="base"))), ["sft"])
-    return root / "runs" / "base"
+def base(tiny_base):
+    """pretrain + sft of the tiny recipe (the session's), copied into each test's run folder."""
+    return tiny_base
 
 
 def _recipe(tmp_path, base, stages: dict, name: str = "lab") -> Path:
@@ -42,6 +40,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_label_pairs_come_from_training_prompts_and_a_reward_stage_trains_on_them(base, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     path = _recipe(tmp_path, base, {"label": LABEL, "reward": REWARD})
@@ -87,6 +86,7 @@ def test_label_pairs_come_from_training_prompts_and_a_reward_stage_trains_on_the
     assert relabelled["reward"]["version"] == reward["version"] + 1
 
 
+@pytest.mark.slow
 def test_user_prompts_never_label_a_held_out_prompt(base, tmp_path, monkeypatch):
     from alignpipe.data.split import FRACTION, prompt_key, score
 
@@ -217,6 +217,7 @@ def _wait(predicate, what: str, timeout: float = 240.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_labelling_page_in_a_browser_survives_a_killed_server_and_feeds_a_reward_stage(base, tmp_path):
     import os
     import signal
@@ -283,6 +284,7 @@ def test_labelling_page_in_a_browser_survives_a_killed_server_and_feeds_a_reward
     assert reward["metrics"]["pairs_train"] >= total - 1
 
 
+@pytest.mark.slow
 def test_judge_model_labeller_over_an_endpoint_and_agreement_with_a_rule(base, tmp_path, monkeypatch):
     """An OpenAI-compatible endpoint on loopback that prefers the shorter answer labels the queue (asked in both
     orders); the opposite rule as second labeller agrees on no winner, the same rule on every one."""
@@ -388,6 +390,7 @@ def test_page_off_loopback_needs_the_flag_and_every_request_the_token(tmp_path):
     assert current(read_log(tmp_path), "human") == {"0-0-1": "a"}
 
 
+@pytest.mark.slow
 def test_cut_off_pairs_false_leaves_out_pairs_whose_rejected_response_was_cut_off(base, tmp_path, monkeypatch):
     """`cut_off_pairs: false`: no pair rejects a response that never ended its turn; the left-out pairs are counted,
     and the pairs kept are exactly the default's pairs less those."""

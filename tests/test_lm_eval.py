@@ -15,6 +15,9 @@ from conftest import write_yaml
 from hub_layout import save_tiny_model
 from test_eval_user_data import TRAINER, write_files
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
+
 pytest.importorskip("lm_eval", reason="the lmeval extra (CI installs it)")
 
 MC_TASK = """task: tiny_mc

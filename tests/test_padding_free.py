@@ -19,6 +19,7 @@ def train_rows(stage_dir) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_padding_free_sft_trains_on_the_same_tokens_as_padded(tiny):
     runs = tiny.parent / "runs" / "tiny"
     logs, manifests = {}, {}
@@ -37,6 +38,7 @@ def test_padding_free_sft_trains_on_the_same_tokens_as_padded(tiny):
         assert f["loss"] == pytest.approx(p["loss"], rel=2e-2)
 
 
+@pytest.mark.slow
 def test_auto_check_keeps_padded_batches_where_flattening_is_not_exact(tmp_path):
     from transformers import BloomConfig, BloomForCausalLM
 

@@ -13,17 +13,14 @@ from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig
 from alignpipe.stage_helpers import pack
 from alignpipe.stages.pretrain import unigram_perplexity
-from conftest import TINY_WORLD
+from conftest import TINY_WORLD, stage_manifest
 
 
-def _manifest(path):
-    return json.loads((path / "manifest.json").read_text())
-
-
+@pytest.mark.slow
 def test_pretrain_then_sft(tiny, capsys):
     runs = tiny.parent / "runs" / "tiny"
     assert main(["run", str(tiny)]) == 0
-    pre, sft = _manifest(runs / "pretrain"), _manifest(runs / "sft")
+    pre, sft = stage_manifest(runs / "pretrain"), stage_manifest(runs / "sft")
 
     # both complete, with the lineage and inputs recorded
     assert pre["status"] == sft["status"] == "complete"
@@ -55,13 +52,13 @@ def test_pretrain_then_sft(tiny, capsys):
     assert main(["run", str(tiny)]) == 0
     err = capsys.readouterr().err
     assert err.count("skipped") == 2
-    assert _manifest(runs / "sft")["fingerprint"] == sft["fingerprint"]
+    assert stage_manifest(runs / "sft")["fingerprint"] == sft["fingerprint"]
 
     # --force re-runs the named stage only, and the same seed gives the same metrics
     assert main(["run", str(tiny), "--stages", "sft", "--force"]) == 0
     err = capsys.readouterr().err
     assert "stage pretrain: complete with the same config" in err and "starting over (--force)" in err
-    again = _manifest(runs / "sft")
+    again = stage_manifest(runs / "sft")
     assert again["metrics"]["judge_pass_rate"] == sft["metrics"]["judge_pass_rate"]
     assert abs(again["metrics"]["eval_loss"] - sft["metrics"]["eval_loss"]) < 1e-6
 
@@ -102,7 +99,7 @@ def assert_evaluated_on_held_out(recipe_path, runs) -> None:
     trained_on |= {p["prompt"][0]["content"] for p in world.rl_prompts()}
     trained_on |= {p["prompt"][0]["content"] for p in world.preference_rows("train")}
     assert not trained_on & set(held_out)
-    metrics = _manifest(runs / "sft")["metrics"]
+    metrics = stage_manifest(runs / "sft")["metrics"]
     verdicts = [r["ended"] and judge(r["prompt"], r["response"]) for r in rows]
     assert [r["judge"] for r in rows] == verdicts
     assert metrics["judge_total"] == len(rows) and metrics["judge_passed"] == sum(verdicts)
@@ -119,11 +116,12 @@ def assert_evaluated_on_held_out(recipe_path, runs) -> None:
         with torch.no_grad():
             return math.exp(model(input_ids=blocks, labels=blocks).loss.item())
 
-    measured = _manifest(runs / "pretrain")["metrics"]["perplexity"]
+    measured = stage_manifest(runs / "pretrain")["metrics"]["perplexity"]
     assert measured == pytest.approx(perplexity(world.corpus_eval()[: pre.config.eval_docs]), rel=1e-4)
     assert measured != pytest.approx(perplexity(world.corpus()), rel=1e-2)
 
 
+@pytest.mark.slow
 def test_show_prints_lineage(tiny, capsys):
     assert main(["run", str(tiny), "--stages", "pretrain", "--set", "stages.pretrain.eval.enabled=false"]) == 0
     capsys.readouterr()
@@ -132,6 +130,7 @@ def test_show_prints_lineage(tiny, capsys):
     assert "pretrain" in out and "perplexity" in out
 
 
+@pytest.mark.slow
 def test_stage_refuses_incomplete_parent(tiny, capsys):
     from alignpipe.recipe import load_recipe
     from alignpipe.runner import run_stage
@@ -162,6 +161,7 @@ def test_world_is_seeded_from_recipe():
     assert a == b
 
 
+@pytest.mark.slow
 def test_plain_and_fused_lm_head_give_the_same_training(tiny):
     """On a CPU the sft stage uses the model's own LM head and loss instead of TRL's fused, chunked one (faster
     on small models, see stages/sft.py); the loss and the logged metrics must be the same either way."""

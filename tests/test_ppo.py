@@ -21,7 +21,7 @@ from alignpipe.rl.ppo_trainer import PPOSettings, prompt_batch
 from alignpipe.rl.rollout import Rollout, response_mask_from
 from alignpipe.runner import run_recipe
 from alignpipe.stage_helpers import reward_hacking
-from conftest import tiny_recipe, write_yaml
+from conftest import copy_base, tiny_recipe, write_yaml
 
 TOY = '''
 import os
@@ -49,12 +49,12 @@ def toy_stage(**over) -> dict:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A folder with pretrain + sft built once, and the toy reward module importable."""
+def work(tmp_path_factory, tiny_base):
+    """A folder with the session's tiny pretrain + sft, and the toy reward module importable."""
     root = tmp_path_factory.mktemp("ppo")
     (root / "toy_rewards.py").write_text(TOY)
     sys.path.insert(0, str(root))
-    run_recipe(load_recipe(write_yaml(root / "base.yaml", tiny_recipe(root / "runs"))))
+    copy_base(tiny_base, root / "runs")
     yield root
     sys.path.remove(str(root))
     sys.modules.pop("toy_rewards", None)
@@ -76,6 +76,7 @@ def log_rows(stage_dir) -> list[dict]:
 # --- end to end ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ppo_learns_a_short_response_reward(work):
     m = run_stages(work, {"ppo": toy_stage()}, ["ppo"])["ppo"]
     assert m["status"] == "complete"
@@ -114,6 +115,7 @@ def test_ppo_learns_a_short_response_reward(work):
     assert (stage / "logs").is_dir() and any((stage / "logs").iterdir())  # TensorBoard events
 
 
+@pytest.mark.slow
 def test_fixed_kl_early_stop_and_eot_penalty_are_wired(work):
     """kl_target: null keeps kl_coef fixed; target_approx_kl stops an update's minibatches early;
     missing_eot_penalty is the configured one."""
@@ -132,6 +134,7 @@ def test_fixed_kl_early_stop_and_eot_penalty_are_wired(work):
     assert stop[0]["reward_raw"] == nostop[0]["reward_raw"] and stop[0]["eot_share"] == nostop[0]["eot_share"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whiten", [True, False])
 def test_advantage_whitening_is_wired(work, whiten):
     """One update, one minibatch holding the whole rollout, one step: the policy has not moved, so the
@@ -149,6 +152,7 @@ def test_advantage_whitening_is_wired(work, whiten):
         assert abs(row["policy_loss"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_ppo_ptx_trains_on_the_text_beside_the_reward(work):
     """PPO-ptx: every optimiser step adds the next-token loss on corpus text; that loss falls as it trains."""
     stage = toy_stage(ptx_data={"embedded": "corpus"}, trainer={"total_updates": 8, "ptx_coef": 2.0})
@@ -159,6 +163,7 @@ def test_ppo_ptx_trains_on_the_text_beside_the_reward(work):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
 
 
+@pytest.mark.slow
 def test_negative_entropy_coef_sharpens_the_policy(work):
     """entropy_coef < 0 (entropy minimisation) lowers the policy's entropy against the same run without it."""
     last = {}
@@ -169,6 +174,7 @@ def test_negative_entropy_coef_sharpens_the_policy(work):
     assert last["ppo_entneg"] < 0.8 * last["ppo_ent0"], last
 
 
+@pytest.mark.slow
 def test_lora_ppo_holds_one_copy_of_the_base_weights(work):
     sft = work / "runs" / "tiny" / "sft"
     from peft import LoraConfig
@@ -197,6 +203,7 @@ def test_lora_ppo_holds_one_copy_of_the_base_weights(work):
     assert not any(p.requires_grad for p in frozen.parameters())
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_gradients(work):
     from peft import LoraConfig
 
@@ -220,6 +227,7 @@ def test_activation_checkpointing_gives_the_same_gradients(work):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
 
 
+@pytest.mark.slow
 def test_lora_ppo_stage_saves_an_adapter(work):
     stage = toy_stage(lora={"r": 4, "alpha": 8}, trainer={"total_updates": 3})
     m = run_stages(work, {"ppo_lora": stage}, ["ppo_lora"])["ppo_lora"]
@@ -231,6 +239,7 @@ def test_lora_ppo_stage_saves_an_adapter(work):
     assert count_parameters(merged) == count_parameters(load_stage_model(work / "runs" / "tiny" / "sft", ModelSpec()))
 
 
+@pytest.mark.slow
 def test_crashed_run_resumes_bit_exactly(work, monkeypatch, capsys):
     """A run that fails (an exception; the SIGKILL case is in test_resume.py) resumes from its checkpoint:
     the resumed run scores only the 3 updates after it, and ends where the uninterrupted run ended."""
@@ -262,6 +271,7 @@ def test_crashed_run_resumes_bit_exactly(work, monkeypatch, capsys):
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in log_rows(runs / "ppo_b")]
 
 
+@pytest.mark.slow
 def test_ppo_against_a_reward_stage(work):
     stages = {
         "reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": EVAL,
@@ -280,6 +290,7 @@ def test_ppo_against_a_reward_stage(work):
         assert r["reward_normalised"] == pytest.approx((r["reward_raw"] - stats["mean"]) / stats["std"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ppo_keeps_the_ranks_identical(work, tmp_path):
     """`make ppo ACCELERATE=recipes/accelerate/ddp.yaml NPROC=2`: two gloo processes, each sampling its own
     prompts; gradients are averaged by accelerate's DDP, so both ranks end with the same policy."""

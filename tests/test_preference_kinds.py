@@ -17,7 +17,7 @@ from alignpipe.recipe import load_recipe
 from alignpipe.context import make_context
 from alignpipe.stages import kto
 from alignpipe.validate import validate
-from conftest import TINY_EVAL, tiny_recipe, write_yaml
+from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
            "logging_steps": 2}
@@ -57,15 +57,12 @@ def trained(tmp_path_factory):
     return path, root / "runs" / "tiny"
 
 
-def _manifest(stage_dir):
-    return json.loads((stage_dir / "manifest.json").read_text())
-
-
+@pytest.mark.slow
 def test_each_kind_trains_and_reports_the_shared_evaluation(trained):
     path, runs = trained
     sft = load_file(runs / "sft" / "model" / "model.safetensors")
     for stage in POLICY_STAGES:
-        m = _manifest(runs / stage)
+        m = stage_manifest(runs / stage)
         assert m["status"] == "complete" and m["parent"]["stage"] == "sft", stage
         metrics = m["metrics"]
         assert metrics["global_step"] == STAGES[stage]["trainer"]["max_steps"]
@@ -78,18 +75,19 @@ def test_each_kind_trains_and_reports_the_shared_evaluation(trained):
         weights = load_file(runs / stage / "model" / "model.safetensors")
         assert sum(not torch.equal(sft[k], weights[k]) for k in sft) >= len(sft) // 2
     assert (runs / "kto_lora" / "model" / "adapter_config.json").is_file()
-    assert _manifest(runs / "simpo")["metrics"]["loss_type"] == "simpo"
+    assert stage_manifest(runs / "simpo")["metrics"]["loss_type"] == "simpo"
     # KTO's implicit reward separates desirable from undesirable held-out rows
-    assert _manifest(runs / "kto")["metrics"]["implicit_margin"] > 0
+    assert stage_manifest(runs / "kto")["metrics"]["implicit_margin"] > 0
     # the report has a row for each
     assert main(["report", str(runs)]) == 0
     report = (runs / "report.md").read_text()
     kinds = {"kto": "kto", "kto_lora": "kto", "orpo": "orpo", "simpo": "cpo"}
     for stage in POLICY_STAGES:  # its row in the policy table, with its KL figure
-        kl = _manifest(runs / stage)["metrics"]["kl_to_reference"]
+        kl = stage_manifest(runs / stage)["metrics"]["kl_to_reference"]
         assert f"| **{stage}** | {kinds[stage]} | complete |" in report and f"{kl:.3f}" in report, stage
 
 
+@pytest.mark.slow
 def test_kto_lora_keeps_one_copy_of_the_base_weights(trained):
     path, _ = trained
     recipe = load_recipe(path)
@@ -107,9 +105,10 @@ def test_kto_lora_keeps_one_copy_of_the_base_weights(trained):
     assert copies == {"kto": 2.0, "kto_lora": 1.0}
 
 
+@pytest.mark.slow
 def test_llamafactory_kto_file_loads_and_trains(trained):
     _, runs = trained
-    m = _manifest(runs / "kto_file")
+    m = stage_manifest(runs / "kto_file")
     assert m["status"] == "complete" and m["metrics"]["global_step"] == 3
     report = json.loads((runs / "kto_file" / "data_report.json").read_text())
     text = json.dumps(report)

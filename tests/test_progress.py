@@ -12,6 +12,8 @@ import select
 import subprocess
 import sys
 
+import pytest
+
 from alignpipe.cli import main
 from alignpipe.progress import Progress
 from conftest import REPO, tiny_recipe, write_yaml
@@ -28,6 +30,7 @@ def _pretrain_only(tmp_path, steps: int = 40, logging_steps: int = 5):
     return write_yaml(tmp_path / "tiny.yaml", recipe)
 
 
+@pytest.mark.slow
 def test_off_a_terminal_a_line_per_step_of_progress(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ALIGNPIPE_PROGRESS_EVERY", "25")
     monkeypatch.delenv("ALIGNPIPE_VERBOSE", raising=False)
@@ -70,6 +73,7 @@ def test_a_resumed_bar_starts_where_training_resumes():
     assert pcts == [70, 80, 90, 100]
 
 
+@pytest.mark.slow
 def test_on_a_terminal_a_bar_is_drawn(tmp_path):
     """The real CLI with its stderr on a pseudo-terminal: one bar, redrawn in place, ending at 40/40."""
     path = _pretrain_only(tmp_path)

@@ -47,10 +47,11 @@ def real_recipe(folder: Path, model_dir: Path, stages: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2")
+def model_dir(tiny_hub_model) -> Path:
+    return tiny_hub_model  # the session's, built once
 
 
+@pytest.mark.slow
 def test_saved_in_hub_layout(model_dir):
     names = {p.name for p in model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -58,6 +59,7 @@ def test_saved_in_hub_layout(model_dir):
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen2"
 
 
+@pytest.mark.slow
 def test_sft_lora_then_dpo(model_dir, tmp_path):
     import torch
 
@@ -102,6 +104,7 @@ def test_sft_lora_then_dpo(model_dir, tmp_path):
     assert any(not torch.equal(p, after_sft[n]) for n, p in policy.named_parameters())
 
 
+@pytest.mark.slow
 def test_qwen_own_template_refused_for_assistant_only_sft(model_dir, tmp_path, capsys):
     recipe = real_recipe(tmp_path, model_dir, ["sft"])
     recipe["chat_template"] = "model"  # Qwen's own template has no {% generation %} markers
@@ -115,6 +118,7 @@ def test_qwen_own_template_refused_for_assistant_only_sft(model_dir, tmp_path, c
 # --- hub ids: validate offline, run fails fast ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hub_recipe_validates_offline_and_run_fails_fast(tmp_path, capsys, monkeypatch):
     from alignpipe.data.sources import probe_hub
 
@@ -208,6 +212,7 @@ SHRINK = {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulati
           "forward_batch_size": 4, "max_new_tokens": 8}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arch", [("qwen2.5-0.5b-lora", "qwen2"), ("llama3-8b-qlora", "llama")])
 def test_shipped_recipe_runs_on_a_tiny_lookalike(name, arch, tmp_path):
     import yaml

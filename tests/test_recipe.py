@@ -109,6 +109,7 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path, capsys):
     assert f"{path}:4:" in err and "YAML syntax error" in err
 
 
+@pytest.mark.slow
 def test_cli_error_has_no_traceback(tmp_path):
     recipe = _mutate(tiny_recipe(tmp_path / "runs"), "stages.sft.trainer.learnin_rate", 1e-3)
     path = write_yaml(tmp_path / "bad.yaml", recipe)

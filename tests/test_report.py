@@ -15,22 +15,16 @@ from alignpipe.gates import GateSyntaxError, evaluate_gates, parse_gate
 from alignpipe.recipe import load_recipe
 from alignpipe.report import paired, task_kind, wilson, win_rate, write_report
 from alignpipe.validate import validate
-from conftest import TINY_EVAL, tiny_recipe, write_yaml
-
-
-def _manifest(path):
-    return json.loads((path / "manifest.json").read_text())
+from conftest import TINY_EVAL, copy_base, stage_manifest, tiny_recipe, write_yaml
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real tiny pretrain+sft run, shared by the tests of this file (copy it before changing it)."""
-    root = tmp_path_factory.mktemp("report")
-    recipe = write_yaml(root / "tiny.yaml", tiny_recipe(root / "runs"))
-    assert main(["run", str(recipe)]) == 0
-    return root / "runs" / "tiny"
+def tiny_run(tmp_path_factory, tiny_base):
+    """A copy of the session's tiny pretrain+sft run, shared by the tests of this file (copy it before changing it)."""
+    return copy_base(tiny_base, tmp_path_factory.mktemp("report") / "runs")
 
 
+@pytest.mark.slow
 def test_report_after_pretrain_and_sft(tiny_run, capsys):
     assert main(["report", str(tiny_run)]) == 0
     assert "report.md" in capsys.readouterr().out
@@ -47,7 +41,7 @@ def test_report_after_pretrain_and_sft(tiny_run, capsys):
 
     # the pass rate of every policy stage, with its Wilson interval, from its own samples
     for stage in ("pretrain", "sft"):
-        m = _manifest(tiny_run / stage)["metrics"]
+        m = stage_manifest(tiny_run / stage)["metrics"]
         lo, hi = wilson(m["judge_passed"], m["judge_total"])
         assert f"{m['judge_pass_rate']:.1%} [{lo:.1%}, {hi:.1%}]" in text
 
@@ -75,6 +69,7 @@ ALIGNED = {  # tiny reward, dpo and ppo stages on top of tiny_run's sft: seconds
 }
 
 
+@pytest.mark.slow
 def test_report_covers_reward_dpo_and_ppo(tiny_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "tiny")
@@ -108,6 +103,7 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_missed_gate_fails_the_run_and_keeps_the_stage(tiny_run, tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "tiny")
@@ -122,11 +118,11 @@ def test_missed_gate_fails_the_run_and_keeps_the_stage(tiny_run, tmp_path, capsy
     assert "gate missed" in line and "'sft'" in line and "judge_pass_rate" in line and "1.5" in line
     assert "stages.sft.gates[1]" in line
 
-    sft = _manifest(runs / "tiny" / "sft")
+    sft = stage_manifest(runs / "tiny" / "sft")
     assert sft["status"] == "complete" and (runs / "tiny" / "sft" / "model" / "model.safetensors").is_file()
     passed, missed = json.loads((runs / "tiny" / "sft" / "gates.json").read_text())
     assert passed["passed"] is True and passed["threshold"] == pytest.approx(
-        _manifest(runs / "tiny" / "pretrain")["metrics"]["eval_loss"] * 10)
+        stage_manifest(runs / "tiny" / "pretrain")["metrics"]["eval_loss"] * 10)
     assert missed == {"expr": "judge_pass_rate >= 1.5", "metric": "judge_pass_rate", "op": ">=",
                       "value": sft["metrics"]["judge_pass_rate"], "threshold": 1.5, "passed": False}
 
@@ -254,6 +250,7 @@ def test_task_kind_of_world_prompts():
     assert task_kind("tell me a joke") is None
 
 
+@pytest.mark.slow
 def test_missed_gate_in_the_middle_stops_the_stages_after_it(tiny_run, tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "tiny")
@@ -267,7 +264,7 @@ def test_missed_gate_in_the_middle_stops_the_stages_after_it(tiny_run, tmp_path,
     err = capsys.readouterr().err
     assert "stage sft missed a gate: not running reward, dpo" in err
     assert err.strip().splitlines()[-1].startswith("alignpipe: error: ") and "gate missed" in err.splitlines()[-1]
-    assert _manifest(runs / "tiny" / "sft")["status"] == "complete"
+    assert stage_manifest(runs / "tiny" / "sft")["status"] == "complete"
     assert not (runs / "tiny" / "reward").exists() and not (runs / "tiny" / "dpo").exists()
     # the stages before it ran as usual (pretrain: skipped, complete)
     assert "stage pretrain: complete with the same config and inputs, skipped" in err

@@ -59,6 +59,7 @@ def files(folder: Path) -> dict[str, str]:
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_killed_rerun_keeps_the_current_version_then_resumes_and_swaps(base_run, tmp_path, capfd):
     run = copy_run(base_run, tmp_path / "runs")
     sft = run / "sft"
@@ -122,6 +123,7 @@ def test_killed_rerun_keeps_the_current_version_then_resumes_and_swaps(base_run,
     assert "no complete version 7" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_failed_save_leaves_the_current_stage_as_it_was(base_run, tmp_path, capfd, monkeypatch):
     from alignpipe import training
 
@@ -149,6 +151,7 @@ def test_failed_save_leaves_the_current_stage_as_it_was(base_run, tmp_path, capf
     assert files(run / ".history" / "sft" / "1") == before
 
 
+@pytest.mark.slow
 def test_moved_run_folder_loads_runs_downstream_and_serves(base_run, tmp_path, capfd, monkeypatch):
     run = copy_run(base_run, tmp_path / "old")
     moved = tmp_path / "elsewhere" / "tiny"
@@ -177,6 +180,7 @@ def test_moved_run_folder_loads_runs_downstream_and_serves(base_run, tmp_path, c
     load_stage_model(moved / "dpo", ModelSpec())  # dpo adapter over sft adapter over pretrain
 
 
+@pytest.mark.slow
 def test_gate_only_change_rechecks_without_training(base_run, tmp_path, capfd):
     run = copy_run(base_run, tmp_path / "runs")
     before = files(run)

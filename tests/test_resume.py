@@ -223,6 +223,7 @@ def record_trainers(monkeypatch) -> dict:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_sigkilled_stage_resumes_exactly(kind, work, capsys, monkeypatch):
     spec = KINDS[kind]
@@ -296,6 +297,7 @@ def test_sigkilled_stage_resumes_exactly(kind, work, capsys, monkeypatch):
           f"killed run {t_kill:.1f}s, resume {t_resume:.1f}s")
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume_and_the_resumed_manifest_keeps_both_wall_times(work, capsys):
     name = "sft-ctrl-c"
     _copy_parents(work, name, ["pretrain"])
@@ -319,6 +321,7 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_manifest_keeps_both_wall_time
     assert abs(done["wall_time_s"] - (first["wall_time_s"] + done["wall_time_this_attempt_s"])) < 0.02
 
 
+@pytest.mark.slow
 def test_restart_ignores_checkpoints(work, capsys):
     """--restart on an interrupted stage starts from step 0 (and, being deterministic, ends the same)."""
     name = "restarted"
@@ -337,6 +340,7 @@ def test_restart_ignores_checkpoints(work, capsys):
     assert_same_run(work / "runs" / "base" / "sft", stage_dir)
 
 
+@pytest.mark.slow
 def test_same_recipe_twice_gives_identical_runs(work):
     """Reproducibility: a second, independent run folder of the same recipe and seed (nothing copied)
     trains the same bits, measures the same metrics, and its manifests hold what a re-run needs."""
@@ -366,6 +370,7 @@ class _Ctx:
         self.checkpoints_dir, self.resume, self.name = checkpoints_dir, resume, "stage"
 
 
+@pytest.mark.slow
 def test_half_written_checkpoints_are_never_used(work, tmp_path):
     """Real checkpoints of the reference sft, then damaged the ways a kill during a save leaves them."""
     src = work / "runs" / "base" / "sft" / "checkpoints"
@@ -400,6 +405,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_folder_refuses(work, capsys):
     run_root = work / "runs" / "base"
     before = {p: p.read_bytes() for p in run_root.rglob("*") if p.is_file()}

@@ -19,7 +19,7 @@ from alignpipe.reward.pairs import filter_pairs
 from alignpipe.context import make_context
 from alignpipe.runner import run_recipe
 from alignpipe.stages import reward as stage
-from conftest import TINY_EVAL, tiny_recipe, write_yaml
+from conftest import TINY_EVAL, copy_base, tiny_recipe, write_yaml
 
 REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
           "trainer": {"max_steps": 24, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0,
@@ -27,11 +27,11 @@ REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A tiny recipe with pretrain + sft built once; the reward stages are run by the tests."""
+def built(tmp_path_factory, tiny_base):
+    """A tiny recipe with the session's pretrain + sft; the reward stages are run by the tests."""
     root = tmp_path_factory.mktemp("reward")
     path = write_yaml(root / "tiny.yaml", tiny_recipe(root / "runs", extra_stages={"reward": REWARD}))
-    run_recipe(load_recipe(path), ["sft"])
+    copy_base(tiny_base, root / "runs")
     return path
 
 
@@ -57,6 +57,7 @@ def _changed(before: dict, model, name_part: str) -> list[str]:
     return [k for k, v in model.named_parameters() if name_part in k and not torch.equal(before[k], v.detach())]
 
 
+@pytest.mark.slow
 def test_full_trains_head_and_reloads_to_the_same_scores(built, tmp_path):
     ctx = _context(built, tmp_path)
     trainer, evals, before, losses = _train(ctx)
@@ -97,6 +98,7 @@ def test_full_trains_head_and_reloads_to_the_same_scores(built, tmp_path):
         assert torch.allclose(score_ids(fresh, *batch), alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_trains_adapter_and_head_and_saves_both(built, tmp_path):
     from peft import PeftModel
 
@@ -130,6 +132,7 @@ def test_lora_trains_adapter_and_head_and_saves_both(built, tmp_path):
     assert max(abs(a - b) for a, b in zip(in_memory, again)) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8)], ids=["full", "lora"])
 def test_padding_free_pairs_train_as_padded_ones(built, tmp_path, lora):
     """Chosen and rejected in one flattened row, scored at each sequence's last token: the same step-1 loss,
@@ -153,6 +156,7 @@ def test_padding_free_pairs_train_as_padded_ones(built, tmp_path, lora):
     assert flat[-1]["loss"] == pytest.approx(padded[-1]["loss"], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_stage_end_to_end_and_score_command(built, tmp_path, capsys):
     assert main(["run", str(built), "--stages", "reward"]) == 0
     out_dir = built.parent / "runs" / "tiny" / "reward"
@@ -210,6 +214,7 @@ def test_bad_pairs_counted_and_nothing_usable_is_an_error():
         filter_pairs(rows[1:], "train")
 
 
+@pytest.mark.slow
 def test_too_long_pairs_are_counted(built, tmp_path):
     tok = make_context(load_recipe(built), "reward").load_tokenizer()
     short = {"prompt": "add 1 and 2.", "chosen": "The answer is 3.", "rejected": "no."}
@@ -218,6 +223,7 @@ def test_too_long_pairs_are_counted(built, tmp_path):
     assert kept and report.dropped == {"too_long": 1}
 
 
+@pytest.mark.slow
 def test_user_file_with_only_bad_pairs_fails_before_training(built, tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": "hi", "chosen": "same", "rejected": "same"}) for _ in range(3)))

@@ -35,6 +35,7 @@ def test_torn_manifest_is_not_complete(tmp_path):
     assert not runs.is_complete(tmp_path)
 
 
+@pytest.mark.slow
 def test_killed_stage_is_not_complete_and_reruns(tmp_path):
     recipe = tiny_recipe(tmp_path / "runs")
     recipe["stages"].pop("sft")
@@ -97,6 +98,7 @@ run.finish({"judge_pass_rate": 0.5, "padding": "x" * 100000})  # large: a torn w
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at", ["fsync", "replace"])
 def test_manifest_killed_between_write_and_rename_keeps_the_old_one(tmp_path, at):
     kill_during_write(tmp_path, at, MANIFEST_SETUP, MANIFEST_WRITE)
@@ -133,6 +135,7 @@ state.save(root, 4, policy, optimizer, scheduler, kl)
 """
 
 
+@pytest.mark.slow
 def test_ppo_checkpoint_killed_between_write_and_rename_keeps_the_old_one(tmp_path):
     import torch
 

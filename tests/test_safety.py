@@ -33,12 +33,14 @@ def tiny_run(tmp_path_factory) -> Path:
     return root / "runs" / "safe" / "pretrain"
 
 
+@pytest.mark.slow
 def test_trust_remote_code_is_off_and_recorded(tiny_run):
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert manifest["trust_remote_code"] is False
     assert manifest["recipe_settings"]["model"]["trust_remote_code"] is False
 
 
+@pytest.mark.slow
 def test_model_code_in_a_folder_is_not_run_without_trust(tiny_run, tmp_path):
     """A folder whose config points at its own Python (auto_map) loads with the library's class; its code
     is never imported (it would leave a marker file)."""
@@ -63,6 +65,7 @@ def _pickle_only(tiny_run: Path, dest: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_pickle_weights_are_refused_unless_allowed(tiny_run, tmp_path, capsys):
     folder = _pickle_only(tiny_run, tmp_path / "bin-only")
     # loading refuses, naming the opt-in
@@ -146,6 +149,7 @@ def _package():
 COMPUTED_ARGV = {"stage_processes.py": "subprocess.Popen with a computed command"}
 
 
+@pytest.mark.slow
 def test_no_recipe_string_reaches_a_shell():
     """No shell anywhere; the subprocesses are fixed argument lists (git, for the manifest) or the stage child's."""
     problems = [p for tree, where in _package() for p in shell_problems(tree, where)]
@@ -171,6 +175,7 @@ def test_every_torch_load_is_weights_only():
     assert [p for tree, where in _package() for p in unsafe_loads(tree, where)] == []
 
 
+@pytest.mark.slow
 def test_the_static_checks_can_fail():
     """The checks above see what they look for (a check that cannot fail proves nothing)."""
     bad = ast.parse("\n".join([

@@ -65,6 +65,7 @@ def _recipe(tmp_path, **copy_stage):
     return write_yaml(tmp_path / "kinds.yaml", recipe)
 
 
+@pytest.mark.slow
 def test_a_kind_registered_by_a_test_module_runs_in_a_recipe(tmp_path, copy_kind, capsys):
     path = _recipe(tmp_path)
     assert main(["validate", str(path)]) == 0

@@ -3,7 +3,6 @@ the parent's run lock, with the figures of a sequential run; the lock lets in on
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,17 +16,14 @@ from alignpipe.errors import RunError
 from alignpipe.lock import LOCK_PARENT_ENV, RunLock
 from alignpipe.stage_processes import resolve_parallel
 from alignpipe.thread_choice import usable_cores
-from conftest import TINY_EVAL, tiny_recipe, write_yaml
+from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 SIBLING = {"kind": "sft", "from": "pretrain", "data": {"embedded": "sft"}, "eval": TINY_EVAL,
            "trainer": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
                        "logging_steps": 2}}
 
 
-def _manifest(path):
-    return json.loads((path / "manifest.json").read_text())
-
-
+@pytest.mark.slow
 def test_siblings_run_together_with_the_figures_of_a_sequential_run(tmp_path, capfd, monkeypatch):
     recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"sft2": SIBLING}))
     monkeypatch.setenv(thread_choice.ENV, "auto")  # as `make pipeline`: the siblings share the cores in the plan
@@ -42,7 +38,7 @@ def test_siblings_run_together_with_the_figures_of_a_sequential_run(tmp_path, ca
     err = capfd.readouterr().err
     assert "at the same time" not in err and "stage pretrain: complete with the same config" in err
     for stage in ("sft", "sft2"):
-        a, b = _manifest(together / stage), _manifest(in_turn / stage)
+        a, b = stage_manifest(together / stage), stage_manifest(in_turn / stage)
         assert a["status"] == "complete" and a["parent"]["stage"] == "pretrain"
         assert a["parent"]["manifest_sha256"]  # lineage to the pretrain stage the parent process built
         # the plan's share, in turn as side by side: 1 thread each on 2 cores
@@ -56,6 +52,7 @@ def test_siblings_run_together_with_the_figures_of_a_sequential_run(tmp_path, ca
     assert "starting over" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_sibling_that_misses_its_gate_fails_the_run_naming_it(tmp_path, capsys):
     gated = {**SIBLING, "gates": ["eval_loss < 0"]}  # can never pass
     recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"sft2": gated}))
@@ -63,8 +60,8 @@ def test_a_sibling_that_misses_its_gate_fails_the_run_naming_it(tmp_path, capsys
     err = capsys.readouterr().err
     assert "stage(s) sft2 (exit 2) failed in their own process" in err, err
     runs = tmp_path / "runs" / "tiny"
-    assert _manifest(runs / "sft")["status"] == "complete"  # the sibling that passed is kept
-    assert _manifest(runs / "sft2")["status"] == "complete"  # a missed gate keeps the stage (as in turn)
+    assert stage_manifest(runs / "sft")["status"] == "complete"  # the sibling that passed is kept
+    assert stage_manifest(runs / "sft2")["status"] == "complete"  # a missed gate keeps the stage (as in turn)
 
 
 def _try_lock(run_root, parent_pid: str | None) -> subprocess.CompletedProcess:
@@ -76,6 +73,7 @@ def _try_lock(run_root, parent_pid: str | None) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+@pytest.mark.slow
 def test_the_lock_lets_in_only_the_children_of_its_holder(tmp_path):
     with RunLock(tmp_path):
         assert _try_lock(tmp_path, str(os.getpid())).stdout.strip() == "in"  # our child, told we hold it

@@ -171,6 +171,7 @@ def pretrained(tmp_path_factory):
     return root, path
 
 
+@pytest.mark.slow
 def test_sft_records_its_template_check(pretrained, tmp_path):
     import shutil
 
@@ -187,6 +188,7 @@ def test_sft_records_its_template_check(pretrained, tmp_path):
     assert "skipped" in read_manifest(tmp_path / "runs" / "tiny" / "pretrain")["template_check"]
 
 
+@pytest.mark.slow
 def test_parent_with_another_template_refused(pretrained, tmp_path):
     root, _ = pretrained
     other = tmp_path / "other.jinja"
@@ -197,6 +199,7 @@ def test_parent_with_another_template_refused(pretrained, tmp_path):
     assert not (root / "runs" / "tiny" / "sft").exists()
 
 
+@pytest.mark.slow
 def test_parent_whose_tokenizer_changed_refused(pretrained, tmp_path, capsys):
     import json
     import shutil
@@ -280,6 +283,7 @@ def _copy_of(with_reward, tmp_path):
     return load_recipe(write_yaml(tmp_path / "tiny.yaml", reward_recipe(tmp_path / "runs"))), tmp_path / "runs" / "tiny"
 
 
+@pytest.mark.slow
 def test_reward_model_with_another_vocabulary_refused(with_reward, tmp_path):
     recipe, runs_dir = _copy_of(with_reward, tmp_path)
     _resave_as_if_trained_so(runs_dir / "reward", _add_a_token)
@@ -290,6 +294,7 @@ def test_reward_model_with_another_vocabulary_refused(with_reward, tmp_path):
     assert not (runs_dir / "ppo").exists()
 
 
+@pytest.mark.slow
 def test_reward_model_with_another_template_refused(with_reward, tmp_path):
     recipe, runs_dir = _copy_of(with_reward, tmp_path)
 
@@ -303,6 +308,7 @@ def test_reward_model_with_another_template_refused(with_reward, tmp_path):
     assert not (runs_dir / "ppo").exists()
 
 
+@pytest.mark.slow
 def test_parent_with_another_vocabulary_refused(with_reward, tmp_path):
     """A stage's tokenizer is loaded from its parent, so through the runner the two always agree; the
     check is reached by handing the stage a tokenizer of another vocabulary (what a stage that built

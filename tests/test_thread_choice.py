@@ -18,7 +18,7 @@ from alignpipe import thread_choice
 from alignpipe.cli import main
 from alignpipe.errors import RunError
 from alignpipe.recipe import load_recipe
-from conftest import TINY_EVAL, tiny_recipe, write_yaml
+from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
           "trainer": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0,
@@ -68,6 +68,7 @@ def test_a_number_of_threads_is_taken_as_asked_and_unset_keeps_the_process_threa
             thread_choice.check_env()
 
 
+@pytest.mark.slow
 def test_a_bad_thread_setting_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
     recipe = _short_recipe(tmp_path)
     monkeypatch.setenv(thread_choice.ENV, "max")
@@ -84,6 +85,7 @@ def test_pretrain_records_its_thread_choice(tiny, monkeypatch):
     assert torch.get_num_threads() == 1  # later stages start from one thread again
 
 
+@pytest.mark.slow
 def test_pretrain_records_its_thread_choice(tiny, monkeypatch):
     monkeypatch.setenv(thread_choice.ENV, "auto")
     assert main(["run", str(tiny), "--stages", "pretrain"]) == 0
@@ -99,23 +101,16 @@ def _short_recipe(tmp_path, **reward):
     return write_yaml(tmp_path / "tiny.yaml", data)
 
 
-def _manifest(folder):
-    return json.loads((folder / "manifest.json").read_text())
-
-
 def _untimed(folder) -> list[dict]:
     rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
-
-
-def _manifest(folder):
-    return json.loads((folder / "manifest.json").read_text())
 
 
 def _weights(stage_dir) -> dict:
     return load_file(str(next((stage_dir / "model").glob("*.safetensors"))))
 
 
+@pytest.mark.slow
 def test_a_busy_neighbour_slows_a_run_but_never_changes_its_figures(tmp_path, monkeypatch):
     """The same short recipe under ALIGNPIPE_THREADS=auto (2 threads on a 2-core machine), once idle and once with
     a process spinning on the other core: every stage's metrics (wall-clock figures aside), logged rows and
@@ -132,7 +127,7 @@ def test_a_busy_neighbour_slows_a_run_but_never_changes_its_figures(tmp_path, mo
         spinner.wait()
     threads = min(thread_choice.AUTO_MAX_THREADS, thread_choice.usable_cores())
     for stage in ("pretrain", "sft", "reward"):
-        a, b = _manifest(idle / stage), _manifest(busy / stage)
+        a, b = stage_manifest(idle / stage), stage_manifest(busy / stage)
         assert a["metrics"]["torch_threads"] == b["metrics"]["torch_threads"] == threads, stage
         assert a["machine"] == b["machine"] and a["machine"]["cpu_capability"] and a["machine"]["cpu_model"]
         assert a["versions"] == b["versions"]
@@ -145,6 +140,7 @@ def test_a_busy_neighbour_slows_a_run_but_never_changes_its_figures(tmp_path, mo
     assert torch.get_num_threads() == 1
 
 
+@pytest.mark.slow
 def test_a_stage_run_alone_trains_on_the_threads_of_its_place_in_the_plan(tmp_path, monkeypatch):
     """Two sibling stages (two sfts from one pretrain) share the cores in the plan; re-run alone with `--stages`,
     a sibling takes the same threads and gives the same figures, so `make dpo` trains dpo as `make pipeline` does."""
@@ -157,11 +153,11 @@ def test_a_stage_run_alone_trains_on_the_threads_of_its_place_in_the_plan(tmp_pa
     monkeypatch.setattr(thread_choice, "usable_cores", lambda: 2)
     assert main(["run", str(recipe)]) == 0
     run = tmp_path / "runs" / "tiny"
-    first = _manifest(run / "sft_b")
+    first = stage_manifest(run / "sft_b")
     assert first["metrics"]["torch_threads"] == 1 and "shared by 2 stage(s)" in first["metrics"]["torch_threads_why"]
-    assert _manifest(run / "pretrain")["metrics"]["torch_threads"] == 2
+    assert stage_manifest(run / "pretrain")["metrics"]["torch_threads"] == 2
     assert main(["run", str(recipe), "--stages", "sft_b", "--force"]) == 0
-    again = _manifest(run / "sft_b")
+    again = stage_manifest(run / "sft_b")
     assert again["version"] == first["version"] + 1
     assert again["metrics"]["torch_threads"] == 1
     timed = {k for k in first["metrics"] if any(t in k for t in TIMING)}

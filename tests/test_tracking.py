@@ -16,7 +16,7 @@ from alignpipe.cli import main
 from alignpipe.errors import RecipeError
 from alignpipe.recipe import load_recipe
 from alignpipe.validate import validate
-from conftest import TINY_EVAL, tiny_recipe, write_yaml
+from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 SECRETS = {"HF_TOKEN": "hf_sentinelTOKENnotToBeLogged", "WANDB_API_KEY": "sentinelKEYnotToBeLogged0123456789abcd",
            "OPENAI_API_KEY": "sk-sentinelNotToBeLogged"}
@@ -48,10 +48,6 @@ def _run(base: Path, name: str, trackers: list[str], stages: str, monkeypatch) -
     return base / "runs" / name
 
 
-def _manifest(stage_dir: Path) -> dict:
-    return json.loads((stage_dir / "manifest.json").read_text())
-
-
 def _no_secrets(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -60,6 +56,7 @@ def _no_secrets(folder: Path) -> None:
                 assert value.encode() not in data, (path, value)
 
 
+@pytest.mark.slow
 def test_mlflow_file_store(base, monkeypatch):
     from mlflow import MlflowClient
 
@@ -71,7 +68,7 @@ def test_mlflow_file_store(base, monkeypatch):
     found = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(found) == {"sft", "ppo"}  # one run per stage that ran (pretrain was skipped)
     for stage in ("sft", "ppo"):
-        run, manifest = found[stage], _manifest(runs_dir / stage)
+        run, manifest = found[stage], stage_manifest(runs_dir / stage)
         assert run.info.status == "FINISHED"
         # the lineage as tags
         tags = run.data.tags
@@ -119,6 +116,7 @@ def _wandb_records(run_file: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline(base, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     runs_dir = _run(base, "wdb", ["wandb"], "sft", monkeypatch)
@@ -133,7 +131,7 @@ def test_wandb_offline(base, monkeypatch):
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     config.update({u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
                    for u in r.config.update})
-    manifest = _manifest(stage_dir)
+    manifest = stage_manifest(stage_dir)
     lineage = {k: config[k] for k in ("stage", "kind", "parent", "parent_manifest_sha256", "fingerprint")}
     assert lineage == {"stage": "sft", "kind": "sft", "parent": "pretrain", "fingerprint": manifest["fingerprint"],
                        "parent_manifest_sha256": manifest["parent"]["manifest_sha256"]}
@@ -151,13 +149,14 @@ def test_wandb_offline(base, monkeypatch):
     _no_secrets(stage_dir / "wandb")
 
 
+@pytest.mark.slow
 def test_trackio_local(base, monkeypatch):
     trackio = pytest.importorskip("trackio")
     from trackio import utils
 
     folder = Path(utils.TRACKIO_DIR)  # conftest points TRACKIO_DIR at a temp folder before trackio is imported
     runs_dir = _run(base, "trk", ["trackio"], "sft", monkeypatch)
-    manifest = _manifest(runs_dir / "sft")
+    manifest = stage_manifest(runs_dir / "sft")
     from trackio.sqlite_storage import SQLiteStorage
 
     assert SQLiteStorage.get_runs("trk") == ["sft"]  # one run per stage, project = recipe

@@ -321,6 +321,7 @@ def test_data_command_shows_format_drops_and_what_is_trained(tmp_path, capsys):
     assert "[chosen] <|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" in out and "«bad<|eot_id|>»" in out
 
 
+@pytest.mark.slow
 def test_trl_trains_on_the_masks_given(tmp_path):
     """TRL's SFTTrainer takes the rows tokenized here and builds its labels from our masks."""
     from transformers import AutoModelForCausalLM

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
+
 from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig
 from alignpipe.eval.prompts import read_prompt_file
@@ -38,6 +40,7 @@ def test_export_writes_the_world_as_files(tmp_path):
     assert [(p["text"], p["answer"]) for p in prompts] == [(p["prompt"], p["answer"]) for p in world.eval_prompts()]
 
 
+@pytest.mark.slow
 def test_general_path_on_exported_prompts_matches_the_embedded_path(tmp_path):
     data = tiny_recipe(tmp_path / "runs", extra_stages=STAGES)
     path = write_yaml(tmp_path / "tiny.yaml", data)
@@ -64,6 +67,7 @@ def test_general_path_on_exported_prompts_matches_the_embedded_path(tmp_path):
     assert all(k in embedded["dpo"] for k in FIGURES)
 
 
+@pytest.mark.slow
 def test_the_exported_recipe_trains_and_evaluates_like_the_embedded_one(tmp_path):
     """`world export --recipe` writes the recipe on the files; run, it trains on the same rows (no hashed
     split: each stage's held-out file is the world's own), so every stage's figures equal the embedded run's."""
