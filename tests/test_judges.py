@@ -186,9 +186,11 @@ def test_verdict_parsing():
     assert PairVerdict("A", None).score() is None and not PairVerdict("A", None).parsed
 
 
-def test_endpoint_judge_never_follows_a_redirect_with_the_key(monkeypatch):
-    """A judge endpoint that answers 307 to another port (another host, to the client) is refused: the key in
-    `Authorization` never reaches the second server, which records every header it is sent."""
+@pytest.mark.parametrize("code", [302, 307])
+def test_endpoint_judge_never_follows_a_redirect_with_the_key(code, monkeypatch):
+    """A judge endpoint that redirects to another port (another host, to the client) is refused: the key in
+    `Authorization` never reaches the second server, which records every header it is sent. (urllib follows
+    a 302 of a POST as a GET and copies the headers, the key among them.)"""
     from alignpipe.errors import EvalError
     from alignpipe.eval.judges import EndpointJudge
     from alignpipe.recipe import JudgeSpec
@@ -208,6 +210,8 @@ def test_endpoint_judge_never_follows_a_redirect_with_the_key(monkeypatch):
             self.end_headers()
             self.wfile.write(body)
 
+        do_GET = do_POST
+
     other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
 
     class Redirecting(BaseHTTPRequestHandler):
@@ -216,7 +220,7 @@ def test_endpoint_judge_never_follows_a_redirect_with_the_key(monkeypatch):
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(307)
+            self.send_response(code)
             self.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}{self.path}")
             self.send_header("Content-Length", "0")
             self.end_headers()

@@ -359,11 +359,13 @@ def test_page_off_loopback_needs_the_flag_and_every_request_the_token(tmp_path):
     from alignpipe.errors import AlignpipeError
     from alignpipe.labelling.queue import write_queue
     from alignpipe.labelling.server import Labelling, make_handler, serve
+    from alignpipe.local_http import Rules
 
     write_queue(tmp_path, [{"id": "0-0-1", "prompt": "compute 1 + 2.", "a": "The answer is 3.", "b": "3"}])
     with pytest.raises(AlignpipeError, match="--allow-remote"):
         serve(tmp_path, host="0.0.0.0")
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Labelling(tmp_path), token="s3cret"))
+    app = Labelling(tmp_path)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(app, Rules("s3cret", hosts=None)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
 
@@ -381,7 +383,7 @@ def test_page_off_loopback_needs_the_flag_and_every_request_the_token(tmp_path):
             post("/api/label", {"id": "0-0-1", "verdict": "a"}, {"X-Alignpipe-Token": "wrong"})
         assert err.value.code == 403 and not (tmp_path / LABELS_FILE).exists()
         assert b"Which answer is better" in urllib.request.urlopen(base + "/?token=s3cret", timeout=10).read()
-        state = post("/api/label", {"id": "0-0-1", "verdict": "a"}, {"X-Alignpipe-Token": "s3cret"})
+        state = post("/api/label", {"id": app.handle_of["0-0-1"], "verdict": "a"}, {"X-Alignpipe-Token": "s3cret"})
         assert state["labelled"] == 1 and state["item"] is None
     finally:
         srv.shutdown()
