@@ -63,10 +63,35 @@ def history(stage_dir: Path) -> list[tuple[int, Path, dict]]:
     root = history_root(stage_dir)
     found = []
     for d in root.iterdir() if root.is_dir() else []:
-        manifest = read_manifest(d)
-        if d.name.isdigit() and manifest is not None:
+        if not d.name.isdigit():  # e.g. a folder kept aside for its unreadable manifest
+            continue
+        try:
+            manifest = read_manifest(d)
+        except RunError:  # damaged: never restored, reused or pruned
+            continue
+        if manifest is not None:
             found.append((int(d.name), d, manifest))
     return sorted(found, key=lambda row: -row[0])
+
+
+def set_aside_unreadable(stage_dir: Path) -> Path | None:
+    """A stage folder whose manifest cannot be used (torn, damaged, edited) may still hold a complete model:
+    move it whole into the history as `unreadable-<n>` (never restored or pruned automatically) instead of
+    deleting it, so the stage is built again beside it. Returns where it went, or None if it was fine."""
+    from alignpipe.runs import manifest_problem
+
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir() or manifest_problem(stage_dir) is None:
+        return None
+    root = history_root(stage_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (root / f"unreadable-{n}").exists():
+        n += 1
+    target = root / f"unreadable-{n}"
+    os.rename(stage_dir, target)
+    _fsync_dir(root)
+    return target
 
 
 def new_version(stage_dir: Path) -> int:

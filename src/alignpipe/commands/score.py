@@ -23,6 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--response", action="append", default=[], help="an assistant reply (repeat to compare several)")
     p.add_argument("--jsonl", metavar="FILE", help="batch mode: JSON lines with prompt and response ('-': stdin)")
     p.add_argument("--batch-size", type=int, default=64)
+    from alignpipe.commands.chat import code_flags
+
+    code_flags(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -84,7 +87,10 @@ def cmd_score(args) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from alignpipe.reward.artifact import load_reward_model, score
 
-    artifact = load_reward_model(stage)
+    from alignpipe.recipe import ModelSpec
+
+    artifact = load_reward_model(stage, ModelSpec(trust_remote_code=args.trust_remote_code,
+                                                  allow_pickle=args.allow_pickle))
     responses = [r.get("response", r.get("completion")) for r in rows]
     scores = score(artifact, [r["prompt"] for r in rows], responses, args.batch_size)
     normalised = artifact.normalise(scores)
