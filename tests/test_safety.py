@@ -331,3 +331,22 @@ def test_data_escapes_control_characters_and_survives_deep_nesting(tmp_path, cap
     out = capsys.readouterr().out
     assert "hello" in out and "\\x1b" in out
     assert not any(c in out for c in "\x1b\x07\x9b\r"), repr(out[:400])
+
+
+def test_a_refused_pickle_in_a_checkpoint_is_one_line_on_resume(tiny_run, tmp_path, capsys):
+    """An interrupted stage whose checkpoint's optimizer.pt holds a pickled function (weights-only loading
+    refuses it): resuming fails with one line naming the checkpoints and --restart, not a traceback."""
+    import os
+
+    stage = _copy_run(tiny_run, tmp_path)
+    _rewrite_manifest(stage, lambda m: m.update(status="interrupted"))
+    checkpoint = sorted((stage / "checkpoints").glob("checkpoint-*"))[-1]
+    torch.save({"state": os.getcwd}, checkpoint / "optimizer.pt")
+    recipe = tiny_recipe(tmp_path, name="safe")
+    del recipe["stages"]["sft"]
+    recipe["stages"]["pretrain"]["eval"] = {"enabled": False}
+    recipe["stages"]["pretrain"]["trainer"]["max_steps"] = 2
+    capsys.readouterr()
+    assert main(["run", str(write_yaml(tmp_path / "safe.yaml", recipe))]) == 2
+    lines = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("[alignpipe]")]
+    assert len(lines) == 1 and "--restart" in lines[0] and "checkpoint" in lines[0], lines

@@ -117,7 +117,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
             log(f"stage {name}: the current version {stage_dir} is untouched; the new attempt is kept in "
                 f"{attempt}: run the same command again (without --force) to resume it, or "
                 f"`alignpipe discard {stage_dir}` to delete it")
-        raise stage_versions.storage_error(err, name, attempt, stage_dir) or err
+        raise stage_versions.storage_error(err, name, attempt, stage_dir) or refused_checkpoint(err, name, attempt) \
+            or err
     if main and attempt != stage_dir:
         stage_versions.promote(attempt, stage_dir, keep)  # one rename: the new version replaces the old
         log(f"stage {name}: version {run.data['version']} swapped in; version {stage_versions.version_of(old)} "
@@ -143,6 +144,19 @@ def recheck_gates(recipe: Recipe, name: str, manifest: dict, main: bool) -> None
             log(f"gate {'passed' if row['passed'] else 'MISSED'} (re-checked on the recorded metrics): "
                 f"{gates.describe(name, row)}")
     gates.raise_if_missed(name, results, stage_dir)  # a missed gate still fails the run
+
+
+def refused_checkpoint(err: BaseException, name: str, attempt: Path) -> RunError | None:
+    """A checkpoint file that weights-only loading refuses (it pickles Python objects: damaged, or not written
+    by this training) is one line saying how to go on without it, not a traceback."""
+    import pickle
+
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    reason = next((line for line in str(err).splitlines() if "GLOBAL" in line), str(err).splitlines()[0])[:160]
+    return RunError(f"stage {name!r} cannot resume: a checkpoint file holds pickled Python objects that loading "
+                    f"refuses ({reason.strip()})", where=str(attempt / "checkpoints"),
+                    fix=f"start the stage over without its checkpoints: alignpipe run RECIPE --stages {name} --restart")
 
 
 def _record_failure(run: runs.StageRun, attempt: Path, err: BaseException) -> None:
