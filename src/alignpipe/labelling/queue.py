@@ -37,8 +37,24 @@ def write_queue(folder: Path, items: list[dict]) -> None:
 
 
 def read_queue(folder: Path) -> list[dict]:
+    """The queued items; a line that is not an item (`id`, `prompt`, `a`, `b` strings) is one line naming it."""
+    from alignpipe.errors import RunError
+
     path = Path(folder) / QUEUE_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError):
+            item = None
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("id", "prompt", "a", "b"))):
+            raise RunError("not a queued pair (a JSON object with string id, prompt, a and b)", where=f"{path}:{number}",
+                           fix="re-run the label stage to write its queue again (alignpipe run RECIPE --stages "
+                               f"{Path(folder).name} --force)")
+        items.append(item)
+    return items
 
 
 def read_log(folder: Path) -> list[dict]:
