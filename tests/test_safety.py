@@ -236,11 +236,17 @@ def test_a_tampered_manifest_cannot_turn_on_remote_code(tiny_run, tmp_path, caps
     assert marker.exists()  # the flag is what turns it on
 
 
-def test_a_flipped_weight_byte_is_refused_by_generate_and_export(tiny_run, tmp_path, capsys):
+def test_a_flipped_weight_byte_is_refused_by_generate_and_export(tiny_run, tmp_path, capsys, monkeypatch):
     """One bit flipped in the data region of model.safetensors (the header still parses): the model's files
-    no longer match the hash the manifest records, and `generate`, `export` and a stage built on it refuse
-    with one line."""
+    no longer match the hash the manifest records, and `generate` and `export` refuse with one line; also
+    after an earlier load remembered the folder as verified (the cache keys on each file's change time)."""
+    from alignpipe.runs import verified_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     stage = _copy_run(tiny_run, tmp_path)
+    assert main(["generate", str(stage), "--in", str(_prompts(tmp_path)), "--out", str(tmp_path / "ok.jsonl"),
+                 "--max-new-tokens", "2"]) == 0
+    assert verified_cache(stage / "model").is_file()
     weights = stage / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01

@@ -135,7 +135,13 @@ def fingerprint_path(path: Path) -> str:
     return h.hexdigest()
 
 
-VERIFIED = ".model-verified.json"  # in a stage folder: the stats of model/'s files when their hash last matched
+def verified_cache(model_dir: Path) -> Path:
+    """Where the stats of `model_dir`'s files are remembered after their hash matched: the user's cache folder
+    (`$XDG_CACHE_HOME` or ~/.cache, `alignpipe/model-verified/`), never the run folder, which loading leaves as
+    it was."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignpipe" / "model-verified"
+    return root / (sha256_bytes(str(Path(model_dir).resolve()).encode()) + ".json")
+
 
 
 def _file_stats(model_dir: Path) -> dict[str, list[int]]:
@@ -151,7 +157,7 @@ def _file_stats(model_dir: Path) -> dict[str, list[int]]:
 def verify_model_files(stage_dir: Path, manifest: dict | None = None) -> None:
     """Refuse a stage whose `model/` files are not the ones its manifest hashed when it completed
     (`outputs.model`): a flipped byte, a truncated copy, a file swapped in. The full hash is computed once and
-    remembered with the files' stats in `.model-verified.json`, so later loads cost a `stat` per file.
+    remembered with the files' stats (runs.verified_cache), so later loads cost a `stat` per file.
     A manifest from before hashes were recorded (or none) is not checked. This catches damage and edits of
     model/ alone; whoever can also edit the manifest can make it match (see docs/when-things-go-wrong.md)."""
     stage_dir = Path(stage_dir)
@@ -161,7 +167,7 @@ def verify_model_files(stage_dir: Path, manifest: dict | None = None) -> None:
     if not isinstance(expected, str) or not model_dir.is_dir():
         return
     stats = _file_stats(model_dir)
-    cache = stage_dir / VERIFIED
+    cache = verified_cache(model_dir)
     try:
         cached = json.loads(cache.read_text()) if cache.is_file() and cache.stat().st_size < (1 << 20) else {}
     except (OSError, ValueError):
@@ -175,7 +181,7 @@ def verify_model_files(stage_dir: Path, manifest: dict | None = None) -> None:
     try:
         write_json_atomic(cache, {"sha256": expected, "files": stats})
     except OSError:
-        pass  # a read-only run folder: checked in full each time
+        pass  # no writable cache folder: checked in full each time
 
 
 def versions() -> dict[str, str]:
