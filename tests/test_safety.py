@@ -260,13 +260,18 @@ def test_a_flipped_weight_byte_is_refused_by_generate_and_export(tiny_run, tmp_p
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "exported").exists()
 
 
-def test_a_complete_stage_with_an_unreadable_manifest_goes_to_history(tiny_run, tmp_path, capsys):
-    """A truncated manifest.json of a complete stage: `run` trains the stage again and keeps the old folder,
-    weights and all, in `.history/` instead of deleting it."""
+@pytest.mark.parametrize("damage", ["truncated", "wrong_types"])
+def test_a_complete_stage_with_an_unreadable_manifest_goes_to_history(damage, tiny_run, tmp_path, capsys):
+    """A truncated manifest.json of a complete stage (or one with a field of the wrong type): `run` trains the
+    stage again and keeps the old folder, weights and all, in `.history/` instead of deleting it."""
     stage = _copy_run(tiny_run, tmp_path)
     weights = (stage / "model" / "model.safetensors").read_bytes()
     text = (stage / "manifest.json").read_text()
-    (stage / "manifest.json").write_text(text[: len(text) // 2])
+    if damage == "truncated":
+        (stage / "manifest.json").write_text(text[: len(text) // 2])
+    else:
+        _rewrite_manifest(stage, lambda m: m.update(lineage=7))
+    damaged = (stage / "manifest.json").read_text()
     recipe = tiny_recipe(tmp_path, name="safe")
     del recipe["stages"]["sft"]
     recipe["stages"]["pretrain"]["eval"] = {"enabled": False}
@@ -274,7 +279,7 @@ def test_a_complete_stage_with_an_unreadable_manifest_goes_to_history(tiny_run, 
     assert main(["run", str(write_yaml(tmp_path / "safe.yaml", recipe))]) == 0, capsys.readouterr().err
     kept = sorted((tmp_path / "safe" / ".history" / "pretrain").glob("*/model/model.safetensors"))
     assert [p.read_bytes() == weights for p in kept] == [True], kept
-    assert (kept[0].parents[1] / "manifest.json").read_text() == text[: len(text) // 2]
+    assert (kept[0].parents[1] / "manifest.json").read_text() == damaged
     assert json.loads((stage / "manifest.json").read_text())["status"] == "complete"
 
 
