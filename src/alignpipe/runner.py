@@ -35,8 +35,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     stage_dir = recipe.stage_dir(name)
-    if main and (problem := runs.manifest_problem(stage_dir)):  # never delete what may be a complete model
-        kept = stage_versions.set_aside_unreadable(stage_dir)
+    for kept, problem in stage_versions.set_aside_unreadable(stage_dir) if main else []:  # never deleted
         log(f"stage {name}: {problem}; the folder is kept whole in {kept} and the stage is built again")
     distributed.barrier()
     if main and (done := stage_versions.settle(stage_dir, keep)):  # a swap cut short by a kill

@@ -76,8 +76,11 @@ def read_manifest(stage_dir: Path) -> dict | None:
     if not isinstance(data, dict):
         raise _unusable(path, f"it holds a JSON {type(data).__name__}, not an object")
     for key, types in MANIFEST_TYPES.items():
-        if key in data and not isinstance(data[key], types) or (types == (int,) and isinstance(data.get(key), bool)):
-            raise _unusable(path, f"field {key!r} is a {type(data[key]).__name__}, alignpipe writes a "
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # bool is an int
+            raise _unusable(path, f"field {key!r} is a {type(value).__name__}, alignpipe writes a "
                                   f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
     return data
 
@@ -141,7 +144,6 @@ def verified_cache(model_dir: Path) -> Path:
     it was."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignpipe" / "model-verified"
     return root / (sha256_bytes(str(Path(model_dir).resolve()).encode()) + ".json")
-
 
 
 def _file_stats(model_dir: Path) -> dict[str, list[int]]:

@@ -74,24 +74,28 @@ def history(stage_dir: Path) -> list[tuple[int, Path, dict]]:
     return sorted(found, key=lambda row: -row[0])
 
 
-def set_aside_unreadable(stage_dir: Path) -> Path | None:
-    """A stage folder whose manifest cannot be used (torn, damaged, edited) may still hold a complete model:
-    move it whole into the history as `unreadable-<n>` (never restored or pruned automatically) instead of
-    deleting it, so the stage is built again beside it. Returns where it went, or None if it was fine."""
+def set_aside_unreadable(stage_dir: Path) -> list[tuple[Path, str]]:
+    """A stage folder (or its new attempt, `.next/<stage>`) whose manifest cannot be used (torn, damaged,
+    edited) may still hold a complete model: move it whole into the history as `unreadable-<n>` (never restored
+    or pruned automatically) instead of deleting it, so the stage is built again beside it. Returns (where each
+    went, why), empty when both were fine."""
     from alignpipe.runs import manifest_problem
 
     stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir() or manifest_problem(stage_dir) is None:
-        return None
-    root = history_root(stage_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while (root / f"unreadable-{n}").exists():
-        n += 1
-    target = root / f"unreadable-{n}"
-    os.rename(stage_dir, target)
-    _fsync_dir(root)
-    return target
+    moved = []
+    for folder in (stage_dir, next_dir(stage_dir)):
+        problem = manifest_problem(folder) if folder.is_dir() else None
+        if problem is None:
+            continue
+        root = history_root(stage_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while (root / f"unreadable-{n}").exists():
+            n += 1
+        os.rename(folder, root / f"unreadable-{n}")
+        _fsync_dir(root)
+        moved.append((root / f"unreadable-{n}", problem))
+    return moved
 
 
 def new_version(stage_dir: Path) -> int:

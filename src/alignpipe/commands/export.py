@@ -56,7 +56,8 @@ def quantised_base(manifest: dict, spec) -> str | None:
     except (ValueError, AttributeError, RecursionError):
         quant = None
     if quant:
-        return f"pre-quantised checkpoint ({quant.get('quant_method', 'unknown method') if isinstance(quant, dict) else quant})"
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else quant
+        return f"pre-quantised checkpoint ({method})"
     return None
 
 
