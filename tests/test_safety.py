@@ -281,6 +281,9 @@ def test_a_complete_stage_with_an_unreadable_manifest_goes_to_history(damage, ti
     assert [p.read_bytes() == weights for p in kept] == [True], kept
     assert (kept[0].parents[1] / "manifest.json").read_text() == damaged
     assert json.loads((stage / "manifest.json").read_text())["status"] == "complete"
+    capsys.readouterr()
+    assert main(["show", str(stage.parent)]) == 0
+    assert f"kept aside: {kept[0].parents[1]}" in capsys.readouterr().out
 
 
 BAD_MANIFESTS = {

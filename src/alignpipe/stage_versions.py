@@ -353,6 +353,10 @@ def describe_versions(stage_dir: Path) -> list[str]:
                             and isinstance(v, (int, float)))
         lines.append(f"history: version {version} [{manifest.get('status')}] started {manifest.get('started_at', '?')}"
                      f"{f'; {figures}' if figures else ''} -> alignpipe restore {stage_dir} {version}")
+    root = history_root(stage_dir)
+    for folder in sorted(root.glob("unreadable-*")) if root.is_dir() else []:
+        lines.append(f"kept aside: {folder} (its manifest could not be used; repair it and move the folder back "
+                     "by hand, or delete it)")
     side = next_dir(stage_dir)
     if (attempt := read_manifest(side)) is not None:
         lines.append(f"new attempt: version {version_of(attempt)} [{attempt.get('status')}] in {side} "

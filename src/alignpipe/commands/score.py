@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from alignpipe.errors import AlignpipeError, RunError
+from alignpipe.errors import AlignpipeError, RunError, terminal_safe
 
 
 def add_parser(subparsers) -> None:
@@ -100,5 +100,5 @@ def cmd_score(args) -> int:
     else:
         print(f"{'reward':>9} {'normalised':>10}  response")
         for r, s, n in zip(args.response, scores, normalised):
-            print(f"{s:9.4f} {n:10.4f}  {r}")
+            print(f"{s:9.4f} {n:10.4f}  {terminal_safe(r)}")
     return 0
