@@ -364,3 +364,18 @@ def test_a_refused_pickle_in_a_checkpoint_is_one_line_on_resume(tiny_run, tmp_pa
     assert main(["run", str(write_yaml(tmp_path / "safe.yaml", recipe))]) == 2
     lines = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("[alignpipe]")]
     assert len(lines) == 1 and "--restart" in lines[0] and "checkpoint" in lines[0], lines
+
+
+def test_eval_takes_no_recipe_from_inside_the_run_folder(tiny_run, tmp_path, capsys):
+    """A run folder whose manifest names a recipe shipped inside the folder (a recipe runs the code it names):
+    `alignpipe eval` without --recipe refuses it with one line instead of loading it."""
+    stage = _copy_run(tiny_run, tmp_path)
+    inside = stage.parent / "recipe.yaml"
+    recipe = tiny_recipe(tmp_path, name="safe")
+    del recipe["stages"]["sft"]
+    write_yaml(inside, recipe)
+    _rewrite_manifest(stage, lambda m: m.update(recipe=str(inside)))
+    capsys.readouterr()
+    assert main(["eval", str(stage)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--recipe" in lines[0] and "inside the run folder" in lines[0], lines
