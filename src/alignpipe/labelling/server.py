@@ -77,6 +77,8 @@ def make_handler(app: Labelling, rules: Rules):
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # seconds a connection may sit silent: an idle or trickling client does not hold a thread
+
         def log_message(self, fmt, *args):  # one quiet server: no line per request
             pass
 
