@@ -187,3 +187,57 @@ def test_verdict_parsing():
     assert PairVerdict("A", "B").score() == 1.0 and PairVerdict("A", "B").consistent
     assert PairVerdict("A", "A").score() == 0.5 and not PairVerdict("A", "A").consistent
     assert PairVerdict("A", None).score() is None and not PairVerdict("A", None).parsed
+
+
+@pytest.mark.parametrize("code", [302, 307])
+def test_endpoint_judge_never_follows_a_redirect_with_the_key(code, monkeypatch):
+    """A judge endpoint that redirects to another port (another host, to the client) is refused: the key in
+    `Authorization` never reaches the second server, which records every header it is sent. (urllib follows
+    a 302 of a POST as a GET and copies the headers, the key among them.)"""
+    from alignpipe.errors import EvalError
+    from alignpipe.eval.judges import EndpointJudge
+    from alignpipe.recipe import JudgeSpec
+
+    seen: list[dict] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            seen.append(dict(self.headers))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"choices": [{"message": {"content": "A"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(code)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    first = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for srv in (first, other):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("JUDGE_KEY_FOR_TEST", "sk-secret")
+    spec = JudgeSpec(endpoint=f"http://127.0.0.1:{first.server_address[1]}/v1", model="m",
+                     api_key_env="JUDGE_KEY_FOR_TEST", timeout_s=10)
+    try:
+        with pytest.raises(EvalError, match="redirect"):
+            EndpointJudge(spec).ask(["which is better?"])
+    finally:
+        first.shutdown()
+        other.shutdown()
+    assert not any("sk-secret" in str(h) for h in seen), seen

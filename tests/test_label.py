@@ -361,11 +361,13 @@ def test_page_off_loopback_needs_the_flag_and_every_request_the_token(tmp_path):
     from alignpipe.errors import AlignpipeError
     from alignpipe.labelling.queue import write_queue
     from alignpipe.labelling.server import Labelling, make_handler, serve
+    from alignpipe.local_http import Rules
 
     write_queue(tmp_path, [{"id": "0-0-1", "prompt": "compute 1 + 2.", "a": "The answer is 3.", "b": "3"}])
     with pytest.raises(AlignpipeError, match="--allow-remote"):
         serve(tmp_path, host="0.0.0.0")
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Labelling(tmp_path), token="s3cret"))
+    app = Labelling(tmp_path)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(app, Rules("s3cret", hosts=None)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
 
@@ -383,7 +385,7 @@ def test_page_off_loopback_needs_the_flag_and_every_request_the_token(tmp_path):
             post("/api/label", {"id": "0-0-1", "verdict": "a"}, {"X-Alignpipe-Token": "wrong"})
         assert err.value.code == 403 and not (tmp_path / LABELS_FILE).exists()
         assert b"Which answer is better" in urllib.request.urlopen(base + "/?token=s3cret", timeout=10).read()
-        state = post("/api/label", {"id": "0-0-1", "verdict": "a"}, {"X-Alignpipe-Token": "s3cret"})
+        state = post("/api/label", {"id": app.handle_of["0-0-1"], "verdict": "a"}, {"X-Alignpipe-Token": "s3cret"})
         assert state["labelled"] == 1 and state["item"] is None
     finally:
         srv.shutdown()
@@ -416,3 +418,186 @@ def test_cut_off_pairs_at_its_default_keeps_the_fingerprint_of_label_stages_run_
     before = {"labeller": "embedded", "samples_per_prompt": 4}
     assert result_config({**before, "cut_off_pairs": True}) == result_config(before)
     assert result_config({**before, "cut_off_pairs": False}) != result_config(before)
+
+
+# --- the labelling page's doors: token, Host, Origin, body, ids, undo ---------------------------------------
+
+QUEUE = [{"id": f"0-{i}-{i + 1}", "prompt": f"compute {i} + 1.", "a": f"The answer is {i + 1}.", "b": "no"}
+         for i in range(3)]
+
+
+def _serve_queue(folder: Path, *extra: str):
+    """`alignpipe label` on a three-item queue, in its own process; (process, the printed address)."""
+    import os
+    import subprocess
+    import sys
+
+    from alignpipe.labelling.queue import write_queue
+
+    write_queue(folder, QUEUE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", "label", str(folder), "--port", "0", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    line = proc.stdout.readline()
+    assert "open http://" in line, line + proc.stdout.read()
+    return proc, line.rsplit("open ", 1)[1].strip()
+
+
+def _request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) of one request; no exception for 4xx."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def _raw_request(port: int, head: str, body: bytes = b"") -> int:
+    """The status of a request written by hand (a Host or a Content-Length urllib would not send)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)
+        return int(sock.recv(4096).split(b" ", 2)[1])
+
+
+def test_page_on_loopback_refuses_other_sites_other_hosts_and_calls_without_its_token(tmp_path):
+    """What a web page open in the labeller's browser could do to the default 127.0.0.1 server: a cross-site
+    POST (text/plain, no preflight), a DNS-rebound read (its own Host), a guessed item id. All refused; the
+    printed address carries the token that the page's own calls need."""
+    from urllib.parse import parse_qs, urlparse
+
+    proc, url = _serve_queue(tmp_path)
+    try:
+        parsed = urlparse(url)
+        base, port = f"{parsed.scheme}://{parsed.netloc}", parsed.port
+        token = parse_qs(parsed.query).get("token", [""])[0]
+        assert token, f"the printed address carries no token: {url}"
+        # a cross-site form/fetch POST: text/plain from another origin, with a queue id (guessable)
+        for path in ("/api/label", "/api/undo"):
+            status, _ = _request(base + path, "POST", json.dumps({"id": QUEUE[0]["id"], "verdict": "a"}).encode(),
+                                 {"Content-Type": "text/plain", "Origin": "http://evil.example"})
+            assert status in (400, 403, 415), (path, status)
+        assert not (tmp_path / LABELS_FILE).exists()
+        # the same from another origin with the token and JSON still refused (a leaked token is not enough)
+        status, _ = _request(base + "/api/label?token=" + token, "POST", b'{"id": "x", "verdict": "a"}',
+                             {"Content-Type": "application/json", "Origin": "http://evil.example"})
+        assert status == 403
+        # DNS rebinding: the browser sends the rebound name as Host
+        assert _raw_request(port, f"GET /api/state?token={token} HTTP/1.1\r\nHost: evil.example:{port}\r\n"
+                                  "Connection: close\r\n") == 421
+        assert _request(base + "/api/state")[0] == 403  # no token
+        status, state = _request(base + "/api/state?token=" + token)
+        assert status == 200 and state["item"]["prompt"] == QUEUE[0]["prompt"]
+        assert state["item"]["id"] not in {q["id"] for q in QUEUE} and len(state["item"]["id"]) >= 16
+        # the queue's own id is not accepted in place of the page's handle
+        headers = {"Content-Type": "application/json", "X-Alignpipe-Token": token}
+        assert _request(base + "/api/label", "POST", json.dumps({"id": QUEUE[0]["id"], "verdict": "a"}).encode(),
+                        headers)[0] == 400
+        # bodies: not an object, too large, a negative length: one short answer each, the server lives on
+        assert _request(base + "/api/label", "POST", b"[1, 2]", headers)[0] == 400
+        assert _raw_request(port, f"POST /api/label?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                  "Content-Type: application/json\r\nContent-Length: 200000\r\n"
+                                  "Connection: close\r\n", b'{"id": 1}') == 413
+        assert _raw_request(port, f"POST /api/label?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                  "Content-Type: application/json\r\nContent-Length: -1\r\n"
+                                  "Connection: close\r\n", b'{"id": 1}') == 411
+        assert _request(base + "/api/label", "POST", b"[" * 10_000, headers)[0] == 400
+        status, state = _request(base + "/api/label", "POST",
+                                 json.dumps({"id": state["item"]["id"], "verdict": "b"}).encode(), headers)
+        assert status == 200 and state["labelled"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert current(read_log(tmp_path), "human") == {QUEUE[0]["id"]: "b"}
+
+
+def test_undo_withdraws_the_callers_own_latest_verdict(tmp_path):
+    """Two pages (clients) on one queue: each undo withdraws that page's latest standing verdict, also after
+    it labelled an item twice; another page's verdicts stand."""
+    from urllib.parse import parse_qs, urlparse
+
+    proc, url = _serve_queue(tmp_path)
+    parsed = urlparse(url)
+    base, token = f"{parsed.scheme}://{parsed.netloc}", parse_qs(parsed.query).get("token", [""])[0]
+
+    def call(path: str, client: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json", "X-Alignpipe-Token": token, "X-Alignpipe-Client": client}
+        status, state = _request(f"{base}{path}?token={token}", "POST" if body is not None else "GET",
+                                 json.dumps(body).encode() if body is not None else None, headers)
+        assert status == 200, state
+        return state
+
+    try:
+        first = call("/api/state", "one")["item"]["id"]
+        call("/api/label", "one", {"id": first, "verdict": "a"})
+        second = call("/api/state", "two")["item"]["id"]
+        call("/api/label", "two", {"id": second, "verdict": "b"})
+        call("/api/label", "one", {"id": first, "verdict": "tie"})  # page one labels its item again
+        call("/api/undo", "one", {})  # withdraws "tie": its first verdict stands again, page two's too
+        assert current(read_log(tmp_path), "human") == {QUEUE[0]["id"]: "a", QUEUE[1]["id"]: "b"}
+        call("/api/undo", "one", {})  # and then its first verdict
+        assert current(read_log(tmp_path), "human") == {QUEUE[1]["id"]: "b"}
+        call("/api/undo", "one", {})  # nothing of page one's is left: page two's verdict stands
+        assert current(read_log(tmp_path), "human") == {QUEUE[1]["id"]: "b"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_label(tmp_path):
+    """A kill mid-write leaves a line without its newline; the next verdict (answered 200) starts a line of
+    its own instead of being glued onto the torn one and lost."""
+    log = LabelLog(tmp_path)
+    log.append({"id": "1", "verdict": "a", "labeller": "human"})
+    with open(tmp_path / LABELS_FILE, "a") as fh:
+        fh.write('{"id": "2", "verd')
+    log.append({"id": "3", "verdict": "b", "labeller": "human"})
+    log.extend([{"id": "4", "verdict": "tie", "labeller": "human"}])
+    assert current(read_log(tmp_path), "human") == {"1": "a", "3": "b", "4": "tie"}
+
+
+@pytest.mark.parametrize("case", ["ipv6", "port_in_use"])
+def test_label_host_and_port_problems_are_one_line(case, tmp_path):
+    """`--host ::1` listens on IPv6 loopback; a port in use is one line and exit 2, not a traceback."""
+    import socket
+    import subprocess
+    import sys
+    import os
+
+    from alignpipe.labelling.queue import write_queue
+
+    write_queue(tmp_path, QUEUE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    if case == "ipv6":
+        if not socket.has_ipv6:
+            pytest.skip("no IPv6 here")
+        proc = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", "label", str(tmp_path), "--host", "::1",
+                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            line = proc.stdout.readline()
+            if "Cannot assign requested address" in line or "cannot listen" in line:
+                pytest.skip("IPv6 loopback is not configured here")
+            assert "open http://[::1]:" in line, line + proc.stdout.read()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        return
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        done = subprocess.run([sys.executable, "-m", "alignpipe.cli", "label", str(tmp_path), "--port",
+                               str(busy.getsockname()[1])], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use" in lines[0] and "--port" in lines[0], lines

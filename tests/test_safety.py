@@ -186,3 +186,201 @@ def test_the_static_checks_can_fail():
         "os.system", "subprocess.run with a computed command", "shell=", "subprocess.run with a computed command",
         "eval()"]
     assert unsafe_loads(bad, "x") == ["x:10"]
+
+
+# --- a tampered or damaged run folder ------------------------------------------------------------------------
+
+
+def _copy_run(tiny_run: Path, dest: Path) -> Path:
+    """A copy of the tiny run folder; its pretrain stage folder."""
+    return shutil.copytree(tiny_run.parent, dest / "safe") / "pretrain"
+
+
+def _prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "what is 1 plus 2?"}\n')
+    return path
+
+
+def _rewrite_manifest(stage: Path, change) -> dict:
+    manifest = json.loads((stage / "manifest.json").read_text())
+    change(manifest)
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_tampered_manifest_cannot_turn_on_remote_code(tiny_run, tmp_path, capsys):
+    """A run folder whose model has its own Python (auto_map) and whose manifest says trust_remote_code and
+    allow_pickle (with the model hash updated to match, as a tamperer would): `generate` never imports that
+    code. Only `--trust-remote-code` on the command line runs it."""
+    from alignpipe.runs import fingerprint_path
+
+    stage = _copy_run(tiny_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    (stage / "model" / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    config = json.loads((stage / "model" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (stage / "model" / "config.json").write_text(json.dumps(config))
+
+    def trust(m):
+        m["trust_remote_code"] = True
+        m["recipe_settings"]["model"].update(trust_remote_code=True, allow_pickle=True)
+        m.setdefault("outputs", {})["model"] = fingerprint_path(stage / "model")
+
+    _rewrite_manifest(stage, trust)
+    args = ["generate", str(stage), "--in", str(_prompts(tmp_path)), "--out", str(tmp_path / "out.jsonl"),
+            "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    assert not marker.exists()
+    assert main([*args, "--trust-remote-code"]) == 0, capsys.readouterr().err
+    assert marker.exists()  # the flag is what turns it on
+
+
+def test_a_flipped_weight_byte_is_refused_by_generate_and_export(tiny_run, tmp_path, capsys, monkeypatch):
+    """One bit flipped in the data region of model.safetensors (the header still parses): the model's files
+    no longer match the hash the manifest records, and `generate` and `export` refuse with one line; also
+    after an earlier load remembered the folder as verified (the cache keys on each file's change time)."""
+    from alignpipe.runs import verified_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stage = _copy_run(tiny_run, tmp_path)
+    assert main(["generate", str(stage), "--in", str(_prompts(tmp_path)), "--out", str(tmp_path / "ok.jsonl"),
+                 "--max-new-tokens", "2"]) == 0
+    assert verified_cache(stage / "model").is_file()
+    weights = stage / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    for args in (["generate", str(stage), "--in", str(_prompts(tmp_path)), "--out", str(tmp_path / "o.jsonl")],
+                 ["export", str(stage), str(tmp_path / "exported")]):
+        assert main(args) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "do not match" in lines[0] and str(stage / "model") in lines[0], lines
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong_types"])
+def test_a_complete_stage_with_an_unreadable_manifest_goes_to_history(damage, tiny_run, tmp_path, capsys):
+    """A truncated manifest.json of a complete stage (or one with a field of the wrong type): `run` trains the
+    stage again and keeps the old folder, weights and all, in `.history/` instead of deleting it."""
+    stage = _copy_run(tiny_run, tmp_path)
+    weights = (stage / "model" / "model.safetensors").read_bytes()
+    text = (stage / "manifest.json").read_text()
+    if damage == "truncated":
+        (stage / "manifest.json").write_text(text[: len(text) // 2])
+    else:
+        _rewrite_manifest(stage, lambda m: m.update(lineage=7))
+    damaged = (stage / "manifest.json").read_text()
+    recipe = tiny_recipe(tmp_path, name="safe")
+    del recipe["stages"]["sft"]
+    recipe["stages"]["pretrain"]["eval"] = {"enabled": False}
+    recipe["stages"]["pretrain"]["trainer"]["max_steps"] = 2
+    assert main(["run", str(write_yaml(tmp_path / "safe.yaml", recipe))]) == 0, capsys.readouterr().err
+    kept = sorted((tmp_path / "safe" / ".history" / "pretrain").glob("*/model/model.safetensors"))
+    assert [p.read_bytes() == weights for p in kept] == [True], kept
+    assert (kept[0].parents[1] / "manifest.json").read_text() == damaged
+    assert json.loads((stage / "manifest.json").read_text())["status"] == "complete"
+    capsys.readouterr()
+    assert main(["show", str(stage.parent)]) == 0
+    assert f"kept aside: {kept[0].parents[1]}" in capsys.readouterr().out
+
+
+BAD_MANIFESTS = {
+    "wrong_types": lambda m: m.update(lineage=7, recipe_settings="model", parent="x", metrics=[1]),
+    "status_a_list": lambda m: m.update(status=["complete"]),
+    "not_an_object": None,
+}
+
+
+@pytest.mark.parametrize("case", BAD_MANIFESTS)
+@pytest.mark.parametrize("command", ["show", "report", "chat", "export", "generate"])
+def test_a_manifest_of_wrong_types_is_one_line(case, command, tiny_run, tmp_path, capsys):
+    stage = _copy_run(tiny_run, tmp_path)
+    if BAD_MANIFESTS[case] is None:
+        (stage / "manifest.json").write_text("[1, 2, 3]\n")
+    else:
+        _rewrite_manifest(stage, BAD_MANIFESTS[case])
+    args = {"show": ["show", str(stage.parent)], "report": ["report", str(stage.parent)],
+            "chat": ["chat", str(stage)], "export": ["export", str(stage), str(tmp_path / "x")],
+            "generate": ["generate", str(stage), "--in", str(_prompts(tmp_path)), "--out", str(tmp_path / "o")]}
+    capsys.readouterr()
+    assert main(args[command]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "manifest.json" in lines[0] and "fix:" in lines[0], lines
+
+
+def test_show_reads_no_unbounded_file_a_manifest_names(tiny_run, tmp_path, capsys):
+    """A manifest naming /dev/zero (or a huge file) as its recipe: `show` reads at most a bounded amount."""
+    stage = _copy_run(tiny_run, tmp_path)
+    _rewrite_manifest(stage, lambda m: m.update(recipe="/dev/zero"))
+    assert main(["show", str(stage.parent)]) == 0
+    assert "pretrain" in capsys.readouterr().out
+
+
+def test_a_broken_safetensors_header_is_one_line(tiny_run, tmp_path, capsys):
+    """The header length of model.safetensors garbled (and the manifest's hash made to match): one line."""
+    from alignpipe.runs import fingerprint_path
+
+    stage = _copy_run(tiny_run, tmp_path)
+    weights = stage / "model" / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
+    _rewrite_manifest(stage, lambda m: m["outputs"].update(model=fingerprint_path(stage / "model")))
+    capsys.readouterr()
+    assert main(["generate", str(stage), "--in", str(_prompts(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(stage / "model") in lines[0] and "fix:" in lines[0], lines
+
+
+def test_data_escapes_control_characters_and_survives_deep_nesting(tmp_path, capsys):
+    """`alignpipe data` on a file whose text holds terminal escape sequences prints them escaped (a file
+    cannot clear the screen or retitle the terminal), and a 10,000-deep nested line is a dropped row, not a
+    traceback."""
+    rows = [{"messages": [{"role": "user", "content": f"hello\x1b]0;owned\x07\x1b[2J {i}\r"},
+                          {"role": "assistant", "content": "hi\x1b[31m red\x9b"}]} for i in range(3)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[" * 10_000 + "]" * 10_000 + "\n")
+    capsys.readouterr()
+    assert main(["data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "hello" in out and "\\x1b" in out
+    assert not any(c in out for c in "\x1b\x07\x9b\r"), repr(out[:400])
+
+
+def test_a_refused_pickle_in_a_checkpoint_is_one_line_on_resume(tiny_run, tmp_path, capsys):
+    """An interrupted stage whose checkpoint's optimizer.pt holds a pickled function (weights-only loading
+    refuses it): resuming fails with one line naming the checkpoints and --restart, not a traceback."""
+    import os
+
+    stage = _copy_run(tiny_run, tmp_path)
+    _rewrite_manifest(stage, lambda m: m.update(status="interrupted"))
+    checkpoint = sorted((stage / "checkpoints").glob("checkpoint-*"))[-1]
+    torch.save({"state": os.getcwd}, checkpoint / "optimizer.pt")
+    recipe = tiny_recipe(tmp_path, name="safe")
+    del recipe["stages"]["sft"]
+    recipe["stages"]["pretrain"]["eval"] = {"enabled": False}
+    recipe["stages"]["pretrain"]["trainer"]["max_steps"] = 2
+    capsys.readouterr()
+    assert main(["run", str(write_yaml(tmp_path / "safe.yaml", recipe))]) == 2
+    lines = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("[alignpipe]")]
+    assert len(lines) == 1 and "--restart" in lines[0] and "checkpoint" in lines[0], lines
+
+
+def test_eval_takes_no_recipe_from_inside_the_run_folder(tiny_run, tmp_path, capsys):
+    """A run folder whose manifest names a recipe shipped inside the folder (a recipe runs the code it names):
+    `alignpipe eval` without --recipe refuses it with one line instead of loading it."""
+    stage = _copy_run(tiny_run, tmp_path)
+    inside = stage.parent / "recipe.yaml"
+    recipe = tiny_recipe(tmp_path, name="safe")
+    del recipe["stages"]["sft"]
+    write_yaml(inside, recipe)
+    _rewrite_manifest(stage, lambda m: m.update(recipe=str(inside)))
+    capsys.readouterr()
+    assert main(["eval", str(stage)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--recipe" in lines[0] and "inside the run folder" in lines[0], lines

@@ -107,12 +107,16 @@ def _in_recipe_order(manifests: dict[str, dict]) -> dict[str, dict]:
     """Stages in the order their recipe lists them (then any it no longer lists, oldest first)."""
     import yaml
 
+    from alignpipe.runs import read_named_file
+
     order: list[str] = []
     for m in manifests.values():
+        text = read_named_file(m.get("recipe") or "")  # bounded: a manifest may name /dev/zero
         try:
-            order = list((yaml.safe_load(Path(m.get("recipe", "")).read_text()) or {}).get("stages") or [])
-            break
-        except (OSError, yaml.YAMLError, AttributeError):
+            order = [str(s) for s in (yaml.safe_load(text) or {}).get("stages") or []] if text else []
+            if order:
+                break
+        except (yaml.YAMLError, AttributeError, TypeError, RecursionError):
             continue
     rank = {name: i for i, name in enumerate(order)}
     return dict(sorted(manifests.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[1].get("started_at", ""))))

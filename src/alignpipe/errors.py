@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
+# C0 controls but tab and newline, DEL, C1 controls (0x9b starts an escape sequence on many terminals), and the
+# bidirectional overrides that reorder what is shown
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every character that a terminal would act on instead of show written as an escape
+    (`\\x1b`, `\\u202e`): text from data files and run folders cannot move the cursor, clear the screen, set
+    the window title or reorder a line. Newlines and tabs stay."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
 
 class AlignpipeError(Exception):
     """A user-facing error. The CLI prints it as one line and exits 2, with no traceback.
@@ -19,7 +32,7 @@ class AlignpipeError(Exception):
         text = f"{head}: {self.what}" if head else self.what
         if self.fix:
             text += f"; fix: {self.fix}"
-        return " ".join(text.split())  # one line, always
+        return terminal_safe(" ".join(text.split()))  # one line, always, and nothing a terminal acts on
 
 
 class RecipeError(AlignpipeError):

@@ -164,6 +164,8 @@ def load_tokenizer(path: str | Path, spec: ModelSpec | None = None):
 def load_pretrained(path: str | Path, spec: ModelSpec, model_class=None) -> "PreTrainedModel":
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     cls = model_class or AutoModelForCausalLM
     extra, hub_problem = _hub_access(path)
     try:
@@ -172,9 +174,28 @@ def load_pretrained(path: str | Path, spec: ModelSpec, model_class=None) -> "Pre
         raise _load_error("model", path, err, hub_problem,
                           "give an existing local folder with safetensors weights, or a hub id while the hub is "
                           "reachable (set model.allow_pickle: true only for trusted .bin weights)") from None
+    except SafetensorError as err:  # a damaged weights file: its header does not parse
+        raise AlignpipeError(f"cannot load model from {path}: its safetensors weights are damaged "
+                             f"({str(err).splitlines()[0][:160]})", where=str(path),
+                             fix="restore the folder from a copy, or rebuild it") from None
 
 
 # --- from a stage checkpoint ---------------------------------------------------------------------
+
+
+def spec_from_manifest(manifest: dict, where: str = "manifest.json", trust_remote_code: bool = False,
+                       allow_pickle: bool = False) -> ModelSpec:
+    """The recipe's model settings as a stage recorded them (dtype, quantisation, revision), except the two
+    that run code: `trust_remote_code` and `allow_pickle` come only from the caller (the recipe being run, or
+    a command-line flag), never from a run folder, which anyone could have edited or sent."""
+    import dataclasses
+
+    from alignpipe.recipe import from_dict
+
+    raw = (manifest.get("recipe_settings") or {}).get("model") or {}
+    spec = from_dict(ModelSpec, raw, where, "recipe_settings.model") if raw else ModelSpec()
+    return dataclasses.replace(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
 
 
 def checkpoint_dir(stage_dir: Path) -> Path:
@@ -187,7 +208,11 @@ def is_adapter(model_dir: Path) -> bool:
 
 def load_stage_model(stage_dir: Path, spec: ModelSpec, model_class=None, merge: bool = True):
     """The causal LM a stage produced. A LoRA stage saved only its adapter; its manifest records the
-    base it was trained on (a parent stage folder or the recipe's model), which is loaded first."""
+    base it was trained on (a parent stage folder or the recipe's model), which is loaded first. Each stage's
+    files are checked against the hash its manifest recorded first (runs.verify_model_files)."""
+    from alignpipe.runs import verify_model_files
+
+    verify_model_files(stage_dir)
     model_dir = checkpoint_dir(stage_dir)
     if not is_adapter(model_dir):
         return load_pretrained(model_dir, spec, model_class)

@@ -131,12 +131,14 @@ def recipe_stage_names(stages: list[Stage]) -> list[str]:
     """The stage names of the recipe that produced the run, when its file is still readable."""
     import yaml
 
+    from alignpipe.runs import read_named_file
+
     for s in stages:
-        path = Path(s.manifest.get("recipe", ""))
-        if path.is_file():
+        text = read_named_file(s.manifest.get("recipe") or "")  # bounded: a manifest may name /dev/zero
+        if text is not None:
             try:
-                return list((yaml.safe_load(path.read_text()) or {}).get("stages") or {})
-            except (yaml.YAMLError, AttributeError):
+                return [str(k) for k in (yaml.safe_load(text) or {}).get("stages") or {}]
+            except (yaml.YAMLError, AttributeError, TypeError, RecursionError):
                 return []
     return []
 
@@ -172,11 +174,12 @@ class RewardScorer:
 
 
 def _model_spec(manifest: dict):
-    from alignpipe.recipe import ModelSpec, from_dict
+    """The recorded model settings, never its trust_remote_code / allow_pickle (modeling.spec_from_manifest)."""
+    from alignpipe.modeling import spec_from_manifest
+    from alignpipe.recipe import ModelSpec
 
-    raw = (manifest.get("recipe_settings") or {}).get("model") or {}
     try:
-        return from_dict(ModelSpec, raw, "manifest.json", "recipe_settings.model")
+        return spec_from_manifest(manifest)
     except Exception:  # noqa: BLE001 - written by another version: fall back to defaults
         return ModelSpec()
 

@@ -35,6 +35,9 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     stage_dir = recipe.stage_dir(name)
+    for kept, problem in stage_versions.set_aside_unreadable(stage_dir) if main else []:  # never deleted
+        log(f"stage {name}: {problem}; the folder is kept whole in {kept} and the stage is built again")
+    distributed.barrier()
     if main and (done := stage_versions.settle(stage_dir, keep)):  # a swap cut short by a kill
         log(f"stage {name}: {done}")
     distributed.barrier()
@@ -113,7 +116,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
             log(f"stage {name}: the current version {stage_dir} is untouched; the new attempt is kept in "
                 f"{attempt}: run the same command again (without --force) to resume it, or "
                 f"`alignpipe discard {stage_dir}` to delete it")
-        raise stage_versions.storage_error(err, name, attempt, stage_dir) or err
+        raise stage_versions.storage_error(err, name, attempt, stage_dir) or refused_checkpoint(err, name, attempt) \
+            or err
     if main and attempt != stage_dir:
         stage_versions.promote(attempt, stage_dir, keep)  # one rename: the new version replaces the old
         log(f"stage {name}: version {run.data['version']} swapped in; version {stage_versions.version_of(old)} "
@@ -139,6 +143,19 @@ def recheck_gates(recipe: Recipe, name: str, manifest: dict, main: bool) -> None
             log(f"gate {'passed' if row['passed'] else 'MISSED'} (re-checked on the recorded metrics): "
                 f"{gates.describe(name, row)}")
     gates.raise_if_missed(name, results, stage_dir)  # a missed gate still fails the run
+
+
+def refused_checkpoint(err: BaseException, name: str, attempt: Path) -> RunError | None:
+    """A checkpoint file that weights-only loading refuses (it pickles Python objects: damaged, or not written
+    by this training) is one line saying how to go on without it, not a traceback."""
+    import pickle
+
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    reason = next((line for line in str(err).splitlines() if "GLOBAL" in line), str(err).splitlines()[0])[:160]
+    return RunError(f"stage {name!r} cannot resume: a checkpoint file holds pickled Python objects that loading "
+                    f"refuses ({reason.strip()})", where=str(attempt / "checkpoints"),
+                    fix=f"start the stage over without its checkpoints: alignpipe run RECIPE --stages {name} --restart")
 
 
 def _record_failure(run: runs.StageRun, attempt: Path, err: BaseException) -> None:

@@ -37,18 +37,79 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+MAX_MANIFEST_BYTES = 32 << 20  # far above any manifest alignpipe writes; a bigger one is not one of them
+# the fields that commands read, and the types alignpipe writes them with (None allowed where it writes None)
+MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "kind": (str,), "status": (str,), "version": (int,), "schema": (int,), "recipe": (str,),
+    "resolved_config": (dict,), "recipe_settings": (dict,), "parent": (dict, type(None)),
+    "base_model": (dict, str, type(None)), "fingerprint": (str,), "inputs": (dict,), "outputs": (dict,),
+    "seed": (int,), "versions": (dict,), "trust_remote_code": (bool,), "lineage": (list,), "metrics": (dict,),
+    "started_at": (str,), "wall_time_s": (int, float), "error": (str,), "template_check": (dict, type(None)),
+}
+
+
+def manifest_problem(stage_dir: Path) -> str | None:
+    """Why `stage_dir/manifest.json` exists but cannot be used (unreadable, not a JSON object, a field of the
+    wrong type), or None: it is fine, or there is none."""
+    try:
+        read_manifest(stage_dir)
+    except RunError as err:
+        return err.what
+    return None
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
+    """The manifest of a stage folder, None when it has none; a RunError (one line) when it cannot be used:
+    it never reads more than MAX_MANIFEST_BYTES, and never hands on a field of a type alignpipe does not write."""
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn write from an old crash: treat as not complete
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+        data = json.loads(raw)
+    except (OSError, ValueError, RecursionError) as err:  # a torn or damaged file; UnicodeDecodeError too
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else (str(err).splitlines() or [""])[0][:120]
+        raise _unusable(path, f"it cannot be read as JSON ({type(err).__name__}: {reason})") from None
+    if not isinstance(data, dict):
+        raise _unusable(path, f"it holds a JSON {type(data).__name__}, not an object")
+    for key, types in MANIFEST_TYPES.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # bool is an int
+            raise _unusable(path, f"field {key!r} is a {type(value).__name__}, alignpipe writes a "
+                                  f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
+    return data
+
+
+def read_named_file(path: str | Path, limit: int = 4 << 20) -> str | None:
+    """The text of a file a manifest names (its recipe, its model's config), or None when that is not a
+    regular file of at most `limit` bytes: a run folder can name /dev/zero or a 50 GB file."""
+    try:
+        path = Path(path)
+        if not path.is_file() or path.stat().st_size > limit:
+            return None
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)
+        return raw.decode("utf-8") if len(raw) <= limit else None
+    except (OSError, ValueError):
+        return None
+
+
+def _unusable(path: Path, why: str) -> RunError:
+    return RunError(f"the stage's manifest cannot be used: {why}", where=str(path),
+                    fix="restore it from a copy; or let `alignpipe run` move the stage folder into .history/ and "
+                        "build the stage again")
 
 
 def is_complete(stage_dir: Path) -> bool:
-    manifest = read_manifest(stage_dir)
+    try:
+        manifest = read_manifest(stage_dir)
+    except RunError:  # a torn write: not complete
+        return False
     return bool(manifest) and manifest.get("status") == "complete"
 
 
@@ -75,6 +136,54 @@ def fingerprint_path(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def verified_cache(model_dir: Path) -> Path:
+    """Where the stats of `model_dir`'s files are remembered after their hash matched: the user's cache folder
+    (`$XDG_CACHE_HOME` or ~/.cache, `alignpipe/model-verified/`), never the run folder, which loading leaves as
+    it was."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignpipe" / "model-verified"
+    return root / (sha256_bytes(str(Path(model_dir).resolve()).encode()) + ".json")
+
+
+def _file_stats(model_dir: Path) -> dict[str, list[int]]:
+    """Size, inode, modification and change time of each file under `model_dir`; the change time cannot be set
+    back by a program, so a file edited after the last check never matches its cached stats."""
+    out = {}
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        st = f.stat()
+        out[str(f.relative_to(model_dir))] = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    return out
+
+
+def verify_model_files(stage_dir: Path, manifest: dict | None = None) -> None:
+    """Refuse a stage whose `model/` files are not the ones its manifest hashed when it completed
+    (`outputs.model`): a flipped byte, a truncated copy, a file swapped in. The full hash is computed once and
+    remembered with the files' stats (runs.verified_cache), so later loads cost a `stat` per file.
+    A manifest from before hashes were recorded (or none) is not checked. This catches damage and edits of
+    model/ alone; whoever can also edit the manifest can make it match (see docs/when-things-go-wrong.md)."""
+    stage_dir = Path(stage_dir)
+    manifest = read_manifest(stage_dir) if manifest is None else manifest
+    expected = ((manifest or {}).get("outputs") or {}).get("model")
+    model_dir = stage_dir / "model"
+    if not isinstance(expected, str) or not model_dir.is_dir():
+        return
+    stats = _file_stats(model_dir)
+    cache = verified_cache(model_dir)
+    try:
+        cached = json.loads(cache.read_text()) if cache.is_file() and cache.stat().st_size < (1 << 20) else {}
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and cached.get("sha256") == expected and cached.get("files") == stats:
+        return
+    if fingerprint_path(model_dir) != expected:
+        raise RunError("the model's files do not match the hash its manifest recorded when the stage completed "
+                       "(outputs.model): they were changed or damaged since", where=str(model_dir),
+                       fix=f"restore them from a copy, or re-run stage {stage_dir.name!r} with --force")
+    try:
+        write_json_atomic(cache, {"sha256": expected, "files": stats})
+    except OSError:
+        pass  # no writable cache folder: checked in full each time
 
 
 def versions() -> dict[str, str]:

@@ -83,6 +83,8 @@ def plan(recipe: Recipe, name: str, force: bool = False, restart: bool = False) 
 def is_up_to_date(recipe: Recipe, name: str) -> bool:
     """Complete, with the fingerprint `run` would compute now: `run` will skip it."""
     ctx = make_context(recipe, name)
+    if runs.manifest_problem(ctx.dir):  # `run` sets the folder aside and builds the stage again
+        return False
     old = runs.read_manifest(ctx.dir)
     return bool(old) and old.get("status") == "complete" and same_result(old, stage_fingerprint(ctx)[0])
 

@@ -63,10 +63,39 @@ def history(stage_dir: Path) -> list[tuple[int, Path, dict]]:
     root = history_root(stage_dir)
     found = []
     for d in root.iterdir() if root.is_dir() else []:
-        manifest = read_manifest(d)
-        if d.name.isdigit() and manifest is not None:
+        if not d.name.isdigit():  # e.g. a folder kept aside for its unreadable manifest
+            continue
+        try:
+            manifest = read_manifest(d)
+        except RunError:  # damaged: never restored, reused or pruned
+            continue
+        if manifest is not None:
             found.append((int(d.name), d, manifest))
     return sorted(found, key=lambda row: -row[0])
+
+
+def set_aside_unreadable(stage_dir: Path) -> list[tuple[Path, str]]:
+    """A stage folder (or its new attempt, `.next/<stage>`) whose manifest cannot be used (torn, damaged,
+    edited) may still hold a complete model: move it whole into the history as `unreadable-<n>` (never restored
+    or pruned automatically) instead of deleting it, so the stage is built again beside it. Returns (where each
+    went, why), empty when both were fine."""
+    from alignpipe.runs import manifest_problem
+
+    stage_dir = Path(stage_dir)
+    moved = []
+    for folder in (stage_dir, next_dir(stage_dir)):
+        problem = manifest_problem(folder) if folder.is_dir() else None
+        if problem is None:
+            continue
+        root = history_root(stage_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while (root / f"unreadable-{n}").exists():
+            n += 1
+        os.rename(folder, root / f"unreadable-{n}")
+        _fsync_dir(root)
+        moved.append((root / f"unreadable-{n}", problem))
+    return moved
 
 
 def new_version(stage_dir: Path) -> int:
@@ -324,6 +353,10 @@ def describe_versions(stage_dir: Path) -> list[str]:
                             and isinstance(v, (int, float)))
         lines.append(f"history: version {version} [{manifest.get('status')}] started {manifest.get('started_at', '?')}"
                      f"{f'; {figures}' if figures else ''} -> alignpipe restore {stage_dir} {version}")
+    root = history_root(stage_dir)
+    for folder in sorted(root.glob("unreadable-*")) if root.is_dir() else []:
+        lines.append(f"kept aside: {folder} (its manifest could not be used; repair it and move the folder back "
+                     "by hand, or delete it)")
     side = next_dir(stage_dir)
     if (attempt := read_manifest(side)) is not None:
         lines.append(f"new attempt: version {version_of(attempt)} [{attempt.get('status')}] in {side} "

@@ -183,7 +183,9 @@ def _show_data(recipe: Recipe, name: str, prepared) -> None:
     except DataError as err:
         raise as_user_error(err, str(recipe.path)) from None
     print(f"stage {name} ({cfg.kind}):")
-    print(format_report(report))
+    from alignpipe.errors import terminal_safe
+
+    print(terminal_safe(format_report(report)))  # a file's text: escape what a terminal would act on
     if tokenizer is None:
         print(f"  tokens: not measured ({why_not})")
     if name in user_stages(recipe):

@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--system", default=None, help="a system message to start every conversation with")
+        code_flags(p)
 
     p = subparsers.add_parser("chat", help="chat with a stage's model in the terminal (streaming)")
     sampling(p)
@@ -37,15 +38,25 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def code_flags(p) -> None:
+    """The only ways a command that loads a stage's model runs code from it: the run folder cannot say so."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="import the model folder's own Python (config auto_map); only for folders you trust")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .bin/.pt weights (pickle can run code); only for folders you trust")
+
+
 # --- loading a stage for inference --------------------------------------------------------------
 
 
-def model_spec(manifest: dict):
-    """The recipe's ModelSpec (dtype, trust_remote_code, quantisation) as the stage recorded it."""
-    from alignpipe.recipe import ModelSpec, from_dict
+def model_spec(manifest: dict, stage_dir: Path | None = None, args=None):
+    """The recipe's ModelSpec (dtype, quantisation) as the stage recorded it; trust_remote_code and
+    allow_pickle from the command line only (modeling.spec_from_manifest)."""
+    from alignpipe.modeling import spec_from_manifest
 
-    raw = (manifest.get("recipe_settings") or {}).get("model") or {}
-    return from_dict(ModelSpec, raw, "manifest.json", "recipe_settings.model") if raw else ModelSpec()
+    where = str(Path(stage_dir) / "manifest.json") if stage_dir is not None else "manifest.json"
+    return spec_from_manifest(manifest, where, trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+                              allow_pickle=bool(getattr(args, "allow_pickle", False)))
 
 
 def stage_manifest(stage_dir: Path) -> dict:
@@ -66,13 +77,13 @@ def stage_manifest(stage_dir: Path) -> dict:
     return manifest
 
 
-def load_stage(stage_dir: Path):
+def load_stage(stage_dir: Path, args=None):
     """(model in eval mode, tokenizer with its chat template, manifest) of a complete policy stage."""
     from alignpipe import modeling
 
     stage_dir = Path(stage_dir)
     manifest = stage_manifest(stage_dir)
-    spec = model_spec(manifest)
+    spec = model_spec(manifest, stage_dir, args)
     tokenizer = modeling.load_tokenizer(stage_dir / "model", spec)
     if not tokenizer.chat_template:
         raise RunError("the checkpoint's tokenizer has no chat template", where=str(stage_dir / "model"),
@@ -125,7 +136,7 @@ def cmd_chat(args) -> int:
     from alignpipe.cli import set_threads
 
     set_threads()
-    model, tokenizer, manifest = load_stage(Path(args.stage_dir))
+    model, tokenizer, manifest = load_stage(Path(args.stage_dir), args)
     stops = stop_ids(tokenizer, manifest)
     gen = generation_kwargs(args, tokenizer, stops)
     limit = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -222,7 +233,7 @@ def cmd_generate(args) -> int:
 
     set_threads()
     rows = read_prompts(Path(args.inp))
-    model, tokenizer, manifest = load_stage(Path(args.stage_dir))
+    model, tokenizer, manifest = load_stage(Path(args.stage_dir), args)
     stops = stop_ids(tokenizer, manifest)
     gen = generation_kwargs(args, tokenizer, stops)
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.errors import AlignpipeError
+from alignpipe.errors import AlignpipeError, terminal_safe
 
 FAMILY_CHOICES = ("conversations", "pairs", "text", "kto", "prompts")
 SHOW_CHARS = 1200  # of each rendered example
@@ -120,7 +120,7 @@ def cmd_data(args) -> int:
         report = validation_report(data, tokenizer, max_length, sample=2000)
     except DataError as err:
         raise as_user_error(err, where) from None
-    print(format_report(report))
+    print(terminal_safe(format_report(report)))
     limit = spec.get("max_dropped", MAX_DROPPED)
     if report["rows_read"] and report["rows_dropped"] / report["rows_read"] > limit:
         print(f"  a stage would stop here: {report['rows_dropped'] / report['rows_read']:.1%} of the rows are "
@@ -134,8 +134,8 @@ def cmd_data(args) -> int:
     for i in _pick(data.rows, args.examples):
         part, number = next((p, p.row_numbers[j]) for p in data.parts for j in range(len(p.rows))
                             if p.rows[j] is data.rows[i]) if data.mixture is None else (data.parts[0], "?")
-        print(f"--- {part.source} {part.unit} {number}")
+        print(terminal_safe(f"--- {part.source} {part.unit} {number}"))
         for text in _example(data.rows[i], data.family, template):
-            more = len(text) - SHOW_CHARS
-            print(text[:SHOW_CHARS] + (f" [... {more} more characters]" if more > 0 else ""))
+            more = len(text) - SHOW_CHARS  # a file's text: escape what a terminal would act on
+            print(terminal_safe(text[:SHOW_CHARS]) + (f" [... {more} more characters]" if more > 0 else ""))
     return 0

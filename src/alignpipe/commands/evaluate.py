@@ -19,6 +19,24 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def recipe_named_by(manifest: dict, stage_dir: Path) -> str:
+    """The recipe a stage's manifest names, for `eval` without --recipe. A recipe runs the code it names
+    (verifiers, trust_remote_code), so one inside the run folder, which came with the folder and may be anyone's,
+    is refused: give --recipe to say that you mean it."""
+    from alignpipe.errors import RunError
+    from alignpipe.stage_versions import run_root_of
+
+    named = manifest.get("recipe") or ""
+    root = run_root_of(stage_dir).resolve()
+    path = Path(named).resolve() if named else None
+    if path is None or path == root or root in path.parents:
+        raise RunError(f"the manifest names {'no recipe' if not named else f'the recipe {named}, inside the run folder'}"
+                       "; a recipe runs the code it names, so it is not taken from a run folder",
+                       where=str(Path(stage_dir) / "manifest.json"),
+                       fix="give the recipe that produced the stage with --recipe RECIPE.yaml")
+    return named
+
+
 def cmd_eval(args) -> int:
     from alignpipe import gates, runs
     from alignpipe.cli import set_threads
@@ -30,7 +48,7 @@ def cmd_eval(args) -> int:
     if manifest is None or manifest.get("status") != "complete":
         raise RunError("not a complete stage folder", where=str(stage_dir),
                        fix="give runs/<recipe>/<stage> of a stage that completed (alignpipe run RECIPE first)")
-    recipe = load_recipe(args.recipe or manifest["recipe"])
+    recipe = load_recipe(args.recipe or recipe_named_by(manifest, stage_dir))
     name = manifest["stage"]
     if name not in recipe.stages or Path(recipe.stage_dir(name)).resolve() != stage_dir.resolve():
         raise RunError(f"the recipe has no stage {name!r} writing to this folder", where=str(recipe.path),

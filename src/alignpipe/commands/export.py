@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="dtype to load and save in (default: the recipe's; float32 on CPU)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest acceptable |logit difference| (default 1e-3 in float32, 5e-2 otherwise)")
+    from alignpipe.commands.chat import code_flags
+
+    code_flags(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -44,12 +47,17 @@ def quantised_base(manifest: dict, spec) -> str | None:
         return "4-bit (model.load_in_4bit)"
     if spec.load_in_8bit:
         return "8-bit (model.load_in_8bit)"
-    path = (manifest.get("recipe_settings") or {}).get("model", {}).get("path")
-    config = Path(path) / "config.json" if path else None
-    if config is not None and config.is_file():
-        quant = json.loads(config.read_text()).get("quantization_config")
-        if quant:
-            return f"pre-quantised checkpoint ({quant.get('quant_method', 'unknown method')})"
+    from alignpipe.runs import read_named_file
+
+    path = spec.path
+    text = read_named_file(Path(path) / "config.json") if path else None  # bounded: named by the run folder
+    try:
+        quant = json.loads(text).get("quantization_config") if text else None
+    except (ValueError, AttributeError, RecursionError):
+        quant = None
+    if quant:
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else quant
+        return f"pre-quantised checkpoint ({method})"
     return None
 
 
@@ -85,7 +93,7 @@ def cmd_export(args) -> int:
                           where=str(stage_dir / "model"), fix="copy that folder; load it with "
                           "AutoModelForSequenceClassification or alignpipe.reward.artifact.load_reward_model")
     manifest = stage_manifest(stage_dir)
-    spec = model_spec(manifest)
+    spec = model_spec(manifest, stage_dir, args)
     quant = quantised_base(manifest, spec)
     if quant and not args.dequantize:
         raise ExportError(f"the stage's base model is quantised: {quant}; merging the adapter into quantised "

@@ -41,6 +41,7 @@ def cmd_label(args) -> int:
 
     folder = queue_folder(Path(args.stage_dir))
     manifest = read_manifest(folder) or {}
-    target = int((manifest.get("resolved_config") or {}).get("min_labels") or 0)
+    wanted = (manifest.get("resolved_config") or {}).get("min_labels") or 0
+    target = wanted if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0 else 0
     serve(folder, args.host, args.port, args.allow_remote, target)
     return 0

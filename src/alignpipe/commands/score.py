@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from alignpipe.errors import AlignpipeError, RunError
+from alignpipe.errors import AlignpipeError, RunError, terminal_safe
 
 
 def add_parser(subparsers) -> None:
@@ -23,6 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--response", action="append", default=[], help="an assistant reply (repeat to compare several)")
     p.add_argument("--jsonl", metavar="FILE", help="batch mode: JSON lines with prompt and response ('-': stdin)")
     p.add_argument("--batch-size", type=int, default=64)
+    from alignpipe.commands.chat import code_flags
+
+    code_flags(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -84,7 +87,10 @@ def cmd_score(args) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from alignpipe.reward.artifact import load_reward_model, score
 
-    artifact = load_reward_model(stage)
+    from alignpipe.recipe import ModelSpec
+
+    artifact = load_reward_model(stage, ModelSpec(trust_remote_code=args.trust_remote_code,
+                                                  allow_pickle=args.allow_pickle))
     responses = [r.get("response", r.get("completion")) for r in rows]
     scores = score(artifact, [r["prompt"] for r in rows], responses, args.batch_size)
     normalised = artifact.normalise(scores)
@@ -94,5 +100,5 @@ def cmd_score(args) -> int:
     else:
         print(f"{'reward':>9} {'normalised':>10}  response")
         for r, s, n in zip(args.response, scores, normalised):
-            print(f"{s:9.4f} {n:10.4f}  {r}")
+            print(f"{s:9.4f} {n:10.4f}  {terminal_safe(r)}")
     return 0

@@ -46,6 +46,8 @@ def _json(value: Any, name: str, reason: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as e:
         raise Drop(reason, f"'{name}' is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise Drop(reason, f"'{name}' is JSON nested too deeply") from None
 
 
 def tool_call(value: Any, name: str) -> dict:

@@ -75,6 +75,8 @@ def _read_jsonl(path: Path, name: str) -> RawRows:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:  # listed with the other bad rows, not alone and first
                 rows.append(BadLine("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}"))
+            except RecursionError:  # thousands of nested brackets: no row of any format is that deep
+                rows.append(BadLine("invalid_json", "invalid JSON: nested too deeply"))
             numbers.append(number)
     return RawRows(name, rows, numbers, "line")
 
@@ -118,6 +120,8 @@ def _read_json(path: Path, name: str) -> RawRows:
     except json.JSONDecodeError as e:
         hint = "it looks like JSON Lines: rename it to .jsonl" if e.msg == "Extra data" else "fix the file"
         raise DataError(name, f"line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}", hint) from None
+    except RecursionError:
+        raise DataError(name, "top level", "invalid JSON: nested too deeply", "fix the file") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -133,7 +137,7 @@ def _csv_cell(value: str):
             decoded = json.loads(value)
             if isinstance(decoded, list) and all(isinstance(m, dict) for m in decoded):
                 return decoded
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
     return value
 

@@ -80,7 +80,9 @@ def _check_endpoint(j, where: str, key: str) -> None:
     url = j.endpoint.rstrip("/") + "/models"
     headers = {"Authorization": "Bearer " + os.environ[j.api_key_env]} if j.api_key_env else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=min(10, j.timeout_s)) as r:
+        from alignpipe.eval.judges import open_without_redirects  # the key never follows a redirect
+
+        with open_without_redirects(urllib.request.Request(url, headers=headers), min(10, j.timeout_s)) as r:
             json.loads(r.read().decode() or "{}")
     except urllib.error.HTTPError:
         return  # it answered (some servers have no /models): the first judging call tells the rest

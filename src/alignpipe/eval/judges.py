@@ -8,7 +8,8 @@ orders (A/B, then B/A), with a judging prompt that asks for `A`, `B` or `TIE`. E
 parsed; one that says none of these is counted as unparseable, never as a tie. The model is a local
 transformers model (`model:` a folder or hub id) or an OpenAI-compatible endpoint (`endpoint:` base URL
 ending in /v1, `model:` its model name, the key read from the environment variable `api_key_env` at
-call time: it is never stored, logged or written).
+call time: it is never stored, logged or written). The endpoint is asked directly: a redirect is refused, never
+followed, so the key is never sent on to another host.
 """
 
 from __future__ import annotations
@@ -70,6 +71,23 @@ def fill(template: str, prompt: str, a: str, b: str) -> str:
 # --- the two kinds of pairwise judge model ------------------------------------------------------------
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a 301/302/303 of a POST as a GET with the same headers, `Authorization` among them, to
+    wherever `Location` points: refuse every redirect instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirected to {newurl[:120]} (redirects are refused: the "
+                                     "key would go with it)", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+def open_without_redirects(req: urllib.request.Request, timeout: float):
+    """urlopen, except that a redirect is an HTTPError instead of a second request carrying the same headers."""
+    return _OPENER.open(req, timeout=timeout)
+
+
 class EndpointJudge:
     """An OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, Ollama), greedy."""
 
@@ -90,12 +108,15 @@ class EndpointJudge:
                                "temperature": 0, "max_tokens": self.spec.max_new_tokens}).encode()
             req = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.spec.timeout_s) as resp:
+                with open_without_redirects(req, self.spec.timeout_s) as resp:
                     reply = json.loads(resp.read().decode())
                 out.append(str(reply["choices"][0]["message"]["content"] or ""))
             except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+                fix = ("give the endpoint's final address (its base URL ending in /v1) in endpoint:"
+                       if isinstance(err, urllib.error.HTTPError) and 300 <= err.code < 400
+                       else "check that the server runs and serves this model")
                 raise EvalError(f"judge endpoint {self.url} failed: {type(err).__name__}: {_reason(err)}",
-                                fix="check that the server runs and serves this model") from None
+                                fix=fix) from None
         return out
 
 

@@ -1,6 +1,7 @@
 """The labelling page: one HTML document with a little plain JavaScript (no framework, nothing fetched from
 elsewhere). Buttons and keys: A better (a or 1), B better (b or 2), tie (t or 3), both bad (x or 4), undo (u or
-Backspace). The access token, when the server needs one, is read from the page's address and sent on each call."""
+Backspace). The access token is read from the page's address and sent on each call; the page names itself with
+a random client id (kept for the tab's life), so its undo withdraws its own latest verdict."""
 
 HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>alignpipe: which answer is better?</title>
@@ -39,9 +40,17 @@ HTML = """<!doctype html>
 <div class="buttons"><button id="btn-undo">Undo<kbd>u</kbd></button></div>
 <p id="error"></p>
 <script>
-const token = new URLSearchParams(location.search).get("token");
-const headers = {"Content-Type": "application/json"};
-if (token) headers["X-Alignpipe-Token"] = token;
+const token = new URLSearchParams(location.search).get("token") || "";
+function clientId() {
+  let id = sessionStorage.getItem("alignpipe-client");
+  if (!id) {
+    const bytes = crypto.getRandomValues(new Uint8Array(12));
+    id = Array.from(bytes, b => b.toString(16).padStart(2, "0")).join("");
+    sessionStorage.setItem("alignpipe-client", id);
+  }
+  return id;
+}
+const headers = {"Content-Type": "application/json", "X-Alignpipe-Token": token, "X-Alignpipe-Client": clientId()};
 let current = null, busy = false;
 
 function show(state) {
@@ -71,14 +80,14 @@ async function call(method, path, body) {
 }
 function verdict(v) { if (current) call("POST", "/api/label", {id: current.id, verdict: v}); }
 document.querySelectorAll("button[data-verdict]").forEach(b => b.addEventListener("click", () => verdict(b.dataset.verdict)));
-document.getElementById("btn-undo").addEventListener("click", () => call("POST", "/api/undo"));
+document.getElementById("btn-undo").addEventListener("click", () => call("POST", "/api/undo", {}));
 const keys = {a: "a", "1": "a", b: "b", "2": "b", t: "tie", "3": "tie", x: "both_bad", "4": "both_bad"};
 document.addEventListener("keydown", e => {
   if (e.ctrlKey || e.metaKey || e.altKey) return;
-  if (e.key === "u" || e.key === "Backspace") { e.preventDefault(); call("POST", "/api/undo"); }
+  if (e.key === "u" || e.key === "Backspace") { e.preventDefault(); call("POST", "/api/undo", {}); }
   else if (keys[e.key]) verdict(keys[e.key]);
 });
-call("GET", "/api/state" + (token ? "?token=" + encodeURIComponent(token) : ""));
+call("GET", "/api/state");
 </script>
 </body></html>
 """

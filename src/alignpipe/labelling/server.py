@@ -1,39 +1,37 @@
 """The labelling page: a local web server over a label stage's queue (`alignpipe label <stage folder>`).
 
-Python's ThreadingHTTPServer, on 127.0.0.1 unless told otherwise. Another address needs `--allow-remote`, and then
-every request must carry the random access token printed at start (`?token=` or the `X-Alignpipe-Token` header).
+Python's ThreadingHTTPServer, on 127.0.0.1 unless told otherwise (another address needs `--allow-remote`).
+Every request, on loopback too, follows local_http's rules: the random access token in the printed address,
+a `Host` that names this server, no other site's `Origin`, JSON bodies of bounded size. Items are shown
+under random handles made at start, not their queue ids, so a page cannot name one it was not shown.
 Each verdict is appended to `labels.jsonl` and fsynced before the page is answered (labelling/queue.py), so a
 closed browser or a killed server loses nothing; a restarted server shows the first item still unlabelled.
 
     GET  /             the page (labelling/page.py)
     GET  /api/state    {"item": the next unlabelled item or null, "labelled", "total", "target"}
-    POST /api/label    {"id", "verdict": a | b | tie | both_bad} -> the state
-    POST /api/undo     withdraws the latest standing verdict -> the state (that item is shown again)
+    POST /api/label    {"id": the item's handle, "verdict": a | b | tie | both_bad} -> the state
+    POST /api/undo     withdraws the caller's own latest standing verdict -> the state
+
+The caller is the page that sent the request (`X-Alignpipe-Client`, a random name each page makes), so two
+people labelling one queue each undo their own verdicts.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
+import re
 import secrets
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 from alignpipe.errors import AlignpipeError
 from alignpipe.labelling.labellers import HUMAN, VERDICTS
 from alignpipe.labelling.page import HTML
-from alignpipe.labelling.queue import LabelLog, current, read_log, read_queue
+from alignpipe.labelling.queue import LabelLog, current, latest_own_verdict, read_log, read_queue
+from alignpipe.local_http import SECURITY_HEADERS, Refused, Rules, bind, is_loopback, rules_for, url_host
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+CLIENT_HEADER = "X-Alignpipe-Client"
+_CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Labelling:
@@ -43,6 +41,9 @@ class Labelling:
         self.folder, self.labeller = Path(folder), labeller
         self.items = read_queue(self.folder)
         self.ids = {it["id"] for it in self.items}
+        # the page sees each item under a random handle, never its (guessable) queue id
+        self.handle_of = {it["id"]: secrets.token_urlsafe(16) for it in self.items}
+        self.id_of = {h: i for i, h in self.handle_of.items()}
         self.target = min(target or len(self.items), len(self.items))
         self.log = LabelLog(self.folder)
 
@@ -52,47 +53,59 @@ class Labelling:
     def state(self) -> dict:
         done = self.standing()
         nxt = next((it for it in self.items if it["id"] not in done), None)
-        item = None if nxt is None else {k: nxt[k] for k in ("id", "prompt", "a", "b")}
+        item = None if nxt is None else {"id": self.handle_of[nxt["id"]], **{k: nxt[k] for k in ("prompt", "a", "b")}}
         return {"item": item, "labelled": len(done), "total": len(self.items), "target": self.target}
 
-    def label(self, item_id: str, verdict: str) -> dict:
-        if item_id not in self.ids or verdict not in VERDICTS:
-            raise ValueError(f"unknown item {item_id!r} or verdict {verdict!r}")
-        self.log.append({"id": item_id, "verdict": verdict, "labeller": self.labeller})
+    def label(self, handle: str, verdict: str, client: str = "") -> dict:
+        item_id = self.id_of.get(handle)
+        if item_id is None or verdict not in VERDICTS:
+            raise ValueError(f"unknown item or verdict {verdict!r}")
+        self.log.append({"id": item_id, "verdict": verdict, "labeller": self.labeller, "client": client,
+                         "vid": secrets.token_hex(8)})
         return self.state()
 
-    def undo(self) -> dict:
-        done = self.standing()
-        if done:
-            self.log.append({"undo": list(done)[-1], "labeller": self.labeller})
+    def undo(self, client: str = "") -> dict:
+        """Withdraw this client's latest verdict that still stands (none left: nothing changes)."""
+        with self.log.lock:
+            own = latest_own_verdict(read_log(self.folder), self.labeller, client)
+            if own is not None:
+                self.log.append({"undo": own["id"], "of": own["vid"], "labeller": self.labeller, "client": client})
         return self.state()
 
 
-def make_handler(app: Labelling, token: str | None):
+def make_handler(app: Labelling, rules: Rules):
+    from http.server import BaseHTTPRequestHandler
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # seconds a connection may sit silent: an idle or trickling client does not hold a thread
+
         def log_message(self, fmt, *args):  # one quiet server: no line per request
             pass
-
-        def _allowed(self) -> bool:
-            if token is None:
-                return True
-            given = self.headers.get("X-Alignpipe-Token") or parse_qs(urlparse(self.path).query).get("token", [""])[0]
-            return hmac.compare_digest(given.encode(), token.encode())
 
         def _send(self, code: int, body: bytes, kind: str = "application/json") -> None:
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
+            for name, value in SECURITY_HEADERS.items():
+                self.send_header(name, value)
+            if code >= 400:
+                self.send_header("Connection", "close")  # a refused body is never read: do not reuse
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(body)
 
         def _json(self, data: dict, code: int = 200) -> None:
             self._send(code, json.dumps(data).encode())
 
+        def _client(self) -> str:
+            name = self.headers.get(CLIENT_HEADER) or ""
+            return name if _CLIENT.fullmatch(name) else ""
+
         def do_GET(self):
-            if not self._allowed():
-                return self._json({"error": "access token missing or wrong"}, 403)
+            try:
+                rules.check_request(self)
+            except Refused as no:
+                return self._json({"error": no.reason}, no.status)
             route = urlparse(self.path).path
             if route == "/":
                 return self._send(200, HTML.encode(), "text/html; charset=utf-8")
@@ -101,37 +114,38 @@ def make_handler(app: Labelling, token: str | None):
             return self._json({"error": "not found"}, 404)
 
         def do_POST(self):
-            if not self._allowed():
-                return self._json({"error": "access token missing or wrong"}, 403)
-            route = urlparse(self.path).path
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                rules.check_request(self)
+                route = urlparse(self.path).path
+                if route not in ("/api/label", "/api/undo"):
+                    return self._json({"error": "not found"}, 404)
+                body = rules.read_json_object(self)
                 if route == "/api/label":
-                    return self._json(app.label(str(body.get("id")), str(body.get("verdict"))))
-                if route == "/api/undo":
-                    return self._json(app.undo())
-            except (ValueError, json.JSONDecodeError) as err:
+                    return self._json(app.label(str(body.get("id")), str(body.get("verdict")), self._client()))
+                return self._json(app.undo(self._client()))
+            except Refused as no:
+                return self._json({"error": no.reason}, no.status)
+            except ValueError as err:
                 return self._json({"error": str(err)}, 400)
-            return self._json({"error": "not found"}, 404)
 
     return Handler
 
 
 def serve(folder: Path, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False,
           target: int = 0) -> None:
-    """Serve the page until interrupted; prints the address (and the token, off loopback)."""
+    """Serve the page until interrupted; prints the address, which carries the access token."""
     if not is_loopback(host) and not allow_remote:
         raise AlignpipeError(f"--host {host} is not a loopback address", key="--host",
                              fix="add --allow-remote to serve other machines (every request then needs the printed "
                                  "access token), or use 127.0.0.1")
     app = Labelling(folder, target)
-    token = None if is_loopback(host) else secrets.token_urlsafe(18)
-    server = ThreadingHTTPServer((host, port), make_handler(app, token))
-    url = f"http://{host}:{server.server_address[1]}/" + (f"?token={token}" if token else "")
+    server = bind(host, port, None)
+    rules = rules_for(host, server.server_address[1], allow_remote)
+    server.RequestHandlerClass = make_handler(app, rules)
+    url = f"http://{url_host(host)}:{server.server_address[1]}/?token={rules.token}"
     state = app.state()
     print(f"labelling {folder}: {state['labelled']} of {state['total']} labelled; open {url}", flush=True)
-    if token:
-        print(f"access token (every request must carry it): {token}", flush=True)
+    print("the address carries the access token: every request needs it; do not share it", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

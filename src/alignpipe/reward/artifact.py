@@ -86,6 +86,10 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
             raise RunError(f"the reward stage is not complete (status {manifest.get('status')!r})",
                            where=str(stage_dir), fix=f"re-run stage {stage_dir.name!r}")
     model_dir = stage_dir if (stage_dir / STATS_FILE).is_file() else stage_dir / "model"
+    if manifest is not None:
+        from alignpipe.runs import verify_model_files
+
+        verify_model_files(stage_dir, manifest)
     return load_reward_dir(model_dir, spec)
 
 
