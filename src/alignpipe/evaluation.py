@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from alignpipe.errors import EvalError
 from alignpipe.recipe import JudgeSpec
 
 
@@ -30,6 +31,9 @@ class Samples:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     prompt_index: list[int] = field(default_factory=list)  # which of the given prompts each sample answers
+    prompt_messages: list[list[dict]] = field(default_factory=list)  # the prompt as sampled (cut to fit)
+    cut: int = 0  # prompts cut from the left to fit the model's context
+    skipped: int = 0  # prompts that could not fit, not sampled
 
 
 def render_prompts(tokenizer, user_messages: list) -> list[str]:
@@ -45,38 +49,57 @@ def _user_text(m) -> str:
     return users[-1] if users else ""
 
 
+def as_messages(m) -> list[dict]:
+    return [{"role": "user", "content": m}] if isinstance(m, str) else list(m)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, seed: int = 0, batch_size: int = 128) -> Samples:
-    """`n` sampled responses per prompt, with the KV cache, in batches of `batch_size` sequences."""
+           top_p: float = 1.0, seed: int = 0, batch_size: int = 128, batch_memory_mb: float | None = None,
+           greedy: bool = False, stage: str = "") -> Samples:
+    """`n` sampled responses per prompt (one greedy response with `greedy`), with the KV cache. Prompts are
+    cut from the left to fit the model's context less `max_new_tokens`, or skipped (`eval.budget`); batches
+    hold at most `batch_size` sequences and fit `batch_memory_mb`."""
+    from alignpipe.eval.budget import batch_bytes, budget_bytes, fit_prompts, plan_batches, prompt_budget
+    from alignpipe.progress import track
+
+    n = 1 if greedy else n
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    texts = render_prompts(tokenizer, user_messages)
+    fitted = fit_prompts(tokenizer, [as_messages(m) for m in user_messages], prompt_budget(model, max_new_tokens))
+    if (line := fitted.line(stage)) is not None:
+        print(line, flush=True)
+    kept = [i for i, m in enumerate(fitted.prompts) if m is not None]
+    texts = render_prompts(tokenizer, [fitted.prompts[i] for i in kept])
+    widths = [len(ids) + max_new_tokens for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] \
+        if texts else []
+    weight_bytes = next(model.parameters()).element_size()
+    batches = plan_batches(widths, lambda seqs, w: batch_bytes(model.config, seqs, w, weight_bytes=weight_bytes),
+                           budget_bytes(model, batch_memory_mb), batch_size, per_item=n)
     eos = tokenizer.eos_token_id
-    out = Samples([], [], [], [], [], [])
-    per_batch = max(1, batch_size // n)
+    out = Samples([], [], [], [], [], [], cut=fitted.cut, skipped=fitted.skipped)
     gen = torch.Generator().manual_seed(seed)
-    from alignpipe.progress import track
-
-    for start in track(range(0, len(texts), per_batch), "sampling", unit="batch"):
-        chunk = texts[start:start + per_batch]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    for lo, hi in track(batches, "sampling greedily" if greedy else "sampling", unit="sample",
+                        weight=lambda b: (b[1] - b[0]) * n):
+        enc = tokenizer(texts[lo:hi], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False)
         enc = {k: v.to(dev) for k, v in enc.items()}
         # one seed per batch, drawn from our own generator, so results do not depend on global RNG state
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        generated = model.generate(
-            **enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            num_return_sequences=n, use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-        )
+        generated = model.generate(**enc, **how, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                   use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
         new = generated[:, enc["input_ids"].shape[1]:].tolist()
         prompt_rows = enc["input_ids"].repeat_interleave(n, dim=0).tolist()
         mask_rows = enc["attention_mask"].repeat_interleave(n, dim=0).tolist()
         for i, ids in enumerate(new):
             ended = eos in ids
             ids = ids[: ids.index(eos) + 1] if ended else ids
-            out.prompts.append(_user_text(user_messages[start + i // n]))
-            out.prompt_index.append(start + i // n)
+            which = kept[lo + i // n]
+            out.prompts.append(_user_text(user_messages[which]))
+            out.prompt_index.append(which)
+            out.prompt_messages.append(fitted.prompts[which])
             out.responses.append(tokenizer.decode(ids, skip_special_tokens=True))
             out.ended.append(ended)
             out.lengths.append(len(ids))
@@ -99,12 +122,18 @@ def write_samples(path: Path, samples: Samples, passed: list[bool], extra: dict[
 
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                      batch_size: int = 64) -> list[list[float]]:
-    """Per-token log-probabilities of each response given its prompt (right-padded batches)."""
+                      batch_size: int = 64, batch_memory_mb: float | None = None) -> list[list[float]]:
+    """Per-token log-probabilities of each response given its prompt (right-padded batches of at most
+    `batch_size` sequences, sized to fit `batch_memory_mb` with every position's logits)."""
+    from alignpipe.eval.budget import batch_bytes, budget_bytes, plan_batches
+
     dev = next(model.parameters()).device
+    widths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    batches = plan_batches(widths, lambda seqs, w: batch_bytes(model.config, seqs, w, every_logit=True),
+                           budget_bytes(model, batch_memory_mb), batch_size)
     out: list[list[float]] = []
-    for s in range(0, len(prompt_ids), batch_size):
-        rows = [p + r for p, r in zip(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size])]
+    for s, e in batches:
+        rows = [p + r for p, r in zip(prompt_ids[s:e], response_ids[s:e])]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -113,16 +142,18 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
             mask[i, : len(r)] = 1
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
-        for i, (p, r) in enumerate(zip(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size])):
+        del logits
+        for i, (p, r) in enumerate(zip(prompt_ids[s:e], response_ids[s:e])):
             out.append(logp[i, len(p) - 1: len(p) - 1 + len(r)].tolist())
     return out
 
 
-def kl_to_reference(policy, reference, samples: Samples, pad_id: int) -> float:
+def kl_to_reference(policy, reference, samples: Samples, pad_id: int, batch_memory_mb: float | None = None) -> float:
     """Monte-Carlo KL(policy || reference) in nats per response, from the policy's own samples:
     the sum over response tokens of log pi(y_t) - log ref(y_t), averaged over samples."""
-    lp = sequence_logprobs(policy, samples.prompt_ids, samples.response_ids, pad_id)
-    lr = sequence_logprobs(reference, samples.prompt_ids, samples.response_ids, pad_id)
+    lp = sequence_logprobs(policy, samples.prompt_ids, samples.response_ids, pad_id, batch_memory_mb=batch_memory_mb)
+    lr = sequence_logprobs(reference, samples.prompt_ids, samples.response_ids, pad_id,
+                           batch_memory_mb=batch_memory_mb)
     per_seq = [sum(a) - sum(b) for a, b in zip(lp, lr)]
     return sum(per_seq) / max(1, len(per_seq))
 
@@ -179,7 +210,8 @@ def judged_samples(ctx, load_policy, tokenizer) -> tuple[Samples, list[bool]] | 
     fn = load_verifier(j.verifier, str(ctx.recipe.path), f"stages.{ctx.name}.eval.judges.{name}.verifier")
     spec = ctx.config.eval
     samples = sample(load_policy(), tokenizer, [r["prompt"] for r in rows], spec.samples_per_prompt,
-                     spec.max_new_tokens, spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
+                     spec.max_new_tokens, spec.temperature, spec.top_p, ctx.seed, spec.batch_size,
+                     spec.batch_memory_mb, stage=ctx.name)
     values = run_verifier(fn, samples.prompts, samples.responses, [rows[i] for i in samples.prompt_index],
                           samples.ended)
     return samples, [float(v) >= 0.5 for v in values]
@@ -242,17 +274,23 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         print(f"[alignpipe] stage {ctx.name}: no held-out prompts to evaluate on (set eval.prompts)", flush=True)
         return {"eval_status": "skipped: no held-out prompts"}
 
-    def draw(model) -> Samples:
+    def draw(model, greedy: bool = False) -> Samples:
         return sample(model, tokenizer, [r["prompt"] for r in rows], spec.samples_per_prompt, spec.max_new_tokens,
-                      spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
+                      spec.temperature, spec.top_p, ctx.seed, spec.batch_size, spec.batch_memory_mb, greedy=greedy,
+                      stage=ctx.name)
 
     samples = draw(policy)
     out = [{"prompt": p, "response": r, "ended": e, "tokens": t}
            for p, r, e, t in zip(samples.prompts, samples.responses, samples.ended, samples.lengths)]
     metrics: dict = {"eval_status": "complete", "eval_prompts": len(rows), "eval_samples": len(out),
+                     "eval_prompts_cut": samples.cut, "eval_prompts_skipped": samples.skipped,
                      **health_metrics(samples.responses, samples.response_ids, samples.ended)}
+    if not out:
+        raise EvalError(f"none of the {len(rows)} eval prompts fits the model's context", key="eval.prompts",
+                        fix="give shorter prompts, or lower eval.max_new_tokens")
     if reference is not None:
-        metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id)
+        metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id,
+                                                     spec.batch_memory_mb)
 
     # the parent's samples of the same prompts: its own file when it covers them, else drawn now from the
     # reference (which is the parent), with the same protocol and seed
@@ -303,13 +341,18 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         from alignpipe.reward.artifact import load_reward_model, score
 
         artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
-        for row, s in zip(out, score(artifact, samples.prompts, samples.responses)):
+        as_sampled = dict(zip(samples.prompts, samples.prompt_messages))  # scored as sampled: cut to fit
+
+        def scores(prompts: list[str], responses: list[str]) -> list[float]:
+            return score(artifact, [as_sampled.get(p, p) for p in prompts], responses)
+
+        for row, s in zip(out, scores(samples.prompts, samples.responses)):
             row["reward"] = s
         metrics["mean_reward"] = sum(r["reward"] for r in out) / len(out)
         metrics["reward_stage"] = rm_stage
         if with_parent:
-            for row, s in zip(with_parent, score(artifact, [r["prompt"] for r in with_parent],
-                                                 [r["parent_response"] for r in with_parent])):
+            for row, s in zip(with_parent, scores([r["prompt"] for r in with_parent],
+                                                  [r["parent_response"] for r in with_parent])):
                 row["parent_reward"] = s
             _win(metrics, "rm_win_rate_vs_parent", with_parent, "reward", "parent_reward", ctx.seed)
         sft = sft_stage_of(ctx.recipe, ctx.name)
@@ -317,8 +360,8 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
             metrics["rm_win_rate_vs_sft"] = metrics["rm_win_rate_vs_parent"]
             metrics["rm_win_rate_vs_sft_ci"] = metrics["rm_win_rate_vs_parent_ci"]
         elif sft is not None and covers(base := read_samples(ctx.stage_dir(sft)), samples, spec.samples_per_prompt):
-            scored = [{**r, "reward": s} for r, s in zip(base, score(artifact, [r["prompt"] for r in base],
-                                                                     [r["response"] for r in base]))]
+            scored = [{**r, "reward": s} for r, s in zip(base, scores([r["prompt"] for r in base],
+                                                                      [r["response"] for r in base]))]
             win = win_rate(paired(out, scored), "reward", seed=ctx.seed)
             if win["rate"] is not None:
                 metrics["rm_win_rate_vs_sft"], metrics["rm_win_rate_vs_sft_ci"] = win["rate"], [win["lo"], win["hi"]]
