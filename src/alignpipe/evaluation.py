@@ -337,6 +337,7 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
 
     # the recipe's reward model: mean score; win rates against the parent and against sft
     rm_stage = reward_stage_of(ctx.recipe, ctx.name)
+    metrics.update(independence_metrics(ctx, rm_stage))
     if rm_stage is not None:
         from alignpipe.reward.artifact import load_reward_model, score
 
@@ -387,6 +388,26 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
 
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
     return metrics
+
+
+def independence_metrics(ctx, rm_stage: str | None) -> dict:
+    """`optimised_judges` ({judge: why}: the judges this stage optimised, `rm` its reward model;
+    `eval.independence`) and `reward_model_below_chance` (the reward model's accuracy on its own held-out
+    pairs, when it is no better than chance), each said in one line."""
+    from alignpipe.eval.independence import below_chance, optimised_judges
+    from alignpipe.runs import read_manifest
+
+    out: dict = {}
+    optimised = optimised_judges(ctx.recipe, ctx.name, rm_stage)
+    if optimised:
+        out["optimised_judges"] = optimised
+    if rm_stage is not None:
+        accuracy = ((read_manifest(ctx.stage_dir(rm_stage)) or {}).get("metrics") or {}).get("pairwise_accuracy")
+        if below_chance(accuracy):
+            out["reward_model_below_chance"] = accuracy
+            print(f"[alignpipe] stage {ctx.name}: reward model `{rm_stage}` ranked only {accuracy:.1%} of its own "
+                  "held-out pairs right (chance: 50%): its scores of this stage are not evidence", flush=True)
+    return out
 
 
 def _win(metrics: dict, name: str, rows: list[dict], mine: str, theirs: str, seed: int) -> None:
