@@ -265,11 +265,12 @@ def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
 def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     from alignpipe.eval.health import health_metrics
     from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise, pairwise_metrics, run_verifier
-    from alignpipe.eval.prompts import eval_prompts
+    from alignpipe.eval.contamination import manifest_figures
+    from alignpipe.eval.prompts import checked_eval_prompts
     from alignpipe.eval.stats import paired, win_rate
 
     spec, where = ctx.config.eval, str(ctx.recipe.path)
-    rows = eval_prompts(ctx)
+    rows, contaminated, dropped = checked_eval_prompts(ctx)
     if not rows:
         print(f"[alignpipe] stage {ctx.name}: no held-out prompts to evaluate on (set eval.prompts)", flush=True)
         return {"eval_status": "skipped: no held-out prompts"}
@@ -284,6 +285,7 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
            for p, r, e, t in zip(samples.prompts, samples.responses, samples.ended, samples.lengths)]
     metrics: dict = {"eval_status": "complete", "eval_prompts": len(rows), "eval_samples": len(out),
                      "eval_prompts_cut": samples.cut, "eval_prompts_skipped": samples.skipped,
+                     **(manifest_figures(contaminated, dropped) if contaminated else {}),
                      **health_metrics(samples.responses, samples.response_ids, samples.ended)}
     if not out:
         raise EvalError(f"none of the {len(rows)} eval prompts fits the model's context", key="eval.prompts",

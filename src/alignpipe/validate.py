@@ -64,6 +64,10 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
             kind.check(recipe, name, where)
     check_stage_tokenizers(recipe)
     _check_runs_dir(recipe, where)
+    from alignpipe.eval.contamination import validate_lines
+
+    for line in validate_lines(recipe):
+        print(line, file=sys.stderr)
 
 
 def check_stage_tokenizers(recipe: Recipe) -> None:
