@@ -12,7 +12,9 @@ verifier) is the world's ground truth, which no trained model ever sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,15 @@ def _user_text(m) -> str:
     return users[-1] if users else ""
 
 
+def unwrapped(model):
+    """(the model to call, the context to call it in): a LoRA run's reference (`rl.policy.AdapterOff`) is its
+    peft model with the adapter disabled; any other model is itself."""
+    inner = getattr(model, "peft_model", None)
+    if inner is not None and not hasattr(model, "config"):
+        return inner, inner.disable_adapter()
+    return model, contextlib.nullcontext()
+
+
 def as_messages(m) -> list[dict]:
     return [{"role": "user", "content": m}] if isinstance(m, str) else list(m)
 
@@ -60,6 +71,14 @@ def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, t
     """`n` sampled responses per prompt (one greedy response with `greedy`), with the KV cache. Prompts are
     cut from the left to fit the model's context less `max_new_tokens`, or skipped (`eval.budget`); batches
     hold at most `batch_size` sequences and fit `batch_memory_mb`."""
+    model, context = unwrapped(model)
+    with context:
+        return _sample(model, tokenizer, user_messages, n, max_new_tokens, temperature, top_p, seed, batch_size,
+                       batch_memory_mb, greedy, stage)
+
+
+def _sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, temperature: float, top_p: float,
+            seed: int, batch_size: int, batch_memory_mb: float | None, greedy: bool, stage: str) -> Samples:
     from alignpipe.eval.budget import batch_bytes, budget_bytes, fit_prompts, plan_batches, prompt_budget
     from alignpipe.progress import track
 
@@ -128,8 +147,9 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     from alignpipe.eval.budget import batch_bytes, budget_bytes, plan_batches
 
     dev = next(model.parameters()).device
+    config = unwrapped(model)[0].config
     widths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    batches = plan_batches(widths, lambda seqs, w: batch_bytes(model.config, seqs, w, every_logit=True),
+    batches = plan_batches(widths, lambda seqs, w: batch_bytes(config, seqs, w, every_logit=True),
                            budget_bytes(model, batch_memory_mb), batch_size)
     out: list[list[float]] = []
     for s, e in batches:
@@ -283,13 +303,13 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     samples = draw(policy)
     out = [{"prompt": p, "response": r, "ended": e, "tokens": t}
            for p, r, e, t in zip(samples.prompts, samples.responses, samples.ended, samples.lengths)]
+    if not out:
+        raise EvalError(f"none of the {len(rows)} eval prompts fits the model's context", key="eval.prompts",
+                        fix="give shorter prompts, or lower eval.max_new_tokens")
     metrics: dict = {"eval_status": "complete", "eval_prompts": len(rows), "eval_samples": len(out),
                      "eval_prompts_cut": samples.cut, "eval_prompts_skipped": samples.skipped,
                      **(manifest_figures(contaminated, dropped) if contaminated else {}),
                      **health_metrics(samples.responses, samples.response_ids, samples.ended)}
-    if not out:
-        raise EvalError(f"none of the {len(rows)} eval prompts fits the model's context", key="eval.prompts",
-                        fix="give shorter prompts, or lower eval.max_new_tokens")
     if reference is not None:
         metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id,
                                                      spec.batch_memory_mb)
@@ -315,6 +335,13 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         if k < len(theirs):
             row["parent_response"], row["parent_ended"] = theirs[k]["response"], bool(theirs[k].get("ended", True))
     with_parent = [r for r in out if "parent_response" in r]
+    # the parent made colder: one greedy answer per prompt, the partner of each of this stage's samples, so a
+    # gain that is only sharpening (a colder policy) shows as no gain against it
+    started = time.perf_counter()
+    with_greedy = greedy_parent(ctx, reference, draw, out)
+    if with_greedy:
+        metrics["eval_greedy_parent"] = f"{ctx.config.from_ or 'the recipe model'} (greedy, one answer per prompt)"
+        metrics["eval_greedy_parent_sampling_s"] = round(time.perf_counter() - started, 2)
 
     judges = judges_of(ctx)
     eval_rows = [rows[i] for i in samples.prompt_index]
@@ -336,6 +363,13 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
             for i, v in zip(idx, theirs):
                 out[i][f"parent_{name}"] = v
             _win(metrics, f"{name}_win_rate_vs_parent", with_parent, name, f"parent_{name}", ctx.seed)
+        if with_greedy:
+            idx = [i for i, r in enumerate(out) if "greedy_parent_response" in r]
+            theirs = run_verifier(fn, [out[i]["prompt"] for i in idx], [out[i]["greedy_parent_response"] for i in idx],
+                                  [eval_rows[i] for i in idx], [out[i]["greedy_parent_ended"] for i in idx])
+            for i, v in zip(idx, theirs):
+                out[i][f"greedy_parent_{name}"] = v
+            _win(metrics, f"{name}_win_rate_vs_greedy_parent", with_greedy, name, f"greedy_parent_{name}", ctx.seed)
 
     # the recipe's reward model: mean score; win rates against the parent and against sft
     rm_stage = reward_stage_of(ctx.recipe, ctx.name)
@@ -358,6 +392,12 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
                                                   [r["parent_response"] for r in with_parent])):
                 row["parent_reward"] = s
             _win(metrics, "rm_win_rate_vs_parent", with_parent, "reward", "parent_reward", ctx.seed)
+        if with_greedy:
+            once = {r["prompt"]: r["greedy_parent_response"] for r in with_greedy}  # one greedy answer a prompt
+            by_prompt = dict(zip(once, scores(list(once), list(once.values()))))
+            for row in with_greedy:
+                row["greedy_parent_reward"] = by_prompt[row["prompt"]]
+            _win(metrics, "rm_win_rate_vs_greedy_parent", with_greedy, "reward", "greedy_parent_reward", ctx.seed)
         sft = sft_stage_of(ctx.recipe, ctx.name)
         if sft is not None and sft == ctx.config.from_ and "rm_win_rate_vs_parent" in metrics:
             metrics["rm_win_rate_vs_sft"] = metrics["rm_win_rate_vs_parent"]
@@ -377,12 +417,21 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         if not with_parent:
             metrics[f"{name}_status"] = "skipped: no parent samples of the same prompts"
             continue
-        verdicts = pairwise(judge_model(j, ctx.recipe.model), judging_prompt(j, ctx.recipe.path),
-                            [r["prompt"] for r in with_parent], [r["response"] for r in with_parent],
+        model, template = judge_model(j, ctx.recipe.model), judging_prompt(j, ctx.recipe.path)
+        verdicts = pairwise(model, template, [r["prompt"] for r in with_parent], [r["response"] for r in with_parent],
                             [r["parent_response"] for r in with_parent])
         for row, v in zip(with_parent, verdicts):
             row[f"{name}_vs_parent"], row[f"{name}_answers"] = v.score(), [v.first, v.second]
         metrics.update(pairwise_metrics(name, [r["prompt"] for r in with_parent], verdicts, ctx.seed))
+        if with_greedy:
+            verdicts = pairwise(model, template, [r["prompt"] for r in with_greedy],
+                                [r["response"] for r in with_greedy], [r["greedy_parent_response"] for r in with_greedy])
+            for row, v in zip(with_greedy, verdicts):
+                row[f"{name}_vs_greedy_parent"] = v.score()
+            greedy = pairwise_metrics(name, [r["prompt"] for r in with_greedy], verdicts, ctx.seed)
+            for key in (f"{name}_win_rate_vs_parent", f"{name}_win_rate_vs_parent_ci"):
+                if key in greedy:
+                    metrics[key.replace("_vs_parent", "_vs_greedy_parent")] = greedy[key]
 
     write_rows(ctx.dir / SAMPLES_FILE, out)
     if spec.lm_eval is not None and spec.lm_eval.tasks:
@@ -390,6 +439,19 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
 
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
     return metrics
+
+
+def greedy_parent(ctx, reference, draw, out: list[dict]) -> list[dict]:
+    """The rows of `out` given their prompt's greedy answer by the parent (`greedy_parent_response`,
+    `greedy_parent_ended`): for RL and preference stages (aligned kinds) with the parent as reference."""
+    if reference is None or not ctx.kind.aligned:
+        return []
+    drawn = draw(reference, greedy=True)
+    answer = {p: (r, e) for p, r, e in zip(drawn.prompts, drawn.responses, drawn.ended)}
+    for row in out:
+        if row["prompt"] in answer:
+            row["greedy_parent_response"], row["greedy_parent_ended"] = answer[row["prompt"]]
+    return [r for r in out if "greedy_parent_response" in r]
 
 
 def independence_metrics(ctx, rm_stage: str | None) -> dict:
