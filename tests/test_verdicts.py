@@ -5,6 +5,8 @@ below chance on its own held-out pairs is flagged where its scores are used."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from alignpipe.eval.independence import independence_line, optimised_judges
@@ -140,3 +142,53 @@ def test_below_chance(accuracy, flagged):
     from alignpipe.eval.independence import below_chance
 
     assert below_chance(accuracy) is flagged
+
+
+# --- end to end: PPO on user data, judged only by the reward model it optimised, then with a verifier ---------
+
+
+def test_ppo_on_user_data_judged_only_by_its_reward_model_then_by_a_verifier(tmp_path, capsys):
+    import yaml
+
+    from alignpipe.cli import main
+    from alignpipe.runs import read_manifest
+    from hub_layout import save_tiny_model
+    from test_eval_user_data import user_recipe as eval_user_recipe
+
+    data = eval_user_recipe(tmp_path, save_tiny_model(tmp_path / "hub" / "tiny-qwen2"))
+    prompts = data["stages"]["sft"]["eval"]["prompts"]
+    ev = {"prompts": prompts, "num_prompts": 8, "samples_per_prompt": 2, "max_new_tokens": 12}
+    del data["stages"]["dpo"]
+    rl = tmp_path / "rl.jsonl"
+    rl.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i + 2}?"}) + "\n" for i in range(40)))
+    data["stages"]["ppo"] = {"kind": "ppo", "from": "sft", "reward_model": "reward", "data": {"path": str(rl)},
+                             "lora": {"r": 4, "alpha": 8}, "eval": ev,
+                             "trainer": {"total_updates": 2, "rollout_batch_size": 8, "minibatch_size": 4,
+                                         "max_new_tokens": 8}}
+    path = write_yaml(tmp_path / "ppo.yaml", data)
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0
+    assert "stage ppo: no independent judge" in capsys.readouterr().err
+    assert main(["run", str(path)]) == 0
+    runs = tmp_path / "runs" / "user"
+    m = read_manifest(runs / "ppo")["metrics"]
+    assert m["optimised_judges"] == {"rm": "it optimised reward model `reward`"} and "rm_win_rate_vs_parent" in m
+    assert main(["report", str(runs)]) == 0
+    text = (runs / "report.md").read_text()
+    [row] = ppo_rows(text)
+    assert NOT_INDEPENDENT in row and "| better |" not in row and f"`ppo`: {NOT_MEASURED}" in text
+    accuracy = read_manifest(runs / "reward")["metrics"]["pairwise_accuracy"]
+    assert ("ranks only" in text) == (accuracy <= 0.5)  # a reward model at or below chance: flagged
+
+    # a verifier added: only the evaluation re-runs, and the verdict comes from it
+    data["stages"]["ppo"]["eval"]["judges"] = {"gsm8k": {"verifier": "alignpipe.eval.verifiers:gsm8k"}}
+    write_yaml(path, data)
+    assert main(["eval", str(runs / "ppo")]) == 0
+    m = read_manifest(runs / "ppo")["metrics"]
+    assert main(["report", str(runs)]) == 0
+    text = (runs / "report.md").read_text()
+    rm_row, verifier_row = ppo_rows(text)
+    lo, hi = m["gsm8k_win_rate_vs_parent_ci"]
+    verdict = "better" if lo > 0.5 else "worse" if hi < 0.5 else "no clear difference"
+    assert NOT_INDEPENDENT in rm_row and f"| {verdict} |" in verifier_row and NOT_MEASURED not in text
+    assert "gsm8k_win_rate_vs_greedy_parent" in m and yaml.safe_load(path.read_text())["stages"]["ppo"]["eval"]["judges"]
