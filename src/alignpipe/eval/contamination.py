@@ -5,7 +5,9 @@ A stage's eval sets: its `eval.prompts` file, its `eval.data` file, else the rec
 seeded split of the user files, and every stage's `eval.data` file). The training rows: every user-data
 stage's files, less the rows the split holds out (those never train). A text field shorter than 13 words is
 one window when it has at least `MIN_WORDS` words (so a short row copied with a changed case or comma is
-found), and none otherwise (a short answer like "12." is in many rows by chance).
+found), and none otherwise (a short answer like "12." is in many rows by chance). System prompts are left
+out, and so is a window found in `COMMON` (3) rows or more of the training files or of the eval set: a
+shared template ("You are an AI assistant that follows instruction extremely well..."), not a copied row.
 
 `validate` prints one line per stage with overlapping rows (eval file and line, training file, line and stage);
 the evaluation writes them into the manifest (`eval_contaminated_rows`, `eval_contamination`), and
@@ -21,6 +23,7 @@ N = 13
 MIN_WORDS = 8
 SKIP_KEYS = {"role", "from", "label", "id", "weight"}
 SHOWN = 20  # overlaps listed in a manifest (all are counted)
+COMMON = 3  # a window in this many eval rows or training rows is a template, not a copy
 
 
 def words(text: str) -> list[str]:
@@ -35,12 +38,15 @@ def windows(text: str, n: int = N) -> set[str]:
 
 
 def strings(value, key: str = "") -> list[str]:
-    """Every text field of a row (message contents, prompts, responses, answers), not roles or labels."""
+    """Every text field of a row (message contents, prompts, responses, answers), not roles, labels or
+    system prompts (the same instructions head many rows)."""
     if key in SKIP_KEYS:
         return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
+        if value.get("role") == "system" or key == "system":
+            return []
         return [s for k, v in value.items() for s in strings(v, str(k))]
     if isinstance(value, list):
         return [s for v in value for s in strings(v, key)]
@@ -144,21 +150,34 @@ def eval_sources(recipe, name: str, local_only: bool = False) -> list[Source]:
 
 
 def index(sources: list[Source]) -> dict[str, tuple[Source, int]]:
-    """Each training window -> the first (file, row) holding it."""
-    out: dict[str, tuple[Source, int]] = {}
+    """Each training window -> the first (file, row) holding it; a window in `COMMON` rows or more is a shared
+    template (instructions, boilerplate), not a copied row, and maps to None."""
+    out: dict[str, tuple[Source, int] | None] = {}
+    seen: dict[str, int] = {}
     for src in sources:
         for i, row in enumerate(src.rows):
             for g in row_windows(row):
-                out.setdefault(g, (src, i))
+                seen[g] = seen.get(g, 0) + 1
+                if seen[g] >= COMMON:
+                    out[g] = None
+                else:
+                    out.setdefault(g, (src, i))
     return out
 
 
 def overlaps(evals: list[Source], train: dict[str, tuple[Source, int]]) -> list[dict]:
-    """One finding per eval row sharing a window with a training row."""
+    """One finding per eval row sharing a window with a training row (windows common to `COMMON` eval rows
+    or training rows or more are templates, left out)."""
+    counts: dict[str, int] = {}
+    for src in evals:
+        for row in src.rows:
+            for g in row_windows(row):
+                counts[g] = counts.get(g, 0) + 1
     found = []
     for src in evals:
         for i, row in enumerate(src.rows):
-            hit = next(((g, train[g]) for g in sorted(row_windows(row)) if g in train), None)
+            hit = next(((g, train[g]) for g in sorted(row_windows(row))
+                        if train.get(g) is not None and counts[g] < COMMON), None)
             if hit is None:
                 continue
             g, (tsrc, j) = hit
