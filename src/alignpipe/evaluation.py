@@ -424,8 +424,8 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
             row[f"{name}_vs_parent"], row[f"{name}_answers"] = v.score(), [v.first, v.second]
         metrics.update(pairwise_metrics(name, [r["prompt"] for r in with_parent], verdicts, ctx.seed))
         if with_greedy:
-            verdicts = pairwise(model, template, [r["prompt"] for r in with_greedy],
-                                [r["response"] for r in with_greedy], [r["greedy_parent_response"] for r in with_greedy])
+            verdicts = pairwise(model, template, [r["prompt"] for r in with_greedy], [r["response"] for r in with_greedy],
+                                [r["greedy_parent_response"] for r in with_greedy])
             for row, v in zip(with_greedy, verdicts):
                 row[f"{name}_vs_greedy_parent"] = v.score()
             greedy = pairwise_metrics(name, [r["prompt"] for r in with_greedy], verdicts, ctx.seed)
