@@ -12,10 +12,13 @@ It prints one JSON line: the seconds the evaluation took, the prompts' token len
 The model is `alignpipe.tiny_model`'s Qwen2 look-alike (~40k parameters, 256 positions), built in a
 temporary folder; the prompts are seeded pseudo-English of ~2,200 characters (1,678-1,864 tokens).
 
-Measured 2026-12-07 on the shared 2-core AMD EPYC development machine (1 thread, other work running):
-before (prompts not cut, batches of 128 sequences) 101.1 s of evaluation, 2.93 GB peak resident memory
-(a second run under heavier load: 234.1 s, 2.94 GB); after (prompts cut to 224 tokens, batches sized by
-memory) 5.7-5.9 s, 0.51-0.53 GB.
+Measured 2026-12-07 on the shared 2-core AMD EPYC development machine (1 thread, other work running),
+evaluation seconds and peak resident memory (`/usr/bin/time -v`, the whole process):
+
+| attention | before: prompts not cut, 128 sequences a batch | after: cut to 224 tokens, batches by memory |
+|---|---|---|
+| transformers' default (sdpa) | 101.1 s, 2.93 GB (again, under heavier load: 234.1 s, 2.94 GB) | 4.1-5.9 s, 0.51-0.57 GB |
+| `--attn eager` | 461.6 s, 9.52 GB | 8.1 s, 0.61 GB |
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--chars", type=int, default=2200)
+    ap.add_argument("--attn", default=None, help="attention implementation (eager, sdpa); default: transformers'")
     args = ap.parse_args()
 
     import torch
@@ -62,8 +66,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny_model(Path(tmp) / "tiny-qwen2")
         tok = AutoTokenizer.from_pretrained(folder)
-        policy = AutoModelForCausalLM.from_pretrained(folder)
-        reference = AutoModelForCausalLM.from_pretrained(folder)
+        kw = {"attn_implementation": args.attn} if args.attn else {}
+        policy = AutoModelForCausalLM.from_pretrained(folder, **kw)
+        reference = AutoModelForCausalLM.from_pretrained(folder, **kw)
     prompts = long_prompts(args.prompts, args.chars)
     rendered = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                 for p in prompts]
@@ -78,7 +83,8 @@ def main() -> None:
                       "prompts": args.prompts, "samples": len(samples.responses),
                       "context": policy.config.max_position_embeddings, "max_new_tokens": spec.max_new_tokens,
                       "prompt_tokens_max": max(lengths), "prompt_tokens_min": min(lengths),
-                      "longest_prompt_sampled": max(len(p) for p in samples.prompt_ids)}))
+                      "longest_prompt_sampled": max(len(p) for p in samples.prompt_ids),
+                      "attention": policy.config._attn_implementation}))
 
 
 if __name__ == "__main__":
