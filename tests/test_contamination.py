@@ -91,7 +91,7 @@ def test_a_clean_recipe_has_no_overlap(tmp_path, model_dir):
 
 def test_a_shared_template_is_not_a_copy():
     """Instructions heading many rows (as in LLaMA-Factory's dpo_en_demo) are no evidence of a copied row."""
-    from alignpipe.eval.contamination import Source, index, overlaps
+    from alignpipe.eval.contamination import Source, overlaps
 
     boiler = "You are an AI assistant that follows instruction extremely well. Help as much as you can. "
     train = Source("train.jsonl", "sft", [{"prompt": boiler + f"Question {i}: name a colour."} for i in range(5)]
@@ -99,6 +99,6 @@ def test_a_shared_template_is_not_a_copy():
                    list(range(1, 7)))
     evals = Source("eval.jsonl", "sft", [{"prompt": boiler + "What is the capital of France?"},
                                          {"prompt": question(9)}], [1, 2])
-    assert overlaps([evals], index([train])) == []  # the template, and a system prompt, are left out
+    assert overlaps([evals], [train]) == []  # the template, and a system prompt, are left out
     copied = Source("more.jsonl", "sft", [{"prompt": question(9).lower()}], [7])
-    assert [f["eval"] for f in overlaps([evals], index([train, copied]))] == ["eval.jsonl line 2"]
+    assert [f["eval"] for f in overlaps([evals], [train, copied])] == ["eval.jsonl line 2"]

@@ -68,6 +68,7 @@ def test_a_reward_model_below_chance_is_flagged(tmp_path):
     [row] = ppo_rows(text)
     assert "below chance" in row and "better" not in row
     assert "reward model `reward` ranks only 41.5% of its own held-out pairs right" in text
+    assert "**At or below chance on its own held-out pairs (41.5%):**" in text.split("## Reward model: reward")[1]
     assert f"`ppo`: {NOT_MEASURED}" in text
 
 

@@ -279,6 +279,9 @@ class Report:
                 lines.append(self.figure(plots.reward_accuracy(name, rm["bars"], self.fig_path(f"{name}_accuracy"))))
             if rm["facts"]:
                 lines += ["", "Metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rm["facts"]) + "."]
+            if rm["below_chance"] is not None:
+                lines += ["", f"**At or below chance on its own held-out pairs ({rm['below_chance']:.1%}):** its "
+                              "scores, and every win rate and verdict by it, are no evidence."]
             if rm["by_failure_type"]:
                 lines += ["", "On-policy accuracy by what is wrong with the failing sample: " + ", ".join(
                     f"{t} {_fmt(row['accuracy'])} ({row['pairs']} pairs)" for t, row in rm["by_failure_type"].items())

@@ -538,7 +538,10 @@ def reward_models(run: RunFolder) -> list[dict]:
                           "judge": [bool(r.get("judge")) for r in rows],
                           "corr": pearson([float(r["tokens"]) for r in rows], [r["reward"] for r in rows], at_least=3)}
                   for label, rows in series.items()}
+        from alignpipe.eval.independence import below_chance
+
         out.append({"stage": rm.name, "ece": m.get("ece"), "bars": bars, "facts": facts, "calibration": calibration,
+                    "below_chance": m["pairwise_accuracy"] if below_chance(m.get("pairwise_accuracy")) else None,
                     "by_failure_type": m.get("onpolicy_accuracy_by_failure_type"),  # reward/onpolicy.py
                     "series": series})
     return out

@@ -149,14 +149,15 @@ def eval_sources(recipe, name: str, local_only: bool = False) -> list[Source]:
     return heldout_sources(recipe, local_only)
 
 
-def index(sources: list[Source]) -> dict[str, tuple[Source, int]]:
-    """Each training window -> the first (file, row) holding it; a window in `COMMON` rows or more is a shared
-    template (instructions, boilerplate), not a copied row, and maps to None."""
+def index(sources: list[Source], wanted: set[str]) -> dict[str, tuple[Source, int] | None]:
+    """Each window of `wanted` found in a training row -> the first (file, row) holding it; a window in `COMMON`
+    rows or more is a shared template (instructions, boilerplate), not a copied row, and maps to None. Only
+    the eval set's windows are kept, so memory follows the eval set, not the training files."""
     out: dict[str, tuple[Source, int] | None] = {}
     seen: dict[str, int] = {}
     for src in sources:
         for i, row in enumerate(src.rows):
-            for g in row_windows(row):
+            for g in row_windows(row) & wanted:
                 seen[g] = seen.get(g, 0) + 1
                 if seen[g] >= COMMON:
                     out[g] = None
@@ -165,19 +166,19 @@ def index(sources: list[Source]) -> dict[str, tuple[Source, int]]:
     return out
 
 
-def overlaps(evals: list[Source], train: dict[str, tuple[Source, int]]) -> list[dict]:
-    """One finding per eval row sharing a window with a training row (windows common to `COMMON` eval rows
-    or training rows or more are templates, left out)."""
+def overlaps(evals: list[Source], train_sources: list[Source]) -> list[dict]:
+    """One finding per eval row sharing a window with a training row (a window common to `COMMON` eval rows
+    or training rows or more is a template, left out)."""
     counts: dict[str, int] = {}
     for src in evals:
         for row in src.rows:
             for g in row_windows(row):
                 counts[g] = counts.get(g, 0) + 1
+    train = index(train_sources, {g for g, c in counts.items() if c < COMMON})
     found = []
     for src in evals:
         for i, row in enumerate(src.rows):
-            hit = next(((g, train[g]) for g in sorted(row_windows(row))
-                        if train.get(g) is not None and counts[g] < COMMON), None)
+            hit = next(((g, train[g]) for g in sorted(row_windows(row)) if train.get(g) is not None), None)
             if hit is None:
                 continue
             g, (tsrc, j) = hit
@@ -186,26 +187,23 @@ def overlaps(evals: list[Source], train: dict[str, tuple[Source, int]]) -> list[
     return found
 
 
-def stage_overlaps(recipe, name: str, local_only: bool = False,
-                   train: dict[str, tuple[Source, int]] | None = None) -> list[dict]:
+def stage_overlaps(recipe, name: str, local_only: bool = False, train: list[Source] | None = None) -> list[dict]:
     """The rows of stage `name`'s eval sets that share a 13-word window with a training row of the recipe."""
     if not recipe.stages[name].eval.enabled and not recipe.stages[name].eval.data:
         return []
     evals = eval_sources(recipe, name, local_only)
     if not evals:
         return []
-    return overlaps(evals, train if train is not None else index(training_sources(recipe, local_only)))
+    return overlaps(evals, train if train is not None else training_sources(recipe, local_only))
 
 
 def validate_lines(recipe) -> list[str]:
     """`validate`'s lines: one per stage whose eval sets overlap training rows, naming the rows by line."""
-    train = None
+    train = training_sources(recipe, local_only=True)
+    if not any(src.rows for src in train):
+        return []
     out = []
     for name in recipe.stages:
-        if train is None:
-            train = index(training_sources(recipe, local_only=True))
-            if not train:
-                return []
         found = stage_overlaps(recipe, name, True, train)
         if found:
             shown = "; ".join(f"{f['eval']} ~ {f['train']} (stage {f['train_stage']})" for f in found[:5])
