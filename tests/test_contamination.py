@@ -47,7 +47,8 @@ def recipe(tmp_path: Path, model_dir: Path, planted: str | None = None, drop: bo
     ev = {"prompts": str(files["prompts"]), "num_prompts": 8, "drop_contaminated": drop}
     data = {"name": "c", "seed": 0, "runs_dir": str(tmp_path / "runs"), "model": {"path": str(model_dir)},
             "chat_template": "chatml",
-            "stages": {"sft": {"data": {"path": str(files["chat"])}, "eval": ev, "trainer": {"max_steps": 1}}}}
+            "stages": {"sft": {"data": {"path": str(files["chat"])}, "eval": ev,
+                               "trainer": {"max_steps": 1, "max_length": 256}}}}
     return write_yaml(tmp_path / "c.yaml", data)
 
 
@@ -83,6 +84,16 @@ def test_an_edited_eval_row_planted_in_a_training_file_is_found_by_line(tmp_path
     r = load_recipe(write_yaml(path, data))
     rows, _, dropped = checked_eval_prompts(StageContext(r, "sft", r.stages["sft"], r.stage_dir("sft"), None))
     assert dropped == 1 and question(2) not in [x["text"] for x in rows] and len(rows) == 5
+
+    # the manifest: the overlapping row by file and line, and what was left out of the evaluation
+    from alignpipe.runs import read_manifest
+
+    assert main(["run", str(path)]) == 0
+    m = read_manifest(tmp_path / "runs" / "c" / "sft")["metrics"]
+    assert m["eval_contaminated_rows"] == 1 and m["eval_contaminated_dropped"] == 1 and m["eval_prompts"] == 5
+    [row] = m["eval_contamination"]
+    assert row["eval"].endswith("prompts.jsonl line 3") and row["train"].endswith("chat.jsonl line 61")
+    assert len(row["shared"].split()) == 13
 
 
 def test_a_clean_recipe_has_no_overlap(tmp_path, model_dir):

@@ -50,13 +50,17 @@ def test_prompts_longer_than_the_context_are_cut_to_leave_room_for_the_response(
         prompt_budget(model, 300)
 
 
-def test_sampling_long_prompts_stays_within_the_context_and_counts_them(tiny):
+def test_sampling_long_prompts_stays_within_the_context_and_counts_them(tiny, capsys):
     from alignpipe.evaluation import sample
 
     model, tok = tiny
     prompts = ["word " * 600 + f"question {i}?" for i in range(3)] + ["What is 1 plus 1?"]
-    out = sample(model, tok, prompts, 2, 16, seed=0, batch_size=128)
+    capsys.readouterr()
+    out = sample(model, tok, prompts, 2, 16, seed=0, batch_size=4, stage="sft")
     assert out.cut == 3 and out.skipped == 0 and len(out.responses) == 8
+    said = capsys.readouterr()
+    assert "stage sft: of 4 eval prompts, 3 cut from the left to fit 240 tokens" in said.out
+    assert "sampling: 100%  8/8" in said.err and "sampling: 50%  4/8" in said.err  # counted in samples
     assert out.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3] and out.prompts[0] == prompts[0]  # keyed by the full prompt
     context = model.config.max_position_embeddings
     assert all(len(p) + 16 <= context for p in out.prompt_ids)
