@@ -338,6 +338,18 @@ def row_verdict(win: dict, judge: str, optimised: dict, below: float | None) -> 
     return verdict(win)
 
 
+def unmeasured_why(m: dict, optimised: dict, below) -> str:
+    """Why a stage with a parent has no verdict from an independent judge."""
+    why = "; ".join(f"{'the reward model' if j == 'rm' else f'`{j}`'}: {w}" for j, w in optimised.items())
+    if below is not None:
+        why = "; ".join(p for p in (why, f"the reward model is below chance ({below:.1%})") if p)
+    if why:
+        return why
+    judged = any(k.endswith("_pass_rate") and f"{k[:-len('_pass_rate')]}_total" in m for k in m) or \
+        "mean_reward" in m or any(k.endswith("_pairs") for k in m)
+    return "no win rate against its parent's samples of the same prompts" if judged else "it has no judge"
+
+
 def verdicts(run: RunFolder) -> dict | None:
     """Per policy stage: each judge's win rate against its parent (and against its parent sampled greedily)
     with its interval and verdict, never `better` on a judge it optimised; the stages not measured
@@ -370,9 +382,7 @@ def verdicts(run: RunFolder) -> dict | None:
             independent += judge not in optimised and not (judge == "rm" and below is not None)
             rows.append(row)
         if s.parent and not independent:
-            why = "; ".join(f"{'the reward model' if j == 'rm' else f'`{j}`'}: {w}" for j, w in optimised.items())
-            unmeasured.append({"stage": s.name, "why": why or ("its only judge is a reward model below chance"
-                                                               if below is not None else "it has no judge")})
+            unmeasured.append({"stage": s.name, "why": unmeasured_why(m, optimised, below)})
         health.append({"stage": s.name, **{k: m.get(k) for k in ("eot_rate", "repetition_rate", "distinct_2",
                                                                    "mean_response_tokens", "p95_response_tokens",
                                                                    "kl_to_reference")},
