@@ -88,6 +88,13 @@ def test_dpo_on_user_data_reports_the_shared_metrics(user_run):
     s = read_manifest(runs / "sft")["metrics"]
     assert s["gsm8k_total"] == 16 and "kl_to_reference" not in s and "eot_rate" in s
     assert gates.recorded(runs / "dpo")[0]["passed"]  # gates.json beside the manifest
+    # the parent sampled greedily: one answer per prompt, the partner of each of dpo's samples, by every judge
+    greedy = {r["prompt"]: r["greedy_parent_response"] for r in rows}
+    assert len(greedy) == 8 and all(r["greedy_parent_response"] == greedy[r["prompt"]] for r in rows)
+    for key in ("rm_win_rate_vs_greedy_parent", "gsm8k_win_rate_vs_greedy_parent"):
+        lo, hi = m[f"{key}_ci"]
+        assert 0.0 <= lo <= m[key] <= hi <= 1.0, key
+    assert "greedy_parent_response" not in sft_rows[0] and m["eval_prompts_cut"] == 0  # sft: no parent
 
 
 @pytest.mark.slow
@@ -98,8 +105,21 @@ def test_report_gives_verdicts_for_user_data(user_run):
     assert "## Did it help?" in text
     m = read_manifest(folder / "runs" / "user" / "dpo")["metrics"]
     lo, hi = m["rm_win_rate_vs_parent_ci"]
+    rows = [r for r in text.splitlines() if r.startswith("| **dpo**")]
+    # the reward model learned dpo's own pairs: its row is no evidence whatever its interval
+    [rm_row] = [r for r in rows if "reward model `reward`" in r]
+    assert f"{m['rm_win_rate_vs_parent']:.1%} [{lo:.1%}, {hi:.1%}]" in rm_row
+    assert "optimised on this judge; not independent evidence" in rm_row and "| better |" not in rm_row
+    assert m["optimised_judges"] == {"rm": "reward model `reward` was trained on the same pairs as this stage"}
+    # the verifier is independent: its verdict stands, beside the one against the parent sampled greedily
+    [verifier_row] = [r for r in rows if "verifier `gsm8k`" in r]
+    lo, hi = m["gsm8k_win_rate_vs_parent_ci"]
     verdict = "better" if lo > 0.5 else "worse" if hi < 0.5 else "no clear difference"
-    assert f"{m['rm_win_rate_vs_parent']:.1%} [{lo:.1%}, {hi:.1%}]" in text and verdict in text
+    glo, ghi = m["gsm8k_win_rate_vs_greedy_parent_ci"]
+    greedy = "better" if glo > 0.5 else "worse" if ghi < 0.5 else "no clear difference"
+    assert verifier_row.endswith(f"| {verdict} | {m['gsm8k_win_rate_vs_greedy_parent']:.1%} [{glo:.1%}, {ghi:.1%}] | "
+                                 f"{greedy} |")
+    assert "vs parent greedy" in text and "not measured independently" not in text
     assert "eot_rate" in text or "ends its turn" in text
 
 

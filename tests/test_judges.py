@@ -99,9 +99,15 @@ def test_local_and_endpoint_judges(model_dir, server, tmp_path, monkeypatch):
     pairs = len(rows)
     assert pairs == 16
 
-    # the endpoint: asked twice per pair (both orders), with the key from the environment
+    # the endpoint: asked twice per pair (both orders), with the key from the environment; then twice per pair
+    # against the parent's greedy answer (sharpening told apart from learning)
     asks = [a for a in Judge.asked if a["model"] == "judge"]
-    assert len(asks) == 2 * pairs and all(a["auth"] == f"Bearer {KEY}" for a in asks)
+    assert len(asks) == 4 * pairs and all(a["auth"] == f"Bearer {KEY}" for a in asks)
+    greedy = {r["prompt"]: r["greedy_parent_response"] for r in rows}
+    assert all(f"Answer B: {greedy[r['prompt']]}\n" in a["text"] for r, a in zip(rows, asks[2 * pairs:3 * pairs]))
+    lo, hi = m["remote_win_rate_vs_greedy_parent_ci"]
+    assert 0 <= lo <= m["remote_win_rate_vs_greedy_parent"] <= hi <= 1
+    asks = asks[:2 * pairs]
     mine = [r["response"] for r in rows]
     assert sum(f"Answer A: {r}\n" in a["text"] for r in mine for a in asks[:pairs]) >= pairs  # first order: A
     assert sum(f"Answer B: {r}\n" in a["text"] for r in mine for a in asks[pairs:]) >= pairs  # then: B

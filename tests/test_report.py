@@ -98,6 +98,20 @@ def test_report_covers_reward_dpo_and_ppo(tiny_run, tmp_path):
                for a, b in (p for rows in paired(dpo, sft).values() for p in rows)]
     assert f"| dpo | sft | {sum(outcome) / len(outcome):.1%} [" in wins
 
+    # issue #34, as in the default recipe: no verdict for ppo on the reward model it optimised, nor for dpo on a
+    # reward model trained on its own pairs; both beside their parent sampled greedily, by every judge
+    helped = text.split("## Did it help?")[1].split("Response health")[0]
+    for stage in ("dpo", "ppo"):
+        [rm_row] = [r for r in helped.splitlines() if r.startswith(f"| **{stage}**") and "reward model" in r]
+        assert rm_row.count("optimised on this judge; not independent evidence") == 2 and "better" not in rm_row
+        m = _manifest(run / stage)["metrics"]
+        assert set(m["optimised_judges"]) == {"rm"}
+        for key in ("judge_win_rate_vs_greedy_parent", "rm_win_rate_vs_greedy_parent"):
+            lo, hi = m[f"{key}_ci"]
+            assert 0 <= lo <= m[key] <= hi <= 1
+    assert "| vs parent greedy [95% CI] | verdict (greedy parent) |" in helped
+    assert "RM: better" not in wins  # the table against sft says the same
+
 
 def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]

@@ -12,12 +12,15 @@ verifier) is the world's ground truth, which no trained model ever sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from alignpipe.errors import EvalError
 from alignpipe.recipe import JudgeSpec
 
 
@@ -30,6 +33,9 @@ class Samples:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     prompt_index: list[int] = field(default_factory=list)  # which of the given prompts each sample answers
+    prompt_messages: list[list[dict]] = field(default_factory=list)  # the prompt as sampled (cut to fit)
+    cut: int = 0  # prompts cut from the left to fit the model's context
+    skipped: int = 0  # prompts that could not fit, not sampled
 
 
 def render_prompts(tokenizer, user_messages: list) -> list[str]:
@@ -45,38 +51,74 @@ def _user_text(m) -> str:
     return users[-1] if users else ""
 
 
+def unwrapped(model):
+    """(the model to call, the context to call it in): a LoRA run's reference (`rl.policy.AdapterOff`) is its
+    peft model with the adapter disabled; any other model is itself."""
+    inner = getattr(model, "peft_model", None)
+    if inner is not None and not hasattr(model, "config"):
+        return inner, inner.disable_adapter()
+    return model, contextlib.nullcontext()
+
+
+def as_messages(m) -> list[dict]:
+    return [{"role": "user", "content": m}] if isinstance(m, str) else list(m)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, seed: int = 0, batch_size: int = 128) -> Samples:
-    """`n` sampled responses per prompt, with the KV cache, in batches of `batch_size` sequences."""
+           top_p: float = 1.0, seed: int = 0, batch_size: int = 128, batch_memory_mb: float | None = None,
+           greedy: bool = False, stage: str = "") -> Samples:
+    """`n` sampled responses per prompt (one greedy response with `greedy`), with the KV cache. Prompts are
+    cut from the left to fit the model's context less `max_new_tokens`, or skipped (`eval.budget`); batches
+    hold at most `batch_size` sequences and fit `batch_memory_mb`."""
+    model, context = unwrapped(model)
+    with context:
+        return _sample(model, tokenizer, user_messages, n, max_new_tokens, temperature, top_p, seed, batch_size,
+                       batch_memory_mb, greedy, stage)
+
+
+def _sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, temperature: float, top_p: float,
+            seed: int, batch_size: int, batch_memory_mb: float | None, greedy: bool, stage: str) -> Samples:
+    from alignpipe.eval.budget import batch_bytes, budget_bytes, fit_prompts, plan_batches, prompt_budget
+    from alignpipe.progress import track
+
+    n = 1 if greedy else n
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    texts = render_prompts(tokenizer, user_messages)
+    fitted = fit_prompts(tokenizer, [as_messages(m) for m in user_messages], prompt_budget(model, max_new_tokens))
+    if (line := fitted.line(stage)) is not None:
+        print(line, flush=True)
+    kept = [i for i, m in enumerate(fitted.prompts) if m is not None]
+    texts = render_prompts(tokenizer, [fitted.prompts[i] for i in kept])
+    widths = [len(ids) + max_new_tokens for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] \
+        if texts else []
+    weight_bytes = next(model.parameters()).element_size()
+    batches = plan_batches(widths, lambda seqs, w: batch_bytes(model.config, seqs, w, weight_bytes=weight_bytes),
+                           budget_bytes(model, batch_memory_mb), batch_size, per_item=n)
     eos = tokenizer.eos_token_id
-    out = Samples([], [], [], [], [], [])
-    per_batch = max(1, batch_size // n)
+    out = Samples([], [], [], [], [], [], cut=fitted.cut, skipped=fitted.skipped)
     gen = torch.Generator().manual_seed(seed)
-    from alignpipe.progress import track
-
-    for start in track(range(0, len(texts), per_batch), "sampling", unit="batch"):
-        chunk = texts[start:start + per_batch]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    for lo, hi in track(batches, "sampling greedily" if greedy else "sampling", unit="sample",
+                        weight=lambda b: (b[1] - b[0]) * n):
+        enc = tokenizer(texts[lo:hi], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False)
         enc = {k: v.to(dev) for k, v in enc.items()}
         # one seed per batch, drawn from our own generator, so results do not depend on global RNG state
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        generated = model.generate(
-            **enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            num_return_sequences=n, use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-        )
+        generated = model.generate(**enc, **how, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                   use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
         new = generated[:, enc["input_ids"].shape[1]:].tolist()
         prompt_rows = enc["input_ids"].repeat_interleave(n, dim=0).tolist()
         mask_rows = enc["attention_mask"].repeat_interleave(n, dim=0).tolist()
         for i, ids in enumerate(new):
             ended = eos in ids
             ids = ids[: ids.index(eos) + 1] if ended else ids
-            out.prompts.append(_user_text(user_messages[start + i // n]))
-            out.prompt_index.append(start + i // n)
+            which = kept[lo + i // n]
+            out.prompts.append(_user_text(user_messages[which]))
+            out.prompt_index.append(which)
+            out.prompt_messages.append(fitted.prompts[which])
             out.responses.append(tokenizer.decode(ids, skip_special_tokens=True))
             out.ended.append(ended)
             out.lengths.append(len(ids))
@@ -99,12 +141,19 @@ def write_samples(path: Path, samples: Samples, passed: list[bool], extra: dict[
 
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                      batch_size: int = 64) -> list[list[float]]:
-    """Per-token log-probabilities of each response given its prompt (right-padded batches)."""
+                      batch_size: int = 64, batch_memory_mb: float | None = None) -> list[list[float]]:
+    """Per-token log-probabilities of each response given its prompt (right-padded batches of at most
+    `batch_size` sequences, sized to fit `batch_memory_mb` with every position's logits)."""
+    from alignpipe.eval.budget import batch_bytes, budget_bytes, plan_batches
+
     dev = next(model.parameters()).device
+    config = unwrapped(model)[0].config
+    widths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    batches = plan_batches(widths, lambda seqs, w: batch_bytes(config, seqs, w, every_logit=True),
+                           budget_bytes(model, batch_memory_mb), batch_size)
     out: list[list[float]] = []
-    for s in range(0, len(prompt_ids), batch_size):
-        rows = [p + r for p, r in zip(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size])]
+    for s, e in batches:
+        rows = [p + r for p, r in zip(prompt_ids[s:e], response_ids[s:e])]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -113,16 +162,18 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
             mask[i, : len(r)] = 1
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
-        for i, (p, r) in enumerate(zip(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size])):
+        del logits
+        for i, (p, r) in enumerate(zip(prompt_ids[s:e], response_ids[s:e])):
             out.append(logp[i, len(p) - 1: len(p) - 1 + len(r)].tolist())
     return out
 
 
-def kl_to_reference(policy, reference, samples: Samples, pad_id: int) -> float:
+def kl_to_reference(policy, reference, samples: Samples, pad_id: int, batch_memory_mb: float | None = None) -> float:
     """Monte-Carlo KL(policy || reference) in nats per response, from the policy's own samples:
     the sum over response tokens of log pi(y_t) - log ref(y_t), averaged over samples."""
-    lp = sequence_logprobs(policy, samples.prompt_ids, samples.response_ids, pad_id)
-    lr = sequence_logprobs(reference, samples.prompt_ids, samples.response_ids, pad_id)
+    lp = sequence_logprobs(policy, samples.prompt_ids, samples.response_ids, pad_id, batch_memory_mb=batch_memory_mb)
+    lr = sequence_logprobs(reference, samples.prompt_ids, samples.response_ids, pad_id,
+                           batch_memory_mb=batch_memory_mb)
     per_seq = [sum(a) - sum(b) for a, b in zip(lp, lr)]
     return sum(per_seq) / max(1, len(per_seq))
 
@@ -179,7 +230,8 @@ def judged_samples(ctx, load_policy, tokenizer) -> tuple[Samples, list[bool]] | 
     fn = load_verifier(j.verifier, str(ctx.recipe.path), f"stages.{ctx.name}.eval.judges.{name}.verifier")
     spec = ctx.config.eval
     samples = sample(load_policy(), tokenizer, [r["prompt"] for r in rows], spec.samples_per_prompt,
-                     spec.max_new_tokens, spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
+                     spec.max_new_tokens, spec.temperature, spec.top_p, ctx.seed, spec.batch_size,
+                     spec.batch_memory_mb, stage=ctx.name)
     values = run_verifier(fn, samples.prompts, samples.responses, [rows[i] for i in samples.prompt_index],
                           samples.ended)
     return samples, [float(v) >= 0.5 for v in values]
@@ -233,26 +285,34 @@ def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
 def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     from alignpipe.eval.health import health_metrics
     from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise, pairwise_metrics, run_verifier
-    from alignpipe.eval.prompts import eval_prompts
+    from alignpipe.eval.contamination import manifest_figures
+    from alignpipe.eval.prompts import checked_eval_prompts
     from alignpipe.eval.stats import paired, win_rate
 
     spec, where = ctx.config.eval, str(ctx.recipe.path)
-    rows = eval_prompts(ctx)
+    rows, contaminated, dropped = checked_eval_prompts(ctx)
     if not rows:
         print(f"[alignpipe] stage {ctx.name}: no held-out prompts to evaluate on (set eval.prompts)", flush=True)
         return {"eval_status": "skipped: no held-out prompts"}
 
-    def draw(model) -> Samples:
+    def draw(model, greedy: bool = False) -> Samples:
         return sample(model, tokenizer, [r["prompt"] for r in rows], spec.samples_per_prompt, spec.max_new_tokens,
-                      spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
+                      spec.temperature, spec.top_p, ctx.seed, spec.batch_size, spec.batch_memory_mb, greedy=greedy,
+                      stage=ctx.name)
 
     samples = draw(policy)
     out = [{"prompt": p, "response": r, "ended": e, "tokens": t}
            for p, r, e, t in zip(samples.prompts, samples.responses, samples.ended, samples.lengths)]
+    if not out:
+        raise EvalError(f"none of the {len(rows)} eval prompts fits the model's context", key="eval.prompts",
+                        fix="give shorter prompts, or lower eval.max_new_tokens")
     metrics: dict = {"eval_status": "complete", "eval_prompts": len(rows), "eval_samples": len(out),
+                     "eval_prompts_cut": samples.cut, "eval_prompts_skipped": samples.skipped,
+                     **(manifest_figures(contaminated, dropped) if contaminated else {}),
                      **health_metrics(samples.responses, samples.response_ids, samples.ended)}
     if reference is not None:
-        metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id)
+        metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id,
+                                                     spec.batch_memory_mb)
 
     # the parent's samples of the same prompts: its own file when it covers them, else drawn now from the
     # reference (which is the parent), with the same protocol and seed
@@ -275,6 +335,13 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         if k < len(theirs):
             row["parent_response"], row["parent_ended"] = theirs[k]["response"], bool(theirs[k].get("ended", True))
     with_parent = [r for r in out if "parent_response" in r]
+    # the parent made colder: one greedy answer per prompt, the partner of each of this stage's samples, so a
+    # gain that is only sharpening (a colder policy) shows as no gain against it
+    started = time.perf_counter()
+    with_greedy = greedy_parent(ctx, reference, draw, out)
+    if with_greedy:
+        metrics["eval_greedy_parent"] = f"{ctx.config.from_ or 'the recipe model'} (greedy, one answer per prompt)"
+        metrics["eval_greedy_parent_sampling_s"] = round(time.perf_counter() - started, 2)
 
     judges = judges_of(ctx)
     eval_rows = [rows[i] for i in samples.prompt_index]
@@ -296,29 +363,48 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
             for i, v in zip(idx, theirs):
                 out[i][f"parent_{name}"] = v
             _win(metrics, f"{name}_win_rate_vs_parent", with_parent, name, f"parent_{name}", ctx.seed)
+        if with_greedy:
+            idx = [i for i, r in enumerate(out) if "greedy_parent_response" in r]
+            theirs = run_verifier(fn, [out[i]["prompt"] for i in idx], [out[i]["greedy_parent_response"] for i in idx],
+                                  [eval_rows[i] for i in idx], [out[i]["greedy_parent_ended"] for i in idx])
+            for i, v in zip(idx, theirs):
+                out[i][f"greedy_parent_{name}"] = v
+            _win(metrics, f"{name}_win_rate_vs_greedy_parent", with_greedy, name, f"greedy_parent_{name}", ctx.seed)
 
     # the recipe's reward model: mean score; win rates against the parent and against sft
     rm_stage = reward_stage_of(ctx.recipe, ctx.name)
+    metrics.update(independence_metrics(ctx, rm_stage))
     if rm_stage is not None:
         from alignpipe.reward.artifact import load_reward_model, score
 
         artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
-        for row, s in zip(out, score(artifact, samples.prompts, samples.responses)):
+        as_sampled = dict(zip(samples.prompts, samples.prompt_messages))  # scored as sampled: cut to fit
+
+        def scores(prompts: list[str], responses: list[str]) -> list[float]:
+            return score(artifact, [as_sampled.get(p, p) for p in prompts], responses)
+
+        for row, s in zip(out, scores(samples.prompts, samples.responses)):
             row["reward"] = s
         metrics["mean_reward"] = sum(r["reward"] for r in out) / len(out)
         metrics["reward_stage"] = rm_stage
         if with_parent:
-            for row, s in zip(with_parent, score(artifact, [r["prompt"] for r in with_parent],
-                                                 [r["parent_response"] for r in with_parent])):
+            for row, s in zip(with_parent, scores([r["prompt"] for r in with_parent],
+                                                  [r["parent_response"] for r in with_parent])):
                 row["parent_reward"] = s
             _win(metrics, "rm_win_rate_vs_parent", with_parent, "reward", "parent_reward", ctx.seed)
+        if with_greedy:
+            once = {r["prompt"]: r["greedy_parent_response"] for r in with_greedy}  # one greedy answer a prompt
+            by_prompt = dict(zip(once, scores(list(once), list(once.values()))))
+            for row in with_greedy:
+                row["greedy_parent_reward"] = by_prompt[row["prompt"]]
+            _win(metrics, "rm_win_rate_vs_greedy_parent", with_greedy, "reward", "greedy_parent_reward", ctx.seed)
         sft = sft_stage_of(ctx.recipe, ctx.name)
         if sft is not None and sft == ctx.config.from_ and "rm_win_rate_vs_parent" in metrics:
             metrics["rm_win_rate_vs_sft"] = metrics["rm_win_rate_vs_parent"]
             metrics["rm_win_rate_vs_sft_ci"] = metrics["rm_win_rate_vs_parent_ci"]
         elif sft is not None and covers(base := read_samples(ctx.stage_dir(sft)), samples, spec.samples_per_prompt):
-            scored = [{**r, "reward": s} for r, s in zip(base, score(artifact, [r["prompt"] for r in base],
-                                                                     [r["response"] for r in base]))]
+            scored = [{**r, "reward": s} for r, s in zip(base, scores([r["prompt"] for r in base],
+                                                                      [r["response"] for r in base]))]
             win = win_rate(paired(out, scored), "reward", seed=ctx.seed)
             if win["rate"] is not None:
                 metrics["rm_win_rate_vs_sft"], metrics["rm_win_rate_vs_sft_ci"] = win["rate"], [win["lo"], win["hi"]]
@@ -331,12 +417,21 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         if not with_parent:
             metrics[f"{name}_status"] = "skipped: no parent samples of the same prompts"
             continue
-        verdicts = pairwise(judge_model(j, ctx.recipe.model), judging_prompt(j, ctx.recipe.path),
-                            [r["prompt"] for r in with_parent], [r["response"] for r in with_parent],
+        model, template = judge_model(j, ctx.recipe.model), judging_prompt(j, ctx.recipe.path)
+        verdicts = pairwise(model, template, [r["prompt"] for r in with_parent], [r["response"] for r in with_parent],
                             [r["parent_response"] for r in with_parent])
         for row, v in zip(with_parent, verdicts):
             row[f"{name}_vs_parent"], row[f"{name}_answers"] = v.score(), [v.first, v.second]
         metrics.update(pairwise_metrics(name, [r["prompt"] for r in with_parent], verdicts, ctx.seed))
+        if with_greedy:
+            verdicts = pairwise(model, template, [r["prompt"] for r in with_greedy], [r["response"] for r in with_greedy],
+                                [r["greedy_parent_response"] for r in with_greedy])
+            for row, v in zip(with_greedy, verdicts):
+                row[f"{name}_vs_greedy_parent"] = v.score()
+            greedy = pairwise_metrics(name, [r["prompt"] for r in with_greedy], verdicts, ctx.seed)
+            for key in (f"{name}_win_rate_vs_parent", f"{name}_win_rate_vs_parent_ci"):
+                if key in greedy:
+                    metrics[key.replace("_vs_parent", "_vs_greedy_parent")] = greedy[key]
 
     write_rows(ctx.dir / SAMPLES_FILE, out)
     if spec.lm_eval is not None and spec.lm_eval.tasks:
@@ -344,6 +439,39 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
 
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
     return metrics
+
+
+def greedy_parent(ctx, reference, draw, out: list[dict]) -> list[dict]:
+    """The rows of `out` given their prompt's greedy answer by the parent (`greedy_parent_response`,
+    `greedy_parent_ended`): for RL and preference stages (aligned kinds) with the parent as reference."""
+    if reference is None or not ctx.kind.aligned:
+        return []
+    drawn = draw(reference, greedy=True)
+    answer = {p: (r, e) for p, r, e in zip(drawn.prompts, drawn.responses, drawn.ended)}
+    for row in out:
+        if row["prompt"] in answer:
+            row["greedy_parent_response"], row["greedy_parent_ended"] = answer[row["prompt"]]
+    return [r for r in out if "greedy_parent_response" in r]
+
+
+def independence_metrics(ctx, rm_stage: str | None) -> dict:
+    """`optimised_judges` ({judge: why}: the judges this stage optimised, `rm` its reward model;
+    `eval.independence`) and `reward_model_below_chance` (the reward model's accuracy on its own held-out
+    pairs, when it is no better than chance), each said in one line."""
+    from alignpipe.eval.independence import below_chance, optimised_judges
+    from alignpipe.runs import read_manifest
+
+    out: dict = {}
+    optimised = optimised_judges(ctx.recipe, ctx.name, rm_stage)
+    if optimised:
+        out["optimised_judges"] = optimised
+    if rm_stage is not None:
+        accuracy = ((read_manifest(ctx.stage_dir(rm_stage)) or {}).get("metrics") or {}).get("pairwise_accuracy")
+        if below_chance(accuracy):
+            out["reward_model_below_chance"] = accuracy
+            print(f"[alignpipe] stage {ctx.name}: reward model `{rm_stage}` ranked only {accuracy:.1%} of its own "
+                  "held-out pairs right (chance: 50%): its scores of this stage are not evidence", flush=True)
+    return out
 
 
 def _win(metrics: dict, name: str, rows: list[dict], mine: str, theirs: str, seed: int) -> None:

@@ -103,15 +103,18 @@ class Progress:
 _OPEN: list[Progress] = []  # bars open now, outermost first
 
 
-def track(items: Iterable, what: str, total: int | None = None, unit: str = "it") -> Iterator:
-    """`items`, with a progress bar of `total` (default `len(items)`) counting them, labelled `what`
-    after the running stage's name."""
+def track(items: Iterable, what: str, total: int | None = None, unit: str = "it", weight=None) -> Iterator:
+    """`items`, with a progress bar of `total` (default `len(items)`, or the sum of `weight(item)`) counting
+    them (each as `weight(item)` units when given: batches of different sizes), labelled `what` after the
+    running stage's name."""
     label = f"stage {_STAGE_LOG[-1].parent.name} {what}" if _STAGE_LOG else what
-    bar = Progress(label, len(items) if total is None else total, unit=unit)  # type: ignore[arg-type]
+    if total is None:
+        total = len(items) if weight is None else sum(weight(i) for i in items)  # type: ignore[arg-type]
+    bar = Progress(label, total, unit=unit)
     try:
         for item in items:
             yield item
-            bar.update()
+            bar.update(1 if weight is None else weight(item))
     finally:
         bar.close()
 

@@ -110,7 +110,12 @@ class EvalSpec:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
-    batch_size: int = 128
+    batch_size: int = 128  # at most this many sequences per batch
+    # the memory one sampling / scoring batch may take (alignpipe.eval.budget): default 1024 MB on CPU,
+    # 40% of the free GPU memory on a GPU
+    batch_memory_mb: float | None = None
+    # leave out eval rows that share a 13-word window with a training row of the recipe (eval.contamination)
+    drop_contaminated: bool = False
     enabled: bool = True
     prompts: str | None = None  # a file of prompts (any format with a user turn; optional reference answers)
     judges: dict[str, JudgeSpec] = field(default_factory=dict)  # name -> judge; embedded data: `judge` built in

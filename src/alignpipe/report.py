@@ -116,8 +116,15 @@ class Report:
         if figures is None:
             return []
         self.notes += figures["notes"]
-        rows = [[f"**{r['stage']}**", r["vs"] or "-", r["judge"], f"{r['rate']:.1%} [{r['lo']:.1%}, {r['hi']:.1%}]",
-                 r["verdict"]] for r in figures["rows"]]
+        greedy = any(r["greedy"] for r in figures["rows"])
+        rows = []
+        for r in figures["rows"]:
+            cells = [f"**{r['stage']}**", r["vs"] or "-", r["judge"], f"{r['rate']:.1%} [{r['lo']:.1%}, {r['hi']:.1%}]",
+                     r["verdict"]]
+            if greedy:
+                g = r["greedy"]
+                cells += [f"{g['rate']:.1%} [{g['lo']:.1%}, {g['hi']:.1%}]" if g else "-", g["verdict"] if g else "-"]
+            rows.append(cells)
         health = [[h["stage"], _pct(h["eot_rate"]), _pct(h["repetition_rate"]), _fmt(h["distinct_2"]),
                    f"{_fmt(h['mean_response_tokens'], 1)} / {_fmt(h['p95_response_tokens'], 0)}",
                    _fmt(h["kl_to_reference"]), ", ".join(f"{n} {v:.1%}" for n, v in h["verifiers"]) or "-"]
@@ -126,11 +133,27 @@ class Report:
         lines = ["## Did it help?", "",
                  "Each stage's k-th sample of a held-out prompt against its parent's k-th sample of the same prompt, "
                  "by each judge: win rate (ties count half) with a 95% bootstrap interval over prompts. Verdict: "
-                 "better / worse when the interval excludes 50%, else no clear difference.", ""]
+                 "better / worse when the interval excludes 50%, else no clear difference; never `better` on a judge "
+                 "the stage optimised (its reward model or reward function, a judge that labelled its pairs, a reward "
+                 "model trained on its pairs): that row says so."
+                 + (" Against the parent sampled greedily: the same samples against the parent's one greedy answer "
+                    "per prompt, by the same judges; a stage that beats its parent at temperature 1 but not its "
+                    "greedy parent may only have become colder (sharpened), not learned." if greedy else ""), ""]
+        header = ["stage", "vs", "judge", "win rate [95% CI]", "verdict"]
+        if greedy:
+            header += ["vs parent greedy [95% CI]", "verdict (greedy parent)"]
         if rows:
-            lines += _table(["stage", "vs", "judge", "win rate [95% CI]", "verdict"], rows) + [""]
-        else:
+            lines += _table(header, rows) + [""]
+        elif figures["any_judge"]:
             lines += ["No stage has a parent's samples of the same prompts to compare with.", ""]
+        else:
+            lines += ["The stages have samples but no judge: add a verifier, a pairwise judge model or an endpoint "
+                      "under `eval.judges`, or a reward stage (docs/did-it-help.md).", ""]
+        for u in figures["unmeasured"]:
+            lines += [f"- **`{u['stage']}`: {rf.NOT_MEASURED}** ({u['why']}); add a judge it did not optimise "
+                      "(docs/did-it-help.md)."]
+        if figures["unmeasured"]:
+            lines.append("")
         lines += ["Response health: the share that ends its turn within max_new_tokens (`eot_rate`; low means "
                   "\"never stops\"), the share stuck in a repetition loop (`repetition_rate`), distinct word "
                   "bigrams (`distinct_2`), response length, KL to the reference (nats per response) and each "
@@ -226,8 +249,7 @@ class Report:
         for t in figures["table"]:
             judge, rm, agree = t["judge"], t["rm"], t["agree"]
             agreed = "-" if agree is None else f"{agree[0]}/{agree[1]}" if agree[1] else "no decisive pairs"
-            summary = "; ".join(f"{who}: {verdict(r)}" for who, r in (("judge", judge), ("RM", rm))
-                                if r["rate"] is not None)
+            summary = "; ".join(f"{who}: {said}" for who, said in t["verdicts"].items() if said is not None)
             table.append([t["stage"], t["baseline"], f"{judge['rate']:.1%} [{judge['lo']:.1%}, {judge['hi']:.1%}]",
                           f"{judge['wins']}/{judge['ties']}/{judge['losses']}",
                           f"{rm['rate']:.1%} [{rm['lo']:.1%}, {rm['hi']:.1%}]" if rm["rate"] is not None else "-",
@@ -257,6 +279,9 @@ class Report:
                 lines.append(self.figure(plots.reward_accuracy(name, rm["bars"], self.fig_path(f"{name}_accuracy"))))
             if rm["facts"]:
                 lines += ["", "Metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rm["facts"]) + "."]
+            if rm["below_chance"] is not None:
+                lines += ["", f"**At or below chance on its own held-out pairs ({rm['below_chance']:.1%}):** its "
+                              "scores, and every win rate and verdict by it, are no evidence."]
             if rm["by_failure_type"]:
                 lines += ["", "On-policy accuracy by what is wrong with the failing sample: " + ", ".join(
                     f"{t} {_fmt(row['accuracy'])} ({row['pairs']} pairs)" for t, row in rm["by_failure_type"].items())
@@ -331,6 +356,10 @@ def note_text(note: tuple) -> str:
         return (f"the judge and the reward model disagree about `{stage}`: judge win rate {judge:.0%}, reward-model "
                 f"win rate {rm:.0%} against `{base}`"
                 + (" (it optimised that reward model: possible reward hacking)" if trained_on_reward else "") + ".")
+    if what == "rm_below_chance":
+        stage, rm, accuracy = rest
+        return (f"reward model `{rm}` ranks only {accuracy:.1%} of its own held-out pairs right (chance: 50%); its "
+                f"scores of `{stage}` are not evidence.")
     if what == "rm_unavailable":
         return f"reward-model scores unavailable ({_md_cell(rest[0], 160)})."
     return " ".join(str(x) for x in note)

@@ -301,31 +301,101 @@ def summary(run: RunFolder) -> dict:
     return {"columns": used, "rows": rows, "notes": notes}
 
 
+NOT_INDEPENDENT = "optimised on this judge; not independent evidence"
+NOT_MEASURED = "not measured independently"
+
+
+def optimised_of(stage: Stage) -> dict[str, str]:
+    """{judge: why} of the judges the stage optimised (`optimised_judges` in its manifest; a manifest from
+    before it was written: a stage trained on a reward signal optimised the reward model it names)."""
+    m = stage.metrics
+    if "optimised_judges" in m or "eot_rate" not in m:
+        return dict(m.get("optimised_judges") or {})
+    out = {"judge": "it trained on the judge as its reward"} if stage.judge_trained else {}
+    own = (stage.manifest.get("resolved_config") or {}).get("reward_model")
+    if stage.facts.trained_on_reward and own and own == m.get("reward_stage"):
+        out["rm"] = f"it optimised reward model `{own}`"
+    return out
+
+
+def judge_of(key: str) -> str:
+    """The judge a win-rate metric is by: `rm` for the reward model, else the judge's name."""
+    return "rm" if key.startswith("rm_") else key.split("_win_rate_vs_")[0]
+
+
+def rm_accuracy(run: RunFolder, stage: Stage):
+    """The held-out pairwise accuracy of the reward model that scored `stage`, when it is at or below chance."""
+    from alignpipe.eval.independence import below_chance
+
+    m = stage.metrics
+    rm = run.by_name.get(m.get("reward_stage") or "")
+    acc = (rm.metrics.get("pairwise_accuracy") if rm is not None else None) or m.get("reward_model_below_chance")
+    return acc if below_chance(acc) else None
+
+
+def row_verdict(win: dict, judge: str, optimised: dict, below: float | None) -> str:
+    if judge in optimised:
+        return NOT_INDEPENDENT
+    if judge == "rm" and below is not None:
+        return f"reward model below chance on its own held-out pairs ({below:.1%}); not evidence"
+    return verdict(win)
+
+
+def unmeasured_why(m: dict, optimised: dict, below) -> str:
+    """Why a stage with a parent has no verdict from an independent judge."""
+    why = "; ".join(f"{'the reward model' if j == 'rm' else f'`{j}`'}: {w}" for j, w in optimised.items())
+    if below is not None:
+        why = "; ".join(p for p in (why, f"the reward model is below chance ({below:.1%})") if p)
+    if why:
+        return why
+    judged = any(k.endswith("_pass_rate") and f"{k[:-len('_pass_rate')]}_total" in m for k in m) or \
+        "mean_reward" in m or any(k.endswith("_pairs") for k in m)
+    return "no win rate against its parent's samples of the same prompts" if judged else "it has no judge"
+
+
 def verdicts(run: RunFolder) -> dict | None:
-    """Per policy stage: each judge's win rate against its parent with its interval and verdict, the health
-    of its responses, and pairs where judges disagree."""
+    """Per policy stage: each judge's win rate against its parent (and against its parent sampled greedily)
+    with its interval and verdict, never `better` on a judge it optimised; the stages not measured
+    independently; the health of its responses; and pairs where judges disagree."""
     policies = [s for s in run.policies if "eot_rate" in s.metrics]
     if not policies:
         return None
-    rows, health, examples, notes = [], [], [], []
+    rows, health, examples, notes, unmeasured = [], [], [], [], []
     for s in policies:
         m = s.metrics
         if m.get("eval_status") == "failed":
             notes.append(("eval_failed", s.name, m.get("eval_error", ""), str(s.dir)))
+        optimised, below = optimised_of(s), rm_accuracy(run, s)
+        if below is not None:
+            notes.append(("rm_below_chance", s.name, m.get("reward_stage"), below))
+        independent = 0
         for label, key, vs in judge_figures(m, s.parent):
             ci = m.get(f"{key}_ci")
             if m.get(key) is None or not ci:
                 continue
+            judge = judge_of(key)
             win = {"rate": m[key], "lo": ci[0], "hi": ci[1]}
-            rows.append({"stage": s.name, "vs": vs, "judge": label, "rate": m[key], "lo": ci[0], "hi": ci[1],
-                         "verdict": verdict(win)})
+            row = {"stage": s.name, "vs": vs, "judge": label, "rate": m[key], "lo": ci[0], "hi": ci[1],
+                   "verdict": row_verdict(win, judge, optimised, below), "greedy": None}
+            greedy_key = key.replace("_vs_parent", "_vs_greedy_parent")
+            if key.endswith("_vs_parent") and m.get(greedy_key) is not None and m.get(f"{greedy_key}_ci"):
+                g = m[f"{greedy_key}_ci"]
+                gwin = {"rate": m[greedy_key], "lo": g[0], "hi": g[1]}
+                row["greedy"] = {**gwin, "verdict": row_verdict(gwin, judge, optimised, below)}
+            independent += judge not in optimised and not (judge == "rm" and below is not None)
+            rows.append(row)
+        if s.parent and not independent:
+            unmeasured.append({"stage": s.name, "why": unmeasured_why(m, optimised, below)})
         health.append({"stage": s.name, **{k: m.get(k) for k in ("eot_rate", "repetition_rate", "distinct_2",
                                                                    "mean_response_tokens", "p95_response_tokens",
                                                                    "kl_to_reference")},
                        "verifiers": [(k[:-len("_pass_rate")], m[k]) for k in sorted(m)
                                      if k.endswith("_pass_rate") and f"{k[:-len('_pass_rate')]}_total" in m]})
         examples += [(s.name, *d) for d in disagreements(s.samples)[:3]]
-    return {"rows": rows, "health": health, "examples": examples, "notes": notes}
+    judged = any(k.endswith(("_pass_rate", "_win_rate_vs_parent", "_position_consistency")) or k == "mean_reward"
+                 for s in policies for k in s.metrics)
+    return {"rows": rows, "health": health, "examples": examples, "notes": notes, "unmeasured": unmeasured,
+            "any_judge": judged}
 
 
 def benchmarks(run: RunFolder) -> list[tuple]:
@@ -440,8 +510,11 @@ def win_rates(run: RunFolder) -> dict | None:
                               s.facts.trained_on_reward))
         elif scorer is not None and scorer.error:
             notes.append(("rm_unavailable", scorer.error))
+        optimised, below = optimised_of(s), rm_accuracy(run, s)
+        said = {"judge": row_verdict(judge, "judge", optimised, None),
+                "RM": row_verdict(rm, "rm", optimised, below) if rm["rate"] is not None else None}
         table.append({"stage": s.name, "baseline": base.name, "judge": judge, "rm": rm,
-                      "rm_stage": scorer.stage.name if scorer else None, "agree": agree})
+                      "rm_stage": scorer.stage.name if scorer else None, "agree": agree, "verdicts": said})
     return {"missing": missing, "plot_rows": plot_rows, "table": table, "disagreements": differing, "notes": notes}
 
 
@@ -478,7 +551,10 @@ def reward_models(run: RunFolder) -> list[dict]:
                           "judge": [bool(r.get("judge")) for r in rows],
                           "corr": pearson([float(r["tokens"]) for r in rows], [r["reward"] for r in rows], at_least=3)}
                   for label, rows in series.items()}
+        from alignpipe.eval.independence import below_chance
+
         out.append({"stage": rm.name, "ece": m.get("ece"), "bars": bars, "facts": facts, "calibration": calibration,
+                    "below_chance": m["pairwise_accuracy"] if below_chance(m.get("pairwise_accuracy")) else None,
                     "by_failure_type": m.get("onpolicy_accuracy_by_failure_type"),  # reward/onpolicy.py
                     "series": series})
     return out

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 from alignpipe.errors import RecipeError, RunError
 from alignpipe.eval.checks import check_eval
+from alignpipe.eval.independence import independence_line
 from alignpipe.gates import check_gates
 from alignpipe.recipe import Recipe
 from alignpipe.stages import kind_of
@@ -56,10 +58,16 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
                               fix="remove `from:` (use model.path for continued pretraining)")
         check_gates(recipe, name, where)
         check_eval(recipe, name, where)
+        if (line := independence_line(recipe, name)) is not None:
+            print(line, file=sys.stderr)
         if kind.check is not None:  # the kind's own checks (e.g. a reward_model that is not a reward stage)
             kind.check(recipe, name, where)
     check_stage_tokenizers(recipe)
     _check_runs_dir(recipe, where)
+    from alignpipe.eval.contamination import validate_lines
+
+    for line in validate_lines(recipe):
+        print(line, file=sys.stderr)
 
 
 def check_stage_tokenizers(recipe: Recipe) -> None:

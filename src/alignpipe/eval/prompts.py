@@ -22,6 +22,25 @@ ANSWER_KEYS = ("answer", "reference", "solution", "output", "completion", "chose
 
 def eval_prompts(ctx) -> list[dict]:
     """The held-out prompts of `ctx`'s stage (see the module docstring), at most `eval.num_prompts`."""
+    return checked_eval_prompts(ctx)[0]
+
+
+def checked_eval_prompts(ctx) -> tuple[list[dict], list[dict], int]:
+    """(the stage's eval prompts, its eval rows that share a 13-word window with a training row, how many
+    of them `eval.drop_contaminated` left out): `alignpipe.eval.contamination`."""
+    from alignpipe.eval.contamination import identity, stage_overlaps
+
+    rows = _eval_prompts(ctx)
+    found = stage_overlaps(ctx.recipe, ctx.name)
+    dropped = 0
+    if found and ctx.config.eval.drop_contaminated:
+        flagged = {f["prompt"] for f in found}
+        kept = [r for r in rows if identity(r["prompt"]) not in flagged]
+        rows, dropped = kept, len(rows) - len(kept)
+    return rows[: ctx.config.eval.num_prompts], found, dropped
+
+
+def _eval_prompts(ctx) -> list[dict]:
     from alignpipe.labelling.sources import world_part
 
     spec = ctx.config.eval
@@ -32,7 +51,7 @@ def eval_prompts(ctx) -> list[dict]:
                 for p in ctx.world.eval_prompts()]
     else:
         rows = heldout_rows(ctx)
-    return rows[: spec.num_prompts]
+    return rows
 
 
 def heldout_rows(ctx) -> list[dict]:

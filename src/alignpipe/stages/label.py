@@ -160,7 +160,7 @@ def draw_samples(ctx, prompts: list):
     spec, cfg = ctx.config.eval, ctx.config
     policy = ctx.load_model().to(device())
     return sample(policy, ctx.load_tokenizer(), prompts, cfg.samples_per_prompt, spec.max_new_tokens,
-                  spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
+                  spec.temperature, spec.top_p, ctx.seed, spec.batch_size, spec.batch_memory_mb, stage=ctx.name)
 
 
 def write_samples(path, samples) -> None:

@@ -160,7 +160,7 @@ def run(ctx: StageContext) -> dict:
     judged = onpolicy_samples(ctx, tokenizer) if ctx.config.eval.enabled else None
     if judged is not None:
         samples, passed = judged
-        sample_scores = score(trained, samples.prompts, samples.responses)
+        sample_scores = score(trained, samples.prompt_messages, samples.responses)  # as sampled: cut to fit
         metrics.update(rm_metrics.judged_metrics(samples.prompts, sample_scores, passed, samples.lengths))
         if judged_by_world(ctx):  # the failure types are the world's house style
             metrics.update(failure_metrics(samples.prompts, samples.responses, samples.ended, passed, sample_scores))
