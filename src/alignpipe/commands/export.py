@@ -82,7 +82,13 @@ def cmd_export(args) -> int:
     set_threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)
     if args.format == "gguf":
+        import importlib.util
+
         from alignpipe.serving.gguf_export import QUANTS, GGUFError
+
+        if importlib.util.find_spec("gguf") is None:
+            raise GGUFError("--format gguf needs the gguf package, which is not installed", key="--format",
+                            fix="pip install -e '.[serve]'")
 
         if args.quant not in QUANTS:
             raise GGUFError(f"--quant {args.quant} is not written here", key="--quant",

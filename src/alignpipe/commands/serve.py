@@ -26,6 +26,12 @@ def cmd_serve(args) -> int:
     from alignpipe.errors import RunError
     from alignpipe.serving import access
 
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RunError(f"alignpipe serve needs {' and '.join(missing)}, which is not installed", key="serve",
+                       fix="pip install -e '.[serve]'")
     api_key = os.environ.get(args.api_key_env) or None
     access.check_bind(args.host, args.allow_remote, api_key, args.api_key_env)
     from alignpipe.cli import set_threads
