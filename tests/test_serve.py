@@ -232,3 +232,17 @@ def test_a_served_stage_is_another_recipes_pairwise_judge(stage, served, tmp_pat
     said = [parse_verdict(a) for a in generate(stage, tmp_path, asks, "--max-new-tokens", "6")]
     assert [a for r in rows for a in r["served_answers"]] == [x for i in range(16) for x in (said[i], said[16 + i])]
     assert m["served_unparseable"] == said.count(None)
+
+
+def test_stop_strings_cut_the_answer_streamed_or_not(served):
+    c = client(served)
+    kw = {"temperature": 1.0, "seed": 11, "max_tokens": 16}
+    full = ask(c, PROMPTS[2], **kw).choices[0].message.content
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert len(full) > 4 and stop.strip()
+    expect = full[: full.find(stop)].rstrip()
+    cut = ask(c, PROMPTS[2], stop=[stop, "never said"], **kw).choices[0]
+    assert cut.message.content == expect and cut.finish_reason == "stop"
+    chunks = list(ask(c, PROMPTS[2], stop=stop, stream=True, **kw))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expect
+    assert chunks[-1].choices[0].finish_reason == "stop"
