@@ -121,7 +121,8 @@ def test_llama_cpp_tokenizes_and_generates_as_transformers(like, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     for quant in ("f16", "q8_0"):
         path, tok = exported(folder, tmp_path, quant, like)
-        llm = lc.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, verbose=False, seed=0)
+        llm = lc.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, verbose=False, seed=0,
+                       logits_all=True)  # eval keeps the logits in llm.scores
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in MESSAGES] + [TRICKY]
         for text in texts:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)[
