@@ -66,12 +66,15 @@ class Vocab:
     pre: str
 
 
-def read_vocab(folder: Path, n_vocab: int) -> Vocab:
-    """Tokens in id order (padded to the model's embedding rows), their types, merges, pre-tokenizer."""
+def read_vocab(tok, where: str, n_vocab: int) -> Vocab:
+    """Tokens in id order (padded to the model's embedding rows), their types, merges, pre-tokenizer.
+
+    Read from the tokenizer as transformers loaded it, not from tokenizer.json: for some families
+    transformers builds its own pipeline (a Qwen2 tokenizer gets Qwen2's pre-tokenizer whatever the file
+    says), and llama.cpp must split text as transformers does, not as the file would."""
     import gguf
 
-    where = str(folder / "tokenizer.json")
-    data = json.loads((folder / "tokenizer.json").read_text())
+    data = json.loads(tok.backend_tokenizer.to_str())
     model = data.get("model") or {}
     if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise GGUFError(f"the tokenizer is {model.get('type')}, not byte-level BPE", where=where,
@@ -151,8 +154,8 @@ def write_gguf(folder: Path, out: Path, quant: str, template: str | None, end_of
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     n_vocab = state["model.embed_tokens.weight"].shape[0]
-    vocab = read_vocab(folder, n_vocab)
     tok = AutoTokenizer.from_pretrained(str(folder))
+    vocab = read_vocab(tok, str(folder / "tokenizer.json"), n_vocab)
 
     heads, kv_heads, layers = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
