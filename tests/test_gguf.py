@@ -1,7 +1,8 @@
 """`alignpipe export --format gguf`: the GGUF read back by the `gguf` package (vocabulary, token types,
 special tokens, chat template, end of turn, weights) for the Qwen2 and Llama look-alikes, and by llama.cpp
 itself (llama-cpp-python, built from source): its own tokenisation of templated text equals the
-transformers tokenizer's ids, and its greedy tokens equal the transformers model's at f16 and q8_0."""
+transformers tokenizer's ids, its greedy tokens equal the transformers model's at f16 and q8_0, and so do
+its logits at every position, within the weight type's rounding."""
 
 from __future__ import annotations
 
@@ -94,6 +95,20 @@ def test_gguf_metadata_and_weights(like, tmp_path):
         check_weights(path, folder, quant)
 
 
+def sharpened(folder):
+    """The look-alike with 20x its q/k weights: random tiny weights attend almost uniformly, so a wrong rope
+    or head layout would change nothing; sharp attention makes every position matter."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+    model.save_pretrained(str(folder))
+    return model.eval()
+
+
 def greedy_hf(model, ids: list[int], n: int) -> list[int]:
     out = list(ids)
     with torch.no_grad():
@@ -115,10 +130,8 @@ def greedy_cpp(llm, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("like", ["qwen2", "llama"])
 def test_llama_cpp_tokenizes_and_generates_as_transformers(like, tmp_path):
     lc = llama_cpp()
-    from transformers import AutoModelForCausalLM
-
     folder = save_tiny_model(tmp_path / f"tiny-{like}", like)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = sharpened(folder)
     for quant in ("f16", "q8_0"):
         path, tok = exported(folder, tmp_path, quant, like)
         llm = lc.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, verbose=False, seed=0,
@@ -132,6 +145,14 @@ def test_llama_cpp_tokenizes_and_generates_as_transformers(like, tmp_path):
         for text in texts[:2]:
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert greedy_cpp(llm, ids, 8) == greedy_hf(model, ids, 8), (quant, text)
+            # and the logits at every position, within the weight type's rounding (measured here: f16 1e-2 of
+            # their spread, q8_0 0.11; a Llama exported without un-permuting q's rows: 3.8 spreads)
+            llm.reset()
+            llm.eval(ids)
+            with torch.no_grad():
+                hf = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+            diff = np.abs(np.asarray(llm.scores[: len(ids)]) - hf).max()
+            assert diff <= {"f16": 0.05, "q8_0": 0.3}[quant] * hf.std(), (quant, diff, hf.std())
         llm.close()  # (llama-cpp-python 0.3.36 otherwise complains at interpreter exit)
 
 
