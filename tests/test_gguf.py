@@ -16,9 +16,9 @@ import torch
 from alignpipe.cli import main
 from alignpipe.serving.gguf_export import GGUFError, plain_template, write_gguf
 from hub_layout import save_tiny_model
-from test_serve import stage  # noqa: F401 - the trained Qwen2 stage (a module fixture)
+from test_serve import required, stage  # noqa: F401 - the trained Qwen2 stage (a module fixture)
 
-gguf = pytest.importorskip("gguf") if os.environ.get("CI") != "true" else __import__("gguf")
+(gguf,) = required("gguf")
 MESSAGES = [[{"role": "system", "content": "Probe system note."}, {"role": "user", "content": "What is 2 plus 3?"}],
             [{"role": "user", "content": "What is 11 plus 4?"}, {"role": "assistant", "content": "The answer is 15."},
              {"role": "user", "content": "Probe question one?"}]]

@@ -22,7 +22,19 @@ from conftest import REPO, write_yaml
 from hub_layout import save_tiny_model
 from test_eval_user_data import TRAINER, write_files
 
-openai = pytest.importorskip("openai") if os.environ.get("CI") != "true" else __import__("openai")
+
+def required(*names: str):
+    """The optional packages these tests need: skipped when missing, except in CI (CI=true), where they must run."""
+    import importlib
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing and os.environ.get("CI") != "true":
+        pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[test]')", allow_module_level=True)
+    return [importlib.import_module(n) for n in names]
+
+
+openai, _, _ = required("openai", "fastapi", "uvicorn")
 KEY_ENV, KEY = "ALIGNPIPE_TEST_SERVE_KEY", "sk-serve-test-4b1d9e7a20c35f86"
 PROMPTS = ["What is 2 plus 3?", "What is 11 plus 4?", "Probe question one?"]
 
