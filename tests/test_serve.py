@@ -78,7 +78,13 @@ def stage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(stage):
-    proc, url = start_server([stage])
+    """The stage, and a copy of it in another run folder (runs can be copied), served side by side."""
+    import shutil
+
+    twin = stage.parent.parent / "twin" / "sft"
+    if not twin.exists():
+        shutil.copytree(stage, twin)
+    proc, url = start_server([stage, twin])
     yield url
     stop_server(proc)
 
@@ -101,8 +107,12 @@ def ask(c, prompt: str, **kw):
 
 def test_models_and_chat_completion_equal_generate(stage, served, tmp_path):
     c = client(served)
-    assert [m.id for m in c.models.list().data] == ["served/sft"]
+    assert [m.id for m in c.models.list().data] == ["served/sft", "twin/sft"]
     got = [ask(c, p, temperature=0, max_tokens=12, seed=0) for p in PROMPTS]
+    twin = [c.chat.completions.create(model="twin/sft", messages=[{"role": "user", "content": p}], temperature=0,
+                                      max_tokens=12) for p in PROMPTS]
+    assert [t.model for t in twin] == ["twin/sft"] * 3 and [g.model for g in got] == ["served/sft"] * 3
+    assert [t.choices[0].message.content for t in twin] == [g.choices[0].message.content for g in got]
     assert [g.choices[0].message.content for g in got] == generate(stage, tmp_path, PROMPTS, "--max-new-tokens", "12")
     assert all(g.choices[0].finish_reason in ("stop", "length") and g.usage.completion_tokens <= 12 for g in got)
     # sampling: the same seed, temperature and top_p give generate's sample
