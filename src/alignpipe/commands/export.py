@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="dtype to load and save in (default: the recipe's; float32 on CPU)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest acceptable |logit difference| (default 1e-3 in float32, 5e-2 otherwise)")
+    p.add_argument("--format", choices=("transformers", "gguf"), default="transformers",
+                   help="gguf: also write OUT/<stage>-<quant>.gguf for llama.cpp and an Ollama Modelfile")
+    p.add_argument("--quant", default="f16", help="GGUF weight type: f32, f16 (default), bf16 or q8_0")
     from alignpipe.commands.chat import code_flags
 
     code_flags(p)
@@ -86,6 +89,19 @@ def cmd_export(args) -> int:
 
     set_threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)
+    if args.format == "gguf":
+        import importlib.util
+
+        from alignpipe.serving.gguf_export import QUANTS, GGUFError
+
+        if importlib.util.find_spec("gguf") is None:
+            raise GGUFError("--format gguf needs the gguf package, which is not installed", key="--format",
+                            fix="pip install -e '.[serve]'")
+
+        if args.quant not in QUANTS:
+            raise GGUFError(f"--quant {args.quant} is not written here", key="--quant",
+                            fix=f"use one of {', '.join(QUANTS)}; for other types run llama.cpp's llama-quantize "
+                                "on the f16 file")
     from alignpipe.stages import is_scorer_manifest
 
     if is_scorer_manifest(read_manifest(stage_dir)):
@@ -139,4 +155,22 @@ def cmd_export(args) -> int:
         raise ExportError(f"the exported model's logits differ from the stage's by up to {diff:.3g} "
                           f"(tolerance {tolerance:g})", where=str(out),
                           fix="do not use this export; report it with the stage's manifest")
+    if args.format == "gguf":
+        export_gguf(out, manifest, tokenizer, args.quant)
     return 0
+
+
+def export_gguf(out: Path, manifest: dict, tokenizer, quant: str) -> None:
+    """OUT/<stage>-<quant>.gguf from the folder just written and checked, and OUT/Modelfile for Ollama."""
+    from alignpipe.serving.gguf_export import modelfile, write_gguf
+    from alignpipe.templates import END_OF_TURN
+
+    template_name = (manifest.get("recipe_settings") or {}).get("chat_template")
+    end_of_turn = END_OF_TURN.get(template_name or "") or tokenizer.eos_token
+    name = f"{manifest.get('stage', 'model')}-{quant}.gguf"
+    what = write_gguf(out, out / name, quant, tokenizer.chat_template, end_of_turn)
+    (out / "Modelfile").write_text(modelfile(name, template_name, end_of_turn))
+    record = json.loads((out / "alignpipe_export.json").read_text())
+    (out / "alignpipe_export.json").write_text(json.dumps({**record, "gguf": {"file": name, **what}}, indent=2) + "\n")
+    print(f"{out / name}: {what['architecture']}, {quant}, {what['tokens']} tokens, pre-tokenizer {what['pre_tokenizer']}"
+          f"; {out / 'Modelfile'} for Ollama")
