@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import load_recipe, to_plain
-from alignpipe.context import make_context
+from alignpipe.recipe.schema import load_recipe, to_plain
+from alignpipe.stages.context import make_context
 from alignpipe.rl.policy import AdapterOff
 from alignpipe.stages import dpo
-from alignpipe.validate import validate
+from alignpipe.pipeline.validate import validate
 from conftest import REPO, TINY_EVAL, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 25, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
@@ -130,7 +130,7 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
 @pytest.mark.parametrize("stage, precompute", [("dpo", True), ("dpo", False), ("dpo_lora", False)],
                          ids=["full-precomputed-ref", "full-live-ref", "lora-adapter-off-ref"])
 def test_padding_free_forwards_train_as_padded_ones(trained, stage, precompute):
-    """Policy and reference forwards flattened (alignpipe.padding_free): TRL's own padded batches, truncation
+    """Policy and reference forwards flattened (alignpipe.runtime.padding_free): TRL's own padded batches, truncation
     and loss code, the same step-1 loss and implicit rewards as padded forwards."""
     from transformers import set_seed
 
@@ -192,7 +192,7 @@ def test_on_a_cpu_trls_fused_head_runs_in_narrow_tiles_and_scores_as_the_plain_h
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig
 
-    from alignpipe.training import CPU_HEAD_TILE_COLUMNS
+    from alignpipe.stages.training import CPU_HEAD_TILE_COLUMNS
 
     ctx = make_context(load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs"))), "sft")
     default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe import runs, stage_versions
+from alignpipe.runfolder import manifests as runs
+
+from alignpipe.runfolder import versions as stage_versions
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.modeling import load_stage_model
-from alignpipe.recipe import ModelSpec
+from alignpipe.models.loading import load_stage_model
+from alignpipe.recipe.schema import ModelSpec
 from conftest import tiny_recipe, write_yaml
 from kill_harness import KILLER
 
@@ -123,8 +125,7 @@ def test_killed_rerun_keeps_the_current_version_then_resumes_and_swaps(base_run,
 
 
 def test_failed_save_leaves_the_current_stage_as_it_was(base_run, tmp_path, capfd, monkeypatch):
-    from alignpipe import training
-
+    from alignpipe.stages import training
     run = copy_run(base_run, tmp_path / "runs")
     sft = run / "sft"
     before = files(sft)

@@ -32,9 +32,9 @@ from transformers import TrainerCallback
 import alignpipe
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.lock import LOCK_NAME, RunLock
-from alignpipe.stages import KINDS as STAGE_MODULES
-from alignpipe.training import is_complete_checkpoint, last_checkpoint
+from alignpipe.runfolder.lock import LOCK_NAME, RunLock
+from alignpipe.recipe.kinds import all_kinds
+from alignpipe.stages.training import is_complete_checkpoint, last_checkpoint
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 from kill_harness import KILLER
 
@@ -43,6 +43,8 @@ from kill_harness import KILLER
 # Each call is also recorded, so a test can count the rollouts a process scored.
 REWARD = r"""
 import os, signal
+
+STAGE_MODULES = all_kinds()
 
 CALLS = {"n": 0, "batches": []}
 
@@ -392,7 +394,7 @@ def test_half_written_checkpoints_are_never_used(work, tmp_path):
 
 HOLDER = r"""
 import sys, time
-from alignpipe.lock import RunLock
+from alignpipe.runfolder.lock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)

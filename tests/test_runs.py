@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import alignpipe
-from alignpipe import runs
+from alignpipe.runfolder import manifests as runs
 from conftest import tiny_recipe, write_yaml
 
 
@@ -88,7 +88,7 @@ def kill_during_write(root: Path, at: str, setup: str, write: str) -> None:
 
 
 MANIFEST_SETUP = """
-from alignpipe.runs import StageRun
+from alignpipe.runfolder.manifests import StageRun
 run = StageRun(root, {"stage": "sft", "config": {"x": 1}})
 run.start()
 """
@@ -155,7 +155,7 @@ def test_ppo_checkpoint_killed_between_write_and_rename_keeps_the_old_one(tmp_pa
     assert kl.value != 0.05  # the controller's moved coefficient came back too
 def test_manifests_from_before_result_neutral_settings_still_match():
     """A stage completed by an alignpipe that hashed logging settings too is skipped, not re-trained."""
-    from alignpipe.stage_plan import result_config, same_result
+    from alignpipe.pipeline.plan import result_config, same_result
 
     parts = {"config": {"trainer": {"learning_rate": 1e-3, "logging_steps": 5}, "checkpoint_every": 0}, "seed": 0}
     legacy = {"fingerprint": runs.fingerprint_json(parts), "inputs": json.loads(json.dumps(parts))}

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import AlignpipeError
-from alignpipe.modeling import load_pretrained
-from alignpipe.recipe import ModelSpec
+from alignpipe.models.loading import load_pretrained
+from alignpipe.recipe.schema import ModelSpec
 from conftest import REPO, tiny_recipe, write_yaml
 
 SRC = REPO / "src" / "alignpipe"
@@ -157,7 +157,7 @@ def test_the_stage_child_is_this_interpreter_with_one_argument_per_item(tmp_path
     import sys
     from types import SimpleNamespace
 
-    from alignpipe.stage_processes import child_command
+    from alignpipe.pipeline.processes import child_command
 
     recipe = SimpleNamespace(path=tmp_path / "r; rm -rf x.yaml")
     cmd = child_command(recipe, "dpo", ["stages.dpo.trainer.beta=$(id)"], force=True, restart=False, keep=2)

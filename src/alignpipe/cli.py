@@ -26,16 +26,16 @@ def set_threads() -> None:
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
-    from alignpipe.progress import verbose
+    from alignpipe.runtime.progress import verbose
 
     if not sys.stderr.isatty() and not verbose():  # TRL's own tqdm bars (DPO's reference log-probs) redraw
         os.environ.setdefault("TQDM_DISABLE", "1")  # with carriage returns: noise in a log file
 
 
 def _load(args, show_data: bool = False):
-    from alignpipe.recipe import load_recipe
-    from alignpipe.thread_choice import check_env
-    from alignpipe.validate import validate
+    from alignpipe.recipe.schema import load_recipe
+    from alignpipe.runtime.threads import check_env
+    from alignpipe.pipeline.validate import validate
 
     check_env()
     recipe = load_recipe(args.recipe, args.set)
@@ -59,17 +59,17 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     recipe = _load(args)
     set_threads()
-    from alignpipe.runner import log, run_recipe, summary_table
-    from alignpipe.stage_processes import resolve_parallel
+    from alignpipe.pipeline.runner import log, run_recipe, summary_table
+    from alignpipe.pipeline.processes import resolve_parallel
 
     parallel, why = resolve_parallel(args.parallel)
     if parallel > 1:
         log(f"independent stages run up to {parallel} at a time ({why})")
     manifests = run_recipe(recipe, args.stages, force=args.force, restart=args.restart, keep=args.keep,
                            parallel=parallel, overrides=args.set)
-    from alignpipe.distributed import is_main_process
+    from alignpipe.runtime.distributed import is_main_process
 
-    from alignpipe.lock import LOCK_PARENT_ENV
+    from alignpipe.runfolder.lock import LOCK_PARENT_ENV
 
     if is_main_process() and LOCK_PARENT_ENV not in os.environ:  # one table: not per rank, not per stage process
         print(summary_table(manifests))
@@ -77,8 +77,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from alignpipe import stage_versions
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder import versions as stage_versions
+    from alignpipe.runfolder.manifests import read_manifest
 
     root = Path(args.run_dir)
     dirs = [root] if (root / "manifest.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
@@ -90,7 +90,7 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps(manifests, indent=2))
         return 0
-    from alignpipe.runner import summary_table
+    from alignpipe.pipeline.runner import summary_table
 
     for name, m in manifests.items():
         chain = " -> ".join([*m.get("lineage", []), name])
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to run (their missing upstream stages are built first)")
     p.add_argument("--force", action="store_true", help="re-run the named stages even if complete")
     p.add_argument("--restart", action="store_true", help="start the named stages over instead of resuming")
-    from alignpipe.stage_versions import DEFAULT_KEEP  # light: no torch
+    from alignpipe.runfolder.versions import DEFAULT_KEEP  # light: no torch
 
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
                    help=f"earlier versions of a re-run stage to keep in runs/<name>/.history/ (default {DEFAULT_KEEP})")
@@ -155,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     from alignpipe import commands
-
     commands.register(sub)
     return parser
 
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose or getattr(args, "verbose_run", False):
-        from alignpipe.progress import VERBOSE_ENV
+        from alignpipe.runtime.progress import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"  # processes started from here (accelerate launch) inherit it
     try:

@@ -42,14 +42,14 @@ def add_parser(subparsers) -> None:
 
 def model_spec(manifest: dict):
     """The recipe's ModelSpec (dtype, trust_remote_code, quantisation) as the stage recorded it."""
-    from alignpipe.recipe import ModelSpec, from_dict
+    from alignpipe.recipe.schema import ModelSpec, from_dict
 
     raw = (manifest.get("recipe_settings") or {}).get("model") or {}
     return from_dict(ModelSpec, raw, "manifest.json", "recipe_settings.model") if raw else ModelSpec()
 
 
 def stage_manifest(stage_dir: Path) -> dict:
-    from alignpipe.runs import require_complete
+    from alignpipe.runfolder.manifests import require_complete
 
     stage_dir = Path(stage_dir)
     if not (stage_dir / "manifest.json").is_file():
@@ -58,7 +58,7 @@ def stage_manifest(stage_dir: Path) -> dict:
     manifest = require_complete(stage_dir, needed_by=stage_dir.name)
     if not (stage_dir / "model").is_dir():
         raise RunError("the stage saved no model", where=str(stage_dir / "model"), fix="give a policy stage")
-    from alignpipe.stages import is_scorer_manifest
+    from alignpipe.recipe.kinds import is_scorer_manifest
 
     if is_scorer_manifest(manifest):
         raise RunError("a reward stage scores responses, it does not write them", where=str(stage_dir),
@@ -68,8 +68,7 @@ def stage_manifest(stage_dir: Path) -> dict:
 
 def load_stage(stage_dir: Path):
     """(model in eval mode, tokenizer with its chat template, manifest) of a complete policy stage."""
-    from alignpipe import modeling
-
+    from alignpipe.models import loading as modeling
     stage_dir = Path(stage_dir)
     manifest = stage_manifest(stage_dir)
     spec = model_spec(manifest)
@@ -83,7 +82,7 @@ def load_stage(stage_dir: Path):
 
 def stop_ids(tokenizer, manifest: dict) -> list[int]:
     """Token ids that end an assistant turn: EOS, and the template's end-of-turn token if it differs."""
-    from alignpipe.templates import END_OF_TURN
+    from alignpipe.recipe.templates import END_OF_TURN
 
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     token = END_OF_TURN.get((manifest.get("recipe_settings") or {}).get("chat_template", ""))

@@ -79,7 +79,7 @@ def cmd_data(args) -> int:
     from alignpipe.data.loading import as_user_error
     from alignpipe.data.report import format_report, validation_report
     from alignpipe.data.sources import MAX_DROPPED, prepare_data
-    from alignpipe.templates import resolve_template
+    from alignpipe.recipe.templates import resolve_template
 
     recipe = tokenizer = max_length = None
     spec = {"path": args.file, "format": args.format} if args.file else None
@@ -87,9 +87,9 @@ def cmd_data(args) -> int:
     if args.stage and not args.recipe:
         raise AlignpipeError("--stage needs --recipe", key="--stage", fix="add --recipe RECIPE.yaml")
     if args.recipe:
-        from alignpipe.recipe import load_recipe
-        from alignpipe.stages import kind_of
-        from alignpipe.validate import stage_tokenizer
+        from alignpipe.recipe.schema import load_recipe
+        from alignpipe.recipe.kinds import kind_of
+        from alignpipe.pipeline.validate import stage_tokenizer
 
         recipe = load_recipe(args.recipe)
         if args.stage:

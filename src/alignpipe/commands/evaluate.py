@@ -20,10 +20,11 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_eval(args) -> int:
-    from alignpipe import gates, runs
+    from alignpipe.pipeline import gates
+    from alignpipe.runfolder import manifests as runs
     from alignpipe.cli import set_threads
     from alignpipe.errors import RunError
-    from alignpipe.recipe import LmEvalSpec, load_recipe
+    from alignpipe.recipe.schema import LmEvalSpec, load_recipe
 
     stage_dir = Path(args.stage_dir)
     manifest = runs.read_manifest(stage_dir)
@@ -36,9 +37,9 @@ def cmd_eval(args) -> int:
         raise RunError(f"the recipe has no stage {name!r} writing to this folder", where=str(recipe.path),
                        fix="give the recipe that produced it with --recipe")
     set_threads()
-    from alignpipe.evaluation import evaluate_stage
-    from alignpipe.modeling import device, load_stage_model, load_tokenizer
-    from alignpipe.context import make_context
+    from alignpipe.eval.policy import evaluate_stage
+    from alignpipe.models.loading import device, load_stage_model, load_tokenizer
+    from alignpipe.stages.context import make_context
 
     ctx = make_context(recipe, name)
     tokenizer = load_tokenizer(ctx.model_dir, recipe.model)
@@ -52,7 +53,7 @@ def cmd_eval(args) -> int:
                           num_fewshot=base.num_fewshot, batch_size=base.batch_size, max_gen_toks=base.max_gen_toks)
         figures = run_lm_eval(ctx, policy, tokenizer, spec)
     else:
-        from alignpipe.template_checks import add_stop_token
+        from alignpipe.models.template_checks import add_stop_token
 
         add_stop_token(policy, tokenizer.eos_token_id)
         # aligned stages are compared with their start (the parent), as when they were trained

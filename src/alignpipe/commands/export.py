@@ -71,14 +71,14 @@ def probe_logits(model, tokenizer) -> list:
 def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
-    from alignpipe import modeling
+    from alignpipe.models import loading as modeling
     from alignpipe.cli import set_threads
     from alignpipe.commands.chat import model_spec, stage_manifest
-    from alignpipe.runs import manifest_hash, read_manifest
+    from alignpipe.runfolder.manifests import manifest_hash, read_manifest
 
     set_threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)
-    from alignpipe.stages import is_scorer_manifest
+    from alignpipe.recipe.kinds import is_scorer_manifest
 
     if is_scorer_manifest(read_manifest(stage_dir)):
         raise ExportError("a reward stage's model/ is already standalone (score head merged in)",

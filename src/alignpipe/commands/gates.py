@@ -19,16 +19,16 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_gates(args) -> int:
-    from alignpipe import gates
+    from alignpipe.pipeline import gates
     from alignpipe.errors import RunError
-    from alignpipe.lock import RunLock
+    from alignpipe.runfolder.lock import RunLock
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise RunError("no such run folder", where=str(run_dir), fix="give runs/<recipe name>")
     recipe = None
     if args.recipe:
-        from alignpipe.recipe import load_recipe
+        from alignpipe.recipe.schema import load_recipe
 
         recipe = load_recipe(args.recipe, args.set)
         for name in recipe.stages:

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 def cmd_report(args) -> int:
     import os
 
-    from alignpipe.report import write_report
+    from alignpipe.report.document import write_report
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # scoring samples with a reward model: see cli.set_threads
     path, figures = write_report(Path(args.run_dir), score_rewards=not args.no_reward_scoring)

@@ -29,13 +29,13 @@ def add_parser(subparsers) -> None:
 def find_reward_stage(path: Path) -> Path:
     """A reward stage folder (or model folder) from what the user typed."""
     from alignpipe.reward.artifact import STATS_FILE
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
 
     if (path / STATS_FILE).is_file() or (path / "model" / STATS_FILE).is_file() or read_manifest(path):
         return path
     if not path.is_dir():
         raise RunError("no such folder", where=str(path), fix="give runs/<recipe>/<reward stage>")
-    from alignpipe.stages import is_scorer_manifest
+    from alignpipe.recipe.kinds import is_scorer_manifest
 
     found = sorted(d for d in path.iterdir() if is_scorer_manifest(read_manifest(d)))
     if len(found) == 1:

@@ -9,7 +9,7 @@ from alignpipe.errors import AlignpipeError
 
 
 def add_parser(subparsers) -> None:
-    from alignpipe.tiny_model import FAMILIES
+    from alignpipe.models.tiny import FAMILIES
 
     p = subparsers.add_parser("tiny-model", help="save a tiny random-weight look-alike of a model family")
     p.add_argument("--like", required=True, choices=sorted(FAMILIES), help="the family to copy")
@@ -30,7 +30,7 @@ def read_texts(path: Path) -> list[str]:
 
 def cmd_tiny_model(args) -> int:
     from alignpipe.cli import set_threads
-    from alignpipe.tiny_model import save_tiny_model
+    from alignpipe.models.tiny import save_tiny_model
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

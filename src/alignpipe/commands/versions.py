@@ -24,8 +24,8 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_restore(args) -> int:
-    from alignpipe import stage_versions
-    from alignpipe.lock import RunLock
+    from alignpipe.runfolder import versions as stage_versions
+    from alignpipe.runfolder.lock import RunLock
 
     stage_dir = Path(args.stage_dir)
     with RunLock(stage_versions.run_root_of(stage_dir)):
@@ -38,8 +38,8 @@ def cmd_restore(args) -> int:
 
 
 def cmd_discard(args) -> int:
-    from alignpipe import stage_versions
-    from alignpipe.lock import RunLock
+    from alignpipe.runfolder import versions as stage_versions
+    from alignpipe.runfolder.lock import RunLock
 
     stage_dir = Path(args.stage_dir)
     with RunLock(stage_versions.run_root_of(stage_dir)):

@@ -57,7 +57,7 @@ def files_recipe(data: dict, kinds: dict[str, str], world) -> dict:
     import dataclasses
 
     from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.kinds import kind_of
 
     out = json.loads(json.dumps(data))  # a copy without shared parts (YAML anchors): each stage is edited alone
     out["name"] = f"{data['name']}-files"
@@ -88,7 +88,7 @@ def cmd_export(args) -> int:
 
     data, kinds, overrides = None, {}, {}
     if args.recipe:
-        from alignpipe.recipe import apply_override, load_recipe, yaml_load
+        from alignpipe.recipe.schema import apply_override, load_recipe, yaml_load
 
         recipe = load_recipe(args.recipe, args.set)
         overrides = {"seed": recipe.seed, **recipe.world}

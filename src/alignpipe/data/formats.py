@@ -40,7 +40,7 @@ class DataError(ValueError):
 
 FAMILIES = ("text", "conversations", "pairs", "kto", "prompts")
 ALIASES = {"unpaired": "kto"}  # the family's earlier name
-# (each stage kind declares the family it trains on: alignpipe.stages.StageKind.family)
+# (each stage kind declares the family it trains on: alignpipe.recipe.kinds.StageKind.family)
 
 
 # --------------------------------------------------------------------------- dropped rows

@@ -56,7 +56,7 @@ def load_split(ctx, family: str, cap: int | None, tokenizer=None, max_length: in
     """The stage's rows split by the recipe's held-out prompts (`alignpipe.data.split`): (train, held out, at
     most `cap`). The split's counts and hash go into `data_report.json` and on the screen."""
     from alignpipe.data.split import split_rows
-    from alignpipe.distributed import is_main_process
+    from alignpipe.runtime.distributed import is_main_process
 
     rows = load_family(ctx, family, tokenizer, max_length, numbered=True)
     train, held, info = split_rows(ctx, rows, cap)
@@ -88,7 +88,7 @@ def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int 
     except DataError as err:
         raise as_user_error(err, str(ctx.recipe.path)) from None
     report = validation_report(prepared, tokenizer, max_length, sample=2000, seed=ctx.seed)
-    from alignpipe.distributed import is_main_process
+    from alignpipe.runtime.distributed import is_main_process
 
     if is_main_process():  # several processes read the same data; one writes and prints the report
         ctx.dir.mkdir(parents=True, exist_ok=True)

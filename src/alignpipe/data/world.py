@@ -517,7 +517,7 @@ WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "p
 
 def part_fingerprint(world: World, part: str) -> str:
     """sha256 of the world's rows an embedded `part` stands for (see WORLD_PARTS), cached on the world."""
-    from alignpipe.runs import fingerprint_json
+    from alignpipe.runfolder.manifests import fingerprint_json
 
     cache = world.__dict__.setdefault("_alignpipe_fingerprints", {})
     if part not in cache:

@@ -111,7 +111,7 @@ class LocalJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from alignpipe.modeling import device
+        from alignpipe.models.loading import device
 
         self.spec = spec
         self.tok = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=recipe_model.trust_remote_code)

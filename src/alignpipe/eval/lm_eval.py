@@ -61,7 +61,7 @@ def run_lm_eval(ctx, model, tokenizer, spec, tasks: list[str] | None = None) -> 
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):  # a peft wrapper: the saved stage, merged onto its base
-        from alignpipe.modeling import device, load_stage_model
+        from alignpipe.models.loading import device, load_stage_model
 
         model = load_stage_model(ctx.dir, ctx.recipe.model).to(device())
     model.eval()

@@ -22,7 +22,7 @@ ANSWER_KEYS = ("answer", "reference", "solution", "output", "completion", "chose
 
 def eval_prompts(ctx) -> list[dict]:
     """The held-out prompts of `ctx`'s stage (see the module docstring), at most `eval.num_prompts`."""
-    from alignpipe.labelling.sources import world_part
+    from alignpipe.recipe.dataspec import world_part
 
     spec = ctx.config.eval
     if spec.prompts:

@@ -157,12 +157,12 @@ class PPOTrainer:
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
-        from alignpipe.distributed import dump_parameter_checksum
-        from alignpipe.progress import Progress, log_row
+        from alignpipe.runtime.distributed import dump_parameter_checksum
+        from alignpipe.runtime.progress import Progress, log_row
         from alignpipe.rl import ppo_math as pm
         from alignpipe.rl import state
         from alignpipe.rl.rollout import generate
-        from alignpipe.tracking import log_metrics
+        from alignpipe.runtime.tracking import log_metrics
 
         s, folders, accelerator, dev = self.settings, self.folders, self.accelerator, self.device
         seed, rank, world, tokenizer = self.seed, self.rank, self.world, self.tokenizer

@@ -32,7 +32,7 @@ def check_reward_source(recipe, name: str, where: str) -> None:
         raise RecipeError(f"a {cfg.kind} stage needs exactly one reward: `reward_model` or `reward_function`",
                           where=where, key=key, fix="set reward_model: <a reward stage> or reward_function: "
                                                     "alignpipe.data.world:judge_reward")
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.kinds import kind_of
 
     if cfg.reward_model is not None and not kind_of(recipe.stages[cfg.reward_model].kind).scorer:
         raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",

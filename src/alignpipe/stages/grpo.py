@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
-from alignpipe.stages import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
+from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> dict:
     from trl import GRPOTrainer, RLOOTrainer
 
     from alignpipe.rl.rewards import is_judge, load_function
-    from alignpipe.training import train, train_log_metrics, write_log_history
+    from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
     cfg = ctx.config
     tokenizer = ctx.load_tokenizer()

@@ -18,12 +18,12 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import check_policy_references, evaluate_policy, lora_config, rows
-from alignpipe.stages import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages.helpers import check_policy_references, evaluate_policy, lora_config, rows
+from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -90,7 +90,7 @@ def implicit_reward_metrics(trainer) -> dict:
 
 def run(ctx: StageContext) -> dict:
     from alignpipe.rl.policy import AdapterOff
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
+    from alignpipe.stages.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer, reference = build_trainer(ctx)
     train(trainer, ctx)

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import AlignpipeError, RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stages import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 SAMPLES_FILE = "samples.jsonl"
 EMBEDDED_PROMPTS = ("rl_prompts", "sft", "pairs")  # the world's parts whose (training) prompts can be labelled
@@ -154,8 +154,8 @@ def build_queue(samples, prompts: list, rows: list[dict], per_prompt: int, seed:
 
 
 def draw_samples(ctx, prompts: list):
-    from alignpipe.evaluation import sample
-    from alignpipe.modeling import device
+    from alignpipe.eval.policy import sample
+    from alignpipe.models.loading import device
 
     spec, cfg = ctx.config.eval, ctx.config
     policy = ctx.load_model().to(device())
@@ -232,10 +232,10 @@ def pairs_from(items: list[dict], verdicts: dict[str, str], cut_off: bool = True
 
 
 def run(ctx: StageContext) -> dict:
-    from alignpipe import runs
+    from alignpipe.runfolder import manifests as runs
     from alignpipe.labelling import labellers as lab
     from alignpipe.labelling.queue import QUEUE_FILE, current, read_log, read_queue, write_lines_atomic, write_queue
-    from alignpipe.labelling.sources import PAIRS_FILE
+    from alignpipe.recipe.dataspec import PAIRS_FILE
 
     cfg = ctx.config
     ctx.dir.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import (check_policy_references, evaluate_policy, lora_config, preference_pairs,
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages.helpers import (check_policy_references, evaluate_policy, lora_config, preference_pairs,
                                      start_as_reference)
-from alignpipe.stages import StageKind
+from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")  # CPOConfig.loss_type in TRL 1.16
 
@@ -89,7 +89,7 @@ def implicit_reward_metrics(trainer) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
+    from alignpipe.stages.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer = build_trainer(ctx)
     train(trainer, ctx)

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import StageConfig
+from alignpipe.recipe.schema import StageConfig
 from alignpipe.rl.ppo_trainer import PPOSettings
-from alignpipe.stage_helpers import evaluate_policy, load_prompts, lora_config, pack
-from alignpipe.stages import StageKind
+from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, pack
+from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
     import torch
 
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -43,7 +43,7 @@ def trainer_config_class():
 
 def settings(recipe, name: str) -> PPOSettings:
     """The stage's PPO settings, type-checked like the rest of the recipe."""
-    from alignpipe.recipe import from_dict
+    from alignpipe.recipe.schema import from_dict
 
     where, key = str(recipe.path), f"stages.{name}.trainer"
     s = from_dict(PPOSettings, recipe.stages[name].trainer, where, key)

@@ -11,12 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.recipe import StageConfig
-from alignpipe.stages import StageKind
-from alignpipe.stage_helpers import pack, rows
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.stages.helpers import pack, rows
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -66,9 +66,9 @@ def run(ctx: StageContext) -> dict:
     from datasets import Dataset
     from transformers import Trainer
 
-    from alignpipe import modeling
-    from alignpipe.templates import template_special_tokens
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
+    from alignpipe.models import loading as modeling
+    from alignpipe.recipe.templates import template_special_tokens
+    from alignpipe.stages.training import save_stage_model, train, train_log_metrics, write_log_history
 
     recipe = ctx.recipe
     train_texts, eval_texts = load_texts(ctx)
@@ -120,7 +120,7 @@ def run(ctx: StageContext) -> dict:
         **threads,
     }
     if ctx.config.eval.enabled and ("embedded" in ctx.config.data or ctx.config.eval.prompts):
-        from alignpipe.stage_helpers import evaluate_policy
+        from alignpipe.stages.helpers import evaluate_policy
 
         metrics.update(evaluate_policy(ctx, model, tokenizer))
 

@@ -21,14 +21,14 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe import padding_free
+from alignpipe.runtime import padding_free
 from alignpipe.errors import AlignpipeError, RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import lora_config, rows
-from alignpipe.stages import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages.helpers import lora_config, rows
+from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 DEFAULT_MAX_LENGTH = 512  # tokens, or the model's max_position_embeddings when that is less
@@ -38,7 +38,7 @@ DEFAULT_MAX_LENGTH = 512  # tokens, or the model's max_position_embeddings when 
 class Config(StageConfig):
     eval_pairs: int = 200  # at most this many of a user dataset's held-out pairs are scored (the embedded world has its own)
     reload_tolerance: float = 1e-4  # the reloaded artifact must score this close to the trained model (fp32)
-    # Padding-free batches (alignpipe.padding_free): a batch's chosen and rejected sequences in one row, each
+    # Padding-free batches (alignpipe.runtime.padding_free): a batch's chosen and rejected sequences in one row, each
     # scored at its last token. null = auto (on a CPU or with flash-attention, when a check on this model finds
     # the flattened forward exact), true/false force it. The manifest says which was used.
     padding_free: bool | None = None
@@ -109,8 +109,8 @@ def batching(ctx, model):
 def onpolicy_samples(ctx, tokenizer):
     """The parent policy's sampled responses to the stage's eval prompts with a verifier's verdicts (the embedded
     world's judge, or the first verifier in `eval.judges`); None without eval prompts or a verifier."""
-    from alignpipe.evaluation import judged_samples
-    from alignpipe.modeling import device
+    from alignpipe.eval.policy import judged_samples
+    from alignpipe.models.loading import device
 
     return judged_samples(ctx, lambda: ctx.load_model().to(device()), tokenizer)
 
@@ -118,7 +118,7 @@ def onpolicy_samples(ctx, tokenizer):
 def judged_by_world(ctx: StageContext) -> bool:
     """Whether the on-policy check's verifier is the embedded world's judge (embedded data or exported files)."""
     from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.evaluation import judges_of
+    from alignpipe.eval.policy import judges_of
 
     verifiers = [j.verifier for j in judges_of(ctx).values() if not j.pairwise]
     return bool(verifiers) and verifiers[0] == EMBEDDED
@@ -127,12 +127,14 @@ def judged_by_world(ctx: StageContext) -> bool:
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from alignpipe import distributed, modeling
-    from alignpipe.evaluation import write_samples
+    from alignpipe.runtime import distributed
+
+    from alignpipe.models import loading as modeling
+    from alignpipe.eval.policy import write_samples
     from alignpipe.reward import metrics as rm_metrics
     from alignpipe.reward.onpolicy import failure_metrics
     from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
-    from alignpipe.training import train, train_log_metrics, write_log_history
+    from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
     trainer, evals, report, batches = build_trainer(ctx)
     tokenizer = trainer.processing_class

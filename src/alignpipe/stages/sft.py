@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import evaluate_policy, lora_config, rows
-from alignpipe.stages import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages.helpers import evaluate_policy, lora_config, rows
+from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 DEFAULT_MAX_LENGTH = 128  # tokens per sequence unless the recipe's trainer.max_length says otherwise
@@ -26,7 +26,7 @@ class Config(StageConfig):
     # large vocabularies on a GPU). On a CPU it is the slow part of a small model's step (make bench: ~13 of
     # ~57 ms on the peer model), so there the model's own head and loss are used. true/false force either.
     fused_lm_head: bool | None = None
-    # Padding-free batches (alignpipe.padding_free): TRL tokenizes and truncates the rows as for padded batches,
+    # Padding-free batches (alignpipe.runtime.padding_free): TRL tokenizes and truncates the rows as for padded batches,
     # then each batch is laid end to end in one row. null = auto (on a CPU or with flash-attention, when a check
     # on this model finds the flattened forward exact), true/false force it. The manifest says which was used.
     padding_free: bool | None = None
@@ -96,7 +96,7 @@ def plain_head_trainer():
 def batching(ctx, model, args):
     """Padded or padding-free batches (Config.padding_free). TRL's own packing / padding_free (trainer block)
     keep TRL's collator."""
-    from alignpipe.padding_free import Batching, choose
+    from alignpipe.runtime.padding_free import Batching, choose
 
     if args.packing or args.padding_free:
         return Batching(True, "TRL's packing / padding_free in the trainer block")
@@ -118,7 +118,7 @@ def trainer_class(ctx, args):
 def run(ctx: StageContext) -> dict:
     from alignpipe.data.formats import DataError
     from alignpipe.data.loading import as_user_error
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
+    from alignpipe.stages.training import save_stage_model, train, train_log_metrics, write_log_history
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -133,7 +133,7 @@ def run(ctx: StageContext) -> dict:
     batches = batching(ctx, model, args)
     collator = None
     if batches.padding_free and not (args.packing or args.padding_free):
-        from alignpipe.padding_free import sft_collator
+        from alignpipe.runtime.padding_free import sft_collator
 
         collator = sft_collator(tokenizer, args, batches)
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -12,12 +12,12 @@ import tempfile
 from pathlib import Path
 
 from alignpipe.errors import RecipeError, RunError
-from alignpipe.eval.checks import check_eval
-from alignpipe.gates import check_gates
-from alignpipe.recipe import Recipe
-from alignpipe.stages import kind_of
-from alignpipe.templates import has_generation_markers, resolve_template
-from alignpipe.tracking import check_tracking
+from alignpipe.pipeline.eval_checks import check_eval
+from alignpipe.pipeline.gates import check_gates
+from alignpipe.recipe.schema import Recipe
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.recipe.templates import has_generation_markers, resolve_template
+from alignpipe.runtime.tracking import check_tracking
 
 def validate(recipe: Recipe, show_data: bool = False) -> None:
     """Raise RecipeError / RunError on the first problem found; with `show_data`, print what each stage's
@@ -69,9 +69,9 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
     them) is checked against them, exactly as `run` will; one whose parents are still to be (re)built is
     checked on the recipe's model, the tokenizer they start from too. Stages of an `init:` model wait
     for their pretrain stage; hub models for `run` (validate works offline)."""
-    from alignpipe.context import make_context
-    from alignpipe.stage_plan import is_up_to_date
-    from alignpipe.template_checks import check_stage_templates
+    from alignpipe.stages.context import make_context
+    from alignpipe.pipeline.plan import is_up_to_date
+    from alignpipe.pipeline.stage_templates import check_stage_templates
 
     local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
     fresh: dict[str, bool] = {}  # complete, with the fingerprint `run` would compute now: it will be skipped
@@ -145,7 +145,7 @@ def _check_eval_data(recipe: Recipe, name: str, where: str) -> None:
     from alignpipe.data.formats import DataError
     from alignpipe.data.loading import as_user_error
     from alignpipe.data.split import eval_file_rows, prompt_key
-    from alignpipe.stages import kinds_where
+    from alignpipe.recipe.kinds import kinds_where
 
     cfg = recipe.stages[name]
     if not cfg.eval.data:
@@ -197,8 +197,8 @@ def _show_data(recipe: Recipe, name: str, prepared) -> None:
 
 def stage_tokenizer(recipe: Recipe, name: str):
     """(the tokenizer a stage starts from with the recipe's template, None) or (None, why it cannot be had yet)."""
-    from alignpipe import runs
-    from alignpipe.context import StageContext
+    from alignpipe.runfolder import manifests as runs
+    from alignpipe.stages.context import StageContext
 
     cfg = recipe.stages[name]
     parent = recipe.stage_dir(cfg.from_) if cfg.from_ else None
@@ -234,7 +234,8 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
         check_one_source(spec, key)
     except DataError as err:
         raise as_user_error(err, where) from None
-    from alignpipe.labelling.sources import check_labelled_data, reads_stages
+    from alignpipe.labelling.sources import check_labelled_data
+    from alignpipe.recipe.dataspec import reads_stages
 
     if reads_stages(spec):  # data: {from: <label stage>}, alone or mixed
         return check_labelled_data(recipe, cfg, where, key)
@@ -362,8 +363,10 @@ def _module_names(recipe: Recipe, stage: str) -> tuple[set[str], set[str]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from alignpipe import modeling, runs
-    from alignpipe.stage_versions import base_of
+    from alignpipe.models import loading as modeling
+
+    from alignpipe.runfolder import manifests as runs
+    from alignpipe.runfolder.versions import base_of
 
     cfg = recipe.stages[stage]
     source = recipe.model.path
@@ -390,14 +393,3 @@ def _module_names(recipe: Recipe, stage: str) -> tuple[set[str], set[str]]:
     return set(modules) - {""}, linear
 
 
-def check_parent_template(recipe: Recipe, stage: str) -> None:
-    """A stage refuses a parent whose saved chat template differs from the recipe's."""
-    cfg = recipe.stages[stage]
-    if cfg.from_ is None:
-        return
-    template = resolve_template(recipe.chat_template, recipe.path)
-    saved = recipe.stage_dir(cfg.from_) / "model" / "chat_template.jinja"
-    if template is not None and saved.is_file() and saved.read_text().strip() != template.strip():
-        raise RunError(f"parent {cfg.from_!r} was trained with a different chat template than this recipe's "
-                       f"({recipe.chat_template!r})", where=str(saved), key=f"stages.{stage}.from",
-                       fix=f"use the template the parent was trained with, or re-run {cfg.from_!r} with --force")

@@ -1,6 +1,6 @@
 """The figures of a run folder's report, computed: pure functions from the stage folders (manifests,
 `train_log.jsonl`, `eval_samples.jsonl`, gates) to plain values, one per report section. Nothing here
-writes Markdown or draws; `alignpipe.report` renders what these return. Each section's figures carry
+writes Markdown or draws; `alignpipe.report.document` renders what these return. Each section's figures carry
 the notes a reader must know (`notes`: tuples `(what, stage, details...)`), which the report shows at its top.
 
 Statistics: pass rates get 95% Wilson intervals (samples treated as independent; samples of one prompt
@@ -19,10 +19,10 @@ from pathlib import Path
 from alignpipe.data.world import task_kind
 from alignpipe.errors import RunError
 from alignpipe.eval.stats import by_prompt, paired, verdict, wilson, win_rate
-from alignpipe.gates import recorded as recorded_gates
-from alignpipe.metrics import HEADLINE_METRICS
+from alignpipe.pipeline.gates import recorded as recorded_gates
+from alignpipe.runfolder.headline import HEADLINE_METRICS
 from alignpipe.reward.metrics import pearson
-from alignpipe.stages import KINDS, StageKind
+from alignpipe.recipe.kinds import StageKind, all_kinds
 
 UNKNOWN_KIND = StageKind("?", object, lambda ctx: {}, lambda: object, family=None, embedded=None)
 
@@ -57,7 +57,7 @@ class Stage:
     @property
     def facts(self) -> StageKind:
         """What the stage's kind declares (a kind this alignpipe does not know: a policy like any other)."""
-        return KINDS.get(self.kind) or UNKNOWN_KIND
+        return all_kinds().get(self.kind) or UNKNOWN_KIND
 
     @property
     def status(self) -> str:
@@ -115,7 +115,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def load_stages(run_dir: Path) -> list[Stage]:
     """Every stage folder with a manifest, parents before children (then by start time)."""
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
 
     stages = []
     for d in sorted(p for p in Path(run_dir).iterdir() if p.is_dir()):
@@ -172,7 +172,7 @@ class RewardScorer:
 
 
 def _model_spec(manifest: dict):
-    from alignpipe.recipe import ModelSpec, from_dict
+    from alignpipe.recipe.schema import ModelSpec, from_dict
 
     raw = (manifest.get("recipe_settings") or {}).get("model") or {}
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import AlignpipeError
-from alignpipe.recipe import ModelInit, ModelSpec
+from alignpipe.recipe.schema import ModelInit, ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -193,7 +193,7 @@ def load_stage_model(stage_dir: Path, spec: ModelSpec, model_class=None, merge: 
         return load_pretrained(model_dir, spec, model_class)
     from peft import PeftModel
 
-    from alignpipe.stage_versions import base_of
+    from alignpipe.runfolder.versions import base_of
 
     base_ref = base_of(stage_dir)  # a stage folder (current or in its history), or the recipe's model
     if isinstance(base_ref, Path):
@@ -218,7 +218,7 @@ def _stop_at_stage_eos(model, model_dir: Path, spec: ModelSpec) -> None:
     model keeps the base's EOS (e.g. Qwen's <|endoftext|>) and plain `generate` runs past every turn."""
     if not (Path(model_dir) / "tokenizer_config.json").is_file():
         return
-    from alignpipe.template_checks import add_stop_token
+    from alignpipe.models.template_checks import add_stop_token
 
     add_stop_token(model, load_tokenizer(model_dir, spec).eos_token_id)
 

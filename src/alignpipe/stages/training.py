@@ -6,12 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from alignpipe import thread_choice
-
-
+from alignpipe.runtime import threads as thread_choice
 def attach_progress(trainer, ctx):
     """The stage's progress bars on the trainer, in place of its raw-dict console printer (progress.py)."""
-    from alignpipe.progress import attach
+    from alignpipe.runtime.progress import attach
 
     return attach(trainer, f"stage {ctx.name}")
 
@@ -67,7 +65,7 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
     checkpoint's `trainer_state.json` (as a stateful callback, written with the step it belongs to)
     and put back before training resumes.
     """
-    from alignpipe.distributed import fsdp_on_cpu
+    from alignpipe.runtime.distributed import fsdp_on_cpu
 
     fsdp_on_cpu(trainer, str(ctx.recipe.path), ctx.name)
     count_flos_once(trainer)
@@ -182,7 +180,7 @@ def is_complete_checkpoint(folder: Path) -> bool:
 
 def train_log_metrics(trainer) -> dict:
     """Headline training figures from the trainer's log history: final loss, steps, throughput."""
-    from alignpipe.distributed import dump_parameter_checksum
+    from alignpipe.runtime.distributed import dump_parameter_checksum
 
     stage = Path(trainer.args.output_dir).parent.name  # runs/<recipe>/<stage>/checkpoints
     # a debugging aid for multi-process runs; off unless its env var is set

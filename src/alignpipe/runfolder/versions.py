@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignpipe.errors import RunError
-from alignpipe.runs import MANIFEST, manifest_hash, read_manifest
+from alignpipe.runfolder.manifests import MANIFEST, manifest_hash, read_manifest
 
 NEXT = ".next"
 HISTORY = ".history"

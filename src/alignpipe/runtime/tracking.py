@@ -116,7 +116,7 @@ _ACTIVE: list[StageRuns] = []
 
 def start(ctx, config: dict[str, Any]) -> StageRuns:
     """Open one run per tracker for the stage (none for tensorboard: its files are the stage's `logs/`)."""
-    from alignpipe.distributed import is_main_process
+    from alignpipe.runtime.distributed import is_main_process
 
     handles: dict[str, Any] = {}
     wanted = [t for t in ctx.recipe.tracking if t != "tensorboard"] if is_main_process() else []
@@ -125,7 +125,7 @@ def start(ctx, config: dict[str, Any]) -> StageRuns:
 
         import mlflow
 
-        from alignpipe.progress import verbose
+        from alignpipe.runtime.progress import verbose
 
         if not verbose():  # its INFO lines ("creating experiment ...") are not the console's business
             logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -141,7 +141,7 @@ def start(ctx, config: dict[str, Any]) -> StageRuns:
         import wandb
 
         ctx.dir.mkdir(parents=True, exist_ok=True)
-        from alignpipe.progress import verbose
+        from alignpipe.runtime.progress import verbose
 
         # W&B's own console lines (its run summary) only with -v; it never wraps alignpipe's console
         settings = wandb.Settings(silent=not verbose(), console="off", x_disable_stats=True)

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from alignpipe.errors import RunError
-from alignpipe.lock import LOCK_PARENT_ENV
-from alignpipe.recipe import Recipe
-from alignpipe.thread_choice import usable_cores
+from alignpipe.runfolder.lock import LOCK_PARENT_ENV
+from alignpipe.recipe.schema import Recipe
+from alignpipe.runtime.threads import usable_cores
 
 
 def resolve_parallel(value: str | int) -> tuple[int, str]:

@@ -8,15 +8,29 @@ import time
 import traceback
 from pathlib import Path
 
-from alignpipe import distributed, gates, progress, runs, stage_plan, stage_processes, stage_versions, tracking
-from alignpipe.context import StageContext
+from alignpipe.runtime import distributed
+
+from alignpipe.pipeline import gates
+
+from alignpipe.runtime import progress
+
+from alignpipe.runfolder import manifests as runs
+
+from alignpipe.pipeline import plan as stage_plan
+
+from alignpipe.pipeline import processes as stage_processes
+
+from alignpipe.runfolder import versions as stage_versions
+
+from alignpipe.runtime import tracking
+from alignpipe.stages.context import StageContext
 from alignpipe.errors import RunError
-from alignpipe.lock import RunLock
-from alignpipe.metrics import HEADLINE_METRICS
-from alignpipe.recipe import Recipe
-from alignpipe.stage_plan import output_fingerprints
-from alignpipe.template_checks import check_stage_templates
-from alignpipe.validate import check_lora_targets
+from alignpipe.runfolder.lock import RunLock
+from alignpipe.runfolder.headline import HEADLINE_METRICS
+from alignpipe.recipe.schema import Recipe
+from alignpipe.pipeline.plan import output_fingerprints
+from alignpipe.pipeline.stage_templates import check_stage_templates
+from alignpipe.pipeline.validate import check_lora_targets
 
 
 def log(msg: str) -> None:
@@ -152,7 +166,7 @@ def _record_failure(run: runs.StageRun, attempt: Path, err: BaseException) -> No
 
 def interrupted_hint(ctx: StageContext, err: KeyboardInterrupt) -> str:
     """"interrupted at step N; re-run the same command to resume from checkpoint-M" (or to start over)."""
-    from alignpipe.training import newest_checkpoint_name
+    from alignpipe.stages.training import newest_checkpoint_name
 
     step = getattr(err, "step", None)  # training.StageInterrupted: Ctrl-C inside trainer.train
     where = f"interrupted at step {step}" if step is not None else "interrupted"

@@ -1,9 +1,9 @@
-"""Chat-template checks that run before a stage trains, and the end-of-turn fix applied at load time.
+"""Chat-template checks of a tokenizer, run before a stage trains, and the end-of-turn fix applied at load time.
 
 A wrong template does not crash a training run: it trains a model that never stops, or learns from
 the user's turns, or is evaluated with a prompt it never saw (alignment-handbook #93, LLaMA-Factory
-#2984, TRL #2059). So before any stage trains, the runner calls `check_stage_templates`, which renders
-a probe conversation with the tokenizer the stage will use and checks that
+#2984, TRL #2059). So before any stage trains, the runner calls `check_stage_templates`
+(`alignpipe.pipeline.stage_templates`), which renders a probe conversation with the tokenizer the stage will use and checks that
 
 - the assistant-token mask (`{% generation %}`) covers exactly the assistant turns, end-of-turn
   token included (when the stage trains on assistant tokens only);
@@ -12,7 +12,7 @@ a probe conversation with the tokenizer the stage will use and checks that
 - the generation prompt is the start of an assistant turn: prompt + response renders the same text
   as the whole conversation;
 - every upstream stage (`from`, `reward_model`) saved the same vocabulary and chat template, and its
-  tokenizer files are the ones its manifest recorded.
+  tokenizer files are the ones its manifest recorded (`alignpipe.pipeline.stage_templates`).
 
 Any failure is an AlignpipeError: one line, naming what and how to fix it.
 """
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
-from alignpipe.errors import AlignpipeError, RunError
+from alignpipe.data.sft_tokens import mask_spans
+from alignpipe.errors import AlignpipeError
 
 # Distinct, template-neutral strings: each must be findable in the rendered text.
 PROBE = [
@@ -136,18 +136,6 @@ def stop_ids_list(value) -> list[int]:
 # --- the checks --------------------------------------------------------------------------------
 
 
-def mask_spans(mask: list[int]) -> list[tuple[int, int]]:
-    """(start, end) of each run of 1s."""
-    spans, start = [], None
-    for i, m in enumerate([*mask, 0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
-
-
 def check_assistant_mask(tokenizer, messages: list[dict], eot_text: str) -> dict:
     """The `{% generation %}` mask covers each assistant turn's content and its end-of-turn token,
     and nothing of the other turns."""
@@ -235,71 +223,3 @@ def tokenizer_signature(tokenizer) -> dict:
             "chat_template_sha256": hashlib.sha256(template.strip().encode()).hexdigest()}
 
 
-def _check_upstream(ctx, upstream: str, signature: dict, key: str) -> None:
-    from alignpipe import modeling, runs
-
-    up_dir = ctx.stage_dir(upstream)
-    model_dir = modeling.checkpoint_dir(up_dir)
-    manifest = runs.read_manifest(up_dir) or {}
-    # its tokenizer files must be the ones it finished with (the manifest hashed them)
-    for name, recorded in (manifest.get("outputs") or {}).items():
-        path = model_dir / name
-        if name != "model" and path.is_file() and runs.fingerprint_path(path) != recorded:
-            raise RunError(f"{name} of stage {upstream!r} changed after that stage completed", where=str(path),
-                           key=key, fix=f"restore it, or re-run {upstream!r} with --force")
-    if not (model_dir / "tokenizer_config.json").is_file():
-        return
-    theirs = tokenizer_signature(modeling.load_tokenizer(model_dir, ctx.recipe.model))
-    if theirs["vocab_sha256"] != signature["vocab_sha256"]:
-        raise RunError(f"stage {upstream!r} was trained with a different tokenizer ({theirs['vocab_size']} tokens) "
-                       f"than this stage's ({signature['vocab_size']} tokens)", where=str(model_dir), key=key,
-                       fix=f"re-run {upstream!r} with --force so both use the recipe's model")
-    if theirs["chat_template_sha256"] != signature["chat_template_sha256"]:
-        raise RunError(f"stage {upstream!r} was trained with a different chat template than this stage's "
-                       f"({ctx.recipe.chat_template!r})", where=str(model_dir), key=key,
-                       fix=f"use the template {upstream!r} was trained with, or re-run it with --force")
-
-
-def _generation_eos(ctx) -> list[int]:
-    """Stop tokens from the generation config next to the weights this stage starts from (local only)."""
-    from transformers import GenerationConfig
-
-    from alignpipe import modeling
-
-    source = modeling.checkpoint_dir(ctx.parent_dir) if ctx.parent_dir else Path(ctx.recipe.model.path or "")
-    if not (Path(source) / "generation_config.json").is_file():
-        return []
-    try:
-        return stop_ids_list(GenerationConfig.from_pretrained(str(source)).eos_token_id)
-    except (OSError, ValueError):
-        return []
-
-
-def check_stage_templates(ctx, tokenizer=None, against_parents: bool = True) -> dict:
-    """All checks for one stage, before it trains. Returns the report the runner keeps in the manifest.
-    `against_parents=False` (validate, while the parents are still to be built): the template and EOS only."""
-    from alignpipe.validate import check_parent_template
-
-    cfg, recipe = ctx.config, ctx.recipe
-    if ctx.parent_dir is None and recipe.model.init is not None:
-        return {"skipped": "this stage trains its tokenizer; its children check it"}
-    if against_parents:
-        check_parent_template(recipe, ctx.name)
-    tokenizer = tokenizer if tokenizer is not None else ctx.load_tokenizer()
-    signature = tokenizer_signature(tokenizer)
-    if cfg.from_ and against_parents:
-        _check_upstream(ctx, cfg.from_, signature, f"stages.{ctx.name}.from")
-    from alignpipe.stages import references
-
-    for field_name, upstream in references(cfg).items():
-        if against_parents:
-            _check_upstream(ctx, upstream, signature, f"stages.{ctx.name}.{field_name}")
-    if not ctx.kind.chat:  # plain text: the template is only carried along for later stages
-        return {"tokenizer": signature, "template": "not used by pretraining"}
-    assistant_mask = ctx.kind.assistant_loss and cfg.trainer.get("assistant_only_loss", True)
-    try:
-        report = check_template(tokenizer, assistant_mask=assistant_mask, generation_eos=_generation_eos(ctx))
-    except TemplateError as err:  # name the recipe and the stage
-        raise TemplateError(f"stage {ctx.name!r}, template {recipe.chat_template!r}: {err.what}",
-                            where=str(recipe.path), key="chat_template", fix=err.fix) from None
-    return {"tokenizer": signature, **report}

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignpipe import runs, stage_versions
-from alignpipe.context import StageContext, make_context
+from alignpipe.runfolder import manifests as runs
+
+from alignpipe.runfolder import versions as stage_versions
+from alignpipe.stages.context import StageContext, make_context
 from alignpipe.errors import RunError
-from alignpipe.recipe import Recipe, to_plain
+from alignpipe.recipe.schema import Recipe, to_plain
 
 
 @dataclass
@@ -36,8 +38,7 @@ class StagePlan:
 
     def first_record(self, template_check: dict) -> dict:
         """The manifest of the attempt while it runs: what it is, what it was made from, where it stands."""
-        from alignpipe import distributed
-
+        from alignpipe.runtime import distributed
         ctx, cfg, recipe = self.ctx, self.ctx.config, self.ctx.recipe
         parent_manifest = runs.read_manifest(ctx.parent_dir) if ctx.parent_dir else None
         return {

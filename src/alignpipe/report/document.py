@@ -1,8 +1,8 @@
 """`alignpipe report runs/<name>`: one Markdown file with figures that answers "did alignment help?".
 
-Everything is read from the run folder, never assumed (`alignpipe.report_figures` computes each
+Everything is read from the run folder, never assumed (`alignpipe.report.figures` computes each
 section's figures from the stage folders); this module only renders them: Markdown tables and prose, and
-the plots (`alignpipe.plots`). A stage that is missing, running or failed is listed and otherwise left
+the plots (`alignpipe.report.plots`). A stage that is missing, running or failed is listed and otherwise left
 out, so the report works after pretrain+sft as well as after the full pipeline.
 """
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignpipe import report_figures as rf
+from alignpipe.report import figures as rf
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 
@@ -82,7 +82,6 @@ class Report:
 
     def header(self) -> list[str]:
         from alignpipe import __version__
-
         stages = self.run.stages
         name = (stages[0].manifest.get("recipe_settings") or {}).get("name", self.run_dir.name)
         lines = [f"# Run report: {name}", "",
@@ -177,16 +176,14 @@ class Report:
         if len(versions) == 1 and (common := versions.pop()):
             lines += ["", f"Versions (all stages): {common}."]
         if figures["wall_times"]:
-            from alignpipe import plots
-
+            from alignpipe.report import plots
             path = self.fig_path("wall_time")
             plots.wall_times([n for n, _ in figures["wall_times"]], [t for _, t in figures["wall_times"]], path)
             lines += ["", self.figure(path)]
         return lines
 
     def pass_rate(self) -> list[str]:
-        from alignpipe import plots
-
+        from alignpipe.report import plots
         figures = rf.pass_rates(self.run)
         rows = figures["rows"]
         if not rows:
@@ -209,8 +206,7 @@ class Report:
         return lines
 
     def win_rates(self) -> list[str]:
-        from alignpipe import plots
-
+        from alignpipe.report import plots
         figures = rf.win_rates(self.run)
         if figures is None:
             return []
@@ -247,8 +243,7 @@ class Report:
         return lines
 
     def reward_model(self) -> list[str]:
-        from alignpipe import plots
-
+        from alignpipe.report import plots
         lines: list[str] = []
         for rm in rf.reward_models(self.run):
             name = rm["stage"]
@@ -272,8 +267,7 @@ class Report:
         return lines
 
     def curves(self) -> list[str]:
-        from alignpipe import plots
-
+        from alignpipe.report import plots
         lines = []
         for c in rf.curves(self.run):
             path = plots.training_curves(c["stage"], c["kind"], c["series"], c["xlabel"],
@@ -282,8 +276,7 @@ class Report:
         return ["## Training curves", "", *lines] if lines else []
 
     def responses(self) -> list[str]:
-        from alignpipe import plots
-
+        from alignpipe.report import plots
         figures = rf.responses(self.run)
         if figures is None:
             return []

@@ -6,7 +6,7 @@
 Every number a stage reports can be gated, the evaluation's the same for embedded and user data:
 `eot_rate`, `repetition_rate`, `distinct_2`, `mean_response_tokens`, `kl_to_reference`, `mean_reward`,
 `rm_win_rate_vs_parent`, `rm_win_rate_vs_sft`, `<verifier>_pass_rate`, `<judge>_win_rate_vs_parent`,
-`<judge>_position_consistency` and `lmeval_<task>_<metric>` (see alignpipe.evaluation).
+`<judge>_position_consistency` and `lmeval_<task>_<metric>` (see alignpipe.eval.policy).
 
 A gate is `<metric> <op> <expression>`: the metric is one of this stage's own metrics; the expression
 is arithmetic (+ - * / and parentheses) over numbers, this stage's metrics (`eval_loss`) and other
@@ -208,7 +208,7 @@ def evaluate_gates(recipe, stage: str, metrics: dict[str, Any]) -> list[dict[str
 
 def check(texts: list[str], stage: str, metrics: dict[str, Any], run_root: Path) -> list[dict[str, Any]]:
     """Gates `texts` of `stage` against `metrics`; other stages' metrics from `run_root/<stage>`."""
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
 
     def lookup(ref_stage: str | None, metric: str) -> Any:
         if ref_stage is None or ref_stage == stage:
@@ -238,7 +238,7 @@ RESULTS = "gates.json"
 
 def write_results(stage_dir: Path, results: list[dict[str, Any]]) -> None:
     """The latest check of a stage's gates, beside its manifest (none: the file is removed)."""
-    from alignpipe.runs import write_json_atomic
+    from alignpipe.runfolder.manifests import write_json_atomic
 
     path = Path(stage_dir) / RESULTS
     if results:
@@ -251,7 +251,7 @@ def recorded(stage_dir: Path) -> list[dict[str, Any]]:
     """The latest recorded gate results of a stage (folders from before gates.json: the manifest's)."""
     import json
 
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
 
     path = Path(stage_dir) / RESULTS
     if path.is_file():
@@ -265,7 +265,7 @@ def recorded(stage_dir: Path) -> list[dict[str, Any]]:
 def recheck_run(run_root: Path, recipe=None) -> dict[str, list[dict[str, Any]]]:
     """Re-check every complete stage of a run folder on its recorded metrics and rewrite gates.json.
     The gates are the recipe's when one is given, else those each stage recorded. By stage name."""
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
 
     out = {}
     for d in sorted(p for p in Path(run_root).iterdir() if p.is_dir() and not p.name.startswith(".")):

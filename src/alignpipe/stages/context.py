@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignpipe.recipe import Recipe, StageConfig
-from alignpipe.templates import resolve_template
-from alignpipe.tracking import report_to
+from alignpipe.recipe.schema import Recipe, StageConfig
+from alignpipe.recipe.templates import resolve_template
+from alignpipe.runtime.tracking import report_to
 
 
 @dataclass
@@ -24,8 +24,8 @@ class StageContext:
 
     @property
     def kind(self):
-        """The stage's kind, as its module declared it (`alignpipe.stages.StageKind`)."""
-        from alignpipe.stages import kind_of
+        """The stage's kind, as its module declared it (`alignpipe.recipe.kinds.StageKind`)."""
+        from alignpipe.recipe.kinds import kind_of
 
         return kind_of(self.config.kind)
 
@@ -65,21 +65,21 @@ class StageContext:
         stage of the same run folder (by name and manifest hash, so the run folder can move and the
         version is found in the stage's history after a re-run), or the recipe's model as written."""
         if self.parent_dir is not None:
-            from alignpipe.runs import manifest_hash
+            from alignpipe.runfolder.manifests import manifest_hash
 
             return {"stage": self.config.from_, "manifest_sha256": manifest_hash(self.parent_dir)}
         return {"path": self.recipe.model.path}
 
     def load_tokenizer(self):
         """The tokenizer this stage starts from, with the recipe's chat template applied."""
-        from alignpipe.modeling import checkpoint_dir, load_tokenizer
+        from alignpipe.models.loading import checkpoint_dir, load_tokenizer
 
         source = checkpoint_dir(self.parent_dir) if self.parent_dir else self.recipe.model.path
         tok = load_tokenizer(source, self.recipe.model)
         if self.chat_template is not None:
             tok.chat_template = self.chat_template
         if self.kind.chat:  # chat stages stop where the template ends a turn
-            from alignpipe.template_checks import use_end_of_turn_as_eos
+            from alignpipe.models.template_checks import use_end_of_turn_as_eos
 
             use_end_of_turn_as_eos(tok)
         return tok
@@ -91,14 +91,14 @@ class StageContext:
     def load_model(self, model_class=None):
         """The model this stage starts from: the parent's checkpoint or the recipe's model. Its
         generation config stops at the tokenizer's EOS (the template's end-of-turn token)."""
-        from alignpipe.modeling import load_pretrained, load_stage_model
+        from alignpipe.models.loading import load_pretrained, load_stage_model
 
         if self.parent_dir is not None:
             model = load_stage_model(self.parent_dir, self.recipe.model, model_class)
         else:
             model = load_pretrained(self.recipe.model.path, self.recipe.model, model_class)
         if self.kind.chat:
-            from alignpipe.template_checks import add_stop_token
+            from alignpipe.models.template_checks import add_stop_token
 
             add_stop_token(model, self._stop_token_id)
         return model
@@ -109,7 +109,7 @@ class StageContext:
 
         cpu = not torch.cuda.is_available()
         if cpu:
-            from alignpipe.training import narrow_fused_head_tiles
+            from alignpipe.stages.training import narrow_fused_head_tiles
 
             narrow_fused_head_tiles()
         # transformers 5 takes the TensorBoard folder from the environment only

@@ -31,7 +31,7 @@ def verbose() -> bool:
 
 
 def _main_process() -> bool:
-    from alignpipe.distributed import is_main_process
+    from alignpipe.runtime.distributed import is_main_process
 
     return is_main_process()
 

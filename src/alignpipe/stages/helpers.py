@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from alignpipe.errors import RecipeError
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 def lora_config(ctx: StageContext, task_type: str):
@@ -32,7 +32,8 @@ def rows(ctx: StageContext, embedded: Callable[[object], tuple[list[dict], list[
     (at most `cap` held out; the report counts tokens after the chat template when given the tokenizer)."""
     if "embedded" in ctx.config.data:
         return embedded(ctx.world)
-    from alignpipe.labelling.sources import labelled_pairs, reads_stages
+    from alignpipe.labelling.sources import labelled_pairs
+    from alignpipe.recipe.dataspec import reads_stages
 
     if reads_stages(ctx.config.data):  # a label stage's pairs, alone or mixed (alignpipe.labelling.sources)
         return labelled_pairs(ctx, cap, tokenizer, max_length)[:2]
@@ -76,11 +77,11 @@ def start_as_reference(ctx: StageContext, policy):
 
 
 def evaluate_policy(ctx: StageContext, policy, tokenizer, reference=None, against_parent: bool = False) -> dict:
-    """The one evaluation of a policy stage (`alignpipe.evaluation.evaluate_stage`), nothing when the stage's
+    """The one evaluation of a policy stage (`alignpipe.eval.policy.evaluate_stage`), nothing when the stage's
     `eval.enabled` is off; `reference` is the model KL is measured against, or a function that makes it (called
     only when the stage is evaluated). With `against_parent`, also the parent's figures on its own samples and
     whether reward hacking is suspected (`parent_comparison`)."""
-    from alignpipe.evaluation import evaluate_stage
+    from alignpipe.eval.policy import evaluate_stage
 
     if not ctx.config.eval.enabled:
         return {}
@@ -97,7 +98,7 @@ def parent_comparison(ctx: StageContext, metrics: dict) -> dict:
     and `reward_hacking_suspected` when the RM score rose while the judge pass rate fell."""
     import json
 
-    from alignpipe.evaluation import reward_stage_of
+    from alignpipe.eval.policy import reward_stage_of
 
     samples_file = ctx.parent_dir / "eval_samples.jsonl"
     rm_stage = metrics.get("reward_stage") or reward_stage_of(ctx.recipe, ctx.name)
@@ -130,7 +131,7 @@ def reward_hacking(mean_reward: float, judge: float, parent_mean_reward: float, 
 def check_policy_references(recipe, name: str, where: str) -> None:
     """A stage trained from a policy (dpo, kto, orpo, ...) does not start from a scorer, and its `reward_model`
     (reported beside the judge), if set, names a scorer."""
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.kinds import kind_of
 
     cfg = recipe.stages[name]
     key = f"stages.{name}"
@@ -143,7 +144,7 @@ def check_policy_references(recipe, name: str, where: str) -> None:
 
 def check_scorer_reference(recipe, name: str, where: str) -> None:
     """The stage's `reward_model`, if set, names a stage whose model scores responses."""
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.kinds import kind_of
 
     ref = recipe.stages[name].reward_model
     if ref is not None and not kind_of(recipe.stages[ref].kind).scorer:

@@ -51,7 +51,7 @@ def own_template(like: str) -> str:
     """The family's chat template as its base models ship it (no {% generation %} markers)."""
     if like == "qwen2":
         return QWEN_OWN_TEMPLATE
-    from alignpipe.templates import LLAMA3
+    from alignpipe.recipe.templates import LLAMA3
 
     return LLAMA3.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 

@@ -94,7 +94,7 @@ def for_trainer(trainer, at_once: int = 1) -> dict:
     processes train the stage together (DDP/FSDP), the device's own when it is not the CPU."""
     import torch
 
-    from alignpipe.distributed import world_size
+    from alignpipe.runtime.distributed import world_size
 
     if next(trainer.model.parameters()).device.type != "cpu":
         return {"threads": torch.get_num_threads(), "why": "not CPU"}

@@ -3,7 +3,7 @@
 A recipe names a model, a chat template and a mapping of stages. Each stage's config is a dataclass
 declared by its stage module (`alignpipe.stages.<kind>.Config`); this module turns YAML into those
 dataclasses and rejects anything it does not understand, naming the file and the dotted key path.
-Checks that need heavy imports (TRL config fields, data files) live in `alignpipe.validate`.
+Checks that need heavy imports (TRL config fields, data files) live in `alignpipe.pipeline.validate`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from alignpipe.errors import RecipeError
-from alignpipe.labelling.sources import stage_sources
-from alignpipe.tracking import DEFAULT_TRACKING
+from alignpipe.recipe.dataspec import stage_sources
+from alignpipe.runtime.tracking import DEFAULT_TRACKING
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -343,7 +343,7 @@ def apply_override(data: dict, item: str, where: str) -> None:
 
 
 def parse_recipe(data: dict, path: Path) -> Recipe:
-    from alignpipe.stages import KINDS, config_class
+    from alignpipe.recipe.kinds import all_kinds, config_class
 
     where = str(path)
     known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "tracking", "stages"}
@@ -374,9 +374,9 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         if not isinstance(sdata, dict):
             raise RecipeError("a stage must be a mapping", where=where, key=key, fix="e.g. sft: {from: pretrain}")
         kind = sdata.get("kind", sname)
-        if kind not in KINDS:
+        if kind not in all_kinds():
             raise RecipeError(f"unknown stage kind {kind!r}", where=where, key=f"{key}.kind",
-                              fix=f"use one of {', '.join(KINDS)} (the kind defaults to the stage name)")
+                              fix=f"use one of {', '.join(all_kinds())} (the kind defaults to the stage name)")
         cfg = from_dict(config_class(kind), sdata, where, key)
         cfg.kind = kind
         if isinstance(cfg.gates, dict):  # {metric: "op expression"} -> ["metric op expression"]
@@ -399,7 +399,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
 
 def _references(cfg) -> dict[str, str]:
     """The other stages a stage's config names, beside `from` (its kind declares which fields)."""
-    from alignpipe.stages import references
+    from alignpipe.recipe.kinds import references
 
     return references(cfg)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from alignpipe.recipe import JudgeSpec
+from alignpipe.recipe.schema import JudgeSpec
 
 
 @dataclass
@@ -57,7 +57,7 @@ def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, t
     out = Samples([], [], [], [], [], [])
     per_batch = max(1, batch_size // n)
     gen = torch.Generator().manual_seed(seed)
-    from alignpipe.progress import track
+    from alignpipe.runtime.progress import track
 
     for start in track(range(0, len(texts), per_batch), "sampling", unit="batch"):
         chunk = texts[start:start + per_batch]
@@ -130,9 +130,9 @@ def kl_to_reference(policy, reference, samples: Samples, pad_id: int) -> float:
 def reward_stage_of(recipe, stage: str) -> str | None:
     """The reward stage whose scores a policy stage reports: its own `reward_model`, else the recipe's
     first complete reward stage."""
-    from alignpipe.runs import is_complete
+    from alignpipe.runfolder.manifests import is_complete
 
-    from alignpipe.stages import kind_of, references
+    from alignpipe.recipe.kinds import kind_of, references
 
     own = references(recipe.stages[stage]).get("reward_model")
     if own:
@@ -155,7 +155,7 @@ def judges_of(ctx) -> dict[str, JudgeSpec]:
     from alignpipe.eval.verifiers import EMBEDDED
 
     judges = dict(ctx.config.eval.judges)
-    from alignpipe.labelling.sources import world_part
+    from alignpipe.recipe.dataspec import world_part
 
     if world_part(ctx.config.data) and "judge" not in judges:  # also the world mixed with labelled pairs
         judges = {"judge": JudgeSpec(verifier=EMBEDDED), **judges}
@@ -187,7 +187,7 @@ def judged_samples(ctx, load_policy, tokenizer) -> tuple[Samples, list[bool]] | 
 
 def sft_stage_of(recipe, stage: str) -> str | None:
     """The nearest baseline ancestor of `stage` (an sft stage, following `from`): the `rm_win_rate_vs_sft` one."""
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.kinds import kind_of
 
     parent = recipe.stages[stage].from_
     while parent:
