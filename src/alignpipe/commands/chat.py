@@ -121,7 +121,7 @@ def cmd_chat(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from alignpipe.cli import set_threads
+    from alignpipe.runtime.threads import set_threads
 
     set_threads()
     model, tokenizer, manifest = load_stage(Path(args.stage_dir))
@@ -217,7 +217,7 @@ def cmd_generate(args) -> int:
     conversation before the next turn: `responses` holds them all, `response` the last."""
     import torch
 
-    from alignpipe.cli import set_threads
+    from alignpipe.runtime.threads import set_threads
 
     set_threads()
     rows = read_prompts(Path(args.inp))

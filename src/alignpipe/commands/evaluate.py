@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 def cmd_eval(args) -> int:
     from alignpipe.pipeline import gates
     from alignpipe.runfolder import manifests as runs
-    from alignpipe.cli import set_threads
+    from alignpipe.runtime.threads import set_threads
     from alignpipe.errors import RunError
     from alignpipe.recipe.schema import LmEvalSpec, load_recipe
 

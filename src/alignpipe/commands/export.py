@@ -72,7 +72,7 @@ def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from alignpipe.models import loading as modeling
-    from alignpipe.cli import set_threads
+    from alignpipe.runtime.threads import set_threads
     from alignpipe.commands.chat import model_spec, stage_manifest
     from alignpipe.runfolder.manifests import manifest_hash, read_manifest
 

@@ -29,7 +29,7 @@ def read_texts(path: Path) -> list[str]:
 
 
 def cmd_tiny_model(args) -> int:
-    from alignpipe.cli import set_threads
+    from alignpipe.runtime.threads import set_threads
     from alignpipe.models.tiny import save_tiny_model
 
     out = Path(args.out)

@@ -22,7 +22,12 @@ numerics (`runs.machine`).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
+
+from alignpipe.errors import RunError
+from alignpipe.runtime.distributed import world_size
+from alignpipe.runtime.progress import verbose
 
 ENV = "ALIGNPIPE_THREADS"
 # At most this many threads under `auto`. Measured on this project's 2-core machine (AMD EPYC, 2026-12-07):
@@ -47,8 +52,6 @@ def _asked(wanted: str) -> int | None:
 
 def check_env() -> None:
     """RunError before anything runs when ALIGNPIPE_THREADS is neither `auto` nor a number of threads."""
-    from alignpipe.errors import RunError
-
     wanted = os.environ.get(ENV)
     if wanted is not None and wanted != "auto" and _asked(wanted) is None:
         raise RunError(f"{ENV}={wanted!r} is neither auto nor a number of torch threads", where="the environment",
@@ -94,8 +97,6 @@ def for_trainer(trainer, at_once: int = 1) -> dict:
     processes train the stage together (DDP/FSDP), the device's own when it is not the CPU."""
     import torch
 
-    from alignpipe.runtime.distributed import world_size
-
     if next(trainer.model.parameters()).device.type != "cpu":
         return {"threads": torch.get_num_threads(), "why": "not CPU"}
     if world_size() > 1:
@@ -107,3 +108,21 @@ def for_trainer(trainer, at_once: int = 1) -> dict:
 def manifest_fields(choice: dict) -> dict:
     """What a stage's manifest records of its choice."""
     return {"torch_threads": choice["threads"], "torch_threads_why": choice["why"]}
+
+
+def set_threads() -> None:
+    """One torch thread unless told otherwise: measured here, 2 threads beside a busy neighbour core
+    made a training step ~170x slower, while small models gain little from a second thread."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch  # heavy: a command that trains or samples imports it, `--help` and `validate` do not
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # progress bars for tokenising a few thousand rows or writing one shard are noise in a pipeline log
+    import datasets  # heavy, as torch
+    from transformers.utils import logging as hf_logging  # heavy, as torch
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    if not sys.stderr.isatty() and not verbose():  # TRL's own tqdm bars (DPO's reference log-probs) redraw
+        os.environ.setdefault("TQDM_DISABLE", "1")  # with carriage returns: noise in a log file
