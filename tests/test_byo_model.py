@@ -176,7 +176,7 @@ def test_validate_checks_a_complete_parent_as_run_does(lora_sft, qwen_dir, tmp_p
 
 
 def test_show_lists_stages_in_recipe_order_with_dpo_implicit_accuracy(tmp_path, capsys):
-    from alignpipe.runfolder.manifests import write_json_atomic
+    from alignpipe.runfolder.files import write_json_atomic
 
     path = write_yaml(tmp_path / "r.yaml", {"name": "r", "stages": {"sft": {}, "reward": {}, "dpo": {}}})
     metrics = {"sft": {"eval_loss": 1.5}, "reward": {"pairwise_accuracy": 0.9}, "dpo": {"implicit_accuracy": 0.75}}

@@ -18,16 +18,30 @@ from pathlib import Path
 import pytest
 
 import alignpipe
+from alignpipe.errors import AlignpipeError
+from alignpipe.runfolder import files
 from alignpipe.runfolder import manifests as runs
 from conftest import tiny_recipe, write_yaml
 
 
 def test_write_json_atomic_leaves_no_temp(tmp_path):
     path = tmp_path / "m.json"
-    runs.write_json_atomic(path, {"status": "running"})
-    runs.write_json_atomic(path, {"status": "complete"})
+    files.write_json_atomic(path, {"status": "running"})
+    files.write_json_atomic(path, {"status": "complete"})
     assert json.loads(path.read_text()) == {"status": "complete"}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_jsonl_reader_skips_blank_lines_and_names_a_torn_one_unless_told_to_skip_it(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    files.write_jsonl_atomic(path, [{"a": 1}, {"a": 2}])
+    assert files.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": ')  # a kill mid-append
+    assert files.read_jsonl(path, skip_torn=True) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(AlignpipeError) as err:
+        files.read_jsonl(path)
+    assert err.value.where == f"{path}:4"
+    assert files.read_jsonl(tmp_path / "none.jsonl", missing_ok=True) == []
 
 
 def test_torn_manifest_is_not_complete(tmp_path):

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
 def cmd_eval(args) -> int:
     from alignpipe.pipeline import gates
     from alignpipe.runfolder import manifests as runs
+    from alignpipe.runfolder.files import write_json_atomic
     from alignpipe.runtime.threads import set_threads
     from alignpipe.errors import RunError
     from alignpipe.recipe.schema import LmEvalSpec, load_recipe
@@ -66,7 +67,7 @@ def cmd_eval(args) -> int:
     manifest["metrics"] = metrics
     if results:
         manifest["gates"] = results
-    runs.write_json_atomic(stage_dir / runs.MANIFEST, manifest)
+    write_json_atomic(stage_dir / runs.MANIFEST, manifest)
     print(f"stage {name}: evaluation {metrics.get('eval_status', 'complete')}; "
           + ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if isinstance(v, float))[:600])
     gates.raise_if_missed(name, results, stage_dir)

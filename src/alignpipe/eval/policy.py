@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from alignpipe.recipe.schema import JudgeSpec
+from alignpipe.runfolder.files import read_jsonl, write_jsonl_atomic
 
 
 @dataclass
@@ -143,8 +144,6 @@ def reward_stage_of(recipe, stage: str) -> str | None:
     return None
 
 
-
-
 # --- the one evaluation of a policy stage -------------------------------------------------------------
 
 SAMPLES_FILE = "eval_samples.jsonl"
@@ -199,9 +198,7 @@ def sft_stage_of(recipe, stage: str) -> str | None:
 
 def read_samples(stage_dir: Path | None) -> list[dict]:
     path = Path(stage_dir) / SAMPLES_FILE if stage_dir else None
-    if path is None or not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path, missing_ok=True) if path is not None else []
 
 
 def covers(rows: list[dict], samples: Samples, n: int) -> bool:
@@ -338,7 +335,7 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
             row[f"{name}_vs_parent"], row[f"{name}_answers"] = v.score(), [v.first, v.second]
         metrics.update(pairwise_metrics(name, [r["prompt"] for r in with_parent], verdicts, ctx.seed))
 
-    write_rows(ctx.dir / SAMPLES_FILE, out)
+    write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
     if spec.lm_eval is not None and spec.lm_eval.tasks:
         from alignpipe.eval.lm_eval import run_lm_eval
 
@@ -358,8 +355,3 @@ def _win(metrics: dict, name: str, rows: list[dict], mine: str, theirs: str, see
         metrics[name], metrics[f"{name}_ci"] = win["rate"], [win["lo"], win["hi"]]
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)

@@ -9,7 +9,6 @@ training side of the split (stages/label.py); the held-out pairs come from the o
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from alignpipe.errors import RecipeError, RunError
 from alignpipe.recipe.dataspec import (PAIRS_FILE, components, file_components, stage_sources, without_stage_sources,
                                        world_part)
 from alignpipe.recipe.kinds import kind_of
+from alignpipe.runfolder.files import read_jsonl
 
 
 def check_labelled_data(recipe, cfg, where: str, key: str):
@@ -60,7 +60,7 @@ def read_stage_pairs(ctx, stage: str) -> list[dict]:
     if not path.is_file():
         raise RunError(f"stage {stage!r} has no {PAIRS_FILE}", where=str(path.parent),
                        fix=f"run it first: alignpipe run {ctx.recipe.path} --stages {stage}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def labelled_pairs(ctx, cap: int | None, tokenizer=None, max_length: int | None = None

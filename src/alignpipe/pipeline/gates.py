@@ -238,7 +238,7 @@ RESULTS = "gates.json"
 
 def write_results(stage_dir: Path, results: list[dict[str, Any]]) -> None:
     """The latest check of a stage's gates, beside its manifest (none: the file is removed)."""
-    from alignpipe.runfolder.manifests import write_json_atomic
+    from alignpipe.runfolder.files import write_json_atomic
 
     path = Path(stage_dir) / RESULTS
     if results:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.report import figures as rf
+from alignpipe.runfolder.files import write_atomic
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 
@@ -75,9 +76,7 @@ class Report:
                 body += lines + [""]
         head = self.header()
         out = self.run_dir / "report.md"
-        tmp = out.with_name(".report.md.tmp")
-        tmp.write_text("\n".join(head + body).rstrip() + "\n")
-        tmp.replace(out)
+        write_atomic(out, "\n".join(head + body).rstrip() + "\n")
         return out
 
     def header(self) -> list[str]:

@@ -23,9 +23,11 @@ from alignpipe.pipeline.gates import recorded as recorded_gates
 from alignpipe.runfolder.headline import HEADLINE_METRICS
 from alignpipe.reward.metrics import pearson
 from alignpipe.recipe.kinds import StageKind, all_kinds
+from alignpipe.runfolder.files import read_jsonl
 
 UNKNOWN_KIND = StageKind("?", object, lambda ctx: {}, lambda: object, family=None, embedded=None)
 
+SHOWN = {"skip_torn": True, "missing_ok": True}  # a line cut off by a kill: the rest is still worth showing
 SAMPLE_PROMPTS = 8  # prompts in the report's table of sample responses
 # log-history keys that are bookkeeping, not training signal
 _SKIP_KEYS = {"epoch", "step", "update", "step_time", "learning_rate", "lr", "num_tokens", "total_flos",
@@ -99,20 +101,6 @@ class Stage:
 # --- reading a run folder -----------------------------------------------------------------------
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut off by a kill: the rest is still worth showing
-    return rows
-
-
 def load_stages(run_dir: Path) -> list[Stage]:
     """Every stage folder with a manifest, parents before children (then by start time)."""
     from alignpipe.runfolder.manifests import read_manifest
@@ -122,7 +110,7 @@ def load_stages(run_dir: Path) -> list[Stage]:
         manifest = read_manifest(d)
         if manifest is None:
             continue
-        stages.append(Stage(d.name, d, manifest, _jsonl(d / "train_log.jsonl"), _jsonl(d / "eval_samples.jsonl")))
+        stages.append(Stage(d.name, d, manifest, read_jsonl(d / "train_log.jsonl", **SHOWN), read_jsonl(d / "eval_samples.jsonl", **SHOWN)))
     stages.sort(key=lambda s: (len(s.lineage), s.manifest.get("started_at", ""), s.name))
     return stages
 
@@ -139,8 +127,6 @@ def recipe_stage_names(stages: list[Stage]) -> list[str]:
             except (yaml.YAMLError, AttributeError):
                 return []
     return []
-
-
 
 
 class RewardScorer:

@@ -19,22 +19,11 @@ from typing import Any
 
 from alignpipe import __version__
 from alignpipe.errors import RunError
+from alignpipe.runfolder.files import write_json_atomic
 
 MANIFEST = "manifest.json"
 # Run folders written by a different manifest schema cannot be trusted as parents.
 MANIFEST_SCHEMA = 1
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(stage_dir: Path) -> dict | None:

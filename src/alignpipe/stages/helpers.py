@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
+from alignpipe.runfolder.files import read_jsonl
 
 if TYPE_CHECKING:
     from alignpipe.stages.context import StageContext
@@ -96,8 +97,6 @@ def evaluate_policy(ctx: StageContext, policy, tokenizer, reference=None, agains
 def parent_comparison(ctx: StageContext, metrics: dict) -> dict:
     """The parent's judge pass rate and reward-model score on its own held-out samples (same protocol),
     and `reward_hacking_suspected` when the RM score rose while the judge pass rate fell."""
-    import json
-
     from alignpipe.eval.policy import reward_stage_of
 
     samples_file = ctx.parent_dir / "eval_samples.jsonl"
@@ -107,7 +106,7 @@ def parent_comparison(ctx: StageContext, metrics: dict) -> dict:
         return {}
     from alignpipe.reward.artifact import load_reward_model, score
 
-    saved = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    saved = read_jsonl(samples_file)
     artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
     parent_scores = score(artifact, [r["prompt"] for r in saved], [r["response"] for r in saved])
     out = {

@@ -19,7 +19,6 @@ labelled on the page `alignpipe label <this folder>` serves; a killed stage resu
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -164,9 +163,9 @@ def draw_samples(ctx, prompts: list):
 
 
 def write_samples(path, samples) -> None:
-    from alignpipe.labelling.queue import write_lines_atomic
+    from alignpipe.runfolder.files import write_jsonl_atomic
 
-    write_lines_atomic(path, [{"sample": i, "prompt_index": samples.prompt_index[i], "prompt": samples.prompts[i],
+    write_jsonl_atomic(path, [{"sample": i, "prompt_index": samples.prompt_index[i], "prompt": samples.prompts[i],
                                "response": samples.responses[i], "ended": samples.ended[i],
                                "tokens": samples.lengths[i]} for i in range(len(samples.responses))])
 
@@ -234,7 +233,8 @@ def pairs_from(items: list[dict], verdicts: dict[str, str], cut_off: bool = True
 def run(ctx: StageContext) -> dict:
     from alignpipe.runfolder import manifests as runs
     from alignpipe.labelling import labellers as lab
-    from alignpipe.labelling.queue import QUEUE_FILE, current, read_log, read_queue, write_lines_atomic, write_queue
+    from alignpipe.labelling.queue import QUEUE_FILE, current, read_log, read_queue, write_queue
+    from alignpipe.runfolder.files import write_jsonl_atomic
     from alignpipe.recipe.dataspec import PAIRS_FILE
 
     cfg = ctx.config
@@ -262,7 +262,7 @@ def run(ctx: StageContext) -> dict:
     log = read_log(ctx.dir)
     verdicts = current(log, labeller.name)
     pairs, rejected_ended, empty, cut = pairs_from(items, verdicts, cfg.cut_off_pairs)
-    write_lines_atomic(ctx.dir / PAIRS_FILE, pairs)
+    write_jsonl_atomic(ctx.dir / PAIRS_FILE, pairs)
     counts = {v: sum(x == v for x in verdicts.values()) for v in lab.VERDICTS}
     metrics = {
         "labeller": labeller.name, "labeller_role": labeller.role, "prompts": len(prompts),
