@@ -108,10 +108,6 @@ class StageContext:
         import torch
 
         cpu = not torch.cuda.is_available()
-        if cpu:
-            from alignpipe.stages.training import narrow_fused_head_tiles
-
-            narrow_fused_head_tiles()
         # transformers 5 takes the TensorBoard folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.logs_dir)
         args: dict[str, Any] = dict(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 from alignpipe.runtime import threads as thread_choice
@@ -38,6 +39,9 @@ def last_checkpoint(ctx) -> str | None:
 CPU_HEAD_TILE_COLUMNS = 4096
 
 
+FUSED_HEAD_TILE = "_CHUNKED_LOGPROB_CHUNK_SIZE"  # in trl.trainer.utils: private, so checked before it is set
+
+
 def narrow_fused_head_tiles() -> None:
     """On a CPU, TRL's fused LM head (DPO, KTO, GRPO, RLOO) in tiles of 4,096 vocabulary columns, not 32,768.
 
@@ -46,10 +50,18 @@ def narrow_fused_head_tiles() -> None:
     dpo_full_live_ref work, 200 steps, 1 thread: 19.1 s -> 15.1 s with malloc on huge pages, 16.3 -> 15.0 s
     without; the same loss. A vocabulary narrower than a tile is one tile either way, so nothing changes there;
     a wider one sums its tiles in another order (float rounding)."""
+    import torch  # heavy: imported by a stage that trains
+    import trl  # heavy, as torch
     import trl.trainer.utils as trl_utils
 
-    if trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE > CPU_HEAD_TILE_COLUMNS:
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_HEAD_TILE_COLUMNS
+    if torch.cuda.is_available():
+        return
+    if not hasattr(trl_utils, FUSED_HEAD_TILE):  # TRL renamed or dropped it: its default tile width is used
+        warnings.warn(f"trl.trainer.utils.{FUSED_HEAD_TILE} is gone (TRL {trl.__version__}): "
+                      f"the fused LM head runs in TRL's own tiles on this CPU (slower)", stacklevel=2)
+        return
+    if getattr(trl_utils, FUSED_HEAD_TILE) > CPU_HEAD_TILE_COLUMNS:
+        setattr(trl_utils, FUSED_HEAD_TILE, CPU_HEAD_TILE_COLUMNS)
 
 
 def train(trainer, ctx, choose_threads: bool = False) -> dict:
@@ -67,6 +79,9 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
     """
     from alignpipe.runtime.distributed import fsdp_on_cpu
 
+    # TRL's fused LM head (a module constant of TRL's, read at each forward) in narrow tiles on a CPU: set here,
+    # where every trainer stage starts training, never as a side effect of building a config
+    narrow_fused_head_tiles()
     fsdp_on_cpu(trainer, str(ctx.recipe.path), ctx.name)
     count_flos_once(trainer)
     attach_progress(trainer, ctx)
