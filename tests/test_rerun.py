@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.runfolder import files
+from alignpipe.runfolder.files import write_json_atomic
 from alignpipe.runfolder import manifests as runs
 
 from alignpipe.runfolder import versions as stage_versions
@@ -217,8 +217,8 @@ def test_gate_only_change_rechecks_without_training(base_run, tmp_path, capfd):
 
 def _stage(folder: Path, version: int, status: str = "complete", **extra) -> Path:
     folder.mkdir(parents=True)
-    files.write_json_atomic(folder / "manifest.json", {"schema": 1, "status": status, "version": version,
-                                                      "fingerprint": f"fp{version}", **extra})
+    write_json_atomic(folder / "manifest.json", {"schema": 1, "status": status, "version": version,
+                                                "fingerprint": f"fp{version}", **extra})
     (folder / "model").mkdir()
     (folder / "model" / "weights").write_text(f"v{version}")
     return folder
