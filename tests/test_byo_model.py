@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from alignpipe.cli import main
-from alignpipe.runfolder.manifests import read_manifest
 from alignpipe.models.tiny import arithmetic
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 
 TRAINER = {"per_device_train_batch_size": 8, "learning_rate": 5e-3, "warmup_steps": 0, "logging_steps": 1}
@@ -211,8 +211,8 @@ def test_continued_pretraining_trains_on_end_of_document_where_the_model_pads_wi
     """A base model without a pad token is given EOS as one (as most are); the packed pretraining blocks must
     still be trained to predict EOS where each document ends, not have it masked as padding."""
     from alignpipe.models import loading as modeling
-    from alignpipe.stages.pretrain import block_collator
     from alignpipe.stages.helpers import pack
+    from alignpipe.stages.pretrain import block_collator
 
     folder = tmp_path / "tok"
     tok = modeling.train_tokenizer(["one two three", "four five"], 300, [], "", None)

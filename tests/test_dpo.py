@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
+from alignpipe.pipeline.validate import validate
 from alignpipe.recipe.schema import load_recipe, to_plain
-from alignpipe.stages.context import make_context
 from alignpipe.rl.policy import AdapterOff
 from alignpipe.stages import dpo
-from alignpipe.pipeline.validate import validate
+from alignpipe.stages.context import make_context
 from conftest import REPO, TINY_EVAL, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 25, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,

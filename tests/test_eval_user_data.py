@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.pipeline import gates
 from alignpipe.cli import main
+from alignpipe.pipeline import gates
 from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 from hub_layout import arithmetic, save_tiny_model

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runtime.distributed import parameter_checksum
 from alignpipe.runfolder.manifests import read_manifest
+from alignpipe.runtime.distributed import parameter_checksum
 from conftest import REPO, write_yaml
 from hub_layout import save_tiny_model
 from test_distributed import make_command
@@ -96,10 +96,10 @@ def test_fsdp_on_cpu_refuses_lora_before_training(tmp_path, monkeypatch):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from alignpipe.runtime.distributed import fsdp_on_cpu
     from alignpipe.errors import RecipeError
     from alignpipe.models.loading import load_tokenizer
     from alignpipe.recipe.schema import ModelSpec
+    from alignpipe.runtime.distributed import fsdp_on_cpu
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny_model(tmp_path / "model")

@@ -9,10 +9,10 @@ import pytest
 
 from alignpipe.errors import RecipeError
 from alignpipe.models.loading import load_stage_model
-from alignpipe.recipe.schema import ModelSpec, load_recipe
 from alignpipe.pipeline.runner import run_recipe
-from alignpipe.stages.grpo import missing_eot
 from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.schema import ModelSpec, load_recipe
+from alignpipe.stages.grpo import missing_eot
 from conftest import REPO, tiny_recipe, write_yaml
 
 EVAL = {"num_prompts": 8, "samples_per_prompt": 2, "max_new_tokens": 12}

@@ -13,8 +13,8 @@ from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig, judge
 from alignpipe.labelling.labellers import Labeller, agreement, compare
 from alignpipe.labelling.queue import LABELS_FILE, LabelLog, current, read_log
-from alignpipe.recipe.schema import load_recipe
 from alignpipe.pipeline.runner import run_recipe
+from alignpipe.recipe.schema import load_recipe
 from conftest import TINY_EVAL, TINY_WORLD, tiny_recipe, write_yaml
 
 LABEL = {"from": "sft", "data": {"embedded": "rl_prompts"}, "labeller": "label_rules:shorter", "num_prompts": 24,

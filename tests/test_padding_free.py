@@ -9,8 +9,8 @@ import json
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runfolder.manifests import read_manifest
 from alignpipe.models.tiny import arithmetic
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import TINY_EVAL, write_yaml
 
 

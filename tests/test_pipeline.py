@@ -133,9 +133,9 @@ def test_show_prints_lineage(tiny, capsys):
 
 
 def test_stage_refuses_incomplete_parent(tiny, capsys):
-    from alignpipe.recipe.schema import load_recipe
-    from alignpipe.pipeline.runner import run_stage
     from alignpipe.errors import RunError
+    from alignpipe.pipeline.runner import run_stage
+    from alignpipe.recipe.schema import load_recipe
     import pytest
 
     recipe = load_recipe(tiny)

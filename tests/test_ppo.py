@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 
 from alignpipe.errors import RecipeError
 from alignpipe.models.loading import count_parameters, load_stage_model
+from alignpipe.pipeline.runner import run_recipe
 from alignpipe.recipe.schema import ModelSpec, load_recipe
 from alignpipe.rl import ppo_math as pm
 from alignpipe.rl import rewards
 from alignpipe.rl.policy import build, distinct_weights, response_logits
 from alignpipe.rl.ppo_trainer import PPOSettings, prompt_batch
 from alignpipe.rl.rollout import Rollout, response_mask_from
-from alignpipe.pipeline.runner import run_recipe
 from alignpipe.stages.helpers import reward_hacking
 from conftest import tiny_recipe, write_yaml
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from alignpipe.cli import main
 from alignpipe.data.formats import normalise
 from alignpipe.errors import RecipeError
-from alignpipe.recipe.schema import load_recipe
-from alignpipe.stages.context import make_context
-from alignpipe.stages import kto
 from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.schema import load_recipe
+from alignpipe.stages import kto
+from alignpipe.stages.context import make_context
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runfolder.manifests import read_manifest
 from alignpipe.recipe.templates import CHATML
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 from hub_layout import arithmetic, save_tiny_model
 

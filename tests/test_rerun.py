@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.runfolder.files import write_json_atomic
 from alignpipe.runfolder import manifests as runs
+from alignpipe.runfolder.files import write_json_atomic
 
-from alignpipe.runfolder import versions as stage_versions
 from alignpipe.cli import main
 from alignpipe.errors import RunError
 from alignpipe.models.loading import load_stage_model
 from alignpipe.recipe.schema import ModelSpec
+from alignpipe.runfolder import versions as stage_versions
 from conftest import tiny_recipe, write_yaml
 from kill_harness import KILLER
 

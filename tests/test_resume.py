@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-import alignpipe
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.runfolder.lock import LOCK_NAME, RunLock
 from alignpipe.recipe.kinds import all_kinds
+from alignpipe.runfolder.lock import LOCK_NAME, RunLock
 from alignpipe.stages.training import is_complete_checkpoint, last_checkpoint
+import alignpipe
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 from kill_harness import KILLER
 

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import AlignpipeError, RecipeError
+from alignpipe.pipeline.runner import run_recipe
 from alignpipe.recipe.schema import LoraSpec, load_recipe
 from alignpipe.reward import metrics as M
 from alignpipe.reward.artifact import OneOutput, encode, load_reward_model, save_reward_model, score, score_ids
 from alignpipe.reward.pairs import filter_pairs
-from alignpipe.stages.context import make_context
-from alignpipe.pipeline.runner import run_recipe
 from alignpipe.stages import reward as stage
+from alignpipe.stages.context import make_context
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 
 REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,

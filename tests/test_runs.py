@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import alignpipe
 from alignpipe.errors import AlignpipeError
 from alignpipe.runfolder import files
 from alignpipe.runfolder import manifests as runs
+import alignpipe
 from conftest import tiny_recipe, write_yaml
 
 

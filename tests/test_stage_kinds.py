@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from alignpipe.cli import main
+from alignpipe.recipe.kinds import StageKind, all_kinds, kind_of
 from alignpipe.recipe.schema import StageConfig, load_recipe
 from alignpipe.runfolder.manifests import read_manifest
-from alignpipe.recipe.kinds import StageKind, all_kinds, kind_of
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 
 KINDS = all_kinds()  # the registry, the built-in kinds loaded

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from alignpipe.runtime import threads as thread_choice
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.runfolder.lock import LOCK_PARENT_ENV, RunLock
 from alignpipe.pipeline.processes import resolve_parallel
+from alignpipe.runfolder.lock import LOCK_PARENT_ENV, RunLock
+from alignpipe.runtime import threads as thread_choice
 from alignpipe.runtime.threads import usable_cores
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 

@@ -277,8 +277,8 @@ def test_loss_weight_zero_turns_are_not_trained_on():
 
 
 def test_reward_pairs_keep_responses_and_cut_long_prompts_from_the_left():
-    from alignpipe.reward.pairs import filter_pairs
     from alignpipe.recipe.templates import CHATML
+    from alignpipe.reward.pairs import filter_pairs
 
     tok = _tokenizer(CHATML)
     long_prompt = [user("old question " * 40), bot("old answer " * 40), user("tell me " * 30 + "the last question")]
@@ -326,8 +326,8 @@ def test_trl_trains_on_the_masks_given(tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from alignpipe.stages.sft import datasets
     from alignpipe.recipe.templates import CHATML
+    from alignpipe.stages.sft import datasets
     from hub_layout import save_tiny_model
 
     folder = save_tiny_model(tmp_path / "m")

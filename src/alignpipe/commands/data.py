@@ -87,9 +87,9 @@ def cmd_data(args) -> int:
     if args.stage and not args.recipe:
         raise AlignpipeError("--stage needs --recipe", key="--stage", fix="add --recipe RECIPE.yaml")
     if args.recipe:
-        from alignpipe.recipe.schema import load_recipe
-        from alignpipe.recipe.kinds import kind_of
         from alignpipe.pipeline.validate import stage_tokenizer
+        from alignpipe.recipe.kinds import kind_of
+        from alignpipe.recipe.schema import load_recipe
 
         recipe = load_recipe(args.recipe)
         if args.stage:

@@ -20,12 +20,12 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_eval(args) -> int:
+    from alignpipe.errors import RunError
     from alignpipe.pipeline import gates
+    from alignpipe.recipe.schema import LmEvalSpec, load_recipe
     from alignpipe.runfolder import manifests as runs
     from alignpipe.runfolder.files import write_json_atomic
     from alignpipe.runtime.threads import set_threads
-    from alignpipe.errors import RunError
-    from alignpipe.recipe.schema import LmEvalSpec, load_recipe
 
     stage_dir = Path(args.stage_dir)
     manifest = runs.read_manifest(stage_dir)

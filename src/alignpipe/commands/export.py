@@ -71,10 +71,10 @@ def probe_logits(model, tokenizer) -> list:
 def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
-    from alignpipe.models import loading as modeling
-    from alignpipe.runtime.threads import set_threads
     from alignpipe.commands.chat import model_spec, stage_manifest
+    from alignpipe.models import loading as modeling
     from alignpipe.runfolder.manifests import manifest_hash, read_manifest
+    from alignpipe.runtime.threads import set_threads
 
     set_threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)

@@ -19,8 +19,8 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_gates(args) -> int:
-    from alignpipe.pipeline import gates
     from alignpipe.errors import RunError
+    from alignpipe.pipeline import gates
     from alignpipe.runfolder.lock import RunLock
 
     run_dir = Path(args.run_dir)

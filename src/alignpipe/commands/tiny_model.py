@@ -29,8 +29,8 @@ def read_texts(path: Path) -> list[str]:
 
 
 def cmd_tiny_model(args) -> int:
-    from alignpipe.runtime.threads import set_threads
     from alignpipe.models.tiny import save_tiny_model
+    from alignpipe.runtime.threads import set_threads
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -160,8 +160,8 @@ def split_rows(ctx, rows: list[dict], cap: int | None = None) -> tuple[Rows, Row
 
 def _write(ctx, split: Split, held: list[dict]) -> None:
     """Add this stage's held-out prompt keys to runs/<recipe>/heldout.json (one file for the recipe)."""
-    from alignpipe.runtime.distributed import is_main_process
     from alignpipe.runfolder.files import write_json_atomic
+    from alignpipe.runtime.distributed import is_main_process
 
     if not is_main_process():
         return

@@ -10,10 +10,10 @@ from typing import Any
 
 from alignpipe.runfolder import manifests as runs
 
-from alignpipe.runfolder import versions as stage_versions
-from alignpipe.stages.context import StageContext, make_context
 from alignpipe.errors import RunError
 from alignpipe.recipe.schema import Recipe, to_plain
+from alignpipe.runfolder import versions as stage_versions
+from alignpipe.stages.context import StageContext, make_context
 
 
 @dataclass

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from alignpipe.errors import RunError
-from alignpipe.runfolder.lock import LOCK_PARENT_ENV
 from alignpipe.recipe.schema import Recipe
+from alignpipe.runfolder.lock import LOCK_PARENT_ENV
 from alignpipe.runtime.threads import usable_cores
 
 

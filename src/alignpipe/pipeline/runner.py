@@ -22,15 +22,15 @@ from alignpipe.pipeline import processes as stage_processes
 
 from alignpipe.runfolder import versions as stage_versions
 
-from alignpipe.runtime import tracking
-from alignpipe.stages.context import StageContext
 from alignpipe.errors import RunError
-from alignpipe.runfolder.lock import RunLock
-from alignpipe.runfolder.headline import HEADLINE_METRICS
-from alignpipe.recipe.schema import Recipe
 from alignpipe.pipeline.plan import output_fingerprints
 from alignpipe.pipeline.stage_templates import check_stage_templates
 from alignpipe.pipeline.validate import check_lora_targets
+from alignpipe.recipe.schema import Recipe
+from alignpipe.runfolder.headline import HEADLINE_METRICS
+from alignpipe.runfolder.lock import RunLock
+from alignpipe.runtime import tracking
+from alignpipe.stages.context import StageContext
 
 
 def log(msg: str) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 from alignpipe.errors import RecipeError, RunError
 from alignpipe.pipeline.eval_checks import check_eval
 from alignpipe.pipeline.gates import check_gates
-from alignpipe.recipe.schema import Recipe
 from alignpipe.recipe.kinds import kind_of
+from alignpipe.recipe.schema import Recipe
 from alignpipe.recipe.templates import has_generation_markers, resolve_template
 from alignpipe.runtime.tracking import check_tracking
 
@@ -69,9 +69,9 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
     them) is checked against them, exactly as `run` will; one whose parents are still to be (re)built is
     checked on the recipe's model, the tokenizer they start from too. Stages of an `init:` model wait
     for their pretrain stage; hub models for `run` (validate works offline)."""
-    from alignpipe.stages.context import make_context
     from alignpipe.pipeline.plan import is_up_to_date
     from alignpipe.pipeline.stage_templates import check_stage_templates
+    from alignpipe.stages.context import make_context
 
     local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
     fresh: dict[str, bool] = {}  # complete, with the fingerprint `run` would compute now: it will be skipped

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignpipe.report import figures as rf
-from alignpipe.runfolder.files import write_atomic
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
+from alignpipe.report import figures as rf
+from alignpipe.runfolder.files import write_atomic
 
 FIG_PREFIX = "fig-"
 

@@ -20,10 +20,10 @@ from alignpipe.data.world import task_kind
 from alignpipe.errors import RunError
 from alignpipe.eval.stats import by_prompt, paired, verdict, wilson, win_rate
 from alignpipe.pipeline.gates import recorded as recorded_gates
-from alignpipe.runfolder.headline import HEADLINE_METRICS
-from alignpipe.reward.metrics import pearson
 from alignpipe.recipe.kinds import StageKind, all_kinds
+from alignpipe.reward.metrics import pearson
 from alignpipe.runfolder.files import read_jsonl
+from alignpipe.runfolder.headline import HEADLINE_METRICS
 
 UNKNOWN_KIND = StageKind("?", object, lambda ctx: {}, lambda: object, family=None, embedded=None)
 

@@ -101,8 +101,8 @@ class PPOTrainer:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
-        from alignpipe.rl import ppo_math as pm
         from alignpipe.rl import policy as rl_policy
+        from alignpipe.rl import ppo_math as pm
 
         s = self.settings = settings
         self.tokenizer, self.seed, self.folders, self.name = tokenizer, seed, folders, name
@@ -157,11 +157,11 @@ class PPOTrainer:
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
-        from alignpipe.runtime.distributed import dump_parameter_checksum
-        from alignpipe.runtime.progress import Progress, log_row
         from alignpipe.rl import ppo_math as pm
         from alignpipe.rl import state
         from alignpipe.rl.rollout import generate
+        from alignpipe.runtime.distributed import dump_parameter_checksum
+        from alignpipe.runtime.progress import Progress, log_row
         from alignpipe.runtime.tracking import log_metrics
 
         s, folders, accelerator, dev = self.settings, self.folders, self.accelerator, self.device

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
+from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
-from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
     from alignpipe.stages.context import StageContext

@@ -18,9 +18,9 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.stages.helpers import check_policy_references, evaluate_policy, lora_config, rows
-from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
     from alignpipe.stages.context import StageContext

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import AlignpipeError, RecipeError
-from alignpipe.recipe.schema import StageConfig
 from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
 
 if TYPE_CHECKING:
     from alignpipe.stages.context import StageContext
@@ -231,11 +231,11 @@ def pairs_from(items: list[dict], verdicts: dict[str, str], cut_off: bool = True
 
 
 def run(ctx: StageContext) -> dict:
-    from alignpipe.runfolder import manifests as runs
     from alignpipe.labelling import labellers as lab
     from alignpipe.labelling.queue import QUEUE_FILE, current, read_log, read_queue, write_queue
-    from alignpipe.runfolder.files import write_jsonl_atomic
     from alignpipe.recipe.dataspec import PAIRS_FILE
+    from alignpipe.runfolder import manifests as runs
+    from alignpipe.runfolder.files import write_jsonl_atomic
 
     cfg = ctx.config
     ctx.dir.mkdir(parents=True, exist_ok=True)

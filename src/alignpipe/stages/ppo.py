@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
+from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.rl.ppo_trainer import PPOSettings
 from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, pack
-from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
     import torch

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.recipe.schema import StageConfig
 from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
 from alignpipe.stages.helpers import pack, rows
 
 if TYPE_CHECKING:

@@ -21,11 +21,11 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.runtime import padding_free
 from alignpipe.errors import AlignpipeError, RecipeError
-from alignpipe.recipe.schema import StageConfig
-from alignpipe.stages.helpers import lora_config, rows
 from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.runtime import padding_free
+from alignpipe.stages.helpers import lora_config, rows
 
 if TYPE_CHECKING:
     from alignpipe.stages.context import StageContext
@@ -117,8 +117,8 @@ def onpolicy_samples(ctx, tokenizer):
 
 def judged_by_world(ctx: StageContext) -> bool:
     """Whether the on-policy check's verifier is the embedded world's judge (embedded data or exported files)."""
-    from alignpipe.eval.verifiers import EMBEDDED
     from alignpipe.eval.policy import judges_of
+    from alignpipe.eval.verifiers import EMBEDDED
 
     verifiers = [j.verifier for j in judges_of(ctx).values() if not j.pairwise]
     return bool(verifiers) and verifiers[0] == EMBEDDED
@@ -129,11 +129,11 @@ def run(ctx: StageContext) -> dict:
 
     from alignpipe.runtime import distributed
 
-    from alignpipe.models import loading as modeling
     from alignpipe.eval.policy import write_samples
+    from alignpipe.models import loading as modeling
     from alignpipe.reward import metrics as rm_metrics
-    from alignpipe.reward.onpolicy import failure_metrics
     from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
+    from alignpipe.reward.onpolicy import failure_metrics
     from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
     trainer, evals, report, batches = build_trainer(ctx)

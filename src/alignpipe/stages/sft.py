@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.stages.helpers import evaluate_policy, lora_config, rows
-from alignpipe.recipe.kinds import StageKind
 
 if TYPE_CHECKING:
     from alignpipe.stages.context import StageContext
