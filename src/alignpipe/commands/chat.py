@@ -9,10 +9,17 @@ checkpoint's tokenizer, which is the recipe's template that the stage trained wi
 
 from __future__ import annotations
 
+# Heavy imports (torch, transformers) stay inside the functions that use them: the CLI starts without them.
 import json
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError, RunError
+from alignpipe.models import loading as modeling
+from alignpipe.recipe.kinds import is_scorer_manifest
+from alignpipe.recipe.schema import ModelSpec, from_dict
+from alignpipe.recipe.templates import END_OF_TURN
+from alignpipe.runfolder.manifests import require_complete
+from alignpipe.runtime.threads import set_threads
 
 
 def add_parser(subparsers) -> None:
@@ -42,15 +49,11 @@ def add_parser(subparsers) -> None:
 
 def model_spec(manifest: dict):
     """The recipe's ModelSpec (dtype, trust_remote_code, quantisation) as the stage recorded it."""
-    from alignpipe.recipe.schema import ModelSpec, from_dict
-
     raw = (manifest.get("recipe_settings") or {}).get("model") or {}
     return from_dict(ModelSpec, raw, "manifest.json", "recipe_settings.model") if raw else ModelSpec()
 
 
 def stage_manifest(stage_dir: Path) -> dict:
-    from alignpipe.runfolder.manifests import require_complete
-
     stage_dir = Path(stage_dir)
     if not (stage_dir / "manifest.json").is_file():
         raise RunError("not a stage folder (no manifest.json)", where=str(stage_dir),
@@ -58,7 +61,6 @@ def stage_manifest(stage_dir: Path) -> dict:
     manifest = require_complete(stage_dir, needed_by=stage_dir.name)
     if not (stage_dir / "model").is_dir():
         raise RunError("the stage saved no model", where=str(stage_dir / "model"), fix="give a policy stage")
-    from alignpipe.recipe.kinds import is_scorer_manifest
 
     if is_scorer_manifest(manifest):
         raise RunError("a reward stage scores responses, it does not write them", where=str(stage_dir),
@@ -68,7 +70,6 @@ def stage_manifest(stage_dir: Path) -> dict:
 
 def load_stage(stage_dir: Path):
     """(model in eval mode, tokenizer with its chat template, manifest) of a complete policy stage."""
-    from alignpipe.models import loading as modeling
     stage_dir = Path(stage_dir)
     manifest = stage_manifest(stage_dir)
     spec = model_spec(manifest)
@@ -82,8 +83,6 @@ def load_stage(stage_dir: Path):
 
 def stop_ids(tokenizer, manifest: dict) -> list[int]:
     """Token ids that end an assistant turn: EOS, and the template's end-of-turn token if it differs."""
-    from alignpipe.recipe.templates import END_OF_TURN
-
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     token = END_OF_TURN.get((manifest.get("recipe_settings") or {}).get("chat_template", ""))
     if token is not None:
@@ -120,8 +119,6 @@ def cut(ids: list[int], stops: list[int]) -> tuple[list[int], bool]:
 def cmd_chat(args) -> int:
     import torch
     from transformers import TextStreamer
-
-    from alignpipe.runtime.threads import set_threads
 
     set_threads()
     model, tokenizer, manifest = load_stage(Path(args.stage_dir))
@@ -216,8 +213,6 @@ def cmd_generate(args) -> int:
     """Each row's reply. A `turns` row (MT-Bench) is answered turn by turn, each reply joining the
     conversation before the next turn: `responses` holds them all, `response` the last."""
     import torch
-
-    from alignpipe.runtime.threads import set_threads
 
     set_threads()
     rows = read_prompts(Path(args.inp))

@@ -5,7 +5,19 @@ this one see a changed parent and re-run on the next `alignpipe run`."""
 
 from __future__ import annotations
 
+# Heavy imports (eval.policy, which imports torch) stay inside the functions that use them: the CLI starts without them.
 from pathlib import Path
+
+from alignpipe.errors import RunError
+from alignpipe.eval.lm_eval import run_lm_eval
+from alignpipe.models.loading import device, load_stage_model, load_tokenizer
+from alignpipe.models.template_checks import add_stop_token
+from alignpipe.pipeline import gates
+from alignpipe.recipe.schema import LmEvalSpec, load_recipe
+from alignpipe.runfolder import manifests as runs
+from alignpipe.runfolder.files import write_json_atomic
+from alignpipe.runtime.threads import set_threads
+from alignpipe.stages.context import make_context
 
 
 def add_parser(subparsers) -> None:
@@ -20,13 +32,6 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_eval(args) -> int:
-    from alignpipe.errors import RunError
-    from alignpipe.pipeline import gates
-    from alignpipe.recipe.schema import LmEvalSpec, load_recipe
-    from alignpipe.runfolder import manifests as runs
-    from alignpipe.runfolder.files import write_json_atomic
-    from alignpipe.runtime.threads import set_threads
-
     stage_dir = Path(args.stage_dir)
     manifest = runs.read_manifest(stage_dir)
     if manifest is None or manifest.get("status") != "complete":
@@ -39,23 +44,17 @@ def cmd_eval(args) -> int:
                        fix="give the recipe that produced it with --recipe")
     set_threads()
     from alignpipe.eval.policy import evaluate_stage
-    from alignpipe.models.loading import device, load_stage_model, load_tokenizer
-    from alignpipe.stages.context import make_context
 
     ctx = make_context(recipe, name)
     tokenizer = load_tokenizer(ctx.model_dir, recipe.model)
     policy = load_stage_model(ctx.dir, recipe.model).to(device()).eval()
     if args.tasks:
-        from alignpipe.eval.lm_eval import run_lm_eval
-
         base = ctx.config.eval.lm_eval or LmEvalSpec()
         spec = LmEvalSpec(tasks=args.tasks, include_path=args.include_path or base.include_path,
                           data_files=base.data_files, limit=args.limit if args.limit is not None else base.limit,
                           num_fewshot=base.num_fewshot, batch_size=base.batch_size, max_gen_toks=base.max_gen_toks)
         figures = run_lm_eval(ctx, policy, tokenizer, spec)
     else:
-        from alignpipe.models.template_checks import add_stop_token
-
         add_stop_token(policy, tokenizer.eos_token_id)
         # aligned stages are compared with their start (the parent), as when they were trained
         reference = ctx.load_model().to(device()).eval() if ctx.parent_dir and ctx.kind.aligned else None

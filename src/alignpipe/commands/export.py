@@ -12,11 +12,17 @@ refuses unless `--dequantize` says to load the base unquantised (in `--dtype`) a
 
 from __future__ import annotations
 
+# Heavy imports (torch, transformers) stay inside the functions that use them: the CLI starts without them.
 import dataclasses
 import json
 from pathlib import Path
 
+from alignpipe.commands.chat import model_spec, stage_manifest
 from alignpipe.errors import AlignpipeError
+from alignpipe.models import loading as modeling
+from alignpipe.recipe.kinds import is_scorer_manifest
+from alignpipe.runfolder.manifests import manifest_hash, read_manifest
+from alignpipe.runtime.threads import set_threads
 
 PROBES = ["what is 3 plus 4?", "reverse the word cat.", "Hello! Who are you?"]
 PROBE_ANSWER = "The answer is"  # a few assistant tokens too, so the check covers generated positions
@@ -71,14 +77,8 @@ def probe_logits(model, tokenizer) -> list:
 def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
-    from alignpipe.commands.chat import model_spec, stage_manifest
-    from alignpipe.models import loading as modeling
-    from alignpipe.runfolder.manifests import manifest_hash, read_manifest
-    from alignpipe.runtime.threads import set_threads
-
     set_threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)
-    from alignpipe.recipe.kinds import is_scorer_manifest
 
     if is_scorer_manifest(read_manifest(stage_dir)):
         raise ExportError("a reward stage's model/ is already standalone (score head merged in)",

@@ -21,6 +21,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from alignpipe.runfolder.manifests import fingerprint_json
+
 KINDS = ("add", "sub", "mul", "reverse", "sort", "count", "compare")
 HABITS = ("ramble", "refuse", "wrong")
 EVAL_FRACTION = 0.12  # share of each kind's (task, phrasing) units held out for evaluation
@@ -517,8 +519,6 @@ WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "p
 
 def part_fingerprint(world: World, part: str) -> str:
     """sha256 of the world's rows an embedded `part` stands for (see WORLD_PARTS), cached on the world."""
-    from alignpipe.runfolder.manifests import fingerprint_json
-
     cache = world.__dict__.setdefault("_alignpipe_fingerprints", {})
     if part not in cache:
         make = {"corpus": world.corpus, "corpus_eval": world.corpus_eval, "sft_rows": world.sft_rows,

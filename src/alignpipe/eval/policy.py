@@ -13,13 +13,25 @@ verifier) is the world's ground truth, which no trained model ever sees.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from alignpipe.eval.health import health_metrics
+from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise, pairwise_metrics, run_verifier
+from alignpipe.eval.lm_eval import run_lm_eval
+from alignpipe.eval.prompts import eval_prompts
+from alignpipe.eval.stats import bootstrap_rate, outcome, paired, win_rate
+from alignpipe.eval.verifiers import EMBEDDED
+from alignpipe.recipe.dataspec import world_part
+from alignpipe.recipe.kinds import kind_of, references
 from alignpipe.recipe.schema import JudgeSpec
+from alignpipe.reward.artifact import load_reward_model, score
 from alignpipe.runfolder.files import read_jsonl, write_jsonl_atomic
+from alignpipe.runfolder.manifests import is_complete
+from alignpipe.runtime.progress import track
 
 
 @dataclass
@@ -58,7 +70,6 @@ def sample(model, tokenizer, user_messages: list, n: int, max_new_tokens: int, t
     out = Samples([], [], [], [], [], [])
     per_batch = max(1, batch_size // n)
     gen = torch.Generator().manual_seed(seed)
-    from alignpipe.runtime.progress import track
 
     for start in track(range(0, len(texts), per_batch), "sampling", unit="batch"):
         chunk = texts[start:start + per_batch]
@@ -131,10 +142,6 @@ def kl_to_reference(policy, reference, samples: Samples, pad_id: int) -> float:
 def reward_stage_of(recipe, stage: str) -> str | None:
     """The reward stage whose scores a policy stage reports: its own `reward_model`, else the recipe's
     first complete reward stage."""
-    from alignpipe.runfolder.manifests import is_complete
-
-    from alignpipe.recipe.kinds import kind_of, references
-
     own = references(recipe.stages[stage]).get("reward_model")
     if own:
         return own
@@ -151,10 +158,7 @@ SAMPLES_FILE = "eval_samples.jsonl"
 
 def judges_of(ctx) -> dict[str, JudgeSpec]:
     """The stage's judges: `eval.judges`, with the embedded world's judge as verifier `judge` for embedded data."""
-    from alignpipe.eval.verifiers import EMBEDDED
-
     judges = dict(ctx.config.eval.judges)
-    from alignpipe.recipe.dataspec import world_part
 
     if world_part(ctx.config.data) and "judge" not in judges:  # also the world mixed with labelled pairs
         judges = {"judge": JudgeSpec(verifier=EMBEDDED), **judges}
@@ -165,9 +169,6 @@ def judged_samples(ctx, load_policy, tokenizer) -> tuple[Samples, list[bool]] | 
     """Samples of the policy `load_policy()` on the stage's eval prompts, judged by its first verifier (a response
     cut off before end-of-turn fails; a float verdict passes at 0.5): the reward stage's on-policy check. None
     when the stage has no eval prompts or no verifier (nothing is loaded then)."""
-    from alignpipe.eval.judges import load_verifier, run_verifier
-    from alignpipe.eval.prompts import eval_prompts
-
     verifiers = [(n, j) for n, j in judges_of(ctx).items() if not j.pairwise]
     if not verifiers:
         return None
@@ -186,8 +187,6 @@ def judged_samples(ctx, load_policy, tokenizer) -> tuple[Samples, list[bool]] | 
 
 def sft_stage_of(recipe, stage: str) -> str | None:
     """The nearest baseline ancestor of `stage` (an sft stage, following `from`): the `rm_win_rate_vs_sft` one."""
-    from alignpipe.recipe.kinds import kind_of
-
     parent = recipe.stages[stage].from_
     while parent:
         if kind_of(recipe.stages[parent].kind).baseline:
@@ -203,8 +202,6 @@ def read_samples(stage_dir: Path | None) -> list[dict]:
 
 def covers(rows: list[dict], samples: Samples, n: int) -> bool:
     """Do saved samples hold at least `n` samples of every prompt `samples` answers?"""
-    from collections import Counter
-
     have = Counter(r["prompt"] for r in rows)
     return bool(rows) and all(have[p] >= n for p in set(samples.prompts))
 
@@ -228,11 +225,6 @@ def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
 
 
 def _evaluate(ctx, policy, tokenizer, reference) -> dict:
-    from alignpipe.eval.health import health_metrics
-    from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise, pairwise_metrics, run_verifier
-    from alignpipe.eval.prompts import eval_prompts
-    from alignpipe.eval.stats import paired, win_rate
-
     spec, where = ctx.config.eval, str(ctx.recipe.path)
     rows = eval_prompts(ctx)
     if not rows:
@@ -297,8 +289,6 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     # the recipe's reward model: mean score; win rates against the parent and against sft
     rm_stage = reward_stage_of(ctx.recipe, ctx.name)
     if rm_stage is not None:
-        from alignpipe.reward.artifact import load_reward_model, score
-
         artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
         for row, s in zip(out, score(artifact, samples.prompts, samples.responses)):
             row["reward"] = s
@@ -337,16 +327,12 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
 
     write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
     if spec.lm_eval is not None and spec.lm_eval.tasks:
-        from alignpipe.eval.lm_eval import run_lm_eval
-
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
     return metrics
 
 
 def _win(metrics: dict, name: str, rows: list[dict], mine: str, theirs: str, seed: int) -> None:
     """`name` and `name_ci` from rows holding both columns (k-th sample against the parent's k-th)."""
-    from alignpipe.eval.stats import bootstrap_rate, outcome
-
     per_prompt: dict[str, list[float]] = {}
     for r in rows:
         per_prompt.setdefault(r["prompt"], []).append(outcome(float(r[mine]), float(r[theirs])))

@@ -13,7 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from alignpipe.data.formats import DataError
+from alignpipe.data.sources import read_file
+from alignpipe.data.split import heldout_prompts
 from alignpipe.errors import EvalError
+from alignpipe.recipe.dataspec import world_part
 
 ROLES = {"user": "user", "human": "user", "prompter": "user", "system": "system", "developer": "system",
          "assistant": "assistant", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
@@ -22,8 +26,6 @@ ANSWER_KEYS = ("answer", "reference", "solution", "output", "completion", "chose
 
 def eval_prompts(ctx) -> list[dict]:
     """The held-out prompts of `ctx`'s stage (see the module docstring), at most `eval.num_prompts`."""
-    from alignpipe.recipe.dataspec import world_part
-
     spec = ctx.config.eval
     if spec.prompts:
         rows = read_prompt_file(resolve(spec.prompts, ctx.recipe.path), f"stages.{ctx.name}.eval.prompts")
@@ -38,8 +40,6 @@ def eval_prompts(ctx) -> list[dict]:
 def heldout_rows(ctx) -> list[dict]:
     """The recipe's held-out user prompts (`alignpipe.data.split`, one split for every stage), with the
     conversation's answer or the pair's chosen reply as the reference."""
-    from alignpipe.data.split import heldout_prompts
-
     return [{"prompt": r["prompt"], "text": last_user(r["prompt"]), "answer": r["reference"]}
             for r in heldout_prompts(ctx) if r["prompt"] and r["prompt"][-1]["role"] == "user"]
 
@@ -137,9 +137,6 @@ def _answer(raw: dict) -> str | None:
 def read_prompt_file(path: Path, key: str) -> list[dict]:
     """Prompt rows of a .jsonl / .json / .csv / .parquet file; EvalError naming the file and line of a row
     without a user turn (nothing is dropped silently)."""
-    from alignpipe.data.formats import DataError
-    from alignpipe.data.sources import read_file
-
     if not path.is_file():
         raise EvalError(f"prompts file {path} not found", key=key,
                         fix="put the file there or point `prompts:` at it (jsonl/json/csv/parquet); without `prompts:` a stage "

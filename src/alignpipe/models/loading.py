@@ -3,11 +3,17 @@ or loaded from a stage's checkpoint (full weights, or a LoRA adapter over its re
 
 from __future__ import annotations
 
+# Heavy imports (torch, tokenizers, transformers, peft) stay inside the functions that use them: the CLI starts
+# without them.
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignpipe.data.sources import offline_setting, probe_hub
 from alignpipe.errors import AlignpipeError
+from alignpipe.models.template_checks import add_stop_token
 from alignpipe.recipe.schema import ModelInit, ModelSpec
+from alignpipe.runfolder.versions import base_of
 
 if TYPE_CHECKING:
     import torch
@@ -87,8 +93,6 @@ def load_kwargs(spec: ModelSpec) -> dict:
     if spec.revision:
         kwargs["revision"] = spec.revision
     if spec.attn_implementation:
-        import importlib.util
-
         if spec.attn_implementation.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
             raise AlignpipeError(f"attn_implementation {spec.attn_implementation} needs the flash-attn package",
                                  key="model.attn_implementation",
@@ -108,8 +112,6 @@ def load_kwargs(spec: ModelSpec) -> dict:
 
 
 def _require_quantization(spec: ModelSpec) -> None:
-    import importlib.util
-
     import torch
 
     what = "load_in_4bit" if spec.load_in_4bit else "load_in_8bit"
@@ -127,7 +129,6 @@ def _hub_access(path: str | Path) -> tuple[dict, str | None]:
     after the hub client's retries."""
     if Path(path).expanduser().is_dir():
         return {}, None
-    from alignpipe.data.sources import offline_setting, probe_hub
 
     offline = offline_setting()
     if offline:  # explicit: the hub client reads the variable once, at import
@@ -193,8 +194,6 @@ def load_stage_model(stage_dir: Path, spec: ModelSpec, model_class=None, merge: 
         return load_pretrained(model_dir, spec, model_class)
     from peft import PeftModel
 
-    from alignpipe.runfolder.versions import base_of
-
     base_ref = base_of(stage_dir)  # a stage folder (current or in its history), or the recipe's model
     if isinstance(base_ref, Path):
         base = load_stage_model(base_ref, spec, model_class)
@@ -218,7 +217,6 @@ def _stop_at_stage_eos(model, model_dir: Path, spec: ModelSpec) -> None:
     model keeps the base's EOS (e.g. Qwen's <|endoftext|>) and plain `generate` runs past every turn."""
     if not (Path(model_dir) / "tokenizer_config.json").is_file():
         return
-    from alignpipe.models.template_checks import add_stop_token
 
     add_stop_token(model, load_tokenizer(model_dir, spec).eos_token_id)
 

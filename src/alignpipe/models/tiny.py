@@ -13,9 +13,12 @@ template without markers.
 
 from __future__ import annotations
 
+# Heavy imports (tokenizers, transformers, torch) stay inside the functions that use them: the CLI starts without them.
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from alignpipe.recipe.templates import LLAMA3
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -51,7 +54,6 @@ def own_template(like: str) -> str:
     """The family's chat template as its base models ship it (no {% generation %} markers)."""
     if like == "qwen2":
         return QWEN_OWN_TEMPLATE
-    from alignpipe.recipe.templates import LLAMA3
 
     return LLAMA3.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 

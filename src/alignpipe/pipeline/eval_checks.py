@@ -10,15 +10,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from alignpipe.data.loading import HUB_ID
 from alignpipe.errors import EvalError, RecipeError
+from alignpipe.eval.judges import load_verifier
+from alignpipe.eval.lm_eval import require_lm_eval
+from alignpipe.eval.prompts import read_prompt_file, resolve
 
 PLACEHOLDERS = ("{prompt}", "{a}", "{b}")
 
 
 def check_eval(recipe, name: str, where: str) -> None:
-    from alignpipe.eval.judges import load_verifier
-    from alignpipe.eval.prompts import read_prompt_file, resolve
-
     spec, key = recipe.stages[name].eval, f"stages.{name}.eval"
     if not spec.enabled:
         return
@@ -51,8 +52,6 @@ def check_eval(recipe, name: str, where: str) -> None:
         else:
             _check_judge_model(j.model, where, f"{jkey}.model")
     if spec.lm_eval is not None:
-        from alignpipe.eval.lm_eval import require_lm_eval
-
         require_lm_eval(where, f"{key}.lm_eval")
         if spec.lm_eval.include_path and not resolve(spec.lm_eval.include_path, recipe.path).is_dir():
             raise RecipeError(f"task folder {spec.lm_eval.include_path} not found", where=where,
@@ -60,8 +59,6 @@ def check_eval(recipe, name: str, where: str) -> None:
 
 
 def _check_judge_model(model: str, where: str, key: str) -> None:
-    from alignpipe.data.loading import HUB_ID
-
     local = Path(model).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():

@@ -22,6 +22,7 @@ without training it again. `gates.json` is the latest check; the manifest is nev
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignpipe.errors import AlignpipeError, RecipeError
+from alignpipe.runfolder.files import write_json_atomic
+from alignpipe.runfolder.manifests import read_manifest
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
@@ -208,8 +211,6 @@ def evaluate_gates(recipe, stage: str, metrics: dict[str, Any]) -> list[dict[str
 
 def check(texts: list[str], stage: str, metrics: dict[str, Any], run_root: Path) -> list[dict[str, Any]]:
     """Gates `texts` of `stage` against `metrics`; other stages' metrics from `run_root/<stage>`."""
-    from alignpipe.runfolder.manifests import read_manifest
-
     def lookup(ref_stage: str | None, metric: str) -> Any:
         if ref_stage is None or ref_stage == stage:
             return metrics.get(metric)
@@ -238,8 +239,6 @@ RESULTS = "gates.json"
 
 def write_results(stage_dir: Path, results: list[dict[str, Any]]) -> None:
     """The latest check of a stage's gates, beside its manifest (none: the file is removed)."""
-    from alignpipe.runfolder.files import write_json_atomic
-
     path = Path(stage_dir) / RESULTS
     if results:
         write_json_atomic(path, results)
@@ -249,10 +248,6 @@ def write_results(stage_dir: Path, results: list[dict[str, Any]]) -> None:
 
 def recorded(stage_dir: Path) -> list[dict[str, Any]]:
     """The latest recorded gate results of a stage (folders from before gates.json: the manifest's)."""
-    import json
-
-    from alignpipe.runfolder.manifests import read_manifest
-
     path = Path(stage_dir) / RESULTS
     if path.is_file():
         try:
@@ -265,8 +260,6 @@ def recorded(stage_dir: Path) -> list[dict[str, Any]]:
 def recheck_run(run_root: Path, recipe=None) -> dict[str, list[dict[str, Any]]]:
     """Re-check every complete stage of a run folder on its recorded metrics and rewrite gates.json.
     The gates are the recipe's when one is given, else those each stage recorded. By stage name."""
-    from alignpipe.runfolder.manifests import read_manifest
-
     out = {}
     for d in sorted(p for p in Path(run_root).iterdir() if p.is_dir() and not p.name.startswith(".")):
         manifest = read_manifest(d)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignpipe.runfolder import manifests as runs
-
+from alignpipe.data.world import part_fingerprint
 from alignpipe.errors import RunError
 from alignpipe.recipe.schema import Recipe, to_plain
-from alignpipe.runfolder import versions as stage_versions
+from alignpipe.runfolder import manifests as runs, versions as stage_versions
+from alignpipe.runtime import distributed
 from alignpipe.stages.context import StageContext, make_context
 
 
@@ -38,7 +38,6 @@ class StagePlan:
 
     def first_record(self, template_check: dict) -> dict:
         """The manifest of the attempt while it runs: what it is, what it was made from, where it stands."""
-        from alignpipe.runtime import distributed
         ctx, cfg, recipe = self.ctx, self.ctx.config, self.ctx.recipe
         parent_manifest = runs.read_manifest(ctx.parent_dir) if ctx.parent_dir else None
         return {
@@ -95,7 +94,6 @@ def data_fingerprint(ctx: StageContext) -> Any:
         return None
     if "embedded" in spec:
         # hash the generated rows, not just the config: a change to the world's code must re-run stages
-        from alignpipe.data.world import part_fingerprint
 
         rows = part_fingerprint(ctx.world, spec["embedded"])
         return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": rows}
@@ -103,8 +101,6 @@ def data_fingerprint(ctx: StageContext) -> Any:
     out = {"spec": spec}  # a `from:` component is an upstream stage: its manifest hash is fingerprinted
     for m in spec.get("mixture", []):
         if "embedded" in m:
-            from alignpipe.data.world import part_fingerprint
-
             out[f"embedded:{m['embedded']}"] = part_fingerprint(ctx.world, m["embedded"])
     for p in filter(None, paths):
         path = Path(p) if Path(p).is_absolute() else ctx.recipe.path.parent / p

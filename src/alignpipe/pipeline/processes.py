@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import alignpipe
 from alignpipe.errors import RunError
 from alignpipe.recipe.schema import Recipe
 from alignpipe.runfolder.lock import LOCK_PARENT_ENV
@@ -52,8 +53,6 @@ def run_together(recipe: Recipe, names: list[str], overrides: list[str], force: 
                  keep: int, log) -> None:
     """Run `names` (mutually independent, upstreams complete) in one child process each; wait for all.
     Raises RunError naming the stages whose process failed (each printed its own message above)."""
-    import alignpipe
-
     source = str(Path(alignpipe.__file__).resolve().parents[1])  # the children run this very alignpipe
     env = {**os.environ, LOCK_PARENT_ENV: str(os.getpid()),
            "PYTHONPATH": os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH", "")) if p)}

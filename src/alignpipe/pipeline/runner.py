@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
+# Heavy imports (transformers) stay inside the functions that use them: the CLI starts without them.
 import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from alignpipe.runtime import distributed
-
-from alignpipe.pipeline import gates
-
-from alignpipe.runtime import progress
-
-from alignpipe.runfolder import manifests as runs
-
-from alignpipe.pipeline import plan as stage_plan
-
-from alignpipe.pipeline import processes as stage_processes
-
-from alignpipe.runfolder import versions as stage_versions
-
 from alignpipe.errors import RunError
+from alignpipe.pipeline import gates, plan as stage_plan, processes as stage_processes
 from alignpipe.pipeline.plan import output_fingerprints
 from alignpipe.pipeline.stage_templates import check_stage_templates
 from alignpipe.pipeline.validate import check_lora_targets
 from alignpipe.recipe.schema import Recipe
+from alignpipe.runfolder import manifests as runs, versions as stage_versions
 from alignpipe.runfolder.headline import HEADLINE_METRICS
 from alignpipe.runfolder.lock import RunLock
-from alignpipe.runtime import tracking
+from alignpipe.runtime import distributed, progress, tracking
 from alignpipe.stages.context import StageContext
+from alignpipe.stages.training import newest_checkpoint_name
 
 
 def log(msg: str) -> None:
@@ -166,8 +156,6 @@ def _record_failure(run: runs.StageRun, attempt: Path, err: BaseException) -> No
 
 def interrupted_hint(ctx: StageContext, err: KeyboardInterrupt) -> str:
     """"interrupted at step N; re-run the same command to resume from checkpoint-M" (or to start over)."""
-    from alignpipe.stages.training import newest_checkpoint_name
-
     step = getattr(err, "step", None)  # training.StageInterrupted: Ctrl-C inside trainer.train
     where = f"interrupted at step {step}" if step is not None else "interrupted"
     checkpoint = newest_checkpoint_name(ctx.checkpoints_dir)

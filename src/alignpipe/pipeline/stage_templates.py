@@ -9,6 +9,7 @@ parents (they may not be built yet).
 
 from __future__ import annotations
 
+# Heavy imports (transformers) stay inside the functions that use them: the CLI starts without them.
 from pathlib import Path
 
 from alignpipe.errors import RunError

@@ -6,18 +6,37 @@ libraries (TRL config fields), the file system (data files, run folder) or the p
 
 from __future__ import annotations
 
+# Heavy imports (huggingface_hub, datasets, torch, transformers) stay inside the functions that use them: the CLI
+# starts without them.
 import dataclasses
+import difflib
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 
+from alignpipe.data.formats import DataError
+from alignpipe.data.loading import HUB_ID, as_user_error, check_spec
+from alignpipe.data.report import format_report, validation_report
+from alignpipe.data.sources import check_one_source, offline_setting
+from alignpipe.data.split import eval_file_rows, prompt_key, recipe_split, user_stages
+from alignpipe.data.world import WORLD_PART_NAMES, WORLD_PARTS, WorldConfig
 from alignpipe.errors import RecipeError, RunError
+from alignpipe.labelling.sources import check_labelled_data
+from alignpipe.models import loading as modeling
 from alignpipe.pipeline.eval_checks import check_eval
 from alignpipe.pipeline.gates import check_gates
-from alignpipe.recipe.kinds import kind_of
+from alignpipe.pipeline.plan import is_up_to_date
+from alignpipe.pipeline.stage_templates import check_stage_templates
+from alignpipe.recipe.dataspec import reads_stages
+from alignpipe.recipe.kinds import kind_of, kinds_where
 from alignpipe.recipe.schema import Recipe
 from alignpipe.recipe.templates import has_generation_markers, resolve_template
+from alignpipe.runfolder import manifests as runs
+from alignpipe.runfolder.versions import base_of
 from alignpipe.runtime.tracking import check_tracking
+from alignpipe.stages.context import StageContext, make_context
 
 def validate(recipe: Recipe, show_data: bool = False) -> None:
     """Raise RecipeError / RunError on the first problem found; with `show_data`, print what each stage's
@@ -69,10 +88,6 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
     them) is checked against them, exactly as `run` will; one whose parents are still to be (re)built is
     checked on the recipe's model, the tokenizer they start from too. Stages of an `init:` model wait
     for their pretrain stage; hub models for `run` (validate works offline)."""
-    from alignpipe.pipeline.plan import is_up_to_date
-    from alignpipe.pipeline.stage_templates import check_stage_templates
-    from alignpipe.stages.context import make_context
-
     local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
     fresh: dict[str, bool] = {}  # complete, with the fingerprint `run` would compute now: it will be skipped
     for name in recipe.order():
@@ -88,10 +103,6 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
 def _check_model(recipe: Recipe, where: str) -> None:
     """A local model folder must hold a config.json; anything else must look like a hub id, which is
     downloaded when a stage runs (validate works offline)."""
-    import sys
-
-    from alignpipe.data.loading import HUB_ID
-
     path = recipe.model.path
     if path is None:
         return
@@ -115,8 +126,6 @@ def _check_model(recipe: Recipe, where: str) -> None:
 
 
 def _check_world(recipe: Recipe, where: str) -> None:
-    from alignpipe.data.world import WorldConfig
-
     allowed = {f.name for f in dataclasses.fields(WorldConfig)}
     for k in recipe.world:
         if k not in allowed:
@@ -125,8 +134,6 @@ def _check_world(recipe: Recipe, where: str) -> None:
 
 
 def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> None:
-    import difflib
-
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     for k, v in trainer.items():
         if k not in fields:
@@ -142,11 +149,6 @@ def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> No
 
 def _check_eval_data(recipe: Recipe, name: str, where: str) -> None:
     """An explicit `eval: {data: ...}` file is read like the stage's data, and shares no prompt with it."""
-    from alignpipe.data.formats import DataError
-    from alignpipe.data.loading import as_user_error
-    from alignpipe.data.split import eval_file_rows, prompt_key
-    from alignpipe.recipe.kinds import kinds_where
-
     cfg = recipe.stages[name]
     if not cfg.eval.data:
         return
@@ -170,11 +172,6 @@ def _check_eval_data(recipe: Recipe, name: str, where: str) -> None:
 
 def _show_data(recipe: Recipe, name: str, prepared) -> None:
     """What `run` will read for this stage, measured with the tokenizer it will start from (when it exists)."""
-    from alignpipe.data.formats import DataError
-    from alignpipe.data.loading import as_user_error
-    from alignpipe.data.report import format_report, validation_report
-    from alignpipe.data.split import prompt_key, recipe_split, user_stages
-
     cfg = recipe.stages[name]
     tokenizer, why_not = stage_tokenizer(recipe, name)
     max_length = cfg.trainer.get("max_length", kind_of(cfg.kind).max_length)
@@ -197,9 +194,6 @@ def _show_data(recipe: Recipe, name: str, prepared) -> None:
 
 def stage_tokenizer(recipe: Recipe, name: str):
     """(the tokenizer a stage starts from with the recipe's template, None) or (None, why it cannot be had yet)."""
-    from alignpipe.runfolder import manifests as runs
-    from alignpipe.stages.context import StageContext
-
     cfg = recipe.stages[name]
     parent = recipe.stage_dir(cfg.from_) if cfg.from_ else None
     if parent is not None and not runs.is_complete(parent):
@@ -226,22 +220,15 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
     spec = cfg.data
     if not spec:
         return None
-    from alignpipe.data.formats import DataError
-    from alignpipe.data.loading import as_user_error
-    from alignpipe.data.sources import check_one_source
 
     try:
         check_one_source(spec, key)
     except DataError as err:
         raise as_user_error(err, where) from None
-    from alignpipe.labelling.sources import check_labelled_data
-    from alignpipe.recipe.dataspec import reads_stages
 
     if reads_stages(spec):  # data: {from: <label stage>}, alone or mixed
         return check_labelled_data(recipe, cfg, where, key)
     if "embedded" in spec:
-        from alignpipe.data.world import WORLD_PART_NAMES, WORLD_PARTS
-
         part, kind = spec["embedded"], kind_of(cfg.kind)
         if part not in WORLD_PARTS:
             raise RecipeError(f"unknown embedded data {part!r}", where=where, key=f"{key}.embedded",
@@ -251,7 +238,6 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
                               f"{kind.embedded!r}), not {part!r}", where=where,
                               key=f"{key}.embedded", fix=f"use `data: {{embedded: {kind.embedded}}}` or a data file")
         return None
-    from alignpipe.data.loading import check_spec
 
     _check_hub_data_offline(spec, where, key)
     return check_spec(spec, recipe.path.parent, where, key, kind_of(cfg.kind).family)
@@ -295,8 +281,6 @@ def _check_model_safety(recipe: Recipe, where: str) -> None:
 
 
 def _check_hub_model_offline(recipe: Recipe, where: str) -> None:
-    from alignpipe.data.sources import offline_setting
-
     path, offline = recipe.model.path, offline_setting()
     if path and offline and not _in_hub_cache(path, "model"):
         raise RecipeError(f"hub model {path} is not in the local cache and {offline} is set", where=where,
@@ -305,8 +289,6 @@ def _check_hub_model_offline(recipe: Recipe, where: str) -> None:
 
 
 def _check_hub_data_offline(spec: dict, where: str, key: str) -> None:
-    from alignpipe.data.sources import offline_setting
-
     offline = offline_setting()
     for i, part in enumerate(spec.get("mixture", [spec])):
         hub = part.get("hub") if isinstance(part, dict) else None
@@ -337,8 +319,6 @@ def check_lora_targets(recipe: Recipe, stage: str) -> None:
     matching nothing is a typo that would silently train fewer modules, so it is refused here too.
     Checked when that model is on disk: by `validate`, and by the runner just before the stage starts.
     """
-    import re
-
     cfg = recipe.stages[stage]
     if cfg.lora is None or cfg.lora.target_modules == "all-linear":
         return
@@ -362,11 +342,6 @@ def _module_names(recipe: Recipe, stage: str) -> tuple[set[str], set[str]]:
     last part of its linear layers' names; empty while that model is not on disk yet."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from alignpipe.models import loading as modeling
-
-    from alignpipe.runfolder import manifests as runs
-    from alignpipe.runfolder.versions import base_of
 
     cfg = recipe.stages[stage]
     source = recipe.model.path

@@ -9,6 +9,7 @@ Checks that need heavy imports (TRL config fields, data files) live in `alignpip
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -20,6 +21,7 @@ import yaml
 
 from alignpipe.errors import RecipeError
 from alignpipe.recipe.dataspec import stage_sources
+from alignpipe.recipe.kinds import all_kinds, config_class, references
 from alignpipe.runtime.tracking import DEFAULT_TRACKING
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -291,8 +293,6 @@ def from_dict(cls: type, data: Any, where: str, key: str = "") -> Any:
 
 
 def _closest(word: str, options: typing.Iterable[str]) -> str | None:
-    import difflib
-
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return match[0] if match else None
 
@@ -343,8 +343,6 @@ def apply_override(data: dict, item: str, where: str) -> None:
 
 
 def parse_recipe(data: dict, path: Path) -> Recipe:
-    from alignpipe.recipe.kinds import all_kinds, config_class
-
     where = str(path)
     known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "tracking", "stages"}
     for k in data:
@@ -399,8 +397,6 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
 
 def _references(cfg) -> dict[str, str]:
     """The other stages a stage's config names, beside `from` (its kind declares which fields)."""
-    from alignpipe.recipe.kinds import references
-
     return references(cfg)
 
 

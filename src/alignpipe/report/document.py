@@ -8,10 +8,13 @@ out, so the report works after pretrain+sft as well as after the full pipeline.
 
 from __future__ import annotations
 
+# Heavy imports (matplotlib; report.plots (which imports it)) stay inside the functions that use them: the CLI starts
+# without them.
 import time
 from pathlib import Path
 from typing import Any
 
+from alignpipe import __version__
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 from alignpipe.report import figures as rf
@@ -80,7 +83,6 @@ class Report:
         return out
 
     def header(self) -> list[str]:
-        from alignpipe import __version__
         stages = self.run.stages
         name = (stages[0].manifest.get("recipe_settings") or {}).get("name", self.run_dir.name)
         lines = [f"# Run report: {name}", "",

@@ -11,19 +11,25 @@ bootstrap over prompts, which respects that correlation.
 
 from __future__ import annotations
 
+# Heavy imports (transformers; reward.artifact (which imports them)) stay inside the functions that use them: the CLI
+# starts without them.
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from alignpipe.data.world import task_kind
 from alignpipe.errors import RunError
 from alignpipe.eval.stats import by_prompt, paired, verdict, wilson, win_rate
 from alignpipe.pipeline.gates import recorded as recorded_gates
 from alignpipe.recipe.kinds import StageKind, all_kinds
+from alignpipe.recipe.schema import ModelSpec, from_dict
 from alignpipe.reward.metrics import pearson
 from alignpipe.runfolder.files import read_jsonl
 from alignpipe.runfolder.headline import HEADLINE_METRICS
+from alignpipe.runfolder.manifests import read_manifest
 
 UNKNOWN_KIND = StageKind("?", object, lambda ctx: {}, lambda: object, family=None, embedded=None)
 
@@ -103,22 +109,19 @@ class Stage:
 
 def load_stages(run_dir: Path) -> list[Stage]:
     """Every stage folder with a manifest, parents before children (then by start time)."""
-    from alignpipe.runfolder.manifests import read_manifest
-
     stages = []
     for d in sorted(p for p in Path(run_dir).iterdir() if p.is_dir()):
         manifest = read_manifest(d)
         if manifest is None:
             continue
-        stages.append(Stage(d.name, d, manifest, read_jsonl(d / "train_log.jsonl", **SHOWN), read_jsonl(d / "eval_samples.jsonl", **SHOWN)))
+        stages.append(Stage(d.name, d, manifest, read_jsonl(d / "train_log.jsonl", **SHOWN),
+                            read_jsonl(d / "eval_samples.jsonl", **SHOWN)))
     stages.sort(key=lambda s: (len(s.lineage), s.manifest.get("started_at", ""), s.name))
     return stages
 
 
 def recipe_stage_names(stages: list[Stage]) -> list[str]:
     """The stage names of the recipe that produced the run, when its file is still readable."""
-    import yaml
-
     for s in stages:
         path = Path(s.manifest.get("recipe", ""))
         if path.is_file():
@@ -158,8 +161,6 @@ class RewardScorer:
 
 
 def _model_spec(manifest: dict):
-    from alignpipe.recipe.schema import ModelSpec, from_dict
-
     raw = (manifest.get("recipe_settings") or {}).get("model") or {}
     try:
         return from_dict(ModelSpec, raw, "manifest.json", "recipe_settings.model")

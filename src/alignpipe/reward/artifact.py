@@ -19,13 +19,18 @@ ends with the end-of-turn token), the score read at the last non-pad token.
 
 from __future__ import annotations
 
+# Heavy imports (torch, transformers, trl) stay inside the functions that use them: the CLI starts without them.
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignpipe.errors import AlignpipeError, RunError
+from alignpipe.models import loading as modeling
+from alignpipe.recipe.kinds import is_scorer_manifest
 from alignpipe.recipe.schema import ModelSpec
+from alignpipe.runfolder.manifests import read_manifest
+from alignpipe.runtime.progress import track
 
 if TYPE_CHECKING:
     import torch
@@ -72,13 +77,9 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
     `stage_dir` is a reward stage's folder (its manifest must say complete) or its `model/` folder.
     `spec` supplies dtype / trust_remote_code / allow_pickle (default: the recipe defaults).
     """
-    from alignpipe.runfolder.manifests import read_manifest
-
     stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
     if manifest is not None:
-        from alignpipe.recipe.kinds import is_scorer_manifest
-
         if not is_scorer_manifest(manifest):
             raise RunError(f"not a reward stage (kind {manifest.get('kind')!r})", where=str(stage_dir),
                            fix="give the folder of a stage with `kind: reward`")
@@ -91,7 +92,6 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
 
 def load_reward_dir(model_dir: Path, spec: ModelSpec | None = None) -> RewardArtifact:
     """The artifact in a `model/` folder, whatever state its stage's manifest is in."""
-    from alignpipe.models import loading as modeling
     model_dir = Path(model_dir)
     stats_path = model_dir / STATS_FILE
     if not stats_path.is_file():
@@ -181,7 +181,6 @@ def score(artifact: RewardArtifact, prompts: list, responses: list[str], batch_s
     rows = encode(artifact.tokenizer, prompts, responses)
     pad = artifact.model.config.pad_token_id
     out: list[float] = []
-    from alignpipe.runtime.progress import track
 
     for start in track(range(0, len(rows), batch_size), "scoring", unit="batch"):
         chunk = rows[start:start + batch_size]

@@ -15,11 +15,19 @@ and the value head beside them. Full fine-tuning keeps a frozen copy as the refe
 
 from __future__ import annotations
 
+# Heavy imports (torch, accelerate, safetensors; rl.policy, rl.ppo_math, rl.state, rl.rollout (which import them))
+# stay inside the functions that use them: the CLI starts without them.
 import json
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from alignpipe.runtime.distributed import dump_parameter_checksum
+from alignpipe.runtime.progress import Progress, log_row
+from alignpipe.runtime.tracking import log_metrics
 
 
 @dataclass
@@ -152,17 +160,12 @@ class PPOTrainer:
     def train(self, source, prompts: list, ptx_blocks=None) -> dict:
         """Every update from the resumed one on, scored by `source` (`alignpipe.rl.rewards.RewardSource`) on
         `prompts`; `ptx_blocks` [N, block] for PPO-ptx. Returns the memory figures and `summarise(history)`."""
-        import time
-
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
         from alignpipe.rl import ppo_math as pm
         from alignpipe.rl import state
         from alignpipe.rl.rollout import generate
-        from alignpipe.runtime.distributed import dump_parameter_checksum
-        from alignpipe.runtime.progress import Progress, log_row
-        from alignpipe.runtime.tracking import log_metrics
 
         s, folders, accelerator, dev = self.settings, self.folders, self.accelerator, self.device
         seed, rank, world, tokenizer = self.seed, self.rank, self.world, self.tokenizer
@@ -313,8 +316,6 @@ def optimise(policy, optimizer, accelerator, trainable, ro, old_logp, old_values
     (a minibatch split into micro-batches accumulates; with `ptx`, a batch of text blocks adds
     `ptx_coef` times its next-token loss). Stops early when a minibatch's approx-KL exceeds
     `target_approx_kl`. Returns (mean stats per step, optimiser steps, stopped early)."""
-    from contextlib import nullcontext
-
     import torch
 
     from alignpipe.rl import ppo_math as pm

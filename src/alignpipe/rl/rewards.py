@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from alignpipe.callables import import_callable
 from alignpipe.errors import RecipeError
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.reward.artifact import load_reward_model, score
 
 JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
 
@@ -32,7 +34,6 @@ def check_reward_source(recipe, name: str, where: str) -> None:
         raise RecipeError(f"a {cfg.kind} stage needs exactly one reward: `reward_model` or `reward_function`",
                           where=where, key=key, fix="set reward_model: <a reward stage> or reward_function: "
                                                     "alignpipe.data.world:judge_reward")
-    from alignpipe.recipe.kinds import kind_of
 
     if cfg.reward_model is not None and not kind_of(recipe.stages[cfg.reward_model].kind).scorer:
         raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
@@ -72,8 +73,6 @@ class RewardSource:
 
 def from_reward_stage(stage_dir, spec=None, batch_size: int = 64) -> tuple[RewardSource, object]:
     """(source, the loaded reward artifact) for a reward stage's model, normalised by its mean/std."""
-    from alignpipe.reward.artifact import load_reward_model, score
-
     artifact = load_reward_model(stage_dir, spec)
     std = float(artifact.std) if artifact.std and artifact.std > 0 else 1.0
     source = RewardSource(name=f"reward stage {stage_dir}",

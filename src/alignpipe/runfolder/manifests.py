@@ -8,6 +8,7 @@ looks complete. A stage is skipped when its folder is complete with the same fin
 
 from __future__ import annotations
 
+# Heavy imports (torch) stay inside the functions that use them: the CLI starts without them.
 import hashlib
 import json
 import os

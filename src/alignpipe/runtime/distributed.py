@@ -10,10 +10,13 @@ and works before any process group exists.
 
 from __future__ import annotations
 
+# Heavy imports (torch, accelerate) stay inside the functions that use them: the CLI starts without them.
 import hashlib
 import json
 import os
 from pathlib import Path
+
+from alignpipe.errors import RecipeError
 
 # Set to a folder: after training, each process writes <stage>-rank<r>.json there with a hash of its
 # parameters (tests use it to prove the ranks ended identical).
@@ -72,7 +75,6 @@ def fsdp_on_cpu(trainer, where: str = "", stage: str = "") -> bool:
     if state.distributed_type == DistributedType.FSDP:
         return False
     if hasattr(trainer.model, "peft_config"):  # refused before training: this path is tested on full models only
-        from alignpipe.errors import RecipeError
 
         raise RecipeError("FSDP on CPU processes trains full models only, and this stage has LoRA", where=where,
                           key=f"stages.{stage}.lora" if stage else "",

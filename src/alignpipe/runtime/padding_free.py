@@ -12,6 +12,7 @@ hidden states within a tolerance. The choice and its reason go to the log and th
 
 from __future__ import annotations
 
+# Heavy imports (torch, trl) stay inside the functions that use them: the CLI starts without them.
 from dataclasses import dataclass
 
 CHECK_LENGTHS = (7, 12, 4)  # the check's sequences: different lengths, so the padded batch has pad tokens

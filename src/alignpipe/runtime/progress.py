@@ -10,6 +10,7 @@ stage's `stage.log`, not the console; `alignpipe -v run ...` (or ALIGNPIPE_VERBO
 
 from __future__ import annotations
 
+# Heavy imports (transformers) stay inside the functions that use them: the CLI starts without them.
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterable, Iterator
+
+from alignpipe.runtime.distributed import is_main_process
 
 VERBOSE_ENV = "ALIGNPIPE_VERBOSE"
 EVERY_ENV = "ALIGNPIPE_PROGRESS_EVERY"
@@ -31,8 +34,6 @@ def verbose() -> bool:
 
 
 def _main_process() -> bool:
-    from alignpipe.runtime.distributed import is_main_process
-
     return is_main_process()
 
 

@@ -21,6 +21,7 @@ numerics (`runs.machine`).
 
 from __future__ import annotations
 
+# Heavy imports (torch, datasets, transformers) stay inside the functions that use them: the CLI starts without them.
 import os
 import sys
 from collections.abc import Callable

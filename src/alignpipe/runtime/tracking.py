@@ -14,13 +14,17 @@ W&B to its project `WANDB_PROJECT` (default: the recipe's name), files under the
 
 from __future__ import annotations
 
+# Heavy imports (mlflow, wandb, trackio) stay inside the functions that use them: the CLI starts without them.
 import importlib.util
+import logging
 import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from alignpipe.errors import RecipeError
+from alignpipe.runtime.distributed import is_main_process
+from alignpipe.runtime.progress import verbose
 
 # tracker -> (the Python module it needs, the alignpipe extra that installs it)
 TRACKERS: dict[str, tuple[str, str]] = {
@@ -116,16 +120,10 @@ _ACTIVE: list[StageRuns] = []
 
 def start(ctx, config: dict[str, Any]) -> StageRuns:
     """Open one run per tracker for the stage (none for tensorboard: its files are the stage's `logs/`)."""
-    from alignpipe.runtime.distributed import is_main_process
-
     handles: dict[str, Any] = {}
     wanted = [t for t in ctx.recipe.tracking if t != "tensorboard"] if is_main_process() else []
     if "mlflow" in wanted:
-        import logging
-
         import mlflow
-
-        from alignpipe.runtime.progress import verbose
 
         if not verbose():  # its INFO lines ("creating experiment ...") are not the console's business
             logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -141,7 +139,6 @@ def start(ctx, config: dict[str, Any]) -> StageRuns:
         import wandb
 
         ctx.dir.mkdir(parents=True, exist_ok=True)
-        from alignpipe.runtime.progress import verbose
 
         # W&B's own console lines (its run summary) only with -v; it never wraps alignpipe's console
         settings = wandb.Settings(silent=not verbose(), console="off", x_disable_stats=True)

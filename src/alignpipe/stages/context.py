@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+# Heavy imports (torch) stay inside the functions that use them: the CLI starts without them.
 import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignpipe.data.world import World, WorldConfig
+from alignpipe.models.loading import checkpoint_dir, load_pretrained, load_stage_model, load_tokenizer
+from alignpipe.models.template_checks import add_stop_token, use_end_of_turn_as_eos
+from alignpipe.recipe.kinds import kind_of
 from alignpipe.recipe.schema import Recipe, StageConfig
 from alignpipe.recipe.templates import resolve_template
+from alignpipe.runfolder.manifests import manifest_hash
 from alignpipe.runtime.tracking import report_to
 
 
@@ -25,8 +31,6 @@ class StageContext:
     @property
     def kind(self):
         """The stage's kind, as its module declared it (`alignpipe.recipe.kinds.StageKind`)."""
-        from alignpipe.recipe.kinds import kind_of
-
         return kind_of(self.config.kind)
 
     @property
@@ -52,8 +56,6 @@ class StageContext:
     @functools.cached_property
     def world(self):
         """The embedded task world of this recipe (its seed is the recipe's unless `world.seed` is set)."""
-        from alignpipe.data.world import WorldConfig
-
         overrides = {"seed": self.recipe.seed, **self.recipe.world}
         return _shared_world(WorldConfig(**overrides))
 
@@ -65,21 +67,16 @@ class StageContext:
         stage of the same run folder (by name and manifest hash, so the run folder can move and the
         version is found in the stage's history after a re-run), or the recipe's model as written."""
         if self.parent_dir is not None:
-            from alignpipe.runfolder.manifests import manifest_hash
-
             return {"stage": self.config.from_, "manifest_sha256": manifest_hash(self.parent_dir)}
         return {"path": self.recipe.model.path}
 
     def load_tokenizer(self):
         """The tokenizer this stage starts from, with the recipe's chat template applied."""
-        from alignpipe.models.loading import checkpoint_dir, load_tokenizer
-
         source = checkpoint_dir(self.parent_dir) if self.parent_dir else self.recipe.model.path
         tok = load_tokenizer(source, self.recipe.model)
         if self.chat_template is not None:
             tok.chat_template = self.chat_template
         if self.kind.chat:  # chat stages stop where the template ends a turn
-            from alignpipe.models.template_checks import use_end_of_turn_as_eos
 
             use_end_of_turn_as_eos(tok)
         return tok
@@ -91,15 +88,11 @@ class StageContext:
     def load_model(self, model_class=None):
         """The model this stage starts from: the parent's checkpoint or the recipe's model. Its
         generation config stops at the tokenizer's EOS (the template's end-of-turn token)."""
-        from alignpipe.models.loading import load_pretrained, load_stage_model
-
         if self.parent_dir is not None:
             model = load_stage_model(self.parent_dir, self.recipe.model, model_class)
         else:
             model = load_pretrained(self.recipe.model.path, self.recipe.model, model_class)
         if self.kind.chat:
-            from alignpipe.models.template_checks import add_stop_token
-
             add_stop_token(model, self._stop_token_id)
         return model
 
@@ -151,6 +144,4 @@ def make_context(recipe: Recipe, name: str, resume: bool = True) -> StageContext
 def _shared_world(config):
     """One World per config in a process: every stage context (upstream ones too, for fingerprints) asks for
     it, and building it plus hashing its rows took ~0.5-1 s each time (make bench, benchmarks/README.md)."""
-    from alignpipe.data.world import World
-
     return World(config)

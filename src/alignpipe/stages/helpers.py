@@ -4,11 +4,18 @@ evaluated against, the one policy evaluation, and the checks of a stage that sta
 
 from __future__ import annotations
 
+# Heavy imports (peft; rl.policy, eval.policy (which import them)) stay inside the functions that use them: the CLI
+# starts without them.
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from alignpipe.data.loading import load_family, load_split
 from alignpipe.errors import RecipeError
+from alignpipe.labelling.sources import labelled_pairs
+from alignpipe.recipe.dataspec import reads_stages
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.reward.artifact import load_reward_model, score
 from alignpipe.runfolder.files import read_jsonl
 
 if TYPE_CHECKING:
@@ -33,12 +40,9 @@ def rows(ctx: StageContext, embedded: Callable[[object], tuple[list[dict], list[
     (at most `cap` held out; the report counts tokens after the chat template when given the tokenizer)."""
     if "embedded" in ctx.config.data:
         return embedded(ctx.world)
-    from alignpipe.labelling.sources import labelled_pairs
-    from alignpipe.recipe.dataspec import reads_stages
 
     if reads_stages(ctx.config.data):  # a label stage's pairs, alone or mixed (alignpipe.labelling.sources)
         return labelled_pairs(ctx, cap, tokenizer, max_length)[:2]
-    from alignpipe.data.loading import load_split
 
     return load_split(ctx, ctx.kind.family, cap, tokenizer, max_length)
 
@@ -61,8 +65,6 @@ def load_prompts(ctx: StageContext) -> list[list[dict]]:
     if "embedded" in ctx.config.data:
         found = ctx.world.rl_prompts()
     else:
-        from alignpipe.data.loading import load_family
-
         found = load_family(ctx, "prompts")
     return [r["prompt"] for r in found]
 
@@ -104,7 +106,6 @@ def parent_comparison(ctx: StageContext, metrics: dict) -> dict:
     if rm_stage is None or not samples_file.is_file() or "mean_reward" not in metrics \
             or "judge_pass_rate" not in metrics:
         return {}
-    from alignpipe.reward.artifact import load_reward_model, score
 
     saved = read_jsonl(samples_file)
     artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
@@ -130,8 +131,6 @@ def reward_hacking(mean_reward: float, judge: float, parent_mean_reward: float, 
 def check_policy_references(recipe, name: str, where: str) -> None:
     """A stage trained from a policy (dpo, kto, orpo, ...) does not start from a scorer, and its `reward_model`
     (reported beside the judge), if set, names a scorer."""
-    from alignpipe.recipe.kinds import kind_of
-
     cfg = recipe.stages[name]
     key = f"stages.{name}"
     # without `from`, the stage starts from `model.path` (validate rejects that for an `init:` model)
@@ -143,8 +142,6 @@ def check_policy_references(recipe, name: str, where: str) -> None:
 
 def check_scorer_reference(recipe, name: str, where: str) -> None:
     """The stage's `reward_model`, if set, names a stage whose model scores responses."""
-    from alignpipe.recipe.kinds import kind_of
-
     ref = recipe.stages[name].reward_model
     if ref is not None and not kind_of(recipe.stages[ref].kind).scorer:
         raise RecipeError(f"{ref!r} is not a reward stage", where=where, key=f"stages.{name}.reward_model",

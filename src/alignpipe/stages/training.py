@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+# Heavy imports (torch, trl, transformers; rl.state (which imports them)) stay inside the functions that use them: the
+# CLI starts without them.
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 from alignpipe.runtime import threads as thread_choice
+from alignpipe.runtime.distributed import dump_parameter_checksum, fsdp_on_cpu
+from alignpipe.runtime.progress import attach
 def attach_progress(trainer, ctx):
     """The stage's progress bars on the trainer, in place of its raw-dict console printer (progress.py)."""
-    from alignpipe.runtime.progress import attach
-
     return attach(trainer, f"stage {ctx.name}")
 
 
@@ -77,8 +80,6 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
     checkpoint's `trainer_state.json` (as a stateful callback, written with the step it belongs to)
     and put back before training resumes.
     """
-    from alignpipe.runtime.distributed import fsdp_on_cpu
-
     # TRL's fused LM head (a module constant of TRL's, read at each forward) in narrow tiles on a CPU: set here,
     # where every trainer stage starts training, never as a side effect of building a config
     narrow_fused_head_tiles()
@@ -117,8 +118,6 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
 
 
 def _log(ctx, msg: str) -> None:
-    import sys
-
     print(f"[alignpipe] stage {ctx.name}: {msg}", file=sys.stderr, flush=True)
 
 
@@ -195,8 +194,6 @@ def is_complete_checkpoint(folder: Path) -> bool:
 
 def train_log_metrics(trainer) -> dict:
     """Headline training figures from the trainer's log history: final loss, steps, throughput."""
-    from alignpipe.runtime.distributed import dump_parameter_checksum
-
     stage = Path(trainer.args.output_dir).parent.name  # runs/<recipe>/<stage>/checkpoints
     # a debugging aid for multi-process runs; off unless its env var is set
     dump_parameter_checksum(stage, trainer.model_wrapped, trainer.model, trainer.state.global_step)
@@ -215,8 +212,6 @@ def train_log_metrics(trainer) -> dict:
 
 def write_log_history(trainer, path: Path) -> None:
     """The trainer's log history as JSONL (the report draws curves from it)."""
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         for row in trainer.state.log_history:
