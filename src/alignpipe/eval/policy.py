@@ -225,7 +225,7 @@ def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
 
 
 def _evaluate(ctx, policy, tokenizer, reference) -> dict:
-    spec, where = ctx.config.eval, str(ctx.recipe.path)
+    spec = ctx.config.eval
     rows = eval_prompts(ctx)
     if not rows:
         print(f"[alignpipe] stage {ctx.name}: no held-out prompts to evaluate on (set eval.prompts)", flush=True)
@@ -236,22 +236,37 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
                       spec.temperature, spec.top_p, ctx.seed, spec.batch_size)
 
     samples = draw(policy)
-    out = [{"prompt": p, "response": r, "ended": e, "tokens": t}
-           for p, r, e, t in zip(samples.prompts, samples.responses, samples.ended, samples.lengths)]
+    out = _sample_rows(samples)
     metrics: dict = {"eval_status": "complete", "eval_prompts": len(rows), "eval_samples": len(out),
                      **health_metrics(samples.responses, samples.response_ids, samples.ended)}
     if reference is not None:
         metrics["kl_to_reference"] = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id)
+    with_parent = _pair_with_parent(ctx, out, samples, draw, reference, metrics)
+    judges = judges_of(ctx)
+    _verify(ctx, judges, out, samples, [rows[i] for i in samples.prompt_index], with_parent, metrics)
+    _reward_model_scores(ctx, out, samples, with_parent, metrics)
+    _pairwise_judges(ctx, judges, with_parent, metrics)
+    write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
+    if spec.lm_eval is not None and spec.lm_eval.tasks:
+        metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
+    return metrics
 
-    # the parent's samples of the same prompts: its own file when it covers them, else drawn now from the
-    # reference (which is the parent), with the same protocol and seed
+
+def _sample_rows(samples: Samples) -> list[dict]:
+    """One row per sample: prompt, response, whether it ended its turn, its tokens."""
+    return [{"prompt": p, "response": r, "ended": e, "tokens": t}
+            for p, r, e, t in zip(samples.prompts, samples.responses, samples.ended, samples.lengths)]
+
+
+def _pair_with_parent(ctx, out: list[dict], samples: Samples, draw, reference, metrics: dict) -> list[dict]:
+    """Each row's k-th partner among the parent's samples of the same prompt (`parent_response`); returns the
+    rows that have one. The parent's samples: its own file when it covers the prompts, else drawn now from the
+    reference (which is the parent), with the same protocol and seed."""
     parent, how = read_samples(ctx.parent_dir), "its saved samples"
-    if not covers(parent, samples, spec.samples_per_prompt):
+    if not covers(parent, samples, ctx.config.eval.samples_per_prompt):
         parent, how = [], None
         if reference is not None:
-            drawn = draw(reference)
-            parent, how = [{"prompt": p, "response": r, "ended": e, "tokens": t} for p, r, e, t in
-                           zip(drawn.prompts, drawn.responses, drawn.ended, drawn.lengths)], "sampled now"
+            parent, how = _sample_rows(draw(reference)), "sampled now"
     if parent:
         metrics["eval_parent"] = f"{ctx.config.from_ or 'the recipe model'} ({how})"
     parent_by_prompt = {}
@@ -263,10 +278,13 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         theirs = parent_by_prompt.get(row["prompt"], [])
         if k < len(theirs):
             row["parent_response"], row["parent_ended"] = theirs[k]["response"], bool(theirs[k].get("ended", True))
-    with_parent = [r for r in out if "parent_response" in r]
+    return [r for r in out if "parent_response" in r]
 
-    judges = judges_of(ctx)
-    eval_rows = [rows[i] for i in samples.prompt_index]
+
+def _verify(ctx, judges: dict, out: list[dict], samples: Samples, eval_rows: list[dict], with_parent: list[dict],
+            metrics: dict) -> None:
+    """The verifier judges: pass rates of this stage's samples, and win rates against the parent's."""
+    where = str(ctx.recipe.path)
     for name, j in judges.items():
         if j.pairwise:
             continue
@@ -286,32 +304,38 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
                 out[i][f"parent_{name}"] = v
             _win(metrics, f"{name}_win_rate_vs_parent", with_parent, name, f"parent_{name}", ctx.seed)
 
-    # the recipe's reward model: mean score; win rates against the parent and against sft
-    rm_stage = reward_stage_of(ctx.recipe, ctx.name)
-    if rm_stage is not None:
-        artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
-        for row, s in zip(out, score(artifact, samples.prompts, samples.responses)):
-            row["reward"] = s
-        metrics["mean_reward"] = sum(r["reward"] for r in out) / len(out)
-        metrics["reward_stage"] = rm_stage
-        if with_parent:
-            for row, s in zip(with_parent, score(artifact, [r["prompt"] for r in with_parent],
-                                                 [r["parent_response"] for r in with_parent])):
-                row["parent_reward"] = s
-            _win(metrics, "rm_win_rate_vs_parent", with_parent, "reward", "parent_reward", ctx.seed)
-        sft = sft_stage_of(ctx.recipe, ctx.name)
-        if sft is not None and sft == ctx.config.from_ and "rm_win_rate_vs_parent" in metrics:
-            metrics["rm_win_rate_vs_sft"] = metrics["rm_win_rate_vs_parent"]
-            metrics["rm_win_rate_vs_sft_ci"] = metrics["rm_win_rate_vs_parent_ci"]
-        elif sft is not None and covers(base := read_samples(ctx.stage_dir(sft)), samples, spec.samples_per_prompt):
-            scored = [{**r, "reward": s} for r, s in zip(base, score(artifact, [r["prompt"] for r in base],
-                                                                     [r["response"] for r in base]))]
-            win = win_rate(paired(out, scored), "reward", seed=ctx.seed)
-            if win["rate"] is not None:
-                metrics["rm_win_rate_vs_sft"], metrics["rm_win_rate_vs_sft_ci"] = win["rate"], [win["lo"], win["hi"]]
-        del artifact
 
-    # pairwise judge models: this stage's response against the parent's, both orders
+def _reward_model_scores(ctx, out: list[dict], samples: Samples, with_parent: list[dict], metrics: dict) -> None:
+    """The recipe's reward model: mean score; win rates against the parent and against sft."""
+    rm_stage = reward_stage_of(ctx.recipe, ctx.name)
+    if rm_stage is None:
+        return
+    artifact = load_reward_model(ctx.stage_dir(rm_stage), ctx.recipe.model)
+    for row, s in zip(out, score(artifact, samples.prompts, samples.responses)):
+        row["reward"] = s
+    metrics["mean_reward"] = sum(r["reward"] for r in out) / len(out)
+    metrics["reward_stage"] = rm_stage
+    if with_parent:
+        for row, s in zip(with_parent, score(artifact, [r["prompt"] for r in with_parent],
+                                             [r["parent_response"] for r in with_parent])):
+            row["parent_reward"] = s
+        _win(metrics, "rm_win_rate_vs_parent", with_parent, "reward", "parent_reward", ctx.seed)
+    sft = sft_stage_of(ctx.recipe, ctx.name)
+    if sft is not None and sft == ctx.config.from_ and "rm_win_rate_vs_parent" in metrics:
+        metrics["rm_win_rate_vs_sft"] = metrics["rm_win_rate_vs_parent"]
+        metrics["rm_win_rate_vs_sft_ci"] = metrics["rm_win_rate_vs_parent_ci"]
+    elif sft is not None and covers(base := read_samples(ctx.stage_dir(sft)), samples,
+                                    ctx.config.eval.samples_per_prompt):
+        scored = [{**r, "reward": s} for r, s in zip(base, score(artifact, [r["prompt"] for r in base],
+                                                                 [r["response"] for r in base]))]
+        win = win_rate(paired(out, scored), "reward", seed=ctx.seed)
+        if win["rate"] is not None:
+            metrics["rm_win_rate_vs_sft"], metrics["rm_win_rate_vs_sft_ci"] = win["rate"], [win["lo"], win["hi"]]
+    del artifact
+
+
+def _pairwise_judges(ctx, judges: dict, with_parent: list[dict], metrics: dict) -> None:
+    """Pairwise judge models: this stage's response against the parent's, both orders."""
     for name, j in judges.items():
         if not j.pairwise:
             continue
@@ -324,11 +348,6 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
         for row, v in zip(with_parent, verdicts):
             row[f"{name}_vs_parent"], row[f"{name}_answers"] = v.score(), [v.first, v.second]
         metrics.update(pairwise_metrics(name, [r["prompt"] for r in with_parent], verdicts, ctx.seed))
-
-    write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
-    if spec.lm_eval is not None and spec.lm_eval.tasks:
-        metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
-    return metrics
 
 
 def _win(metrics: dict, name: str, rows: list[dict], mine: str, theirs: str, seed: int) -> None:

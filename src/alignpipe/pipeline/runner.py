@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alignpipe.errors import RunError
 from alignpipe.pipeline import gates, plan as stage_plan, processes as stage_processes
-from alignpipe.pipeline.plan import output_fingerprints
+from alignpipe.pipeline.plan import StagePlan, output_fingerprints
 from alignpipe.pipeline.stage_templates import check_stage_templates
 from alignpipe.pipeline.validate import check_lora_targets
 from alignpipe.recipe.schema import Recipe
@@ -43,48 +43,81 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         log(f"stage {name}: {done}")
     distributed.barrier()
     decided = stage_plan.plan(recipe, name, force=force, restart=restart)
-    ctx, cfg, old, action, attempt = decided.ctx, decided.ctx.config, decided.old, decided.action, decided.attempt
-    fingerprint = decided.fingerprint
-    if action == "skip":
-        log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
-        if (left := stage_versions.unfinished_attempt(stage_dir)) is not None:
-            log(f"stage {name}: an unfinished attempt for another config is kept in "
-                f"{stage_versions.next_dir(stage_dir)} (status {left.get('status')!r}); "
-                f"`alignpipe discard {stage_dir}` deletes it")
-        recheck_gates(recipe, name, old, main)  # gates read the recorded metrics: no training
-        return old
+    if decided.action == "skip":
+        return _skip(recipe, name, decided.old, main)
     # the chat template, tokenizer and parents are checked before anything is deleted or trained
-    template_check = check_stage_templates(ctx)
+    template_check = check_stage_templates(decided.ctx)
     check_lora_targets(recipe, name)  # its parent may have been built only now
     distributed.barrier()  # every process has read the old manifest before the main one changes it
-    if action == "reuse":
-        log(f"stage {name}: version {attempt.name} in its history has the same config and inputs; restored "
-            "it instead of training")
-        if main:
-            replaced = stage_versions.restore(stage_dir, int(attempt.name))
-            stage_versions.prune(stage_dir, keep)
-            log(f"stage {name}: version {replaced} moved into the history")
-        distributed.barrier()
-        restored = runs.read_manifest(stage_dir)
-        recheck_gates(recipe, name, restored, main)
-        return restored
+    if decided.action == "reuse":
+        return _reuse(recipe, name, decided.attempt, keep, main)
+    _open_attempt(decided, name, force, restart, main)
+    from transformers import set_seed  # heavy: imported when a stage trains
+
+    set_seed(recipe.seed)
+    attempt = decided.attempt
+    run = runs.StageRun(attempt, decided.first_record(template_check), earlier_wall_time_s=decided.earlier_wall_time_s)
+    log(f"stage {name} ({decided.ctx.config.kind}): running -> {attempt}")
+    t0 = time.time()
+    results = _train(decided, run, main)
+    _swap_in(decided, run, keep, main)
+    distributed.barrier()  # the next stage (on any process) starts from what was just saved
+    log(f"stage {name}: complete in {time.time() - t0:.1f}s")
+    for row in results:
+        log(f"gate {'passed' if row['passed'] else 'MISSED'}: {gates.describe(name, row)}")
+    gates.raise_if_missed(name, results, stage_dir)  # stop here: later stages build on this one
+    return runs.read_manifest(stage_dir) or run.data
+
+
+def _skip(recipe: Recipe, name: str, old: dict, main: bool) -> dict:
+    """A complete stage with the same config and inputs: its gates are checked again, nothing is trained."""
+    stage_dir = recipe.stage_dir(name)
+    log(f"stage {name}: complete with the same config and inputs, skipped (use --force to re-run)")
+    if (left := stage_versions.unfinished_attempt(stage_dir)) is not None:
+        log(f"stage {name}: an unfinished attempt for another config is kept in "
+            f"{stage_versions.next_dir(stage_dir)} (status {left.get('status')!r}); "
+            f"`alignpipe discard {stage_dir}` deletes it")
+    recheck_gates(recipe, name, old, main)  # gates read the recorded metrics: no training
+    return old
+
+
+def _reuse(recipe: Recipe, name: str, attempt: Path, keep: int, main: bool) -> dict:
+    """A version in the stage's history has the same config and inputs: it is restored instead of trained."""
+    stage_dir = recipe.stage_dir(name)
+    log(f"stage {name}: version {attempt.name} in its history has the same config and inputs; restored "
+        "it instead of training")
+    if main:
+        replaced = stage_versions.restore(stage_dir, int(attempt.name))
+        stage_versions.prune(stage_dir, keep)
+        log(f"stage {name}: version {replaced} moved into the history")
+    distributed.barrier()
+    restored = runs.read_manifest(stage_dir)
+    recheck_gates(recipe, name, restored, main)
+    return restored
+
+
+def _open_attempt(decided: StagePlan, name: str, force: bool, restart: bool, main: bool) -> None:
+    """The folder the stage trains in: the stage's own, or `.next/<stage>` beside a complete version; a fresh
+    start clears what an earlier attempt left there."""
+    ctx, attempt, old = decided.ctx, decided.attempt, decided.old
+    stage_dir = ctx.recipe.stage_dir(name)
     ctx.dir = attempt
     if attempt != stage_dir:
         log(f"stage {name}: version {stage_versions.version_of(old)} stays in place until the new one is complete; "
             f"training it in {attempt}")
-    if action == "fresh" and (attempt.exists() or attempt != stage_dir):
+    if decided.action == "fresh" and (attempt.exists() or attempt != stage_dir):
         log(f"stage {name}: starting over ({decided.why_fresh(force, restart)})")
         if main and attempt.exists():  # never the complete current version (stage_versions.plan)
             shutil.rmtree(attempt)
-    elif action == "resume":
+    elif decided.action == "resume":
         log(f"stage {name}: resuming an interrupted run (status {decided.attempt_manifest.get('status')!r})")
 
-    from transformers import set_seed
 
-    set_seed(recipe.seed)
-    run = runs.StageRun(attempt, decided.first_record(template_check), earlier_wall_time_s=decided.earlier_wall_time_s)
-    log(f"stage {name} ({cfg.kind}): running -> {attempt}")
-    t0 = time.time()
+def _train(decided: StagePlan, run: runs.StageRun, main: bool) -> list[dict]:
+    """The stage's kind trains it, under its log file and trackers; its gates are evaluated and the manifest is
+    finished. A failure (Ctrl-C included) is recorded in the attempt's manifest, then raised. Returns the gates."""
+    ctx, attempt, name = decided.ctx, decided.attempt, decided.ctx.name
+    stage_dir = ctx.recipe.stage_dir(name)
     trackers = tracking.StageRuns({})
     try:
         if main:
@@ -92,9 +125,9 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         distributed.barrier()
         with progress.stage_log(attempt / "stage.log"):  # per-step rows and library warnings: the file
             trackers = tracking.start(ctx, tracking.lineage(ctx, (run.data["parent"] or {}).get("manifest_sha256"),
-                                                            fingerprint, run.data["git_revision"]))
+                                                            decided.fingerprint, run.data["git_revision"]))
             metrics = ctx.kind.run(ctx)
-        results = gates.evaluate_gates(recipe, name, metrics)
+        results = gates.evaluate_gates(ctx.recipe, name, metrics)
         trackers.summary({**metrics, **tracking.gate_metrics(results)})  # the manifest's figures, in the same run
         trackers.finish(failed=any(not row["passed"] for row in results))
         if main:
@@ -118,18 +151,19 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
                 f"{attempt}: run the same command again (without --force) to resume it, or "
                 f"`alignpipe discard {stage_dir}` to delete it")
         raise stage_versions.storage_error(err, name, attempt, stage_dir) or err
+    return results
+
+
+def _swap_in(decided: StagePlan, run: runs.StageRun, keep: int, main: bool) -> None:
+    """A new version trained beside the complete one replaces it in one rename; the old one goes to the history."""
+    ctx, attempt, old = decided.ctx, decided.attempt, decided.old
+    stage_dir = ctx.recipe.stage_dir(ctx.name)
     if main and attempt != stage_dir:
         stage_versions.promote(attempt, stage_dir, keep)  # one rename: the new version replaces the old
-        log(f"stage {name}: version {run.data['version']} swapped in; version {stage_versions.version_of(old)} "
+        log(f"stage {ctx.name}: version {run.data['version']} swapped in; version {stage_versions.version_of(old)} "
             f"kept in {stage_versions.history_root(stage_dir)} (`alignpipe restore {stage_dir} "
             f"{stage_versions.version_of(old)}` brings it back)")
     ctx.dir = stage_dir
-    distributed.barrier()  # the next stage (on any process) starts from what was just saved
-    log(f"stage {name}: complete in {time.time() - t0:.1f}s")
-    for row in results:
-        log(f"gate {'passed' if row['passed'] else 'MISSED'}: {gates.describe(name, row)}")
-    gates.raise_if_missed(name, results, stage_dir)  # stop here: later stages build on this one
-    return runs.read_manifest(stage_dir) or run.data
 
 
 def recheck_gates(recipe: Recipe, name: str, manifest: dict, main: bool) -> None:
