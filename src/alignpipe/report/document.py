@@ -50,16 +50,14 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
+class PlottedSections:
+    """The report's figures and the sections that draw them (`plots`, matplotlib): pass rates, win rates, reward
+    models, training curves, response lengths. `Report` gives them the run folder and the notes."""
 
-
-class Report:
-    """Renders a run folder's figures (`report_figures`) as `report.md` and its PNG figures."""
-
-    def __init__(self, run_dir: Path, score_rewards: bool = True) -> None:
-        self.run = rf.RunFolder(run_dir, score_rewards)
-        self.run_dir = self.run.dir
-        self.figures: list[Path] = []
-        self.notes: list[tuple] = []  # what the sections' figures say a reader must know, in section order
+    run: rf.RunFolder
+    run_dir: Path
+    figures: list[Path]  # the PNG files written, in the order the report shows them
+    notes: list[tuple]
 
     def figure(self, path: Path) -> str:
         self.figures.append(path)
@@ -67,6 +65,117 @@ class Report:
 
     def fig_path(self, name: str) -> Path:
         return self.run_dir / f"{FIG_PREFIX}{name}.png"
+
+    def pass_rate(self) -> list[str]:
+        from alignpipe.report import plots
+        figures = rf.pass_rates(self.run)
+        rows = figures["rows"]
+        if not rows:
+            return [] if figures["any_policy"] else ["## Judge pass rate", "", "No stage has judged samples yet "
+                                                                               "(`eval_samples.jsonl`)."]
+        lines = ["## Judge pass rate", "",
+                 "Sampled responses to the same held-out prompts, judged by the embedded world's judge (exactly "
+                 "one house-style sentence with the right answer, ended with end-of-turn). Bars: 95% Wilson "
+                 "intervals over samples" + ("; hatched: the stage trained on the judge." if
+                                             any(r["judge_trained"] for r in rows) else "."), "",
+                 self.figure(plots.pass_rates(rows, self.fig_path("pass_rate"))), ""]
+        for r in figures["against_baseline"]:
+            lines.append(f"- `{r['stage']}`: {r['rate']:.1%} vs `{r['baseline']}` {r['baseline_rate']:.1%} "
+                         f"({r['rate'] - r['baseline_rate']:+.1%}): {r['verdict']} it (intervals "
+                         f"{'overlap' if r['overlap'] else 'do not overlap'}).")
+        if figures["kinds"]:
+            k = figures["kinds"]
+            path = plots.pass_by_kind(k["stages"], k["kinds"], k["grid"], self.fig_path("pass_by_kind"))
+            lines += ["", self.figure(path)]
+        return lines
+
+    def win_rates(self) -> list[str]:
+        from alignpipe.report import plots
+        figures = rf.win_rates(self.run)
+        if figures is None:
+            return []
+        self.notes += figures["notes"]
+        lines = ["## Aligned policies vs SFT", "",
+                 "Each aligned stage's k-th sample for a held-out prompt against SFT's k-th sample for the same "
+                 "prompt. By the judge: a pass beats a fail, equal verdicts tie. By the reward model: the higher "
+                 "score wins. Ties count half; intervals: 95% bootstrap over prompts.", ""]
+        for stage, base in figures["missing"]:
+            lines.append(f"- `{stage}`: no SFT stage with samples to compare against." if base is None else
+                         f"- `{stage}`: its samples share no prompts with `{base}`'s.")
+        table = []
+        for t in figures["table"]:
+            judge, rm, agree = t["judge"], t["rm"], t["agree"]
+            agreed = "-" if agree is None else f"{agree[0]}/{agree[1]}" if agree[1] else "no decisive pairs"
+            summary = "; ".join(f"{who}: {verdict(r)}" for who, r in (("judge", judge), ("RM", rm))
+                                if r["rate"] is not None)
+            table.append([t["stage"], t["baseline"], f"{judge['rate']:.1%} [{judge['lo']:.1%}, {judge['hi']:.1%}]",
+                          f"{judge['wins']}/{judge['ties']}/{judge['losses']}",
+                          f"{rm['rate']:.1%} [{rm['lo']:.1%}, {rm['hi']:.1%}]" if rm["rate"] is not None else "-",
+                          t["rm_stage"] or "-", agreed, summary])
+        if figures["plot_rows"]:
+            lines += [self.figure(plots.win_rates(figures["plot_rows"], self.fig_path("win_rates"))), ""]
+            lines += _table(["stage", "vs", "judge win rate", "judge W/T/L", "RM win rate", "RM", "RM agrees with "
+                             "judge (decisive pairs)", "verdict"], table)
+        if figures["disagreements"]:
+            lines += ["", "Where they disagree (pairs the judge decides, ordered the other way by the reward model):",
+                      ""]
+            lines += _table(["stage", "prompt", "aligned response (judge, reward)", "SFT response (judge, reward)"],
+                            [[n, _md_cell(a["prompt"], 40),
+                              f"{_md_cell(a['response'], 60)} ({'pass' if a['judge'] else 'fail'}, {a['reward']:.2f})",
+                              f"{_md_cell(b['response'], 60)} ({'pass' if b['judge'] else 'fail'}, {b['reward']:.2f})"]
+                             for n, _, a, b in figures["disagreements"]])
+        return lines
+
+    def reward_model(self) -> list[str]:
+        from alignpipe.report import plots
+        lines: list[str] = []
+        for rm in rf.reward_models(self.run):
+            name = rm["stage"]
+            lines += [f"## Reward model: {name}", ""]
+            if rm["bars"]:
+                lines.append(self.figure(plots.reward_accuracy(name, rm["bars"], self.fig_path(f"{name}_accuracy"))))
+            if rm["facts"]:
+                lines += ["", "Metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rm["facts"]) + "."]
+            if rm["by_failure_type"]:
+                lines += ["", "On-policy accuracy by what is wrong with the failing sample: " + ", ".join(
+                    f"{t} {_fmt(row['accuracy'])} ({row['pairs']} pairs)" for t, row in rm["by_failure_type"].items())
+                    + "."]
+            if rm["calibration"]:
+                path = plots.calibration(name, rm["calibration"], rm["ece"], self.fig_path(f"{name}_calibration"))
+                lines += ["", self.figure(path)]
+            if rm["series"]:
+                lines += ["", "Reward against response length (a reward model that pays for length shows a "
+                              "positive r within the failing samples too):", "",
+                          self.figure(plots.reward_vs_length(rm["series"], self.fig_path(f"{name}_reward_vs_length")))]
+            lines.append("")
+        return lines
+
+    def curves(self) -> list[str]:
+        from alignpipe.report import plots
+        lines = []
+        for c in rf.curves(self.run):
+            path = plots.training_curves(c["stage"], c["kind"], c["series"], c["xlabel"],
+                                         self.fig_path(f"curves_{c['stage']}"))
+            lines += [f"### {c['stage']} ({c['kind']})", "", self.figure(path), ""]
+        return ["## Training curves", "", *lines] if lines else []
+
+    def responses(self) -> list[str]:
+        from alignpipe.report import plots
+        figures = rf.responses(self.run)
+        if figures is None:
+            return []
+        path = plots.response_lengths(figures["lengths"], figures["ended"], figures["caps"], self.fig_path("responses"))
+        return ["## Response length and end-of-turn", "", self.figure(path)]
+
+
+class Report(PlottedSections):
+    """Renders a run folder's figures (`report_figures`) as `report.md` and its PNG figures."""
+
+    def __init__(self, run_dir: Path, score_rewards: bool = True) -> None:
+        self.run = rf.RunFolder(run_dir, score_rewards)
+        self.run_dir = self.run.dir
+        self.figures: list[Path] = []
+        self.notes: list[tuple] = []  # what the sections' figures say a reader must know, in section order
 
     def write(self) -> Path:
         for old in self.run_dir.glob(f"{FIG_PREFIX}*.png"):  # figures of stages that no longer exist
@@ -182,107 +291,6 @@ class Report:
             plots.wall_times([n for n, _ in figures["wall_times"]], [t for _, t in figures["wall_times"]], path)
             lines += ["", self.figure(path)]
         return lines
-
-    def pass_rate(self) -> list[str]:
-        from alignpipe.report import plots
-        figures = rf.pass_rates(self.run)
-        rows = figures["rows"]
-        if not rows:
-            return [] if figures["any_policy"] else ["## Judge pass rate", "", "No stage has judged samples yet "
-                                                                               "(`eval_samples.jsonl`)."]
-        lines = ["## Judge pass rate", "",
-                 "Sampled responses to the same held-out prompts, judged by the embedded world's judge (exactly "
-                 "one house-style sentence with the right answer, ended with end-of-turn). Bars: 95% Wilson "
-                 "intervals over samples" + ("; hatched: the stage trained on the judge." if
-                                             any(r["judge_trained"] for r in rows) else "."), "",
-                 self.figure(plots.pass_rates(rows, self.fig_path("pass_rate"))), ""]
-        for r in figures["against_baseline"]:
-            lines.append(f"- `{r['stage']}`: {r['rate']:.1%} vs `{r['baseline']}` {r['baseline_rate']:.1%} "
-                         f"({r['rate'] - r['baseline_rate']:+.1%}): {r['verdict']} it (intervals "
-                         f"{'overlap' if r['overlap'] else 'do not overlap'}).")
-        if figures["kinds"]:
-            k = figures["kinds"]
-            path = plots.pass_by_kind(k["stages"], k["kinds"], k["grid"], self.fig_path("pass_by_kind"))
-            lines += ["", self.figure(path)]
-        return lines
-
-    def win_rates(self) -> list[str]:
-        from alignpipe.report import plots
-        figures = rf.win_rates(self.run)
-        if figures is None:
-            return []
-        self.notes += figures["notes"]
-        lines = ["## Aligned policies vs SFT", "",
-                 "Each aligned stage's k-th sample for a held-out prompt against SFT's k-th sample for the same "
-                 "prompt. By the judge: a pass beats a fail, equal verdicts tie. By the reward model: the higher "
-                 "score wins. Ties count half; intervals: 95% bootstrap over prompts.", ""]
-        for stage, base in figures["missing"]:
-            lines.append(f"- `{stage}`: no SFT stage with samples to compare against." if base is None else
-                         f"- `{stage}`: its samples share no prompts with `{base}`'s.")
-        table = []
-        for t in figures["table"]:
-            judge, rm, agree = t["judge"], t["rm"], t["agree"]
-            agreed = "-" if agree is None else f"{agree[0]}/{agree[1]}" if agree[1] else "no decisive pairs"
-            summary = "; ".join(f"{who}: {verdict(r)}" for who, r in (("judge", judge), ("RM", rm))
-                                if r["rate"] is not None)
-            table.append([t["stage"], t["baseline"], f"{judge['rate']:.1%} [{judge['lo']:.1%}, {judge['hi']:.1%}]",
-                          f"{judge['wins']}/{judge['ties']}/{judge['losses']}",
-                          f"{rm['rate']:.1%} [{rm['lo']:.1%}, {rm['hi']:.1%}]" if rm["rate"] is not None else "-",
-                          t["rm_stage"] or "-", agreed, summary])
-        if figures["plot_rows"]:
-            lines += [self.figure(plots.win_rates(figures["plot_rows"], self.fig_path("win_rates"))), ""]
-            lines += _table(["stage", "vs", "judge win rate", "judge W/T/L", "RM win rate", "RM", "RM agrees with "
-                             "judge (decisive pairs)", "verdict"], table)
-        if figures["disagreements"]:
-            lines += ["", "Where they disagree (pairs the judge decides, ordered the other way by the reward model):",
-                      ""]
-            lines += _table(["stage", "prompt", "aligned response (judge, reward)", "SFT response (judge, reward)"],
-                            [[n, _md_cell(a["prompt"], 40),
-                              f"{_md_cell(a['response'], 60)} ({'pass' if a['judge'] else 'fail'}, {a['reward']:.2f})",
-                              f"{_md_cell(b['response'], 60)} ({'pass' if b['judge'] else 'fail'}, {b['reward']:.2f})"]
-                             for n, _, a, b in figures["disagreements"]])
-        return lines
-
-    def reward_model(self) -> list[str]:
-        from alignpipe.report import plots
-        lines: list[str] = []
-        for rm in rf.reward_models(self.run):
-            name = rm["stage"]
-            lines += [f"## Reward model: {name}", ""]
-            if rm["bars"]:
-                lines.append(self.figure(plots.reward_accuracy(name, rm["bars"], self.fig_path(f"{name}_accuracy"))))
-            if rm["facts"]:
-                lines += ["", "Metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rm["facts"]) + "."]
-            if rm["by_failure_type"]:
-                lines += ["", "On-policy accuracy by what is wrong with the failing sample: " + ", ".join(
-                    f"{t} {_fmt(row['accuracy'])} ({row['pairs']} pairs)" for t, row in rm["by_failure_type"].items())
-                    + "."]
-            if rm["calibration"]:
-                path = plots.calibration(name, rm["calibration"], rm["ece"], self.fig_path(f"{name}_calibration"))
-                lines += ["", self.figure(path)]
-            if rm["series"]:
-                lines += ["", "Reward against response length (a reward model that pays for length shows a "
-                              "positive r within the failing samples too):", "",
-                          self.figure(plots.reward_vs_length(rm["series"], self.fig_path(f"{name}_reward_vs_length")))]
-            lines.append("")
-        return lines
-
-    def curves(self) -> list[str]:
-        from alignpipe.report import plots
-        lines = []
-        for c in rf.curves(self.run):
-            path = plots.training_curves(c["stage"], c["kind"], c["series"], c["xlabel"],
-                                         self.fig_path(f"curves_{c['stage']}"))
-            lines += [f"### {c['stage']} ({c['kind']})", "", self.figure(path), ""]
-        return ["## Training curves", "", *lines] if lines else []
-
-    def responses(self) -> list[str]:
-        from alignpipe.report import plots
-        figures = rf.responses(self.run)
-        if figures is None:
-            return []
-        path = plots.response_lengths(figures["lengths"], figures["ended"], figures["caps"], self.fig_path("responses"))
-        return ["## Response length and end-of-turn", "", self.figure(path)]
 
     def sample_table(self) -> list[str]:
         figures = rf.sample_rows(self.run)
