@@ -179,3 +179,19 @@ def test_validate_of_a_bad_recipe_imports_no_heavy_library(tmp_path, recipe):
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith("alignpipe: error:") and len(done.stderr.strip().splitlines()) == 1
     assert loaded == []
+
+
+MAX_FUNCTION_LINES = 80
+MAX_CLASS_LINES = 200
+
+
+def test_no_function_over_80_lines_and_no_class_over_200():
+    too_long = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES \
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+            if limit is not None and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: "
+                                f"{node.end_lineno - node.lineno + 1} lines (at most {limit})")
+    assert too_long == []
