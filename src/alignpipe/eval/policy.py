@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from alignpipe.errors import AlignpipeError
 from alignpipe.eval.health import health_metrics
 from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise, pairwise_metrics, run_verifier
 from alignpipe.eval.lm_eval import run_lm_eval
@@ -215,8 +216,6 @@ def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
     try:
         return _evaluate(ctx, policy, tokenizer, reference)
     except Exception as err:  # noqa: BLE001 - the trained stage is kept whatever its evaluation did
-        from alignpipe.errors import AlignpipeError
-
         line = err.one_line() if isinstance(err, AlignpipeError) else f"{type(err).__name__}: {err}"
         line = " ".join(line.split())
         print(f"[alignpipe] stage {ctx.name}: evaluation failed: {line}; the trained model is saved; re-run only "

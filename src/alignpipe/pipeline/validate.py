@@ -19,7 +19,7 @@ from pathlib import Path
 from alignpipe.data.formats import DataError
 from alignpipe.data.loading import HUB_ID, as_user_error, check_spec
 from alignpipe.data.report import format_report, validation_report
-from alignpipe.data.sources import check_one_source, offline_setting
+from alignpipe.data.sources import check_one_source, offline_setting, prepare_data
 from alignpipe.data.split import eval_file_rows, prompt_key, recipe_split, user_stages
 from alignpipe.data.world import WORLD_PART_NAMES, WORLD_PARTS, WorldConfig
 from alignpipe.errors import RecipeError, RunError
@@ -157,8 +157,6 @@ def _check_eval_data(recipe: Recipe, name: str, where: str) -> None:
         raise RecipeError("an eval file is for a stage trained on user data", where=where, key=key,
                           fix=f"remove it, or use it on a {'/'.join(kinds_where(user_split=True))} stage with a data file")
     try:
-        from alignpipe.data.sources import prepare_data
-
         keys = {prompt_key(r) for r in eval_file_rows(recipe, name)}
         train = prepare_data(cfg.data, recipe.path.parent, kind_of(cfg.kind).family, key=f"stages.{name}.data")
     except DataError as err:

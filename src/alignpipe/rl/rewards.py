@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from alignpipe.callables import import_callable
+from alignpipe.data.world import judge_reward
 from alignpipe.errors import RecipeError
 from alignpipe.recipe.kinds import kind_of
 from alignpipe.reward.artifact import load_reward_model, score
@@ -50,8 +51,6 @@ def is_judge(spec: str | None) -> bool:
     if not spec:
         return False
     try:
-        from alignpipe.data.world import judge_reward
-
         return load_function(spec) is judge_reward
     except RecipeError:
         return spec == JUDGE_FUNCTION
