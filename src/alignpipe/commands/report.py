@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_report(args) -> int:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # scoring samples with a reward model: see runtime.threads.set_threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # scoring samples with a reward model: see threads.set_threads
     path, figures = write_report(Path(args.run_dir), score_rewards=not args.no_reward_scoring)
     print(f"{path} ({len(figures)} figures)")
     return 0

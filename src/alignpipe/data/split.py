@@ -62,7 +62,7 @@ class Split:
 
 
 def _kind(cfg):
-    """The stage's kind (`alignpipe.recipe.kinds.StageKind`): whether it takes its held-out rows from here, its family."""
+    """The stage's kind (`recipe.kinds.StageKind`): whether it takes its held-out rows from here, its family."""
     return kind_of(cfg.kind)
 
 

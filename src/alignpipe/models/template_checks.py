@@ -3,7 +3,8 @@
 A wrong template does not crash a training run: it trains a model that never stops, or learns from
 the user's turns, or is evaluated with a prompt it never saw (alignment-handbook #93, LLaMA-Factory
 #2984, TRL #2059). So before any stage trains, the runner calls `check_stage_templates`
-(`alignpipe.pipeline.stage_templates`), which renders a probe conversation with the tokenizer the stage will use and checks that
+(`alignpipe.pipeline.stage_templates`), which renders a probe conversation with the tokenizer the stage
+will use and checks that
 
 - the assistant-token mask (`{% generation %}`) covers exactly the assistant turns, end-of-turn
   token included (when the stage trains on assistant tokens only);
