@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
 from alignpipe.pipeline.validate import validate
-from alignpipe.recipe.schema import load_recipe, to_plain
+from alignpipe.recipe.parse import load_recipe, to_plain
 from alignpipe.rl.policy import AdapterOff
 from alignpipe.stages import dpo
 from alignpipe.stages.context import make_context

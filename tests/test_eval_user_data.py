@@ -155,7 +155,7 @@ def test_without_a_prompts_file_a_stage_is_evaluated_on_its_held_out_rows(model_
     m = read_manifest(sft)["metrics"]
     # the recipe's held-out split (alignpipe.data.split): every conversation whose first user turn it holds out
     from alignpipe.data.split import prompt_key, recipe_split
-    from alignpipe.recipe.schema import load_recipe
+    from alignpipe.recipe.parse import load_recipe
 
     split = recipe_split(load_recipe(path))
     rows = [json.loads(x) for x in (tmp_path / "chat.jsonl").read_text().splitlines()]

@@ -11,7 +11,8 @@ from alignpipe.errors import RecipeError
 from alignpipe.models.loading import load_stage_model
 from alignpipe.pipeline.runner import run_recipe
 from alignpipe.pipeline.validate import validate
-from alignpipe.recipe.schema import ModelSpec, load_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import ModelSpec
 from alignpipe.stages.grpo import missing_eot
 from conftest import REPO, tiny_recipe, write_yaml
 

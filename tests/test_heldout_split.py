@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from alignpipe.data.split import heldout_prompts, prompt_key
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.stages.context import StageContext
 from conftest import write_yaml
 

@@ -14,7 +14,7 @@ from alignpipe.data.world import World, WorldConfig, judge
 from alignpipe.labelling.labellers import Labeller, agreement, compare
 from alignpipe.labelling.queue import LABELS_FILE, LabelLog, current, read_log
 from alignpipe.pipeline.runner import run_recipe
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from conftest import TINY_EVAL, TINY_WORLD, tiny_recipe, write_yaml
 
 LABEL = {"from": "sft", "data": {"embedded": "rl_prompts"}, "labeller": "label_rules:shorter", "num_prompts": 24,
@@ -337,7 +337,7 @@ def test_judge_model_labeller_over_an_endpoint_and_agreement_with_a_rule(base, t
 def test_onpolicy_recipe_reuses_the_default_pretrain_and_sft_and_chains_two_rounds():
     """recipes/onpolicy.yaml: its pretrain and sft equal default.yaml's (copied runs are skipped, not re-trained);
     round two labels the round-one policy and its reward model reads both rounds' labels."""
-    from alignpipe.recipe.schema import to_plain
+    from alignpipe.recipe.parse import to_plain
 
     repo = Path(__file__).resolve().parents[1]
     default, onpolicy = (load_recipe(repo / "recipes" / f) for f in ("default.yaml", "onpolicy.yaml"))

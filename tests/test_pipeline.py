@@ -87,7 +87,7 @@ def assert_evaluated_on_held_out(recipe_path, runs) -> None:
 
     from alignpipe.data.world import judge
     from alignpipe.models.loading import load_stage_model, load_tokenizer
-    from alignpipe.recipe.schema import load_recipe
+    from alignpipe.recipe.parse import load_recipe
     from alignpipe.stages.context import make_context
     from alignpipe.stages.helpers import pack
 
@@ -135,7 +135,7 @@ def test_show_prints_lineage(tiny, capsys):
 def test_stage_refuses_incomplete_parent(tiny, capsys):
     from alignpipe.errors import RunError
     from alignpipe.pipeline.runner import run_stage
-    from alignpipe.recipe.schema import load_recipe
+    from alignpipe.recipe.parse import load_recipe
     import pytest
 
     recipe = load_recipe(tiny)

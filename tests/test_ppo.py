@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from alignpipe.errors import RecipeError
 from alignpipe.models.loading import count_parameters, load_stage_model
 from alignpipe.pipeline.runner import run_recipe
-from alignpipe.recipe.schema import ModelSpec, load_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import ModelSpec
 from alignpipe.rl import ppo_math as pm
 from alignpipe.rl import rewards
 from alignpipe.rl.policy import build, distinct_weights, response_logits

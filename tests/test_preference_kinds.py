@@ -14,7 +14,7 @@ from alignpipe.cli import main
 from alignpipe.data.formats import normalise
 from alignpipe.errors import RecipeError
 from alignpipe.pipeline.validate import validate
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.stages import kto
 from alignpipe.stages.context import make_context
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
@@ -147,7 +147,7 @@ def test_recipe_checks(tmp_path, stage, message):
 def test_kinds_recipe_shares_the_default_runs():
     """recipes/preference-kinds.yaml writes into runs/default beside the default's dpo (docs/dpo.md compares
     them): its upstream blocks must equal the default's, or running it would start pretrain/sft/reward over."""
-    from alignpipe.recipe.schema import to_plain
+    from alignpipe.recipe.parse import to_plain
     from conftest import REPO
 
     default, kinds = (load_recipe(REPO / "recipes" / f) for f in ("default.yaml", "preference-kinds.yaml"))

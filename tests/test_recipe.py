@@ -11,7 +11,7 @@ import yaml
 
 from alignpipe.cli import main
 from alignpipe.pipeline.validate import validate
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from conftest import REPO, tiny_recipe, write_yaml
 
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)

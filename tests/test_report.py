@@ -13,7 +13,7 @@ from alignpipe.cli import main
 from alignpipe.errors import RecipeError
 from alignpipe.pipeline.gates import GateSyntaxError, evaluate_gates, parse_gate
 from alignpipe.pipeline.validate import validate
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.report.document import paired, task_kind, wilson, win_rate, write_report
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 

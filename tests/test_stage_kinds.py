@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.recipe.kinds import StageKind, all_kinds, kind_of
-from alignpipe.recipe.schema import StageConfig, load_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import StageConfig
 from alignpipe.runfolder.manifests import read_manifest
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 

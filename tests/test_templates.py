@@ -10,7 +10,7 @@ from alignpipe.errors import AlignpipeError, RunError
 from alignpipe.models import template_checks as tc
 from alignpipe.pipeline.runner import run_stage
 from alignpipe.pipeline.stage_templates import check_stage_templates
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.recipe.templates import CHATML, EMBEDDED, LLAMA3
 from conftest import tiny_recipe, write_yaml
 from hub_layout import QWEN_OWN_TEMPLATE, llama_like_tokenizer, qwen_like_tokenizer

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.runtime import threads as thread_choice
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 

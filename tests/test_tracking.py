@@ -14,7 +14,7 @@ import pytest
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
 from alignpipe.pipeline.validate import validate
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.runtime import tracking
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from alignpipe.errors import AlignpipeError, RunError
 from alignpipe.models import loading as modeling
 from alignpipe.recipe.kinds import is_scorer_manifest
-from alignpipe.recipe.schema import ModelSpec, from_dict
+from alignpipe.recipe.parse import from_dict
+from alignpipe.recipe.schema import ModelSpec
 from alignpipe.recipe.templates import END_OF_TURN
 from alignpipe.runfolder.manifests import require_complete
 from alignpipe.runtime.threads import set_threads

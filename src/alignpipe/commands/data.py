@@ -19,7 +19,7 @@ from alignpipe.data.sources import MAX_DROPPED, prepare_data
 from alignpipe.errors import AlignpipeError
 from alignpipe.pipeline.validate import stage_tokenizer
 from alignpipe.recipe.kinds import kind_of
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.recipe.templates import resolve_template
 
 FAMILY_CHOICES = ("conversations", "pairs", "text", "kto", "prompts")

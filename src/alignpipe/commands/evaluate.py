@@ -13,7 +13,8 @@ from alignpipe.eval.lm_eval import run_lm_eval
 from alignpipe.models.loading import device, load_stage_model, load_tokenizer
 from alignpipe.models.template_checks import add_stop_token
 from alignpipe.pipeline import gates
-from alignpipe.recipe.schema import LmEvalSpec, load_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import LmEvalSpec
 from alignpipe.runfolder import manifests as runs
 from alignpipe.runfolder.files import write_json_atomic
 from alignpipe.runtime.threads import set_threads

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alignpipe.errors import RunError
 from alignpipe.pipeline import gates
-from alignpipe.recipe.schema import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.runfolder.lock import RunLock
 
 

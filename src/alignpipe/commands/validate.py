@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from alignpipe.errors import RecipeError
 from alignpipe.pipeline.validate import validate
-from alignpipe.recipe.schema import Recipe, load_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import Recipe
 from alignpipe.runtime.threads import check_env
 
 

@@ -26,7 +26,7 @@ import yaml
 from alignpipe.data.world import World, WorldConfig
 from alignpipe.eval.verifiers import EMBEDDED
 from alignpipe.recipe.kinds import kind_of
-from alignpipe.recipe.schema import apply_override, load_recipe, yaml_load
+from alignpipe.recipe.parse import apply_override, load_recipe, yaml_load
 
 FILES = ("corpus", "corpus_eval", "conversations", "conversations_eval", "pairs", "pairs_eval", "rl_prompts",
          "prompts")

@@ -10,7 +10,8 @@ from typing import Any
 
 from alignpipe.data.world import part_fingerprint
 from alignpipe.errors import RunError
-from alignpipe.recipe.schema import Recipe, to_plain
+from alignpipe.recipe.parse import to_plain
+from alignpipe.recipe.schema import Recipe
 from alignpipe.runfolder import manifests as runs, versions as stage_versions
 from alignpipe.runtime import distributed
 from alignpipe.stages.context import StageContext, make_context

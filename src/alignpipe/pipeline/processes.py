@@ -16,11 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import alignpipe
 from alignpipe.errors import RunError
 from alignpipe.recipe.schema import Recipe
 from alignpipe.runfolder.lock import LOCK_PARENT_ENV
 from alignpipe.runtime.threads import usable_cores
+import alignpipe
 
 
 def resolve_parallel(value: str | int) -> tuple[int, str]:

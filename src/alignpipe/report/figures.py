@@ -25,7 +25,8 @@ from alignpipe.errors import RunError
 from alignpipe.eval.stats import by_prompt, paired, verdict, wilson, win_rate
 from alignpipe.pipeline.gates import recorded as recorded_gates
 from alignpipe.recipe.kinds import StageKind, all_kinds
-from alignpipe.recipe.schema import ModelSpec, from_dict
+from alignpipe.recipe.parse import from_dict
+from alignpipe.recipe.schema import ModelSpec
 from alignpipe.reward.metrics import pearson
 from alignpipe.runfolder.files import read_jsonl
 from alignpipe.runfolder.headline import HEADLINE_METRICS

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from alignpipe.data.loading import check_spec, load_family
 from alignpipe.errors import RecipeError
 from alignpipe.recipe.kinds import StageKind
-from alignpipe.recipe.schema import StageConfig, from_dict
+from alignpipe.recipe.parse import from_dict
+from alignpipe.recipe.schema import StageConfig
 from alignpipe.rl import rewards
 from alignpipe.rl.ppo_trainer import PPOFolders, PPOSettings, PPOTrainer
 from alignpipe.rl.rewards import check_reward_source
