@@ -38,13 +38,13 @@ import alignpipe
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 from kill_harness import KILLER
 
+STAGE_MODULES = all_kinds()  # the registry, the built-in kinds loaded
+
 
 # A PPO reward (TRL reward-function form) that SIGKILLs its process on call $KILL_AT_CALL (one call per update).
 # Each call is also recorded, so a test can count the rollouts a process scored.
 REWARD = r"""
 import os, signal
-
-STAGE_MODULES = all_kinds()
 
 CALLS = {"n": 0, "batches": []}
 

@@ -142,8 +142,8 @@ def _package():
 
 
 # the one computed argument list: `run --parallel` starts this interpreter on alignpipe.cli for each stage
-# (stage_processes.child_command); the recipe path, stage names and --set items are single list items, no shell
-COMPUTED_ARGV = {"stage_processes.py": "subprocess.Popen with a computed command"}
+# (pipeline/processes.child_command); the recipe path, stage names and --set items are single list items, no shell
+COMPUTED_ARGV = {"pipeline/processes.py": "subprocess.Popen with a computed command"}
 
 
 def test_no_recipe_string_reaches_a_shell():
