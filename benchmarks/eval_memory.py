@@ -9,7 +9,7 @@ Run it under /usr/bin/time -v for the peak resident memory, with PYTHONPATH poin
     PYTHONPATH=src /usr/bin/time -v python benchmarks/eval_memory.py                   # after
 
 It prints one JSON line: the seconds the evaluation took, the prompts' token lengths, and what was sampled.
-The model is `alignpipe.tiny_model`'s Qwen2 look-alike (~40k parameters, 256 positions), built in a
+The model is `alignpipe.models.tiny`'s Qwen2 look-alike (~40k parameters, 256 positions), built in a
 temporary folder; the prompts are seeded pseudo-English of ~2,200 characters (1,678-1,864 tokens).
 
 Measured 2026-12-07 on the shared 2-core AMD EPYC development machine (1 thread, other work running),
@@ -57,9 +57,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignpipe.evaluation import kl_to_reference, sample
-    from alignpipe.recipe import EvalSpec
-    from alignpipe.tiny_model import save_tiny_model
+    from alignpipe.eval.policy import kl_to_reference, sample
+    from alignpipe.recipe.schema import EvalSpec
+    from alignpipe.models.tiny import save_tiny_model
 
     torch.set_num_threads(1)
     spec = EvalSpec()

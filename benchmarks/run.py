@@ -188,7 +188,7 @@ def run_interleaved(groups: list[list[Contestant]], settings: Settings, recipes:
     The rounds are shared out over `versus_process_pairs` sets of fresh worker processes, one set after the
     other: the rounds of one process pair agree within ~2%, but the ratio moves with the pair itself (what sets
     it lives as long as the processes), so one pair per run is one draw, and a run pools several."""
-    from alignpipe.lock import LOCK_PARENT_ENV, RunLock
+    from alignpipe.runfolder.lock import LOCK_PARENT_ENV, RunLock
 
     pairs = max(1, min(settings.versus_process_pairs, settings.versus_repeats))
     rounds = [settings.versus_repeats // pairs + (i < settings.versus_repeats % pairs) for i in range(pairs)]

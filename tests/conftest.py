@@ -21,7 +21,7 @@ os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="alignpipe-tests-tr
 
 import torch  # noqa: E402
 
-from alignpipe.runs import read_manifest  # noqa: E402 - the package's own reader; tests import it from here
+from alignpipe.runfolder.manifests import read_manifest  # noqa: E402 - the package's own reader; tests import it from here
 
 torch.set_num_threads(1)
 

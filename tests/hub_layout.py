@@ -1,18 +1,18 @@
 """Tiny models saved in hub layout for the real-model tests: the package's own builder
-(`alignpipe.tiny_model`, also `alignpipe tiny-model`), under the names the tests use."""
+(`alignpipe.models.tiny`, also `alignpipe tiny-model`), under the names the tests use."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.tiny_model import (  # noqa: F401 - re-exported for the tests
+from alignpipe.models.tiny import (  # noqa: F401 - re-exported for the tests
     LLAMA_SPECIALS,
     QWEN_OWN_TEMPLATE,
     QWEN_SPECIALS,
     arithmetic,
     build_tokenizer,
 )
-from alignpipe.tiny_model import save_tiny_model as _save
+from alignpipe.models.tiny import save_tiny_model as _save
 
 
 def qwen_like_tokenizer():

@@ -75,7 +75,7 @@ def test_raw_loop_replays_the_same_batches(report):
 def test_packing_removes_padding(report):
     data, _ = report
     shares = data["derived"]["packing_real_share"]
-    # off: the sft stage's own batching, padding-free where it pays (alignpipe.padding_free), so at most all real
+    # off: the sft stage's own batching, padding-free where it pays (alignpipe.runtime.padding_free), so at most all real
     assert shares["on"] == 1.0 and 0 < shares["off"] <= 1.0
     assert data["derived"]["packing_real_tokens_per_s_on_vs_off"] > 0
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from alignpipe.cli import main
-from alignpipe.runs import read_manifest
-from alignpipe.tiny_model import arithmetic
+from alignpipe.models.tiny import arithmetic
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 
 TRAINER = {"per_device_train_batch_size": 8, "learning_rate": 5e-3, "warmup_steps": 0, "logging_steps": 1}
@@ -180,7 +180,7 @@ def test_validate_checks_a_complete_parent_as_run_does(lora_sft, qwen_dir, tmp_p
 
 
 def test_show_lists_stages_in_recipe_order_with_dpo_implicit_accuracy(tmp_path, capsys):
-    from alignpipe.runs import write_json_atomic
+    from alignpipe.runfolder.files import write_json_atomic
 
     path = write_yaml(tmp_path / "r.yaml", {"name": "r", "stages": {"sft": {}, "reward": {}, "dpo": {}}})
     metrics = {"sft": {"eval_loss": 1.5}, "reward": {"pairwise_accuracy": 0.9}, "dpo": {"implicit_accuracy": 0.75}}
@@ -215,9 +215,9 @@ def test_a_missing_absolute_data_path_is_not_blamed_on_relative_resolution(qwen_
 def test_continued_pretraining_trains_on_end_of_document_where_the_model_pads_with_eos(tmp_path):
     """A base model without a pad token is given EOS as one (as most are); the packed pretraining blocks must
     still be trained to predict EOS where each document ends, not have it masked as padding."""
-    from alignpipe import modeling
+    from alignpipe.models import loading as modeling
+    from alignpipe.stages.helpers import pack
     from alignpipe.stages.pretrain import block_collator
-    from alignpipe.stage_helpers import pack
 
     folder = tmp_path / "tok"
     tok = modeling.train_tokenizer(["one two three", "four five"], 300, [], "", None)

@@ -18,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignpipe.cli import main
-from alignpipe.modeling import load_stage_model, load_tokenizer
-from alignpipe.recipe import ModelSpec
+from alignpipe.models.loading import load_stage_model, load_tokenizer
+from alignpipe.recipe.schema import ModelSpec
 from conftest import REPO, tiny_recipe, write_yaml
 
 pytestmark = pytest.mark.slow  # every test here trains a model

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignpipe.context import StageContext
+from alignpipe.stages.context import StageContext
 from alignpipe.eval.contamination import stage_overlaps, windows
-from alignpipe.recipe import load_recipe
+from alignpipe.recipe.parse import load_recipe
 from conftest import write_yaml
 
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
@@ -62,7 +62,7 @@ def test_windows_are_of_normalised_text():
 
 def test_an_edited_eval_row_planted_in_a_training_file_is_found_by_line(tmp_path, model_dir, capsys):
     from alignpipe.cli import main
-    from alignpipe.eval.prompts import checked_eval_prompts
+    from alignpipe.eval.selection import checked_eval_prompts
 
     edited = question(2).upper().replace("art class", "school club")  # eval row 3, edited
     path = recipe(tmp_path, model_dir, planted=edited)
@@ -86,7 +86,7 @@ def test_an_edited_eval_row_planted_in_a_training_file_is_found_by_line(tmp_path
     assert dropped == 1 and question(2) not in [x["text"] for x in rows] and len(rows) == 5
 
     # the manifest: the overlapping row by file and line, and what was left out of the evaluation
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
 
     assert main(["run", str(path)]) == 0
     m = read_manifest(tmp_path / "runs" / "c" / "sft")["metrics"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignpipe.runs import read_manifest
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import REPO, write_yaml
 from hub_layout import save_tiny_model
 from test_real_models import real_recipe

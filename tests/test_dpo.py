@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import load_recipe, to_plain
-from alignpipe.context import make_context
+from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.parse import load_recipe, to_plain
 from alignpipe.rl.policy import AdapterOff
 from alignpipe.stages import dpo
-from alignpipe.validate import validate
+from alignpipe.stages.context import make_context
 from conftest import REPO, TINY_EVAL, copy_base, stage_manifest, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 25, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
@@ -131,7 +131,7 @@ def test_lora_reference_is_the_adapter_switched_off(trained):
 @pytest.mark.parametrize("stage, precompute", [("dpo", True), ("dpo", False), ("dpo_lora", False)],
                          ids=["full-precomputed-ref", "full-live-ref", "lora-adapter-off-ref"])
 def test_padding_free_forwards_train_as_padded_ones(trained, stage, precompute):
-    """Policy and reference forwards flattened (alignpipe.padding_free): TRL's own padded batches, truncation
+    """Policy and reference forwards flattened (alignpipe.runtime.padding_free): TRL's own padded batches, truncation
     and loss code, the same step-1 loss and implicit rewards as padded forwards."""
     from transformers import set_seed
 
@@ -185,21 +185,20 @@ def test_variants_recipe_shares_the_default_runs():
     assert all(cfg.kind == "dpo" for name, cfg in variants.stages.items() if name not in ("pretrain", "sft"))
 
 
-def test_on_a_cpu_trls_fused_head_runs_in_narrow_tiles_and_scores_as_the_plain_head(tmp_path):
+def test_on_a_cpu_trls_fused_head_runs_in_narrow_tiles_and_scores_as_the_plain_head():
     """TRL's fused LM head allocates a [tokens, tile] buffer per call (32,768 columns by default), which on a CPU
-    cost more than the projection; a CPU stage's trainer config narrows it. Checked with a vocabulary wider than a
-    tile (several tiles, summed online): the per-token log-probs are the plain head's."""
+    cost more than the projection; a CPU stage narrows it when it starts training (`narrow_fused_head_tiles`,
+    called by `training.train`). Checked with a vocabulary wider than a tile (several tiles, summed online): the
+    per-token log-probs are the plain head's."""
     import trl.trainer.utils as trl_utils
     from transformers import LlamaConfig, LlamaForCausalLM
-    from trl import DPOConfig
 
-    from alignpipe.training import CPU_HEAD_TILE_COLUMNS
+    from alignpipe.stages.training import CPU_HEAD_TILE_COLUMNS, narrow_fused_head_tiles
 
-    ctx = make_context(load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs"))), "sft")
     default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     try:
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = 32768
-        ctx.trainer_args(DPOConfig)
+        narrow_fused_head_tiles()
         assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_HEAD_TILE_COLUMNS
 
         torch.manual_seed(0)
@@ -218,3 +217,16 @@ def test_on_a_cpu_trls_fused_head_runs_in_narrow_tiles_and_scores_as_the_plain_h
         torch.testing.assert_close(got[:, -mask.shape[1]:][mask], want[mask], atol=1e-5, rtol=1e-5)
     finally:
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
+
+
+def test_a_renamed_trl_tile_constant_is_one_warning_not_an_error(monkeypatch):
+    """The tile width is a private constant of TRL's: when TRL renames it, training goes on in TRL's own tiles,
+    and one warning line says so."""
+    import trl.trainer.utils as trl_utils
+
+    from alignpipe.stages.training import FUSED_HEAD_TILE, narrow_fused_head_tiles
+
+    monkeypatch.delattr(trl_utils, FUSED_HEAD_TILE)
+    with pytest.warns(UserWarning, match=f"trl.trainer.utils.{FUSED_HEAD_TILE} is gone"):
+        narrow_fused_head_tiles()
+    assert not hasattr(trl_utils, FUSED_HEAD_TILE)

@@ -51,7 +51,7 @@ def test_prompts_longer_than_the_context_are_cut_to_leave_room_for_the_response(
 
 
 def test_sampling_long_prompts_stays_within_the_context_and_counts_them(tiny, capsys):
-    from alignpipe.evaluation import sample
+    from alignpipe.eval.policy import sample
 
     model, tok = tiny
     prompts = ["word " * 600 + f"question {i}?" for i in range(3)] + ["What is 1 plus 1?"]

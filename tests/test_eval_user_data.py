@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe import gates
 from alignpipe.cli import main
-from alignpipe.runs import read_manifest
+from alignpipe.pipeline import gates
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 from hub_layout import arithmetic
 
@@ -179,7 +179,7 @@ def test_without_a_prompts_file_a_stage_is_evaluated_on_its_held_out_rows(model_
     m = read_manifest(sft)["metrics"]
     # the recipe's held-out split (alignpipe.data.split): every conversation whose first user turn it holds out
     from alignpipe.data.split import prompt_key, recipe_split
-    from alignpipe.recipe import load_recipe
+    from alignpipe.recipe.parse import load_recipe
 
     split = recipe_split(load_recipe(path))
     rows = [json.loads(x) for x in (tmp_path / "chat.jsonl").read_text().splitlines()]

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignpipe.data.formats import DataError, detect_format, normalise, to_family
-from alignpipe.stages import kind_of
 from alignpipe.data.report import format_report, validation_report
 from alignpipe.data.sources import load_rows, prepare_data
+from alignpipe.recipe.kinds import kind_of
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

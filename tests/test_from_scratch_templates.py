@@ -8,7 +8,7 @@ import json
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runs import read_manifest
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import TINY_MODEL, write_yaml
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.distributed import parameter_checksum
-from alignpipe.runs import read_manifest
+from alignpipe.runfolder.manifests import read_manifest
+from alignpipe.runtime.distributed import parameter_checksum
 from conftest import REPO, write_yaml
 from hub_layout import save_tiny_model
 from test_distributed import make_command
@@ -57,8 +57,8 @@ def runs(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_process_fsdp_trains_saves_and_matches_one_process(runs, stage):
-    from alignpipe.modeling import load_stage_model
-    from alignpipe.recipe import ModelSpec
+    from alignpipe.models.loading import load_stage_model
+    from alignpipe.recipe.schema import ModelSpec
     from alignpipe.reward.artifact import load_reward_dir
 
     ranks = [json.loads((runs["sums"] / f"{stage}-rank{r}.json").read_text()) for r in (0, 1)]
@@ -99,10 +99,10 @@ def test_fsdp_on_cpu_refuses_lora_before_training(tmp_path, monkeypatch):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from alignpipe.distributed import fsdp_on_cpu
     from alignpipe.errors import RecipeError
-    from alignpipe.modeling import load_tokenizer
-    from alignpipe.recipe import ModelSpec
+    from alignpipe.models.loading import load_tokenizer
+    from alignpipe.recipe.schema import ModelSpec
+    from alignpipe.runtime.distributed import fsdp_on_cpu
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny_model(tmp_path / "model")

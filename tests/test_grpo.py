@@ -8,11 +8,12 @@ import json
 import pytest
 
 from alignpipe.errors import RecipeError
-from alignpipe.modeling import load_stage_model
-from alignpipe.recipe import ModelSpec, load_recipe
-from alignpipe.runner import run_recipe
+from alignpipe.models.loading import load_stage_model
+from alignpipe.pipeline.runner import run_recipe
+from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import ModelSpec
 from alignpipe.stages.grpo import missing_eot
-from alignpipe.validate import validate
 from conftest import REPO, copy_base, tiny_recipe, write_yaml
 
 EVAL = {"num_prompts": 8, "samples_per_prompt": 2, "max_new_tokens": 12}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.context import StageContext
 from alignpipe.data.split import heldout_prompts, prompt_key
-from alignpipe.recipe import load_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.stages.context import StageContext
 from conftest import write_yaml
 
 
@@ -60,8 +60,8 @@ def contexts(path: Path) -> dict[str, StageContext]:
 
 
 def test_no_stage_trains_on_a_prompt_any_stage_holds_out(tmp_path, model_dir):
-    from alignpipe.stage_helpers import preference_pairs
     from alignpipe.stages import reward, sft
+    from alignpipe.stages.helpers import preference_pairs
 
     ctx = contexts(recipe_file(tmp_path, model_dir, write_files(tmp_path)))
     tok = ctx["reward"].load_tokenizer()
@@ -105,8 +105,8 @@ def test_a_tiny_file_still_holds_out_a_prompt(tmp_path, model_dir):
 
 def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tmp_path, model_dir, capsys):
     from alignpipe.cli import main
-    from alignpipe.stage_helpers import preference_pairs
     from alignpipe.stages import sft
+    from alignpipe.stages.helpers import preference_pairs
 
     files = write_files(tmp_path)
     evals = jsonl(tmp_path / "eval.jsonl", [{"prompt": "What is 500 plus 501?", "chosen": "1001.", "rejected": "2."}])
@@ -135,8 +135,8 @@ def test_an_explicit_eval_file_is_held_out_everywhere_and_checked_for_overlap(tm
 def test_when_every_stage_names_its_held_out_file_nothing_is_hashed_out(tmp_path, model_dir):
     """The files are the split (as `world export` writes them): every training row is trained on, in order;
     one stage without its own file brings the hashed split back for all."""
-    from alignpipe.stage_helpers import preference_pairs
     from alignpipe.stages import sft
+    from alignpipe.stages.helpers import preference_pairs
 
     files = write_files(tmp_path)
     path = recipe_file(tmp_path, model_dir, files)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runs import read_manifest
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 from test_eval_user_data import TRAINER, write_files
 
@@ -202,7 +202,7 @@ def test_endpoint_judge_never_follows_a_redirect_with_the_key(code, monkeypatch)
     a 302 of a POST as a GET and copies the headers, the key among them.)"""
     from alignpipe.errors import EvalError
     from alignpipe.eval.judges import EndpointJudge
-    from alignpipe.recipe import JudgeSpec
+    from alignpipe.recipe.schema import JudgeSpec
 
     seen: list[dict] = []
 

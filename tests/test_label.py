@@ -13,8 +13,8 @@ from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig, judge
 from alignpipe.labelling.labellers import Labeller, agreement, compare
 from alignpipe.labelling.queue import LABELS_FILE, LabelLog, current, read_log
-from alignpipe.recipe import load_recipe
-from alignpipe.runner import run_recipe
+from alignpipe.pipeline.runner import run_recipe
+from alignpipe.recipe.parse import load_recipe
 from conftest import TINY_EVAL, TINY_WORLD, tiny_recipe, write_yaml
 
 LABEL = {"from": "sft", "data": {"embedded": "rl_prompts"}, "labeller": "label_rules:shorter", "num_prompts": 24,
@@ -339,7 +339,7 @@ def test_judge_model_labeller_over_an_endpoint_and_agreement_with_a_rule(base, t
 def test_onpolicy_recipe_reuses_the_default_pretrain_and_sft_and_chains_two_rounds():
     """recipes/onpolicy.yaml: its pretrain and sft equal default.yaml's (copied runs are skipped, not re-trained);
     round two labels the round-one policy and its reward model reads both rounds' labels."""
-    from alignpipe.recipe import to_plain
+    from alignpipe.recipe.parse import to_plain
 
     repo = Path(__file__).resolve().parents[1]
     default, onpolicy = (load_recipe(repo / "recipes" / f) for f in ("default.yaml", "onpolicy.yaml"))
@@ -413,7 +413,7 @@ def test_cut_off_pairs_false_leaves_out_pairs_whose_rejected_response_was_cut_of
 
 
 def test_cut_off_pairs_at_its_default_keeps_the_fingerprint_of_label_stages_run_before_it_existed():
-    from alignpipe.stage_plan import result_config
+    from alignpipe.pipeline.plan import result_config
 
     before = {"labeller": "embedded", "samples_per_prompt": 4}
     assert result_config({**before, "cut_off_pairs": True}) == result_config(before)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runs import read_manifest
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 from hub_layout import save_tiny_model
 from test_eval_user_data import TRAINER, write_files

@@ -1,4 +1,4 @@
-"""Padding-free batches (alignpipe.padding_free): the same rows, truncation and labels as padded batches, so the
+"""Padding-free batches (alignpipe.runtime.padding_free): the same rows, truncation and labels as padded batches, so the
 same first loss; the automatic check keeps padded batches on a model where flattening is not exact (BLOOM: its
 ALiBi positions come from the attention mask, not from position_ids), and the manifest says which was used."""
 
@@ -9,8 +9,8 @@ import json
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runs import read_manifest
-from alignpipe.tiny_model import arithmetic
+from alignpipe.models.tiny import arithmetic
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import TINY_EVAL, write_yaml
 
 
@@ -42,7 +42,7 @@ def test_padding_free_sft_trains_on_the_same_tokens_as_padded(tiny):
 def test_auto_check_keeps_padded_batches_where_flattening_is_not_exact(tmp_path):
     from transformers import BloomConfig, BloomForCausalLM
 
-    from alignpipe.padding_free import choose, flattening_error
+    from alignpipe.runtime.padding_free import choose, flattening_error
 
     text = tmp_path / "text.txt"
     text.write_text("".join(f"{q} {r} {w}\n" for q, r, w in arithmetic(100)))
@@ -77,7 +77,7 @@ def test_flattened_forward_gives_the_padded_per_token_outputs():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from alignpipe.padding_free import Batching, flatten_padded_forward
+    from alignpipe.runtime.padding_free import Batching, flatten_padded_forward
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -108,7 +108,7 @@ def test_auto_flattens_a_batch_only_where_that_costs_less():
     batches (8 rows of ~33 tokens) run flattened, the default DPO's (64 rows of ~40 of up to 60) stay padded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignpipe.padding_free import choose
+    from alignpipe.runtime.padding_free import choose
 
     def model(layers, hidden, mlp):
         return LlamaForCausalLM(LlamaConfig(vocab_size=450, hidden_size=hidden, num_hidden_layers=layers,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig
-from alignpipe.stage_helpers import pack
+from alignpipe.stages.helpers import pack
 from alignpipe.stages.pretrain import unigram_perplexity
 from conftest import TINY_WORLD, stage_manifest
 
@@ -83,10 +83,10 @@ def assert_evaluated_on_held_out(recipe_path, runs) -> None:
     import math
 
     from alignpipe.data.world import judge
-    from alignpipe.modeling import load_stage_model, load_tokenizer
-    from alignpipe.recipe import load_recipe
-    from alignpipe.context import make_context
-    from alignpipe.stage_helpers import pack
+    from alignpipe.models.loading import load_stage_model, load_tokenizer
+    from alignpipe.recipe.parse import load_recipe
+    from alignpipe.stages.context import make_context
+    from alignpipe.stages.helpers import pack
 
     recipe = load_recipe(recipe_path)
     ctx = make_context(recipe, "sft")
@@ -132,9 +132,9 @@ def test_show_prints_lineage(tiny, capsys):
 
 @pytest.mark.slow
 def test_stage_refuses_incomplete_parent(tiny, capsys):
-    from alignpipe.recipe import load_recipe
-    from alignpipe.runner import run_stage
     from alignpipe.errors import RunError
+    from alignpipe.pipeline.runner import run_stage
+    from alignpipe.recipe.parse import load_recipe
     import pytest
 
     recipe = load_recipe(tiny)

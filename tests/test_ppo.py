@@ -12,15 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from alignpipe.errors import RecipeError
-from alignpipe.modeling import count_parameters, load_stage_model
-from alignpipe.recipe import ModelSpec, load_recipe
+from alignpipe.models.loading import count_parameters, load_stage_model
+from alignpipe.pipeline.runner import run_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import ModelSpec
 from alignpipe.rl import ppo_math as pm
 from alignpipe.rl import rewards
 from alignpipe.rl.policy import build, distinct_weights, response_logits
 from alignpipe.rl.ppo_trainer import PPOSettings, prompt_batch
 from alignpipe.rl.rollout import Rollout, response_mask_from
-from alignpipe.runner import run_recipe
-from alignpipe.stage_helpers import reward_hacking
+from alignpipe.stages.helpers import reward_hacking
 from conftest import copy_base, tiny_recipe, write_yaml
 
 TOY = '''
@@ -372,7 +373,7 @@ def test_reward_functions_and_the_judge_flag():
 
 def test_missing_ptx_file_fails_validation_naming_the_key(tmp_path):
     from alignpipe.errors import AlignpipeError
-    from alignpipe.validate import validate
+    from alignpipe.pipeline.validate import validate
 
     stage = toy_stage(reward_function="alignpipe.data.world:judge_reward", ptx_data={"path": "no-such-file.jsonl"},
                       trainer={"ptx_coef": 0.1})
@@ -394,7 +395,7 @@ def test_missing_ptx_file_fails_validation_naming_the_key(tmp_path):
     ({"data": {}}, "no prompts"),
 ])
 def test_recipe_errors_name_the_key(tmp_path, stage, message):
-    from alignpipe.validate import validate
+    from alignpipe.pipeline.validate import validate
 
     stage = {"reward_function": "alignpipe.data.world:judge_reward", **stage}
     recipe = load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages={

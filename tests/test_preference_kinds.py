@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from alignpipe.cli import main
 from alignpipe.data.formats import normalise
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import load_recipe
-from alignpipe.context import make_context
+from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.stages import kto
-from alignpipe.validate import validate
+from alignpipe.stages.context import make_context
 from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 TRAINER = {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
@@ -146,7 +146,7 @@ def test_recipe_checks(tmp_path, stage, message):
 def test_kinds_recipe_shares_the_default_runs():
     """recipes/preference-kinds.yaml writes into runs/default beside the default's dpo (docs/dpo.md compares
     them): its upstream blocks must equal the default's, or running it would start pretrain/sft/reward over."""
-    from alignpipe.recipe import to_plain
+    from alignpipe.recipe.parse import to_plain
     from conftest import REPO
 
     default, kinds = (load_recipe(REPO / "recipes" / f) for f in ("default.yaml", "preference-kinds.yaml"))

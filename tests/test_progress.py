@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.progress import Progress
+from alignpipe.runtime.progress import Progress
 from conftest import REPO, tiny_recipe, write_yaml
 
 LINE = re.compile(r"^\[alignpipe\] stage pretrain train: (\d+)%  (\d+)/(\d+)  ([\d.]+ step/s|- step/s)  "

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from alignpipe.cli import main
-from alignpipe.runs import read_manifest
-from alignpipe.templates import CHATML
+from alignpipe.recipe.templates import CHATML
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import write_yaml
 from hub_layout import arithmetic, save_tiny_model
 
@@ -63,8 +63,8 @@ def test_saved_in_hub_layout(model_dir):
 def test_sft_lora_then_dpo(model_dir, tmp_path):
     import torch
 
-    from alignpipe.modeling import load_pretrained, load_stage_model, load_tokenizer
-    from alignpipe.recipe import ModelSpec
+    from alignpipe.models.loading import load_pretrained, load_stage_model, load_tokenizer
+    from alignpipe.recipe.schema import ModelSpec
 
     path = write_yaml(tmp_path / "real.yaml", real_recipe(tmp_path, model_dir, ["sft", "dpo"]))
     assert main(["validate", str(path)]) == 0
@@ -144,7 +144,7 @@ def test_hub_recipe_validates_offline_and_run_fails_fast(tmp_path, capsys, monke
 
 def test_hub_model_declared_offline_fails_at_once(monkeypatch):
     from alignpipe.errors import AlignpipeError
-    from alignpipe.modeling import load_tokenizer
+    from alignpipe.models.loading import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
@@ -173,8 +173,8 @@ def test_quantized_loading_needs_a_gpu():
     import torch
 
     from alignpipe.errors import AlignpipeError
-    from alignpipe.modeling import load_kwargs
-    from alignpipe.recipe import ModelSpec
+    from alignpipe.models.loading import load_kwargs
+    from alignpipe.recipe.schema import ModelSpec
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -249,8 +249,8 @@ def test_flash_attention_needs_its_package():
     import importlib.util
 
     from alignpipe.errors import AlignpipeError
-    from alignpipe.modeling import load_kwargs
-    from alignpipe.recipe import ModelSpec
+    from alignpipe.models.loading import load_kwargs
+    from alignpipe.recipe.schema import ModelSpec
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from alignpipe.cli import main
-from alignpipe.recipe import load_recipe
-from alignpipe.validate import validate
+from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.parse import load_recipe
 from conftest import REPO, tiny_recipe, write_yaml
 
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)

@@ -11,10 +11,10 @@ from matplotlib.image import imread
 
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
-from alignpipe.gates import GateSyntaxError, evaluate_gates, parse_gate
-from alignpipe.recipe import load_recipe
-from alignpipe.report import paired, task_kind, wilson, win_rate, write_report
-from alignpipe.validate import validate
+from alignpipe.pipeline.gates import GateSyntaxError, evaluate_gates, parse_gate
+from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.report.document import paired, task_kind, wilson, win_rate, write_report
 from conftest import TINY_EVAL, copy_base, stage_manifest, tiny_recipe, write_yaml
 
 

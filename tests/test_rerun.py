@@ -21,11 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe import runs, stage_versions
+from alignpipe.runfolder import manifests as runs
+from alignpipe.runfolder.files import write_json_atomic
+
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.modeling import load_stage_model
-from alignpipe.recipe import ModelSpec
+from alignpipe.models.loading import load_stage_model
+from alignpipe.recipe.schema import ModelSpec
+from alignpipe.runfolder import versions as stage_versions
 from conftest import tiny_recipe, write_yaml
 from kill_harness import KILLER
 
@@ -125,8 +128,7 @@ def test_killed_rerun_keeps_the_current_version_then_resumes_and_swaps(base_run,
 
 @pytest.mark.slow
 def test_failed_save_leaves_the_current_stage_as_it_was(base_run, tmp_path, capfd, monkeypatch):
-    from alignpipe import training
-
+    from alignpipe.stages import training
     run = copy_run(base_run, tmp_path / "runs")
     sft = run / "sft"
     before = files(sft)
@@ -219,8 +221,8 @@ def test_gate_only_change_rechecks_without_training(base_run, tmp_path, capfd):
 
 def _stage(folder: Path, version: int, status: str = "complete", **extra) -> Path:
     folder.mkdir(parents=True)
-    runs.write_json_atomic(folder / "manifest.json", {"schema": 1, "status": status, "version": version,
-                                                      "fingerprint": f"fp{version}", **extra})
+    write_json_atomic(folder / "manifest.json", {"schema": 1, "status": status, "version": version,
+                                                "fingerprint": f"fp{version}", **extra})
     (folder / "model").mkdir()
     (folder / "model" / "weights").write_text(f"v{version}")
     return folder

@@ -29,14 +29,16 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-import alignpipe
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.lock import LOCK_NAME, RunLock
-from alignpipe.stages import KINDS as STAGE_MODULES
-from alignpipe.training import is_complete_checkpoint, last_checkpoint
+from alignpipe.recipe.kinds import all_kinds
+from alignpipe.runfolder.lock import LOCK_NAME, RunLock
+from alignpipe.stages.training import is_complete_checkpoint, last_checkpoint
+import alignpipe
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
 from kill_harness import KILLER
+
+STAGE_MODULES = all_kinds()  # the registry, the built-in kinds loaded
 
 
 # A PPO reward (TRL reward-function form) that SIGKILLs its process on call $KILL_AT_CALL (one call per update).
@@ -397,7 +399,7 @@ def test_half_written_checkpoints_are_never_used(work, tmp_path):
 
 HOLDER = r"""
 import sys, time
-from alignpipe.lock import RunLock
+from alignpipe.runfolder.lock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)

@@ -12,13 +12,14 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import AlignpipeError, RecipeError
-from alignpipe.recipe import LoraSpec, load_recipe
+from alignpipe.pipeline.runner import run_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import LoraSpec
 from alignpipe.reward import metrics as M
 from alignpipe.reward.artifact import OneOutput, encode, load_reward_model, save_reward_model, score, score_ids
 from alignpipe.reward.pairs import filter_pairs
-from alignpipe.context import make_context
-from alignpipe.runner import run_recipe
 from alignpipe.stages import reward as stage
+from alignpipe.stages.context import make_context
 from conftest import TINY_EVAL, copy_base, tiny_recipe, write_yaml
 
 REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
@@ -233,8 +234,8 @@ def test_user_file_with_only_bad_pairs_fails_before_training(built, tmp_path, ca
 
 
 def test_recipe_checks():
-    from alignpipe.validate import validate
-    from alignpipe.recipe import parse_recipe
+    from alignpipe.pipeline.validate import validate
+    from alignpipe.recipe.parse import parse_recipe
     from pathlib import Path
 
     data = tiny_recipe(Path("/tmp/unused"), extra_stages={"reward": {**REWARD, "data": {"embedded": "sft"}}})

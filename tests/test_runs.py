@@ -17,17 +17,31 @@ from pathlib import Path
 
 import pytest
 
+from alignpipe.errors import AlignpipeError
+from alignpipe.runfolder import files
+from alignpipe.runfolder import manifests as runs
 import alignpipe
-from alignpipe import runs
 from conftest import tiny_recipe, write_yaml
 
 
 def test_write_json_atomic_leaves_no_temp(tmp_path):
     path = tmp_path / "m.json"
-    runs.write_json_atomic(path, {"status": "running"})
-    runs.write_json_atomic(path, {"status": "complete"})
+    files.write_json_atomic(path, {"status": "running"})
+    files.write_json_atomic(path, {"status": "complete"})
     assert json.loads(path.read_text()) == {"status": "complete"}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_jsonl_reader_skips_blank_lines_and_names_a_torn_one_unless_told_to_skip_it(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    files.write_jsonl_atomic(path, [{"a": 1}, {"a": 2}])
+    assert files.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": ')  # a kill mid-append
+    assert files.read_jsonl(path, skip_torn=True) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(AlignpipeError) as err:
+        files.read_jsonl(path)
+    assert err.value.where == f"{path}:4"
+    assert files.read_jsonl(tmp_path / "none.jsonl", missing_ok=True) == []
 
 
 def test_torn_manifest_is_not_complete(tmp_path):
@@ -89,7 +103,7 @@ def kill_during_write(root: Path, at: str, setup: str, write: str) -> None:
 
 
 MANIFEST_SETUP = """
-from alignpipe.runs import StageRun
+from alignpipe.runfolder.manifests import StageRun
 run = StageRun(root, {"stage": "sft", "config": {"x": 1}})
 run.start()
 """
@@ -158,7 +172,7 @@ def test_ppo_checkpoint_killed_between_write_and_rename_keeps_the_old_one(tmp_pa
     assert kl.value != 0.05  # the controller's moved coefficient came back too
 def test_manifests_from_before_result_neutral_settings_still_match():
     """A stage completed by an alignpipe that hashed logging settings too is skipped, not re-trained."""
-    from alignpipe.stage_plan import result_config, same_result
+    from alignpipe.pipeline.plan import result_config, same_result
 
     parts = {"config": {"trainer": {"learning_rate": 1e-3, "logging_steps": 5}, "checkpoint_every": 0}, "seed": 0}
     legacy = {"fingerprint": runs.fingerprint_json(parts), "inputs": json.loads(json.dumps(parts))}

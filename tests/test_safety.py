@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from alignpipe.cli import main
 from alignpipe.errors import AlignpipeError
-from alignpipe.modeling import load_pretrained
-from alignpipe.recipe import ModelSpec
+from alignpipe.models.loading import load_pretrained
+from alignpipe.recipe.schema import ModelSpec
 from conftest import REPO, tiny_recipe, write_yaml
 
 SRC = REPO / "src" / "alignpipe"
@@ -145,8 +145,8 @@ def _package():
 
 
 # the one computed argument list: `run --parallel` starts this interpreter on alignpipe.cli for each stage
-# (stage_processes.child_command); the recipe path, stage names and --set items are single list items, no shell
-COMPUTED_ARGV = {"stage_processes.py": "subprocess.Popen with a computed command"}
+# (pipeline/processes.child_command); the recipe path, stage names and --set items are single list items, no shell
+COMPUTED_ARGV = {"pipeline/processes.py": "subprocess.Popen with a computed command"}
 
 
 @pytest.mark.slow
@@ -161,7 +161,7 @@ def test_the_stage_child_is_this_interpreter_with_one_argument_per_item(tmp_path
     import sys
     from types import SimpleNamespace
 
-    from alignpipe.stage_processes import child_command
+    from alignpipe.pipeline.processes import child_command
 
     recipe = SimpleNamespace(path=tmp_path / "r; rm -rf x.yaml")
     cmd = child_command(recipe, "dpo", ["stages.dpo.trainer.beta=$(id)"], force=True, restart=False, keep=2)
@@ -213,7 +213,7 @@ def test_a_tampered_manifest_cannot_turn_on_remote_code(tiny_run, tmp_path, caps
     """A run folder whose model has its own Python (auto_map) and whose manifest says trust_remote_code and
     allow_pickle (with the model hash updated to match, as a tamperer would): `generate` never imports that
     code. Only `--trust-remote-code` on the command line runs it."""
-    from alignpipe.runs import fingerprint_path
+    from alignpipe.runfolder.manifests import fingerprint_path
 
     stage = _copy_run(tiny_run, tmp_path)
     marker = tmp_path / "code-ran"
@@ -245,7 +245,7 @@ def test_a_flipped_weight_byte_is_refused_by_generate_and_export(tiny_run, tmp_p
     """One bit flipped in the data region of model.safetensors (the header still parses): the model's files
     no longer match the hash the manifest records, and `generate` and `export` refuse with one line; also
     after an earlier load remembered the folder as verified (the cache keys on each file's change time)."""
-    from alignpipe.runs import verified_cache
+    from alignpipe.runfolder.manifests import verified_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     stage = _copy_run(tiny_run, tmp_path)
@@ -325,7 +325,7 @@ def test_show_reads_no_unbounded_file_a_manifest_names(tiny_run, tmp_path, capsy
 
 def test_a_broken_safetensors_header_is_one_line(tiny_run, tmp_path, capsys):
     """The header length of model.safetensors garbled (and the manifest's hash made to match): one line."""
-    from alignpipe.runs import fingerprint_path
+    from alignpipe.runfolder.manifests import fingerprint_path
 
     stage = _copy_run(tiny_run, tmp_path)
     weights = stage / "model" / "model.safetensors"

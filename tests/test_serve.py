@@ -236,7 +236,7 @@ def test_a_served_stage_is_another_recipes_pairwise_judge(stage, served, tmp_pat
     """The judge of this recipe's dpo stage is `alignpipe serve` of the other run's sft stage: every pair is
     asked in both orders, and each answer is what `alignpipe generate` says to the same judging prompt."""
     from alignpipe.eval.judges import DEFAULT_TEMPLATE, fill, parse_verdict
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
     from test_judges import judge_recipe
 
     model_dir = save_tiny_model(tmp_path / "hub" / "tiny-qwen2")

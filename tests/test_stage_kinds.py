@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from alignpipe.cli import main
-from alignpipe.recipe import StageConfig, load_recipe
-from alignpipe.runs import read_manifest
-from alignpipe.stages import KINDS, StageKind, kind_of
+from alignpipe.recipe.kinds import StageKind, all_kinds, kind_of
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import TINY_EVAL, tiny_recipe, write_yaml
+
+KINDS = all_kinds()  # the registry, the built-in kinds loaded
 
 
 @dataclass
@@ -30,7 +33,7 @@ def copy_trainer_config():
 
 def run_copy(ctx) -> dict:
     """Its start, saved as it is (plus `noise`), then evaluated as every policy stage is."""
-    from alignpipe.stage_helpers import evaluate_policy, start_as_reference
+    from alignpipe.stages.helpers import evaluate_policy, start_as_reference
 
     tokenizer, model = ctx.load_tokenizer(), ctx.load_model()
     with torch.no_grad():

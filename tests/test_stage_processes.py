@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from alignpipe import thread_choice
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.lock import LOCK_PARENT_ENV, RunLock
-from alignpipe.stage_processes import resolve_parallel
-from alignpipe.thread_choice import usable_cores
+from alignpipe.pipeline.processes import resolve_parallel
+from alignpipe.runfolder.lock import LOCK_PARENT_ENV, RunLock
+from alignpipe.runtime import threads as thread_choice
+from alignpipe.runtime.threads import usable_cores
 from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 SIBLING = {"kind": "sft", "from": "pretrain", "data": {"embedded": "sft"}, "eval": TINY_EVAL,
@@ -68,7 +68,7 @@ def _try_lock(run_root, parent_pid: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != LOCK_PARENT_ENV}
     if parent_pid is not None:
         env[LOCK_PARENT_ENV] = parent_pid
-    code = "import sys; from alignpipe.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('in')"
+    code = "import sys; from alignpipe.runfolder.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('in')"
     return subprocess.run([sys.executable, "-c", code, str(run_root)], env=env, capture_output=True, text=True,
                           timeout=60)
 

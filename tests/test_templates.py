@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from alignpipe import template_checks as tc
 from alignpipe.cli import main
 from alignpipe.errors import AlignpipeError, RunError
-from alignpipe.recipe import load_recipe
-from alignpipe.runner import run_stage
-from alignpipe.templates import CHATML, EMBEDDED, LLAMA3
+from alignpipe.models import template_checks as tc
+from alignpipe.pipeline.runner import run_stage
+from alignpipe.pipeline.stage_templates import check_stage_templates
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.templates import CHATML, EMBEDDED, LLAMA3
 from conftest import tiny_recipe, write_yaml
 from hub_layout import QWEN_OWN_TEMPLATE, llama_like_tokenizer, qwen_like_tokenizer
 
@@ -79,8 +80,8 @@ def test_generation_config_stop_token_is_enough(qwen):
 
 
 def test_embedded_template_on_its_own_tokenizer():
-    from alignpipe.modeling import train_tokenizer
-    from alignpipe.templates import EMBEDDED_SPECIAL_TOKENS
+    from alignpipe.models.loading import train_tokenizer
+    from alignpipe.recipe.templates import EMBEDDED_SPECIAL_TOKENS
 
     tok = train_tokenizer(["The answer is 7. What is 3 plus 4?"] * 20, 300, EMBEDDED_SPECIAL_TOKENS, EMBEDDED)
     assert tc.use_end_of_turn_as_eos(tok) is None  # <|end|> already is EOS
@@ -180,7 +181,7 @@ def test_sft_records_its_template_check(pretrained, tmp_path):
     shutil.copytree(root / "runs", tmp_path / "runs")
     path = write_yaml(tmp_path / "tiny.yaml", recipe)
     assert main(["run", str(path)]) == 0
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
 
     check = read_manifest(tmp_path / "runs" / "tiny" / "sft")["template_check"]
     assert check["end_of_turn"] == "<|end|>" and check["assistant_mask"]["turns"] == 2
@@ -257,7 +258,7 @@ def _resave_as_if_trained_so(stage_dir, change) -> None:
     the stage had been trained with them: only the vocabulary / template check can tell."""
     import json
 
-    from alignpipe.runs import fingerprint_path, write_json_atomic
+    from alignpipe.runfolder.manifests import fingerprint_path, write_json_atomic
 
     change(stage_dir / "model")
     manifest = json.loads((stage_dir / "manifest.json").read_text())
@@ -313,7 +314,7 @@ def test_parent_with_another_vocabulary_refused(with_reward, tmp_path):
     """A stage's tokenizer is loaded from its parent, so through the runner the two always agree; the
     check is reached by handing the stage a tokenizer of another vocabulary (what a stage that built
     its own would hold)."""
-    from alignpipe.context import make_context
+    from alignpipe.stages.context import make_context
 
     recipe, runs_dir = _copy_of(with_reward, tmp_path)
     ctx = make_context(recipe, "reward")
@@ -321,6 +322,6 @@ def test_parent_with_another_vocabulary_refused(with_reward, tmp_path):
     tokenizer.add_tokens(["zzzz"])
     with pytest.raises(RunError, match=r"stage 'sft' was trained with a different tokenizer \(300 tokens\) "
                                        r"than this stage's \(301 tokens\)") as err:
-        tc.check_stage_templates(ctx, tokenizer)
+        check_stage_templates(ctx, tokenizer)
     assert err.value.key == "stages.reward.from"
-    assert tc.check_stage_templates(ctx)["tokenizer"]["vocab_size"] == 300  # its own tokenizer passes
+    assert check_stage_templates(ctx)["tokenizer"]["vocab_size"] == 300  # its own tokenizer passes

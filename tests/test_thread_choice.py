@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignpipe import thread_choice
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.recipe import load_recipe
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.runtime import threads as thread_choice
 from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 REWARD = {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,

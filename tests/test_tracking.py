@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe import tracking
 from alignpipe.cli import main
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import load_recipe
-from alignpipe.validate import validate
+from alignpipe.pipeline.validate import validate
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.runtime import tracking
 from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
 
 SECRETS = {"HF_TOKEN": "hf_sentinelTOKENnotToBeLogged", "WANDB_API_KEY": "sentinelKEYnotToBeLogged0123456789abcd",

@@ -238,7 +238,7 @@ def _trained_text(tok, features: dict) -> str:
 @pytest.mark.parametrize("template", ["chatml", "llama3"])
 def test_tool_calls_are_trained_on_and_tool_results_are_not(template):
     from alignpipe.data.sft_tokens import tokenize_rows
-    from alignpipe.templates import BUILTIN
+    from alignpipe.recipe.templates import BUILTIN
 
     tok = _tokenizer(BUILTIN[template])
     row = {"messages": TOOL_CONVERSATION, "tools": NORMAL_TOOLS}
@@ -253,7 +253,7 @@ def test_tool_calls_are_trained_on_and_tool_results_are_not(template):
 
 def test_a_template_without_tool_support_is_refused():
     from alignpipe.data.sft_tokens import tokenize_rows
-    from alignpipe.templates import EMBEDDED
+    from alignpipe.recipe.templates import EMBEDDED
 
     with pytest.raises(DataError, match="does not render tool calls"):
         tokenize_rows([{"messages": TOOL_CONVERSATION, "tools": NORMAL_TOOLS}], _tokenizer(EMBEDDED))
@@ -261,7 +261,7 @@ def test_a_template_without_tool_support_is_refused():
 
 def test_loss_weight_zero_turns_are_not_trained_on():
     from alignpipe.data.sft_tokens import needs_own_tokens, tokenize_rows
-    from alignpipe.templates import CHATML
+    from alignpipe.recipe.templates import CHATML
 
     tok = _tokenizer(CHATML)
     rows = [{"messages": [user("hi"), {**bot("first answer"), "loss_weight": 0.0}, user("more"), bot("second")]}]
@@ -277,8 +277,8 @@ def test_loss_weight_zero_turns_are_not_trained_on():
 
 
 def test_reward_pairs_keep_responses_and_cut_long_prompts_from_the_left():
+    from alignpipe.recipe.templates import CHATML
     from alignpipe.reward.pairs import filter_pairs
-    from alignpipe.templates import CHATML
 
     tok = _tokenizer(CHATML)
     long_prompt = [user("old question " * 40), bot("old answer " * 40), user("tell me " * 30 + "the last question")]
@@ -327,8 +327,8 @@ def test_trl_trains_on_the_masks_given(tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    from alignpipe.recipe.templates import CHATML
     from alignpipe.stages.sft import datasets
-    from alignpipe.templates import CHATML
     from hub_layout import save_tiny_model
 
     folder = save_tiny_model(tmp_path / "m")

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from alignpipe.eval.independence import independence_line, optimised_judges
-from alignpipe.recipe import load_recipe
-from alignpipe.report import write_report
-from alignpipe.report_figures import NOT_INDEPENDENT, NOT_MEASURED
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.report.document import write_report
+from alignpipe.report.figures import NOT_INDEPENDENT, NOT_MEASURED
 from conftest import tiny_recipe, write_yaml
 from test_report import _samples, _stage
 
@@ -125,7 +125,7 @@ def test_which_judges_each_stage_optimised(tmp_path):
 
 
 def test_validate_says_when_a_stage_has_no_independent_judge(tmp_path, capsys):
-    from alignpipe.validate import validate
+    from alignpipe.pipeline.validate import validate
 
     stages = {"grpo": {"kind": "grpo", "from": "sft", "reward_function": "alignpipe.data.world:judge_reward",
                        "data": {"embedded": "rl_prompts"}, "trainer": {"max_steps": 1}}}
@@ -150,7 +150,7 @@ def test_below_chance(accuracy, flagged):
 
 def test_ppo_on_user_data_judged_only_by_its_reward_model_then_by_a_verifier(tmp_path, capsys):
     from alignpipe.cli import main
-    from alignpipe.runs import read_manifest
+    from alignpipe.runfolder.manifests import read_manifest
     from hub_layout import save_tiny_model
     from test_eval_user_data import user_recipe as eval_user_recipe
 

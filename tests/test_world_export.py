@@ -12,7 +12,7 @@ import pytest
 from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig
 from alignpipe.eval.prompts import read_prompt_file
-from alignpipe.runs import read_manifest
+from alignpipe.runfolder.manifests import read_manifest
 from conftest import TINY_EVAL, TINY_WORLD, tiny_recipe, write_yaml
 
 STAGES = {

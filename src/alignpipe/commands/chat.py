@@ -9,10 +9,13 @@ checkpoint's tokenizer, which is the recipe's template that the stage trained wi
 
 from __future__ import annotations
 
+# Heavy imports (torch, transformers) stay inside the functions that use them: the CLI starts without them.
 import json
 from pathlib import Path
 
-from alignpipe.errors import AlignpipeError, RunError
+from alignpipe.errors import AlignpipeError
+from alignpipe.models.stage_model import cut, load_stage, stop_ids
+from alignpipe.runtime.threads import set_threads
 
 
 def add_parser(subparsers) -> None:
@@ -46,65 +49,6 @@ def code_flags(p) -> None:
                    help="load .bin/.pt weights (pickle can run code); only for folders you trust")
 
 
-# --- loading a stage for inference --------------------------------------------------------------
-
-
-def model_spec(manifest: dict, stage_dir: Path | None = None, args=None):
-    """The recipe's ModelSpec (dtype, quantisation) as the stage recorded it; trust_remote_code and
-    allow_pickle from the command line only (modeling.spec_from_manifest)."""
-    from alignpipe.modeling import spec_from_manifest
-
-    where = str(Path(stage_dir) / "manifest.json") if stage_dir is not None else "manifest.json"
-    return spec_from_manifest(manifest, where, trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
-                              allow_pickle=bool(getattr(args, "allow_pickle", False)))
-
-
-def stage_manifest(stage_dir: Path) -> dict:
-    from alignpipe.runs import require_complete
-
-    stage_dir = Path(stage_dir)
-    if not (stage_dir / "manifest.json").is_file():
-        raise RunError("not a stage folder (no manifest.json)", where=str(stage_dir),
-                       fix="give runs/<recipe name>/<stage>, e.g. runs/default/sft")
-    manifest = require_complete(stage_dir, needed_by=stage_dir.name)
-    if not (stage_dir / "model").is_dir():
-        raise RunError("the stage saved no model", where=str(stage_dir / "model"), fix="give a policy stage")
-    from alignpipe.stages import is_scorer_manifest
-
-    if is_scorer_manifest(manifest):
-        raise RunError("a reward stage scores responses, it does not write them", where=str(stage_dir),
-                       fix="give a policy stage (sft, dpo, ppo, ...); score with `alignpipe score`")
-    return manifest
-
-
-def load_stage(stage_dir: Path, args=None):
-    """(model in eval mode, tokenizer with its chat template, manifest) of a complete policy stage."""
-    from alignpipe import modeling
-
-    stage_dir = Path(stage_dir)
-    manifest = stage_manifest(stage_dir)
-    spec = model_spec(manifest, stage_dir, args)
-    tokenizer = modeling.load_tokenizer(stage_dir / "model", spec)
-    if not tokenizer.chat_template:
-        raise RunError("the checkpoint's tokenizer has no chat template", where=str(stage_dir / "model"),
-                       fix="re-run the stage with a recipe `chat_template`")
-    model = modeling.load_stage_model(stage_dir, spec).to(modeling.device()).eval()
-    return model, tokenizer, manifest
-
-
-def stop_ids(tokenizer, manifest: dict) -> list[int]:
-    """Token ids that end an assistant turn: EOS, and the template's end-of-turn token if it differs."""
-    from alignpipe.templates import END_OF_TURN
-
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    token = END_OF_TURN.get((manifest.get("recipe_settings") or {}).get("chat_template", ""))
-    if token is not None:
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    return ids
-
-
 def generation_kwargs(args, tokenizer, stops: list[int]) -> dict:
     sample = args.temperature > 0
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, eos_token_id=stops,
@@ -118,22 +62,12 @@ def render(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def cut(ids: list[int], stops: list[int]) -> tuple[list[int], bool]:
-    """Response ids up to (not including) the first end-of-turn token; and whether there was one."""
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[:i], True
-    return ids, False
-
-
 # --- chat ---------------------------------------------------------------------------------------
 
 
 def cmd_chat(args) -> int:
     import torch
     from transformers import TextStreamer
-
-    from alignpipe.cli import set_threads
 
     set_threads()
     model, tokenizer, manifest = load_stage(Path(args.stage_dir), args)
@@ -228,8 +162,6 @@ def cmd_generate(args) -> int:
     """Each row's reply. A `turns` row (MT-Bench) is answered turn by turn, each reply joining the
     conversation before the next turn: `responses` holds them all, `response` the last."""
     import torch
-
-    from alignpipe.cli import set_threads
 
     set_threads()
     rows = read_prompts(Path(args.inp))

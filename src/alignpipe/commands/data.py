@@ -9,9 +9,18 @@ left out to read the stage's own `data:`.
 
 from __future__ import annotations
 
+# Heavy imports (transformers) stay inside the functions that use them: the CLI starts without them.
 from pathlib import Path
 
+from alignpipe.data.formats import DataError
+from alignpipe.data.loading import as_user_error
+from alignpipe.data.report import format_report, validation_report
+from alignpipe.data.sources import MAX_DROPPED, prepare_data
 from alignpipe.errors import AlignpipeError, terminal_safe
+from alignpipe.pipeline.validate import stage_tokenizer
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.templates import resolve_template
 
 FAMILY_CHOICES = ("conversations", "pairs", "text", "kto", "prompts")
 SHOW_CHARS = 1200  # of each rendered example
@@ -75,22 +84,12 @@ def _pick(rows: list[dict], n: int) -> list[int]:
 
 
 def cmd_data(args) -> int:
-    from alignpipe.data.formats import DataError
-    from alignpipe.data.loading import as_user_error
-    from alignpipe.data.report import format_report, validation_report
-    from alignpipe.data.sources import MAX_DROPPED, prepare_data
-    from alignpipe.templates import resolve_template
-
     recipe = tokenizer = max_length = None
     spec = {"path": args.file, "format": args.format} if args.file else None
     family, key, base = args.family, "data", Path.cwd()
     if args.stage and not args.recipe:
         raise AlignpipeError("--stage needs --recipe", key="--stage", fix="add --recipe RECIPE.yaml")
     if args.recipe:
-        from alignpipe.recipe import load_recipe
-        from alignpipe.stages import kind_of
-        from alignpipe.validate import stage_tokenizer
-
         recipe = load_recipe(args.recipe)
         if args.stage:
             if args.stage not in recipe.stages:

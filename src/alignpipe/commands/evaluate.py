@@ -5,7 +5,20 @@ this one see a changed parent and re-run on the next `alignpipe run`."""
 
 from __future__ import annotations
 
+# Heavy imports (eval.policy, which imports torch) stay inside the functions that use them: the CLI starts without them.
 from pathlib import Path
+
+from alignpipe.errors import RunError
+from alignpipe.eval.lm_eval import run_lm_eval
+from alignpipe.models.loading import device, load_stage_model, load_tokenizer
+from alignpipe.models.template_checks import add_stop_token
+from alignpipe.pipeline import gates
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.recipe.schema import LmEvalSpec
+from alignpipe.runfolder import manifests as runs
+from alignpipe.runfolder.files import write_json_atomic
+from alignpipe.runtime.threads import set_threads
+from alignpipe.stages.context import make_context
 
 
 def add_parser(subparsers) -> None:
@@ -24,7 +37,7 @@ def recipe_named_by(manifest: dict, stage_dir: Path) -> str:
     (verifiers, trust_remote_code), so one inside the run folder, which came with the folder and may be anyone's,
     is refused: give --recipe to say that you mean it."""
     from alignpipe.errors import RunError
-    from alignpipe.stage_versions import run_root_of
+    from alignpipe.runfolder.versions import run_root_of
 
     named = manifest.get("recipe") or ""
     root = run_root_of(stage_dir).resolve()
@@ -38,11 +51,6 @@ def recipe_named_by(manifest: dict, stage_dir: Path) -> str:
 
 
 def cmd_eval(args) -> int:
-    from alignpipe import gates, runs
-    from alignpipe.cli import set_threads
-    from alignpipe.errors import RunError
-    from alignpipe.recipe import LmEvalSpec, load_recipe
-
     stage_dir = Path(args.stage_dir)
     manifest = runs.read_manifest(stage_dir)
     if manifest is None or manifest.get("status") != "complete":
@@ -54,24 +62,18 @@ def cmd_eval(args) -> int:
         raise RunError(f"the recipe has no stage {name!r} writing to this folder", where=str(recipe.path),
                        fix="give the recipe that produced it with --recipe")
     set_threads()
-    from alignpipe.evaluation import evaluate_stage
-    from alignpipe.modeling import device, load_stage_model, load_tokenizer
-    from alignpipe.context import make_context
+    from alignpipe.eval.policy import evaluate_stage
 
     ctx = make_context(recipe, name)
     tokenizer = load_tokenizer(ctx.model_dir, recipe.model)
     policy = load_stage_model(ctx.dir, recipe.model).to(device()).eval()
     if args.tasks:
-        from alignpipe.eval.lm_eval import run_lm_eval
-
         base = ctx.config.eval.lm_eval or LmEvalSpec()
         spec = LmEvalSpec(tasks=args.tasks, include_path=args.include_path or base.include_path,
                           data_files=base.data_files, limit=args.limit if args.limit is not None else base.limit,
                           num_fewshot=base.num_fewshot, batch_size=base.batch_size, max_gen_toks=base.max_gen_toks)
         figures = run_lm_eval(ctx, policy, tokenizer, spec)
     else:
-        from alignpipe.template_checks import add_stop_token
-
         add_stop_token(policy, tokenizer.eos_token_id)
         # aligned stages are compared with their start (the parent), as when they were trained
         reference = ctx.load_model().to(device()).eval() if ctx.parent_dir and ctx.kind.aligned else None
@@ -83,7 +85,7 @@ def cmd_eval(args) -> int:
     manifest["metrics"] = metrics
     if results:
         manifest["gates"] = results
-    runs.write_json_atomic(stage_dir / runs.MANIFEST, manifest)
+    write_json_atomic(stage_dir / runs.MANIFEST, manifest)
     print(f"stage {name}: evaluation {metrics.get('eval_status', 'complete')}; "
           + ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if isinstance(v, float))[:600])
     gates.raise_if_missed(name, results, stage_dir)

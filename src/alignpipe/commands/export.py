@@ -12,11 +12,17 @@ refuses unless `--dequantize` says to load the base unquantised (in `--dtype`) a
 
 from __future__ import annotations
 
+# Heavy imports (torch, transformers) stay inside the functions that use them: the CLI starts without them.
 import dataclasses
 import json
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.models import loading as modeling
+from alignpipe.models.stage_model import model_spec, stage_manifest
+from alignpipe.recipe.kinds import is_scorer_manifest
+from alignpipe.runfolder.manifests import manifest_hash, read_manifest
+from alignpipe.runtime.threads import set_threads
 
 PROBES = ["what is 3 plus 4?", "reverse the word cat.", "Hello! Who are you?"]
 PROBE_ANSWER = "The answer is"  # a few assistant tokens too, so the check covers generated positions
@@ -50,7 +56,7 @@ def quantised_base(manifest: dict, spec) -> str | None:
         return "4-bit (model.load_in_4bit)"
     if spec.load_in_8bit:
         return "8-bit (model.load_in_8bit)"
-    from alignpipe.runs import read_named_file
+    from alignpipe.runfolder.manifests import read_named_file
 
     path = spec.path
     text = read_named_file(Path(path) / "config.json") if path else None  # bounded: named by the run folder
@@ -82,11 +88,6 @@ def probe_logits(model, tokenizer) -> list:
 def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
-    from alignpipe import modeling
-    from alignpipe.cli import set_threads
-    from alignpipe.commands.chat import model_spec, stage_manifest
-    from alignpipe.runs import manifest_hash, read_manifest
-
     set_threads()
     stage_dir, out = Path(args.stage_dir), Path(args.out)
     if args.format == "gguf":
@@ -102,7 +103,6 @@ def cmd_export(args) -> int:
             raise GGUFError(f"--quant {args.quant} is not written here", key="--quant",
                             fix=f"use one of {', '.join(QUANTS)}; for other types run llama.cpp's llama-quantize "
                                 "on the f16 file")
-    from alignpipe.stages import is_scorer_manifest
 
     if is_scorer_manifest(read_manifest(stage_dir)):
         raise ExportError("a reward stage's model/ is already standalone (score head merged in)",
@@ -163,7 +163,7 @@ def cmd_export(args) -> int:
 def export_gguf(out: Path, manifest: dict, tokenizer, quant: str) -> None:
     """OUT/<stage>-<quant>.gguf from the folder just written and checked, and OUT/Modelfile for Ollama."""
     from alignpipe.serving.gguf_export import modelfile, write_gguf
-    from alignpipe.templates import END_OF_TURN
+    from alignpipe.recipe.templates import END_OF_TURN
 
     template_name = (manifest.get("recipe_settings") or {}).get("chat_template")
     end_of_turn = END_OF_TURN.get(template_name or "") or tokenizer.eos_token

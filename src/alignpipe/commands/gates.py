@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignpipe.errors import RunError
+from alignpipe.pipeline import gates
+from alignpipe.recipe.parse import load_recipe
+from alignpipe.runfolder.lock import RunLock
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("gates", help="re-check the gates of a run's stages on their recorded metrics")
@@ -19,17 +24,11 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_gates(args) -> int:
-    from alignpipe import gates
-    from alignpipe.errors import RunError
-    from alignpipe.lock import RunLock
-
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise RunError("no such run folder", where=str(run_dir), fix="give runs/<recipe name>")
     recipe = None
     if args.recipe:
-        from alignpipe.recipe import load_recipe
-
         recipe = load_recipe(args.recipe, args.set)
         for name in recipe.stages:
             gates.check_gates(recipe, name, str(recipe.path))

@@ -7,6 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignpipe.errors import RunError
+from alignpipe.labelling.queue import QUEUE_FILE
+from alignpipe.labelling.server import serve
+from alignpipe.runfolder.manifests import read_manifest
+from alignpipe.runfolder.versions import next_dir
 
 
 def add_parser(subparsers) -> None:
@@ -22,10 +26,6 @@ def add_parser(subparsers) -> None:
 def queue_folder(stage_dir: Path) -> Path:
     """The folder whose queue is labelled: the stage folder, or its new attempt (`.next/<stage>`) while a re-run
     of a complete stage waits for labels."""
-    from alignpipe.labelling.queue import QUEUE_FILE
-    from alignpipe.runs import read_manifest
-    from alignpipe.stage_versions import next_dir
-
     side = next_dir(stage_dir)
     if (side / QUEUE_FILE).is_file() and (read_manifest(side) or {}).get("status") != "complete":
         return side
@@ -36,9 +36,6 @@ def queue_folder(stage_dir: Path) -> Path:
 
 
 def cmd_label(args) -> int:
-    from alignpipe.labelling.server import serve
-    from alignpipe.runs import read_manifest
-
     folder = queue_folder(Path(args.stage_dir))
     manifest = read_manifest(folder) or {}
     wanted = (manifest.get("resolved_config") or {}).get("min_labels") or 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from alignpipe.report.document import write_report
 
 
 def add_parser(subparsers) -> None:
@@ -15,11 +18,7 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_report(args) -> int:
-    import os
-
-    from alignpipe.report import write_report
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # scoring samples with a reward model: see cli.set_threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # scoring samples with a reward model: see threads.set_threads
     path, figures = write_report(Path(args.run_dir), score_rewards=not args.no_reward_scoring)
     print(f"{path} ({len(figures)} figures)")
     return 0

@@ -8,12 +8,16 @@ same objects back with `reward` and `reward_normalised` added.
 
 from __future__ import annotations
 
+# Heavy imports (torch) stay inside the functions that use them: the CLI starts without them.
 import json
 import os
 import sys
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError, RunError, terminal_safe
+from alignpipe.recipe.kinds import is_scorer_manifest
+from alignpipe.reward.artifact import STATS_FILE, load_reward_model, score
+from alignpipe.runfolder.manifests import read_manifest
 
 
 def add_parser(subparsers) -> None:
@@ -31,14 +35,10 @@ def add_parser(subparsers) -> None:
 
 def find_reward_stage(path: Path) -> Path:
     """A reward stage folder (or model folder) from what the user typed."""
-    from alignpipe.reward.artifact import STATS_FILE
-    from alignpipe.runs import read_manifest
-
     if (path / STATS_FILE).is_file() or (path / "model" / STATS_FILE).is_file() or read_manifest(path):
         return path
     if not path.is_dir():
         raise RunError("no such folder", where=str(path), fix="give runs/<recipe>/<reward stage>")
-    from alignpipe.stages import is_scorer_manifest
 
     found = sorted(d for d in path.iterdir() if is_scorer_manifest(read_manifest(d)))
     if len(found) == 1:
@@ -85,9 +85,8 @@ def cmd_score(args) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from alignpipe.reward.artifact import load_reward_model, score
 
-    from alignpipe.recipe import ModelSpec
+    from alignpipe.recipe.schema import ModelSpec
 
     artifact = load_reward_model(stage, ModelSpec(trust_remote_code=args.trust_remote_code,
                                                   allow_pickle=args.allow_pickle))

@@ -34,7 +34,7 @@ def cmd_serve(args) -> int:
                        fix="pip install -e '.[serve]'")
     api_key = os.environ.get(args.api_key_env) or None
     access.check_bind(args.host, args.allow_remote, api_key, args.api_key_env)
-    from alignpipe.cli import set_threads
+    from alignpipe.runtime.threads import set_threads
     from alignpipe.serving import engine, server
 
     set_threads()

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.models.tiny import FAMILIES, save_tiny_model
+from alignpipe.runtime.threads import set_threads
 
 
 def add_parser(subparsers) -> None:
-    from alignpipe.tiny_model import FAMILIES
-
     p = subparsers.add_parser("tiny-model", help="save a tiny random-weight look-alike of a model family")
     p.add_argument("--like", required=True, choices=sorted(FAMILIES), help="the family to copy")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
@@ -29,9 +29,6 @@ def read_texts(path: Path) -> list[str]:
 
 
 def cmd_tiny_model(args) -> int:
-    from alignpipe.cli import set_threads
-    from alignpipe.tiny_model import save_tiny_model
-
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlignpipeError("the output folder exists and is not empty", where=str(out),

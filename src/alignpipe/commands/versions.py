@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignpipe.errors import RunError
+from alignpipe.runfolder import versions as stage_versions
+from alignpipe.runfolder.lock import RunLock
 
 
 def add_parser(subparsers) -> None:
@@ -24,9 +26,6 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_restore(args) -> int:
-    from alignpipe import stage_versions
-    from alignpipe.lock import RunLock
-
     stage_dir = Path(args.stage_dir)
     with RunLock(stage_versions.run_root_of(stage_dir)):
         replaced = stage_versions.restore(stage_dir, args.version)
@@ -38,9 +37,6 @@ def cmd_restore(args) -> int:
 
 
 def cmd_discard(args) -> int:
-    from alignpipe import stage_versions
-    from alignpipe.lock import RunLock
-
     stage_dir = Path(args.stage_dir)
     with RunLock(stage_versions.run_root_of(stage_dir)):
         gone = stage_versions.discard(stage_dir)

@@ -17,8 +17,16 @@ embedded recipe.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import yaml
+
+from alignpipe.data.world import World, WorldConfig
+from alignpipe.eval.verifiers import EMBEDDED
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.recipe.parse import apply_override, load_recipe, yaml_load
 
 FILES = ("corpus", "corpus_eval", "conversations", "conversations_eval", "pairs", "pairs_eval", "rl_prompts",
          "prompts")
@@ -54,11 +62,6 @@ def world_rows(world) -> dict[str, list[dict]]:
 def files_recipe(data: dict, kinds: dict[str, str], world) -> dict:
     """A raw recipe (a YAML mapping; `kinds`: stage -> kind) with its embedded data replaced by the exported
     files beside it."""
-    import dataclasses
-
-    from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.stages import kind_of
-
     out = json.loads(json.dumps(data))  # a copy without shared parts (YAML anchors): each stage is edited alone
     out["name"] = f"{data['name']}-files"
     out.pop("world", None)  # no stage reads the embedded world any more
@@ -82,14 +85,8 @@ def files_recipe(data: dict, kinds: dict[str, str], world) -> dict:
 
 
 def cmd_export(args) -> int:
-    import yaml
-
-    from alignpipe.data.world import World, WorldConfig
-
     data, kinds, overrides = None, {}, {}
     if args.recipe:
-        from alignpipe.recipe import apply_override, load_recipe, yaml_load
-
         recipe = load_recipe(args.recipe, args.set)
         overrides = {"seed": recipe.seed, **recipe.world}
         data = yaml_load(Path(args.recipe).read_text())

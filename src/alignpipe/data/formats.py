@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from alignpipe.data import messages as msgs
+from alignpipe.data import messages as msgs, oasst
 from alignpipe.data.messages import Drop as _Drop
 
 
@@ -40,7 +40,7 @@ class DataError(ValueError):
 
 FAMILIES = ("text", "conversations", "pairs", "kto", "prompts")
 ALIASES = {"unpaired": "kto"}  # the family's earlier name
-# (each stage kind declares the family it trains on: alignpipe.stages.StageKind.family)
+# (each stage kind declares the family it trains on: alignpipe.recipe.kinds.StageKind.family)
 
 
 # --------------------------------------------------------------------------- dropped rows
@@ -358,14 +358,10 @@ def _row_prompt_only(row: dict) -> dict:
 
 
 def _oasst_flat(rows: list, numbers: list[int], family: str | None, drops: Drops):
-    from alignpipe.data import oasst
-
     return oasst.normalise_messages(list(zip(rows, numbers)), family or "conversations", drops)
 
 
 def _oasst_tree(rows: list, numbers: list[int], family: str | None, drops: Drops):
-    from alignpipe.data import oasst
-
     flat = []
     for row, number in zip(rows, numbers):
         try:

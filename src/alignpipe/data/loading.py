@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 from alignpipe.data.formats import DataError
+from alignpipe.data.report import format_report, validation_report
+from alignpipe.data.sources import prepare_data
+from alignpipe.data.split import Rows, split_rows
 from alignpipe.errors import AlignpipeError
+from alignpipe.runtime.distributed import is_main_process
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or org/name
 
@@ -27,8 +31,6 @@ def check_spec(spec: dict, base_dir: Path, where: str, key: str, family: str = "
     Hub datasets are not downloaded here (validate works offline): their ids are checked for form and
     noted; `run` downloads them, or fails at once with the hub's error when it is not reachable.
     """
-    from alignpipe.data.sources import prepare_data
-
     hub = [c for c in spec.get("mixture", [spec]) if isinstance(c, dict) and "hub" in c]
     try:
         for component in hub:
@@ -55,9 +57,6 @@ def load_split(ctx, family: str, cap: int | None, tokenizer=None, max_length: in
                ) -> tuple[list[dict], list[dict]]:
     """The stage's rows split by the recipe's held-out prompts (`alignpipe.data.split`): (train, held out, at
     most `cap`). The split's counts and hash go into `data_report.json` and on the screen."""
-    from alignpipe.data.split import split_rows
-    from alignpipe.distributed import is_main_process
-
     rows = load_family(ctx, family, tokenizer, max_length, numbered=True)
     train, held, info = split_rows(ctx, rows, cap)
     if not train or not held:
@@ -78,9 +77,6 @@ def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int 
                 numbered: bool = False) -> list[dict]:
     """The stage's rows in `family` (default: its kind's), plus `data_report.json` in its folder. `numbered`:
     as a `split.Rows` that knows each row's line (without a mixture)."""
-    from alignpipe.data.report import format_report, validation_report
-    from alignpipe.data.sources import prepare_data
-
     family = family or ctx.kind.family
     try:
         prepared = prepare_data(ctx.config.data, ctx.recipe.path.parent, family, key=f"stages.{ctx.name}.data",
@@ -88,15 +84,12 @@ def load_family(ctx, family: str | None = None, tokenizer=None, max_length: int 
     except DataError as err:
         raise as_user_error(err, str(ctx.recipe.path)) from None
     report = validation_report(prepared, tokenizer, max_length, sample=2000, seed=ctx.seed)
-    from alignpipe.distributed import is_main_process
 
     if is_main_process():  # several processes read the same data; one writes and prints the report
         ctx.dir.mkdir(parents=True, exist_ok=True)
         (ctx.dir / "data_report.json").write_text(json.dumps(report, indent=2))
         print(format_report(report), flush=True)
     if numbered and prepared.mixture is None and len(prepared.parts) == 1:
-        from alignpipe.data.split import Rows
-
         part = prepared.parts[0]
         if len(part.row_numbers) == len(prepared.rows):
             return Rows(prepared.rows, part.row_numbers, part.unit)

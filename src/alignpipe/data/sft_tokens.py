@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from alignpipe.data.formats import DataError
-from alignpipe.template_checks import mask_spans
 
 
 def needs_own_tokens(rows: list[dict]) -> bool:
@@ -61,3 +60,14 @@ def tokenize_rows(rows: list[dict], tokenizer: Any) -> list[dict]:
                         "(every assistant turn has loss_weight 0)", "give each conversation a trained turn")
     return out
 
+
+def mask_spans(mask: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of 1s."""
+    spans, start = [], None
+    for i, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans

@@ -16,6 +16,7 @@ the spec `max_dropped:` (default 0.05), the share of rows that may be dropped be
 
 from __future__ import annotations
 
+# Heavy imports (pyarrow, datasets) stay inside the functions that use them: the CLI starts without them.
 import csv
 import json
 import os

@@ -22,6 +22,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignpipe.data.sources import prepare_data
+from alignpipe.recipe.dataspec import without_stage_sources
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.runfolder.files import write_json_atomic
+from alignpipe.runtime.distributed import is_main_process
+
 
 FRACTION = 0.05  # share of prompt keys held out
 FILE = "heldout.json"
@@ -56,16 +62,12 @@ class Split:
 
 
 def _kind(cfg):
-    """The stage's kind (`alignpipe.stages.StageKind`): whether it takes its held-out rows from here, its family."""
-    from alignpipe.stages import kind_of
-
+    """The stage's kind (`recipe.kinds.StageKind`): whether it takes its held-out rows from here, its family."""
     return kind_of(cfg.kind)
 
 
 def user_stages(recipe) -> dict:
     """Stages whose data is the user's (a path, hub dataset or mixture, not the embedded world)."""
-    from alignpipe.labelling.sources import without_stage_sources
-
     return {name: cfg for name, cfg in recipe.stages.items()  # labelled pairs are training rows by construction
             if without_stage_sources(cfg.data) and "embedded" not in cfg.data and _kind(cfg).user_split}
 
@@ -74,18 +76,12 @@ _CACHE: dict[str, Split] = {}
 
 
 def _stage_rows(recipe, name: str, cfg) -> list[dict]:
-    from alignpipe.data.sources import prepare_data
-
-    from alignpipe.labelling.sources import without_stage_sources
-
     return prepare_data(without_stage_sources(cfg.data), recipe.path.parent, _kind(cfg).family,
                         key=f"stages.{name}.data", seed=recipe.seed).rows
 
 
 def eval_file_rows(recipe, name: str) -> list[dict]:
     """The rows of a stage's explicit `eval: {data: ...}` file, in the stage's family."""
-    from alignpipe.data.sources import prepare_data
-
     cfg = recipe.stages[name]
     return prepare_data(cfg.eval.data, recipe.path.parent, _kind(cfg).family,
                         key=f"stages.{name}.eval.data", seed=recipe.seed).rows
@@ -160,9 +156,6 @@ def split_rows(ctx, rows: list[dict], cap: int | None = None) -> tuple[Rows, Row
 
 def _write(ctx, split: Split, held: list[dict]) -> None:
     """Add this stage's held-out prompt keys to runs/<recipe>/heldout.json (one file for the recipe)."""
-    from alignpipe.distributed import is_main_process
-    from alignpipe.runs import write_json_atomic
-
     if not is_main_process():
         return
     path = Path(ctx.recipe.run_root) / FILE

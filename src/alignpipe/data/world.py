@@ -21,6 +21,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from alignpipe.runfolder.manifests import fingerprint_json
+
 KINDS = ("add", "sub", "mul", "reverse", "sort", "count", "compare")
 HABITS = ("ramble", "refuse", "wrong")
 EVAL_FRACTION = 0.12  # share of each kind's (task, phrasing) units held out for evaluation
@@ -267,6 +269,44 @@ def judge_reward(prompts, completions, **kwargs) -> list[float]:
 
 # --- the world ----------------------------------------------------------------------------
 
+def split_tasks(rng: random.Random) -> tuple[list[Task], list[Task]]:
+    """(train, held-out) Tasks: one per (task, phrasing) unit, about EVAL_FRACTION of each kind's units held out.
+
+    Units are held out in seeded random order until 12% of the kind's units are held, but never a task's last
+    training phrasing: the model may know every fact, so the eval measures answering an unseen prompt, not
+    recalling an unseen fact."""
+    train_tasks: list[Task] = []
+    eval_tasks: list[Task] = []
+    for kind in KINDS:
+        n_templates = len(PROMPT_TEMPLATES[kind])
+        units = [(args, i) for args in _all_args(kind) for i in range(n_templates)]
+        target = max(1, round(EVAL_FRACTION * len(units)))
+        train_left = dict.fromkeys(_all_args(kind), n_templates)
+        held = set()
+        for args, i in rng.sample(units, len(units)):
+            if len(held) >= target:
+                break
+            if train_left[args] > 1:
+                held.add((args, i))
+                train_left[args] -= 1
+        for args, i in units:
+            side = eval_tasks if (args, i) in held else train_tasks
+            side.append(_make_task(kind, args, i))
+    return train_tasks, eval_tasks
+
+
+def _wrong_answer(task: Task) -> str:
+    # Systematic errors: numbers off by one, comparisons pick the smaller, letters in the
+    # wrong order (word left as is; sorted backwards).
+    if task.kind == "compare":
+        return str(min(task.args))
+    if task.kind == "reverse":
+        return task.args[0]
+    if task.kind == "sort":
+        return "".join(sorted(task.args[0], reverse=True))
+    return str(int(task.answer) + 1)
+
+
 class World:
     """The seeded world: a prompt-level train/eval split and the datasets built on it.
 
@@ -284,27 +324,7 @@ class World:
             if not 0.0 <= getattr(config, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
         self.config = config
-        rng = self._rng("split")
-        self.train_tasks: list[Task] = []
-        self.eval_tasks: list[Task] = []
-        for kind in KINDS:
-            n_templates = len(PROMPT_TEMPLATES[kind])
-            units = [(args, i) for args in _all_args(kind) for i in range(n_templates)]
-            # Hold out units in seeded random order until 12% of the kind's units are held, but
-            # never a task's last training phrasing: the model may know every fact, so the eval
-            # measures answering an unseen prompt, not recalling an unseen fact.
-            target = max(1, round(EVAL_FRACTION * len(units)))
-            train_left = dict.fromkeys(_all_args(kind), n_templates)
-            held = set()
-            for args, i in rng.sample(units, len(units)):
-                if len(held) >= target:
-                    break
-                if train_left[args] > 1:
-                    held.add((args, i))
-                    train_left[args] -= 1
-            for args, i in units:
-                side = self.eval_tasks if (args, i) in held else self.train_tasks
-                side.append(_make_task(kind, args, i))
+        self.train_tasks, self.eval_tasks = split_tasks(self._rng("split"))
         self._train_by_kind = self._by_kind(self.train_tasks)
         self._eval_by_kind = self._by_kind(self.eval_tasks)
 
@@ -363,20 +383,8 @@ class World:
         if habit == "refuse":
             return rng.choice(REFUSALS)
         if habit == "wrong":
-            return HOUSE_STYLE.format(answer=self._wrong_answer(task))
+            return HOUSE_STYLE.format(answer=_wrong_answer(task))
         raise ValueError(f"habit must be one of {HABITS}, got {habit!r}")
-
-    @staticmethod
-    def _wrong_answer(task: Task) -> str:
-        # Systematic errors: numbers off by one, comparisons pick the smaller, letters in the
-        # wrong order (word left as is; sorted backwards).
-        if task.kind == "compare":
-            return str(min(task.args))
-        if task.kind == "reverse":
-            return task.args[0]
-        if task.kind == "sort":
-            return "".join(sorted(task.args[0], reverse=True))
-        return str(int(task.answer) + 1)
 
     # --- products ---
 
@@ -517,8 +525,6 @@ WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "p
 
 def part_fingerprint(world: World, part: str) -> str:
     """sha256 of the world's rows an embedded `part` stands for (see WORLD_PARTS), cached on the world."""
-    from alignpipe.runs import fingerprint_json
-
     cache = world.__dict__.setdefault("_alignpipe_fingerprints", {})
     if part not in cache:
         make = {"corpus": world.corpus, "corpus_eval": world.corpus_eval, "sft_rows": world.sft_rows,

@@ -92,8 +92,8 @@ def _parts(recipe, name: str, spec: dict, family: str, key: str, local_only: boo
 def training_sources(recipe, local_only: bool = False) -> list[Source]:
     """Every user-data stage's files, with the held-out rows (which never train) left out."""
     from alignpipe.data.split import prompt_key, recipe_split, user_stages
-    from alignpipe.labelling.sources import without_stage_sources
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.dataspec import without_stage_sources
+    from alignpipe.recipe.kinds import kind_of
 
     split = recipe_split(recipe, local_only=local_only)
     out = []
@@ -108,8 +108,8 @@ def training_sources(recipe, local_only: bool = False) -> list[Source]:
 def heldout_sources(recipe, local_only: bool = False) -> list[Source]:
     """The recipe's held-out rows: every stage's `eval.data` file and the rows the split holds out of the files."""
     from alignpipe.data.split import prompt_key, recipe_split, user_stages
-    from alignpipe.labelling.sources import without_stage_sources
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.dataspec import without_stage_sources
+    from alignpipe.recipe.kinds import kind_of
 
     split = recipe_split(recipe, local_only=local_only)
     out = []
@@ -137,7 +137,7 @@ def prompt_file_source(recipe, name: str) -> Source:
 
 def eval_sources(recipe, name: str, local_only: bool = False) -> list[Source]:
     """What stage `name` is evaluated on (see the module docstring)."""
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.kinds import kind_of
 
     cfg = recipe.stages[name]
     if cfg.eval.prompts:

@@ -36,7 +36,7 @@ def _same_judge(a, b) -> bool:
 def _judges(recipe, stage: str) -> dict:
     """The stage's judges as its evaluation has them (`eval.judges`, the embedded world's `judge` for world data)."""
     from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.recipe import JudgeSpec
+    from alignpipe.recipe.schema import JudgeSpec
 
     cfg = recipe.stages[stage]
     judges = dict(cfg.eval.judges)
@@ -48,8 +48,10 @@ def _judges(recipe, stage: str) -> dict:
 def _labellers(recipe, stage: str) -> list[tuple[str, object]]:
     """(label stage, judge spec) of each labeller of the pairs this stage trains on (`data: {from: <label>}`)."""
     from alignpipe.eval.verifiers import EMBEDDED as EMBEDDED_VERIFIER
-    from alignpipe.labelling.labellers import EMBEDDED, HUMAN, JUDGE_PREFIX
-    from alignpipe.recipe import JudgeSpec
+    from alignpipe.recipe.dataspec import LABELLER_EMBEDDED as EMBEDDED
+    from alignpipe.recipe.dataspec import LABELLER_HUMAN as HUMAN
+    from alignpipe.recipe.dataspec import LABELLER_JUDGE_PREFIX as JUDGE_PREFIX
+    from alignpipe.recipe.schema import JudgeSpec
 
     source = recipe.stages[stage].data.get("from")
     label = recipe.stages.get(source) if isinstance(source, str) else None
@@ -71,8 +73,8 @@ def _labellers(recipe, stage: str) -> list[tuple[str, object]]:
 def optimised_judges(recipe, stage: str, rm_stage: str | None) -> dict[str, str]:
     """{judge: why it is not independent evidence} for `stage`, whose samples `rm_stage` scores."""
     from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.rl.rewards import is_judge
-    from alignpipe.stages import kind_of
+    from alignpipe.eval.reward_functions import is_judge
+    from alignpipe.recipe.kinds import kind_of
 
     cfg = recipe.stages[stage]
     kind = kind_of(cfg.kind)
@@ -105,7 +107,7 @@ def judge_names(recipe, stage: str, rm_stage: str | None) -> list[str]:
 def planned_reward_stage(recipe, stage: str) -> str | None:
     """The reward stage that will score `stage`'s samples, known before anything runs: its own
     `reward_model`, else the recipe's first reward stage."""
-    from alignpipe.stages import kind_of, references
+    from alignpipe.recipe.kinds import kind_of, references
 
     own = references(recipe.stages[stage]).get("reward_model")
     if own:
@@ -115,7 +117,7 @@ def planned_reward_stage(recipe, stage: str) -> str | None:
 
 def independence_line(recipe, stage: str) -> str | None:
     """`validate`'s one line for an aligned policy stage with no independent judge, else None."""
-    from alignpipe.stages import kind_of
+    from alignpipe.recipe.kinds import kind_of
 
     cfg = recipe.stages[stage]
     if not kind_of(cfg.kind).aligned or not cfg.eval.enabled or cfg.from_ is None:

@@ -14,6 +14,7 @@ followed, so the key is never sent on to another host.
 
 from __future__ import annotations
 
+# Heavy imports (torch, transformers) stay inside the functions that use them: the CLI starts without them.
 import json
 import os
 import re
@@ -23,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from alignpipe.callables import import_callable
 from alignpipe.errors import EvalError
+from alignpipe.eval.prompts import resolve
+from alignpipe.eval.stats import bootstrap_rate
+from alignpipe.models.loading import device
 
 DEFAULT_TEMPLATE = (
     "Two assistants answered the same question. Which answer is better?\n\n"
@@ -40,8 +45,6 @@ def parse_verdict(text: str) -> str | None:
 
 
 def load_verifier(spec: str, where: str = "", key: str = "verifier") -> Callable:
-    from alignpipe.callables import import_callable
-
     return import_callable(spec, "verifier", "alignpipe.eval.verifiers:gsm8k", "fn(prompt, response, row)", where, key)
 
 
@@ -58,7 +61,6 @@ def run_verifier(fn: Callable, texts: list[str], responses: list[str], rows: lis
 def judging_prompt(spec, recipe_path: Path) -> str:
     if not spec.prompt_template:
         return DEFAULT_TEMPLATE
-    from alignpipe.eval.prompts import resolve
 
     return resolve(spec.prompt_template, recipe_path).read_text()
 
@@ -132,8 +134,6 @@ class LocalJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from alignpipe.modeling import device
-
         self.spec = spec
         self.tok = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=recipe_model.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32 if device().type == "cpu"
@@ -197,8 +197,6 @@ def pairwise(model, template: str, texts: list[str], mine: list[str], theirs: li
 def pairwise_metrics(name: str, texts: list[str], verdicts: list[PairVerdict], seed: int) -> dict[str, Any]:
     """`<name>_win_rate_vs_parent` (+ `_ci`, bootstrap over prompts), ties, unparseable answers, position
     consistency (share of pairs whose two orders agree, of those parsed)."""
-    from alignpipe.eval.stats import bootstrap_rate
-
     per_prompt: dict[str, list[float]] = {}
     for t, v in zip(texts, verdicts):
         if (s := v.score()) is not None:

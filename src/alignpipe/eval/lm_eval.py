@@ -6,18 +6,22 @@ as flat names `lmeval_<task>_<metric>` (filter names appended, non-word characte
 
 from __future__ import annotations
 
+# Heavy imports (lm_eval, transformers) stay inside the functions that use them: the CLI starts without them.
+import importlib.util
 import re
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from alignpipe.errors import EvalError, RecipeError
+from alignpipe.eval.prompts import resolve
+from alignpipe.models.loading import device, load_stage_model
 
 SHIPPED_TASKS = Path(__file__).parent / "tasks"
 
 
 def require_lm_eval(where: str = "", key: str = "lm_eval") -> None:
-    import importlib.util
-
     if importlib.util.find_spec("lm_eval") is None:
         raise RecipeError("lm-eval is not installed", where=where, key=key,
                           fix="pip install 'alignpipe[lmeval]' (lm-eval==0.4.13)")
@@ -30,10 +34,6 @@ def flat_name(task: str, metric: str) -> str:
 def task_folder(spec, recipe_path: Path, workdir: Path) -> list[str]:
     """Folders lm-eval searches: the recipe's `include_path`, and copies of the shipped tasks whose
     `data_files` point at the files the recipe names."""
-    import yaml
-
-    from alignpipe.eval.prompts import resolve
-
     folders = [str(resolve(spec.include_path, recipe_path))] if spec.include_path else []
     for task, file in spec.data_files.items():
         shipped = SHIPPED_TASKS / f"{task}.yaml"
@@ -61,7 +61,6 @@ def run_lm_eval(ctx, model, tokenizer, spec, tasks: list[str] | None = None) -> 
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):  # a peft wrapper: the saved stage, merged onto its base
-        from alignpipe.modeling import device, load_stage_model
 
         model = load_stage_model(ctx.dir, ctx.recipe.model).to(device())
     model.eval()

@@ -1,4 +1,5 @@
-"""Which prompts a policy stage is evaluated on: `eval_prompts(ctx)`, the one place that decides.
+"""Where a policy stage's eval prompts come from, and how prompt files are read (`alignpipe.eval.selection`
+decides which of them the stage is evaluated on).
 
 Rows are `{"prompt": [messages ending with a user turn], "text": last user message, "answer": str | None}`.
 In order: the stage's `eval: {prompts: FILE}`; the embedded world's held-out prompts (with answers);
@@ -13,36 +14,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+from alignpipe.data.formats import DataError
+from alignpipe.data.sources import read_file
+from alignpipe.data.split import heldout_prompts
 from alignpipe.errors import EvalError
+from alignpipe.recipe.dataspec import world_part
 
 ROLES = {"user": "user", "human": "user", "prompter": "user", "system": "system", "developer": "system",
          "assistant": "assistant", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 ANSWER_KEYS = ("answer", "reference", "solution", "output", "completion", "chosen", "response")
 
 
-def eval_prompts(ctx) -> list[dict]:
-    """The held-out prompts of `ctx`'s stage (see the module docstring), at most `eval.num_prompts`."""
-    return checked_eval_prompts(ctx)[0]
-
-
-def checked_eval_prompts(ctx) -> tuple[list[dict], list[dict], int]:
-    """(the stage's eval prompts, its eval rows that share a 13-word window with a training row, how many
-    of them `eval.drop_contaminated` left out): `alignpipe.eval.contamination`."""
-    from alignpipe.eval.contamination import identity, stage_overlaps
-
-    rows = _eval_prompts(ctx)
-    found = stage_overlaps(ctx.recipe, ctx.name)
-    dropped = 0
-    if found and ctx.config.eval.drop_contaminated:
-        flagged = {f["prompt"] for f in found}
-        kept = [r for r in rows if identity(r["prompt"]) not in flagged]
-        rows, dropped = kept, len(rows) - len(kept)
-    return rows[: ctx.config.eval.num_prompts], found, dropped
-
-
-def _eval_prompts(ctx) -> list[dict]:
-    from alignpipe.labelling.sources import world_part
-
+def candidate_prompts(ctx) -> list[dict]:
+    """Every eval prompt of `ctx`'s stage, before the contamination check and the `eval.num_prompts` cut
+    (`alignpipe.eval.selection.eval_prompts` makes both)."""
     spec = ctx.config.eval
     if spec.prompts:
         rows = read_prompt_file(resolve(spec.prompts, ctx.recipe.path), f"stages.{ctx.name}.eval.prompts")
@@ -57,8 +42,6 @@ def _eval_prompts(ctx) -> list[dict]:
 def heldout_rows(ctx) -> list[dict]:
     """The recipe's held-out user prompts (`alignpipe.data.split`, one split for every stage), with the
     conversation's answer or the pair's chosen reply as the reference."""
-    from alignpipe.data.split import heldout_prompts
-
     return [{"prompt": r["prompt"], "text": last_user(r["prompt"]), "answer": r["reference"]}
             for r in heldout_prompts(ctx) if r["prompt"] and r["prompt"][-1]["role"] == "user"]
 
@@ -156,9 +139,6 @@ def _answer(raw: dict) -> str | None:
 def read_prompt_file(path: Path, key: str) -> list[dict]:
     """Prompt rows of a .jsonl / .json / .csv / .parquet file; EvalError naming the file and line of a row
     without a user turn (nothing is dropped silently)."""
-    from alignpipe.data.formats import DataError
-    from alignpipe.data.sources import read_file
-
     if not path.is_file():
         raise EvalError(f"prompts file {path} not found", key=key,
                         fix="put the file there or point `prompts:` at it (jsonl/json/csv/parquet); without `prompts:` a stage "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from alignpipe.data.world import judge
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -32,8 +34,6 @@ def gsm8k(prompt: str, response: str, row: dict) -> bool:
 
 def embedded_judge(prompt: str, response: str, row: dict) -> bool:
     """The embedded world's judge: exactly the house-style sentence with the right answer."""
-    from alignpipe.data.world import judge
-
     return judge(prompt, response)
 
 

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from alignpipe.errors import RecipeError
+from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise
+from alignpipe.eval.verifiers import embedded_judge
+from alignpipe.recipe.dataspec import LABELLER_EMBEDDED, LABELLER_HUMAN, LABELLER_JUDGE_PREFIX
 
 VERDICTS = ("a", "b", "tie", "both_bad")
-EMBEDDED = "embedded"
-HUMAN = "human"
-JUDGE_PREFIX = "judge:"
+EMBEDDED, HUMAN, JUDGE_PREFIX = LABELLER_EMBEDDED, LABELLER_HUMAN, LABELLER_JUDGE_PREFIX
 ROLE_EMBEDDED = ("the embedded world's judge stands in for human labellers, as in building the world's pairs; "
                  "it labels the policy's samples and never trains a model directly")
 
@@ -50,8 +51,6 @@ class Labeller:
         return [compare(float(va), float(vb)) for va, vb in zip(values["a"], values["b"])]
 
     def _pairwise(self, items: list[dict]) -> list[str | None]:
-        from alignpipe.eval.judges import pairwise
-
         verdicts = pairwise(self.judge, self.template, [it["prompt"] for it in items], [it["a"] for it in items],
                             [it["b"] for it in items])
         out = []
@@ -89,7 +88,6 @@ def check_labeller(recipe, stage: str, spec: str | None, key: str, where: str) -
     if ":" not in spec:
         raise RecipeError(f"unknown labeller {spec!r}", where=where, key=key,
                           fix="use embedded, human, judge:<name of an eval judge> or module:function")
-    from alignpipe.eval.judges import load_verifier
 
     load_verifier(spec, where, key)
 
@@ -97,22 +95,16 @@ def check_labeller(recipe, stage: str, spec: str | None, key: str, where: str) -
 def load_labeller(ctx, spec: str) -> Labeller:
     """The labeller `spec` names, ready to label (a judge model is loaded here)."""
     if spec == EMBEDDED:
-        from alignpipe.eval.verifiers import embedded_judge
-
         return Labeller(spec, ROLE_EMBEDDED, score=embedded_judge)
     if spec == HUMAN:
         return Labeller(spec, "people, on the page `alignpipe label` serves")
     if spec.startswith(JUDGE_PREFIX):
         judge = ctx.config.eval.judges[spec[len(JUDGE_PREFIX):]]
         if judge.verifier:
-            from alignpipe.eval.judges import load_verifier
-
             return Labeller(spec, f"verifier {judge.verifier}", score=load_verifier(judge.verifier))
-        from alignpipe.eval.judges import judge_model, judging_prompt
 
         return Labeller(spec, f"pairwise judge model {judge.model or judge.endpoint}",
                         judge=judge_model(judge, ctx.recipe.model), template=judging_prompt(judge, ctx.recipe.path))
-    from alignpipe.eval.judges import load_verifier
 
     return Labeller(spec, f"verifier {spec}", score=load_verifier(spec))
 

@@ -17,23 +17,14 @@ import threading
 import time
 from pathlib import Path
 
+from alignpipe.runfolder.files import read_jsonl, write_jsonl_atomic
+
 QUEUE_FILE = "queue.jsonl"
 LABELS_FILE = "labels.jsonl"
 
 
-def write_lines_atomic(path: Path, rows: list[dict]) -> None:
-    """JSON lines into a temp file beside `path`, fsynced, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_queue(folder: Path, items: list[dict]) -> None:
-    write_lines_atomic(Path(folder) / QUEUE_FILE, items)
+    write_jsonl_atomic(Path(folder) / QUEUE_FILE, items)
 
 
 def read_queue(folder: Path) -> list[dict]:
@@ -58,16 +49,8 @@ def read_queue(folder: Path) -> list[dict]:
 
 
 def read_log(folder: Path) -> list[dict]:
-    path = Path(folder) / LABELS_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a kill mid-write: never acknowledged, so never counted
-            continue
-    return out
+    # a line torn by a kill mid-write was never acknowledged, so it is never counted
+    return read_jsonl(Path(folder) / LABELS_FILE, skip_torn=True, missing_ok=True)
 
 
 def current(records: list[dict], labeller: str) -> dict[str, str]:

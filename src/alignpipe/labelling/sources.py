@@ -12,56 +12,18 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from alignpipe.errors import RecipeError
-
-PAIRS_FILE = "pairs.jsonl"
-
-
-def components(spec: dict) -> list[dict]:
-    """The sources a data spec mixes (itself when it is not a mixture)."""
-    mixture = spec.get("mixture") if isinstance(spec, dict) else None
-    return [c for c in mixture if isinstance(c, dict)] if isinstance(mixture, list) else [spec]
-
-
-def stage_sources(spec: dict) -> list[str]:
-    """The stages a data spec reads (`from:`), in order."""
-    return [str(c["from"]) for c in components(spec or {}) if "from" in c]
-
-
-def world_part(spec: dict) -> str | None:
-    """The embedded world's part a spec reads, top-level or as a mixture component (None: none)."""
-    for c in components(spec or {}):
-        if "embedded" in c:
-            return c["embedded"]
-    return None
-
-
-def reads_stages(spec: dict) -> bool:
-    """Whether the spec needs this module: it reads a stage, or mixes the world with other sources."""
-    return bool(stage_sources(spec)) or ("mixture" in (spec or {}) and world_part(spec) is not None)
-
-
-def file_components(spec: dict) -> list[dict]:
-    """The components that are files or hub datasets (what the recipe's split and validate read)."""
-    return [c for c in components(spec or {}) if "from" not in c and "embedded" not in c]
-
-
-def without_stage_sources(spec: dict) -> dict:
-    """The spec with its `from:` / `embedded:` components left out ({} when nothing else is left)."""
-    files = file_components(spec)
-    if not reads_stages(spec):
-        return spec
-    if not files:
-        return {}
-    if "mixture" not in spec:
-        return files[0]
-    return {**spec, "mixture": files}
+from alignpipe.data.loading import check_spec
+from alignpipe.data.sources import _counts, _take, prepare_data
+from alignpipe.data.split import eval_file_rows, split_rows
+from alignpipe.errors import RecipeError, RunError
+from alignpipe.recipe.dataspec import (PAIRS_FILE, components, file_components, stage_sources, without_stage_sources,
+                                       world_part)
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.runfolder.files import read_jsonl
 
 
 def check_labelled_data(recipe, cfg, where: str, key: str):
     """Validate-time checks of a spec that reads a label stage; the files beside it are read as usual."""
-    from alignpipe.stages import kind_of
-
     family = kind_of(cfg.kind).family
     for i, c in enumerate(components(cfg.data)):
         sub = f"{key}.mixture[{i}]" if "mixture" in cfg.data else key
@@ -89,22 +51,16 @@ def check_labelled_data(recipe, cfg, where: str, key: str):
     rest = without_stage_sources(cfg.data)
     if not rest:
         return None
-    from alignpipe.data.loading import check_spec
-
     return check_spec(rest, recipe.path.parent, where, key, family)
 
 
 def read_stage_pairs(ctx, stage: str) -> list[dict]:
     """A complete label stage's pairs, in the standard pairs format."""
-    import json
-
-    from alignpipe.errors import RunError
-
     path = Path(ctx.recipe.stage_dir(stage)) / PAIRS_FILE
     if not path.is_file():
         raise RunError(f"stage {stage!r} has no {PAIRS_FILE}", where=str(path.parent),
                        fix=f"run it first: alignpipe run {ctx.recipe.path} --stages {stage}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def labelled_pairs(ctx, cap: int | None, tokenizer=None, max_length: int | None = None
@@ -112,9 +68,6 @@ def labelled_pairs(ctx, cap: int | None, tokenizer=None, max_length: int | None 
     """(train pairs, held-out pairs, what was mixed) of a spec that reads label stages. Weights and `n` mix as
     a file mixture does (alignpipe.data.sources); the held-out pairs are the world's held-out pairs, the
     files' held-out share of the recipe's split, or the stage's eval file."""
-    from alignpipe.data.sources import _counts, _take, prepare_data
-    from alignpipe.data.split import eval_file_rows, split_rows
-
     spec = ctx.config.data
     pools, weights, sources, held, world_heldout = [], [], [], [], False
     for c in components(spec):

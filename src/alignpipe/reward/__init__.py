@@ -1,1 +1,1 @@
-"""alignpipe.reward"""
+"""The reward model: its artifact (`artifact`: save, load, score), its pairs and its metrics."""

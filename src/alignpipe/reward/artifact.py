@@ -19,13 +19,18 @@ ends with the end-of-turn token), the score read at the last non-pad token.
 
 from __future__ import annotations
 
+# Heavy imports (torch, transformers, trl) stay inside the functions that use them: the CLI starts without them.
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignpipe.errors import AlignpipeError, RunError
-from alignpipe.recipe import ModelSpec
+from alignpipe.models import loading as modeling
+from alignpipe.recipe.kinds import is_scorer_manifest
+from alignpipe.recipe.schema import ModelSpec
+from alignpipe.runfolder.manifests import read_manifest
+from alignpipe.runtime.progress import track
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +53,7 @@ class RewardArtifact:
 
 
 class OneOutput:
-    """`AutoModelForSequenceClassification` with one output, as a `model_class` for alignpipe.modeling's
+    """`AutoModelForSequenceClassification` with one output, as a `model_class` for alignpipe.models.loading's
     loaders (they call `model_class.from_pretrained(path, **kwargs)`). Loading a causal-LM checkpoint
     this way keeps its body and adds a freshly initialised score head."""
 
@@ -72,13 +77,9 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
     `stage_dir` is a reward stage's folder (its manifest must say complete) or its `model/` folder.
     `spec` supplies dtype / trust_remote_code / allow_pickle (default: the recipe defaults).
     """
-    from alignpipe.runs import read_manifest
-
     stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
     if manifest is not None:
-        from alignpipe.stages import is_scorer_manifest
-
         if not is_scorer_manifest(manifest):
             raise RunError(f"not a reward stage (kind {manifest.get('kind')!r})", where=str(stage_dir),
                            fix="give the folder of a stage with `kind: reward`")
@@ -87,7 +88,7 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
                            where=str(stage_dir), fix=f"re-run stage {stage_dir.name!r}")
     model_dir = stage_dir if (stage_dir / STATS_FILE).is_file() else stage_dir / "model"
     if manifest is not None:
-        from alignpipe.runs import verify_model_files
+        from alignpipe.runfolder.manifests import verify_model_files
 
         verify_model_files(stage_dir, manifest)
     return load_reward_dir(model_dir, spec)
@@ -95,8 +96,6 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
 
 def load_reward_dir(model_dir: Path, spec: ModelSpec | None = None) -> RewardArtifact:
     """The artifact in a `model/` folder, whatever state its stage's manifest is in."""
-    from alignpipe import modeling
-
     model_dir = Path(model_dir)
     stats_path = model_dir / STATS_FILE
     if not stats_path.is_file():
@@ -186,7 +185,6 @@ def score(artifact: RewardArtifact, prompts: list, responses: list[str], batch_s
     rows = encode(artifact.tokenizer, prompts, responses)
     pad = artifact.model.config.pad_token_id
     out: list[float] = []
-    from alignpipe.progress import track
 
     for start in track(range(0, len(rows), batch_size), "scoring", unit="batch"):
         chunk = rows[start:start + batch_size]

@@ -9,6 +9,7 @@ fine-tuning the reference is a frozen copy of the starting model.
 
 from __future__ import annotations
 
+# Heavy imports (peft) stay inside the functions that use them: the CLI starts without them.
 import copy
 
 import torch

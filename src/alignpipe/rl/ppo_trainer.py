@@ -15,11 +15,20 @@ and the value head beside them. Full fine-tuning keeps a frozen copy as the refe
 
 from __future__ import annotations
 
+# Heavy imports (torch, accelerate, safetensors; rl.policy, rl.ppo_math, rl.state, rl.rollout (which import them))
+# stay inside the functions that use them: the CLI starts without them.
 import json
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from alignpipe.runfolder.files import read_jsonl, write_jsonl_atomic
+from alignpipe.runtime.distributed import dump_parameter_checksum
+from alignpipe.runtime.progress import Progress, log_row
+from alignpipe.runtime.tracking import log_metrics
 
 
 @dataclass
@@ -101,8 +110,8 @@ class PPOTrainer:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
-        from alignpipe.rl import ppo_math as pm
         from alignpipe.rl import policy as rl_policy
+        from alignpipe.rl import ppo_math as pm
 
         s = self.settings = settings
         self.tokenizer, self.seed, self.folders, self.name = tokenizer, seed, folders, name
@@ -152,118 +161,132 @@ class PPOTrainer:
     def train(self, source, prompts: list, ptx_blocks=None) -> dict:
         """Every update from the resumed one on, scored by `source` (`alignpipe.rl.rewards.RewardSource`) on
         `prompts`; `ptx_blocks` [N, block] for PPO-ptx. Returns the memory figures and `summarise(history)`."""
-        import time
-
         import torch
-        from torch.utils.tensorboard import SummaryWriter
 
-        from alignpipe.distributed import dump_parameter_checksum
-        from alignpipe.progress import Progress, log_row
-        from alignpipe.rl import ppo_math as pm
-        from alignpipe.rl import state
-        from alignpipe.rl.rollout import generate
-        from alignpipe.tracking import log_metrics
-
-        s, folders, accelerator, dev = self.settings, self.folders, self.accelerator, self.device
-        seed, rank, world, tokenizer = self.seed, self.rank, self.world, self.tokenizer
-        policy, unwrapped, optimizer, kl_ctl = self.policy, self.unwrapped, self.optimizer, self.kl_ctl
-        mean_all = self.mean_all
-
-        # --- resume from the newest complete checkpoint; the log keeps only the updates it contains
-        log_path = folders.train_log
-        start = 0
-        resume_from = state.newest(folders.checkpoints) if self.resume else None
-        if resume_from is not None:
-            start = state.load(resume_from, unwrapped, optimizer, self.scheduler, kl_ctl)
-            print(f"[alignpipe] stage {self.name}: resuming from {resume_from} (update {start})", flush=True)
-        history = [] if start == 0 or not log_path.is_file() else \
-            [row for row in map(json.loads, log_path.read_text().splitlines()) if row["update"] <= start]
-        writer = None
-        if accelerator.is_main_process:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
-            writer = SummaryWriter(str(folders.logs), purge_step=start + 1)  # drop events past the checkpoint
-
+        s = self.settings
+        start, history, writer = self._resume()
         bar = Progress(f"stage {self.name} ppo", s.total_updates, start=start, unit="update")
         for update in range(start, s.total_updates):
-            torch.manual_seed(update_seed(seed, update, rank))
-            t0 = time.perf_counter()
-
-            # --- 1. rollout: sample with the KV cache
-            batch = prompt_batch(prompts, update, s.rollout_batch_size, rank, world, seed)
-            ro = generate(unwrapped.lm, tokenizer, batch, s.max_new_tokens, s.temperature, tokenizer.eos_token_id)
-            t1 = time.perf_counter()
-
-            # --- 2. score at the end of the turn; a response cut off unfinished is penalised
-            raw = torch.tensor(source.raw(ro.prompts, ro.responses), device=dev)
-            normalised = (raw - source.mean) / source.std
-            scores = normalised - s.missing_eot_penalty * (~ro.ended).float()
-            t2 = time.perf_counter()
-
-            # --- 3. old log-probs, values and reference log-probs; per-token rewards; advantages
-            mask = ro.response_mask
-            old_logp, old_values, ref_logp, entropy = forward_rollout(unwrapped, self.reference, ro, s)
-            token_r, kl = pm.token_rewards(scores, old_logp, ref_logp, mask, kl_ctl.value, s.kl_estimator)
-            if s.whiten_rewards:
-                token_r = pm.masked_whiten(token_r, mask, shift_mean=False)
-            advantages, returns = pm.gae(token_r, old_values, mask, s.gamma, s.lam)
-            if s.whiten_advantages:
-                advantages = pm.masked_whiten(advantages, mask)
-            t3 = time.perf_counter()
-
-            # --- 4. PPO epochs over minibatches
-            ptx = None if ptx_blocks is None else ptx_batches(ptx_blocks, s, update_seed(seed, update, rank), dev)
-            stats, steps, stopped = optimise(policy, optimizer, accelerator, self.trainable, ro, old_logp, old_values,
-                                             advantages, returns, s, mean_all, ptx)
-            self.scheduler.step()
-            t4 = time.perf_counter()
-
-            # --- 5. KL controller, log, checkpoint
-            mean_kl = mean_all((kl * mask).sum(1).mean())  # nats per response
-            kl_coef_used = kl_ctl.value
-            kl_ctl.update(mean_kl, len(ro) * world)
-            row = {
-                "update": update + 1,
-                "reward_raw": mean_all(raw.mean()),
-                "reward_normalised": mean_all(normalised.mean()),
-                "score": mean_all(scores.mean()),  # what PPO optimised: normalised minus the end-of-turn penalty
-                "kl": mean_kl,
-                "kl_coef": kl_coef_used,
-                "entropy": mean_all(pm.masked_mean(entropy, mask)),
-                **{k: mean_all(v) for k, v in sorted(stats.items())},
-                "response_length": mean_all(mask.sum(1).mean()),
-                "eot_share": mean_all(ro.ended.float().mean()),
-                "value_mean": mean_all(pm.masked_mean(old_values, mask)),
-                "return_mean": mean_all(pm.masked_mean(returns, mask)),
-                "optimizer_steps": steps,
-                "early_stopped": stopped,
-                "learning_rate": optimizer.param_groups[0]["lr"],
-                "time_gen": t1 - t0,
-                "time_score": t2 - t1,
-                "time_forward": t3 - t2,
-                "time_train": t4 - t3,
-                "samples": len(ro) * world,
-                "samples_per_s": len(ro) * world / (t4 - t0),
-            }
+            torch.manual_seed(update_seed(self.seed, update, self.rank))
+            row = self._update(update, source, prompts, ptx_blocks)
             history.append(row)
-            if accelerator.is_main_process:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                for k, v in row.items():
-                    if k != "update":
-                        writer.add_scalar(f"ppo/{k}", float(v), update + 1)
-                log_row(row)  # the stage log (the console with -v) and the recipe's trackers
-                log_metrics(row, step=update + 1)
+            self._log(row, writer)
             bar.set(update + 1)
-            if (update + 1) % self.checkpoint_every == 0 and update + 1 < s.total_updates:
-                if accelerator.is_main_process:
-                    state.save(folders.checkpoints, update + 1, unwrapped, optimizer, self.scheduler, kl_ctl)
-                accelerator.wait_for_everyone()
+            self._checkpoint(update + 1)
         bar.close()
         if writer is not None:
             writer.close()
-        dump_parameter_checksum(self.name, policy, unwrapped, s.total_updates)
+        dump_parameter_checksum(self.name, self.policy, self.unwrapped, s.total_updates)
         return {**self.memory, **summarise(history)}
+
+    def _resume(self):
+        """(the first update, the train log's rows before it, the TensorBoard writer or None): from the newest
+        complete checkpoint; the log keeps only the updates that checkpoint contains."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        from alignpipe.rl import state
+
+        folders, log_path = self.folders, self.folders.train_log
+        start = 0
+        resume_from = state.newest(folders.checkpoints) if self.resume else None
+        if resume_from is not None:
+            start = state.load(resume_from, self.unwrapped, self.optimizer, self.scheduler, self.kl_ctl)
+            print(f"[alignpipe] stage {self.name}: resuming from {resume_from} (update {start})", flush=True)
+        history = [] if start == 0 or not log_path.is_file() else \
+            [row for row in read_jsonl(log_path) if row["update"] <= start]
+        writer = None
+        if self.accelerator.is_main_process:
+            write_jsonl_atomic(log_path, history)
+            writer = SummaryWriter(str(folders.logs), purge_step=start + 1)  # drop events past the checkpoint
+        return start, history, writer
+
+    def _update(self, update: int, source, prompts: list, ptx_blocks) -> dict:
+        """One PPO update: rollout, scores, advantages, PPO epochs, the KL controller. Returns its log row."""
+        import torch
+
+        from alignpipe.rl import ppo_math as pm
+        from alignpipe.rl.rollout import generate
+
+        s, dev, world, tokenizer, mean_all = self.settings, self.device, self.world, self.tokenizer, self.mean_all
+        t0 = time.perf_counter()
+
+        # --- 1. rollout: sample with the KV cache
+        batch = prompt_batch(prompts, update, s.rollout_batch_size, self.rank, world, self.seed)
+        ro = generate(self.unwrapped.lm, tokenizer, batch, s.max_new_tokens, s.temperature, tokenizer.eos_token_id)
+        t1 = time.perf_counter()
+
+        # --- 2. score at the end of the turn; a response cut off unfinished is penalised
+        raw = torch.tensor(source.raw(ro.prompts, ro.responses), device=dev)
+        normalised = (raw - source.mean) / source.std
+        scores = normalised - s.missing_eot_penalty * (~ro.ended).float()
+        t2 = time.perf_counter()
+
+        # --- 3. old log-probs, values and reference log-probs; per-token rewards; advantages
+        mask = ro.response_mask
+        old_logp, old_values, ref_logp, entropy = forward_rollout(self.unwrapped, self.reference, ro, s)
+        token_r, kl = pm.token_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value, s.kl_estimator)
+        if s.whiten_rewards:
+            token_r = pm.masked_whiten(token_r, mask, shift_mean=False)
+        advantages, returns = pm.gae(token_r, old_values, mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            advantages = pm.masked_whiten(advantages, mask)
+        t3 = time.perf_counter()
+
+        # --- 4. PPO epochs over minibatches
+        ptx = None if ptx_blocks is None else ptx_batches(ptx_blocks, s, update_seed(self.seed, update, self.rank), dev)
+        stats, steps, stopped = optimise(self.policy, self.optimizer, self.accelerator, self.trainable, ro, old_logp,
+                                         old_values, advantages, returns, s, mean_all, ptx)
+        self.scheduler.step()
+        t4 = time.perf_counter()
+
+        # --- 5. KL controller
+        mean_kl = mean_all((kl * mask).sum(1).mean())  # nats per response
+        kl_coef_used = self.kl_ctl.value
+        self.kl_ctl.update(mean_kl, len(ro) * world)
+        return {
+            "update": update + 1,
+            "reward_raw": mean_all(raw.mean()),
+            "reward_normalised": mean_all(normalised.mean()),
+            "score": mean_all(scores.mean()),  # what PPO optimised: normalised minus the end-of-turn penalty
+            "kl": mean_kl,
+            "kl_coef": kl_coef_used,
+            "entropy": mean_all(pm.masked_mean(entropy, mask)),
+            **{k: mean_all(v) for k, v in sorted(stats.items())},
+            "response_length": mean_all(mask.sum(1).mean()),
+            "eot_share": mean_all(ro.ended.float().mean()),
+            "value_mean": mean_all(pm.masked_mean(old_values, mask)),
+            "return_mean": mean_all(pm.masked_mean(returns, mask)),
+            "optimizer_steps": steps,
+            "early_stopped": stopped,
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "time_gen": t1 - t0,
+            "time_score": t2 - t1,
+            "time_forward": t3 - t2,
+            "time_train": t4 - t3,
+            "samples": len(ro) * world,
+            "samples_per_s": len(ro) * world / (t4 - t0),
+        }
+
+    def _log(self, row: dict, writer) -> None:
+        """An update's row: the train log, TensorBoard, the stage log (the console with -v), the recipe's trackers."""
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.folders.train_log, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "update":
+                writer.add_scalar(f"ppo/{k}", float(v), row["update"])
+        log_row(row)
+        log_metrics(row, step=row["update"])
+
+    def _checkpoint(self, done: int) -> None:
+        """A checkpoint after every `checkpoint_every` updates (not after the last: the stage saves its model)."""
+        from alignpipe.rl import state
+
+        if done % self.checkpoint_every == 0 and done < self.settings.total_updates:
+            if self.accelerator.is_main_process:
+                state.save(self.folders.checkpoints, done, self.unwrapped, self.optimizer, self.scheduler, self.kl_ctl)
+            self.accelerator.wait_for_everyone()
 
     def save(self, folder: Path) -> None:
         """The policy (LoRA: the adapter only), its tokenizer and its value head (main process)."""
@@ -313,8 +336,6 @@ def optimise(policy, optimizer, accelerator, trainable, ro, old_logp, old_values
     (a minibatch split into micro-batches accumulates; with `ptx`, a batch of text blocks adds
     `ptx_coef` times its next-token loss). Stops early when a minibatch's approx-KL exceeds
     `target_approx_kl`. Returns (mean stats per step, optimiser steps, stopped early)."""
-    from contextlib import nullcontext
-
     import torch
 
     from alignpipe.rl import ppo_math as pm

@@ -13,16 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alignpipe.callables import import_callable
 from alignpipe.errors import RecipeError
-
-JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
-
-
-def load_function(spec: str, where: str = "", key: str = "reward_function") -> Callable[..., list[float]]:
-    """The function named `module:function` (imported now, so a typo fails before training)."""
-    return import_callable(spec, "reward function", JUDGE_FUNCTION, where=where, key=key)
-
+from alignpipe.eval.reward_functions import JUDGE_FUNCTION, is_judge, load_function  # noqa: F401 - the stages' names
+from alignpipe.recipe.kinds import kind_of
+from alignpipe.reward.artifact import load_reward_model, score
 
 def check_reward_source(recipe, name: str, where: str) -> None:
     """An RL stage names exactly one reward: a reward stage of the recipe, or a loadable `module:function`;
@@ -32,7 +26,6 @@ def check_reward_source(recipe, name: str, where: str) -> None:
         raise RecipeError(f"a {cfg.kind} stage needs exactly one reward: `reward_model` or `reward_function`",
                           where=where, key=key, fix="set reward_model: <a reward stage> or reward_function: "
                                                     "alignpipe.data.world:judge_reward")
-    from alignpipe.stages import kind_of
 
     if cfg.reward_model is not None and not kind_of(recipe.stages[cfg.reward_model].kind).scorer:
         raise RecipeError(f"{cfg.reward_model!r} is not a reward stage", where=where, key=f"{key}.reward_model",
@@ -41,19 +34,6 @@ def check_reward_source(recipe, name: str, where: str) -> None:
         load_function(cfg.reward_function, where, f"{key}.reward_function")
     if not cfg.data:
         raise RecipeError("no prompts", where=where, key=f"{key}.data", fix="e.g. data: {embedded: rl_prompts}")
-
-
-def is_judge(spec: str | None) -> bool:
-    """Does this reward function train on the embedded world's judge (so its pass rate is no longer
-    an independent measure)?"""
-    if not spec:
-        return False
-    try:
-        from alignpipe.data.world import judge_reward
-
-        return load_function(spec) is judge_reward
-    except RecipeError:
-        return spec == JUDGE_FUNCTION
 
 
 @dataclass
@@ -72,8 +52,6 @@ class RewardSource:
 
 def from_reward_stage(stage_dir, spec=None, batch_size: int = 64) -> tuple[RewardSource, object]:
     """(source, the loaded reward artifact) for a reward stage's model, normalised by its mean/std."""
-    from alignpipe.reward.artifact import load_reward_model, score
-
     artifact = load_reward_model(stage_dir, spec)
     std = float(artifact.std) if artifact.std and artifact.std > 0 else 1.0
     source = RewardSource(name=f"reward stage {stage_dir}",

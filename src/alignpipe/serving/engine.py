@@ -62,7 +62,7 @@ def model_name(stage_dir: Path) -> str:
 
 
 def load_served(stage_dir: Path) -> ServedModel:
-    from alignpipe.commands.chat import load_stage, stop_ids
+    from alignpipe.models.stage_model import load_stage, stop_ids
 
     model, tokenizer, manifest = load_stage(Path(stage_dir))
     context = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -189,7 +189,7 @@ def split_tool_calls(text: str) -> tuple[str, list[dict]]:
 
 def finish(served: ServedModel, job: Job, n_prompt: int, reply: list[int], budget: int) -> Result:
     """The Result of a finished generation whose new tokens are `reply`."""
-    from alignpipe.commands.chat import cut
+    from alignpipe.models.stage_model import cut
 
     kept, ended = cut(reply, served.stops)
     kept = [t for t in kept if t != served.tokenizer.pad_token_id]
@@ -211,7 +211,7 @@ class StreamText:
         self.holds = list(job.stop) + ([TOOL_OPEN] if job.tools else [])
 
     def _safe(self, reply: list[int]) -> str:
-        from alignpipe.commands.chat import cut
+        from alignpipe.models.stage_model import cut
 
         kept, _ = cut(reply, self.served.stops)
         text = self.served.tokenizer.decode(kept, skip_special_tokens=True).lstrip()

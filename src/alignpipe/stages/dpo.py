@@ -11,17 +11,23 @@ judges), and DPO's implicit-reward accuracy and margins on held-out pairs.
 
 from __future__ import annotations
 
+# Heavy imports (trl, datasets; rl.policy (which imports them)) stay inside the functions that use them: the CLI starts
+# without them.
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import check_policy_references, evaluate_policy, lora_config, preference_pairs
-from alignpipe.stages import StageKind
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.runtime.distributed import world_size
+from alignpipe.runtime.padding_free import choose, flatten_padded_forward
+from alignpipe.stages import training
+from alignpipe.stages.helpers import check_policy_references, evaluate_policy, lora_config, preference_pairs
+from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 # DPOConfig.loss_type values in TRL 1.16 (checked before anything is trained: TRL only fails at
 # the first step). ORPO / CPO / SimPO are separate trainers in trl.experimental, KTO is trl.KTOTrainer.
@@ -46,7 +52,7 @@ class Config(StageConfig):
     # reward stage whose score is reported beside the judge (evaluation only; DPO never trains on it).
     # Unset: the recipe's first reward stage that is complete when this stage runs.
     reward_model: str | None = None
-    # Padding-free forwards (alignpipe.padding_free): TRL builds and truncates its padded batches as always, and
+    # Padding-free forwards (alignpipe.runtime.padding_free): TRL builds and truncates its padded batches as always, and
     # each forward (policy and reference) runs their real tokens as one flattened row. null = auto (on a CPU or
     # with flash-attention, when a check on this model finds the flattened forward exact), true/false force it.
     # The manifest says which was used. (TRL 1.16's own `padding_free` is switched off inside DPOTrainer.)
@@ -125,7 +131,6 @@ def build_trainer(ctx: StageContext):
     reference = None
     if peft_config is None:
         reference = ctx.load_model().eval().requires_grad_(False)
-    from alignpipe.padding_free import choose, flatten_padded_forward
 
     batches = choose(model, ctx.config.padding_free, ctx.name)
     if batches.padding_free:  # before the trainer: its reference pre-computation runs in the constructor
@@ -143,7 +148,6 @@ def build_trainer(ctx: StageContext):
     # term on the chosen responses keeps the policy fluent. Reference log-probs are computed once up front,
     # in one process only: TRL 1.16 caches them next to the dataset, and an in-memory dataset's cache
     # folder is a private temp folder per process (rank 1 then cannot find rank 0's file).
-    from alignpipe.distributed import world_size
 
     defaults = dict(max_length=DEFAULT_MAX_LENGTH, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
                     lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1,
@@ -162,7 +166,6 @@ def build_trainer(ctx: StageContext):
 
 def run(ctx: StageContext) -> dict:
     from alignpipe.rl.policy import AdapterOff
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer, reference, counts = build_trainer(ctx)
     threads = train(trainer, ctx, choose_threads=True)
@@ -173,7 +176,7 @@ def run(ctx: StageContext) -> dict:
 
     # save first (LoRA: the adapter only; the manifest records the base), then evaluate what was saved
     tokenizer = trainer.processing_class
-    save_stage_model(trainer, tokenizer, ctx.model_dir)
+    training.save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
     if reference is None:
         reference = AdapterOff(policy)  # the LoRA policy with its adapter switched off: no second copy

@@ -12,16 +12,20 @@ is a training score, not an independent measure.
 
 from __future__ import annotations
 
+# Heavy imports (trl, datasets) stay inside the functions that use them: the CLI starts without them.
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
-from alignpipe.stages import StageKind
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.reward.artifact import load_reward_model
+from alignpipe.rl.rewards import check_reward_source, is_judge, load_function
+from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
+from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -46,7 +50,6 @@ def rloo_config_class():
 def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
     key = f"stages.{name}"
-    from alignpipe.rl.rewards import check_reward_source
 
     check_reward_source(recipe, name, where)
     if cfg.missing_eot_penalty and "reward_weights" in cfg.trainer:
@@ -68,9 +71,6 @@ def run(ctx: StageContext) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
-    from alignpipe.rl.rewards import is_judge, load_function
-    from alignpipe.training import train, train_log_metrics, write_log_history
-
     cfg = ctx.config
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
@@ -78,8 +78,6 @@ def run(ctx: StageContext) -> dict:
 
     # --- rewards: the reward model (TRL scores it; its tokenizer given explicitly, or TRL would ask the hub)
     if cfg.reward_model:
-        from alignpipe.reward.artifact import load_reward_model
-
         artifact = load_reward_model(ctx.stage_dir(cfg.reward_model), ctx.recipe.model)
         funcs, classes = [artifact.model], [artifact.tokenizer]
     else:

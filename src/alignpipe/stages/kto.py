@@ -14,16 +14,20 @@ score, and KTO's implicit rewards of desirable and undesirable held-out rows.
 
 from __future__ import annotations
 
+# Heavy imports (trl, datasets; rl.policy (which imports them)) stay inside the functions that use them: the CLI starts
+# without them.
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import check_policy_references, evaluate_policy, lora_config, rows
-from alignpipe.stages import StageKind
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages import training
+from alignpipe.stages.helpers import check_policy_references, evaluate_policy, lora_config, rows
+from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -90,7 +94,6 @@ def implicit_reward_metrics(trainer) -> dict:
 
 def run(ctx: StageContext) -> dict:
     from alignpipe.rl.policy import AdapterOff
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     trainer, reference = build_trainer(ctx)
     train(trainer, ctx)
@@ -98,7 +101,7 @@ def run(ctx: StageContext) -> dict:
                **implicit_reward_metrics(trainer)}
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     tokenizer = trainer.processing_class
-    save_stage_model(trainer, tokenizer, ctx.model_dir)
+    training.save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
     metrics.update(evaluate_policy(ctx, policy, tokenizer, reference if reference is not None else AdapterOff(policy)))
     return metrics

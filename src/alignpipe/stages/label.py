@@ -19,20 +19,29 @@ labelled on the page `alignpipe label <this folder>` serves; a killed stage resu
 
 from __future__ import annotations
 
-import json
+# Heavy imports (eval.policy, which imports torch) stay inside the functions that use them: the CLI starts without them.
 import random
 import sys
 import time
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
+from alignpipe.data.loading import load_family
+from alignpipe.data.split import prompt_key, recipe_split
 from alignpipe.errors import AlignpipeError, RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stages import StageKind
+from alignpipe.labelling import labellers as lab
+from alignpipe.labelling.labellers import HUMAN, check_labeller
+from alignpipe.labelling.queue import QUEUE_FILE, LabelLog, current, read_log, read_queue, write_queue
+from alignpipe.models.loading import device
+from alignpipe.recipe.dataspec import PAIRS_FILE
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.reward.onpolicy import failure_type
+from alignpipe.runfolder import manifests as runs
+from alignpipe.runfolder.files import write_jsonl_atomic
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 SAMPLES_FILE = "samples.jsonl"
 EMBEDDED_PROMPTS = ("rl_prompts", "sft", "pairs")  # the world's parts whose (training) prompts can be labelled
@@ -60,8 +69,6 @@ def trainer_config_class():
 
 
 def check(recipe, name: str, where: str) -> None:
-    from alignpipe.labelling.labellers import check_labeller
-
     cfg = recipe.stages[name]
     key = f"stages.{name}"
     if cfg.from_ is None:
@@ -109,8 +116,6 @@ def training_prompts(ctx) -> tuple[list, list[dict], int]:
                 texts.append(text)
         texts = texts[:limit]
         return texts, [{} for _ in texts], skipped
-    from alignpipe.data.loading import load_family
-    from alignpipe.data.split import prompt_key, recipe_split
 
     split = recipe_split(ctx.recipe)  # the one split every stage uses: a held-out key is held out everywhere
     seen, prompts, rows, skipped = set(), [], [], 0
@@ -154,8 +159,7 @@ def build_queue(samples, prompts: list, rows: list[dict], per_prompt: int, seed:
 
 
 def draw_samples(ctx, prompts: list):
-    from alignpipe.evaluation import sample
-    from alignpipe.modeling import device
+    from alignpipe.eval.policy import sample
 
     spec, cfg = ctx.config.eval, ctx.config
     policy = ctx.load_model().to(device())
@@ -164,9 +168,7 @@ def draw_samples(ctx, prompts: list):
 
 
 def write_samples(path, samples) -> None:
-    from alignpipe.labelling.queue import write_lines_atomic
-
-    write_lines_atomic(path, [{"sample": i, "prompt_index": samples.prompt_index[i], "prompt": samples.prompts[i],
+    write_jsonl_atomic(path, [{"sample": i, "prompt_index": samples.prompt_index[i], "prompt": samples.prompts[i],
                                "response": samples.responses[i], "ended": samples.ended[i],
                                "tokens": samples.lengths[i]} for i in range(len(samples.responses))])
 
@@ -176,8 +178,6 @@ def write_samples(path, samples) -> None:
 
 def label_automatically(ctx, labeller, items: list[dict]) -> None:
     """Verdicts for the items this labeller has not labelled yet, appended to the log."""
-    from alignpipe.labelling.queue import LabelLog, current, read_log
-
     done = current(read_log(ctx.dir), labeller.name)
     todo = [it for it in items if it["id"] not in done]
     if not todo:
@@ -189,9 +189,6 @@ def label_automatically(ctx, labeller, items: list[dict]) -> None:
 
 def wait_for_people(ctx, items: list[dict]) -> None:
     """Until `min_labels` (default: all) queued items have a standing human verdict."""
-    from alignpipe.labelling.labellers import HUMAN
-    from alignpipe.labelling.queue import current, read_log
-
     ids = {it["id"] for it in items}
     target = min(ctx.config.min_labels or len(items), len(items))
     print(f"[alignpipe] stage {ctx.name}: {len(items)} pairs queued; label them with `alignpipe label {ctx.dir}` "
@@ -232,11 +229,6 @@ def pairs_from(items: list[dict], verdicts: dict[str, str], cut_off: bool = True
 
 
 def run(ctx: StageContext) -> dict:
-    from alignpipe import runs
-    from alignpipe.labelling import labellers as lab
-    from alignpipe.labelling.queue import QUEUE_FILE, current, read_log, read_queue, write_lines_atomic, write_queue
-    from alignpipe.labelling.sources import PAIRS_FILE
-
     cfg = ctx.config
     ctx.dir.mkdir(parents=True, exist_ok=True)
     prompts, rows, heldout_skipped = training_prompts(ctx)
@@ -262,7 +254,7 @@ def run(ctx: StageContext) -> dict:
     log = read_log(ctx.dir)
     verdicts = current(log, labeller.name)
     pairs, rejected_ended, empty, cut = pairs_from(items, verdicts, cfg.cut_off_pairs)
-    write_lines_atomic(ctx.dir / PAIRS_FILE, pairs)
+    write_jsonl_atomic(ctx.dir / PAIRS_FILE, pairs)
     counts = {v: sum(x == v for x in verdicts.values()) for v in lab.VERDICTS}
     metrics = {
         "labeller": labeller.name, "labeller_role": labeller.role, "prompts": len(prompts),
@@ -274,7 +266,6 @@ def run(ctx: StageContext) -> dict:
         "pairs_sha256": runs.fingerprint_path(ctx.dir / PAIRS_FILE),
     }
     if "embedded" in cfg.data:  # what the rejected responses are, by the reward stage's failure types
-        from alignpipe.reward.onpolicy import failure_type
 
         types = [failure_type(p["rejected"][0]["content"], e, False) for p, e in zip(pairs, rejected_ended)]
         metrics["pairs_by_rejected_type"] = {t: types.count(t) for t in ("wrong_answer", "style", "cut_off")}

@@ -13,17 +13,20 @@ Data: the pairs family, as for dpo (`{"prompt": [user], "chosen": [assistant], "
 
 from __future__ import annotations
 
+# Heavy imports (trl, datasets) stay inside the functions that use them: the CLI starts without them.
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import (check_policy_references, evaluate_policy, lora_config, preference_pairs,
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages.helpers import (check_policy_references, evaluate_policy, lora_config, preference_pairs,
                                      start_as_reference)
-from alignpipe.stages import StageKind
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.stages import training
+from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")  # CPOConfig.loss_type in TRL 1.16
 
@@ -89,8 +92,6 @@ def implicit_reward_metrics(trainer) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
-
     trainer = build_trainer(ctx)
     train(trainer, ctx)
     args = trainer.args
@@ -99,7 +100,7 @@ def run(ctx: StageContext) -> dict:
         metrics["loss_type"] = args.loss_type
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     tokenizer = trainer.processing_class
-    save_stage_model(trainer, tokenizer, ctx.model_dir)
+    training.save_stage_model(trainer, tokenizer, ctx.model_dir)
     policy = trainer.model
     # KL is measured against the start (ORPO/CPO train without a reference)
     metrics.update(evaluate_policy(ctx, policy, tokenizer, lambda: start_as_reference(ctx, policy)))

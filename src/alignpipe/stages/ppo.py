@@ -15,19 +15,25 @@ Recipe:
 
 from __future__ import annotations
 
+# Heavy imports (torch, accelerate) stay inside the functions that use them: the CLI starts without them.
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from alignpipe.data.loading import check_spec, load_family
 from alignpipe.errors import RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.rl.ppo_trainer import PPOSettings
-from alignpipe.stage_helpers import evaluate_policy, load_prompts, lora_config, pack
-from alignpipe.stages import StageKind
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.parse import from_dict
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.rl import rewards
+from alignpipe.rl.ppo_trainer import PPOFolders, PPOSettings, PPOTrainer
+from alignpipe.rl.rewards import check_reward_source
+from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, pack
 
 if TYPE_CHECKING:
     import torch
 
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -43,8 +49,6 @@ def trainer_config_class():
 
 def settings(recipe, name: str) -> PPOSettings:
     """The stage's PPO settings, type-checked like the rest of the recipe."""
-    from alignpipe.recipe import from_dict
-
     where, key = str(recipe.path), f"stages.{name}.trainer"
     s = from_dict(PPOSettings, recipe.stages[name].trainer, where, key)
     positive = ("total_updates", "rollout_batch_size", "minibatch_size", "forward_batch_size", "ppo_epochs",
@@ -68,7 +72,6 @@ def check(recipe, name: str, where: str) -> None:
     cfg = recipe.stages[name]
     key = f"stages.{name}"
     s = settings(recipe, name)
-    from alignpipe.rl.rewards import check_reward_source
 
     check_reward_source(recipe, name, where)
     if s.ptx_coef > 0 and not cfg.ptx_data:
@@ -79,7 +82,6 @@ def check(recipe, name: str, where: str) -> None:
             raise RecipeError(f"ptx_data: embedded {cfg.ptx_data['embedded']!r} is not plain text", where=where,
                               key=f"{key}.ptx_data.embedded", fix="use {embedded: corpus} or a text file")
     elif cfg.ptx_data:  # a text file: read it now, as pretraining would
-        from alignpipe.data.loading import check_spec
 
         check_spec(cfg.ptx_data, recipe.path.parent, where, f"{key}.ptx_data", "text")
     if cfg.from_ is None:
@@ -89,15 +91,11 @@ def check(recipe, name: str, where: str) -> None:
 
 def load_ptx_blocks(ctx: StageContext, tokenizer, block_size: int) -> torch.Tensor:
     """The `ptx_data` texts, each ending in EOS, packed into blocks [N, block_size] (as pretraining packs)."""
-    import dataclasses
-
     import torch
 
     if "embedded" in ctx.config.ptx_data:
         texts = ctx.world.corpus()
     else:
-        from alignpipe.data.loading import load_family
-
         texts_ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, data=ctx.config.ptx_data))
         texts = [r["text"] for r in load_family(texts_ctx, "text")]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -109,9 +107,6 @@ def load_ptx_blocks(ctx: StageContext, tokenizer, block_size: int) -> torch.Tens
 
 
 def run(ctx: StageContext) -> dict:
-    from alignpipe.rl import rewards
-    from alignpipe.rl.ppo_trainer import PPOFolders, PPOTrainer
-
     cfg, s = ctx.config, settings(ctx.recipe, ctx.name)
     tokenizer = ctx.load_tokenizer()
     trainer = PPOTrainer(s, ctx.load_model, tokenizer, lora_config(ctx, "CAUSAL_LM"),

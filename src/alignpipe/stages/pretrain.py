@@ -7,16 +7,21 @@ with that model's tokenizer. Metrics: held-out perplexity beside a unigram basel
 
 from __future__ import annotations
 
+# Heavy imports (transformers, torch, datasets) stay inside the functions that use them: the CLI starts without them.
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.recipe import StageConfig
-from alignpipe.stages import StageKind
-from alignpipe.stage_helpers import pack, rows
+from alignpipe.models import loading as modeling
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.recipe.templates import template_special_tokens
+from alignpipe.stages import training
+from alignpipe.stages.helpers import evaluate_policy, pack, rows
+from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 @dataclass
@@ -66,9 +71,6 @@ def run(ctx: StageContext) -> dict:
     from datasets import Dataset
     from transformers import Trainer
 
-    from alignpipe import modeling
-    from alignpipe.templates import template_special_tokens
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
 
     recipe = ctx.recipe
     train_texts, eval_texts = load_texts(ctx)
@@ -120,11 +122,9 @@ def run(ctx: StageContext) -> dict:
         **threads,
     }
     if ctx.config.eval.enabled and ("embedded" in ctx.config.data or ctx.config.eval.prompts):
-        from alignpipe.stage_helpers import evaluate_policy
-
         metrics.update(evaluate_policy(ctx, model, tokenizer))
 
-    save_stage_model(trainer, tokenizer, ctx.model_dir)
+    training.save_stage_model(trainer, tokenizer, ctx.model_dir)
     return metrics
 
 

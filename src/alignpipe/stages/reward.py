@@ -17,18 +17,28 @@ Artifact: `alignpipe.reward.artifact`.
 
 from __future__ import annotations
 
+# Heavy imports (trl, datasets, torch; eval.policy (which imports them)) stay inside the functions that use them: the
+# CLI starts without them.
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe import padding_free
 from alignpipe.errors import AlignpipeError, RecipeError
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import lora_config, rows
-from alignpipe.stages import StageKind
+from alignpipe.eval.verifiers import EMBEDDED
+from alignpipe.models import loading as modeling
+from alignpipe.models.loading import device
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.reward import metrics as rm_metrics
+from alignpipe.reward.artifact import OneOutput, RewardArtifact, load_reward_dir, save_reward_model, score
+from alignpipe.reward.onpolicy import failure_metrics
+from alignpipe.reward.pairs import filter_pairs
+from alignpipe.runtime import distributed, padding_free
+from alignpipe.stages.helpers import lora_config, rows
+from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 DEFAULT_MAX_LENGTH = 512  # tokens, or the model's max_position_embeddings when that is less
@@ -38,7 +48,7 @@ DEFAULT_MAX_LENGTH = 512  # tokens, or the model's max_position_embeddings when 
 class Config(StageConfig):
     eval_pairs: int = 200  # at most this many of a user dataset's held-out pairs are scored (the embedded world has its own)
     reload_tolerance: float = 1e-4  # the reloaded artifact must score this close to the trained model (fp32)
-    # Padding-free batches (alignpipe.padding_free): a batch's chosen and rejected sequences in one row, each
+    # Padding-free batches (alignpipe.runtime.padding_free): a batch's chosen and rejected sequences in one row, each
     # scored at its last token. null = auto (on a CPU or with flash-attention, when a check on this model finds
     # the flattened forward exact), true/false force it. The manifest says which was used.
     padding_free: bool | None = None
@@ -59,8 +69,6 @@ def check(recipe, name: str, where: str) -> None:
 
 def pair_rows(ctx: StageContext, tokenizer, max_length: int) -> tuple[list[dict], list[dict], dict]:
     """Train and held-out pairs, with bad pairs dropped; the drop report is printed and returned."""
-    from alignpipe.reward.pairs import filter_pairs
-
     # the recipe's held-out prompts: DPO's training pairs are never this model's held-out pairs
     raw_train, raw_eval = rows(ctx, lambda world: (world.preference_rows("train"), world.preference_rows("eval")),
                                ctx.config.eval_pairs, tokenizer, max_length)
@@ -78,8 +86,6 @@ def build_trainer(ctx):
     """The RewardTrainer, ready to train: the parent's body with a new score head, the pairs, the config."""
     from datasets import Dataset
     from trl import RewardTrainer
-
-    from alignpipe.reward.artifact import OneOutput
 
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model(OneOutput)
@@ -109,16 +115,14 @@ def batching(ctx, model):
 def onpolicy_samples(ctx, tokenizer):
     """The parent policy's sampled responses to the stage's eval prompts with a verifier's verdicts (the embedded
     world's judge, or the first verifier in `eval.judges`); None without eval prompts or a verifier."""
-    from alignpipe.evaluation import judged_samples
-    from alignpipe.modeling import device
+    from alignpipe.eval.policy import judged_samples
 
     return judged_samples(ctx, lambda: ctx.load_model().to(device()), tokenizer)
 
 
 def judged_by_world(ctx: StageContext) -> bool:
     """Whether the on-policy check's verifier is the embedded world's judge (embedded data or exported files)."""
-    from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.evaluation import judges_of
+    from alignpipe.eval.policy import judges_of
 
     verifiers = [j.verifier for j in judges_of(ctx).values() if not j.pairwise]
     return bool(verifiers) and verifiers[0] == EMBEDDED
@@ -127,12 +131,7 @@ def judged_by_world(ctx: StageContext) -> bool:
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from alignpipe import distributed, modeling
-    from alignpipe.evaluation import write_samples
-    from alignpipe.reward import metrics as rm_metrics
-    from alignpipe.reward.onpolicy import failure_metrics
-    from alignpipe.reward.artifact import RewardArtifact, load_reward_dir, save_reward_model, score
-    from alignpipe.training import train, train_log_metrics, write_log_history
+    from alignpipe.eval.policy import write_samples
 
     trainer, evals, report, batches = build_trainer(ctx)
     tokenizer = trainer.processing_class

@@ -6,15 +6,23 @@ trained on. Optional packing and LoRA. Metrics: held-out loss and the shared eva
 
 from __future__ import annotations
 
+# Heavy imports (trl, datasets, torch, transformers) stay inside the functions that use them: the CLI starts without
+# them.
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.recipe import StageConfig
-from alignpipe.stage_helpers import evaluate_policy, lora_config, rows
-from alignpipe.stages import StageKind
+from alignpipe.data.formats import DataError
+from alignpipe.data.loading import as_user_error
+from alignpipe.data.sft_tokens import needs_own_tokens, tokenize_rows
+from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.schema import StageConfig
+from alignpipe.runtime.padding_free import Batching, choose, sft_collator
+from alignpipe.stages import training
+from alignpipe.stages.helpers import evaluate_policy, lora_config, rows
+from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
 if TYPE_CHECKING:
-    from alignpipe.context import StageContext
+    from alignpipe.stages.context import StageContext
 
 
 DEFAULT_MAX_LENGTH = 128  # tokens per sequence unless the recipe's trainer.max_length says otherwise
@@ -26,7 +34,7 @@ class Config(StageConfig):
     # large vocabularies on a GPU). On a CPU it is the slow part of a small model's step (make bench: ~13 of
     # ~57 ms on the peer model), so there the model's own head and loss are used. true/false force either.
     fused_lm_head: bool | None = None
-    # Padding-free batches (alignpipe.padding_free): TRL tokenizes and truncates the rows as for padded batches,
+    # Padding-free batches (alignpipe.runtime.padding_free): TRL tokenizes and truncates the rows as for padded batches,
     # then each batch is laid end to end in one row. null = auto (on a CPU or with flash-attention, when a check
     # on this model finds the flattened forward exact), true/false force it. The manifest says which was used.
     padding_free: bool | None = None
@@ -51,8 +59,6 @@ def datasets(train_rows: list[dict], eval_rows: list[dict], tokenizer, args):
     both splits alike (`alignpipe.data.sft_tokens`): TRL then builds its labels from our `assistant_masks`, and
     its `assistant_only_loss` (which refuses tokenized rows) is switched off, the masks doing its work."""
     from datasets import Dataset
-
-    from alignpipe.data.sft_tokens import needs_own_tokens, tokenize_rows
 
     if not needs_own_tokens(train_rows + eval_rows):
         return Dataset.from_list(train_rows), Dataset.from_list(eval_rows)
@@ -96,8 +102,6 @@ def plain_head_trainer():
 def batching(ctx, model, args):
     """Padded or padding-free batches (Config.padding_free). TRL's own packing / padding_free (trainer block)
     keep TRL's collator."""
-    from alignpipe.padding_free import Batching, choose
-
     if args.packing or args.padding_free:
         return Batching(True, "TRL's packing / padding_free in the trainer block")
     return choose(model, ctx.config.padding_free, ctx.name)
@@ -116,10 +120,6 @@ def trainer_class(ctx, args):
 
 
 def run(ctx: StageContext) -> dict:
-    from alignpipe.data.formats import DataError
-    from alignpipe.data.loading import as_user_error
-    from alignpipe.training import save_stage_model, train, train_log_metrics, write_log_history
-
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
     args = ctx.trainer_args(trainer_config_class(), assistant_only_loss=True, max_length=DEFAULT_MAX_LENGTH,
@@ -133,8 +133,6 @@ def run(ctx: StageContext) -> dict:
     batches = batching(ctx, model, args)
     collator = None
     if batches.padding_free and not (args.packing or args.padding_free):
-        from alignpipe.padding_free import sft_collator
-
         collator = sft_collator(tokenizer, args, batches)
     trainer = trainer_class(ctx, args)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                        processing_class=tokenizer, peft_config=lora_config(ctx, "CAUSAL_LM"),
@@ -145,7 +143,7 @@ def run(ctx: StageContext) -> dict:
     metrics = {**train_log_metrics(trainer), "eval_loss": trainer.evaluate()["eval_loss"], **batches.manifest(),
                **threads}
     # save first (LoRA: the adapter), then evaluate the model that was saved
-    save_stage_model(trainer, tokenizer, ctx.model_dir)
+    training.save_stage_model(trainer, tokenizer, ctx.model_dir)
     model = trainer.model
     metrics.update(evaluate_policy(ctx, model, tokenizer))
     return metrics

@@ -1,0 +1,129 @@
+"""Torch threads for a trainer stage, decided from the machine and the recipe only, never from timing.
+
+Why not from timing: matrix products and reductions sum in another order on another number of threads, so the
+trained weights (and every figure after them) depend on the thread count. A count chosen by a timed probe, or
+changed mid-run by a watchdog when a neighbour slows the steps, made the same recipe and seed give other
+figures on a busy machine (issue 30: ppo 0.823 idle, 0.790 with a neighbour). Here a busy neighbour slows a
+run down and never changes it.
+
+`ALIGNPIPE_THREADS`:
+- unset: the process's own threads (OMP_NUM_THREADS; the CLI and make set 1), as every other part of a stage;
+- a number: that many threads, as asked;
+- `auto` (what `make pipeline` sets): the usable cores shared among the stages that a fresh
+  `alignpipe run --parallel auto` of the recipe runs at the same time as this one (its group in the recipe's
+  plan, `stages_at_once`), at most AUTO_MAX_THREADS. In the default recipe on 2 cores: pretrain, sft and
+  reward on 2 threads, dpo and ppo (which run side by side) on 1 each. The group comes from the recipe, not
+  from which stages happen to run now, so `make dpo` trains dpo exactly as `make pipeline` does.
+
+The manifest records the choice and why (`manifest_fields`), beside the machine facts that decide the
+numerics (`runs.machine`).
+"""
+
+from __future__ import annotations
+
+# Heavy imports (torch, datasets, transformers) stay inside the functions that use them: the CLI starts without them.
+import os
+import sys
+from collections.abc import Callable
+
+from alignpipe.errors import RunError
+from alignpipe.runtime.distributed import world_size
+from alignpipe.runtime.progress import verbose
+
+ENV = "ALIGNPIPE_THREADS"
+# At most this many threads under `auto`. Measured on this project's 2-core machine (AMD EPYC, 2026-12-07):
+# the default model's pretraining step is 117 ms on 1 thread and 73 ms on 2 when the other core is idle;
+# with a busy neighbour 112 ms on 1 and 232 ms on 2 (slower, never different). More threads than 2 were
+# never measured to pay for models of this size; a user with a larger model sets a number.
+AUTO_MAX_THREADS = 2
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _asked(wanted: str) -> int | None:
+    """The number of threads a value of ALIGNPIPE_THREADS asks for; None when it is not a number >= 1."""
+    return int(wanted) if wanted.isdigit() and int(wanted) > 0 else None
+
+
+def check_env() -> None:
+    """RunError before anything runs when ALIGNPIPE_THREADS is neither `auto` nor a number of threads."""
+    wanted = os.environ.get(ENV)
+    if wanted is not None and wanted != "auto" and _asked(wanted) is None:
+        raise RunError(f"{ENV}={wanted!r} is neither auto nor a number of torch threads", where="the environment",
+                       key=ENV, fix="set it to auto, 1, 2, ... or unset it")
+
+
+def stages_at_once(order: list[str], upstream: Callable[[str], list[str]], name: str, cores: int) -> int:
+    """How many stages a fresh run of the recipe with `--parallel auto` (one 1-thread process per core) runs at
+    the same time as `name`, itself included: the recipe's stages taken in `order`, each group the stages whose
+    upstreams are all done, at most `cores` of them (the rule of stage_processes.ready_group)."""
+    pending, done = list(order), set()
+    while pending:
+        group = [s for s in pending if all(u in done for u in upstream(s))][: max(1, cores)] or pending[:1]
+        if name in group:
+            return len(group)
+        done.update(group)
+        pending = [s for s in pending if s not in group]
+    return 1
+
+
+def choose(at_once: int = 1, cores: int | None = None) -> dict:
+    """{threads, why}: the threads to train with, set in torch. `at_once` is the stage's group size in the
+    recipe's plan (`stages_at_once`); `cores` defaults to this machine's usable cores (given in tests)."""
+    import torch
+
+    wanted = os.environ.get(ENV)
+    if wanted is None:  # the process's own threads, as every other part of the stage runs
+        return {"threads": torch.get_num_threads(), "why": f"{ENV} unset: OMP_NUM_THREADS"}
+    asked = _asked(wanted)
+    if asked is not None:
+        choice = {"threads": asked, "why": f"{ENV}={wanted}"}
+    else:
+        cores = usable_cores() if cores is None else cores
+        threads = max(1, min(AUTO_MAX_THREADS, cores // max(1, at_once)))
+        choice = {"threads": threads, "why": f"auto: {cores} usable core(s) shared by {at_once} stage(s) the "
+                                             f"recipe runs at once, at most {AUTO_MAX_THREADS}"}
+    torch.set_num_threads(choice["threads"])
+    return choice
+
+
+def for_trainer(trainer, at_once: int = 1) -> dict:
+    """`choose` for a stage that trains with a transformers/TRL Trainer; one thread per process when several
+    processes train the stage together (DDP/FSDP), the device's own when it is not the CPU."""
+    import torch
+
+    if next(trainer.model.parameters()).device.type != "cpu":
+        return {"threads": torch.get_num_threads(), "why": "not CPU"}
+    if world_size() > 1:
+        torch.set_num_threads(1)
+        return {"threads": 1, "why": f"{world_size()} processes train this stage"}
+    return choose(at_once)
+
+
+def manifest_fields(choice: dict) -> dict:
+    """What a stage's manifest records of its choice."""
+    return {"torch_threads": choice["threads"], "torch_threads_why": choice["why"]}
+
+
+def set_threads() -> None:
+    """One torch thread unless told otherwise: measured here, 2 threads beside a busy neighbour core
+    made a training step ~170x slower, while small models gain little from a second thread."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch  # heavy: a command that trains or samples imports it, `--help` and `validate` do not
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # progress bars for tokenising a few thousand rows or writing one shard are noise in a pipeline log
+    import datasets  # heavy, as torch
+    from transformers.utils import logging as hf_logging  # heavy, as torch
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    if not sys.stderr.isatty() and not verbose():  # TRL's own tqdm bars (DPO's reference log-probs) redraw
+        os.environ.setdefault("TQDM_DISABLE", "1")  # with carriage returns: noise in a log file
