@@ -104,7 +104,7 @@ def test_report_covers_reward_dpo_and_ppo(tiny_run, tmp_path):
     for stage in ("dpo", "ppo"):
         [rm_row] = [r for r in helped.splitlines() if r.startswith(f"| **{stage}**") and "reward model" in r]
         assert rm_row.count("optimised on this judge; not independent evidence") == 2 and "better" not in rm_row
-        m = _manifest(run / stage)["metrics"]
+        m = stage_manifest(run / stage)["metrics"]
         assert set(m["optimised_judges"]) == {"rm"}
         for key in ("judge_win_rate_vs_greedy_parent", "rm_win_rate_vs_greedy_parent"):
             lo, hi = m[f"{key}_ci"]

@@ -361,7 +361,7 @@ def _pair_with_greedy_parent(ctx, out: list[dict], draw, reference, metrics: dic
     with_greedy = greedy_parent(ctx, reference, draw, out)
     if with_greedy:
         metrics["eval_greedy_parent"] = f"{ctx.config.from_ or 'the recipe model'} (greedy, one answer per prompt)"
-        metrics["eval_greedy_parent_sampling_s"] = round(time.perf_counter() - started, 2)
+        metrics["eval_greedy_parent_wall_s"] = round(time.perf_counter() - started, 2)
     return with_greedy
 
 
