@@ -19,6 +19,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from alignpipe.data.sources import prepare_data, read_file
+from alignpipe.data.split import _uses_hub, prompt_key, recipe_split, user_stages
+from alignpipe.eval.prompts import prompt_row, resolve
+from alignpipe.recipe.dataspec import without_stage_sources
+from alignpipe.recipe.kinds import kind_of
+
 N = 13
 MIN_WORDS = 8
 SKIP_KEYS = {"role", "from", "label", "id", "weight"}
@@ -68,7 +74,6 @@ def identity(prompt) -> str:
 @dataclass
 class Source:
     """Rows of one file, with their place in it."""
-
     name: str  # the file as the recipe names it
     stage: str  # the stage that reads it
     rows: list
@@ -80,8 +85,6 @@ class Source:
 
 
 def _parts(recipe, name: str, spec: dict, family: str, key: str, local_only: bool) -> list[Source]:
-    from alignpipe.data.sources import prepare_data
-    from alignpipe.data.split import _uses_hub
 
     if not spec or (local_only and _uses_hub(spec)):
         return []
@@ -91,10 +94,6 @@ def _parts(recipe, name: str, spec: dict, family: str, key: str, local_only: boo
 
 def training_sources(recipe, local_only: bool = False) -> list[Source]:
     """Every user-data stage's files, with the held-out rows (which never train) left out."""
-    from alignpipe.data.split import prompt_key, recipe_split, user_stages
-    from alignpipe.recipe.dataspec import without_stage_sources
-    from alignpipe.recipe.kinds import kind_of
-
     split = recipe_split(recipe, local_only=local_only)
     out = []
     for name, cfg in user_stages(recipe).items():
@@ -107,10 +106,6 @@ def training_sources(recipe, local_only: bool = False) -> list[Source]:
 
 def heldout_sources(recipe, local_only: bool = False) -> list[Source]:
     """The recipe's held-out rows: every stage's `eval.data` file and the rows the split holds out of the files."""
-    from alignpipe.data.split import prompt_key, recipe_split, user_stages
-    from alignpipe.recipe.dataspec import without_stage_sources
-    from alignpipe.recipe.kinds import kind_of
-
     split = recipe_split(recipe, local_only=local_only)
     out = []
     for name, cfg in recipe.stages.items():
@@ -126,8 +121,6 @@ def heldout_sources(recipe, local_only: bool = False) -> list[Source]:
 
 
 def prompt_file_source(recipe, name: str) -> Source:
-    from alignpipe.data.sources import read_file
-    from alignpipe.eval.prompts import prompt_row, resolve
 
     path = resolve(recipe.stages[name].eval.prompts, recipe.path)
     raw = read_file(path, str(path))
@@ -137,8 +130,6 @@ def prompt_file_source(recipe, name: str) -> Source:
 
 def eval_sources(recipe, name: str, local_only: bool = False) -> list[Source]:
     """What stage `name` is evaluated on (see the module docstring)."""
-    from alignpipe.recipe.kinds import kind_of
-
     cfg = recipe.stages[name]
     if cfg.eval.prompts:
         return [prompt_file_source(recipe, name)]

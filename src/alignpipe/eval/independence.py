@@ -11,14 +11,19 @@ stage has no other judge.
 
 from __future__ import annotations
 
+from alignpipe.eval.prompts import resolve
+from alignpipe.eval.reward_functions import is_judge
+from alignpipe.eval.verifiers import EMBEDDED
+from alignpipe.recipe.dataspec import LABELLER_EMBEDDED, LABELLER_HUMAN, LABELLER_JUDGE_PREFIX
+from alignpipe.recipe.kinds import kind_of, references
+from alignpipe.recipe.schema import JudgeSpec
+
 RM = "rm"
 CHANCE = 0.5  # a reward model at or below this on its own held-out pairs ranks them no better than a coin
 
 
 def _data_key(recipe, data: dict) -> tuple:
     """A stage's `data:` as a comparable value (a file path resolved beside the recipe)."""
-    from alignpipe.eval.prompts import resolve
-
     out = []
     for k, v in sorted(data.items()):
         if k == "path" and isinstance(v, str):
@@ -35,9 +40,6 @@ def _same_judge(a, b) -> bool:
 
 def _judges(recipe, stage: str) -> dict:
     """The stage's judges as its evaluation has them (`eval.judges`, the embedded world's `judge` for world data)."""
-    from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.recipe.schema import JudgeSpec
-
     cfg = recipe.stages[stage]
     judges = dict(cfg.eval.judges)
     if "embedded" in cfg.data and "judge" not in judges:
@@ -47,24 +49,18 @@ def _judges(recipe, stage: str) -> dict:
 
 def _labellers(recipe, stage: str) -> list[tuple[str, object]]:
     """(label stage, judge spec) of each labeller of the pairs this stage trains on (`data: {from: <label>}`)."""
-    from alignpipe.eval.verifiers import EMBEDDED as EMBEDDED_VERIFIER
-    from alignpipe.recipe.dataspec import LABELLER_EMBEDDED as EMBEDDED
-    from alignpipe.recipe.dataspec import LABELLER_HUMAN as HUMAN
-    from alignpipe.recipe.dataspec import LABELLER_JUDGE_PREFIX as JUDGE_PREFIX
-    from alignpipe.recipe.schema import JudgeSpec
-
     source = recipe.stages[stage].data.get("from")
     label = recipe.stages.get(source) if isinstance(source, str) else None
     if label is None or label.kind != "label":
         return []
     out = []
     for spec in (label.labeller, label.second_labeller):
-        if not spec or spec == HUMAN:
+        if not spec or spec == LABELLER_HUMAN:
             continue
-        if spec == EMBEDDED:
-            out.append((source, JudgeSpec(verifier=EMBEDDED_VERIFIER)))
-        elif spec.startswith(JUDGE_PREFIX) and spec[len(JUDGE_PREFIX):] in label.eval.judges:
-            out.append((source, label.eval.judges[spec[len(JUDGE_PREFIX):]]))
+        if spec == LABELLER_EMBEDDED:
+            out.append((source, JudgeSpec(verifier=EMBEDDED)))
+        elif spec.startswith(LABELLER_JUDGE_PREFIX) and spec[len(LABELLER_JUDGE_PREFIX):] in label.eval.judges:
+            out.append((source, label.eval.judges[spec[len(LABELLER_JUDGE_PREFIX):]]))
         elif ":" in spec:
             out.append((source, JudgeSpec(verifier=spec)))
     return out
@@ -72,10 +68,6 @@ def _labellers(recipe, stage: str) -> list[tuple[str, object]]:
 
 def optimised_judges(recipe, stage: str, rm_stage: str | None) -> dict[str, str]:
     """{judge: why it is not independent evidence} for `stage`, whose samples `rm_stage` scores."""
-    from alignpipe.eval.verifiers import EMBEDDED
-    from alignpipe.eval.reward_functions import is_judge
-    from alignpipe.recipe.kinds import kind_of
-
     cfg = recipe.stages[stage]
     kind = kind_of(cfg.kind)
     judges = _judges(recipe, stage)
@@ -107,8 +99,6 @@ def judge_names(recipe, stage: str, rm_stage: str | None) -> list[str]:
 def planned_reward_stage(recipe, stage: str) -> str | None:
     """The reward stage that will score `stage`'s samples, known before anything runs: its own
     `reward_model`, else the recipe's first reward stage."""
-    from alignpipe.recipe.kinds import kind_of, references
-
     own = references(recipe.stages[stage]).get("reward_model")
     if own:
         return own
@@ -117,8 +107,6 @@ def planned_reward_stage(recipe, stage: str) -> str | None:
 
 def independence_line(recipe, stage: str) -> str | None:
     """`validate`'s one line for an aligned policy stage with no independent judge, else None."""
-    from alignpipe.recipe.kinds import kind_of
-
     cfg = recipe.stages[stage]
     if not kind_of(cfg.kind).aligned or not cfg.eval.enabled or cfg.from_ is None:
         return None
