@@ -82,10 +82,12 @@ def test_implicit_accuracy_on_training_pairs_rises(trained):
     _, runs = trained
     for stage in ("dpo", "dpo_lora"):
         log = [json.loads(line) for line in (runs / stage / "train_log.jsonl").read_text().splitlines()]
-        accs = [row["rewards/accuracies"] for row in log if "rewards/accuracies" in row]
+        first = next(row for row in log if "rewards/margins" in row)
         metrics = stage_manifest(runs / stage)["metrics"]
-        # at step 1 policy == reference, so every implicit reward is 0 and no pair is ranked right
-        assert accs[0] < 0.3, (stage, accs[0])
+        # at step 1 policy == reference, so every implicit reward is 0 up to float rounding (the reference's
+        # log-probs come from another forward; on some CPU kernels they differ in the last bits, so which pairs
+        # count as "ranked right" at step 1 is noise, and only the size of the rewards is asserted)
+        assert abs(first["rewards/margins"]) < 1e-3 and abs(first["rewards/chosen"]) < 1e-3, (stage, first)
         assert metrics["train_implicit_accuracy"] >= 0.8, (stage, metrics)
         assert metrics["train_implicit_margin"] > 0.0
         assert metrics["train_implicit_reward_chosen"] > metrics["train_implicit_reward_rejected"]
