@@ -19,7 +19,7 @@ from pathlib import Path
 from alignpipe.errors import RunError
 from alignpipe.recipe.schema import Recipe
 from alignpipe.runfolder.lock import LOCK_PARENT_ENV
-from alignpipe.runtime.threads import usable_cores
+from alignpipe.runtime.threads import ready_stages, usable_cores
 import alignpipe
 
 
@@ -38,8 +38,7 @@ def resolve_parallel(value: str | int) -> tuple[int, str]:
 def ready_group(recipe: Recipe, pending: list[str], done: set[str], parallel: int) -> list[str]:
     """The next stages to start together: those of `pending` whose upstream stages are all done, in recipe
     order, at most `parallel` of them (always at least the first ready one)."""
-    ready = [s for s in pending if all(u in done for u in recipe.upstream(s))]
-    return ready[: max(1, parallel)]
+    return ready_stages(pending, done, recipe.upstream, parallel)
 
 
 def child_command(recipe: Recipe, name: str, overrides: list[str], force: bool, restart: bool, keep: int) -> list[str]:

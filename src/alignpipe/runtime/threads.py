@@ -59,13 +59,20 @@ def check_env() -> None:
                        key=ENV, fix="set it to auto, 1, 2, ... or unset it")
 
 
+def ready_stages(pending: list[str], done: set[str], upstream: Callable[[str], list[str]], limit: int) -> list[str]:
+    """The next stages to start together: those of `pending` whose upstream stages are all done, in order, at most
+    `limit` of them. The one rule of a run's groups (`pipeline.processes.ready_group`) and of a stage's share of
+    the cores (`stages_at_once`)."""
+    return [s for s in pending if all(u in done for u in upstream(s))][: max(1, limit)]
+
+
 def stages_at_once(order: list[str], upstream: Callable[[str], list[str]], name: str, cores: int) -> int:
     """How many stages a fresh run of the recipe with `--parallel auto` (one 1-thread process per core) runs at
     the same time as `name`, itself included: the recipe's stages taken in `order`, each group the stages whose
-    upstreams are all done, at most `cores` of them (the rule of stage_processes.ready_group)."""
+    upstreams are all done, at most `cores` of them (`ready_stages`)."""
     pending, done = list(order), set()
     while pending:
-        group = [s for s in pending if all(u in done for u in upstream(s))][: max(1, cores)] or pending[:1]
+        group = ready_stages(pending, done, upstream, cores) or pending[:1]
         if name in group:
             return len(group)
         done.update(group)
