@@ -115,9 +115,11 @@ def _parse_target(target: str | Path) -> tuple[str, Path]:
                    where=str(history_root(path)), fix=TARGET_FIX)
 
 
-def _run_stages(run_dir: Path) -> list[Entry]:
-    return [_entry(d) for d in sorted(Path(run_dir).iterdir())
-            if d.is_dir() and not d.name.startswith(".") and read_manifest(d) is not None]
+def run_stages(run_dir: Path) -> list[Entry]:
+    """The current stages of a run folder, parents before children, then by name."""
+    entries = [_entry(d) for d in Path(run_dir).iterdir()
+               if d.is_dir() and not d.name.startswith(".") and read_manifest(d) is not None]
+    return sorted(entries, key=lambda e: (len(e.stage.lineage), e.name))
 
 
 def family_of(stage: Stage) -> tuple:
@@ -154,7 +156,7 @@ def _groups(targets: list[str | Path]) -> list[tuple[str, list[Entry]]]:
                                fix="give two or more stages, or re-run the stage with a change (--set) first")
         entries = [_entry(f) for f in folders]
         return [(", ".join(e.name for e in entries), entries)]
-    runs = [_run_stages(f) for f in folders]
+    runs = [run_stages(f) for f in folders]
     if len(runs) == 1:
         groups = sibling_groups(runs[0])
         if not groups:
@@ -391,7 +393,7 @@ def history_summary(stage_dir: Path) -> dict | None:
 # --- rendering: Markdown (also what the terminal shows) and figures ------------------------------
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -421,7 +423,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def config_lines(config: dict, members: list[str]) -> list[str]:
     if not config["differs"]:
         return [f"Resolved configs: identical ({config['same']} keys)."]
-    rows = [[key, *(_fmt(values.get(m)) for m in members)] for key, values in config["differs"].items()]
+    rows = [[key, *(fmt_value(values.get(m)) for m in members)] for key, values in config["differs"].items()]
     return [f"Resolved-config differences ({len(rows)} of {len(rows) + config['same']} keys differ):", "",
             *_table(["key", *members], rows)]
 
@@ -450,7 +452,8 @@ def head_to_head_lines(rows: list[dict]) -> list[str]:
         ([""] + notes if notes else [])
 
 
-def group_lines(group: dict, figures: dict[str, str] | None) -> list[str]:
+def group_lines(group: dict, figures: dict[str, str] | None, curves_hint: str = "`--out DIR` draws them overlaid") \
+        -> list[str]:
     members = group["members"]
     lines = [*config_lines(group["config"], members), ""]
     if group["metrics"]:
@@ -463,7 +466,7 @@ def group_lines(group: dict, figures: dict[str, str] | None) -> list[str]:
     if names and figures is not None:
         lines += ["Training curves, overlaid:", ""] + [f"![{n}]({figures[n]})" for n in names if n in figures]
     elif names:
-        lines.append(f"Training curves logged by both: {', '.join(names)} (`--out DIR` draws them overlaid).")
+        lines.append(f"Training curves logged: {', '.join(names)} ({curves_hint}).")
     return lines
 
 
