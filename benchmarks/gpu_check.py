@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         run_side(args.spec)
         return 0
     env = dict(os.environ)
+    if importlib.util.find_spec("alignpipe") is None:  # a bare checkout (the GPU machine): this tree's sources
+        sys.path.insert(0, str(REPO / "src"))
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
         env.setdefault("OMP_NUM_THREADS", "1")

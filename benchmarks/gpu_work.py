@@ -39,7 +39,8 @@ class Settings:
     eval: dict = field(default_factory=lambda: {"num_prompts": 8, "samples_per_prompt": 2, "max_new_tokens": 48})
     dpo: dict = field(default_factory=lambda: {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 2.0],
                                                "precompute_ref_log_probs": True})
-    timeout_s: dict = field(default_factory=lambda: {"alignpipe": 330, "trl": 150})  # per side's process
+    # per side's process: with the model build (~10 s), the whole check stays under 8 minutes whatever happens
+    timeout_s: dict = field(default_factory=lambda: {"alignpipe": 300, "trl": 120})
 
     def as_dict(self) -> dict:
         return asdict(self)
