@@ -142,7 +142,7 @@ def device() -> dict:
             "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported()}
 
 
-def prepare(work: Path, s: gpu_work.Settings) -> dict:
+def prepare(work: Path, s: gpu_work.Settings, dtype: str = "auto") -> dict:
     """Data, model and recipe in `work`; the spec both sides read."""
     import gc
 
@@ -158,9 +158,9 @@ def prepare(work: Path, s: gpu_work.Settings) -> dict:
         torch.cuda.empty_cache()
     runs_dir = str(work / "runs")
     recipe_path = work / "gpucheck.yaml"
-    recipe_path.write_text(yaml.safe_dump(gpu_work.recipe(s, files, model_dir, runs_dir), sort_keys=False))
+    recipe_path.write_text(yaml.safe_dump(gpu_work.recipe(s, files, model_dir, runs_dir, dtype), sort_keys=False))
     return {"settings": s.as_dict(), "files": files, "model_dir": model_dir, "runs_dir": runs_dir,
-            "recipe_path": str(recipe_path), "work": str(work), "model_build_s": round(build_s, 1)}
+            "recipe_path": str(recipe_path), "work": str(work), "model_build_s": round(build_s, 1), "dtype": dtype}
 
 
 def launch(spec: dict, side: str, env: dict) -> tuple[dict, str]:
@@ -225,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the dry run: tiny shapes on the CPU (CUDA hidden)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on this machine's device (a smoke run)")
+    parser.add_argument("--dtype", default="auto", help="alignpipe's model.dtype (auto: bf16 on a GPU, fp32 on a CPU; "
+                                                         "--cpu --dtype bfloat16 runs the bf16 paths on the CPU)")
     parser.add_argument("--out", default=None, help="the JSON result (default benchmarks/results/gpu-check-DATE.json)")
-    parser.add_argument("--workdir", default=None, help="keep the data, model, runs and logs here (default: a temp dir)")
+    parser.add_argument("--workdir", default=None, help="keep the data, model, runs and logs here (default: temp)")
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -251,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         result = {"date": date.isoformat(timespec="seconds"), "machine": device(), "versions": versions(),
-                  "mode": "cpu dry run" if args.cpu else ("tiny smoke run" if args.tiny else "gpu")}
+                  "mode": "cpu dry run" if args.cpu else ("tiny smoke run" if args.tiny else "gpu"),
+                  "dtype": args.dtype}
         print(f"[gpu_check] {result['mode']} on {result['machine']['device']}; {result['versions']}", flush=True)
-        spec = prepare(work, settings)
+        spec = prepare(work, settings, args.dtype)
         result.update(settings=spec["settings"], model_build_s=spec["model_build_s"])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), env.get("PYTHONPATH")) if p)
         for side in ("alignpipe", "trl"):

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 
-def tokenizer_and_model(model_dir: str):
+def tokenizer_and_model(model_dir: str, dtype: str):
+    """The tokenizer with alignpipe's chatml template, and the model in the dtype alignpipe's recipe loads it in
+    (`auto`: bf16 on a GPU, fp32 on a CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,8 +24,8 @@ def tokenizer_and_model(model_dir: str):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = CHATML
     tokenizer.eos_token = "<|im_end|>"  # a turn ends there, as alignpipe sets it for chatml
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    bf16 = dtype in ("bf16", "bfloat16") or (dtype == "auto" and torch.cuda.is_available())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return tokenizer, model
 
@@ -68,7 +70,7 @@ def sft(spec: dict) -> None:
     from trl import SFTConfig, SFTTrainer
 
     s = spec["settings"]
-    tokenizer, model = tokenizer_and_model(spec["model_dir"])
+    tokenizer, model = tokenizer_and_model(spec["model_dir"], spec["dtype"])
     args = SFTConfig(**common_args(s, str(Path(spec["work"]) / "trl_sft"), s["steps"]["sft"]),
                      assistant_only_loss=True, **no_checkpointing(SFTConfig))
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(spec["files"]["sft"])),
@@ -81,7 +83,7 @@ def dpo(spec: dict) -> None:
     from trl import DPOConfig, DPOTrainer
 
     s = spec["settings"]
-    tokenizer, model = tokenizer_and_model(spec["model_dir"])
+    tokenizer, model = tokenizer_and_model(spec["model_dir"], spec["dtype"])
     args = DPOConfig(**common_args(s, str(Path(spec["work"]) / "trl_dpo"), s["steps"]["dpo"]), **s["dpo"],
                      **no_checkpointing(DPOConfig))
     pairs = Dataset.from_list(conversational_pairs(spec["files"]["pairs"]))

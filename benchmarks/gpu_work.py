@@ -107,9 +107,9 @@ def build_model(folder: Path, s: Settings) -> str:
     return str(folder)
 
 
-def recipe(s: Settings, files: dict[str, str], model_dir: str, runs_dir: str) -> dict:
+def recipe(s: Settings, files: dict[str, str], model_dir: str, runs_dir: str, dtype: str = "auto") -> dict:
     """alignpipe's recipe of the check: LoRA sft, reward, dpo, grpo and ppo, each policy stage evaluated on a
-    few held-out prompts (scored by the reward stage)."""
+    few held-out prompts (scored by the reward stage). `dtype` is the model's (auto: bf16 on a GPU)."""
     lora = dict(s.lora)
     common = {"per_device_train_batch_size": s.batch, "max_length": s.max_length, "learning_rate": s.learning_rate,
               "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 5}
@@ -128,5 +128,5 @@ def recipe(s: Settings, files: dict[str, str], model_dir: str, runs_dir: str) ->
         "ppo": {"from": "sft", "reward_model": "reward", "data": {"path": files["prompts"]}, "lora": lora, "eval": ev,
                 "trainer": {"learning_rate": s.learning_rate, **s.ppo}},
     }
-    return {"name": "gpucheck", "seed": 0, "runs_dir": runs_dir, "model": {"path": model_dir, "dtype": "auto"},
+    return {"name": "gpucheck", "seed": 0, "runs_dir": runs_dir, "model": {"path": model_dir, "dtype": dtype},
             "chat_template": "chatml", "tracking": [], "stages": stages}

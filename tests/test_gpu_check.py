@@ -1,7 +1,9 @@
 """The GPU check (benchmarks/gpu_check.py) on its CPU dry run: the same code path as on a GPU (data, hub-layout
 model, alignpipe's five LoRA stages through `alignpipe run`, the plain TRL baseline, the figures and ratios) at
-tiny shapes. Speeds here say nothing; what is checked is that every stage runs, that both sides did the same
-work (the same real tokens per step), and that the result file holds what the GPU run must report."""
+tiny shapes, in bfloat16 as on the GPU (the weights, peft's fp32 adapters, the bf16 tolerances of padding-free's
+check and of the reward model's reload check). Speeds here say nothing; what is checked is that every stage runs,
+that both sides did the same work (the same real tokens per step), and that the result file holds what the GPU run
+must report."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ CPU = gpu_work.CPU
 def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_check")
     out = tmp / "result.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--out", str(out),
-                           "--workdir", str(tmp / "work")], capture_output=True, text=True, timeout=900, cwd=REPO)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--dtype", "bfloat16", "--out", str(out),
+           "--workdir", str(tmp / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -62,6 +65,7 @@ def test_both_sides_do_the_same_work_and_the_ratios_follow(dry_run):
         assert a["time_to_first_step_s"] > 0 and t["time_to_first_step_s"] > 0
         assert a["steady_steps"] == CPU.steps[stage] - CPU.skip_steps
     assert result["mode"] == "cpu dry run" and result["machine"]["device"] == "cpu"
+    assert result["dtype"] == "bfloat16"
     assert result["versions"]["trl"] and result["versions"]["torch"]
     assert result["settings"]["shape"] == "tiny"
 
