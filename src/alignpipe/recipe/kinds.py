@@ -39,6 +39,10 @@ class StageKind:
     provides: str | None = None  # the data family its folder gives a stage that reads `data: {from: <it>}`
     max_length: int | None = None  # default tokens per sequence (what `validate --show-data` measures against)
     check: Callable[["Recipe", str, str], None] | None = None  # its own recipe checks (recipe, stage name, file)
+    # loads its complete stage folder as a reward scorer (`reward_model: <it>`; alignpipe.reward.artifact's
+    # load_reward_model): (stage_dir, ModelSpec | None) -> an object with score / normalise / mean / std.
+    # None: a scorer kind's one-output classifier (the reward kind), or no reward at all
+    reward_loader: Callable[..., Any] | None = None
 
     @property
     def aligned(self) -> bool:
@@ -87,6 +91,18 @@ def kinds_where(**facts: Any) -> list[str]:
 def references(cfg) -> dict[str, str]:
     """{config field: stage name} of the other stages a stage's config names, beside `from` (unset ones left out)."""
     return {f: getattr(cfg, f) for f in kind_of(cfg.kind).references if getattr(cfg, f, None)}
+
+
+def gives_reward(kind: StageKind) -> bool:
+    """Whether a stage of this kind can be named as `reward_model`: a scorer, or a kind with its own reward loader
+    (the implicit reward of a DPO-family policy)."""
+    return kind.scorer or kind.reward_loader is not None
+
+
+def reward_loader_of(manifest: dict | None) -> Callable[..., Any] | None:
+    """The reward loader of a stage folder's kind (None: the one-output classifier, or not a reward)."""
+    kind = all_kinds().get((manifest or {}).get("kind"))
+    return kind.reward_loader if kind is not None else None
 
 
 def is_scorer_manifest(manifest: dict | None) -> bool:

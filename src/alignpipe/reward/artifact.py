@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignpipe.errors import AlignpipeError, RunError
 from alignpipe.models import loading as modeling
-from alignpipe.recipe.kinds import is_scorer_manifest
+from alignpipe.recipe.kinds import is_scorer_manifest, reward_loader_of
 from alignpipe.recipe.schema import ModelSpec
 from alignpipe.runfolder.manifests import read_manifest
 from alignpipe.runtime.progress import track
@@ -71,16 +71,20 @@ class OneOutput:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
 
 
-def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardArtifact:
-    """A reward stage's artifact, loaded fresh, in eval mode, on the GPU when there is one.
+def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> Any:
+    """A reward stage's scorer, loaded fresh, in eval mode, on the GPU when there is one: the one place a stage
+    becomes a scoring function. A kind with its own `reward_loader` (the registry: a generative reward model, the
+    implicit reward of a DPO stage) is loaded by it; a reward stage gives its `RewardArtifact`. Every scorer has
+    `mean`, `std`, `normalise` and is scored with `score` below.
 
     `stage_dir` is a reward stage's folder (its manifest must say complete) or its `model/` folder.
     `spec` supplies dtype / trust_remote_code / allow_pickle (default: the recipe defaults).
     """
     stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
+    loader = reward_loader_of(manifest)
     if manifest is not None:
-        if not is_scorer_manifest(manifest):
+        if not is_scorer_manifest(manifest) and loader is None:
             raise RunError(f"not a reward stage (kind {manifest.get('kind')!r})", where=str(stage_dir),
                            fix="give the folder of a stage with `kind: reward`")
         if manifest.get("status") != "complete":
@@ -91,6 +95,8 @@ def load_reward_model(stage_dir: Path, spec: ModelSpec | None = None) -> RewardA
         from alignpipe.runfolder.manifests import verify_model_files
 
         verify_model_files(stage_dir, manifest)
+    if loader is not None:
+        return loader(stage_dir, spec)
     return load_reward_dir(model_dir, spec)
 
 
@@ -179,8 +185,12 @@ def score_ids(artifact: RewardArtifact, input_ids: "torch.Tensor", attention_mas
 
 
 def score(artifact: RewardArtifact, prompts: list, responses: list[str], batch_size: int = 64) -> list[float]:
-    """Raw scalar scores of (user prompt, assistant response) pairs; normalise with `artifact.normalise`."""
+    """Raw scalar scores of (user prompt, assistant response) pairs; normalise with `artifact.normalise`. A scorer
+    of another kind (load_reward_model) scores with its own `score` method."""
     import torch
+
+    if not isinstance(artifact, RewardArtifact):
+        return artifact.score(prompts, responses, batch_size)
 
     rows = encode(artifact.tokenizer, prompts, responses)
     pad = artifact.model.config.pad_token_id

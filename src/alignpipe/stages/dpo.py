@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from alignpipe.errors import RecipeError
 from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
+from alignpipe.reward.implicit import load_implicit_reward
 from alignpipe.runtime.distributed import world_size
 from alignpipe.runtime.padding_free import choose, flatten_padded_forward
 from alignpipe.stages import training
@@ -185,4 +186,5 @@ def run(ctx: StageContext) -> dict:
 
 
 DECLARES = (StageKind("dpo", Config, run, trainer_config_class, family="pairs", embedded="pairs",
-                      references=("reward_model",), user_split=True, max_length=DEFAULT_MAX_LENGTH, check=check),)
+                      references=("reward_model",), user_split=True, max_length=DEFAULT_MAX_LENGTH, check=check,
+                      reward_loader=load_implicit_reward),)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from alignpipe.errors import RecipeError
 from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
-from alignpipe.reward.artifact import load_reward_model
-from alignpipe.rl.rewards import check_reward_source, is_judge, load_function
+from alignpipe.reward.artifact import RewardArtifact, load_reward_model
+from alignpipe.rl.rewards import check_reward_source, from_judge, is_judge, judge_name, load_function, trl_reward_function
 from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
 from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
@@ -77,9 +77,16 @@ def run(ctx: StageContext) -> dict:
     dataset = Dataset.from_list([{"prompt": p} for p in load_prompts(ctx)])
 
     # --- rewards: the reward model (TRL scores it; its tokenizer given explicitly, or TRL would ask the hub)
+    judge = None
     if cfg.reward_model:
         artifact = load_reward_model(ctx.stage_dir(cfg.reward_model), ctx.recipe.model)
-        funcs, classes = [artifact.model], [artifact.tokenizer]
+        if isinstance(artifact, RewardArtifact):  # a classifier TRL scores itself
+            funcs, classes = [artifact.model], [artifact.tokenizer]
+        else:  # a generative reward model, a DPO stage's implicit reward: scored by alignpipe
+            funcs, classes = [trl_reward_function(artifact, cfg.reward_model)], [None]
+    elif judge_name(cfg.reward_function):
+        judge = from_judge(cfg, ctx.recipe, ctx.name)
+        funcs, classes = [trl_reward_function(judge, cfg.reward_function)], [None]
     else:
         funcs, classes = [load_function(cfg.reward_function, str(ctx.recipe.path))], [None]
     defaults: dict = {}
@@ -102,6 +109,8 @@ def run(ctx: StageContext) -> dict:
 
     metrics = {**train_log_metrics(trainer), "reward_source": cfg.reward_model or cfg.reward_function,
                "judge_used_for_training": is_judge(cfg.reward_function)}
+    if judge is not None:  # every response the judge was asked about, and how many got no reward
+        metrics.update({f"reward_judge_{k}": v for k, v in judge.counts.items()})
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards:
         metrics["train_reward_first"], metrics["train_reward_last"] = rewards[0], rewards[-1]

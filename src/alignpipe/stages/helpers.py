@@ -143,6 +143,6 @@ def check_policy_references(recipe, name: str, where: str) -> None:
 def check_scorer_reference(recipe, name: str, where: str) -> None:
     """The stage's `reward_model`, if set, names a stage whose model scores responses."""
     ref = recipe.stages[name].reward_model
-    if ref is not None and not kind_of(recipe.stages[ref].kind).scorer:
+    if ref is not None and not gives_reward(kind_of(recipe.stages[ref].kind)):
         raise RecipeError(f"{ref!r} is not a reward stage", where=where, key=f"stages.{name}.reward_model",
                           fix="name a stage of kind reward, or remove the key")

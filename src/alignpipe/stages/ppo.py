@@ -73,7 +73,7 @@ def check(recipe, name: str, where: str) -> None:
     key = f"stages.{name}"
     s = settings(recipe, name)
 
-    check_reward_source(recipe, name, where)
+    check_reward_source(recipe, name, where, grouped=False)
     if s.ptx_coef > 0 and not cfg.ptx_data:
         raise RecipeError("ptx_coef > 0 needs text to train on", where=where, key=f"{key}.ptx_data",
                           fix="e.g. ptx_data: {embedded: corpus}, or set trainer.ptx_coef: 0")
@@ -113,9 +113,12 @@ def run(ctx: StageContext) -> dict:
                          seed=ctx.seed if s.seed is None else s.seed,
                          folders=PPOFolders(ctx.dir / "train_log.jsonl", ctx.logs_dir, ctx.checkpoints_dir),
                          name=ctx.name, resume=ctx.resume, checkpoint_every=cfg.checkpoint_every or 25)
+    judge = None
     if cfg.reward_model:
         source, artifact = rewards.from_reward_stage(ctx.stage_dir(cfg.reward_model), ctx.recipe.model)
         artifact.model.to(trainer.device).eval()
+    elif rewards.judge_name(cfg.reward_function):
+        source, judge = rewards.from_recipe_judge(cfg, ctx.recipe, ctx.name)
     else:
         source = rewards.from_function(cfg.reward_function, str(ctx.recipe.path))
     ptx_blocks = load_ptx_blocks(ctx, tokenizer, s.ptx_block_size) if s.ptx_coef > 0 else None
@@ -124,6 +127,8 @@ def run(ctx: StageContext) -> dict:
     # --- save the policy (LoRA: the adapter only; its base is the parent, recorded in the manifest)
     metrics: dict = {"updates": s.total_updates, "reward_source": cfg.reward_model or cfg.reward_function,
                      "judge_used_for_training": rewards.is_judge(cfg.reward_function), **figures}
+    if judge is not None:  # every response the judge was asked about, and how many failed
+        metrics.update({f"reward_judge_{k}": v for k, v in judge.counts.items()})
     trainer.save(ctx.model_dir)
 
     # --- evaluate as every policy stage does, then look for reward hacking (main process)
