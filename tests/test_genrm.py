@@ -190,3 +190,24 @@ def test_ppo_refuses_a_pairwise_judge_and_an_unknown_one(tmp_path, endpoint):
         path = write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"ppo": ppo}))
         with pytest.raises(RecipeError, match=needle):
             validate(load_recipe(path))
+
+
+def test_report_sets_every_reward_kind_side_by_side(tmp_path):
+    from types import SimpleNamespace
+
+    from alignpipe.report.figures import Stage
+    from alignpipe.report.reward_table import reward_comparison
+
+    def stage(name, kind, **metrics):
+        return Stage(name, tmp_path / name, {"kind": kind, "status": "complete", "metrics": metrics})
+
+    run = SimpleNamespace(stages=[stage("sft", "sft"), stage("reward", "reward", pairwise_accuracy=0.967,
+                                                             onpolicy_wrong_answer_accuracy=0.52, ece=0.05),
+                                  stage("genrm", "genrm", pairwise_accuracy=0.95, onpolicy_wrong_answer_accuracy=0.8),
+                                  stage("dpo", "dpo", implicit_accuracy=0.9)])
+    lines = reward_comparison(run)
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"stage", "reward", "genrm", "dpo"}  # sft gives no reward
+    assert "0.520" in rows["reward"] and "0.800" in rows["genrm"] and "0.900" in rows["dpo"]
+    assert rows["dpo"].count("n/a") == 4  # measured only on held-out pairs: said, not invented
+    assert reward_comparison(SimpleNamespace(stages=run.stages[:2])) == []  # one reward: nothing to compare

@@ -18,6 +18,7 @@ from alignpipe import __version__
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 from alignpipe.report import figures as rf
+from alignpipe.report.reward_table import reward_comparison
 from alignpipe.runfolder.files import write_atomic
 
 FIG_PREFIX = "fig-"
@@ -127,7 +128,7 @@ class PlottedSections:
 
     def reward_model(self) -> list[str]:
         from alignpipe.report import plots
-        lines: list[str] = []
+        lines: list[str] = reward_comparison(self.run)
         for rm in rf.reward_models(self.run):
             name = rm["stage"]
             lines += [f"## Reward model: {name}", ""]
