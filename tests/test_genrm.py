@@ -143,6 +143,7 @@ def test_genrm_stage_reports_like_a_reward_stage_and_rewards_ppo(runs):
     assert scorer.mean == pytest.approx(m["reward_mean"])
     assert out["ppo"]["status"] == "complete" and out["ppo"]["metrics"]["reward_source"] == "genrm"
     assert out["ppo"]["metrics"]["reward_stage"] == "genrm"  # the evaluation's RM figures are the genrm's
+    assert f"{m['reward_mean']:.6g}" in out["ppo"]["metrics"]["reward_normalisation"]  # normalised, and says how
 
 
 @pytest.mark.slow
@@ -168,6 +169,13 @@ def test_dpo_implicit_reward_is_beta_log_ratio(runs):
             lp.append(sum(float(logp[t - 1, full[t]]) for t in range(len(head), len(full))))
         assert s == pytest.approx(0.2 * (lp[0] - lp[1]), abs=1e-3)
     assert any(abs(s) > 1e-6 for s in got)  # training moved the policy away from its reference
+
+    # ... and rewards a GRPO stage (alignpipe scores it, in TRL's reward-function form)
+    grpo = {"kind": "grpo", "from": "sft", "reward_model": "dpo", "data": {"embedded": "rl_prompts"}, "eval": TINY_EVAL,
+            "trainer": {"max_steps": 1, "per_device_train_batch_size": 8, "num_generations": 4,
+                        "max_completion_length": 12, "learning_rate": 1e-3, "logging_steps": 1}}
+    m = run(runs, {"dpo": dpo, "grpo": grpo}, ["grpo"])["grpo"]
+    assert m["status"] == "complete" and m["metrics"]["reward_stage"] == "dpo"
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ class RewardSource:
     raw_fn: Callable[[list[list[dict]], list[str]], list[float]]
     mean: float = 0.0
     std: float = 1.0
+    normalisation: str = "none"  # how raw scores become rewards, for the stage's record
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
         scores = list(self.raw_fn(prompts, responses))
@@ -66,9 +67,11 @@ def from_reward_stage(stage_dir, spec=None, batch_size: int = 64) -> tuple[Rewar
     """(source, the loaded reward artifact) for a reward stage's model, normalised by its mean/std."""
     artifact = load_reward_model(stage_dir, spec)
     std = float(artifact.std) if artifact.std and artifact.std > 0 else 1.0
+    normalisation = getattr(artifact, "normalisation", None) or \
+        f"(raw - {float(artifact.mean):.6g}) / {std:.6g}: the reward stage's mean and std of its scores"
     source = RewardSource(name=f"reward stage {stage_dir}",
                           raw_fn=lambda p, r: score(artifact, p, r, batch_size=batch_size),
-                          mean=float(artifact.mean), std=std)
+                          mean=float(artifact.mean), std=std, normalisation=normalisation)
     return source, artifact
 
 

@@ -126,7 +126,8 @@ def run(ctx: StageContext) -> dict:
 
     # --- save the policy (LoRA: the adapter only; its base is the parent, recorded in the manifest)
     metrics: dict = {"updates": s.total_updates, "reward_source": cfg.reward_model or cfg.reward_function,
-                     "judge_used_for_training": rewards.is_judge(cfg.reward_function), **figures}
+                     "judge_used_for_training": rewards.is_judge(cfg.reward_function),
+                     "reward_normalisation": source.normalisation, **figures}
     if judge is not None:  # every response the judge was asked about, and how many failed
         metrics.update({f"reward_judge_{k}": v for k, v in judge.counts.items()})
     trainer.save(ctx.model_dir)
