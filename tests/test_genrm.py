@@ -63,7 +63,8 @@ def test_verdict_words_that_share_a_first_token_are_refused(tiny_hub_model):
 
 
 class Judge(BaseHTTPRequestHandler):
-    """Prefers the shorter answer; says "maybe" (unparseable) when the question mentions 7; HTTP 500 while failing."""
+    """Prefers the shorter answer; says "maybe" (unparseable) when the question says "(unsure)"; HTTP 500 while
+    failing."""
 
     failing = False
 
@@ -78,7 +79,7 @@ class Judge(BaseHTTPRequestHandler):
             question = text.split("Question: ", 1)[1].split("\n\nAnswer A: ", 1)[0]
             a = text.split("Answer A: ", 1)[1].split("\n\nAnswer B: ", 1)[0]
             b = text.split("Answer B: ", 1)[1].split("\n\nReply with", 1)[0]
-            reply = "maybe" if "7" in question else ("A" if len(a) <= len(b) else "B")
+            reply = "maybe" if "(unsure)" in question else ("A" if len(a) <= len(b) else "B")
             body, code = {"choices": [{"message": {"role": "assistant", "content": reply}}]}, 200
         data = json.dumps(body).encode()
         self.send_response(code)
@@ -99,7 +100,7 @@ def endpoint():
 
 def test_endpoint_judge_reward_compares_within_a_prompt_and_counts_failures(endpoint):
     judge = JudgeReward("remote", JudgeSpec(endpoint=endpoint, model="judge"), "recipe.yaml")
-    prompts = [[{"role": "user", "content": "What is 2 + 2?"}]] * 3 + [[{"role": "user", "content": "7 + 1?"}]] * 2
+    prompts = [[{"role": "user", "content": "What is 2 + 2?"}]] * 3 + [[{"role": "user", "content": "(unsure) 7 + 1?"}]] * 2
     responses = ["4.", "The answer is 4.", "The answer is 4, as it happens.", "8.", "It is 8."]
     rewards = judge(prompts, responses)
     assert rewards[:3] == [1.0, 0.5, 0.0]  # the shortest wins both its comparisons, the longest loses both
