@@ -192,6 +192,16 @@ def test_grpo_with_a_loopback_judge_as_its_reward(runs, endpoint):
     assert counts["reward_judge_unrewarded"] <= counts["reward_judge_responses"]
 
 
+def test_genrm_and_dpo_stages_can_be_named_as_reward_models(tmp_path):
+    stages = {"genrm": GENRM, "dpo": {"kind": "dpo", **PAIRS, "reward_model": "genrm"},
+              "ppo": {**PPO, "reward_model": "dpo"}, "ppo2": {**PPO, "reward_model": "sft"}}
+    path = write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages))
+    with pytest.raises(RecipeError, match="'sft' is not a reward stage"):  # a plain policy gives no reward
+        validate(load_recipe(path))
+    del stages["ppo2"]
+    validate(load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages))))
+
+
 def test_ppo_refuses_a_pairwise_judge_and_an_unknown_one(tmp_path, endpoint):
     judges = {"remote": {"endpoint": endpoint, "model": "judge"}}
     for fn, needle in (("judge:remote", "pairwise judge"), ("judge:nobody", "not in this stage's eval.judges")):

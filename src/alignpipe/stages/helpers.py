@@ -14,7 +14,7 @@ from alignpipe.data.loading import load_family, load_split
 from alignpipe.errors import RecipeError
 from alignpipe.labelling.sources import labelled_pairs
 from alignpipe.recipe.dataspec import reads_stages
-from alignpipe.recipe.kinds import kind_of
+from alignpipe.recipe.kinds import gives_reward, kind_of
 from alignpipe.reward.artifact import load_reward_model, score
 from alignpipe.runfolder.files import read_jsonl
 
