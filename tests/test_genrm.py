@@ -230,3 +230,15 @@ def test_report_sets_every_reward_kind_side_by_side(tmp_path):
     assert "0.520" in rows["reward"] and "0.800" in rows["genrm"] and "0.900" in rows["dpo"]
     assert rows["dpo"].count("n/a") == 4  # measured only on held-out pairs: said, not invented
     assert reward_comparison(SimpleNamespace(stages=run.stages[:2])) == []  # one reward: nothing to compare
+
+
+def test_a_judge_used_as_the_reward_is_no_longer_independent_evidence(tmp_path, endpoint):
+    from alignpipe.eval.independence import optimised_judges
+
+    judges = {"remote": {"endpoint": endpoint, "model": "judge"}, "other": {"endpoint": endpoint, "model": "j2"}}
+    grpo = {"kind": "grpo", "from": "sft", "reward_function": "judge:remote", "data": {"embedded": "rl_prompts"},
+            "eval": {**TINY_EVAL, "judges": judges}}
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages={"grpo": grpo})))
+    out = optimised_judges(recipe, "grpo", None)
+    assert "remote" in out and "judge:remote" in out["remote"]
+    assert "other" not in out  # another judge still counts as evidence

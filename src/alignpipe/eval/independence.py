@@ -12,7 +12,7 @@ stage has no other judge.
 from __future__ import annotations
 
 from alignpipe.eval.prompts import resolve
-from alignpipe.eval.reward_functions import is_judge
+from alignpipe.eval.reward_functions import JUDGE_PREFIX, is_judge
 from alignpipe.eval.verifiers import EMBEDDED
 from alignpipe.recipe.dataspec import LABELLER_EMBEDDED, LABELLER_HUMAN, LABELLER_JUDGE_PREFIX
 from alignpipe.recipe.kinds import kind_of, references
@@ -76,8 +76,11 @@ def optimised_judges(recipe, stage: str, rm_stage: str | None) -> dict[str, str]
         if rm_stage is not None and getattr(cfg, "reward_model", None) == rm_stage:
             out[RM] = f"it optimised reward model `{rm_stage}`"
         fn = getattr(cfg, "reward_function", None)
+        used = judges.get(fn[len(JUDGE_PREFIX):]) if fn and fn.startswith(JUDGE_PREFIX) else None  # judge:<name>
         for name, j in judges.items():
-            if fn and j.verifier and (j.verifier == fn or (is_judge(fn) and j.verifier == EMBEDDED)):
+            same = j.verifier and (j.verifier == fn or (is_judge(fn) and j.verifier == EMBEDDED)
+                                   or (used is not None and used.verifier == j.verifier))
+            if fn and (same or fn == f"{JUDGE_PREFIX}{name}"):
                 out[name] = f"it optimised `{fn}` as its reward"
     for label, spec in _labellers(recipe, stage):
         for name, j in judges.items():

@@ -10,6 +10,7 @@ from alignpipe.data.world import judge_reward
 from alignpipe.errors import RecipeError
 
 JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
+JUDGE_PREFIX = "judge:"  # `reward_function: judge:<name>`: the stage's judge <name> is its reward (alignpipe.rl.judge_reward)
 
 
 def load_function(spec: str, where: str = "", key: str = "reward_function") -> Callable[..., list[float]]:

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 from alignpipe.errors import EvalError, RecipeError
 from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise
-
-PREFIX = "judge:"
+from alignpipe.eval.reward_functions import JUDGE_PREFIX as PREFIX
 
 
 def judge_name(spec: str | None) -> str | None:
