@@ -161,6 +161,10 @@ class PlottedSections:
             lines += [f"### {c['stage']} ({c['kind']})", "", self.figure(path), ""]
         return ["## Training curves", "", *lines] if lines else []
 
+    def overoptimisation(self) -> list[str]:
+        from alignpipe.report.overopt_section import section
+        return section(self.run, self.fig_path, self.figure)
+
     def responses(self) -> list[str]:
         from alignpipe.report import plots
         figures = rf.responses(self.run)
@@ -184,7 +188,7 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.reward_model, self.curves, self.responses, self.sample_table):
+                        self.win_rates, self.reward_model, self.curves, self.overoptimisation, self.responses, self.sample_table):
             lines = section()
             if lines:
                 body += lines + [""]
