@@ -167,3 +167,52 @@ def test_ppo_records_curve_points_without_changing_its_training(tmp_path, tiny_b
              for x in (root / name / "train_log.jsonl").read_text().splitlines()] for name in ("plain", "curved")]
     assert logs[0] == logs[1]
     assert manifests["plain"]["metrics"]["judge_pass_rate"] == metrics["judge_pass_rate"]
+
+
+# --- best-of-n ----------------------------------------------------------------------------------------------
+
+from alignpipe.eval import best_of_n as bon  # noqa: E402
+from alignpipe.pipeline.plan import result_config  # noqa: E402
+
+
+def prompt_samples(rng: random.Random, count: int, distinct: int) -> list[dict]:
+    """`count` samples of `distinct` possible responses; the proxy is noisy evidence of the gold."""
+    out = []
+    for _ in range(count):
+        k = rng.randrange(distinct)
+        gold = float(k % 3 == 0)
+        out.append({"response": f"r{k}", "proxy": gold + 0.8 * ((k * 7919) % 101) / 101, "judge": gold})
+    return out
+
+
+def test_best_of_one_is_the_base_distribution_and_its_kl_is_zero():
+    law = bon.bon_law(prompt_samples(random.Random(0), 32, 10), 1)
+    assert all(p == pytest.approx(q) for _, p, q in law)
+    assert sum(q for _, _, q in law) == pytest.approx(1.0)
+
+
+def test_the_plug_in_kl_approaches_the_closed_form_when_every_response_is_distinct():
+    samples = [{"response": f"r{i}", "proxy": float(i), "judge": 0.0} for i in range(2000)]
+    for n in (2, 4, 16):
+        kl = bon.per_prompt_figures(samples, n, "judge")["kl"]
+        assert kl <= bon.closed_form(n) + 1e-9
+        assert kl == pytest.approx(bon.closed_form(n), abs=0.02)
+
+
+def test_best_of_n_kl_stays_under_the_closed_form_and_gold_rises_with_a_useful_proxy():
+    rng = random.Random(1)
+    by_prompt = {f"p{i}": prompt_samples(rng, 32, 12) for i in range(40)}
+    rows = bon.curve(by_prompt, [1, 2, 4, 8, 16, 32], "judge")
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-12)
+    assert all(r["kl"] <= r["kl_closed_form"] + 1e-9 and r["kl_within_bound"] for r in rows)
+    assert [r["kl"] for r in rows] == sorted(r["kl"] for r in rows)
+    assert rows[4]["gold"] > rows[0]["gold"]
+    assert bon.at_kl(rows, rows[3]["kl"] + 1e-3)["n"] == 8
+
+
+def test_curve_settings_at_their_defaults_leave_a_stage_fingerprint_unchanged():
+    """Stages run before curves existed keep their fingerprint; turning curves on re-runs the stage."""
+    before = {"kind": "ppo", "eval": {"num_prompts": 100}}
+    after = {"kind": "ppo", "eval": {"num_prompts": 100, "every": 0, "curve_prompts": 32, "curve_samples": 4}}
+    assert result_config(after) == result_config(before)
+    assert result_config({**after, "eval": {**after["eval"], "every": 2}})["eval"]["every"] == 2

@@ -24,7 +24,7 @@ from pathlib import Path
 from alignpipe.eval.independence import optimised_judges
 from alignpipe.eval.stats import wilson
 from alignpipe.runfolder.files import read_jsonl, write_jsonl_atomic
-from alignpipe.runtime.progress import log_line
+from alignpipe.runtime.progress import say
 from alignpipe.runtime.tracking import log_metrics
 
 CURVE_FILE = "eval_curve.jsonl"
@@ -76,7 +76,7 @@ class CurveRecorder:
             torch.set_rng_state(state)
         row["wall_s"] = round(time.perf_counter() - started, 3)
         self._append(row)
-        log_line(self.line(row))
+        say(self.line(row))
         log_metrics({f"curve/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
                     step=step)
         return row
@@ -158,7 +158,7 @@ def recorder(ctx, tokenizer, reference) -> CurveRecorder | None:
         return None
     prompts = eval_prompts(ctx)[: spec.curve_prompts]
     if not prompts:
-        log_line(f"[alignpipe] stage {ctx.name}: no held-out prompts: no curve along training")
+        say(f"[alignpipe] stage {ctx.name}: no held-out prompts: no curve along training")
         return None
     judges = judges_of(ctx)
     verifiers = {n: j for n, j in judges.items() if not j.pairwise}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from alignpipe.runtime.progress import log_line
+from alignpipe.runtime.progress import say
 
 
 @dataclass
@@ -44,7 +44,7 @@ class OnsetMonitor:
             return
         text = f"[alignpipe] stage {self.stage}: warning at step {step}: {what}"
         self.fired.append({"monitor": monitor, "step": step, "value": value, "threshold": threshold, "line": text})
-        log_line(text)
+        say(text)
 
     def train_row(self, step: int, row: dict) -> None:
         """An update's training row: `kl` (nats per response), `entropy`, `response_length`."""

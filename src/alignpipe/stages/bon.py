@@ -19,7 +19,7 @@ from alignpipe.eval.best_of_n import DEFAULT_NS, curve
 from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.runfolder.files import write_jsonl_atomic
-from alignpipe.runtime.progress import log_line
+from alignpipe.runtime.progress import say
 from alignpipe.stages.helpers import check_scorer_reference
 
 SAMPLES_FILE = "bon_samples.jsonl"
@@ -83,7 +83,7 @@ def run(ctx) -> dict:
         by_prompt.setdefault(s["prompt"], []).append(s)
     table = curve(by_prompt, sorted(set(cfg.ns)), gold, ctx.seed)
     for row in table:
-        log_line(f"[alignpipe] stage {ctx.name}: best of {row['n']}: {gold} {row['gold']:.3f}, proxy "
+        say(f"[alignpipe] stage {ctx.name}: best of {row['n']}: {gold} {row['gold']:.3f}, proxy "
                  f"{row['proxy']:.3f}, KL {row['kl']:.3f} nats (plug-in; closed form {row['kl_closed_form']:.3f})")
     return {"best_of_n": table, "bon_gold": gold, "bon_reward_stage": cfg.reward_model, "bon_prompts": len(by_prompt),
             "bon_samples_per_prompt": max(cfg.ns), "best_of_n_distinct_share":

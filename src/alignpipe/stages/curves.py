@@ -11,7 +11,7 @@ from collections.abc import Callable
 from alignpipe.eval import overoptimisation
 from alignpipe.eval.along_training import CurveRecorder, read_curve, recorder
 from alignpipe.eval.onset import OnsetMonitor
-from alignpipe.runtime.progress import log_line
+from alignpipe.runtime.progress import say
 
 
 class AlongTraining:
@@ -39,7 +39,7 @@ class AlongTraining:
             return out
         figures = overoptimisation.assess(read_curve(self.ctx.dir), self.curve.gold, self.ctx.seed)
         if (text := overoptimisation.line(self.ctx.name, figures)) is not None:
-            log_line(text)
+            say(text)
         return {**out, **figures, "eval_curve_wall_s": round(self.wall_s, 2)}
 
 
