@@ -216,3 +216,34 @@ def test_curve_settings_at_their_defaults_leave_a_stage_fingerprint_unchanged():
     after = {"kind": "ppo", "eval": {"num_prompts": 100, "every": 0, "curve_prompts": 32, "curve_samples": 4}}
     assert result_config(after) == result_config(before)
     assert result_config({**after, "eval": {**after["eval"], "every": 2}})["eval"]["every"] == 2
+
+
+@pytest.mark.slow
+def test_dpo_records_curve_points_and_the_report_draws_them(tmp_path, tiny_base):
+    """A TRL stage (DPO, LoRA: the reference is the adapter switched off) records points through its callback;
+    the report's over-optimisation section draws each curve and the best-of-n baseline beside the stages."""
+    from alignpipe.report.document import write_report
+
+    copy_base(tiny_base, tmp_path / "runs")
+    stages = {
+        "reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": EVAL,
+                   "trainer": {"max_steps": 5, "per_device_train_batch_size": 8}},
+        "dpo": {"from": "sft", "reward_model": "reward", "data": {"embedded": "pairs"}, "lora": {"r": 4, "alpha": 8},
+                "eval": {**EVAL, "every": 2, "curve_prompts": 6, "curve_samples": 2},
+                "trainer": {"max_steps": 5, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "beta": 0.1}},
+        "bon": {"kind": "bon", "from": "sft", "reward_model": "reward", "data": {"embedded": "rl_prompts"},
+                "ns": [1, 2, 4], "eval": EVAL},
+    }
+    recipe = load_recipe(write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages)))
+    manifests = run_recipe(recipe, ["dpo", "bon"])
+    root = tmp_path / "runs" / "tiny"
+    rows = [json.loads(x) for x in (root / "dpo" / "eval_curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4, 5]
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-5) and rows[-1]["kl"] > 0
+    assert isinstance(manifests["dpo"]["metrics"]["overoptimised"], bool)
+    table = manifests["bon"]["metrics"]["best_of_n"]
+    assert [r["n"] for r in table] == [1, 2, 4] and all(r["kl_within_bound"] for r in table)
+    report, figures = write_report(root)
+    text = report.read_text()
+    assert "## Over-optimisation: gold against proxy" in text and "best-of-n" in text
+    assert {"fig-overopt_dpo.png", "fig-bon_bon.png"} <= {p.name for p in figures}
