@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 
 import pytest
 
@@ -247,3 +246,13 @@ def test_dpo_records_curve_points_and_the_report_draws_them(tmp_path, tiny_base)
     text = report.read_text()
     assert "## Over-optimisation: gold against proxy" in text and "best-of-n" in text
     assert {"fig-overopt_dpo.png", "fig-bon_bon.png"} <= {p.name for p in figures}
+
+
+def test_curves_on_a_stage_that_records_none_are_an_error(tmp_path):
+    from alignpipe.errors import RecipeError
+    from alignpipe.pipeline.validate import validate
+
+    recipe = tiny_recipe(tmp_path / "runs")
+    recipe["stages"]["sft"]["eval"] = {"every": 5}
+    with pytest.raises(RecipeError, match="records no curve"):
+        validate(load_recipe(write_yaml(tmp_path / "r.yaml", recipe)))

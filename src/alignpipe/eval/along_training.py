@@ -30,6 +30,23 @@ from alignpipe.runtime.tracking import log_metrics
 CURVE_FILE = "eval_curve.jsonl"
 
 
+# the kinds that record curves (their modules call `stages.curves`): eval.every on another kind is an error
+CURVE_KINDS = ("ppo", "grpo", "rloo", "dpo", "kto", "orpo", "cpo")
+
+
+def check_curves(recipe, name: str, where: str) -> None:
+    """Validation: `eval.every` is 0 or more, on a kind that records curves; the curve set is not empty."""
+    from alignpipe.errors import RecipeError
+
+    spec, kind, key = recipe.stages[name].eval, recipe.stages[name].kind, f"stages.{name}.eval"
+    if spec.every < 0 or spec.curve_prompts < 1 or spec.curve_samples < 1:
+        raise RecipeError("eval.every must be 0 or more, curve_prompts and curve_samples 1 or more", where=where,
+                          key=key, fix="e.g. eval: {every: 5, curve_prompts: 32, curve_samples: 4}")
+    if spec.every > 0 and kind not in CURVE_KINDS:
+        raise RecipeError(f"a {kind} stage records no curve along training", where=where, key=f"{key}.every",
+                          fix=f"remove eval.every (curves: {', '.join(CURVE_KINDS)})")
+
+
 def read_curve(stage_dir: Path) -> list[dict]:
     """The curve rows of a stage folder, by step ([] when it has none)."""
     path = Path(stage_dir) / CURVE_FILE

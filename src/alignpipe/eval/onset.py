@@ -59,7 +59,8 @@ class OnsetMonitor:
         if first["entropy"] > 0 and row["entropy"] < lim.entropy_share * first["entropy"]:
             self._fire("entropy_collapse", step, row["entropy"] / first["entropy"], lim.entropy_share,
                        f"policy entropy fell to {row['entropy']:.3f} nats per token, "
-                       f"{row['entropy'] / first['entropy']:.0%} of its first update's (threshold {lim.entropy_share:.0%})")
+                       f"{row['entropy'] / first['entropy']:.0%} of its first update's "
+                       f"(threshold {lim.entropy_share:.0%})")
         if first["response_length"] > 0:
             drift = row["response_length"] / first["response_length"] - 1
             if abs(drift) > lim.length_share:

@@ -27,6 +27,7 @@ from alignpipe.eval.independence import independence_line
 from alignpipe.labelling.sources import check_labelled_data
 from alignpipe.models import loading as modeling
 from alignpipe.pipeline.eval_checks import check_eval
+from alignpipe.eval.along_training import check_curves
 from alignpipe.pipeline.gates import check_gates
 from alignpipe.pipeline.plan import is_up_to_date
 from alignpipe.pipeline.stage_templates import check_stage_templates
@@ -76,6 +77,7 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
                               fix="remove `from:` (use model.path for continued pretraining)")
         check_gates(recipe, name, where)
         check_eval(recipe, name, where)
+        check_curves(recipe, name, where)
         if (line := independence_line(recipe, name)) is not None:
             print(line, file=sys.stderr)
         if kind.check is not None:  # the kind's own checks (e.g. a reward_model that is not a reward stage)

@@ -61,7 +61,8 @@ def stage_lines(stage, rows: list[dict]) -> list[str]:
                      f"{_f(m[f'overopt_{name}_gold'])} | {_f(m[f'overopt_{name}_proxy'])} |")
     verdict = "**over-optimised**" if m["overoptimised"] else "not over-optimised"
     lines += ["", f"Gold drop from the peak to the end {m['overopt_gold_drop']:+.3f} (95% paired bootstrap "
-              f"[{lo:+.3f}, {hi:+.3f}] over {m['overopt_measured_prompts']} prompts), proxy {m['overopt_proxy_rise']:+.3f}:"
+              f"[{lo:+.3f}, {hi:+.3f}] over {m['overopt_measured_prompts']} prompts), "
+              f"proxy {m['overopt_proxy_rise']:+.3f}:"
               f" {verdict} ({m['curve_points']} curve points)."]
     for what in ("gold", "proxy"):
         fit = m.get(f"fit_{what}")
@@ -135,5 +136,6 @@ def section(run, fig_path, figure) -> list[str]:
                       figure(bon_figure(s.name, bon, fig_path(f"bon_{s.name}"))), "", *bon_lines(bon), ""]
             beside = beside_lines(run.stages, bon, s.metrics.get("bon_gold", "judge"))
             if beside:
-                lines += ["Each aligned stage beside best-of-n at the nearest KL (the same reference):", "", *beside, ""]
+                lines += ["Each aligned stage beside best-of-n at the nearest KL (the same reference):", "",
+                          *beside, ""]
     return ["## Over-optimisation: gold against proxy", "", *lines] if lines else []

@@ -169,8 +169,8 @@ def run(ctx: StageContext) -> dict:
     from alignpipe.rl.policy import AdapterOff
 
     trainer, reference, counts = build_trainer(ctx)
-    curves = trl_callback(ctx, trainer.processing_class, lambda: reference or AdapterOff(trainer.model),
-                          trainer.args.max_steps)
+    start = (lambda: reference) if reference is not None else (lambda: AdapterOff(trainer.model))
+    curves = trl_callback(ctx, trainer.processing_class, start, trainer.args.max_steps)
     trainer.add_callback(curves)
     threads = train(trainer, ctx, choose_threads=True)
     args = trainer.args
