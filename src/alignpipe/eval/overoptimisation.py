@@ -85,6 +85,8 @@ def line(stage: str, figures: dict) -> str | None:
              f"{f['overopt_peak_gold']:.3f}) and ended at {f['overopt_end_gold']:.3f} (step {f['overopt_end_step']}, "
              f"KL {f['overopt_end_kl']:.2f}): drop {f['overopt_gold_drop']:+.3f} [95% {lo:+.3f}, {hi:+.3f}], "
              f"proxy {f['overopt_proxy_rise']:+.3f} from the peak")
+    if f["overopt_peak_step"] == f["overopt_end_step"]:
+        where = f"gold `{f['overopt_gold']}` is highest at the last point (step {f['overopt_end_step']}): no drop"
     verdict = "OVER-OPTIMISED" if f["overoptimised"] else "not over-optimised"
     return f"[alignpipe] stage {stage}: {verdict}: {where}"
 
@@ -126,6 +128,8 @@ def fit_form(form, ds: list[float], ys: list[float], y0: float) -> dict | None:
         peak = math.exp(alpha / beta - 1) if beta > 0 and alpha / beta < 50 else None
     else:
         peak = alpha / (2 * beta) if beta > 0 else None
+    if peak is not None and peak > 2 * float(d.max()):  # a peak far outside the points is no finding
+        peak = None
     return {"form": "d (alpha - beta log d)" if form is rl_form else "d (alpha - beta d)", "alpha": float(alpha),
             "beta": float(beta), "y0": float(y0), "rmse": rmse, "points": len(pairs), "peak_d": peak}
 

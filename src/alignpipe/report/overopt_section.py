@@ -60,6 +60,9 @@ def stage_lines(stage, rows: list[dict]) -> list[str]:
         lines.append(f"| {name} | {m[f'overopt_{name}_step']} | {_f(m[f'overopt_{name}_kl'], 2)} | "
                      f"{_f(m[f'overopt_{name}_gold'])} | {_f(m[f'overopt_{name}_proxy'])} |")
     verdict = "**over-optimised**" if m["overoptimised"] else "not over-optimised"
+    if m["overopt_peak_step"] == m["overopt_end_step"]:
+        lines += ["", f"The gold is highest at the last point: no drop; {verdict} ({m['curve_points']} curve points)."]
+        return lines
     lines += ["", f"Gold drop from the peak to the end {m['overopt_gold_drop']:+.3f} (95% paired bootstrap "
               f"[{lo:+.3f}, {hi:+.3f}] over {m['overopt_measured_prompts']} prompts), "
               f"proxy {m['overopt_proxy_rise']:+.3f}:"
@@ -67,7 +70,8 @@ def stage_lines(stage, rows: list[dict]) -> list[str]:
     for what in ("gold", "proxy"):
         fit = m.get(f"fit_{what}")
         if fit:
-            peak = f", peak at sqrt(KL) {fit['peak_d']:.2f}" if fit.get("peak_d") else ""
+            inside = fit.get("peak_d") and fit["peak_d"] <= 2 * max(r["sqrt_kl"] for r in rows)
+            peak = f", peak at sqrt(KL) {fit['peak_d']:.2f}" if inside else ""
             lines.append(f"- {what} fit {fit['form']}: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, RMS residual "
                          f"{fit['rmse']:.3f} over {fit['points']} points{peak}")
     return lines
@@ -116,7 +120,9 @@ def beside_lines(stages, bon_rows: list[dict], gold: str) -> list[str]:
         m = s.metrics
         if s.facts.aligned and m.get("kl_to_reference") is not None and f"{gold}_pass_rate" in m:
             b = at_kl(bon_rows, m["kl_to_reference"])
-            lines.append(f"| {s.name} | {_f(m['kl_to_reference'])} | {_f(m[f'{gold}_pass_rate'])} | {b['n']} | "
+            far = m["kl_to_reference"] > 1.5 * max(r["kl"] for r in bon_rows)
+            beyond = " (beyond best-of-n's range)" if far else ""
+            lines.append(f"| {s.name} | {_f(m['kl_to_reference'])} | {_f(m[f'{gold}_pass_rate'])} | {b['n']}{beyond} | "
                          f"{_f(b['kl'])} | {_f(b['gold'])} |")
     return lines if len(lines) > 2 else []
 
