@@ -127,7 +127,7 @@ def fit_form(form, ds: list[float], ys: list[float], y0: float) -> dict | None:
     if form is rl_form:
         peak = math.exp(alpha / beta - 1) if beta > 0 and alpha / beta < 50 else None
     else:
-        peak = alpha / (2 * beta) if beta > 0 else None
+        peak = float(alpha / (2 * beta)) if beta > 0 else None
     if peak is not None and peak > 2 * float(d.max()):  # a peak far outside the points is no finding
         peak = None
     return {"form": "d (alpha - beta log d)" if form is rl_form else "d (alpha - beta d)", "alpha": float(alpha),
