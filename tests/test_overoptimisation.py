@@ -256,3 +256,7 @@ def test_curves_on_a_stage_that_records_none_are_an_error(tmp_path):
     recipe["stages"]["sft"]["eval"] = {"every": 5}
     with pytest.raises(RecipeError, match="records no curve"):
         validate(load_recipe(write_yaml(tmp_path / "r.yaml", recipe)))
+    recipe["stages"]["sft"]["eval"] = {}
+    recipe["stages"]["sft"]["gates"] = {"overoptimised": False}
+    with pytest.raises(RecipeError, match="reads the curve along training"):
+        validate(load_recipe(write_yaml(tmp_path / "r.yaml", recipe)))

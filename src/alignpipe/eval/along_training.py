@@ -45,6 +45,10 @@ def check_curves(recipe, name: str, where: str) -> None:
     if spec.every > 0 and kind not in CURVE_KINDS:
         raise RecipeError(f"a {kind} stage records no curve along training", where=where, key=f"{key}.every",
                           fix=f"remove eval.every (curves: {', '.join(CURVE_KINDS)})")
+    gated = [g for g in recipe.stages[name].gates if g.split()[0].startswith(("overoptimised", "overopt_"))]
+    if gated and spec.every <= 0:
+        raise RecipeError(f"gate {gated[0]!r} reads the curve along training, which this stage does not record",
+                          where=where, key=f"stages.{name}.gates", fix="add eval: {every: N}, or remove the gate")
 
 
 def read_curve(stage_dir: Path) -> list[dict]:
