@@ -143,8 +143,9 @@ def cmd_data(args) -> int:
     where = args.recipe or str(spec.get("path") or spec.get("dataset_dir") or "")
     try:
         data = prepare_data({**spec, "max_dropped": 1.0}, base, family, key=key)
-        if family is None:  # the format's own family
-            data.family = data.parts[0].family
+        if family is None:  # the format's own family, read as a stage of that family reads it (same drops)
+            family = data.parts[0].family
+            data = prepare_data({**spec, "max_dropped": 1.0}, base, family, key=key)
         report = validation_report(data, tokenizer, max_length, sample=2000)
     except DataError as err:
         raise as_user_error(err, where) from None

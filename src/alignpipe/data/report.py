@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 from alignpipe.data.formats import DataError
+from alignpipe.data.placeholders import placeholders
 from alignpipe.data.sources import PreparedData
 
 
@@ -98,6 +99,7 @@ def validation_report(
             "dropped": part.drops.as_dict(),
             "notes": part.notes,
             "why": part.why,
+            "placeholders": placeholders(part.rows, part.row_numbers),  # `{{name}}` left in the data
         }
         for part in data.parts
     ]
@@ -132,6 +134,10 @@ def format_report(report: dict) -> str:
             where = ", ".join(map(str, d["first_rows"]))
             lines.append(f"    dropped {d['count']:>5} {reason}: {d['example']} ({s['row_unit']} {where})")
         lines += [f"    note: {note}" for note in s["notes"]]
+        if s.get("placeholders"):
+            p = s["placeholders"]
+            lines.append(f"    placeholders: {p['count']} rows hold template placeholders {', '.join(p['names'][:6])} "
+                         f"({s['row_unit']} {', '.join(map(str, p['first_rows']))}): fill them in before training")
     for m in report["mixture"] or []:
         extra = " (rows repeated)" if m["upsampled"] else ""
         lines.append(f"  mixture: {m['source']} weight {m['weight']:g}: {m['taken']} of {m['available']}{extra}")

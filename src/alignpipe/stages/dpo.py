@@ -39,8 +39,9 @@ OTHER_TRAINERS = {
     "cpo": "CPO is stage kind cpo",
     "kto": "KTO is stage kind kto, on unpaired data",
 }
-# The stage's loss when the recipe names none: DPO plus TRL's SFT term on the chosen responses (docs/dpo.md).
-DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHTS = ("sigmoid", "sft"), (1.0, 2.0)
+# The stage's loss when the recipe names none: TRL's (DPOConfig.loss_type ["sigmoid"], no weights). The default
+# recipe's [sigmoid, sft] with weights [1, 2] is written in recipes/default.yaml, where it was tuned (docs/dpo.md).
+DEFAULT_LOSS_TYPE = ("sigmoid",)
 TRAIN_SLICE = 300  # training pairs whose implicit rewards are reported beside the held-out pairs'
 
 
@@ -113,7 +114,26 @@ def implicit_reward_metrics(trainer) -> dict:
         row = trainer.state.log_history[-1]
         metrics[f"{prefix}dpo_loss"] = out[f"eval_{split}_loss"]
         metrics.update({prefix + new: row[f"eval_{old}"] for old, new in names.items() if f"eval_{old}" in row})
+        metrics[f"{prefix}implicit_accuracy_n"] = len(trainer.eval_dataset[split])  # the pairs the rates are of
     return metrics
+
+
+def trainer_defaults() -> dict:
+    """The DPOConfig values this kind sets when the recipe's `trainer:` does not: a CPU-sized budget (TRL's own
+    are 3 epochs at learning rate 1e-6), TRL's loss and beta. Reference log-probs are computed once up front,
+    in one process only: TRL 1.16 caches them next to the dataset, and an in-memory dataset's cache folder is a
+    private temp folder per process (rank 1 then cannot find rank 0's file)."""
+    return dict(max_length=DEFAULT_MAX_LENGTH, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+                learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1,
+                loss_type=list(DEFAULT_LOSS_TYPE), precompute_ref_log_probs=world_size() == 1)
+
+
+def describe_loss(args) -> str:
+    """`sigmoid` or `1 x sigmoid + 2 x sft`, with beta: what the stage trains on, said at its start."""
+    types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    weights = args.loss_weights or [1.0] * len(types)
+    terms = " + ".join(f"{w:g} x {t}" for t, w in zip(types, weights)) if len(types) > 1 else types[0]
+    return f"{terms}, beta {args.beta:g}"
 
 
 def build_trainer(ctx: StageContext):
@@ -144,20 +164,12 @@ def build_trainer(ctx: StageContext):
     eval_ds = {"heldout": Dataset.from_list(heldout_rows),
                "train": train_ds.select(range(min(TRAIN_SLICE, len(train_ds))))}
 
-    # Defaults measured on the embedded world (docs/dpo.md): plain sigmoid DPO over-optimises there, the SFT
-    # term on the chosen responses keeps the policy fluent. Reference log-probs are computed once up front,
-    # in one process only: TRL 1.16 caches them next to the dataset, and an in-memory dataset's cache
-    # folder is a private temp folder per process (rank 1 then cannot find rank 0's file).
-
-    defaults = dict(max_length=DEFAULT_MAX_LENGTH, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
-                    lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1,
-                    precompute_ref_log_probs=world_size() == 1)
-    if "loss_type" not in ctx.config.trainer:  # our weights belong to our loss list only
-        defaults.update(loss_type=list(DEFAULT_LOSS_TYPE), loss_weights=list(DEFAULT_LOSS_WEIGHTS))
-    args = ctx.trainer_args(trainer_config_class(), **defaults)
+    args = ctx.trainer_args(trainer_config_class(), **trainer_defaults())
+    print(f"[alignpipe] stage {ctx.name}: loss {describe_loss(args)}", file=sys.stderr, flush=True)
     if args.precompute_ref_log_probs:  # done inside DPOTrainer's constructor, with TRL's own bar on a terminal
-        print(f"[alignpipe] stage {ctx.name}: reference log-probs of {len(train_ds)} training and "
-              f"{sum(len(d) for d in eval_ds.values())} held-out pairs", file=sys.stderr, flush=True)
+        print(f"[alignpipe] stage {ctx.name}: reference log-probs of {len(train_ds)} training, "
+              f"{len(eval_ds['heldout'])} held-out and {len(eval_ds['train'])} training-slice pairs (the slice's "
+              "implicit rewards are reported beside the held-out ones)", file=sys.stderr, flush=True)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     return trainer, reference, {**pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows)),

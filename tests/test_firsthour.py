@@ -1,0 +1,125 @@
+"""What a LLaMA-Factory / TRL user meets in their first hour (issue 33): a kind's defaults are TRL's and the default
+recipe spells what was tuned on the embedded world; rates carry their counts; a missed gate stops only the stages
+built on it; `alignpipe data` agrees with itself and flags template placeholders; small console cuts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import copy_base, stage_manifest, tiny_recipe, write_yaml
+
+from alignpipe.cli import main
+from alignpipe.pipeline.runner import summary_table
+from alignpipe.recipe.parse import load_recipe, to_plain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def _dpo_args(recipe, name="dpo"):
+    from trl import DPOConfig
+
+    from alignpipe.stages import dpo
+    from alignpipe.stages.context import make_context
+
+    return make_context(recipe, name).trainer_args(DPOConfig, **dpo.trainer_defaults())
+
+
+def test_dpo_kind_default_loss_is_trls(tmp_path):
+    # today: [sigmoid, sft] with weights [1, 2], a choice tuned on the embedded world
+    from trl import DPOConfig
+
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "r", "stages": {
+        "sft": {"data": {"embedded": "sft"}}, "dpo": {"from": "sft", "data": {"embedded": "pairs"}}}}))
+    args = _dpo_args(recipe)
+    fields = DPOConfig.__dataclass_fields__
+    assert args.loss_type == fields["loss_type"].default_factory() == ["sigmoid"]
+    assert args.loss_weights is None is fields["loss_weights"].default and args.beta == fields["beta"].default
+
+
+def test_default_recipe_resolves_dpo_as_before():
+    """The default pipeline's DPO trains on what it trained on before the kind's default moved: the loss and every
+    value the kind sets, as main resolved them (2026-12-07). Its resolved config (manifest, fingerprint) names
+    the loss itself, so the fingerprint is the one it had."""
+    recipe = load_recipe(ROOT / "recipes" / "default.yaml")
+    args = _dpo_args(recipe)
+    assert (args.loss_type, args.loss_weights, args.beta) == (["sigmoid", "sft"], [1.0, 2.0], 0.1)
+    assert (args.learning_rate, args.max_steps, args.per_device_train_batch_size) == (2e-4, 100, 32)
+    assert (args.lr_scheduler_type.value, args.warmup_steps, args.max_length) == ("cosine", 5, 128)
+    assert to_plain(recipe.stages["dpo"])["trainer"]["loss_weights"] == [1.0, 2.0]
+
+
+def test_the_loss_is_said_at_the_stage_start():
+    from types import SimpleNamespace
+
+    from alignpipe.stages.dpo import describe_loss
+
+    assert describe_loss(SimpleNamespace(loss_type=["sigmoid"], loss_weights=None, beta=0.1)) == "sigmoid, beta 0.1"
+    assert describe_loss(SimpleNamespace(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 2.0], beta=0.1)) == \
+        "1 x sigmoid + 2 x sft, beta 0.1"
+
+
+# --------------------------------------------------------------------------- counts beside rates
+
+
+def test_rates_in_the_table_carry_their_counts():
+    # today: "implicit_accuracy 1.000" on 2 held-out pairs, with no count beside it
+    table = summary_table({"dpo": {"kind": "dpo", "status": "complete", "wall_time_s": 3, "metrics": {
+        "implicit_accuracy": 1.0, "implicit_accuracy_n": 2, "judge_pass_rate": 0.5, "judge_total": 16,
+        "train_loss": 1.5}}})
+    assert "1.000 (n=2)" in table and "0.500 (n=16)" in table and "1.500 (n=" not in table
+
+
+# --------------------------------------------------------------------------- gates
+
+
+@pytest.mark.slow
+def test_a_missed_gate_stops_only_the_stages_built_on_it(tiny_base, tmp_path, capsys):
+    # today: a gate missed on reward printed "not running dpo" though dpo depends only on sft
+    runs = tmp_path / "runs"
+    copy_base(tiny_base, runs)
+    leaf = {"from": "sft", "data": {"embedded": "pairs"}, "eval": {"enabled": False},
+            "trainer": {"max_steps": 2, "per_device_train_batch_size": 8}}
+    data = tiny_recipe(runs, extra_stages={"reward": {**leaf, "gates": ["pairwise_accuracy >= 1.5"]},
+                                           "dpo": dict(leaf), "dpo_on_reward": {**leaf, "kind": "dpo",
+                                                                                "reward_model": "reward"}})
+    recipe = write_yaml(tmp_path / "gated.yaml", data)
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 2  # the run still fails: a gate was missed
+    err = capsys.readouterr().err
+    assert "stage reward missed a gate: not running dpo_on_reward; still running dpo" in err
+    assert stage_manifest(runs / "tiny" / "dpo")["status"] == "complete"
+    assert not (runs / "tiny" / "dpo_on_reward").exists()
+    assert "gate missed" in err.strip().splitlines()[-1]
+
+
+def test_data_command_with_and_without_as_agree(tmp_path, capsys):
+    # today: no --as said "5 kept, 0 dropped"; --as conversations "4 kept, 1 dropped ... a stage would stop"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(4)] + [{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]}]
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outs = []
+    for extra in ([], ["--as", "conversations"]):
+        capsys.readouterr()
+        main(["data", str(path), *extra])
+        outs.append(capsys.readouterr().out)
+    counts = [next(line for line in out.splitlines() if "read" in line and "kept" in line) for out in outs]
+    assert counts[0] == counts[1], counts
+
+
+def test_template_placeholders_are_flagged_by_line(tmp_path, capsys):
+    # today: LLaMA-Factory's identity.json `{{name}}` / `{{author}}` pass unflagged
+    rows = [{"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
+            {"instruction": "Hi", "input": "", "output": "Hello."},
+            {"instruction": "Name?", "input": "", "output": "{{name}}"}]
+    path = tmp_path / "identity.json"
+    path.write_text(json.dumps(rows))
+    assert main(["data", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "placeholders:" in x)
+    assert "2 rows" in line and "{{name}}" in line and "{{author}}" in line and "row 1" in line and "3" in line
