@@ -123,3 +123,58 @@ def test_template_placeholders_are_flagged_by_line(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "placeholders:" in x)
     assert "2 rows" in line and "{{name}}" in line and "{{author}}" in line and "row 1" in line and "3" in line
+
+
+# --------------------------------------------------------------------------- trackers
+
+
+def test_mlflow_store_is_read_by_the_users_own_client_as_alignpipe_says(tmp_path, monkeypatch, capsys):
+    # today: a new shell's mlflow.search_runs refused the file store (MLFLOW_ALLOW_FILE_STORE was set only inside
+    # alignpipe's process) and nothing said so
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    pytest.importorskip("mlflow")
+    from alignpipe.runtime import tracking
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    recipe = SimpleNamespace(name="firsthour", tracking=["mlflow"], run_root=tmp_path / "runs" / "firsthour")
+    runs = tracking.start(SimpleNamespace(recipe=recipe, name="dpo_b01"), {"stage": "dpo_b01"})
+    runs.log({"implicit_accuracy": 0.75}, step=1)
+    runs.finish()
+    line = next(x for x in capsys.readouterr().err.splitlines() if "mlflow: runs in the file store" in x)
+    command = shlex.split(line.split("MLFLOW_ALLOW_FILE_STORE=true: ", 1)[1].split(" (or set", 1)[0])
+    env_var, python, flag, code = command
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env[env_var.split("=")[0]] = env_var.split("=")[1]
+    out = subprocess.run([sys.executable, flag, code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dpo_b01" in out.stdout
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_the_first_process_writes_to_the_console(tmp_path, rank):
+    # today: under `accelerate launch` with 2 processes every line, the one-line refusal too, printed twice
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": f"t{os.getpid()}",
+           "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
+    bad = write_yaml(tmp_path / "bad.yaml", {"name": "bad", "stages": {"sft": {"data": {"embedded": "nope"}}}})
+    out = subprocess.run([sys.executable, "-m", "alignpipe.cli", "validate", str(bad)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    logs = list(tmp_path.glob("alignpipe-*-rank1.log"))
+    if rank == "0":
+        assert out.stderr.count("alignpipe: error: ") == 1 and not logs
+    else:
+        assert out.stdout == out.stderr == ""
+        assert "alignpipe: error: " in logs[0].read_text()
