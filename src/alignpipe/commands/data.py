@@ -87,15 +87,21 @@ def _pick(rows: list[dict], n: int) -> list[int]:
 
 
 def list_registry(folder: Path, written: str) -> int:
-    """A LLaMA-Factory data folder's entries, one a line: what each reads and whether its file is here."""
+    """A LLaMA-Factory data folder's entries: those whose file is here one a line (what each reads), then the
+    names of the others by why they are not read here (file missing, hub dataset, other source)."""
     rows = registry.listing(folder, written)
-    print(f"{written}: LLaMA-Factory data folder, {len(rows)} entries in {registry.INFO_FILE} "
-          "(read one: data: {dataset: NAME, dataset_dir: ...}, or alignpipe data FOLDER --dataset NAME)")
-    width = max((len(r["name"]) for r in rows), default=4)
-    for r in rows:
-        state = {True: "", False: "  (file missing)", None: ""}[r["present"]]
-        print(terminal_safe(f"  {r['name']:<{width}}  {r['formatting']:<8}  {r['rows']:<13}  {r['where']:<8}  "
-                            f"{r['source']}{state}"))
+    here = [r for r in rows if r["present"]]
+    print(f"{written}: LLaMA-Factory data folder, {len(rows)} entries in {registry.INFO_FILE}, {len(here)} with "
+          "their file here (read one: data: {dataset: NAME, dataset_dir: ...}; alignpipe data FOLDER --dataset NAME)")
+    width = max((len(r["name"]) for r in here), default=4)
+    for r in here:
+        print(terminal_safe(f"  {r['name']:<{width}}  {r['formatting']:<8}  {r['rows']:<13}  {r['source']}"))
+    groups = (("file missing here", [r for r in rows if r["present"] is False]),
+              ("hub datasets (downloaded when a stage runs)", [r for r in rows if r["where"] == "hub"]),
+              ("not read by alignpipe (ModelScope, scripts, cloud files)", [r for r in rows if r["where"] == "not read"]))
+    for what, group in groups:
+        if group:
+            print(terminal_safe(f"  {len(group)} {what}: {', '.join(r['name'] for r in group)}"))
     return 0
 
 

@@ -171,8 +171,9 @@ def notes(spec: dict, base_dir: Path, key: str) -> list[str]:
             continue
         entry, _, written = entry_of(c, base_dir, key)
         read = source_spec(c, base_dir, key)
+        renamed = {k: v for k, v in (read.get("columns") or {}).items() if k != v}
         out.append(f"dataset {c['dataset']} of {written}: {read.get('path') or read.get('hub')} as {read['format']}"
-                   + (f", columns {read['columns']}" if read.get("columns") else ""))
+                   + (f", columns {renamed}" if renamed else ""))
         out += [f"dataset {c['dataset']}: {field} {entry[field]!r} is not applied (the whole file is read)"
                 for field in sorted(NO_EFFECT) if field in entry]
     return out

@@ -137,7 +137,7 @@ def format_report(report: dict) -> str:
         if s.get("placeholders"):
             p = s["placeholders"]
             lines.append(f"    placeholders: {p['count']} rows hold template placeholders {', '.join(p['names'][:6])} "
-                         f"({s['row_unit']} {', '.join(map(str, p['first_rows']))}): fill them in before training")
+                         f"({s['row_unit']} {', '.join(map(str, p['first_rows']))}): fill them in before training, unless they are meant literally (code)")
     for m in report["mixture"] or []:
         extra = " (rows repeated)" if m["upsampled"] else ""
         lines.append(f"  mixture: {m['source']} weight {m['weight']:g}: {m['taken']} of {m['available']}{extra}")
