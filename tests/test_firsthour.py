@@ -178,3 +178,57 @@ def test_only_the_first_process_writes_to_the_console(tmp_path, rank):
     else:
         assert out.stdout == out.stderr == ""
         assert "alignpipe: error: " in logs[0].read_text()
+
+
+# --------------------------------------------------------------------------- chat and generate
+
+
+def test_generate_marks_a_whitespace_only_answer(tiny_hub_model):
+    # today: `"response": ""` with `tokens: 64`, and nothing saying the answer was only whitespace
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignpipe.commands.chat import answer
+    from alignpipe.recipe.templates import CHATML
+
+    tok = AutoTokenizer.from_pretrained(tiny_hub_model)
+    tok.chat_template = CHATML
+    model = AutoModelForCausalLM.from_pretrained(tiny_hub_model).eval()
+    space = tok(" ", add_special_tokens=False)["input_ids"][-1]
+    assert tok.decode([space]).isspace()
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, sequence_bias={(space,): 1e4})
+    (row,) = answer(model, tok, [[{"role": "user", "content": "hi"}]], gen, stops=[tok.eos_token_id])
+    assert row["response"] == "" and row["empty"] is True and row["tokens"] == 6
+    assert row["raw_response"] and row["raw_response"].isspace()
+
+
+def test_chat_streams_control_bytes_as_escapes(tiny_hub_model, capsys):
+    # today: a model's ESC / bidi bytes went to the terminal raw
+    from transformers import AutoTokenizer
+
+    from alignpipe.commands.chat import safe_streamer
+
+    streamer = safe_streamer()(AutoTokenizer.from_pretrained(tiny_hub_model), skip_prompt=False)
+    streamer.on_finalized_text("ok \x1b[2J\u202eevil", stream_end=True)
+    assert capsys.readouterr().out == "ok \\x1b[2J\\u202eevil\n"
+
+
+def test_dpo_stops_in_one_line_when_trl_would_drop_every_pair(tiny_hub_model):
+    # today: TRL's reference pass failed with a raw `torch.cat(): expected a non-empty list of Tensors` traceback
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from alignpipe.errors import RecipeError
+    from alignpipe.recipe.templates import CHATML
+    from alignpipe.stages.dpo import check_prompts_fit
+
+    tok = AutoTokenizer.from_pretrained(tiny_hub_model)
+    tok.chat_template = CHATML
+    model = SimpleNamespace(config=AutoConfig.from_pretrained(tiny_hub_model))
+    args = SimpleNamespace(max_length=16, truncation_mode="keep_start")
+    pair = {"prompt": [{"role": "user", "content": "a long question " * 20}]}
+    short = {"prompt": [{"role": "user", "content": "hi"}]}
+    check_prompts_fit("dpo", "r.yaml", tok, model, args, {"training": [pair, short], "held-out": [short]})
+    with pytest.raises(RecipeError, match="every one of the 2 held-out pairs") as e:
+        check_prompts_fit("dpo", "r.yaml", tok, model, args, {"training": [short], "held-out": [pair, pair]})
+    assert "stages.dpo.trainer.max_length=" in e.value.one_line()

@@ -89,14 +89,14 @@ def pair_counts(trainer, stage: str, train_rows: int, heldout_rows: int) -> dict
     """How many pairs the trainer really uses. TRL 1.16 drops a pair whose prompt alone fills max_length
     (with truncation_mode keep_start the collator would cut every completion token): count what it kept."""
     kept = len(trainer.train_dataset)
-    heldout = len(trainer.eval_dataset["heldout"])
+    heldout, train_slice = len(trainer.eval_dataset["heldout"]), len(trainer.eval_dataset["train"])
     counts = {"pairs_trained_on": kept, "pairs_held_out": heldout,
               "pairs_dropped_prompt_too_long": (train_rows - kept) + (heldout_rows - heldout)}
     dropped = (f"; dropped {train_rows - kept} training and {heldout_rows - heldout} held-out pairs whose prompt "
                f"alone fills max_length {trainer.args.max_length} (raise max_length to keep them)"
                if counts["pairs_dropped_prompt_too_long"] else "")
-    print(f"[alignpipe] stage {stage}: {kept} pairs trained on, {heldout} held out"
-          f"{dropped}", flush=True)
+    print(f"[alignpipe] stage {stage}: {kept} pairs trained on, {heldout} held out{dropped}; implicit rewards "
+          f"measured on the {heldout} held-out pairs and {train_slice} of the training pairs", flush=True)
     return counts
 
 
@@ -136,6 +136,31 @@ def describe_loss(args) -> str:
     return f"{terms}, beta {args.beta:g}"
 
 
+def check_prompts_fit(stage: str, where: str, tokenizer, model, args, rows: dict[str, list[dict]]) -> None:
+    """Stop with one line, before TRL's constructor, when TRL would drop every training or held-out pair: it drops a
+    pair whose prompt alone fills max_length, then its reference pass fails on nothing (`torch.cat(): expected a
+    non-empty list`). Prompt lengths are the chat template's, as TRL tokenizes them; the first prompt that fits ends
+    the check (one prompt rendered, in the usual case)."""
+    if args.max_length is None or getattr(args, "truncation_mode", "keep_start") != "keep_start":
+        return
+
+    def length(row) -> int:
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for what, pairs in rows.items():
+        if not pairs or any(length(r) < args.max_length for r in pairs):
+            continue
+        lengths = sorted(length(r) for r in pairs)
+        limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        suggest = min(limit, (lengths[int(0.9 * (len(lengths) - 1))] // 64 + 2) * 64)
+        raise RecipeError(f"every one of the {len(pairs)} {what} pairs has a prompt of at least max_length "
+                          f"{args.max_length} tokens (prompts: median {lengths[len(lengths) // 2]}, max {lengths[-1]}), "
+                          "so TRL would drop them all", where=where, key=f"stages.{stage}.trainer.max_length",
+                          fix=f"raise it: --set stages.{stage}.trainer.max_length={suggest} (the model reads at most "
+                              f"{limit} tokens), or use shorter prompts")
+
+
 def build_trainer(ctx: StageContext):
     """The DPOTrainer for this stage, the reference policy as a model (None with LoRA: the trainer
     switches the adapter off instead), and the pairs it trains on and holds out (`pair_counts`) with the
@@ -165,11 +190,13 @@ def build_trainer(ctx: StageContext):
                "train": train_ds.select(range(min(TRAIN_SLICE, len(train_ds))))}
 
     args = ctx.trainer_args(trainer_config_class(), **trainer_defaults())
+    check_prompts_fit(ctx.name, str(ctx.recipe.path), tokenizer, model, args,
+                      {"training": train_rows, "held-out": heldout_rows})
     print(f"[alignpipe] stage {ctx.name}: loss {describe_loss(args)}", file=sys.stderr, flush=True)
     if args.precompute_ref_log_probs:  # done inside DPOTrainer's constructor, with TRL's own bar on a terminal
-        print(f"[alignpipe] stage {ctx.name}: reference log-probs of {len(train_ds)} training, "
-              f"{len(eval_ds['heldout'])} held-out and {len(eval_ds['train'])} training-slice pairs (the slice's "
-              "implicit rewards are reported beside the held-out ones)", file=sys.stderr, flush=True)
+        print(f"[alignpipe] stage {ctx.name}: reference log-probs of the pairs TRL keeps (prompt shorter than "
+              f"max_length {args.max_length}; counted on the next line), computed once before training",
+              file=sys.stderr, flush=True)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     return trainer, reference, {**pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows)),
