@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_base, stage_manifest, tiny_recipe, write_yaml
 
+import alignpipe
 from alignpipe.cli import main
 from alignpipe.pipeline.runner import summary_table
 from alignpipe.recipe.parse import load_recipe, to_plain
@@ -167,7 +168,7 @@ def test_only_the_first_process_writes_to_the_console(tmp_path, rank):
     import sys
 
     env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": f"t{os.getpid()}",
-           "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
+           "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(alignpipe.__file__).resolve().parents[1])}
     bad = write_yaml(tmp_path / "bad.yaml", {"name": "bad", "stages": {"sft": {"data": {"embedded": "nope"}}}})
     out = subprocess.run([sys.executable, "-m", "alignpipe.cli", "validate", str(bad)], env=env,
                          capture_output=True, text=True, timeout=300)

@@ -123,7 +123,10 @@ def cmd_chat(args) -> int:
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                                  **gen)
         reply, _ = cut(out[0, len(ids):].tolist(), stops)
-        messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True).strip()})
+        text = tokenizer.decode(reply, skip_special_tokens=True).strip()
+        if not text:  # say it, rather than leave a blank screen
+            print(f"(the reply was empty or whitespace only: {len(reply)} tokens)")
+        messages.append({"role": "assistant", "content": text})
     return 0
 
 
