@@ -233,3 +233,23 @@ def test_dpo_stops_in_one_line_when_trl_would_drop_every_pair(tiny_hub_model):
     with pytest.raises(RecipeError, match="every one of the 2 held-out pairs") as e:
         check_prompts_fit("dpo", "r.yaml", tok, model, args, {"training": [short], "held-out": [pair, pair]})
     assert "stages.dpo.trainer.max_length=" in e.value.one_line()
+
+
+def test_data_report_counts_the_pairs_a_dpo_stage_would_drop(tiny_hub_model, tmp_path):
+    # today: only "longer than max_length" (truncated); the drop of whole pairs showed first inside the run
+    from transformers import AutoTokenizer
+
+    from alignpipe.data.report import format_report, validation_report
+    from alignpipe.data.sources import prepare_data
+    from alignpipe.recipe.templates import CHATML
+
+    tok = AutoTokenizer.from_pretrained(tiny_hub_model)
+    tok.chat_template = CHATML
+    rows = [{"prompt": "a long question " * 20 if i % 3 == 0 else "hi", "chosen": "yes", "rejected": "no"}
+            for i in range(6)]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    data = prepare_data({"path": "pairs.json"}, tmp_path, "pairs")
+    report = validation_report(data, tok, max_length=16)
+    assert report["tokens"]["prompt_fills_max_length"] == 2
+    assert "2 pairs' prompts alone fill it" in format_report(report)
+

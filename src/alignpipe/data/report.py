@@ -118,6 +118,10 @@ def validation_report(
         if sample is not None and sample < len(rows):
             rows = random.Random(seed).sample(rows, sample)
         report["tokens"] = length_stats(token_lengths(rows, data.family, tokenizer), max_length)
+        if data.family == "pairs" and max_length is not None:  # TRL's DPOTrainer drops these pairs outright
+            prompts = _render([{"prompt": r["prompt"]} for r in rows], "prompts", tokenizer)  # + generation prompt
+            ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            report["tokens"]["prompt_fills_max_length"] = sum(len(x) >= max_length for x in ids)
     return report
 
 
@@ -147,5 +151,8 @@ def format_report(report: dict) -> str:
                 f" over {t['rows_measured']} rows")
         if "max_length" in t:
             line += f"; {t['truncated']} ({t['truncated_fraction']:.1%}) longer than max_length {t['max_length']}"
+        if t.get("prompt_fills_max_length"):
+            line += (f"; {t['prompt_fills_max_length']} pairs' prompts alone fill it, and a dpo stage drops those "
+                     "pairs (TRL)")
         lines.append(line)
     return "\n".join(lines)
