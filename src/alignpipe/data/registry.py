@@ -15,6 +15,7 @@ entry NAME of DIR/dataset_info.json as LLaMA-Factory documents it (its data/READ
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -87,9 +88,11 @@ def entry_of(spec: dict, base_dir: Path, key: str) -> tuple[dict, Path, str]:
     folder, written = _registry_dir(spec, base_dir, key)
     entries = read_registry(folder, written)
     if name not in entries:
-        close = sorted(entries)[:8]
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.6)
+        names = f"did you mean {' or '.join(close)}?" if close else \
+            f"use one of {', '.join(sorted(entries)[:8])}{' ...' if len(entries) > 8 else ''}"
         raise DataError(f"{written.rstrip('/')}/{INFO_FILE}", f"{key}.dataset", f"has no entry {name!r}",
-                        f"use one of {', '.join(close)}{' ...' if len(entries) > 8 else ''} (alignpipe data {written})")
+                        f"{names} (alignpipe data {written} lists its {len(entries)} entries)")
     return entries[name], folder, written
 
 
