@@ -180,3 +180,9 @@ def test_data_command_reads_one_entry(data_dir, capsys):
     assert main(["data", str(data_dir), "--dataset", "kto_demo"]) == 0
     out = capsys.readouterr().out
     assert "4 read" in out or "4 rows" in out
+
+
+def test_a_dataset_dir_without_a_registry_is_one_line_naming_the_key(tmp_path):
+    with pytest.raises(DataError) as e:
+        prepare_data({"dataset": "x", "dataset_dir": "nowhere"}, tmp_path, "conversations", key="stages.sft.data")
+    assert e.value.where == "stages.sft.data.dataset_dir" and "read from the recipe's folder" in e.value.what

@@ -165,6 +165,8 @@ def cmd_data(args) -> int:
     if template is None and data.family != "text":
         print("  examples: not rendered (no chat template)")
         return 0
+    if args.examples <= 0:
+        return 0
     print("examples («...» is what the loss trains on):")
     for i in _pick(data.rows, args.examples):
         part, number = next((p, p.row_numbers[j]) for p in data.parts for j in range(len(p.rows))
