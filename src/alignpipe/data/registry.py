@@ -87,7 +87,8 @@ def entry_of(spec: dict, base_dir: Path, key: str) -> tuple[dict, Path, str]:
                         "name one entry; to mix several, use mixture: [{dataset: a, weight: 1}, {dataset: b, weight: 1}]")
     folder, written = _registry_dir(spec, base_dir, key)
     if not (folder / INFO_FILE).is_file():
-        relative = "" if Path(written).expanduser().is_absolute() else f" (read from the recipe's folder, {Path(base_dir).resolve()})"
+        relative = "" if Path(written).expanduser().is_absolute() else \
+            f" (read from the recipe's folder, {Path(base_dir).resolve()})"
         raise DataError(f"{written.rstrip('/')}/{INFO_FILE}", f"{key}.dataset_dir", f"no such file{relative}",
                         f"set dataset_dir to LLaMA-Factory's data folder, the one holding {INFO_FILE}")
     entries = read_registry(folder, written)
