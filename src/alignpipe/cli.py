@@ -49,6 +49,10 @@ def quiet_other_processes() -> str | None:
     with open(path, "a", encoding="utf-8") as log:  # fds 1 and 2 now point at the file; the Python streams too
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+    import time
+
+    # runs append to one file per rank (torchrun's run id is often "none"): each starts with its own line
+    print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: alignpipe {' '.join(sys.argv[1:])}", flush=True)
     return path
 
 
