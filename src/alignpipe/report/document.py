@@ -224,7 +224,8 @@ class Report(PlottedSections):
             cells = [f"**{r['stage']}**", r["kind"], r["status"]]
             for k in figures["columns"]:
                 v, ci = r["values"][k]
-                cells.append(f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v))
+                n = r.get("counts", {}).get(k)
+                cells.append((f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v)) + (f" (n={n})" if n is not None and v is not None else ""))
             rows.append(cells)
         return ["## Summary", "", *_table(["stage", "kind", "status", *figures["columns"]], rows)]
 
