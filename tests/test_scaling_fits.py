@@ -74,3 +74,16 @@ def test_a_profile_of_two_sizes_is_left_out_not_fitted():
                {"n": 2e4, "d": 5e5, "c": 6e10, "budget": 6e10, "loss": 2.9}]
     fit = scaling.fit_isoflop(points)
     assert [row["budget"] for row in fit["profiles"]] == BUDGETS[1:]
+
+
+def test_a_profile_whose_minimum_lies_far_beyond_its_sizes_is_dropped_and_said():
+    points = isoflop_points()
+    c = BUDGETS[-1]
+    n_opt, _ = scaling.surface_optimum(TRUE, c)
+    far = [p for p in points if p["budget"] != c]
+    for n in n_opt * np.geomspace(8, 40, 4):  # every size well above the optimum: the minimum is extrapolated
+        far.append({"n": float(n), "d": c / (6 * n), "c": c, "budget": c,
+                    "loss": float(scaling.surface_loss(TRUE, n, c / (6 * n)))})
+    fit = scaling.fit_isoflop(far)
+    assert [row["budget"] for row in fit["profiles"]] == BUDGETS[:-1]
+    assert fit["dropped"][0]["budget"] == c and "beyond the sizes" in fit["dropped"][0]["why"]

@@ -115,3 +115,11 @@ def test_a_killed_sweep_resumes_where_it_was(tmp_path):
     assert prediction["holdout"]["budget"] == 8e9 and prediction["holdout"]["name"] not in done
     assert (stage / "model" / "config.json").is_file()  # the held-out point's model is the stage's model
     assert details["holdout_result"]["measured"] == manifest["metrics"]["eval_loss"]
+
+    # the report draws the sweep: its figures, its constants table and the recipe line of the optimum
+    assert main(["report", str(stage.parent)]) == 0
+    report = (stage.parent / "report.md").read_text()
+    assert "## Scaling laws: scaling" in report and "| alpha (N exponent) |" in report
+    assert "alignpipe run recipes/default.yaml --set model.init.hidden_size=" in report
+    for name in ("loss_curves", "isoflop", "contours"):
+        assert (stage.parent / f"fig-scaling_{name}.png").stat().st_size > 10_000

@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 HUBER_DELTA = 1e-3
+MAX_EXTRAPOLATION = 1.0  # an IsoFLOP minimum further than this (ln n, a factor e) beyond its sizes is not measured
 LBFGS_STARTS = 24
 # the starting grid (the paper's: alpha, beta in 0..2 by 0.5, e in -1..1 by 0.5, a, b in 0..25 by 5)
 START_GRID = {"alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5), "e": np.arange(-1.0, 1.01, 0.5),
@@ -121,23 +122,30 @@ def profiles(points: list[dict]) -> dict[float, list[dict]]:
 
 def fit_isoflop(points: list[dict]) -> dict:
     """Approach 2: {profiles: [{budget, coef (loss = c2 x^2 + c1 x + c0 in x = ln n), n_opt, d_opt, loss_opt,
-    inside}], n_exponent, n_coef, d_exponent, d_coef}. A profile needs 3 distinct sizes and an upward parabola;
-    `inside` says whether its minimum lies within the sizes it was fitted on."""
-    rows = []
+    inside}], dropped: [{budget, why}], n_exponent, n_coef, d_exponent, d_coef}. A profile needs 3 distinct sizes,
+    an upward parabola, and its minimum at most MAX_EXTRAPOLATION (in ln n) beyond the sizes it was fitted on;
+    `inside` says whether the minimum lies within those sizes."""
+    rows, dropped = [], []
     for budget, group in profiles(points).items():
         x = np.log([p["n"] for p in group])
         if len(set(x.round(9))) < 3:
+            dropped.append({"budget": budget, "why": "fewer than 3 distinct sizes"})
             continue
         c2, c1, c0 = np.polyfit(x, [p["loss"] for p in group], 2)
         if c2 <= 0:
+            dropped.append({"budget": budget, "why": "no minimum (the parabola opens downwards)"})
             continue
         x_opt = -c1 / (2 * c2)
+        if not x.min() - MAX_EXTRAPOLATION <= x_opt <= x.max() + MAX_EXTRAPOLATION:
+            dropped.append({"budget": budget, "why": f"minimum at N = {math.exp(min(x_opt, 700)):.3g}, more than "
+                                                     f"{math.exp(MAX_EXTRAPOLATION):.2g}x beyond the sizes"})
+            continue
         n_opt = math.exp(x_opt)
         c_mean = float(np.mean([p["c"] for p in group]))  # 6 n d of the points actually trained
         rows.append({"budget": budget, "c": c_mean, "coef": [float(c2), float(c1), float(c0)], "n_opt": n_opt,
                      "d_opt": c_mean / (6 * n_opt), "loss_opt": float(c0 - c1 * c1 / (4 * c2)),
                      "inside": bool(x.min() <= x_opt <= x.max())})
-    out = {"profiles": rows}
+    out = {"profiles": rows, "dropped": dropped}
     if len(rows) >= 2:
         log_c = np.log([r["c"] for r in rows])
         sn, in_ = np.polyfit(log_c, np.log([r["n_opt"] for r in rows]), 1)

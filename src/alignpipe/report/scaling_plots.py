@@ -74,6 +74,9 @@ def isoflop(points: list[dict], approach2: dict, holdout: dict | None, predictio
                     [hi - prediction["predicted_loss"]]], fmt="s", color="grey", capsize=4, label="predicted")
         ax.plot([holdout["n"]], [holdout["loss"]], "*", color="black", ms=12,
                 label=f"held out, C = {holdout['budget']:.2g}")
+    losses = [p["loss"] for p in points] + ([holdout["loss"]] if holdout else [])
+    span = max(losses) - min(losses)
+    ax.set_ylim(min(losses) - 0.15 * span, max(losses) + 0.15 * span)  # an interval far wider is cut, not drawn
     ax.set_xscale("log")
     ax.set(xlabel="parameters N", ylabel="held-out loss (nats/token)", title="IsoFLOP profiles (approach 2)")
     ax.legend(fontsize=7)

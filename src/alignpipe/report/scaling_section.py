@@ -4,6 +4,7 @@ prediction against its measured loss, the recipe line of the compute-optimal siz
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,7 @@ from alignpipe.runfolder.files import read_jsonl
 
 
 def _g(v, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}g}"
+    return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"
 
 
 def _iv(pair) -> str:
@@ -63,7 +64,8 @@ def holdout_lines(details: dict) -> list[str]:
     r, h = details["holdout_result"], details["prediction"]["holdout"]
     verdict = "inside" if r["inside"] else "outside"
     return [f"Held out of the fits: **{h['name']}** (N = {h['n']:,}, D = {h['d']:,}, C = {h['c']:.3g}), the size "
-            f"nearest approach 2's compute-optimal N ({details['n_target']:,.0f}) at twice the largest budget. "
+            f"nearest {details.get('n_target_from', 'approach 2')}'s compute-optimal N ({details['n_target']:,.0f}) at "
+            f"C = {h['budget']:.3g}. "
             f"Predicted loss {r['predicted']:.4f} (95% interval {_iv(r['interval'])}, half-width "
             f"{_g(100 * (r['half_width_relative'] or 0), 2)}%), written before it trained; measured "
             f"{r['measured']:.4f}: off by {100 * r['relative_error']:+.2f}%, {verdict} the interval."]

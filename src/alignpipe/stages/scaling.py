@@ -231,8 +231,10 @@ def run(ctx: StageContext) -> dict:
     budget = cfg.holdout_budget or 2 * max(cfg.budgets)
     iso = fits.fit_isoflop(grid)
     n_target, _ = fits.isoflop_optimum(iso, budget)
+    n_target_from = "approach 2"
     if not math.isfinite(n_target):  # fewer than two profiles with a minimum: approach 3's optimum instead
         n_target, _ = fits.surface_optimum(fits.fit_loss_surface(grid), budget)
+        n_target_from = "approach 3"
     holdout = choose_holdout(ctx, sizes, vocab, tokens_per_step, n_target, corpus_tokens, budget)
     prediction = predict(ctx, grid, holdout)
     _log(f"held-out point {holdout['name']}: predicted loss {prediction['predicted_loss']:.4f}, 95% interval "
@@ -241,18 +243,18 @@ def run(ctx: StageContext) -> dict:
     if held is None:
         job = {**jobs_for(ctx, [holdout], tokens_per_step)[0], "save_model": str(ctx.model_dir)}
         held = sweep.train_points([job], 1, _log)[0]
-    return summarise_run(ctx, prediction, manifests, held, left_out, tokens_per_step, n_target)
+    return summarise_run(ctx, prediction, manifests, held, left_out, tokens_per_step, (n_target, n_target_from))
 
 
 def summarise_run(ctx: StageContext, prediction: dict, manifests: list[dict], held: dict, left_out: list[dict],
-                  tokens_per_step: int, n_target: float) -> dict:
+                  tokens_per_step: int, target: tuple[float, str]) -> dict:
     """Write scaling.json (every figure) and return the manifest's metrics (the headline ones)."""
     cfg = ctx.config
     result = fits.miss(prediction["predicted_loss"], prediction["interval"], held["metrics"]["eval_loss"])
     summary, iv = prediction["fits"], prediction["bootstrap"]["intervals"]
     line = recipe_line(held["point"], tokens_per_step // cfg.block_size, cfg.block_size)
     details = {"count": cfg.count, "flops": "C = 6 N D, N in the `count` convention", "prediction": prediction,
-               "holdout_result": result, "holdout_manifest": held, "left_out": left_out, "n_target": n_target,
+               "holdout_result": result, "holdout_manifest": held, "left_out": left_out, "n_target": target[0], "n_target_from": target[1],
                "other_counting": other_counting(manifests, cfg.count, held), "recipe_line": line,
                "points": fit_points(manifests, cfg.count), "references": {
                    "chinchilla_tokens_per_param": fits.CHINCHILLA_TOKENS_PER_PARAM,
