@@ -237,8 +237,9 @@ def run(ctx: StageContext) -> dict:
         n_target_from = "approach 3"
     holdout = choose_holdout(ctx, sizes, vocab, tokens_per_step, n_target, corpus_tokens, budget)
     prediction = predict(ctx, grid, holdout)
+    iv = prediction["interval"]
     _log(f"held-out point {holdout['name']}: predicted loss {prediction['predicted_loss']:.4f}, 95% interval "
-         f"{prediction['interval']}; training it")
+         + (f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "none (under 10 finite bootstrap fits)") + "; training it")
     held = sweep.read_point(ctx.dir, holdout["name"]) if (ctx.model_dir / "config.json").is_file() else None
     if held is None:
         job = {**jobs_for(ctx, [holdout], tokens_per_step)[0], "save_model": str(ctx.model_dir)}
