@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib import cm
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from alignpipe.eval import scaling as fits
 
@@ -46,6 +47,7 @@ def loss_curves(points: list[dict], curves: dict[str, tuple[list[float], list[fl
             ax.plot(tokens, loss, color=colour, lw=1.2, label=_size_label(p))
             ax.plot([p["d"]], [p["loss"]], "o", color=colour, ms=4)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: a short span's minor labels overlap
         title = f"C = {budget:.2g} FLOPs" + (" (held out)" if holdout and holdout["budget"] == budget else "")
         ax.set(title=title, xlabel="training tokens", ylabel="loss (nats/token)" if i == 0 else None)
         ax.legend(fontsize=7)
@@ -111,5 +113,5 @@ def contours(points: list[dict], approach3: dict, approach2: dict, holdout: dict
         ax.plot([holdout["n"]], [holdout["d"]], "*", color="black", ms=13, zorder=4, label="held-out point")
     ax.set(xscale="log", yscale="log", xlim=(n_grid[0], n_grid[-1]), ylim=(d_grid[0], d_grid[-1]),
            xlabel="parameters N", ylabel="training tokens D", title="L(N, D) = E + A/N^α + B/D^β (dotted: equal C)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left")
     return _save(fig, out)
