@@ -57,7 +57,7 @@ def constants_table(details: dict) -> list[str]:
     boot = details["prediction"]["bootstrap"]
     return lines + ["", f"N counts **{details['count']}** parameters; {details['flops']}. Bootstrap: "
                         f"{boot['draws']} redraws of the points (within each budget), {boot['failed']} without a "
-                        "finite optimum in either approach."]
+                        "finite optimum in at least one of the approaches."]
 
 
 def holdout_lines(details: dict) -> list[str]:
