@@ -184,7 +184,7 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.compared, self.reward_model, self.curves, self.responses,
+                        self.win_rates, self.compared, self.reward_model, self.scaling, self.curves, self.responses,
                         self.sample_table):
             lines = section()
             if lines:
@@ -193,6 +193,11 @@ class Report(PlottedSections):
         out = self.run_dir / "report.md"
         write_atomic(out, "\n".join(head + body).rstrip() + "\n")
         return out
+
+    def scaling(self) -> list[str]:  # a scaling sweep's fits and figures (report/scaling_section.py)
+        from alignpipe.report import scaling_section
+
+        return [x for s in self.run.stages for x in scaling_section.section(s.name, s.dir, self.fig_path, self.figure)]
 
     def header(self) -> list[str]:
         stages = self.run.stages
