@@ -226,7 +226,7 @@ async function stageView(main, run, stage) {
     el("details", {}, el("summary", {}, k), el("pre", {}, JSON.stringify(m[k], null, 2)))));
   if (n.history.length) main.append(el("h3", {}, "Versions kept in history"), table(["version", "status", "started", "headline"],
     n.history.map(h => ["v" + h.version, h.status, h.started_at, Object.entries(h.headline).map(([k, v]) => k + " " + fmt(v)).join("; ")])));
-  if (live || (n.attempt && n.attempt.status === "running")) repeat(route, 1500);
+  if (live || (n.attempt && n.attempt.status === "running")) repeat(route, 1000);
 }
 
 function verdictMarks(own) {

@@ -174,7 +174,7 @@ def stage_node(stage_dir: Path, writing: bool) -> dict:
 
 
 def recipe_stages(manifests: list[dict]) -> dict[str, str | None]:
-    """{stage: the stage it starts from} of the recipe that produced the run, when its file is still readable."""
+    """{stage: the stage it starts from} of the recipe the first of `manifests` with a readable recipe names."""
     for m in manifests:
         text = read_named_file(m.get("recipe") or "")  # bounded: a manifest may name /dev/zero
         try:
@@ -191,8 +191,9 @@ def run_view(name: str, run_dir: Path) -> dict:
     """A run: its stages (in the recipe's order, then any others), pending ones included, and who writes it."""
     writer = run_writer(run_dir)
     nodes = [stage_node(d, writer is not None) for d in stage_folders(run_dir)]
-    manifests = [m for d in stage_folders(run_dir) if (m := _manifest(d) or _manifest(stage_versions.next_dir(d)))]
-    order = recipe_stages(manifests)
+    manifests = [m for d in stage_folders(run_dir) for m in (_manifest(stage_versions.next_dir(d)), _manifest(d)) if m]
+    # the newest stage names the recipe as it is now (a stage added since the first ones ran)
+    order = recipe_stages(sorted(manifests, key=lambda m: str(m.get("started_at") or ""), reverse=True))
     have = {n["stage"] for n in nodes}
     for stage, parent in order.items():
         if stage not in have:
