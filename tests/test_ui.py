@@ -93,8 +93,8 @@ def _stage(run: Path, name: str, kind: str, metrics: dict, samples=None, parent=
 def hand_run(tmp_path) -> Path:
     runs = tmp_path / "runs"
     judged = {"judge_pass_rate": 0.125, "judge_passed": 1, "judge_total": 8, "eot_rate": 1.0}
-    parents = [{k: v for k, v in s.items() if not k.startswith("parent_")} | {"response": s["parent_response"]}
-               for s in SAMPLES]
+    parents = [{"prompt": s["prompt"], "response": s["parent_response"], "ended": True, "tokens": 4,
+                "judge": s["parent_judge"]} for s in SAMPLES]
     _stage(runs / "hand", "sft", "sft", judged, parents)
     _stage(runs / "hand", "dpo", "dpo", {**judged, "eot_rate": 0.875, "reward_stage": "rm"}, SAMPLES, parent="sft",
            lineage=["sft"])
@@ -125,6 +125,20 @@ def test_samples_view_filters_to_judge_disagreements(hand_run, ui, driver):
     Select(driver.find_element(By.ID, "f-kind")).select_by_value("reverse")
     wait(lambda: count() == "1 of 8 samples", "the task-kind filter")
     assert shown() == {"answer 5"}  # row 4, the other `reverse` one, passes the judge
+
+
+def test_compare_shows_two_stages_head_to_head(hand_run, ui, driver):
+    from selenium.webdriver.common.by import By
+
+    driver.get(ui(hand_run) + "#/compare/hand/sft,hand/dpo")
+    entries = wait(lambda: [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#comparison .entry")], "compare")
+    assert entries == ["sft", "dpo"]
+    # by hand: the k-th samples of a prompt paired; the judge prefers dpo's on row 4, sft's on row 1, else a tie
+    rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#comparison .group tr")]
+    assert any(r.startswith("sft vs dpo judge 1/6/1 50.0%") for r in rows), rows
+    assert any(r.startswith("judge_pass_rate") for r in rows)
+    notes = driver.find_element(By.ID, "comparison").text
+    assert "reward model scores come from different reward stages" in notes  # only dpo was scored by `rm`
 
 
 def _get(url: str, headers: dict | None = None) -> tuple[int, dict]:
@@ -176,6 +190,26 @@ def test_off_loopback_it_needs_the_flag_and_every_request_the_token(hand_run, ui
     assert _get(f"{here}/api/runs?token={token}", {**other, "Origin": "http://evil.example"})[0] == 403
 
 
+def test_the_labelling_page_of_a_human_label_stage_opens_from_the_run(hand_run, ui, driver):
+    from selenium.webdriver.common.by import By
+
+    label = _stage(hand_run / "hand", "label", "label", {}, parent="sft", lineage=["sft"])
+    manifest = json.loads((label / "manifest.json").read_text())
+    manifest.update(status="running", resolved_config={"labeller": "human", "min_labels": 2})
+    (label / "manifest.json").write_text(json.dumps(manifest))
+    items = [{"id": str(i), "prompt": f"compute {i} + 1.", "a": f"The answer is {i + 1}.", "b": "no idea"}
+             for i in range(3)]
+    (label / "queue.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    driver.get(ui(hand_run) + "#/stage/hand/label")
+    wait(lambda: driver.find_element(By.ID, "open-labelling"), "the labelling button").click()
+    wait(lambda: len(driver.window_handles) == 2, "the labelling page's tab")
+    driver.switch_to.window(driver.window_handles[1])
+    assert wait(lambda: driver.find_element(By.ID, "progress").text, "the labelling page") == "0 / 3 labelled (needed: 2)"
+    driver.find_element(By.ID, "btn-a").click()  # the one thing the UI lets a page write: a label
+    wait(lambda: driver.find_element(By.ID, "progress").text.startswith("1 / 3"), "the label")
+    assert [json.loads(line)["verdict"] for line in (label / "labels.jsonl").read_text().splitlines()] == ["a"]
+
+
 def test_a_bar_publishes_the_stage_progress_for_the_page(tmp_path):
     with stage_log(tmp_path / "stage" / "stage.log"):
         bar = Progress("stage x train", 40, stream=io.StringIO(), unit="step")
@@ -215,6 +249,14 @@ def test_runs_page_lists_a_finished_tiny_run_and_its_lineage(tiny_base, tmp_path
     assert panels and "loss" in {e.get_attribute("data-series") for e in
                                  driver.find_elements(By.CSS_SELECTOR, "#curves .curve")}
     assert "pretrain → sft" in driver.find_element(By.TAG_NAME, "main").text
+    # compare, from the runs page: check two stages, then the button
+    driver.find_element(By.LINK_TEXT, "all runs").click()
+    for stage in ("pretrain", "sft"):
+        wait(lambda: driver.find_element(By.CSS_SELECTOR, f'input.pick[value="tiny/{stage}"]'), "the checkboxes").click()
+    driver.find_element(By.ID, "compare-picked").click()
+    entries = wait(lambda: [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#comparison .entry")], "compare")
+    assert entries == ["pretrain", "sft"]
+    assert driver.find_elements(By.CSS_SELECTOR, '#comparison .curve[data-series="loss"] canvas')  # overlaid
 
 
 @pytest.mark.slow

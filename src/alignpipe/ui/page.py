@@ -161,18 +161,24 @@ async function runsView(main) {
   for (const run of data.runs) {
     const rows = run.stages.map(n => {
       const live = n.attempt && n.attempt.status === "running" ? n.attempt : (n.status === "running" ? n : null);
-      return [n.status === "pending" ? n.stage : link("/stage/" + enc(run.name) + "/" + enc(n.stage), n.stage), n.kind,
+      return [n.status === "complete" ? el("input", {type: "checkbox", class: "pick", value: run.name + "/" + n.stage}) : "",
+        n.status === "pending" ? n.stage : link("/stage/" + enc(run.name) + "/" + enc(n.stage), n.stage), n.kind,
         badge(n.status), n.version || "-", n.history.map(h => "v" + h.version).join(", ") || "-",
         Object.entries(n.headline).map(([k, v]) => k + " " + fmt(v)).join("; ") || "-",
         live && live.progress ? progressBar(live.progress) : (live ? "starting" : "")];
     });
     main.append(el("section", {class: "run", "data-run": run.name},
-      el("h2", {}, run.name, " ", run.running ? badge("running") : "",
-         " ", el("a", {href: "#/compare/" + run.stages.filter(n => n.status === "complete").map(n => enc(run.name) + "/" + enc(n.stage)).join(","), class: "small"}, "compare its stages")),
+      el("h2", {}, run.name, " ", run.running ? badge("running") : ""),
       lineageGraph(run),
-      table(["stage", "kind", "status", "version", "history", "headline metrics", "progress"], rows)));
+      table(["", "stage", "kind", "status", "version", "history", "headline metrics", "progress"], rows)));
   }
-  repeat(route, data.runs.some(r => r.running) ? 1500 : 4000);
+  if (data.runs.length) main.append(el("p", {}, el("button", {id: "compare-picked", onclick: () => {
+    const picked = [...document.querySelectorAll("input.pick:checked")].map(x => x.value.split("/").map(enc).join("/"));
+    if (picked.length >= 2) location.hash = "#/compare/" + picked.join(","); else alert("check two or more stages");
+  }}, "compare the checked stages"), el("span", {class: "muted small"}, " (two or more, of one run or several)")));
+  // refreshed while nothing is checked (a refresh would clear the choice of stages to compare)
+  const again = () => document.querySelector("input.pick:checked") ? repeat(again, 4000) : route();
+  repeat(again, data.runs.some(r => r.running) ? 1500 : 4000);
 }
 
 function curvePanel(name, xs, ys, xlabel) {
@@ -205,7 +211,8 @@ async function stageView(main, run, stage) {
   const live = d.manifest.status === "running";
   const actions = el("p", {}, link("/", "all runs"), " · ",
     d.samples ? link("/samples/" + enc(run) + "/" + enc(stage), "samples beside the parent's") : el("span", {class: "muted"}, "no samples"),
-    n.parent ? [" · ", link("/compare/" + enc(run) + "/" + enc(n.parent) + "," + enc(run) + "/" + enc(stage), "compare with " + n.parent)] : "");
+    n.parent ? [" · ", link("/compare/" + enc(run) + "/" + enc(n.parent) + "," + enc(run) + "/" + enc(stage), "compare with " + n.parent)] : "",
+    n.history.length ? [" · ", link("/compare/" + enc(run) + "/" + enc(stage), "compare with its versions in history")] : "");
   if (d.labelling) actions.append(" · ", el("button", {id: "open-labelling", onclick: async () => {
     const r = await api("/api/labelling", {run, stage}); window.open(r.url, "_blank", "noopener"); }}, "open the labelling page"));
   main.replaceChildren(el("h2", {}, run + " / " + stage + " ", badge(live ? "running" : d.manifest.status || n.status)),
@@ -282,8 +289,42 @@ window.addEventListener("hashchange", route);
 route();
 """
 
+COMPARE_SCRIPT = r"""
+// --- compare (report/compare.py's build_comparison, drawn) ------------------------------------------------
+function cell(c) { return !c ? "-" : fmt(c.value) + (c.lo !== null && c.lo !== undefined ? " [" + fmt(c.lo) + ", " + fmt(c.hi) + "]" : "") + (c.n ? " n=" + c.n : ""); }
+function overlaid(name, series, xlabel) {
+  const labels = Object.keys(series), xs = [...new Set(labels.flatMap(l => series[l].x))].sort((a, b) => a - b);
+  const data = [xs, ...labels.map(l => { const at = new Map(series[l].x.map((x, i) => [x, series[l].y[i]])); return xs.map(x => at.has(x) ? at.get(x) : null); })];
+  const colours = ["#1f5fbf", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#5c940d", "#0b7285", "#e67700"];
+  const box = el("div", {class: "curve", "data-series": name});
+  setTimeout(() => new uPlot({title: name, width: Math.max(340, box.clientWidth - 8), height: 220, scales: {x: {time: false}},
+    cursor: {drag: {x: true, y: false}}, axes: [{label: xlabel}, {}],
+    series: [{label: xlabel}, ...labels.map((l, i) => ({label: l, stroke: colours[i % colours.length], width: 1.5, spanGaps: true}))]}, data, box), 0);
+  return box;
+}
+function renderComparison(d) {
+  const out = el("div", {id: "comparison"}, table(["stage", "kind", "version", "status", "parent", "folder"],
+    d.entries.map(e => [el("span", {class: "entry"}, e.label), e.kind, e.version + (e.current ? "" : " (history)"), e.status, e.parent || "-", e.path])));
+  for (const g of d.groups) {
+    const m = g.members, box = el("section", {class: "group", "data-group": g.name}, el("h2", {}, g.name));
+    const diff = Object.entries(g.config.differs);
+    box.append(el("h3", {}, "Resolved config: " + diff.length + " keys differ, " + g.config.same + " the same"),
+      diff.length ? table(["key", ...m], diff.map(([k, v]) => [k, ...m.map(x => JSON.stringify(v[x] === undefined ? null : v[x]))])) : "");
+    box.append(el("h3", {}, "Metrics (95% intervals)"), table(["metric", ...m], g.metrics.map(r => [r.metric, ...m.map(x => cell(r.values[x]))])));
+    const h2h = g.head_to_head.flatMap(h => Object.entries(h.by_judge).map(([j, w]) => [h.a + " vs " + h.b, j === "reward" ? "reward model" : j,
+      w.rate === null ? "-" : w.wins + "/" + w.ties + "/" + w.losses, w.rate === null ? "-" : pct(w.rate) + " [" + pct(w.lo) + ", " + pct(w.hi) + "]", el("strong", {}, w.verdict)]));
+    box.append(el("h3", {}, "Head to head on the same held-out prompts"), h2h.length ? table(["pair", "judge", "W/T/L", "win rate [95% CI]", "verdict"], h2h) : el("p", {class: "muted"}, "No judge scored both stages' samples."),
+      ...g.head_to_head.flatMap(h => h.left_out.map(w => el("p", {class: "muted small"}, h.a + " vs " + h.b + ": " + w))));
+    const names = Object.keys(g.curves.metrics);
+    if (names.length) box.append(el("h3", {}, "Training curves, overlaid"), el("div", {class: "curves"}, names.map(n => overlaid(n, g.curves.metrics[n], g.curves.xlabel))));
+    out.append(box);
+  }
+  return out;
+}
+"""
+
 TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>alignpipe runs</title><link rel="icon" href="data:,">
+<html lang="en"><head><meta charset="utf-8"><title>alignpipe runs</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>/*UPLOT_CSS*/</style><style>/*STYLE*/</style></head>
 <body><header><h1><a href="#/">alignpipe</a></h1><span class="small">runs, lineage, curves, verdicts, samples</span></header>
@@ -295,11 +336,11 @@ TEMPLATE = """<!doctype html>
 
 
 @lru_cache(maxsize=1)
-def html(compare_js: str = 'function renderComparison(d) { return el("pre", {}, JSON.stringify(d, null, 2)); }') -> str:
+def html() -> str:
     """The page, with uPlot's script and style inlined (the page's rules load nothing from elsewhere)."""
     parts = {"/*UPLOT_CSS*/": (STATIC / "uPlot.min.css").read_text(encoding="utf-8"), "/*STYLE*/": STYLE,
              "/*UPLOT_JS*/": (STATIC / "uPlot.iife.min.js").read_text(encoding="utf-8"),
-             "/*SCRIPT*/": SCRIPT.replace("/*COMPARE_JS*/", compare_js)}
+             "/*SCRIPT*/": SCRIPT.replace("/*COMPARE_JS*/", COMPARE_SCRIPT)}
     out = TEMPLATE
     for key, value in parts.items():
         out = out.replace(key, value)
