@@ -120,7 +120,7 @@ function depths(nodes) {
   return depth;
 }
 function lineageGraph(run) {
-  const W = 210, H = 86, GX = 40, GY = 14, nodes = run.stages, depth = depths(nodes), rows = {}, at = {};
+  const W = 236, H = 86, GX = 40, GY = 14, nodes = run.stages, depth = depths(nodes), rows = {}, at = {};
   for (const n of nodes) { const c = depth[n.stage]; rows[c] = (rows[c] || 0) + 1; at[n.stage] = [c, rows[c] - 1]; }
   const cols = Math.max(0, ...Object.keys(rows).map(Number)) + 1, tall = Math.max(1, ...Object.values(rows));
   const g = svg("svg", {class: "lineage", width: cols * (W + GX), height: tall * (H + GY), "data-run": run.name});
@@ -133,18 +133,22 @@ function lineageGraph(run) {
   for (const n of nodes) {
     const [x, y] = xy(n.stage), live = n.attempt && n.attempt.status === "running" ? n.attempt : n;
     const status = live === n ? n.status : "running";
-    const lines = Object.entries(n.headline).slice(0, 2).map(([k, v]) => k + " " + fmt(v));
-    const kept = n.history.length ? ", " + n.history.length + " in history" : "";
+    const lines = Object.entries(n.headline).slice(0, live.progress ? 1 : 2).map(([k, v]) => k + " " + fmt(v));
+    const kept = n.history.length ? ", " + n.history.length + " kept" : "";
+    const state = live === n ? status + (n.version ? " · v" + n.version : "") :
+      "v" + n.version + " " + n.status + ", v" + live.version + " running";
     const node = svg("g", {class: "node s-" + status, transform: `translate(${x},${y})`, "data-stage": n.stage,
       "data-status": status, "data-parent": n.parent || "", tabindex: 0});
     node.append(svg("rect", {width: W, height: H}),
       svg("text", {x: 8, y: 17, class: "name"}, n.stage),
-      svg("text", {x: 8, y: 32}, n.kind + " · " + status + (n.version ? " · v" + n.version : "") + kept),
+      svg("text", {x: 8, y: 32}, n.kind + " · " + state + kept),
       ...lines.map((t, i) => svg("text", {x: 8, y: 48 + 14 * i, class: "metric"}, t)));
     if (live.progress) {
       const p = live.progress, share = p.total ? Math.min(1, p.n / p.total) : 0;
       node.append(svg("rect", {x: 8, y: H - 12, width: W - 16, height: 6, style: "fill:#e6e6e6;stroke:none"}),
         svg("rect", {x: 8, y: H - 12, width: (W - 16) * share, height: 6, style: "fill:#1f5fbf;stroke:none"}),
+        svg("text", {x: 8, y: H - 17, class: "eta"}, p.label.split(" ").slice(2).join(" ") + " " + p.n + "/" + p.total +
+          (p.n < p.total ? " · ETA " + clock(p.eta_s) : "")),
         svg("title", {}, progressText(p)));
     }
     if (status !== "pending") node.addEventListener("click", () => location.hash = "#/stage/" + enc(run.name) + "/" + enc(n.stage));
@@ -181,15 +185,26 @@ async function runsView(main) {
   repeat(again, data.runs.some(r => r.running) ? 1500 : 4000);
 }
 
+let shown = {key: null, live: false, charts: {}};  // the stage page on screen: updated in place while it trains
+
 function curvePanel(name, xs, ys, xlabel) {
   const box = el("div", {class: "curve", "data-series": name});
   setTimeout(() => {
     const opts = {title: name, width: Math.max(340, box.clientWidth - 8), height: 200, cursor: {drag: {x: true, y: false}},
       scales: {x: {time: false}}, axes: [{label: xlabel}, {}],
       series: [{label: xlabel}, {label: name, stroke: "#1f5fbf", width: 1.5, points: {show: xs.length < 60}}]};
-    new uPlot(opts, [xs, ys], box);
+    shown.charts[name] = new uPlot(opts, [xs, ys], box);
   }, 0);
   return box;
+}
+function updateLive(d) {
+  // a training stage's page, refreshed: the progress and the curves' data change, the rest (and the scroll) stays
+  document.getElementById("progress").replaceChildren(d.progress ? progressBar(d.progress) : "running: no progress reported yet");
+  const grid = document.getElementById("curves");
+  for (const [name, [xs, ys]] of Object.entries(d.curves.series)) {
+    if (shown.charts[name]) shown.charts[name].setData([xs, ys]);
+    else { if (!grid.querySelector(".curve")) grid.replaceChildren(); grid.append(curvePanel(name, xs, ys, d.curves.xlabel)); }
+  }
 }
 
 function verdictSection(v) {
@@ -208,7 +223,12 @@ function verdictSection(v) {
 
 async function stageView(main, run, stage) {
   const d = await api("/api/stage" + q({run, stage})), n = d.node, m = d.manifest;
-  const live = d.manifest.status === "running";
+  const live = d.manifest.status === "running", key = run + "/" + stage;
+  if (live && shown.live && shown.key === key && document.getElementById("curves")) {
+    updateLive(d);
+    return repeat(route, 1000);
+  }
+  shown = {key, live, charts: {}};
   const actions = el("p", {}, link("/", "all runs"), " · ",
     d.samples ? link("/samples/" + enc(run) + "/" + enc(stage), "samples beside the parent's") : el("span", {class: "muted"}, "no samples"),
     n.parent ? [" · ", link("/compare/" + enc(run) + "/" + enc(n.parent) + "," + enc(run) + "/" + enc(stage), "compare with " + n.parent)] : "",
@@ -219,16 +239,17 @@ async function stageView(main, run, stage) {
     el("p", {class: "muted"}, (m.kind || n.kind) + ", version " + (m.version || 1) + (d.attempt ? " (a new attempt beside the current version, in " + d.folder + ")" : "") +
       ", started " + (m.started_at || "-") + ", wall time " + clock(m.wall_time_s) + (m.lineage ? ", lineage " + [...m.lineage, stage].join(" → ") : "")),
     actions,
-    el("div", {id: "progress", "data-status": live ? "running" : (m.status || "")}, live ? (d.progress ? progressBar(d.progress) : "starting") :
+    el("div", {id: "progress", "data-status": live ? "running" : (m.status || "")}, live ? (d.progress ? progressBar(d.progress) : "running: no progress reported yet (loading its data and model)") :
       (d.progress ? "last step: " + progressText(d.progress) : "")));
   if (m.error) main.append(el("pre", {class: "error"}, m.error));
   main.append(el("h2", {}, "Curves"), el("p", {class: "muted small"}, "From " + d.curves.source + " (" + d.curves.rows + " rows). Drag to zoom, double-click to reset."));
   const grid = el("div", {class: "curves", id: "curves"});
   for (const [name, [xs, ys]] of Object.entries(d.curves.series)) grid.append(curvePanel(name, xs, ys, d.curves.xlabel));
   if (!Object.keys(d.curves.series).length) grid.append(el("p", {class: "muted"}, "No curves logged yet."));
-  main.append(grid, el("h2", {}, "Did it help? Did it hurt?"), verdictSection(d.verdicts));
+  main.append(grid, el("h2", {id: "help"}, "Did it help? Did it hurt?"), verdictSection(d.verdicts));
   main.append(el("h2", {}, "Gates"), d.gates.length ? table(["gate", "value", "threshold", "passed"], d.gates.map(g => [g.expr, g.value, g.threshold, g.passed ? "passed" : "MISSED" + (g.reason ? ": " + g.reason : "")])) : el("p", {class: "muted"}, "No gates."));
-  main.append(el("h2", {}, "Metrics"), table(["metric", "value"], Object.entries(d.metrics).filter(([, v]) => typeof v !== "object").map(([k, v]) => [k, v])));
+  const scalars = Object.entries(d.metrics).filter(([, v]) => v === null || typeof v !== "object");
+  if (scalars.length) main.append(el("h2", {}, "Metrics"), table(["metric", "value"], scalars));
   main.append(el("h2", {}, "Manifest"), ...["resolved_config", "inputs", "parent", "base_model", "versions", "machine"].filter(k => m[k]).map(k =>
     el("details", {}, el("summary", {}, k), el("pre", {}, JSON.stringify(m[k], null, 2)))));
   if (n.history.length) main.append(el("h3", {}, "Versions kept in history"), table(["version", "status", "started", "headline"],
