@@ -295,3 +295,45 @@ def test_a_stage_progress_updates_on_the_page_while_it_trains(tiny_base, tmp_pat
     assert all(s.endswith("/600") for s in seen)
     assert "complete" in driver.find_element(By.CSS_SELECTOR, "h2 .badge").text
     wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#curves .curve canvas"), "the finished stage's curves")
+
+
+@pytest.mark.slow
+def test_two_stages_answer_one_message_side_by_side_streamed(tiny_base, tmp_path, ui, driver):
+    import threading
+
+    from selenium.webdriver.common.by import By
+
+    from alignpipe.serving import engine
+
+    run = copy_base(tiny_base, tmp_path / "runs")
+    url = ui(tmp_path / "runs")
+    driver.get(url + "#/chat/tiny/pretrain,tiny/sft")
+    wait(lambda: driver.find_element(By.ID, "chat-input"), "the chat view").send_keys("compute 2 + 3.")
+    driver.find_element(By.ID, "chat-send").click()
+    wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, ".reply[data-done]")) == 2, "both answers", timeout=300)
+    shown = {c.get_attribute("data-target"): c.find_element(By.CSS_SELECTOR, ".reply").text
+             for c in driver.find_elements(By.CSS_SELECTOR, ".chat-column")}
+
+    def served_answer(stage: str) -> str:  # what `alignpipe serve` answers greedily
+        served = engine.load_served(run / stage)
+        job = engine.Job(messages=[{"role": "user", "content": "compute 2 + 3."}], prompt=None, max_tokens=None,
+                         temperature=0.0, top_p=1.0, stop=[], seed=0)
+        ids = engine.prompt_ids(served, job)
+        budget = engine.token_budget(served, len(ids), None)
+        tokens, reply = engine.start(served, job, ids, budget, threading.Event()), []
+        while (t := tokens.get()) is not engine.DONE:
+            reply.append(t)
+        return engine.finish(served, job, len(ids), reply, budget).text
+
+    expected = {f"tiny/{s}": served_answer(s) for s in ("pretrain", "sft")}
+    assert shown == {k: v.strip() for k, v in expected.items()}  # the page shows text as the browser lays it out
+    # streamed: the answer comes in pieces that join to the whole, then a last line saying it is done
+    base, token = url.split("/?token=")
+    body = json.dumps({"run": "tiny", "stage": "sft", "messages": [{"role": "user", "content": "compute 2 + 3."}],
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"{base}/api/chat", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "X-Alignpipe-Token": token})
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        lines = [json.loads(line) for line in answer.read().decode().splitlines()]
+    pieces, last = lines[:-1], lines[-1]
+    assert len(pieces) >= 2 and last["done"] and "".join(p["text"] for p in pieces) == last["text"] == expected["tiny/sft"]

@@ -7,6 +7,7 @@ Views (the part after `#` in the address, so the access token in `?token=` stays
     #/stage/<run>/<stage>       manifest, curves, did it help / did it hurt, gates, progress
     #/samples/<run>/<stage>     held-out samples beside the parent's, with filters
     #/compare/<run>/<stage>,... two or more stages or runs side by side (report/compare.py)
+    #/chat/<run>/<stage>,...    stages answering the same chat message side by side, streamed (ui/chat.py)
 Every text from a run folder is put on the page as text (textContent), never as HTML.
 """
 
@@ -49,6 +50,7 @@ STYLE = """
  .pass { color: #2a7a2a; } .fail { color: #b22; }
  .filters label { margin-right: 1rem; } button, select { font-size: .9rem; }
  pre { background: #fff; border: 1px solid #ddd; padding: .5rem; overflow: auto; max-height: 28rem; font-size: .8rem; }
+ .chat-column .prompt { margin-top: .6rem; }
  .cols { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: .8rem; }
 """
 
@@ -179,7 +181,10 @@ async function runsView(main) {
   if (data.runs.length) main.append(el("p", {}, el("button", {id: "compare-picked", onclick: () => {
     const picked = [...document.querySelectorAll("input.pick:checked")].map(x => x.value.split("/").map(enc).join("/"));
     if (picked.length >= 2) location.hash = "#/compare/" + picked.join(","); else alert("check two or more stages");
-  }}, "compare the checked stages"), el("span", {class: "muted small"}, " (two or more, of one run or several)")));
+  }}, "compare the checked stages"), " ", el("button", {id: "chat-picked", onclick: () => {
+    const picked = [...document.querySelectorAll("input.pick:checked")].map(x => x.value.split("/").map(enc).join("/"));
+    if (picked.length >= 1) location.hash = "#/chat/" + picked.join(","); else alert("check one or more stages");
+  }}, "chat with the checked stages"), el("span", {class: "muted small"}, " (two or more, of one run or several)")));
   // refreshed while nothing is checked (a refresh would clear the choice of stages to compare)
   const again = () => document.querySelector("input.pick:checked") ? repeat(again, 4000) : route();
   repeat(again, data.runs.some(r => r.running) ? 1500 : 4000);
@@ -232,7 +237,8 @@ async function stageView(main, run, stage) {
   const actions = el("p", {}, link("/", "all runs"), " · ",
     d.samples ? link("/samples/" + enc(run) + "/" + enc(stage), "samples beside the parent's") : el("span", {class: "muted"}, "no samples"),
     n.parent ? [" · ", link("/compare/" + enc(run) + "/" + enc(n.parent) + "," + enc(run) + "/" + enc(stage), "compare with " + n.parent)] : "",
-    n.history.length ? [" · ", link("/compare/" + enc(run) + "/" + enc(stage), "compare with its versions in history")] : "");
+    n.history.length ? [" · ", link("/compare/" + enc(run) + "/" + enc(stage), "compare with its versions in history")] : "",
+    n.parent && m.status === "complete" ? [" · ", link("/chat/" + enc(run) + "/" + enc(n.parent) + "," + enc(run) + "/" + enc(stage), "chat with it beside " + n.parent)] : "");
   if (d.labelling) actions.append(" · ", el("button", {id: "open-labelling", onclick: async () => {
     const r = await api("/api/labelling", {run, stage}); window.open(r.url, "_blank", "noopener"); }}, "open the labelling page"));
   main.replaceChildren(el("h2", {}, run + " / " + stage + " ", badge(live ? "running" : d.manifest.status || n.status)),
@@ -298,6 +304,7 @@ async function route() {
   try {
     if (parts[0] === "stage" && parts.length === 3) await stageView(main, parts[1], parts[2]);
     else if (parts[0] === "samples" && parts.length === 3) await samplesView(main, parts[1], parts[2]);
+    else if (parts[0] === "chat") await chatView(main, location.hash.replace(/^#\/chat\//, "").split(",").filter(Boolean).map(decodeURIComponent));
     else if (parts[0] === "compare") await compareView(main, location.hash.replace(/^#\/compare\//, "").split(",").filter(Boolean).map(decodeURIComponent));
     else await runsView(main);
     document.getElementById("error").textContent = "";
@@ -344,6 +351,55 @@ function renderComparison(d) {
 }
 """
 
+CHAT_SCRIPT = r"""
+// --- chat: stages answering the same message side by side, streamed (ui/chat.py) ------------------------
+async function streamAnswer(target, messages, settings, into) {
+  const [run, stage] = target.split("/");
+  const r = await fetch("/api/chat", {method: "POST", headers: {"X-Alignpipe-Token": token, "Content-Type": "application/json"},
+    body: JSON.stringify({run, stage, messages, ...settings})});
+  if (!r.ok) { const e = await r.json(); throw new Error(e.error || r.status); }
+  const reader = r.body.getReader(), decoder = new TextDecoder();
+  let buffer = "", whole = null;
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    let cut;
+    while ((cut = buffer.indexOf("\n")) >= 0) {
+      const chunk = JSON.parse(buffer.slice(0, cut)); buffer = buffer.slice(cut + 1);
+      if (chunk.error) throw new Error(chunk.error);
+      if (chunk.done) { whole = chunk; into.textContent = chunk.text; into.dataset.done = chunk.finish_reason; }
+      else into.textContent += chunk.text;
+    }
+  }
+  return whole ? whole.text : into.textContent;
+}
+async function chatView(main, targets) {
+  const histories = Object.fromEntries(targets.map(t => [t, []]));
+  const columns = Object.fromEntries(targets.map(t => [t, el("div", {class: "chat-column", "data-target": t})]));
+  const input = el("textarea", {id: "chat-input", rows: 2, cols: 70, placeholder: "a message for every stage"});
+  const temp = el("input", {id: "chat-temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0, style: "width:4rem"});
+  const send = el("button", {id: "chat-send"}, "send to all");
+  send.addEventListener("click", async () => {
+    const text = input.value.trim(); if (!text) return;
+    input.value = ""; send.disabled = true;
+    const settings = {temperature: Number(temp.value), seed: 0};
+    await Promise.all(targets.map(async t => {
+      histories[t].push({role: "user", content: text});
+      const reply = el("div", {class: "resp this reply"});
+      columns[t].append(el("div", {class: "prompt"}, text), reply);
+      try { histories[t].push({role: "assistant", content: await streamAnswer(t, histories[t], settings, reply)}); }
+      catch (e) { reply.append(el("span", {class: "error"}, " " + e.message)); histories[t].pop(); }
+    }));
+    send.disabled = false;
+  });
+  main.replaceChildren(el("h2", {}, "Chat: " + targets.join(" beside ")), el("p", {}, link("/", "all runs"),
+      el("span", {class: "muted small"}, " · each stage answers as alignpipe serve does (greedy at temperature 0); the first message loads the models")),
+    el("div", {class: "cols"}, targets.map(t => el("div", {}, el("h3", {}, t), columns[t]))),
+    el("p", {}, input), el("p", {}, "temperature ", temp, " ", send));
+}
+"""
+
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>alignpipe runs</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -361,7 +417,7 @@ def html() -> str:
     """The page, with uPlot's script and style inlined (the page's rules load nothing from elsewhere)."""
     parts = {"/*UPLOT_CSS*/": (STATIC / "uPlot.min.css").read_text(encoding="utf-8"), "/*STYLE*/": STYLE,
              "/*UPLOT_JS*/": (STATIC / "uPlot.iife.min.js").read_text(encoding="utf-8"),
-             "/*SCRIPT*/": SCRIPT.replace("/*COMPARE_JS*/", COMPARE_SCRIPT)}
+             "/*SCRIPT*/": SCRIPT.replace("/*COMPARE_JS*/", COMPARE_SCRIPT + CHAT_SCRIPT)}
     out = TEMPLATE
     for key, value in parts.items():
         out = out.replace(key, value)

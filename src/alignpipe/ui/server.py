@@ -12,12 +12,15 @@ stage (labelling/server.py, on another port with a token of its own), which writ
     GET  /api/samples?run=R&stage=S         its samples beside its parent's
     GET  /api/compare?target=R/S&target=... two or more stages or runs (report/compare.py)
     POST /api/labelling {"run", "stage"}    the address of that stage's labelling page
+    POST /api/chat {"run", "stage", "messages", "max_tokens", "temperature", "seed"}
+                                            the stage's answer, streamed as JSON lines (ui/chat.py)
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -26,6 +29,7 @@ from alignpipe.labelling import server as labelling
 from alignpipe.labelling.queue import queue_folder
 from alignpipe.local_http import SECURITY_HEADERS, Refused, Rules, bind, is_loopback, rules_for, url_host
 from alignpipe.ui import page
+from alignpipe.ui.chat import Chats, read_request
 from alignpipe.ui.runs import NotFound, RunsDir, run_writer, runs_view
 from alignpipe.ui.stage import is_human_label_stage, samples_view, stage_view
 from alignpipe.ui.targets import comparison
@@ -41,6 +45,7 @@ class UI:
         self.host, self.allow_remote = host, allow_remote
         self._labelling: dict[Path, tuple[int, str]] = {}  # queue folder -> (port, token)
         self._lock = threading.Lock()
+        self.chats = Chats()
 
     def runs_page(self) -> dict:
         return runs_view(self.runs)
@@ -56,6 +61,10 @@ class UI:
         if not 2 <= len(targets) <= MAX_TARGETS:
             raise ValueError(f"compare needs 2 to {MAX_TARGETS} targets, got {len(targets)}")
         return comparison(self.runs, targets)
+
+    def chat(self, run: str, stage: str, body: dict):
+        """The stage's streamed answer to the conversation in `body` (ui/chat.py)."""
+        return self.chats.answer(self.runs.stage(run, stage), read_request(body))
 
     def labelling_page(self, run: str, stage: str, request_host: str) -> dict:
         """The address of the stage's labelling page, started on first use (then kept while the UI runs)."""
@@ -78,74 +87,123 @@ def _not_found() -> dict:
     raise NotFound("not found")
 
 
+def _prepend(first: dict, rest):
+    """`first`, then the rest of the generator `rest`; closing it closes `rest`."""
+    def chunks():
+        try:
+            yield first
+            yield from rest
+        finally:
+            rest.close()
+
+    return chunks()
+
+
 def _one(query: dict, key: str) -> str:
     values = query.get(key) or [""]
     return values[0]
 
 
-def make_handler(app: UI, rules: Rules):
-    from http.server import BaseHTTPRequestHandler
+class Handler(BaseHTTPRequestHandler):
+    """The page's requests; `make_handler` binds the app and the rules."""
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 60  # seconds a connection may sit silent: an idle or trickling client does not hold a thread
+    app: UI
+    rules: Rules
+    timeout = 60  # seconds a connection may sit silent: an idle or trickling client does not hold a thread
 
-        def log_message(self, fmt, *args):  # one quiet server: no line per request
-            pass
+    def log_message(self, fmt, *args):  # one quiet server: no line per request
+        pass
 
-        def _send(self, code: int, body: bytes, kind: str = "application/json") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in SECURITY_HEADERS.items():
-                self.send_header(name, value)
-            if code >= 400:
-                self.send_header("Connection", "close")  # a refused body is never read: do not reuse
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body)
+    def _send(self, code: int, body: bytes, kind: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        if code >= 400:
+            self.send_header("Connection", "close")  # a refused body is never read: do not reuse
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
 
-        def _json(self, data: dict, code: int = 200) -> None:
-            self._send(code, json.dumps(data, default=str).encode())
+    def _json(self, data: dict, code: int = 200) -> None:
+        self._send(code, json.dumps(data, default=str).encode())
 
-        def _answer(self, work) -> None:
+    def _answer(self, work) -> None:
+        self._answer_with(work, self._json)
+
+    def _answer_with(self, work, deliver) -> None:
+        try:
+            self.rules.check_request(self)
+            return deliver(work())
+        except Refused as no:
+            return self._json({"error": no.reason}, no.status)
+        except NotFound as err:
+            return self._json({"error": str(err)}, 404)
+        except (ValueError, AlignpipeError) as err:
+            return self._json({"error": err.one_line() if isinstance(err, AlignpipeError) else str(err)}, 400)
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        routes = {"/api/runs": self.app.runs_page,
+                  "/api/stage": lambda: self.app.stage(_one(query, "run"), _one(query, "stage")),
+                  "/api/samples": lambda: self.app.samples(_one(query, "run"), _one(query, "stage")),
+                  "/api/compare": lambda: self.app.compare(query.get("target") or [])}
+        if url.path == "/":
             try:
-                rules.check_request(self)
-                return self._json(work())
+                self.rules.check_request(self)
             except Refused as no:
                 return self._json({"error": no.reason}, no.status)
-            except NotFound as err:
-                return self._json({"error": str(err)}, 404)
-            except (ValueError, AlignpipeError) as err:
-                return self._json({"error": err.one_line() if isinstance(err, AlignpipeError) else str(err)}, 400)
+            return self._send(200, page.html().encode(), "text/html; charset=utf-8")
+        if url.path not in routes:
+            return self._answer(_not_found)
+        return self._answer(routes[url.path])
 
-        def do_GET(self):
-            url = urlparse(self.path)
-            query = parse_qs(url.query)
-            routes = {"/api/runs": app.runs_page,
-                      "/api/stage": lambda: app.stage(_one(query, "run"), _one(query, "stage")),
-                      "/api/samples": lambda: app.samples(_one(query, "run"), _one(query, "stage")),
-                      "/api/compare": lambda: app.compare(query.get("target") or [])}
-            if url.path == "/":
-                try:
-                    rules.check_request(self)
-                except Refused as no:
-                    return self._json({"error": no.reason}, no.status)
-                return self._send(200, page.html().encode(), "text/html; charset=utf-8")
-            if url.path not in routes:
-                return self._answer(_not_found)
-            return self._answer(routes[url.path])
+    def _stream(self, chunks) -> None:
+        """JSON lines as they come (HTTP/1.0: no length, the end of the answer is the end of the connection)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                self.wfile.write((json.dumps(chunk) + "\n").encode())
+                self.wfile.flush()
+        except OSError:  # the page went away: stop generating (the generator's finally)
+            pass
+        finally:
+            chunks.close()
+            self.close_connection = True
 
-        def do_POST(self):
-            if urlparse(self.path).path != "/api/labelling":
-                return self._answer(_not_found)
-
+    def do_POST(self):
+        route = urlparse(self.path).path
+        if route not in ("/api/labelling", "/api/chat"):
+            return self._answer(_not_found)
+        if route == "/api/labelling":
             def start():
-                body = rules.read_json_object(self)
-                return app.labelling_page(str(body.get("run")), str(body.get("stage")), self.headers.get("Host", ""))
+                body = self.rules.read_json_object(self)
+                return self.app.labelling_page(str(body.get("run")), str(body.get("stage")),
+                                          self.headers.get("Host", ""))
 
             return self._answer(start)
+        chunks = None
 
-    return Handler
+        def first():  # the checks, the model's load and the first piece: any failure is a plain answer
+            nonlocal chunks
+            body = self.rules.read_json_object(self)
+            chunks = self.app.chat(str(body.get("run")), str(body.get("stage")), body)
+            return next(chunks)
+
+        head = []
+        self._answer_with(first, head.append)
+        if head:
+            self._stream(_prepend(head[0], chunks))
+
+
+def make_handler(app: UI, rules: Rules) -> type:
+    return type("UIHandler", (Handler,), {"app": app, "rules": rules})
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 8770, allow_remote: bool = False) -> None:
