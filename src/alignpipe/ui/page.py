@@ -46,7 +46,7 @@ STYLE = """
  .pair { display: grid; grid-template-columns: 1fr 1fr; gap: .6rem; }
  .sample { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5rem .8rem; margin: .5rem 0; }
  .prompt { font-weight: 600; margin-bottom: .3rem; }
- .resp { white-space: pre-wrap; background: #f4f4f4; border-radius: 4px; padding: .4rem; min-height: 1.2rem; }
+ .resp { white-space: pre-wrap; overflow-wrap: anywhere; background: #f4f4f4; border-radius: 4px; padding: .4rem; min-height: 1.2rem; }
  .pass { color: #2a7a2a; } .fail { color: #b22; }
  .filters label { margin-right: 1rem; } button, select { font-size: .9rem; }
  pre { background: #fff; border: 1px solid #ddd; padding: .5rem; overflow: auto; max-height: 28rem; font-size: .8rem; }
@@ -395,7 +395,7 @@ async function chatView(main, targets) {
   });
   main.replaceChildren(el("h2", {}, "Chat: " + targets.join(" beside ")), el("p", {}, link("/", "all runs"),
       el("span", {class: "muted small"}, " · each stage answers as alignpipe serve does (greedy at temperature 0); the first message loads the models")),
-    el("div", {class: "cols"}, targets.map(t => el("div", {}, el("h3", {}, t), columns[t]))),
+    el("div", {class: "pair", style: "grid-template-columns: repeat(" + targets.length + ", 1fr)"}, targets.map(t => el("div", {}, el("h3", {}, t), columns[t]))),
     el("p", {}, input), el("p", {}, "temperature ", temp, " ", send));
 }
 """
