@@ -313,7 +313,7 @@ async function route() {
     repeat(route, 4000);
   }
 }
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => { shown.key = null; window.scrollTo(0, 0); route(); });
 route();
 """
 
