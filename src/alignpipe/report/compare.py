@@ -36,7 +36,7 @@ from alignpipe.report.figures import SHOWN, Stage, curve_series, optimised_of
 from alignpipe.runfolder.files import read_jsonl
 from alignpipe.runfolder.headline import HEADLINE_METRICS
 from alignpipe.runfolder.manifests import read_manifest, sha256_bytes
-from alignpipe.runfolder.versions import history, history_root, run_root_of, version_of
+from alignpipe.runfolder.versions import HISTORY, history, history_root, run_root_of, version_of
 
 TARGET_FIX = ("give runs/<recipe>, runs/<recipe>/<stage> or runs/<recipe>/<stage>@<version> "
               "(alignpipe show lists a stage's versions)")
@@ -74,7 +74,7 @@ def _stage_at(folder: Path) -> Stage:
 def _entry(folder: Path) -> Entry:
     folder = Path(folder).absolute()
     stage = _stage_at(folder)
-    current = folder.parent.name != stage.name or folder.parent.parent.name != ".history"
+    current = folder.parent.parent.name != HISTORY  # runs/<recipe>/.history/<stage>/<N> is an earlier version
     return Entry(stage, run_root_of(folder), version_of(stage.manifest), current)
 
 
@@ -155,7 +155,7 @@ def _groups(targets: list[str | Path]) -> list[tuple[str, list[Entry]]]:
                 raise RunError("this stage has no earlier version to compare with", where=str(targets[0]),
                                fix="give two or more stages, or re-run the stage with a change (--set) first")
         entries = [_entry(f) for f in folders]
-        return [(", ".join(e.name for e in entries), entries)]
+        return [(", ".join(dict.fromkeys(e.name for e in entries)), entries)]
     runs = [run_stages(f) for f in folders]
     if len(runs) == 1:
         groups = sibling_groups(runs[0])
