@@ -266,23 +266,32 @@ async function stageView(main, run, stage) {
 function verdictMarks(own) {
   return Object.entries(own).map(([k, v]) => el("span", {class: v ? "pass" : "fail"}, " " + k + (v ? " ✓" : " ✗")));
 }
+function responseSide(who, marks, reward, cutOff, tokens, text, cls) {
+  return el("div", {}, el("div", {class: "small"}, el("strong", {}, who), verdictMarks(marks),
+      reward !== null && reward !== undefined ? " reward " + fmt(reward) : "", cutOff ? el("span", {class: "fail"}, " cut off") : "",
+      tokens !== undefined ? " · " + fmt(tokens) + " tokens" : ""),
+    el("div", {class: "resp " + cls}, text === null || text === undefined ? "(no parent sample)" : text));
+}
+function sampleCard(r, stage, parent) {
+  const prefers = Object.entries(r.outcomes).map(([j, v]) => j + " → " + (v > 0 ? stage : v < 0 ? parent : "even"));
+  return el("div", {class: "sample" + (r.disagree ? " disagree" : "")},
+    el("div", {class: "prompt"}, r.prompt, r.kind ? el("span", {class: "muted small"}, "  (" + r.kind + ")") : ""),
+    el("div", {class: "pair"},
+      responseSide(stage, r.verifiers, r.reward, r.cut_off, r.tokens, r.response, "this"),
+      responseSide(parent, r.parent_verifiers, r.parent_reward, r.parent_ended === false, undefined, r.parent_response, "parent")),
+    prefers.length ? el("div", {class: "small muted"}, "prefers: " + prefers.join("; ")) : "");
+}
 async function samplesView(main, run, stage) {
-  const d = await api("/api/samples" + q({run, stage}));
-  const f = {disagree: el("input", {type: "checkbox", id: "f-disagree"}), failed: el("input", {type: "checkbox", id: "f-failed"}),
-    cut: el("input", {type: "checkbox", id: "f-cut"}), kind: el("select", {id: "f-kind"}, el("option", {value: ""}, "every task kind"), d.kinds.map(k => el("option", {value: k}, k)))};
+  const d = await api("/api/samples" + q({run, stage})), parent = d.parent || "parent";
+  const box = id => el("input", {type: "checkbox", id});
+  const f = {disagree: box("f-disagree"), failed: box("f-failed"), cut: box("f-cut"),
+    kind: el("select", {id: "f-kind"}, el("option", {value: ""}, "every task kind"), d.kinds.map(k => el("option", {value: k}, k)))};
   const count = el("span", {id: "sample-count"}), list = el("div", {id: "samples"});
   function draw() {
     const shown = d.rows.filter(r => (!f.disagree.checked || r.disagree) && (!f.failed.checked || r.failed) &&
       (!f.cut.checked || r.cut_off) && (!f.kind.value || r.kind === f.kind.value));
-    count.textContent = shown.length + " of " + d.rows.length + " samples";
-    list.replaceChildren(...shown.slice(0, 300).map(r => el("div", {class: "sample" + (r.disagree ? " disagree" : "")},
-      el("div", {class: "prompt"}, r.prompt, r.kind ? el("span", {class: "muted small"}, "  (" + r.kind + ")") : ""),
-      el("div", {class: "pair"},
-        el("div", {}, el("div", {class: "small"}, el("strong", {}, stage), verdictMarks(r.verifiers), r.reward !== null ? " reward " + fmt(r.reward) : "", r.cut_off ? el("span", {class: "fail"}, " cut off") : "", " · " + fmt(r.tokens) + " tokens"),
-          el("div", {class: "resp this"}, r.response)),
-        el("div", {}, el("div", {class: "small"}, el("strong", {}, d.parent || "parent"), verdictMarks(r.parent_verifiers), r.parent_reward !== null ? " reward " + fmt(r.parent_reward) : "", r.parent_ended === false ? el("span", {class: "fail"}, " cut off") : ""),
-          el("div", {class: "resp parent"}, r.parent_response === null ? "(no parent sample)" : r.parent_response))),
-      Object.keys(r.outcomes).length ? el("div", {class: "small muted"}, "prefers: " + Object.entries(r.outcomes).map(([j, v]) => j + " → " + (v > 0 ? stage : v < 0 ? (d.parent || "parent") : "even")).join("; ")) : "")));
+    count.textContent = shown.length + " of " + d.rows.length + " samples" + (shown.length > 300 ? " (the first 300 drawn)" : "");
+    list.replaceChildren(...shown.slice(0, 300).map(r => sampleCard(r, stage, parent)));
   }
   for (const x of Object.values(f)) x.addEventListener("change", draw);
   main.replaceChildren(el("h2", {}, run + " / " + stage + ": samples"), el("p", {}, link("/stage/" + enc(run) + "/" + enc(stage), "back to the stage"),

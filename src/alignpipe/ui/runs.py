@@ -34,7 +34,7 @@ class NotFound(LookupError):
     """A run or stage name that is not one of the folders found."""
 
 
-def _manifest(folder: Path) -> dict | None:
+def manifest_of(folder: Path) -> dict | None:
     """A folder's manifest, None when it has none or it cannot be used (the page says so; it never fails)."""
     try:
         return read_manifest(folder)
@@ -161,10 +161,10 @@ def _attempt(folder: Path, manifest: dict | None, writing: bool) -> dict | None:
 
 def stage_node(stage_dir: Path, writing: bool) -> dict:
     """One stage of the lineage graph."""
-    current = _manifest(stage_dir)
+    current = manifest_of(stage_dir)
     side = stage_versions.next_dir(stage_dir)
-    attempt = _attempt(side, _manifest(side), writing)
-    shown = current or _manifest(side) or {}
+    attempt = _attempt(side, manifest_of(side), writing)
+    shown = current or manifest_of(side) or {}
     parent = (shown.get("parent") or {}).get("stage") if isinstance(shown.get("parent"), dict) else None
     history = [{"version": v, "status": m.get("status"), "started_at": m.get("started_at"),
                 "headline": headline(m.get("metrics") or {})} for v, _, m in stage_versions.history(stage_dir)]
@@ -190,8 +190,9 @@ def recipe_stages(manifests: list[dict]) -> dict[str, str | None]:
 def run_view(name: str, run_dir: Path) -> dict:
     """A run: its stages (in the recipe's order, then any others), pending ones included, and who writes it."""
     writer = run_writer(run_dir)
-    nodes = [stage_node(d, writer is not None) for d in stage_folders(run_dir)]
-    manifests = [m for d in stage_folders(run_dir) for m in (_manifest(stage_versions.next_dir(d)), _manifest(d)) if m]
+    folders = stage_folders(run_dir)
+    nodes = [stage_node(d, writer is not None) for d in folders]
+    manifests = [m for d in folders for m in (manifest_of(stage_versions.next_dir(d)), manifest_of(d)) if m]
     # the newest stage names the recipe as it is now (a stage added since the first ones ran)
     order = recipe_stages(sorted(manifests, key=lambda m: str(m.get("started_at") or ""), reverse=True))
     have = {n["stage"] for n in nodes}

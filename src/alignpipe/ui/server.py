@@ -38,7 +38,8 @@ MAX_TARGETS = 8
 
 
 class UI:
-    """What the handler answers: the runs under one folder, and the labelling pages started from the page."""
+    """What the handler answers: the runs under one folder, the labelling pages started from the page, and the
+    models loaded for chat."""
 
     def __init__(self, root: Path, host: str, allow_remote: bool) -> None:
         self.runs = RunsDir(root)
@@ -69,9 +70,7 @@ class UI:
     def labelling_page(self, run: str, stage: str, request_host: str) -> dict:
         """The address of the stage's labelling page, started on first use (then kept while the UI runs)."""
         folder = queue_folder(self.runs.stage(run, stage))
-        from alignpipe.runfolder.manifests import read_manifest
-
-        if not is_human_label_stage(folder, read_manifest(folder) or {}):
+        if not is_human_label_stage(folder):
             raise ValueError(f"stage {stage!r} is not labelled by people")
         with self._lock:
             if folder not in self._labelling:

@@ -19,7 +19,7 @@ from alignpipe.pipeline.gates import recorded as recorded_gates
 from alignpipe.report.figures import RunFolder, curve_series, pair_outcomes, verdicts
 from alignpipe.runfolder import versions as stage_versions
 from alignpipe.runfolder.files import read_jsonl
-from alignpipe.ui.runs import _manifest, progress_of, stage_node
+from alignpipe.ui.runs import manifest_of, progress_of, stage_node
 
 MAX_LOG_BYTES = 32 << 20  # a stage.log read for live curves: far above what a stage logs
 MAX_SAMPLES = 5000  # rows sent to the samples view (the default pipeline evaluates 512)
@@ -32,8 +32,8 @@ def shown_folder(stage_dir: Path) -> Path:
     """The folder the stage page shows: a new attempt while it runs (or when it is all there is), else the
     current version."""
     side = stage_versions.next_dir(stage_dir)
-    attempt = _manifest(side)
-    if attempt is not None and (attempt.get("status") == "running" or _manifest(stage_dir) is None):
+    attempt = manifest_of(side)
+    if attempt is not None and (attempt.get("status") == "running" or manifest_of(stage_dir) is None):
         return side
     return stage_dir
 
@@ -85,22 +85,23 @@ def judged(run_dir: Path, stage: str) -> dict:
             "notes": [list(map(str, n)) for n in figures.get("notes", []) if len(n) > 1 and n[1] == stage]}
 
 
-def is_human_label_stage(folder: Path, manifest: dict) -> bool:
+def is_human_label_stage(folder: Path) -> bool:
+    """A label stage (its folder holds a queue) whose labeller is people: the one the labelling page serves."""
+    manifest = manifest_of(folder) or {}
     return (folder / QUEUE_FILE).is_file() and (manifest.get("resolved_config") or {}).get("labeller") == HUMAN
 
 
 def stage_view(run_dir: Path, stage_dir: Path, writing: bool) -> dict:
     """Everything the stage page shows."""
     folder = shown_folder(stage_dir)
-    manifest = _manifest(folder) or {}
+    manifest = manifest_of(folder) or {}
     complete = manifest.get("status") == "complete"
     return {"node": stage_node(stage_dir, writing), "folder": str(folder), "attempt": folder != stage_dir,
             "manifest": {k: manifest[k] for k in SHOWN_KEYS if k in manifest},
             "metrics": manifest.get("metrics") or {}, "progress": progress_of(folder),
             "curves": curves(folder), "verdicts": judged(run_dir, stage_dir.name) if complete and folder == stage_dir
             else None, "gates": recorded_gates(folder), "samples": (folder / "eval_samples.jsonl").is_file(),
-            "labelling": is_human_label_stage(folder, manifest) or
-            is_human_label_stage(stage_versions.next_dir(stage_dir), _manifest(stage_versions.next_dir(stage_dir)) or {})}
+            "labelling": is_human_label_stage(folder) or is_human_label_stage(stage_versions.next_dir(stage_dir))}
 
 
 def verifier_names(metrics: dict) -> list[str]:
@@ -136,7 +137,7 @@ def samples_view(stage_dir: Path) -> dict:
     """The stage's held-out samples, each beside its parent's sample of the same prompt, with the facts the
     filters use (judges disagree, failed, cut off, task kind)."""
     folder = shown_folder(stage_dir)
-    manifest = _manifest(folder) or {}
+    manifest = manifest_of(folder) or {}
     rows = read_jsonl(folder / "eval_samples.jsonl", skip_torn=True, missing_ok=True)
     verifiers = verifier_names(manifest.get("metrics") or {})
     out = [sample_row(r, verifiers) for r in rows[:MAX_SAMPLES] if isinstance(r, dict)]
