@@ -241,8 +241,8 @@ def test_runs_page_lists_a_finished_tiny_run_and_its_lineage(tiny_base, tmp_path
     assert node("sft").get_attribute("data-status") == "complete"
     assert node("sft").get_attribute("data-parent") == "pretrain"
     assert driver.find_elements(By.CSS_SELECTOR, 'path.edge[data-from="pretrain"][data-to="sft"]')
-    judge = json.loads((tmp_path / "runs" / "tiny" / "sft" / "manifest.json").read_text())["metrics"]["eval_loss"]
-    assert f"eval_loss {judge:.3f}" in node("sft").text  # the headline metric, from the manifest
+    eval_loss = json.loads((tmp_path / "runs" / "tiny" / "sft" / "manifest.json").read_text())["metrics"]["eval_loss"]
+    assert f"eval_loss {eval_loss:.3f}" in node("sft").text  # the headline metric, from the manifest
     node("sft").click()
     wait(lambda: driver.find_element(By.TAG_NAME, "h2").text.startswith("tiny / sft"), "the stage page")
     panels = wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#curves .curve canvas"), "the curves")
