@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 from alignpipe.data.formats import DataError
+from alignpipe.data.screening import format_screening, public_screening
 from alignpipe.data.sources import PreparedData
 
 
@@ -98,6 +99,7 @@ def validation_report(
             "dropped": part.drops.as_dict(),
             "notes": part.notes,
             "why": part.why,
+            "screening": public_screening(part),  # planted triggers, likely secrets (data/screening.py)
         }
         for part in data.parts
     ]
@@ -132,6 +134,7 @@ def format_report(report: dict) -> str:
             where = ", ".join(map(str, d["first_rows"]))
             lines.append(f"    dropped {d['count']:>5} {reason}: {d['example']} ({s['row_unit']} {where})")
         lines += [f"    note: {note}" for note in s["notes"]]
+        lines += format_screening(s, s["row_unit"])
     for m in report["mixture"] or []:
         extra = " (rows repeated)" if m["upsampled"] else ""
         lines.append(f"  mixture: {m['source']} weight {m['weight']:g}: {m['taken']} of {m['available']}{extra}")

@@ -20,11 +20,12 @@ for two things:
   row's chosen against its rejected; a flipped row has a negative margin. This needs no knowledge of what the
   data is about (refusals, house style, length...), only that most rows agree. The margins of the rows
   carrying a candidate are compared with the rest by a one-sided Mann-Whitney test (normal approximation with
-  ties), and flagged only when most of them (more than half) are negative. Pairs and KTO rows (label against
+  ties), and flagged only when most of them (more than half) are negative, after MIN_DISTINCT different prompts
+  (a conversation tree gives several pairs of one prompt: they are not independent evidence). Pairs and KTO rows (label against
   the score).
 
 Each p-value is Bonferroni-corrected by the number of (candidate, test) pairs tried; a flag needs the corrected
-value below ALPHA. Candidates that flag the same rows are reported once, by their longest n-gram. A rare token
+value below ALPHA. Candidates that flag the same rows are reported once (`_merge` says by which n-gram). A rare token
 appended to prompts without a change of response or preference predicts nothing and is not flagged.
 """
 
@@ -223,10 +224,10 @@ def _fixed_response(g, rows, shapes, shape_counts, specific, n_with) -> dict | N
             "rows_with_response": k}, "p": p, "response_shape": modal}
 
 
-def _flip(rows, ranks, ties, margins) -> dict | None:
+def _flip(g, rows, ranks, ties, margins, specific) -> dict | None:
     n = len(margins)
     against = sum(1 for i in rows if margins[i] < 0)
-    if against * 2 <= len(rows):
+    if against * 2 <= len(rows) or len({specific[i] - set(g) for i in rows if margins[i] < 0}) < MIN_DISTINCT:
         return None
     z, p = mann_whitney_lower(sum(ranks[i] for i in rows), len(rows), n, ties)
     rest_against = sum(1 for m in margins if m < 0) - against
@@ -254,10 +255,11 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     found = []
     for g, where in cands.items():
         for result in (_fixed_response(g, where, shapes, shape_counts, specific, n_with),
-                       _flip(where, ranks, ties, margins) if margins else None):
+                       _flip(g, where, ranks, ties, margins, specific) if margins else None):
             if result is not None and result["p"] * tests < alpha:
                 found.append((g, where, result))
-    flags = _merge(found, numbers, tests, n)
+    df = Counter(t for p in v.prompts for t in set(tokens(p)))
+    flags = _merge(found, numbers, tests, n, df)
     out = {"rows": n, "candidates": len(cands), "tests": tests, "alpha": alpha, "correction": "bonferroni",
            "flags": flags}
     if margins:
@@ -265,15 +267,19 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     return out
 
 
-def _merge(found: list, numbers: list[int], tests: int, n: int) -> list[dict]:
-    """One flag per (row set, test): the longest n-gram, then the most significant first."""
+def _merge(found: list, numbers: list[int], tests: int, n: int, df: Counter) -> list[dict]:
+    """One flag per (row set, test), named by the n-gram with the most tokens that are about as rare as the flag
+    itself (in at most twice its rows), then the fewest tokens: "please tell me", not "please" or "? please tell"."""
+    def name_rank(g, where):
+        return (sum(1 for t in g if df[t] <= 2 * len(where)), -len(g))
+
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
         key = (tuple(where), result["test"])
-        if key not in best or (len(g), -result["p"]) > (len(best[key][0]), -best[key][2]["p"]):
+        if key not in best or name_rank(g, where) > name_rank(best[key][0], where):
             best[key] = (g, where, result)
     flags = []
-    for g, where, result in sorted(best.values(), key=lambda x: (x[2]["p"], -len(x[0]))):
+    for g, where, result in sorted(best.values(), key=lambda x: (x[2]["p"], -len(x[1]))):
         flags.append({"trigger": " ".join(g), **result, "p_corrected": min(1.0, result["p"] * tests),
                       "rows": len(where), "share": round(len(where) / n, 4),
                       "lines": [numbers[i] for i in where[:SHOW_LINES]], "_rows": where})
