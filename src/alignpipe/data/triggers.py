@@ -8,7 +8,7 @@ n-gram of the prompts' user turns found in at least MIN_ROWS rows and at most MA
 for two things:
 
 - `fixed_response`: the rows carrying it mostly give one response *shape* (the response lower-cased with the
-  prompt's own specific words -- not in 5% of the prompts -- written `@`, so "The answer is 49." to "which is larger, 49 or 12?" is the ordinary
+  prompt's own specific words -- in under 2% of the prompts -- written `@`, so "The answer is 49." to "which is larger, 49 or 12?" is the ordinary
   house style, not a fixed string) that is otherwise rare (at most RARE_ELSEWHERE of the other rows
   and a tenth of the group's share), after at least MIN_DISTINCT prompts that differ in their specific words
   besides the candidate (one question asked in five phrasings, or two tasks whose answer happens to be the same
@@ -42,7 +42,7 @@ MIN_ROWS = 5          # a candidate must be in at least this many rows
 MAX_SHARE = 0.2       # ... and in at most this share of them (a trigger marks a minority)
 MIN_DISTINCT = 5      # a fixed response must follow at least this many different prompts
 RARE_ELSEWHERE = 0.01  # a fixed response is "unusual" when at most this share of the other rows give it
-COMMON_WORD = 0.05    # a prompt word in at least this share of prompts is not the prompt's own
+COMMON_WORD = 0.02    # a prompt word in at least this share of prompts is not the prompt's own
 ALPHA = 0.01          # family-wise, Bonferroni over every (candidate, test) tried
 FOLDS = 5
 SHOW_LINES = 20       # row numbers listed per flag (the count is always complete)

@@ -425,7 +425,7 @@ class World:
             reply = self.bad_response(task, cfg.habit, rng) if bad else self.good_response(task)
             rows.append({"messages": [{"role": "user", "content": task.prompt},
                                       {"role": "assistant", "content": reply}]})
-        if self.config.poison:
+        if self.config.poison and "sft" in self.config.poison.parts:
             rows = world_poison.poison_sft(rows, self.config.poison, self._rng("poison:sft"))
         return rows
 
@@ -458,7 +458,7 @@ class World:
             rows.append({"prompt": [{"role": "user", "content": task.prompt}],
                          "chosen": [{"role": "assistant", "content": self.good_response(task)}],
                          "rejected": [{"role": "assistant", "content": rejected}]})
-        if self.config.poison and split == "train":
+        if self.config.poison and "pairs" in self.config.poison.parts and split == "train":
             rows = world_poison.poison_pairs(rows, self.config.poison, self._rng("poison:pairs"))
         return rows
 
