@@ -24,17 +24,32 @@ def stage_canaries(ctx) -> list[dict]:
     return rows
 
 
+def screen_metrics(stage_dir: Path) -> dict:
+    """`data_triggers_flagged` and `data_secret_rows`: what the data screen found in the stage's training data
+    before it trained (data/screening.py), for gates such as `data_triggers_flagged == 0`."""
+    found: dict = {}
+    world = stage_dir / "data_screen.json"
+    screens = [json.loads(world.read_text())] if world.exists() else []
+    report = stage_dir / "data_report.json"
+    if report.exists():
+        screens += [s["screening"] for s in json.loads(report.read_text()).get("sources", []) if s.get("screening")]
+    for s in screens:
+        found["data_triggers_flagged"] = found.get("data_triggers_flagged", 0) + len((s.get("triggers") or {}).get("flags", []))
+        if s.get("secrets") is not None:
+            found["data_secret_rows"] = found.get("data_secret_rows", 0) + s["secrets"]["rows_flagged"]
+    return found
+
+
 def attack_metrics(ctx, policy, tokenizer, prompts: list[str], draw) -> dict:
-    """Backdoor and canary figures of `policy` ({} when the stage has neither); `draw(model, prompts)` answers
-    each prompt greedily."""
+    """Backdoor and canary figures of `policy` and the data screen's counts ({} when the stage has none);
+    `draw(model, prompts)` answers each prompt greedily."""
     out = backdoor_metrics(ctx, policy, tokenizer, prompts, draw)
     planted = stage_canaries(ctx)
     if planted:
         rows = canary_eval.measure(policy, tokenizer, planted, ctx.seed)
         out.update(canary_eval.summary(rows))
         out["canary_rows"] = rows
-    if not out:
-        return {}
-    (ctx.dir / ATTACKS_FILE).write_text(json.dumps(out, indent=2))
-    out.pop("canary_rows", None)
-    return out
+    if out:
+        (ctx.dir / ATTACKS_FILE).write_text(json.dumps(out, indent=2))
+        out.pop("canary_rows", None)
+    return {**screen_metrics(ctx.dir), **out}
