@@ -83,11 +83,14 @@ def _exposure_plot(canaries, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for st, a in canaries:
-        pts = sorted((r["inserted"], r["exposure_bits"]) for r in a["canary_rows"] if r["inserted"] is not None)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=st.name, alpha=0.8)
+        pts = [(r["inserted"], r["exposure_bits"]) for r in a["canary_rows"] if r["inserted"] is not None]
+        counts = sorted({c for c, _ in pts})
+        means = [sum(e for c2, e in pts if c2 == c) / sum(1 for c2, _ in pts if c2 == c) for c in counts]
+        line, = ax.plot(counts, means, "o-", label=f"{st.name} (mean)")
+        ax.scatter([c for c, _ in pts], [e for _, e in pts], s=10, alpha=0.35, color=line.get_color())
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("times the canary is in the training text")
-    ax.set_ylabel("exposure (bits)")
+    ax.set_ylabel("exposure (bits; dots: one canary)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
