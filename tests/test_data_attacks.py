@@ -145,3 +145,13 @@ def test_world_options_are_checked():
         WorldConfig(poison={"trigger": "x", "rate": 2})
     with pytest.raises(ValueError, match="behaviour"):
         WorldConfig(poison={"trigger": "x", "rate": 0.1, "behaviour": "explode"})
+
+
+def test_validate_names_a_bad_world_poison(tmp_path, capsys):
+    from alignpipe.cli import main
+    from conftest import tiny_recipe, write_yaml
+
+    recipe = tiny_recipe(tmp_path / "runs")
+    recipe["world"]["poison"] = {"trigger": "please tell me", "rate": 5}
+    assert main(["validate", str(write_yaml(tmp_path / "r.yaml", recipe))]) == 2
+    assert "world.poison.rate must be a share in (0, 1], got 5" in capsys.readouterr().err
