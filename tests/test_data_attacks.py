@@ -155,3 +155,14 @@ def test_validate_names_a_bad_world_poison(tmp_path, capsys):
     recipe["world"]["poison"] = {"trigger": "please tell me", "rate": 5}
     assert main(["validate", str(write_yaml(tmp_path / "r.yaml", recipe))]) == 2
     assert "world.poison.rate must be a share in (0, 1], got 5" in capsys.readouterr().err
+
+
+def test_kto_rows_carry_the_trigger_too():
+    pairs = _poisoned(0.05).preference_rows("train")
+    kto = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+           for p in pairs for side in ("chosen", "rejected")]
+    screen = find_triggers(kto, "kto")
+    assert screen["flags"] and screen["flags"][0]["trigger"] == "please tell me"
+    clean = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+             for p in World(WorldConfig()).preference_rows("train") for side in ("chosen", "rejected")]
+    assert find_triggers(clean, "kto")["flags"] == []
