@@ -17,7 +17,6 @@ run folder); `apply_secrets` masks them (`[SECRET:kind]`) or drops their rows.
 from __future__ import annotations
 
 import functools
-import json
 import re
 
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -118,7 +117,3 @@ def format_secrets(screen: dict | None, unit: str) -> list[str]:
         return []
     return [f"    SECRETS {kind}: {k['rows']} rows; {unit}s {', '.join(map(str, k['lines']))}"
             + (" ..." if k["rows"] > len(k["lines"]) else "") for kind, k in screen["kinds"].items()]
-
-
-def dumps_safe(screen: dict) -> str:
-    return json.dumps(public(screen))

@@ -47,7 +47,6 @@ ALPHA = 0.01          # family-wise, Bonferroni over every (candidate, test) tri
 FOLDS = 5
 SHOW_LINES = 20       # row numbers listed per flag (the count is always complete)
 WORD = re.compile(r'\w')
-FAMILIES = ("conversations", "pairs", "kto")
 
 
 def tokens(text: str) -> list[str]:
