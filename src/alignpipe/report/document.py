@@ -190,8 +190,8 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.reward_model, self.curves, self.responses, self.sample_table,
-                        self.data_attacks):
+                        self.win_rates, self.compared, self.reward_model, self.curves, self.responses,
+                        self.sample_table, self.data_attacks):
             lines = section()
             if lines:
                 body += lines + [""]
@@ -214,6 +214,13 @@ class Report(PlottedSections):
         return lines
 
     # --- sections
+
+    def compared(self) -> list[str]:
+        """Sibling stages side by side, and stages with earlier versions kept (`report.compare_section`)."""
+        from alignpipe.report.compare_section import compared
+        lines, notes = compared(self.run_dir)
+        self.notes += notes
+        return lines
 
     def summary(self) -> list[str]:
         figures = rf.summary(self.run)
