@@ -140,6 +140,11 @@ def _check_world(recipe: Recipe, where: str) -> None:
         if k not in allowed:
             raise RecipeError(f"unknown key {k!r}", where=where, key=f"world.{k}",
                               fix=f"allowed keys: {', '.join(sorted(allowed))}")
+    for k in ("poison", "canaries"):  # planted attacks (data/world_poison.py): checked before any training
+        try:
+            WorldConfig(**{k: recipe.world.get(k)})
+        except ValueError as err:
+            raise RecipeError(str(err), where=where, key=f"world.{k}", fix="see docs/data-attacks.md") from None
 
 
 def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> None:

@@ -18,6 +18,7 @@ from alignpipe import __version__
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 from alignpipe.report import figures as rf
+from alignpipe.report.attacks_section import attack_lines, screening_lines
 from alignpipe.runfolder.files import write_atomic
 
 FIG_PREFIX = "fig-"
@@ -65,6 +66,11 @@ class PlottedSections:
 
     def fig_path(self, name: str) -> Path:
         return self.run_dir / f"{FIG_PREFIX}{name}.png"
+
+    def data_attacks(self) -> list[str]:
+        """Planted triggers and secrets, backdoor and canaries (report/attacks_section.py)."""
+        stages = [s for s in self.run.stages if s.dir.is_dir()]
+        return screening_lines(stages) + [""] + attack_lines(stages, self.fig_path, self.figure)
 
     def pass_rate(self) -> list[str]:
         from alignpipe.report import plots
@@ -185,7 +191,7 @@ class Report(PlottedSections):
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
                         self.win_rates, self.compared, self.reward_model, self.scaling, self.curves, self.responses,
-                        self.sample_table):
+                        self.sample_table, self.data_attacks):
             lines = section()
             if lines:
                 body += lines + [""]
