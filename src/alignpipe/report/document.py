@@ -18,6 +18,7 @@ from alignpipe import __version__
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 from alignpipe.report import figures as rf
+from alignpipe.report.attacks_section import attack_lines, screening_lines
 from alignpipe.runfolder.files import write_atomic
 
 FIG_PREFIX = "fig-"
@@ -65,6 +66,11 @@ class PlottedSections:
 
     def fig_path(self, name: str) -> Path:
         return self.run_dir / f"{FIG_PREFIX}{name}.png"
+
+    def data_attacks(self) -> list[str]:
+        """Planted triggers and secrets, backdoor and canaries (report/attacks_section.py)."""
+        stages = [s for s in self.run.stages if s.dir.is_dir()]
+        return screening_lines(stages) + [""] + attack_lines(stages, self.fig_path, self.figure)
 
     def pass_rate(self) -> list[str]:
         from alignpipe.report import plots
@@ -188,7 +194,8 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.reward_model, self.curves, self.overoptimisation, self.responses, self.sample_table):
+                        self.win_rates, self.compared, self.reward_model, self.scaling, self.curves,
+                        self.overoptimisation, self.responses, self.sample_table, self.data_attacks):
             lines = section()
             if lines:
                 body += lines + [""]
@@ -196,6 +203,11 @@ class Report(PlottedSections):
         out = self.run_dir / "report.md"
         write_atomic(out, "\n".join(head + body).rstrip() + "\n")
         return out
+
+    def scaling(self) -> list[str]:  # a scaling sweep's fits and figures (report/scaling_section.py)
+        from alignpipe.report import scaling_section
+
+        return [x for s in self.run.stages for x in scaling_section.section(s.name, s.dir, self.fig_path, self.figure)]
 
     def header(self) -> list[str]:
         stages = self.run.stages
@@ -212,6 +224,13 @@ class Report(PlottedSections):
 
     # --- sections
 
+    def compared(self) -> list[str]:
+        """Sibling stages side by side, and stages with earlier versions kept (`report.compare_section`)."""
+        from alignpipe.report.compare_section import compared
+        lines, notes = compared(self.run_dir)
+        self.notes += notes
+        return lines
+
     def summary(self) -> list[str]:
         figures = rf.summary(self.run)
         self.notes += figures["notes"]
@@ -220,7 +239,8 @@ class Report(PlottedSections):
             cells = [f"**{r['stage']}**", r["kind"], r["status"]]
             for k in figures["columns"]:
                 v, ci = r["values"][k]
-                cells.append(f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v))
+                n = r.get("counts", {}).get(k)
+                cells.append((f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v)) + (f" (n={n})" if n is not None and v is not None else ""))
             rows.append(cells)
         return ["## Summary", "", *_table(["stage", "kind", "status", *figures["columns"]], rows)]
 
