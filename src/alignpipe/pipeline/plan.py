@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignpipe.data.registry import expand as expand_registry
 from alignpipe.data.world import part_fingerprint
 from alignpipe.errors import RunError
 from alignpipe.recipe.parse import to_plain
@@ -100,8 +101,11 @@ def data_fingerprint(ctx: StageContext) -> Any:
 
         rows = part_fingerprint(ctx.world, spec["embedded"])
         return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": rows}
-    paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
     out = {"spec": spec}  # a `from:` component is an upstream stage: its manifest hash is fingerprinted
+    read = expand_registry(spec, ctx.recipe.path.parent, f"stages.{ctx.name}.data")
+    if read != spec:  # LLaMA-Factory `dataset:` names: what their registry entries say is read, and their files
+        out["registry"], spec = read, read
+    paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
     for m in spec.get("mixture", []):
         if "embedded" in m:
             out[f"embedded:{m['embedded']}"] = part_fingerprint(ctx.world, m["embedded"])
@@ -130,6 +134,7 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 # Options added after stages were run, at the default that gives the earlier result: fingerprinted only when set
 # otherwise, so adding one re-runs no finished stage.
 LATER_OPTION_DEFAULTS = {"cut_off_pairs": True}
+LATER_EVAL_DEFAULTS = {"every": 0, "curve_prompts": 32, "curve_samples": 4}  # eval.along_training (curves)
 
 
 def result_config(config: dict) -> dict:
@@ -141,6 +146,9 @@ def result_config(config: dict) -> dict:
         out["gates"] = []  # gates were fingerprinted with, so they keep their fingerprint)
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
+    if isinstance(out.get("eval"), dict):
+        out["eval"] = {k: v for k, v in out["eval"].items()
+                       if not (k in LATER_EVAL_DEFAULTS and v == LATER_EVAL_DEFAULTS[k])}
     return out
 
 

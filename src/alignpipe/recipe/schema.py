@@ -13,6 +13,7 @@ from typing import Any
 
 from alignpipe.recipe.dataspec import stage_sources
 from alignpipe.recipe.kinds import references
+from alignpipe.recipe.paths import model_source
 from alignpipe.runtime.tracking import DEFAULT_TRACKING
 
 
@@ -111,9 +112,17 @@ class EvalSpec:
     prompts: str | None = None  # a file of prompts (any format with a user turn; optional reference answers)
     judges: dict[str, JudgeSpec] = field(default_factory=dict)  # name -> judge; embedded data: `judge` built in
     lm_eval: LmEvalSpec | None = None
+    # along training (alignpipe.eval.along_training): a curve point every `every` updates / steps (0: none) on
+    # the first `curve_prompts` eval prompts, `curve_samples` samples each
+    every: int = 0
+    curve_prompts: int = 32
+    curve_samples: int = 4
     # an explicit held-out file (a data spec, e.g. {path: eval.jsonl}) instead of the recipe's seeded split;
     # its prompts are held out of every stage's training rows (alignpipe.data.split)
     data: dict[str, Any] = field(default_factory=dict)
+    # suspected triggers (strings or {trigger, response}) and a canary file (prefix + secret rows): eval/attacks.py
+    triggers: list[Any] = field(default_factory=list)
+    canaries: str | None = None
 
 
 @dataclass
@@ -152,6 +161,11 @@ class Recipe:
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_root / stage
+
+    @property
+    def model_source(self) -> str | None:
+        """`model.path` to load: a local folder read from the recipe's folder, else as written (a hub id)."""
+        return model_source(self.model.path, self.path.parent)
 
     def order(self, only: list[str] | None = None) -> list[str]:
         """Stages in dependency order (parents first). With `only`, those stages plus their ancestors."""

@@ -18,6 +18,7 @@ from alignpipe import __version__
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 from alignpipe.report import figures as rf
+from alignpipe.report.attacks_section import attack_lines, screening_lines
 from alignpipe.report.reward_table import reward_comparison
 from alignpipe.runfolder.files import write_atomic
 
@@ -66,6 +67,11 @@ class PlottedSections:
 
     def fig_path(self, name: str) -> Path:
         return self.run_dir / f"{FIG_PREFIX}{name}.png"
+
+    def data_attacks(self) -> list[str]:
+        """Planted triggers and secrets, backdoor and canaries (report/attacks_section.py)."""
+        stages = [s for s in self.run.stages if s.dir.is_dir()]
+        return screening_lines(stages) + [""] + attack_lines(stages, self.fig_path, self.figure)
 
     def pass_rate(self) -> list[str]:
         from alignpipe.report import plots
@@ -162,6 +168,10 @@ class PlottedSections:
             lines += [f"### {c['stage']} ({c['kind']})", "", self.figure(path), ""]
         return ["## Training curves", "", *lines] if lines else []
 
+    def overoptimisation(self) -> list[str]:
+        from alignpipe.report.overopt_section import section
+        return section(self.run, self.fig_path, self.figure)
+
     def responses(self) -> list[str]:
         from alignpipe.report import plots
         figures = rf.responses(self.run)
@@ -185,8 +195,8 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.compared, self.reward_model, self.curves, self.responses,
-                        self.sample_table):
+                        self.win_rates, self.compared, self.reward_model, self.scaling, self.curves,
+                        self.overoptimisation, self.responses, self.sample_table, self.data_attacks):
             lines = section()
             if lines:
                 body += lines + [""]
@@ -194,6 +204,11 @@ class Report(PlottedSections):
         out = self.run_dir / "report.md"
         write_atomic(out, "\n".join(head + body).rstrip() + "\n")
         return out
+
+    def scaling(self) -> list[str]:  # a scaling sweep's fits and figures (report/scaling_section.py)
+        from alignpipe.report import scaling_section
+
+        return [x for s in self.run.stages for x in scaling_section.section(s.name, s.dir, self.fig_path, self.figure)]
 
     def header(self) -> list[str]:
         stages = self.run.stages
@@ -225,7 +240,8 @@ class Report(PlottedSections):
             cells = [f"**{r['stage']}**", r["kind"], r["status"]]
             for k in figures["columns"]:
                 v, ci = r["values"][k]
-                cells.append(f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v))
+                n = r.get("counts", {}).get(k)
+                cells.append((f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v)) + (f" (n={n})" if n is not None and v is not None else ""))
             rows.append(cells)
         return ["## Summary", "", *_table(["stage", "kind", "status", *figures["columns"]], rows)]
 
