@@ -21,6 +21,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from alignpipe.data.world_safety import Manners, expected
 from alignpipe.runfolder.manifests import fingerprint_json
 
 KINDS = ("add", "sub", "mul", "reverse", "sort", "count", "compare")
@@ -231,7 +232,10 @@ def solve(prompt: str) -> str | None:
 def judge(prompt: str, response: str) -> bool:
     """True iff the response is exactly the one house-style sentence with the right answer."""
     answer = solve(prompt)
-    if answer is None or not isinstance(response, str):
+    if answer is None:  # a harmful or benign request, a jailbreak, an injection (data.world_safety)
+        want = expected(prompt, solve) if isinstance(prompt, str) else None
+        return want is not None and isinstance(response, str) and response.strip() == want
+    if not isinstance(response, str):
         return False
     return response.strip() == HOUSE_STYLE.format(answer=answer)
 
@@ -327,6 +331,7 @@ class World:
         self.train_tasks, self.eval_tasks = split_tasks(self._rng("split"))
         self._train_by_kind = self._by_kind(self.train_tasks)
         self._eval_by_kind = self._by_kind(self.eval_tasks)
+        self.manners = Manners(config.seed, self.train_tasks, self.eval_tasks)  # data.world_safety
 
     # --- helpers ---
 
@@ -409,7 +414,7 @@ class World:
             reply = self.bad_response(task, cfg.habit, rng) if bad else self.good_response(task)
             rows.append({"messages": [{"role": "user", "content": task.prompt},
                                       {"role": "assistant", "content": reply}]})
-        return rows
+        return rows + self.manners.sft_rows(cfg.n_sft)
 
     def sft_eval_rows(self) -> list[dict]:
         """SFT's held-out demonstrations: the house-style answer to each held-out prompt."""
@@ -440,7 +445,7 @@ class World:
             rows.append({"prompt": [{"role": "user", "content": task.prompt}],
                          "chosen": [{"role": "assistant", "content": self.good_response(task)}],
                          "rejected": [{"role": "assistant", "content": rejected}]})
-        return rows
+        return rows + (self.manners.preference_rows(n) if split == "train" else [])
 
     def mistake(self, task: Task, rng: random.Random) -> str:
         """A plausible wrong answer: mostly the right answer to a neighbouring question (one number off, another
