@@ -141,6 +141,8 @@ def result_config(config: dict) -> dict:
         out["gates"] = []  # gates were fingerprinted with, so they keep their fingerprint)
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
+    if isinstance(out.get("eval"), dict) and out["eval"].get("safety") == {}:  # added later, at its default
+        out["eval"] = {k: v for k, v in out["eval"].items() if k != "safety"}
     return out
 
 
