@@ -18,6 +18,7 @@ from alignpipe import __version__
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 from alignpipe.report import figures as rf
+from alignpipe.report.safety_section import did_it_hurt
 from alignpipe.runfolder.files import write_atomic
 
 FIG_PREFIX = "fig-"
@@ -184,7 +185,8 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.reward_model, self.curves, self.responses, self.sample_table):
+                        self.win_rates, lambda: did_it_hurt(self), self.reward_model, self.curves, self.responses,
+                        self.sample_table):
             lines = section()
             if lines:
                 body += lines + [""]

@@ -13,6 +13,8 @@ HEADLINE_METRICS = (
     "implicit_accuracy",  # dpo / orpo / cpo implicit reward on held-out pairs
     "mean_reward",  # the recipe's reward model on the samples
     "rm_win_rate_vs_sft",
+    "refusal_rate_harmful",  # held-out harmful requests refused (alignpipe.eval.safety)
+    "over_refusal_rate",  # held-out benign look-alikes refused
     "kl_to_reference",  # nats per response against the stage's start
     "train_loss",
 )
