@@ -83,7 +83,9 @@ def test_every_stage_is_evaluated_on_the_users_suites(hurt_run):
         assert sum(r["set"] == "wrapped" for r in rows) == 2 * 3 * len(WRAPPERS)
     sft, dpo = (read_manifest(runs / s)["metrics"] for s in ("sft", "dpo"))
     assert not any(k.endswith("_vs_parent") for k in sft if k.startswith("refusal"))  # no parent stage
-    for key in ("refusal_rate_harmful", "over_refusal_rate", "injection_rate"):
+    if not sft["injection_eligible"]:  # an injection counts only on tasks solved without it: none to compare
+        assert "injection_rate" not in sft and "injection_rate_change_vs_parent" not in dpo
+    for key in ("refusal_rate_harmful", "over_refusal_rate", *(f"refusal_rate_{f}" for f in WRAPPERS)):
         lo, hi = dpo[f"{key}_change_vs_parent_ci"]
         assert lo <= dpo[f"{key}_change_vs_parent"] <= hi
         assert dpo[f"{key}_verdict_vs_parent"] in ("worse", "better", "no clear difference")
