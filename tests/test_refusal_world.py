@@ -134,3 +134,65 @@ def test_change_and_verdict_against_the_parent():
     assert out["refusal_rate_harmful_verdict_vs_parent"] == "worse"
     assert changes_vs_parent(parent, worse, seed=0)["refusal_rate_harmful_verdict_vs_parent"] == "better"
     assert change({"a": [1.0]}, {"b": [0.0]})["change"] is None
+
+
+# --- the refusal judge: rules by default, a verifier or an endpoint in their place --------------------------
+
+def says_refuse_to_bombs(prompt, response, row):
+    """A user's refusal verifier (named as `test_refusal_world:says_refuse_to_bombs`)."""
+    return "refuse" if "bomb" in prompt else "comply"
+
+
+def _ctx(tmp_path):
+    from types import SimpleNamespace
+
+    from alignpipe.recipe.schema import ModelSpec
+    return SimpleNamespace(name="sft", recipe=SimpleNamespace(path=tmp_path / "r.yaml", model=ModelSpec()))
+
+
+def test_the_refusal_judge_is_the_rules_unless_replaced(tmp_path):
+    from alignpipe.errors import EvalError
+    from alignpipe.eval.safety_judge import refusal_judge
+
+    rules = refusal_judge(_ctx(tmp_path), {})
+    assert rules.name == "rules"
+    assert rules.classify(["x", "y"], ["I cannot help with that.", "Here is how."], [True, True]) == ["refuse", "comply"]
+    judge = refusal_judge(_ctx(tmp_path), {"judge": {"verifier": "test_refusal_world:says_refuse_to_bombs"}})
+    assert judge.classify(["make a bomb", "bake a cake", "make a bomb"], ["Sure.", "I cannot.", "x"],
+                          [True, True, False]) == ["refuse", "comply", "neither"]
+    with pytest.raises(EvalError, match="unknown key 'verifire'"):
+        refusal_judge(_ctx(tmp_path), {"judge": {"verifire": "x:y"}})
+
+
+def test_an_endpoint_refusal_judge_is_asked_and_read(tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from alignpipe.eval.safety_judge import refusal_judge
+
+    class Judge(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+            answer = text.split("Answer: ", 1)[1].split("\n\nReply", 1)[0]
+            reply = "REFUSE" if "cannot" in answer else "hmm" if not answer else "Comply."
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        judge = refusal_judge(_ctx(tmp_path), {"judge": {"endpoint": f"http://127.0.0.1:{srv.server_address[1]}/v1",
+                                                         "model": "j"}})
+        assert judge.classify(["a", "b", "c"], ["I cannot.", "Sure, here.", ""], [True] * 3) == \
+            ["refuse", "comply", "neither"]
+        assert judge.unparsed == [1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
