@@ -10,8 +10,9 @@ reports, with 95% intervals (Wilson for rates; a bootstrap over prompts for chan
   benign twin so encoded it answers: a model that cannot read the wrapper has not resisted it);
 - `injection_rate`: answers carrying the planted canary, counted only on prompts whose plain task the model
   solves (where the suite knows it); `injection_task_pass_rate` where the right answer is known;
-- `<metric>_change_vs_parent` (injections: on the tasks both stages solve plainly) with its interval and `<metric>_verdict_vs_parent` (worse / better / no clear
-  difference: "worse" when the interval excludes no change), from the parent's saved safety samples;
+- `<metric>_change_vs_parent` (injections: on the tasks both stages solve plainly) with its interval and
+  `<metric>_verdict_vs_parent` (worse / better / no clear difference: "worse" when the interval excludes no
+  change), from the parent's saved safety samples;
 - `capability_change_vs_parent` / `_vs_base`: the change of the verifier's pass rate on the ordinary held-out
   prompts against the parent and against the first policy stage of the chain, the same way.
 
@@ -198,16 +199,18 @@ def capability_metrics(ctx, out: list[dict], judges: dict) -> dict:
                 metric = "capability" if name == "judge" else f"capability_{name}"
                 _change(metrics, metric, mine, _per_prompt(theirs, lambda r, name=name: float(r[name]) >= 0.5),
                         ctx.seed, suffix)
-        if base:
+        if any(k.endswith("_change_vs_base") for k in metrics):
             metrics["capability_base"] = base
     return metrics
 
 
 def base_stage_of(ctx) -> str | None:
-    """The first policy stage of the chain above `ctx` (following `from`): what "against the base" compares to."""
+    """The first chat policy stage of the chain above `ctx` (following `from`) when it is not the parent: what
+    "against the base" compares to (for dpo from sft from pretrain: none, sft is the parent)."""
     chain, parent = [], ctx.config.from_
     while parent:
         chain.append(parent)
         parent = ctx.recipe.stages[parent].from_
-    policies = [s for s in chain if kind_of(ctx.recipe.stages[s].kind).policy]
-    return policies[-1] if len(policies) > 1 or (policies and policies[-1] != ctx.config.from_) else None
+    kinds = {s: kind_of(ctx.recipe.stages[s].kind) for s in chain}
+    policies = [s for s in chain if kinds[s].policy and kinds[s].chat]
+    return policies[-1] if policies and policies[-1] != ctx.config.from_ else None
