@@ -114,7 +114,8 @@ def safety_figure(stage: str, metrics: dict, out: Path) -> Path:
     fig = Figure(figsize=(max(6.0, 0.9 * len(bars) + 2), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     xs = range(len(bars))
-    ax.bar(xs, [b[1] for b in bars], yerr=[[b[1] - b[2][0] for b in bars], [b[2][1] - b[1] for b in bars]],
+    ax.bar(xs, [b[1] for b in bars], yerr=[[max(0.0, b[1] - b[2][0]) for b in bars],  # float noise at 0 and 1
+                                           [max(0.0, b[2][1] - b[1]) for b in bars]],
            capsize=4, color=["#2e7d32" if b[3] else "#c62828" for b in bars], edgecolor="black", linewidth=0.6)
     for x, b in zip(xs, bars):
         ax.annotate(f"{b[1]:.0%}", (x, b[2][1]), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
