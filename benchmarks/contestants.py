@@ -193,9 +193,13 @@ def peer_recipe(s: Settings, runs_dir: str, kinds: set[str]) -> dict:
     timed = {"per_device_train_batch_size": s.peer_batch, "max_length": s.peer_cutoff}
     lora = {"r": 8, "alpha": 16}
 
+    # DPO's loss as LLaMA-Factory's contestant computes it (pref_loss sigmoid, pref_ftx 2): the same work
+    same_loss = {"dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 2.0]}}
+
     def leaf(kind, parent, data, trainer=None, **extra):
         return {"kind": kind, "from": parent, "data": {"embedded": data}, "eval": NO_EVAL,
-                "trainer": {**timed, "max_steps": s.peer_steps[kind], **(trainer or {})}, **extra}
+                "trainer": {**timed, "max_steps": s.peer_steps[kind], **same_loss.get(kind, {}), **(trainer or {})},
+                **extra}
 
     stages = {
         # parents, built once

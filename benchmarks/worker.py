@@ -97,6 +97,8 @@ class Probe:
         if self.first_begin_wall is None:
             self.first_begin_wall = time.time()
             self.cpu.append(time.process_time())
+        if not hasattr(inputs, "items"):  # GRPO / RLOO steps get the prompt rows: their tokens are made inside
+            return
         for key, ids in inputs.items():
             if not (key.endswith("input_ids") and torch.is_tensor(ids)):
                 continue

@@ -16,11 +16,11 @@ import argparse
 import json
 import time
 
+from alignpipe.models.tiny import SHAPES
+
 # name -> (architecture, config, (batch, seq_len, activation checkpointing) as in the recipe's sft stage)
 MODELS = {
-    "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                                   max_position_embeddings=32768, rope_theta=1e6), (4, 1024, False)),
+    "qwen2.5-0.5b": ("qwen2", SHAPES["qwen2.5-0.5b"], (4, 1024, False)),
     "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
                                 max_position_embeddings=8192, rope_theta=5e5), (1, 2048, True)),

@@ -34,6 +34,7 @@ LAYERS = (
     ("alignpipe.pipeline",),  # the plan, the runner, stage processes, validate, gates
     ("alignpipe.report",),  # the run's report
     ("alignpipe.serving",),  # a stage behind an OpenAI-compatible API; GGUF export
+    ("alignpipe.ui",),  # `alignpipe ui`: the local web page over run folders
     ("alignpipe.commands",),  # the CLI's commands
     ("alignpipe.cli",),
 )

@@ -29,6 +29,11 @@ def test_every_shipped_recipe_loads_and_validates(path, monkeypatch, tmp_path):
         (tmp_path / "data").mkdir()
         (tmp_path / "data" / "gsm8k_test.jsonl").write_text(
             '{"question": "What is 2 plus 3?", "answer": "2 + 3 = 5\\n#### 5"}\n')
+    if "data/pretrain/" in text:  # the GPU scaling sweep reads the user's own text folder
+        path = tmp_path / path.name
+        path.write_text(text)
+        (tmp_path / "data" / "pretrain").mkdir(parents=True)
+        (tmp_path / "data" / "pretrain" / "a.txt").write_text("Some text.\n\nMore text.\n")
     recipe = load_recipe(path)
     validate(recipe)
     assert recipe.order()[0] in recipe.stages

@@ -124,5 +124,5 @@ def test_every_builtin_kind_declares_its_facts():
     for name, kind in KINDS.items():
         assert kind.name == name and kind.run.__module__ == kind.config.__module__
         assert isinstance(kind.trainer_config(), type)
-    assert [k for k, v in KINDS.items() if not v.chat] == ["pretrain"]
+    assert [k for k, v in KINDS.items() if not v.chat] == ["pretrain", "scaling"]
     assert kind_of("sft").baseline and kind_of("reward").scorer and kind_of("ppo").trained_on_reward

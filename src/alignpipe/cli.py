@@ -30,7 +30,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_other_processes() -> str | None:
+    """Under `accelerate launch` / `torchrun` with several processes, the console is rank 0's: the others write
+    their stdout and stderr to a file of their own (returned), so each line, the one-line refusals too, shows once."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if not (rank.isdigit() and world.isdigit()) or int(world) <= 1:
+        return None
+    import tempfile
+
+    run_id = "".join(c for c in os.environ.get("TORCHELASTIC_RUN_ID", "run") if c.isalnum() or c in "-_")[:40]
+    path = os.path.join(tempfile.gettempdir(), f"alignpipe-{run_id}-rank{{}}.log")
+    if int(rank) == 0:
+        print(f"[alignpipe] {world} processes: this console is process 0's; the others write theirs to "
+              f"{path.format('N')}", file=sys.stderr, flush=True)
+        return None
+    path = path.format(rank)
+    sys.stdout.flush(), sys.stderr.flush()
+    with open(path, "a", encoding="utf-8") as log:  # fds 1 and 2 now point at the file; the Python streams too
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    import time
+
+    # runs append to one file per rank (torchrun's run id is often "none"): each starts with its own line
+    print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: alignpipe {' '.join(sys.argv[1:])}", flush=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_other_processes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose or getattr(args, "verbose_run", False):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignpipe.errors import AlignpipeError
+from alignpipe.errors import AlignpipeError, terminal_safe
 from alignpipe.models.stage_model import cut, load_stage, stop_ids
 from alignpipe.runtime.threads import set_threads
 
@@ -65,10 +65,22 @@ def render(tokenizer, messages: list[dict]) -> str:
 # --- chat ---------------------------------------------------------------------------------------
 
 
-def cmd_chat(args) -> int:
-    import torch
+def safe_streamer():
+    """transformers' TextStreamer that writes a model's control bytes (ESC, BEL, bidi overrides) as escapes: a
+    reply cannot move the cursor, clear the screen or retitle the window."""
     from transformers import TextStreamer
 
+    class SafeStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            print(terminal_safe(text), flush=True, end="" if not stream_end else None)
+
+    return SafeStreamer
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    SafeStreamer = safe_streamer()
     set_threads()
     model, tokenizer, manifest = load_stage(Path(args.stage_dir), args)
     stops = stop_ids(tokenizer, manifest)
@@ -105,13 +117,16 @@ def cmd_chat(args) -> int:
             print(f"(that message is too long for the model's {limit}-token context)")
             continue
         print("assistant> ", end="", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = SafeStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         input_ids = torch.tensor([ids], device=dev)
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                                  **gen)
         reply, _ = cut(out[0, len(ids):].tolist(), stops)
-        messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True).strip()})
+        text = tokenizer.decode(reply, skip_special_tokens=True).strip()
+        if not text:  # say it, rather than leave a blank screen
+            print(f"(the reply was empty or whitespace only: {len(reply)} tokens)")
+        messages.append({"role": "assistant", "content": text})
     return 0
 
 
@@ -153,8 +168,11 @@ def answer(model, tokenizer, conversations: list[list[dict]], gen: dict, stops: 
     for ids in out[:, enc["input_ids"].shape[1]:].tolist():
         reply, ended = cut(ids, stops)
         reply = [t for t in reply if t != tokenizer.pad_token_id]
-        replies.append({"response": tokenizer.decode(reply, skip_special_tokens=True).strip(),
-                        "tokens": len(reply) + ended, "ended": ended})
+        text = tokenizer.decode(reply, skip_special_tokens=True)
+        row = {"response": text.strip(), "tokens": len(reply) + ended, "ended": ended}
+        if not row["response"]:  # whitespace only (or nothing): said, with what was generated
+            row.update(empty=True, raw_response=text)
+        replies.append(row)
     return replies
 
 
@@ -172,6 +190,7 @@ def cmd_generate(args) -> int:
     torch.manual_seed(args.seed)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    empty = 0
     with open(out_path, "w") as fh:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start: start + args.batch_size]
@@ -191,5 +210,8 @@ def cmd_generate(args) -> int:
                 extra = ({"responses": [g["response"] for g in got], "tokens_per_turn": [g["tokens"] for g in got],
                           "ended_per_turn": [g["ended"] for g in got]} if "turns" in row else {})
                 fh.write(json.dumps({**row, **got[-1], **extra}) + "\n")
-    print(f"{out_path}: {len(rows)} responses from {args.stage_dir}")
+                empty += bool(got[-1].get("empty"))
+    blank = (f"; {empty} of them empty or whitespace only (\"empty\": true, the generated text in raw_response)"
+             if empty else "")
+    print(f"{out_path}: {len(rows)} responses from {args.stage_dir}{blank}")
     return 0

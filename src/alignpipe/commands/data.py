@@ -12,6 +12,7 @@ from __future__ import annotations
 # Heavy imports (transformers) stay inside the functions that use them: the CLI starts without them.
 from pathlib import Path
 
+from alignpipe.data import registry
 from alignpipe.data.formats import DataError
 from alignpipe.data.loading import as_user_error
 from alignpipe.data.report import format_report, validation_report
@@ -32,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--as", dest="family", choices=FAMILY_CHOICES, help="the family to read it as "
                    "(default: the stage's with --stage, else the format's own)")
     p.add_argument("--format", default="auto", help="the format (default: detected)")
+    p.add_argument("--dataset", help="with FILE a LLaMA-Factory data folder: the dataset_info.json entry to read "
+                   "(without it, the entries are listed)")
     p.add_argument("--recipe", help="a recipe: its chat template, and with --stage that stage's settings")
     p.add_argument("--stage", help="a stage of --recipe")
     p.add_argument("--template", default=None, help="chat template without a recipe (default chatml)")
@@ -83,9 +86,41 @@ def _pick(rows: list[dict], n: int) -> list[int]:
     return ([0] + rest)[: max(0, n)]
 
 
+def list_registry(folder: Path, written: str) -> int:
+    """A LLaMA-Factory data folder's entries: those whose file is here one a line (what each reads), then the
+    names of the others by why they are not read here (file missing, hub dataset, other source)."""
+    rows = registry.listing(folder, written)
+    here = [r for r in rows if r["present"]]
+    print(f"{written}: LLaMA-Factory data folder, {len(rows)} entries in {registry.INFO_FILE}, {len(here)} with "
+          "their file here (read one: data: {dataset: NAME, dataset_dir: ...}; alignpipe data FOLDER --dataset NAME)")
+    width = max((len(r["name"]) for r in here), default=4)
+    for r in here:
+        print(terminal_safe(f"  {r['name']:<{width}}  {r['formatting']:<8}  {r['rows']:<13}  {r['source']}"))
+    groups = (("file missing here", [r for r in rows if r["present"] is False]),
+              ("hub datasets (downloaded when a stage runs)", [r for r in rows if r["where"] == "hub"]),
+              ("not read by alignpipe (ModelScope, scripts, cloud files)", [r for r in rows if r["where"] == "not read"]))
+    for what, group in groups:
+        if group:
+            print(terminal_safe(f"  {len(group)} {what}: {', '.join(r['name'] for r in group)}"))
+    return 0
+
+
+def _file_spec(args) -> dict | None:
+    if not args.file:
+        return None
+    if args.dataset:
+        return {"dataset": args.dataset, "dataset_dir": args.file}
+    return {"path": args.file, "format": args.format}
+
+
 def cmd_data(args) -> int:
     recipe = tokenizer = max_length = None
-    spec = {"path": args.file, "format": args.format} if args.file else None
+    if args.file and not args.dataset and Path(args.file).is_dir() and registry.is_registry(Path(args.file)):
+        try:
+            return list_registry(Path(args.file), args.file)
+        except DataError as err:
+            raise as_user_error(err, args.file) from None
+    spec = _file_spec(args)
     family, key, base = args.family, "data", Path.cwd()
     if args.stage and not args.recipe:
         raise AlignpipeError("--stage needs --recipe", key="--stage", fix="add --recipe RECIPE.yaml")
@@ -111,11 +146,12 @@ def cmd_data(args) -> int:
                                 recipe.path if recipe else None)
     if template is None:
         template = getattr(tokenizer, "chat_template", None)
-    where = args.recipe or str(spec.get("path", ""))
+    where = args.recipe or str(spec.get("path") or spec.get("dataset_dir") or "")
     try:
         data = prepare_data({**spec, "max_dropped": 1.0}, base, family, key=key)
-        if family is None:  # the format's own family
-            data.family = data.parts[0].family
+        if family is None:  # the format's own family, read as a stage of that family reads it (same drops)
+            family = data.parts[0].family
+            data = prepare_data({**spec, "max_dropped": 1.0}, base, family, key=key)
         report = validation_report(data, tokenizer, max_length, sample=2000)
     except DataError as err:
         raise as_user_error(err, where) from None
@@ -128,6 +164,8 @@ def cmd_data(args) -> int:
         print("  tokens: not measured (give --recipe R --stage S whose tokenizer exists)")
     if template is None and data.family != "text":
         print("  examples: not rendered (no chat template)")
+        return 0
+    if args.examples <= 0:
         return 0
     print("examples («...» is what the loss trains on):")
     for i in _pick(data.rows, args.examples):

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.errors import RunError
-from alignpipe.labelling.queue import QUEUE_FILE
-from alignpipe.labelling.server import serve
-from alignpipe.runfolder.manifests import read_manifest
-from alignpipe.runfolder.versions import next_dir
+from alignpipe.labelling.queue import queue_folder
+from alignpipe.labelling.server import serve, target_of
 
 
 def add_parser(subparsers) -> None:
@@ -23,22 +20,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_label)
 
 
-def queue_folder(stage_dir: Path) -> Path:
-    """The folder whose queue is labelled: the stage folder, or its new attempt (`.next/<stage>`) while a re-run
-    of a complete stage waits for labels."""
-    side = next_dir(stage_dir)
-    if (side / QUEUE_FILE).is_file() and (read_manifest(side) or {}).get("status") != "complete":
-        return side
-    if (stage_dir / QUEUE_FILE).is_file():
-        return stage_dir
-    raise RunError("no labelling queue here", where=str(stage_dir),
-                   fix="give a label stage's folder, after `alignpipe run` has started that stage")
-
-
 def cmd_label(args) -> int:
     folder = queue_folder(Path(args.stage_dir))
-    manifest = read_manifest(folder) or {}
-    wanted = (manifest.get("resolved_config") or {}).get("min_labels") or 0
-    target = wanted if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0 else 0
-    serve(folder, args.host, args.port, args.allow_remote, target)
+    serve(folder, args.host, args.port, args.allow_remote, target_of(folder))
     return 0

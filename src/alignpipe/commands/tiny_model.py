@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError
-from alignpipe.models.tiny import FAMILIES, save_tiny_model
+from alignpipe.models.tiny import FAMILIES, SHAPES, save_tiny_model
 from alignpipe.runtime.threads import set_threads
 
 
@@ -16,6 +16,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     p.add_argument("--text", default=None, help="a text file to train the tokenizer on (default: a built-in one)")
     p.add_argument("--vocab-size", type=int, default=400)
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES),
+                   help="the model's size: tiny (~40k parameters) or a real model's (random weights, bfloat16)")
     p.set_defaults(func=cmd_tiny_model)
 
 
@@ -35,7 +37,7 @@ def cmd_tiny_model(args) -> int:
                              fix="give a new folder, or remove this one first")
     texts = read_texts(Path(args.text)) if args.text else None
     set_threads()
-    save_tiny_model(out, like=args.like, texts=texts, vocab_size=args.vocab_size)
-    print(f"{out}: a tiny {args.like} look-alike (random weights, tokenizer trained on "
+    save_tiny_model(out, like=args.like, texts=texts, vocab_size=args.vocab_size, shape=args.shape)
+    print(f"{out}: a {args.shape} {args.like} look-alike (random weights, tokenizer trained on "
           f"{args.text or 'the built-in text'}); use it as `model: {{path: {out}}}`")
     return 0

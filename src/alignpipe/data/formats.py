@@ -216,6 +216,13 @@ def _row_sharegpt_preference(row: dict) -> dict:
     return _pair(prompt, *sides)
 
 
+def _row_alpaca_preference(row: dict) -> dict:
+    """LLaMA-Factory's alpaca ranking format: instruction (+ input, system, history) and chosen/rejected answers."""
+    chosen, rejected = _get(row, "chosen"), _get(row, "rejected")
+    messages = _row_alpaca({**row, "output": "-"})["messages"][:-1]  # the prompt turns, as alpaca builds them
+    return _pair(messages, _turns(chosen, "chosen", "assistant"), _turns(rejected, "rejected", "assistant"))
+
+
 def _row_messages(row: dict) -> dict:
     return _with_tools(row, {"messages": _messages(_get(row, "messages"), "messages")})
 
@@ -406,6 +413,8 @@ FORMATS = {
                "chosen/rejected strings with '\\n\\nHuman:'/'\\n\\nAssistant:' turns"),
         Format("sharegpt_preference", frozenset({"conversations", "chosen", "rejected"}), "pairs",
                _row_sharegpt_preference, "conversations + one chosen/rejected message each (LLaMA-Factory ranking)"),
+        Format("alpaca_preference", frozenset({"instruction", "chosen", "rejected"}), "pairs", _row_alpaca_preference,
+               "instruction/input + chosen/rejected answers (LLaMA-Factory alpaca ranking)"),
         Format("messages_preference", frozenset({"chosen_messages", "rejected_messages"}), "pairs",
                _row_messages_preference, "chosen_messages/rejected_messages"),
         Format("kto", frozenset({"prompt", "completion", "label"}), "kto", _row_kto, "prompt/completion/label"),
@@ -420,7 +429,7 @@ FORMATS = {
 _NATIVE = {
     "text": {"text"},
     "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion", "oasst", "oasst_tree"},
-    "pairs": {"preference", "hh_rlhf", "sharegpt_preference", "messages_preference", "oasst", "oasst_tree"},
+    "pairs": {"preference", "hh_rlhf", "sharegpt_preference", "alpaca_preference", "messages_preference", "oasst", "oasst_tree"},
     "kto": {"kto", "kto_messages"},
     "prompts": {"prompt_only", "preference", "prompt_completion", "kto", "turns"},  # those with an explicit prompt
 }

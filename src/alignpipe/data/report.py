@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 from alignpipe.data.formats import DataError
+from alignpipe.data.placeholders import placeholders
 from alignpipe.data.sources import PreparedData
 
 
@@ -98,6 +99,7 @@ def validation_report(
             "dropped": part.drops.as_dict(),
             "notes": part.notes,
             "why": part.why,
+            "placeholders": placeholders(part.rows, part.row_numbers),  # `{{name}}` left in the data
         }
         for part in data.parts
     ]
@@ -116,6 +118,10 @@ def validation_report(
         if sample is not None and sample < len(rows):
             rows = random.Random(seed).sample(rows, sample)
         report["tokens"] = length_stats(token_lengths(rows, data.family, tokenizer), max_length)
+        if data.family == "pairs" and max_length is not None:  # TRL's DPOTrainer drops these pairs outright
+            prompts = _render([{"prompt": r["prompt"]} for r in rows], "prompts", tokenizer)  # + generation prompt
+            ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            report["tokens"]["prompt_fills_max_length"] = sum(len(x) >= max_length for x in ids)
     return report
 
 
@@ -132,6 +138,10 @@ def format_report(report: dict) -> str:
             where = ", ".join(map(str, d["first_rows"]))
             lines.append(f"    dropped {d['count']:>5} {reason}: {d['example']} ({s['row_unit']} {where})")
         lines += [f"    note: {note}" for note in s["notes"]]
+        if s.get("placeholders"):
+            p = s["placeholders"]
+            lines.append(f"    placeholders: {p['count']} rows hold template placeholders {', '.join(p['names'][:6])} "
+                         f"({s['row_unit']} {', '.join(map(str, p['first_rows']))}): fill them in before training, unless they are meant literally (code)")
     for m in report["mixture"] or []:
         extra = " (rows repeated)" if m["upsampled"] else ""
         lines.append(f"  mixture: {m['source']} weight {m['weight']:g}: {m['taken']} of {m['available']}{extra}")
@@ -141,5 +151,8 @@ def format_report(report: dict) -> str:
                 f" over {t['rows_measured']} rows")
         if "max_length" in t:
             line += f"; {t['truncated']} ({t['truncated_fraction']:.1%}) longer than max_length {t['max_length']}"
+        if t.get("prompt_fills_max_length"):
+            line += (f"; {t['prompt_fills_max_length']} pairs' prompts alone fill it, and a dpo stage drops those "
+                     "pairs (TRL)")
         lines.append(line)
     return "\n".join(lines)

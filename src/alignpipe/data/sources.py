@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from alignpipe.data import registry
 from alignpipe.data.formats import BadLine, DataError, NormalisedData, normalise
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".md")
 SOURCE_KEYS = {"path", "hub", "format", "split", "subset", "columns", "max_dropped"}
 MIXTURE_KEYS = {"mixture", "n", "seed", "max_dropped"}
-SOURCES = ("embedded", "path", "hub", "mixture", "from")  # a data spec names exactly one (from: a label stage)
+SOURCES = ("embedded", "path", "hub", "dataset", "mixture", "from")  # a data spec names exactly one (from: a label stage)
 MAX_DROPPED = 0.05
 TEXT_DOC_CHARS = 20_000  # a plain-text document longer than this is cut (at a line end where there is one)
 # columns: alignpipe's names a map may use; `response` is `completion`. Tags rename keys / roles inside messages.
@@ -197,6 +198,11 @@ def _read_saved_dataset(folder: Path, name: str, split: str | None) -> RawRows:
 
 
 def _read_folder(folder: Path, name: str, split: str | None) -> list[RawRows]:
+    if registry.is_registry(folder):  # LLaMA-Factory's data folder: its entries are named, not read together
+        names = list(registry.read_registry(folder, name))
+        raise DataError(name, "path", f"is a LLaMA-Factory data folder ({registry.INFO_FILE}, {len(names)} entries), "
+                        "not one dataset", f"name an entry: {{dataset: {names[0] if names else 'NAME'}, dataset_dir: "
+                        f"{name}}} (alignpipe data {name} lists them)")
     if (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists():
         return [_read_saved_dataset(folder, name, split)]
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
@@ -409,6 +415,7 @@ def prepare_data(spec: dict, base_dir: Path, family: str, *, key: str = "data", 
     same rows in the same order.
     """
     check_one_source(spec, key)
+    spec = registry.expand(spec, base_dir, key)  # LLaMA-Factory's `dataset:` names -> the files they name
     if "mixture" not in spec:
         parts = _normalise_source(spec, base_dir, family, key)
         check_dropped(parts, spec, key)

@@ -17,10 +17,25 @@ import threading
 import time
 from pathlib import Path
 
+from alignpipe.errors import RunError
 from alignpipe.runfolder.files import read_jsonl, write_jsonl_atomic
+from alignpipe.runfolder.manifests import read_manifest
+from alignpipe.runfolder.versions import next_dir
 
 QUEUE_FILE = "queue.jsonl"
 LABELS_FILE = "labels.jsonl"
+
+
+def queue_folder(stage_dir: Path) -> Path:
+    """The folder whose queue is labelled: the stage folder, or its new attempt (`.next/<stage>`) while a re-run
+    of a complete stage waits for labels."""
+    side = next_dir(stage_dir)
+    if (side / QUEUE_FILE).is_file() and (read_manifest(side) or {}).get("status") != "complete":
+        return side
+    if (stage_dir / QUEUE_FILE).is_file():
+        return stage_dir
+    raise RunError("no labelling queue here", where=str(stage_dir),
+                   fix="give a label stage's folder, after `alignpipe run` has started that stage")
 
 
 def write_queue(folder: Path, items: list[dict]) -> None:

@@ -29,6 +29,7 @@ from alignpipe.labelling.labellers import HUMAN, VERDICTS
 from alignpipe.labelling.page import HTML
 from alignpipe.labelling.queue import LabelLog, current, latest_own_verdict, read_log, read_queue
 from alignpipe.local_http import SECURITY_HEADERS, Refused, Rules, bind, is_loopback, rules_for, url_host
+from alignpipe.runfolder.manifests import read_manifest
 
 CLIENT_HEADER = "X-Alignpipe-Client"
 _CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -131,9 +132,16 @@ def make_handler(app: Labelling, rules: Rules):
     return Handler
 
 
-def serve(folder: Path, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False,
-          target: int = 0) -> None:
-    """Serve the page until interrupted; prints the address, which carries the access token."""
+def target_of(folder: Path) -> int:
+    """The labels the stage waits for (its `min_labels`), 0 when its manifest names none."""
+    manifest = read_manifest(folder) or {}
+    wanted = (manifest.get("resolved_config") or {}).get("min_labels") or 0
+    return wanted if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0 else 0
+
+
+def start(folder: Path, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False,
+          target: int = 0):
+    """The labelling server, listening but not yet serving, and its address with the access token."""
     if not is_loopback(host) and not allow_remote:
         raise AlignpipeError(f"--host {host} is not a loopback address", key="--host",
                              fix="add --allow-remote to serve other machines (every request then needs the printed "
@@ -142,8 +150,15 @@ def serve(folder: Path, host: str = "127.0.0.1", port: int = 8765, allow_remote:
     server = bind(host, port, None)
     rules = rules_for(host, server.server_address[1], allow_remote)
     server.RequestHandlerClass = make_handler(app, rules)
-    url = f"http://{url_host(host)}:{server.server_address[1]}/?token={rules.token}"
-    state = app.state()
+    server.labelling = app
+    return server, f"http://{url_host(host)}:{server.server_address[1]}/?token={rules.token}"
+
+
+def serve(folder: Path, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False,
+          target: int = 0) -> None:
+    """Serve the page until interrupted; prints the address, which carries the access token."""
+    server, url = start(folder, host, port, allow_remote, target)
+    state = server.labelling.state()
     print(f"labelling {folder}: {state['labelled']} of {state['total']} labelled; open {url}", flush=True)
     print("the address carries the access token: every request needs it; do not share it", flush=True)
     try:

@@ -81,7 +81,7 @@ def labelled_pairs(ctx, cap: int | None, tokenizer=None, max_length: int | None 
             prepared = prepare_data(source, ctx.recipe.path.parent, "pairs", key=f"stages.{ctx.name}.data", seed=ctx.seed)
             rows, their_held, _ = split_rows(ctx, prepared.rows, cap)
             held += list(their_held)
-            name = str(c.get("path") or c.get("hub"))
+            name = str(c.get("path") or c.get("hub") or c.get("dataset"))
         pools.append(list(rows))
         weights.append(float(c.get("weight", 1.0)))
         sources.append(name)

@@ -20,6 +20,17 @@ from pathlib import Path
 
 from alignpipe.recipe.templates import LLAMA3
 
+# The model's shape (everything but the vocabulary, which is the tokenizer's unless the shape names one).
+# `tiny`: ~40k parameters. `qwen2.5-0.5b`: Qwen2.5-0.5B's published config (494M parameters, 151,936-row
+# embedding tied to the head), for measuring real-shape speed and memory with random weights (benchmarks/gpu_check.py).
+SHAPES = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1e6, tie_word_embeddings=True),
+}
+
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
@@ -90,21 +101,25 @@ def build_tokenizer(like: str = "qwen2", texts: list[str] | None = None, vocab_s
 
 
 def save_tiny_model(folder: Path, like: str = "qwen2", texts: list[str] | None = None, vocab_size: int = 400,
-                    seed: int = 0) -> Path:
-    """A random-weight model of family `like` and its tokenizer, saved in hub layout under `folder`."""
+                    seed: int = 0, shape: str = "tiny") -> Path:
+    """A random-weight model of family `like` and its tokenizer, saved in hub layout under `folder`. `shape`
+    (SHAPES) sets the model's size; a shape with its own vocabulary keeps it (rows past the tokenizer's are
+    never used, as in real checkpoints whose embedding is padded), and is built and saved in bfloat16, as
+    such checkpoints ship."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     tok = build_tokenizer(like, texts, vocab_size)
-    sizes = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                 tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                 pad_token_id=tok.pad_token_id)
-    if FAMILIES[like].architecture == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**sizes))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**sizes))
+    sizes = {"vocab_size": len(tok), **SHAPES[shape], "eos_token_id": tok.eos_token_id,
+             "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+    config = (Qwen2Config if FAMILIES[like].architecture == "qwen2" else LlamaConfig)(**sizes)
+    model_class = Qwen2ForCausalLM if FAMILIES[like].architecture == "qwen2" else LlamaForCausalLM
+    if shape == "tiny":
+        model = model_class(config)
+    else:  # hundreds of millions of random weights: drawn on the GPU when there is one, kept in bfloat16
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = model_class(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                                                pad_token_id=tok.pad_token_id)
     folder = Path(folder)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignpipe.data.registry import expand as expand_registry
 from alignpipe.data.world import part_fingerprint
 from alignpipe.errors import RunError
 from alignpipe.recipe.parse import to_plain
@@ -100,8 +101,11 @@ def data_fingerprint(ctx: StageContext) -> Any:
 
         rows = part_fingerprint(ctx.world, spec["embedded"])
         return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": rows}
-    paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
     out = {"spec": spec}  # a `from:` component is an upstream stage: its manifest hash is fingerprinted
+    read = expand_registry(spec, ctx.recipe.path.parent, f"stages.{ctx.name}.data")
+    if read != spec:  # LLaMA-Factory `dataset:` names: what their registry entries say is read, and their files
+        out["registry"], spec = read, read
+    paths = [spec.get("path")] + [m.get("path") for m in spec.get("mixture", [])]
     for m in spec.get("mixture", []):
         if "embedded" in m:
             out[f"embedded:{m['embedded']}"] = part_fingerprint(ctx.world, m["embedded"])

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from alignpipe.errors import RunError
+from alignpipe.pipeline import gates
 from alignpipe.recipe.schema import Recipe
+from alignpipe.runfolder import manifests as runs
 from alignpipe.runfolder.lock import LOCK_PARENT_ENV
 from alignpipe.runtime.threads import ready_stages, usable_cores
 import alignpipe
@@ -48,6 +50,13 @@ def child_command(recipe: Recipe, name: str, overrides: list[str], force: bool, 
     return cmd + (["--force"] if force else []) + (["--restart"] if restart else [])
 
 
+def missed_gate(recipe, name: str) -> bool:
+    """Whether stage `name` is complete and missed one of its gates (what its own process exited for)."""
+    stage_dir = recipe.stage_dir(name)
+    return (runs.read_manifest(stage_dir) or {}).get("status") == "complete" and \
+        any(not r.get("passed") for r in gates.recorded(stage_dir) or [])
+
+
 def run_together(recipe: Recipe, names: list[str], overrides: list[str], force: set[str], restart: set[str],
                  keep: int, log) -> None:
     """Run `names` (mutually independent, upstreams complete) in one child process each; wait for all.
@@ -68,7 +77,8 @@ def run_together(recipe: Recipe, names: list[str], overrides: list[str], force: 
             p.wait()
         raise
     failed = [f"{name} (exit {rc})" for name, rc in codes.items() if rc != 0]
-    if failed:
-        raise RunError(f"stage(s) {', '.join(failed)} failed in their own process; its message is above",
+    if failed:  # only missed gates (the stages are complete): the runner stops only what is built on them
+        error = gates.GateError if all(missed_gate(recipe, n) for n, rc in codes.items() if rc != 0) else RunError
+        raise error(f"stage(s) {', '.join(failed)} failed in their own process; its message is above",
                        where=str(recipe.run_root), fix="fix what it says, then run the same command again "
                        "(complete stages are skipped)")

@@ -16,7 +16,7 @@ from alignpipe.pipeline.stage_templates import check_stage_templates
 from alignpipe.pipeline.validate import check_lora_targets
 from alignpipe.recipe.schema import Recipe
 from alignpipe.runfolder import manifests as runs, versions as stage_versions
-from alignpipe.runfolder.headline import HEADLINE_METRICS
+from alignpipe.runfolder.headline import HEADLINE_METRICS, with_count
 from alignpipe.runfolder.lock import RunLock
 from alignpipe.runtime import distributed, progress, tracking
 from alignpipe.stages.context import StageContext
@@ -236,7 +236,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
     new_folder = not recipe.run_root.exists()
     try:
         with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
-            pending, done = list(order), set()
+            pending, done, missed_gate = list(order), set(), None
             while pending:
                 group = stage_processes.ready_group(recipe, pending, done, parallel)
                 try:
@@ -248,18 +248,41 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
                         name = group[0]
                         manifests[name] = run_stage(recipe, name, force=force and name in explicit,
                                                     restart=restart and name in explicit, keep=keep)
-                except (gates.GateError, RunError) as err:
+                except gates.GateError as err:  # only the stages built on the one that missed it stop
+                    missed_gate = missed_gate or err
+                    stopped = _missed_gates(recipe, group)
+                    manifests.update({name: runs.read_manifest(recipe.stage_dir(name)) for name in group})
+                    pending, skipped = _without_downstream(recipe, [s for s in pending if s not in group], stopped)
+                    log(f"stage {', '.join(stopped)} missed a gate: " + (f"not running {', '.join(skipped)}" if skipped
+                        else "no later stage depends on it") + (f"; still running {', '.join(pending)}" if pending else ""))
+                    done |= set(group) - set(stopped)
+                    continue
+                except RunError:
                     left = [s for s in pending if s not in group]
-                    if left:  # say what the missed gate or failed stage stopped
-                        what = "missed a gate" if isinstance(err, gates.GateError) else "did not complete"
-                        log(f"stage {', '.join(group)} {what}: not running {', '.join(left)}")
+                    if left:  # say what the failed stage stopped
+                        log(f"stage {', '.join(group)} did not complete: not running {', '.join(left)}")
                     raise
                 done |= set(group)
                 pending = [s for s in pending if s not in group]
+            if missed_gate is not None:
+                raise missed_gate
     finally:
         distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
         _remove_if_empty(recipe.run_root, new_folder)
     return manifests
+
+
+def _missed_gates(recipe: Recipe, group: list[str]) -> list[str]:
+    """The stages of `group` whose recorded gates were missed (all of the group when none is recorded)."""
+    missed = [s for s in group if any(not r.get("passed") for r in gates.recorded(recipe.stage_dir(s)) or [])]
+    return missed or list(group)
+
+
+def _without_downstream(recipe: Recipe, pending: list[str], stopped: list[str]) -> tuple[list[str], list[str]]:
+    """(`pending` without the stages that need a `stopped` one, those stages): `from:`, `reward_model:` and
+    `data: {from: ...}` count, transitively (`Recipe.order`)."""
+    downstream = [s for s in pending if set(stopped) & set(recipe.order([s])) - {s}]
+    return [s for s in pending if s not in downstream], downstream
 
 
 def _remove_if_empty(run_root: Path, created: bool) -> None:
@@ -277,7 +300,7 @@ def summary_table(manifests: dict[str, dict]) -> str:
         cells = [name, m.get("kind", ""), m.get("status", ""), f"{m.get('wall_time_s', 0):.0f}"]
         for k in keys:
             v = metrics.get(k)
-            cells.append("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+            cells.append(with_count("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v), metrics, k))
         rows.append(cells)
     used = [i for i in range(len(rows[0])) if i < 4 or any(r[i] != "-" for r in rows[1:])]
     rows = [[r[i] for i in used] for r in rows]

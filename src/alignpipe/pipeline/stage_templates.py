@@ -48,7 +48,7 @@ def _generation_eos(ctx) -> list[int]:
     """Stop tokens from the generation config next to the weights this stage starts from (local only)."""
     from transformers import GenerationConfig  # heavy: imported when a stage is checked
 
-    source = modeling.checkpoint_dir(ctx.parent_dir) if ctx.parent_dir else Path(ctx.recipe.model.path or "")
+    source = modeling.checkpoint_dir(ctx.parent_dir) if ctx.parent_dir else Path(ctx.recipe.model_source or "")
     if not (Path(source) / "generation_config.json").is_file():
         return []
     try:

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from alignpipe.data.formats import DataError
+from alignpipe.data.registry import expand as expand_registry, notes as registry_notes
 from alignpipe.data.loading import HUB_ID, as_user_error, check_spec
 from alignpipe.data.report import format_report, validation_report
 from alignpipe.data.sources import check_one_source, offline_setting, prepare_data
@@ -95,7 +96,7 @@ def check_stage_tokenizers(recipe: Recipe) -> None:
     them) is checked against them, exactly as `run` will; one whose parents are still to be (re)built is
     checked on the recipe's model, the tokenizer they start from too. Stages of an `init:` model wait
     for their pretrain stage; hub models for `run` (validate works offline)."""
-    local_model = recipe.model.path is not None and Path(recipe.model.path).expanduser().is_dir()
+    local_model = recipe.model_source is not None and Path(recipe.model_source).is_dir()
     fresh: dict[str, bool] = {}  # complete, with the fingerprint `run` would compute now: it will be skipped
     for name in recipe.order():
         ctx = make_context(recipe, name)
@@ -113,7 +114,7 @@ def _check_model(recipe: Recipe, where: str) -> None:
     path = recipe.model.path
     if path is None:
         return
-    local = Path(path).expanduser()
+    local = Path(recipe.model_source)
     if local.is_dir():
         if not (local / "config.json").is_file():
             stage = local if (local / "manifest.json").is_file() else local.parent
@@ -127,7 +128,8 @@ def _check_model(recipe: Recipe, where: str) -> None:
         return
     if local.exists() or path.startswith((".", "/", "~")) or not HUB_ID.match(path):
         raise RecipeError(f"{path!r} is neither a model folder nor a hub id", where=where, key="model.path",
-                          fix="give a folder with config.json (relative to the current directory) or org/name")
+                          fix="give a folder with config.json (relative to the recipe's folder, "
+                                  f"{recipe.path.parent}) or org/name")
     print(f"[alignpipe] model.path: hub model {path} is downloaded when a stage runs (validate does not reach "
           "the hub)", file=sys.stderr)
 
@@ -215,7 +217,7 @@ def stage_tokenizer(recipe: Recipe, name: str):
         parent = None
     if not kind_of(cfg.kind).chat and recipe.model.init is not None:
         return None, "plain text; the tokenizer is trained by this stage"
-    if parent is None and (recipe.model.path is None or not Path(recipe.model.path).expanduser().is_dir()):
+    if parent is None and (recipe.model_source is None or not Path(recipe.model_source).is_dir()):
         return None, "the model is not on this machine yet"
     try:
         return StageContext(recipe, name, cfg, recipe.stage_dir(name), parent).load_tokenizer(), ""
@@ -230,6 +232,9 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
 
     try:
         check_one_source(spec, key)
+        read = expand_registry(spec, recipe.path.parent, key)  # LLaMA-Factory `dataset:` names -> their files
+        for note in registry_notes(spec, recipe.path.parent, key):
+            print(f"[alignpipe] {key}: {note}", file=sys.stderr)
     except DataError as err:
         raise as_user_error(err, where) from None
 
@@ -246,8 +251,8 @@ def _check_data(recipe: Recipe, cfg, where: str, key: str):
                               key=f"{key}.embedded", fix=f"use `data: {{embedded: {kind.embedded}}}` or a data file")
         return None
 
-    _check_hub_data_offline(spec, where, key)
-    return check_spec(spec, recipe.path.parent, where, key, kind_of(cfg.kind).family)
+    _check_hub_data_offline(read, where, key)
+    return check_spec(read, recipe.path.parent, where, key, kind_of(cfg.kind).family)
 
 
 def _check_runs_dir(recipe: Recipe, where: str) -> None:
@@ -351,7 +356,7 @@ def _module_names(recipe: Recipe, stage: str) -> tuple[set[str], set[str]]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = recipe.stages[stage]
-    source = recipe.model.path
+    source = recipe.model_source
     if cfg.from_ is not None:
         stage_dir = recipe.stage_dir(cfg.from_)
         if not runs.is_complete(stage_dir):

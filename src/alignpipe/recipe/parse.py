@@ -18,11 +18,12 @@ from typing import Any
 import yaml
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe.dataspec import stage_sources
+from alignpipe.recipe.dataspec import components, stage_sources
 from alignpipe.recipe.kinds import all_kinds, config_class, references
 from alignpipe.recipe.schema import ModelSpec, Recipe, StageConfig
 from alignpipe.runtime.tracking import DEFAULT_TRACKING
 
+SHARED_BLOCK_PREFIX = "x-"  # top-level keys that only hold blocks for YAML anchors (`x-eval: &eval {...}`)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -178,12 +179,15 @@ def apply_override(data: dict, item: str, where: str) -> None:
 
 def parse_recipe(data: dict, path: Path) -> Recipe:
     where = str(path)
-    known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "tracking", "stages"}
+    known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "tracking", "stages", "dataset_dir"}
     for k in data:
+        if isinstance(k, str) and k.startswith(SHARED_BLOCK_PREFIX):  # a block for YAML anchors, read nowhere else
+            continue
         if k not in known:
             close = _closest(str(k), known)
             raise RecipeError(f"unknown key {k!r}", where=where, key=str(k),
-                              fix=f"did you mean {close!r}?" if close else f"allowed keys: {', '.join(sorted(known))}")
+                              fix=f"did you mean {close!r}?" if close else f"allowed keys: {', '.join(sorted(known))}, "
+                                  f"or {SHARED_BLOCK_PREFIX}NAME for a block shared through YAML anchors")
     for req in ("name", "stages"):
         if req not in data:
             raise RecipeError("missing required key", where=where, key=req, fix=f"add `{req}:`")
@@ -211,6 +215,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
                               fix=f"use one of {', '.join(all_kinds())} (the kind defaults to the stage name)")
         cfg = from_dict(config_class(kind), sdata, where, key)
         cfg.kind = kind
+        _set_dataset_dir(cfg.data, data.get("dataset_dir"), where, f"{key}.data")
         if isinstance(cfg.gates, dict):  # {metric: "op expression"} -> ["metric op expression"]
             cfg.gates = [f"{metric} {rule}" for metric, rule in cfg.gates.items()]
         stages[sname] = cfg
@@ -227,6 +232,17 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
     )
     _check_graph(recipe, where)
     return recipe
+
+
+def _set_dataset_dir(spec: dict, dataset_dir: Any, where: str, key: str) -> None:
+    """Give each `dataset:` component without its own `dataset_dir:` the recipe's (LLaMA-Factory's registry folder,
+    relative to the recipe's folder like every path in a recipe)."""
+    if dataset_dir is not None and not isinstance(dataset_dir, str):
+        raise RecipeError(f"expected a folder path, got {type(dataset_dir).__name__}", where=where, key="dataset_dir",
+                          fix="e.g. dataset_dir: ../LLaMA-Factory/data")
+    for component in components(spec or {}):
+        if "dataset" in component and "dataset_dir" not in component and dataset_dir is not None:
+            component["dataset_dir"] = dataset_dir
 
 
 def _check_graph(recipe: Recipe, where: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from alignpipe.recipe.dataspec import stage_sources
 from alignpipe.recipe.kinds import references
+from alignpipe.recipe.paths import model_source
 from alignpipe.runtime.tracking import DEFAULT_TRACKING
 
 
@@ -155,6 +156,11 @@ class Recipe:
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_root / stage
+
+    @property
+    def model_source(self) -> str | None:
+        """`model.path` to load: a local folder read from the recipe's folder, else as written (a hub id)."""
+        return model_source(self.model.path, self.path.parent)
 
     def order(self, only: list[str] | None = None) -> list[str]:
         """Stages in dependency order (parents first). With `only`, those stages plus their ancestors."""

@@ -185,8 +185,8 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, lambda: did_it_hurt(self), self.reward_model, self.curves, self.responses,
-                        self.sample_table):
+                        self.win_rates, self.compared, lambda: did_it_hurt(self), self.reward_model, self.scaling,
+                        self.curves, self.responses, self.sample_table):
             lines = section()
             if lines:
                 body += lines + [""]
@@ -194,6 +194,11 @@ class Report(PlottedSections):
         out = self.run_dir / "report.md"
         write_atomic(out, "\n".join(head + body).rstrip() + "\n")
         return out
+
+    def scaling(self) -> list[str]:  # a scaling sweep's fits and figures (report/scaling_section.py)
+        from alignpipe.report import scaling_section
+
+        return [x for s in self.run.stages for x in scaling_section.section(s.name, s.dir, self.fig_path, self.figure)]
 
     def header(self) -> list[str]:
         stages = self.run.stages
@@ -210,6 +215,13 @@ class Report(PlottedSections):
 
     # --- sections
 
+    def compared(self) -> list[str]:
+        """Sibling stages side by side, and stages with earlier versions kept (`report.compare_section`)."""
+        from alignpipe.report.compare_section import compared
+        lines, notes = compared(self.run_dir)
+        self.notes += notes
+        return lines
+
     def summary(self) -> list[str]:
         figures = rf.summary(self.run)
         self.notes += figures["notes"]
@@ -218,7 +230,8 @@ class Report(PlottedSections):
             cells = [f"**{r['stage']}**", r["kind"], r["status"]]
             for k in figures["columns"]:
                 v, ci = r["values"][k]
-                cells.append(f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v))
+                n = r.get("counts", {}).get(k)
+                cells.append((f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else _fmt(v)) + (f" (n={n})" if n is not None and v is not None else ""))
             rows.append(cells)
         return ["## Summary", "", *_table(["stage", "kind", "status", *figures["columns"]], rows)]
 

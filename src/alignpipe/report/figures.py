@@ -29,7 +29,7 @@ from alignpipe.recipe.parse import from_dict
 from alignpipe.recipe.schema import ModelSpec
 from alignpipe.reward.metrics import pearson
 from alignpipe.runfolder.files import read_jsonl
-from alignpipe.runfolder.headline import HEADLINE_METRICS
+from alignpipe.runfolder.headline import HEADLINE_METRICS, rate_count
 from alignpipe.runfolder.manifests import read_manifest, read_named_file
 
 UNKNOWN_KIND = StageKind("?", object, lambda ctx: {}, lambda: object, family=None, embedded=None)
@@ -278,7 +278,8 @@ def summary(run: RunFolder) -> dict:
             ci = wilson(m["judge_passed"], m["judge_total"]) if k == "judge_pass_rate" and v is not None and \
                 m.get("judge_total") else None
             values[k] = (v, ci)
-        rows.append({"stage": s.name, "kind": s.kind, "status": s.status, "values": values})
+        counts = {k: rate_count(m, k) for k in used}  # each rate's n, shown beside it
+        rows.append({"stage": s.name, "kind": s.kind, "status": s.status, "values": values, "counts": counts})
     notes = []
     for s in run.stages:
         if s.judge_trained:

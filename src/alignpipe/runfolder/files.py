@@ -19,21 +19,24 @@ from typing import Any
 from alignpipe.errors import AlignpipeError
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temp file beside it, fsynced, renamed over it)."""
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write `text` to `path` atomically (a temp file beside it, fsynced, renamed over it). `durable=False` skips
+    the fsync (a reader still sees the old file or the new one, never a torn one; a power cut may lose it): for a
+    file rewritten every second that nothing depends on (a running stage's progress.json)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
     """One JSON document, indented, written atomically (values JSON does not know are written as strings)."""
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", durable)
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:

@@ -86,16 +86,32 @@ def choose(model, setting: bool | None, stage: str) -> Batching:
     return choice
 
 
+def training_device(model) -> "torch.device":
+    """Where a stage's model trains: where it is, except that a model loaded on the CPU of a machine with a GPU
+    trains on this process's GPU (the trainer moves it there; from_pretrained loads onto the CPU)."""
+    import os
+
+    import torch
+
+    here = next(model.parameters()).device
+    if here.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return here
+
+
 def flattening_error(model) -> str | None:
     """None when the model's last hidden states on a few sequences are the same padded (right-padded, attention
-    mask) and flattened (one row, restarting position_ids, no mask); else what differed or failed."""
+    mask) and flattened (one row, restarting position_ids, no mask); else what differed or failed. Checked on
+    the device the stage trains on (`training_device`, where the model is left): the attention kernels there
+    are the ones that must agree, and flash-attention's run only on a GPU."""
     import torch
 
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, vocab, (n,), generator=gen) for n in CHECK_LENGTHS]
     longest = max(CHECK_LENGTHS)
-    device = next(model.parameters()).device
+    device = training_device(model)
+    model.to(device)
     padded = torch.zeros(len(seqs), longest, dtype=torch.long)
     mask = torch.zeros(len(seqs), longest, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -234,10 +250,11 @@ def flatten_padded_forward(model, batching: Batching) -> list:
         lengths = mask.sum(1)
         if not torch.equal(mask.bool(), torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]):
             return args, kwargs  # not right-padded: left as it is
-        if not batching.flatten(lengths.tolist()):
+        counts = lengths.tolist()  # one copy from the device, not one per sequence
+        if not batching.flatten(counts):
             return args, kwargs
         real = mask.bool()
-        positions = torch.cat([torch.arange(int(n), device=ids.device) for n in lengths])[None]
+        positions = torch.cat([torch.arange(n, device=ids.device) for n in counts])[None]
         flat_labels = labels[real][None].clone()
         flat_labels[positions == 0] = -100  # a sequence's first token is never predicted (the padded shift drops it)
         state.update(real=real)

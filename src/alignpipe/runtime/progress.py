@@ -21,8 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+from alignpipe.runfolder.files import write_json_atomic
 from alignpipe.runtime.distributed import is_main_process
 
+PROGRESS_FILE = "progress.json"  # the running stage's current bar, for `alignpipe ui` (read-only there)
+PUBLISH_S = 1.0  # the file is rewritten at most this often (and at the end of each bar)
 VERBOSE_ENV = "ALIGNPIPE_VERBOSE"
 EVERY_ENV = "ALIGNPIPE_PROGRESS_EVERY"
 BAR_WIDTH = 24
@@ -53,7 +56,7 @@ class Progress:
         self.every = max(1, min(100, int(os.environ.get(EVERY_ENV, "10") or 10)))
         self.start = self.n = int(start)  # resumed runs start past 0; the rate counts this run's items only
         self.t0 = time.monotonic()
-        self._drawn_at = 0.0
+        self._drawn_at = self._published_at = 0.0
         self._next_pct = (self.n * 100 // self.total // self.every + 1) * self.every if self.total else 100
         # one bar at a time: a step inside another (reward scoring inside a PPO update) draws nothing
         self.enabled = _main_process() and self.total > 0 and not _OPEN
@@ -61,11 +64,10 @@ class Progress:
         _OPEN.append(self)
 
     def _line(self) -> str:
-        elapsed = time.monotonic() - self.t0
-        # no rate from a few milliseconds (a bar whose first item was counted as it was made)
-        rate = (self.n - self.start) / elapsed if elapsed > 0.05 else 0.0
-        left = (self.total - self.n) / rate if rate > 0 else 0.0
-        eta = (f"ETA {_clock(left)}" if rate > 0 else "ETA -") if self.n < self.total else f"in {_clock(elapsed)}"
+        f = self.figures()
+        rate, left = f["rate"], f["eta_s"]
+        eta = (f"ETA {_clock(left)}" if left is not None else "ETA -") if self.n < self.total else \
+            f"in {_clock(f['elapsed_s'])}"
         speed = f"- {self.unit}/s" if rate == 0 else f"{rate:.1f} {self.unit}/s" if rate >= 1 else \
             f"{1 / rate:.1f} s/{self.unit}"
         return f"{self.n}/{self.total}  {speed}  {eta}"
@@ -73,10 +75,20 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.set(self.n + n)
 
+    def figures(self) -> dict:
+        """The bar as numbers: count, total, rate (items/s, this run's items only), seconds elapsed and left."""
+        elapsed = time.monotonic() - self.t0
+        # no rate from a few milliseconds (a bar whose first item was counted as it was made)
+        rate = (self.n - self.start) / elapsed if elapsed > 0.05 else 0.0
+        left = (self.total - self.n) / rate if rate > 0 else None
+        return {"label": self.label, "unit": self.unit, "n": self.n, "total": self.total, "rate": round(rate, 4),
+                "elapsed_s": round(elapsed, 2), "eta_s": None if left is None else round(left, 1)}
+
     def set(self, n: int) -> None:
         self.n = min(int(n), self.total)
         if not self.enabled or self.closed:
             return
+        self._publish()
         if self.tty:
             now = time.monotonic()
             if now - self._drawn_at >= REDRAW_S or self.n >= self.total:
@@ -91,6 +103,20 @@ class Progress:
             self._next_pct = (pct // self.every + 1) * self.every
             self.stream.write(f"[alignpipe] {self.label}: {pct}%  {self._line()}\n")
             self.stream.flush()
+
+    def _publish(self) -> None:
+        """The bar into the running stage's `progress.json` (at most every PUBLISH_S, always at the end), where
+        `alignpipe ui` reads a stage's progress and ETA; never while no stage runs, never fatal."""
+        now = time.monotonic()
+        if not _STAGE_LOG or (now - self._published_at < PUBLISH_S and self.n < self.total):
+            return
+        self._published_at = now
+        try:
+            write_json_atomic(_STAGE_LOG[-1].parent / PROGRESS_FILE,
+                              {**self.figures(), "pid": os.getpid(), "updated_at": time.time()},
+                              durable=False)  # no fsync: ~14 ms each on a loaded disk, and nothing depends on it
+        except OSError:
+            pass  # a full disk stops the page's progress, not the training
 
     def close(self) -> None:
         if self.enabled and not self.closed and self.tty:

@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,24 @@ class StageRuns:
 _ACTIVE: list[StageRuns] = []
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+def mlflow_read_back(uri: str, experiment: str) -> str:
+    """How to read alignpipe's local MLflow store with MLflow's own client: MLflow 3 opens a file store only
+    with MLFLOW_ALLOW_FILE_STORE=true (alignpipe sets it for its own writes; a new shell does not have it)."""
+    return (f"[alignpipe] mlflow: runs in the file store {uri}; MLflow 3 reads a file store only with "
+            f"MLFLOW_ALLOW_FILE_STORE=true: MLFLOW_ALLOW_FILE_STORE=true python -c \"import mlflow; "
+            f"mlflow.set_tracking_uri('{uri}'); print(mlflow.search_runs(experiment_names=['{experiment}']))\" "
+            "(or set MLFLOW_TRACKING_URI to your server or database before the run)")
+
+
 def start(ctx, config: dict[str, Any]) -> StageRuns:
     """Open one run per tracker for the stage (none for tensorboard: its files are the stage's `logs/`)."""
     handles: dict[str, Any] = {}
@@ -128,11 +147,13 @@ def start(ctx, config: dict[str, Any]) -> StageRuns:
         if not verbose():  # its INFO lines ("creating experiment ...") are not the console's business
             logging.getLogger("mlflow").setLevel(logging.WARNING)
 
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or ctx.recipe.name
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for a database otherwise
             os.environ["MLFLOW_TRACKING_URI"] = (ctx.recipe.run_root / "mlruns").resolve().as_uri()
+            _say_once(mlflow_read_back(os.environ["MLFLOW_TRACKING_URI"], experiment))
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or ctx.recipe.name)
+        mlflow.set_experiment(experiment)
         mlflow.start_run(run_name=ctx.name, tags={k: str(v) for k, v in config.items()})
         handles["mlflow"] = mlflow
     if "wandb" in wanted:

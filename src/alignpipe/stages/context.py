@@ -68,11 +68,11 @@ class StageContext:
         version is found in the stage's history after a re-run), or the recipe's model as written."""
         if self.parent_dir is not None:
             return {"stage": self.config.from_, "manifest_sha256": manifest_hash(self.parent_dir)}
-        return {"path": self.recipe.model.path}
+        return {"path": self.recipe.model_source}
 
     def load_tokenizer(self):
         """The tokenizer this stage starts from, with the recipe's chat template applied."""
-        source = checkpoint_dir(self.parent_dir) if self.parent_dir else self.recipe.model.path
+        source = checkpoint_dir(self.parent_dir) if self.parent_dir else self.recipe.model_source
         tok = load_tokenizer(source, self.recipe.model)
         if self.chat_template is not None:
             tok.chat_template = self.chat_template
@@ -91,7 +91,7 @@ class StageContext:
         if self.parent_dir is not None:
             model = load_stage_model(self.parent_dir, self.recipe.model, model_class)
         else:
-            model = load_pretrained(self.recipe.model.path, self.recipe.model, model_class)
+            model = load_pretrained(self.recipe.model_source, self.recipe.model, model_class)
         if self.kind.chat:
             add_stop_token(model, self._stop_token_id)
         return model

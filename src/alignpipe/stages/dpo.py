@@ -39,8 +39,9 @@ OTHER_TRAINERS = {
     "cpo": "CPO is stage kind cpo",
     "kto": "KTO is stage kind kto, on unpaired data",
 }
-# The stage's loss when the recipe names none: DPO plus TRL's SFT term on the chosen responses (docs/dpo.md).
-DEFAULT_LOSS_TYPE, DEFAULT_LOSS_WEIGHTS = ("sigmoid", "sft"), (1.0, 2.0)
+# The stage's loss when the recipe names none: TRL's (DPOConfig.loss_type ["sigmoid"], no weights). The default
+# recipe's [sigmoid, sft] with weights [1, 2] is written in recipes/default.yaml, where it was tuned (docs/dpo.md).
+DEFAULT_LOSS_TYPE = ("sigmoid",)
 TRAIN_SLICE = 300  # training pairs whose implicit rewards are reported beside the held-out pairs'
 
 
@@ -88,14 +89,14 @@ def pair_counts(trainer, stage: str, train_rows: int, heldout_rows: int) -> dict
     """How many pairs the trainer really uses. TRL 1.16 drops a pair whose prompt alone fills max_length
     (with truncation_mode keep_start the collator would cut every completion token): count what it kept."""
     kept = len(trainer.train_dataset)
-    heldout = len(trainer.eval_dataset["heldout"])
+    heldout, train_slice = len(trainer.eval_dataset["heldout"]), len(trainer.eval_dataset["train"])
     counts = {"pairs_trained_on": kept, "pairs_held_out": heldout,
               "pairs_dropped_prompt_too_long": (train_rows - kept) + (heldout_rows - heldout)}
     dropped = (f"; dropped {train_rows - kept} training and {heldout_rows - heldout} held-out pairs whose prompt "
                f"alone fills max_length {trainer.args.max_length} (raise max_length to keep them)"
                if counts["pairs_dropped_prompt_too_long"] else "")
-    print(f"[alignpipe] stage {stage}: {kept} pairs trained on, {heldout} held out"
-          f"{dropped}", flush=True)
+    print(f"[alignpipe] stage {stage}: {kept} pairs trained on, {heldout} held out{dropped}; implicit rewards "
+          f"measured on the {heldout} held-out pairs and {train_slice} of the training pairs", flush=True)
     return counts
 
 
@@ -113,7 +114,51 @@ def implicit_reward_metrics(trainer) -> dict:
         row = trainer.state.log_history[-1]
         metrics[f"{prefix}dpo_loss"] = out[f"eval_{split}_loss"]
         metrics.update({prefix + new: row[f"eval_{old}"] for old, new in names.items() if f"eval_{old}" in row})
+        metrics[f"{prefix}implicit_accuracy_n"] = len(trainer.eval_dataset[split])  # the pairs the rates are of
     return metrics
+
+
+def trainer_defaults() -> dict:
+    """The DPOConfig values this kind sets when the recipe's `trainer:` does not: a CPU-sized budget (TRL's own
+    are 3 epochs at learning rate 1e-6), TRL's loss and beta. Reference log-probs are computed once up front,
+    in one process only: TRL 1.16 caches them next to the dataset, and an in-memory dataset's cache folder is a
+    private temp folder per process (rank 1 then cannot find rank 0's file)."""
+    return dict(max_length=DEFAULT_MAX_LENGTH, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+                learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1,
+                loss_type=list(DEFAULT_LOSS_TYPE), precompute_ref_log_probs=world_size() == 1)
+
+
+def describe_loss(args) -> str:
+    """`sigmoid` or `1 x sigmoid + 2 x sft`, with beta: what the stage trains on, said at its start."""
+    types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    weights = args.loss_weights or [1.0] * len(types)
+    terms = " + ".join(f"{w:g} x {t}" for t, w in zip(types, weights)) if len(types) > 1 else types[0]
+    return f"{terms}, beta {args.beta:g}"
+
+
+def check_prompts_fit(stage: str, where: str, tokenizer, model, args, rows: dict[str, list[dict]]) -> None:
+    """Stop with one line, before TRL's constructor, when TRL would drop every training or held-out pair: it drops a
+    pair whose prompt alone fills max_length, then its reference pass fails on nothing (`torch.cat(): expected a
+    non-empty list`). Prompt lengths are the chat template's, as TRL tokenizes them; the first prompt that fits ends
+    the check (one prompt rendered, in the usual case)."""
+    if args.max_length is None or getattr(args, "truncation_mode", "keep_start") != "keep_start":
+        return
+
+    def length(row) -> int:
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for what, pairs in rows.items():
+        if not pairs or any(length(r) < args.max_length for r in pairs):
+            continue
+        lengths = sorted(length(r) for r in pairs)
+        limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        suggest = min(limit, (lengths[int(0.9 * (len(lengths) - 1))] // 64 + 2) * 64)
+        raise RecipeError(f"every one of the {len(pairs)} {what} pairs has a prompt of at least max_length "
+                          f"{args.max_length} tokens (prompts: median {lengths[len(lengths) // 2]}, max {lengths[-1]}), "
+                          "so TRL would drop them all", where=where, key=f"stages.{stage}.trainer.max_length",
+                          fix=f"raise it: --set stages.{stage}.trainer.max_length={suggest} (the model reads at most "
+                              f"{limit} tokens), or use shorter prompts")
 
 
 def build_trainer(ctx: StageContext):
@@ -144,20 +189,14 @@ def build_trainer(ctx: StageContext):
     eval_ds = {"heldout": Dataset.from_list(heldout_rows),
                "train": train_ds.select(range(min(TRAIN_SLICE, len(train_ds))))}
 
-    # Defaults measured on the embedded world (docs/dpo.md): plain sigmoid DPO over-optimises there, the SFT
-    # term on the chosen responses keeps the policy fluent. Reference log-probs are computed once up front,
-    # in one process only: TRL 1.16 caches them next to the dataset, and an in-memory dataset's cache
-    # folder is a private temp folder per process (rank 1 then cannot find rank 0's file).
-
-    defaults = dict(max_length=DEFAULT_MAX_LENGTH, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=2e-4,
-                    lr_scheduler_type="cosine", warmup_steps=5, max_steps=100, beta=0.1,
-                    precompute_ref_log_probs=world_size() == 1)
-    if "loss_type" not in ctx.config.trainer:  # our weights belong to our loss list only
-        defaults.update(loss_type=list(DEFAULT_LOSS_TYPE), loss_weights=list(DEFAULT_LOSS_WEIGHTS))
-    args = ctx.trainer_args(trainer_config_class(), **defaults)
+    args = ctx.trainer_args(trainer_config_class(), **trainer_defaults())
+    check_prompts_fit(ctx.name, str(ctx.recipe.path), tokenizer, model, args,
+                      {"training": train_rows, "held-out": heldout_rows})
+    print(f"[alignpipe] stage {ctx.name}: loss {describe_loss(args)}", file=sys.stderr, flush=True)
     if args.precompute_ref_log_probs:  # done inside DPOTrainer's constructor, with TRL's own bar on a terminal
-        print(f"[alignpipe] stage {ctx.name}: reference log-probs of {len(train_ds)} training and "
-              f"{sum(len(d) for d in eval_ds.values())} held-out pairs", file=sys.stderr, flush=True)
+        print(f"[alignpipe] stage {ctx.name}: reference log-probs of the pairs TRL keeps (prompt shorter than "
+              f"max_length {args.max_length}; counted on the next line), computed once before training",
+              file=sys.stderr, flush=True)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     return trainer, reference, {**pair_counts(trainer, ctx.name, len(train_rows), len(heldout_rows)),

@@ -86,7 +86,7 @@ def implicit_reward_metrics(trainer) -> dict:
              "rewards/chosen": "implicit_reward_chosen", "rewards/rejected": "implicit_reward_rejected",
              "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected", "nll_loss": "nll_loss",
              "log_odds_ratio": "log_odds_ratio"}
-    metrics = {"heldout_loss": out["eval_loss"]}
+    metrics = {"heldout_loss": out["eval_loss"], "implicit_accuracy_n": len(trainer.eval_dataset)}
     metrics.update({new: float(out[f"eval_{old}"]) for old, new in names.items() if f"eval_{old}" in out})
     return metrics
 
