@@ -41,7 +41,10 @@ DIRECTION = {"refusal_rate_harmful": 1, "over_refusal_rate": -1, "injection_rate
 
 
 def safety_metrics(ctx, policy, tokenizer, sample) -> dict:
-    """The safety figures of a policy stage (module docstring), or {} when it has no safety suite."""
+    """The safety figures of a chat policy stage (module docstring), or {} when it has no safety suite (or is
+    pretraining: a plain language model is not asked chat requests)."""
+    if not ctx.kind.chat:
+        return {}
     suite = safety_suite(ctx)
     if not suite:
         return {}
