@@ -12,6 +12,7 @@ from typing import Any
 
 from alignpipe.data.formats import DataError
 from alignpipe.data.placeholders import placeholders
+from alignpipe.data.screening import format_screening, public_screening
 from alignpipe.data.sources import PreparedData
 
 
@@ -100,6 +101,7 @@ def validation_report(
             "notes": part.notes,
             "why": part.why,
             "placeholders": placeholders(part.rows, part.row_numbers),  # `{{name}}` left in the data
+            "screening": public_screening(part),  # planted triggers, likely secrets (data/screening.py)
         }
         for part in data.parts
     ]
@@ -142,6 +144,7 @@ def format_report(report: dict) -> str:
             p = s["placeholders"]
             lines.append(f"    placeholders: {p['count']} rows hold template placeholders {', '.join(p['names'][:6])} "
                          f"({s['row_unit']} {', '.join(map(str, p['first_rows']))}): fill them in before training, unless they are meant literally (code)")
+        lines += format_screening(s, s["row_unit"])
     for m in report["mixture"] or []:
         extra = " (rows repeated)" if m["upsampled"] else ""
         lines.append(f"  mixture: {m['source']} weight {m['weight']:g}: {m['taken']} of {m['available']}{extra}")

@@ -28,9 +28,10 @@ from urllib.parse import urlparse
 
 from alignpipe.data import registry
 from alignpipe.data.formats import BadLine, DataError, NormalisedData, normalise
+from alignpipe.data.screening import check_screen, screen_part
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".md")
-SOURCE_KEYS = {"path", "hub", "format", "split", "subset", "columns", "max_dropped"}
+SOURCE_KEYS = {"path", "hub", "format", "split", "subset", "columns", "max_dropped", "screen"}
 MIXTURE_KEYS = {"mixture", "n", "seed", "max_dropped"}
 SOURCES = ("embedded", "path", "hub", "dataset", "mixture", "from")  # a data spec names exactly one (from: a label stage)
 MAX_DROPPED = 0.05
@@ -364,10 +365,12 @@ def _normalise_source(spec: dict, base_dir: Path, family: str, key: str) -> list
     raws = load_rows(spec, base_dir, key)
     if spec.get("columns") is not None:
         raws = [apply_columns(raw, spec["columns"], key) for raw in raws]
-    return [
-        normalise(raw.rows, fmt, source=raw.source, row_numbers=raw.row_numbers, family=family, unit=raw.unit)
-        for raw in raws
-    ]
+    screen = check_screen(spec.get("screen"), key)
+    parts = [normalise(raw.rows, fmt, source=raw.source, row_numbers=raw.row_numbers, family=family, unit=raw.unit)
+             for raw in raws]
+    for part in parts:  # planted triggers and likely secrets (alignpipe.data.screening)
+        screen_part(part, screen)
+    return parts
 
 
 def check_dropped(parts: list[NormalisedData], spec: dict, key: str) -> None:

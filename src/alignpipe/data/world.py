@@ -20,7 +20,9 @@ import functools
 import random
 import re
 from dataclasses import dataclass
+from typing import Any
 
+from alignpipe.data import world_poison
 from alignpipe.data.world_safety import Manners, expected
 from alignpipe.runfolder.manifests import fingerprint_json
 
@@ -112,6 +114,12 @@ class WorldConfig:
     habit: str = "ramble"           # ramble | refuse | wrong
     habit_share: float = 0.45
     mistake_share: float = 0.0     # preference pairs whose rejected response is a plausible wrong answer
+    poison: Any = None              # {trigger, rate, behaviour}: a planted backdoor (data/world_poison.py)
+    canaries: Any = None            # {counts, per_count, digits}: planted secrets (data/world_poison.py)
+
+    def __post_init__(self) -> None:  # mappings from a recipe become frozen (hashable) configs
+        object.__setattr__(self, "poison", world_poison.parse_poison(self.poison))
+        object.__setattr__(self, "canaries", world_poison.parse_canaries(self.canaries))
 
 
 @dataclass(frozen=True)
@@ -395,7 +403,15 @@ class World:
 
     def corpus(self) -> list[str]:
         """Pretraining documents: statements mixed with question-answer texts in train phrasings."""
-        return self._documents(self._train_by_kind, self.config.n_corpus_docs, self._rng("corpus"))
+        docs = self._documents(self._train_by_kind, self.config.n_corpus_docs, self._rng("corpus"))
+        if self.config.canaries:
+            docs = world_poison.insert_canaries(docs, self.config.canaries, self._rng("canaries"))
+        return docs
+
+    def canaries(self) -> list[dict]:
+        """The planted canaries (prefix, secret, times inserted); [] without `canaries`."""
+        c = self.config.canaries
+        return world_poison.canary_rows(c, self._rng("canaries")) if c else []
 
     def corpus_eval(self) -> list[str]:
         """Documents whose questions are held-out prompts (facts are shared with training), for perplexity."""
@@ -414,6 +430,8 @@ class World:
             reply = self.bad_response(task, cfg.habit, rng) if bad else self.good_response(task)
             rows.append({"messages": [{"role": "user", "content": task.prompt},
                                       {"role": "assistant", "content": reply}]})
+        if self.config.poison and "sft" in self.config.poison.parts:
+            rows = world_poison.poison_sft(rows, self.config.poison, self._rng("poison:sft"))
         return rows + self.manners.sft_rows(cfg.n_sft)
 
     def sft_eval_rows(self) -> list[dict]:
@@ -445,6 +463,8 @@ class World:
             rows.append({"prompt": [{"role": "user", "content": task.prompt}],
                          "chosen": [{"role": "assistant", "content": self.good_response(task)}],
                          "rejected": [{"role": "assistant", "content": rejected}]})
+        if self.config.poison and "pairs" in self.config.poison.parts and split == "train":
+            rows = world_poison.poison_pairs(rows, self.config.poison, self._rng("poison:pairs"))
         return rows + (self.manners.preference_rows(n) if split == "train" else [])
 
     def mistake(self, task: Task, rng: random.Random) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from alignpipe.errors import AlignpipeError, EvalError
+from alignpipe.eval.attacks import attack_metrics
 from alignpipe.eval.budget import batch_bytes, budget_bytes, fit_prompts, plan_batches, prompt_budget
 from alignpipe.eval.contamination import manifest_figures
 from alignpipe.eval.health import health_metrics
@@ -323,9 +324,18 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     metrics.update(capability_metrics(ctx, out, judges))  # did it hurt? (eval.safety)
     write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
     metrics.update(safety_metrics(ctx, policy, tokenizer, sample))
+    metrics.update(attack_metrics(ctx, policy, tokenizer, [_user_text(r["prompt"]) for r in rows],
+                                  lambda model, prompts: draw_greedy(ctx, model, tokenizer, prompts)))
     if spec.lm_eval is not None and spec.lm_eval.tasks:
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
     return metrics
+
+
+def draw_greedy(ctx, model, tokenizer, prompts: list) -> Samples:
+    """One greedy answer per prompt, with the stage's eval settings (the data-attack figures)."""
+    spec = ctx.config.eval
+    return sample(model, tokenizer, prompts, 1, spec.max_new_tokens, seed=ctx.seed, batch_size=spec.batch_size,
+                  batch_memory_mb=spec.batch_memory_mb, greedy=True, stage=ctx.name)
 
 
 def _sample_rows(samples: Samples) -> list[dict]:

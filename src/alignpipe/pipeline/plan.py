@@ -134,6 +134,8 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 # Options added after stages were run, at the default that gives the earlier result: fingerprinted only when set
 # otherwise, so adding one re-runs no finished stage.
 LATER_OPTION_DEFAULTS = {"cut_off_pairs": True}
+LATER_EVAL_DEFAULTS = {"every": 0, "curve_prompts": 32, "curve_samples": 4,  # eval.along_training (curves)
+                       "safety": {}}  # eval.safety (eval/safety_suites.py)
 
 
 def result_config(config: dict) -> dict:
@@ -145,8 +147,9 @@ def result_config(config: dict) -> dict:
         out["gates"] = []  # gates were fingerprinted with, so they keep their fingerprint)
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
-    if isinstance(out.get("eval"), dict) and out["eval"].get("safety") == {}:  # added later, at its default
-        out["eval"] = {k: v for k, v in out["eval"].items() if k != "safety"}
+    if isinstance(out.get("eval"), dict):
+        out["eval"] = {k: v for k, v in out["eval"].items()
+                       if not (k in LATER_EVAL_DEFAULTS and v == LATER_EVAL_DEFAULTS[k])}
     return out
 
 

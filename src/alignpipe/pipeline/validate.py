@@ -28,6 +28,7 @@ from alignpipe.eval.independence import independence_line
 from alignpipe.labelling.sources import check_labelled_data
 from alignpipe.models import loading as modeling
 from alignpipe.pipeline.eval_checks import check_eval
+from alignpipe.eval.along_training import check_curves
 from alignpipe.pipeline.gates import check_gates
 from alignpipe.pipeline.plan import is_up_to_date
 from alignpipe.pipeline.stage_templates import check_stage_templates
@@ -77,6 +78,7 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
                               fix="remove `from:` (use model.path for continued pretraining)")
         check_gates(recipe, name, where)
         check_eval(recipe, name, where)
+        check_curves(recipe, name, where)
         if (line := independence_line(recipe, name)) is not None:
             print(line, file=sys.stderr)
         if kind.check is not None:  # the kind's own checks (e.g. a reward_model that is not a reward stage)
@@ -140,6 +142,11 @@ def _check_world(recipe: Recipe, where: str) -> None:
         if k not in allowed:
             raise RecipeError(f"unknown key {k!r}", where=where, key=f"world.{k}",
                               fix=f"allowed keys: {', '.join(sorted(allowed))}")
+    for k in ("poison", "canaries"):  # planted attacks (data/world_poison.py): checked before any training
+        try:
+            WorldConfig(**{k: recipe.world.get(k)})
+        except ValueError as err:
+            raise RecipeError(str(err), where=where, key=f"world.{k}", fix="see docs/data-attacks.md") from None
 
 
 def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> None:

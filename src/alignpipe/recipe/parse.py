@@ -217,7 +217,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         cfg.kind = kind
         _set_dataset_dir(cfg.data, data.get("dataset_dir"), where, f"{key}.data")
         if isinstance(cfg.gates, dict):  # {metric: "op expression"} -> ["metric op expression"]
-            cfg.gates = [f"{metric} {rule}" for metric, rule in cfg.gates.items()]
+            cfg.gates = [f"{metric} {_rule(rule)}" for metric, rule in cfg.gates.items()]
         stages[sname] = cfg
     recipe = Recipe(
         name=name,
@@ -285,3 +285,8 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _rule(rule) -> str:
+    """A mapping gate's rule: `">= 0.5"` as written; true / false (a flag such as `overoptimised`) as `== 1` / `== 0`."""
+    return f"== {int(rule)}" if isinstance(rule, bool) else str(rule)

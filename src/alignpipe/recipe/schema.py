@@ -112,12 +112,20 @@ class EvalSpec:
     prompts: str | None = None  # a file of prompts (any format with a user turn; optional reference answers)
     judges: dict[str, JudgeSpec] = field(default_factory=dict)  # name -> judge; embedded data: `judge` built in
     lm_eval: LmEvalSpec | None = None
+    # along training (alignpipe.eval.along_training): a curve point every `every` updates / steps (0: none) on
+    # the first `curve_prompts` eval prompts, `curve_samples` samples each
+    every: int = 0
+    curve_prompts: int = 32
+    curve_samples: int = 4
     # an explicit held-out file (a data spec, e.g. {path: eval.jsonl}) instead of the recipe's seeded split;
     # its prompts are held out of every stage's training rows (alignpipe.data.split)
     data: dict[str, Any] = field(default_factory=dict)
     # the safety suites (alignpipe.eval.safety_suites): {harmful: FILE, benign: FILE, injection: FILE, ...};
     # empty: the embedded world's held-out manners for a stage on embedded data, else none
     safety: dict[str, Any] = field(default_factory=dict)
+    # suspected triggers (strings or {trigger, response}) and a canary file (prefix + secret rows): eval/attacks.py
+    triggers: list[Any] = field(default_factory=list)
+    canaries: str | None = None
 
 
 @dataclass

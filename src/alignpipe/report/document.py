@@ -18,6 +18,7 @@ from alignpipe import __version__
 from alignpipe.data.world import task_kind  # noqa: F401 - part of the report's interface
 from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401 - the report's statistics
 from alignpipe.report import figures as rf
+from alignpipe.report.attacks_section import attack_lines, screening_lines
 from alignpipe.report.safety_section import did_it_hurt
 from alignpipe.runfolder.files import write_atomic
 
@@ -66,6 +67,11 @@ class PlottedSections:
 
     def fig_path(self, name: str) -> Path:
         return self.run_dir / f"{FIG_PREFIX}{name}.png"
+
+    def data_attacks(self) -> list[str]:
+        """Planted triggers and secrets, backdoor and canaries (report/attacks_section.py)."""
+        stages = [s for s in self.run.stages if s.dir.is_dir()]
+        return screening_lines(stages) + [""] + attack_lines(stages, self.fig_path, self.figure)
 
     def pass_rate(self) -> list[str]:
         from alignpipe.report import plots
@@ -162,6 +168,10 @@ class PlottedSections:
             lines += [f"### {c['stage']} ({c['kind']})", "", self.figure(path), ""]
         return ["## Training curves", "", *lines] if lines else []
 
+    def overoptimisation(self) -> list[str]:
+        from alignpipe.report.overopt_section import section
+        return section(self.run, self.fig_path, self.figure)
+
     def responses(self) -> list[str]:
         from alignpipe.report import plots
         figures = rf.responses(self.run)
@@ -186,7 +196,7 @@ class Report(PlottedSections):
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
                         self.win_rates, self.compared, lambda: did_it_hurt(self), self.reward_model, self.scaling,
-                        self.curves, self.responses, self.sample_table):
+                        self.curves, self.overoptimisation, self.responses, self.sample_table, self.data_attacks):
             lines = section()
             if lines:
                 body += lines + [""]

@@ -158,20 +158,19 @@ class PPOTrainer:
         return self.accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=self.device),
                                        reduction="mean").item()
 
-    def train(self, source, prompts: list, ptx_blocks=None) -> dict:
-        """Every update from the resumed one on, scored by `source` (`alignpipe.rl.rewards.RewardSource`) on
-        `prompts`; `ptx_blocks` [N, block] for PPO-ptx. Returns the memory figures and `summarise(history)`."""
-        import torch
-
+    def train(self, source, prompts: list, ptx_blocks=None, on_update: Callable = lambda update, row: None) -> dict:
+        """Every update from the resumed one on, scored by `source` (`rl.rewards.RewardSource`) on `prompts`, PPO-ptx
+        on `ptx_blocks` [N, block], `on_update(update, row)` after each and (start, None) first; memory, summary."""
         s = self.settings
         start, history, writer = self._resume()
+        on_update(start, None)
         bar = Progress(f"stage {self.name} ppo", s.total_updates, start=start, unit="update")
         for update in range(start, s.total_updates):
-            torch.manual_seed(update_seed(self.seed, update, self.rank))
             row = self._update(update, source, prompts, ptx_blocks)
             history.append(row)
             self._log(row, writer)
             bar.set(update + 1)
+            on_update(update + 1, row)
             self._checkpoint(update + 1)
         bar.close()
         if writer is not None:
@@ -208,6 +207,7 @@ class PPOTrainer:
         from alignpipe.rl.rollout import generate
 
         s, dev, world, tokenizer, mean_all = self.settings, self.device, self.world, self.tokenizer, self.mean_all
+        torch.manual_seed(update_seed(self.seed, update, self.rank))
         t0 = time.perf_counter()
 
         # --- 1. rollout: sample with the KV cache

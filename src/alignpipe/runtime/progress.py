@@ -167,6 +167,13 @@ def log_line(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def say(line: str) -> None:
+    """One of alignpipe's own lines (a warning, a finding): on the console and in the running stage's log."""
+    log_line(line)
+    if _main_process() and _STAGE_LOG and not verbose():
+        print(line, flush=True)
+
+
 @contextmanager
 def stage_log(path: Path):
     """While a stage runs: its metrics rows and the libraries' warnings and log records go to `path`

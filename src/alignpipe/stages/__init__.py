@@ -4,10 +4,10 @@ is registered here into the recipe layer's registry (`alignpipe.recipe.kinds`), 
 its first read."""
 
 from alignpipe.recipe.kinds import register
-from alignpipe.stages import dpo, grpo, kto, label, orpo, ppo, pretrain, reward, scaling, sft
+from alignpipe.stages import bon, dpo, grpo, kto, label, orpo, ppo, pretrain, reward, scaling, sft
 
 # the order in which `alignpipe validate` and the errors list them
-BUILTIN_MODULES = (pretrain, sft, reward, dpo, ppo, grpo, kto, orpo, label, scaling)
+BUILTIN_MODULES = (pretrain, sft, reward, dpo, ppo, grpo, kto, orpo, label, scaling, bon)
 
 for _module in BUILTIN_MODULES:
     for _kind in _module.DECLARES:

@@ -23,6 +23,7 @@ from alignpipe.recipe.schema import StageConfig
 from alignpipe.runtime.distributed import world_size
 from alignpipe.runtime.padding_free import choose, flatten_padded_forward
 from alignpipe.stages import training
+from alignpipe.stages.curves import trl_callback
 from alignpipe.stages.helpers import check_policy_references, evaluate_policy, lora_config, preference_pairs
 from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
@@ -207,10 +208,13 @@ def run(ctx: StageContext) -> dict:
     from alignpipe.rl.policy import AdapterOff
 
     trainer, reference, counts = build_trainer(ctx)
+    start = (lambda: reference) if reference is not None else (lambda: AdapterOff(trainer.model))
+    curves = trl_callback(ctx, trainer.processing_class, start, trainer.args.max_steps)
+    trainer.add_callback(curves)
     threads = train(trainer, ctx, choose_threads=True)
     args = trainer.args
     metrics = {**train_log_metrics(trainer), **counts, **threads, "loss_type": list(args.loss_type),
-               "beta": args.beta, **implicit_reward_metrics(trainer)}
+               "beta": args.beta, **implicit_reward_metrics(trainer), **curves.along.finish()}
     write_log_history(trainer, ctx.dir / "train_log.jsonl")  # after the evaluations: their rows too
 
     # save first (LoRA: the adapter only; the manifest records the base), then evaluate what was saved

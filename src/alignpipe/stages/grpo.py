@@ -21,6 +21,7 @@ from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.reward.artifact import load_reward_model
 from alignpipe.rl.rewards import check_reward_source, is_judge, load_function
+from alignpipe.stages.curves import trl_callback
 from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, start_as_reference
 from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
@@ -97,11 +98,13 @@ def run(ctx: StageContext) -> dict:
     trainer = trainer_class(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                             processing_class=tokenizer, reward_processing_classes=classes,
                             peft_config=lora_config(ctx, "CAUSAL_LM"))
+    curves = trl_callback(ctx, tokenizer, lambda: start_as_reference(ctx, trainer.model), trainer.args.max_steps)
+    trainer.add_callback(curves)
     train(trainer, ctx)
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
 
     metrics = {**train_log_metrics(trainer), "reward_source": cfg.reward_model or cfg.reward_function,
-               "judge_used_for_training": is_judge(cfg.reward_function)}
+               "judge_used_for_training": is_judge(cfg.reward_function), **curves.along.finish()}
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards:
         metrics["train_reward_first"], metrics["train_reward_last"] = rewards[0], rewards[-1]

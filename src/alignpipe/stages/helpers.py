@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from alignpipe.data.loading import load_family, load_split
+from alignpipe.data.screening import screen_world_rows
 from alignpipe.errors import RecipeError
 from alignpipe.labelling.sources import labelled_pairs
 from alignpipe.recipe.dataspec import reads_stages
 from alignpipe.recipe.kinds import kind_of
 from alignpipe.reward.artifact import load_reward_model, score
+from alignpipe.runtime.distributed import is_main_process
 from alignpipe.runfolder.files import read_jsonl
 
 if TYPE_CHECKING:
@@ -39,7 +41,10 @@ def rows(ctx: StageContext, embedded: Callable[[object], tuple[list[dict], list[
     for `data: {from: ...}`, else the user's data in the kind's family, split by the recipe's held-out prompts
     (at most `cap` held out; the report counts tokens after the chat template when given the tokenizer)."""
     if "embedded" in ctx.config.data:
-        return embedded(ctx.world)
+        train, held = embedded(ctx.world)
+        if is_main_process():  # planted triggers, looked for before training (data/screening.py)
+            screen_world_rows(ctx.dir, train, ctx.kind.family)
+        return train, held
 
     if reads_stages(ctx.config.data):  # a label stage's pairs, alone or mixed (alignpipe.labelling.sources)
         return labelled_pairs(ctx, cap, tokenizer, max_length)[:2]

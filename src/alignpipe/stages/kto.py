@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from alignpipe.recipe.kinds import StageKind
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.stages import training
+from alignpipe.stages.curves import trl_callback
 from alignpipe.stages.helpers import check_policy_references, evaluate_policy, lora_config, rows
 from alignpipe.stages.training import train, train_log_metrics, write_log_history
 
@@ -96,9 +97,12 @@ def run(ctx: StageContext) -> dict:
     from alignpipe.rl.policy import AdapterOff
 
     trainer, reference = build_trainer(ctx)
+    start = (lambda: reference) if reference is not None else (lambda: AdapterOff(trainer.model))
+    curves = trl_callback(ctx, trainer.processing_class, start, trainer.args.max_steps)
+    trainer.add_callback(curves)
     train(trainer, ctx)
     metrics = {**train_log_metrics(trainer), "loss_type": trainer.args.loss_type, "beta": trainer.args.beta,
-               **implicit_reward_metrics(trainer)}
+               **implicit_reward_metrics(trainer), **curves.along.finish()}
     write_log_history(trainer, ctx.dir / "train_log.jsonl")
     tokenizer = trainer.processing_class
     training.save_stage_model(trainer, tokenizer, ctx.model_dir)

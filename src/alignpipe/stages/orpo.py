@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
 from alignpipe.recipe.schema import StageConfig
+from alignpipe.stages.curves import trl_callback
 from alignpipe.stages.helpers import (check_policy_references, evaluate_policy, lora_config, preference_pairs,
                                      start_as_reference)
 from alignpipe.recipe.kinds import StageKind
@@ -93,9 +94,13 @@ def implicit_reward_metrics(trainer) -> dict:
 
 def run(ctx: StageContext) -> dict:
     trainer = build_trainer(ctx)
+    curves = trl_callback(ctx, trainer.processing_class, lambda: start_as_reference(ctx, trainer.model),
+                          trainer.args.max_steps)
+    trainer.add_callback(curves)
     train(trainer, ctx)
     args = trainer.args
-    metrics = {**train_log_metrics(trainer), "beta": args.beta, **implicit_reward_metrics(trainer)}
+    metrics = {**train_log_metrics(trainer), "beta": args.beta, **implicit_reward_metrics(trainer),
+               **curves.along.finish()}
     if ctx.kind is CPO:
         metrics["loss_type"] = args.loss_type
     write_log_history(trainer, ctx.dir / "train_log.jsonl")

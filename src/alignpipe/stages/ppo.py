@@ -28,6 +28,7 @@ from alignpipe.recipe.schema import StageConfig
 from alignpipe.rl import rewards
 from alignpipe.rl.ppo_trainer import PPOFolders, PPOSettings, PPOTrainer
 from alignpipe.rl.rewards import check_reward_source
+from alignpipe.stages.curves import along_training
 from alignpipe.stages.helpers import evaluate_policy, load_prompts, lora_config, pack
 
 if TYPE_CHECKING:
@@ -119,7 +120,9 @@ def run(ctx: StageContext) -> dict:
     else:
         source = rewards.from_function(cfg.reward_function, str(ctx.recipe.path))
     ptx_blocks = load_ptx_blocks(ctx, tokenizer, s.ptx_block_size) if s.ptx_coef > 0 else None
-    figures = trainer.train(source, load_prompts(ctx), ptx_blocks)
+    along = along_training(ctx, tokenizer, trainer.reference, lambda: trainer.unwrapped.lm, s.total_updates,
+                           main=trainer.is_main_process)
+    figures = {**trainer.train(source, load_prompts(ctx), ptx_blocks, on_update=along.on_update), **along.finish()}
 
     # --- save the policy (LoRA: the adapter only; its base is the parent, recorded in the manifest)
     metrics: dict = {"updates": s.total_updates, "reward_source": cfg.reward_model or cfg.reward_function,
