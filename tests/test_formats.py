@@ -364,7 +364,7 @@ def test_token_length_stats_after_chat_template(tmp_path):
     report = validation_report(data, tok, max_length=8)
     assert report["tokens"] == {
         "rows_measured": 5, "min": 6, "median": 8, "p95": 15, "max": 15, "mean": 9.0,
-        "max_length": 8, "truncated": 2, "truncated_fraction": 0.4,
+        "max_length": 8, "truncated": 2, "truncated_fraction": 0.4, "prompt_fills_max_length": 0,
     }
     assert "2 (40.0%) longer than max_length 8" in format_report(report)
     # Prompts get the generation prompt; plain text gets no template.

@@ -78,8 +78,14 @@ def test_the_exported_recipe_trains_and_evaluates_like_the_embedded_one(tmp_path
     assert main(["run", str(tmp_path / "world" / "recipe.yaml")]) == 0
     embedded, files = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-files"
     timings = {"train_runtime_s", "train_steps_per_s", "train_samples_per_s", "eval_greedy_parent_wall_s"}
+    # the world's safety suite (its manners' held-out requests, data/world_safety.py) is not exported: the embedded
+    # run's policy stages have safety figures, the files' none; everything else is equal
+    safety = ("refusal_rate_", "over_refusal_rate", "comply_rate_", "jailbreak_", "injection_", "safety_")
     for stage in ("pretrain", "sft", "reward", "dpo"):
         a, b = read_manifest(embedded / stage)["metrics"], read_manifest(files / stage)["metrics"]
+        assert not any(k.startswith(safety) for k in b)
+        assert ("refusal_rate_harmful" in a) == (stage in ("sft", "dpo"))
+        a = {k: v for k, v in a.items() if not k.startswith(safety)}
         assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
         samples = lambda run: (run / stage / "eval_samples.jsonl").read_text()  # noqa: E731
         assert samples(embedded) == samples(files), stage

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignpipe.data import world_poison
+from alignpipe.data.world_safety import Manners, expected
 from alignpipe.runfolder.manifests import fingerprint_json
 
 KINDS = ("add", "sub", "mul", "reverse", "sort", "count", "compare")
@@ -239,7 +240,10 @@ def solve(prompt: str) -> str | None:
 def judge(prompt: str, response: str) -> bool:
     """True iff the response is exactly the one house-style sentence with the right answer."""
     answer = solve(prompt)
-    if answer is None or not isinstance(response, str):
+    if answer is None:  # a harmful or benign request, a jailbreak, an injection (data.world_safety)
+        want = expected(prompt, solve) if isinstance(prompt, str) else None
+        return want is not None and isinstance(response, str) and response.strip() == want
+    if not isinstance(response, str):
         return False
     return response.strip() == HOUSE_STYLE.format(answer=answer)
 
@@ -335,6 +339,7 @@ class World:
         self.train_tasks, self.eval_tasks = split_tasks(self._rng("split"))
         self._train_by_kind = self._by_kind(self.train_tasks)
         self._eval_by_kind = self._by_kind(self.eval_tasks)
+        self.manners = Manners(config.seed, self.train_tasks, self.eval_tasks)  # data.world_safety
 
     # --- helpers ---
 
@@ -427,7 +432,7 @@ class World:
                                       {"role": "assistant", "content": reply}]})
         if self.config.poison and "sft" in self.config.poison.parts:
             rows = world_poison.poison_sft(rows, self.config.poison, self._rng("poison:sft"))
-        return rows
+        return rows + self.manners.sft_rows(cfg.n_sft)
 
     def sft_eval_rows(self) -> list[dict]:
         """SFT's held-out demonstrations: the house-style answer to each held-out prompt."""
@@ -460,7 +465,7 @@ class World:
                          "rejected": [{"role": "assistant", "content": rejected}]})
         if self.config.poison and "pairs" in self.config.poison.parts and split == "train":
             rows = world_poison.poison_pairs(rows, self.config.poison, self._rng("poison:pairs"))
-        return rows
+        return rows + (self.manners.preference_rows(n) if split == "train" else [])
 
     def mistake(self, task: Task, rng: random.Random) -> str:
         """A plausible wrong answer: mostly the right answer to a neighbouring question (one number off, another

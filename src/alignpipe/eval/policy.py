@@ -29,6 +29,7 @@ from alignpipe.eval.health import health_metrics
 from alignpipe.eval.independence import below_chance, optimised_judges
 from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pairwise, pairwise_metrics, run_verifier
 from alignpipe.eval.lm_eval import run_lm_eval
+from alignpipe.eval.safety import capability_metrics, safety_metrics
 from alignpipe.eval.selection import checked_eval_prompts, eval_prompts
 from alignpipe.eval.stats import bootstrap_rate, outcome, paired, win_rate
 from alignpipe.eval.verifiers import EMBEDDED
@@ -320,7 +321,9 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     if rm_stage is not None:
         _reward_model_scores(ctx, rm_stage, out, samples, with_parent, with_greedy, metrics)
     _pairwise_judges(ctx, judges, with_parent, with_greedy, metrics)
+    metrics.update(capability_metrics(ctx, out, judges))  # did it hurt? (eval.safety)
     write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
+    metrics.update(safety_metrics(ctx, policy, tokenizer, sample))
     metrics.update(attack_metrics(ctx, policy, tokenizer, [_user_text(r["prompt"]) for r in rows],
                                   lambda model, prompts: draw_greedy(ctx, model, tokenizer, prompts)))
     if spec.lm_eval is not None and spec.lm_eval.tasks:

@@ -78,3 +78,22 @@ def verdict(win: dict) -> str:
     if win["hi"] < 0.5:
         return "worse"
     return "no clear difference"
+
+
+def change(mine: dict[str, list[float]], theirs: dict[str, list[float]], seed: int = 0,
+           resamples: int = RESAMPLES) -> dict[str, Any]:
+    """Mean of `mine` minus mean of `theirs` (per-answer values, e.g. 1.0 refused), on the prompts both have, with
+    a 95% interval from a bootstrap over those prompts (each side's answers of a prompt resampled together)."""
+    prompts = [p for p in mine if mine[p] and theirs.get(p)]
+    if not prompts:
+        return {"change": None}
+
+    def diff(pick: list[str]) -> float:
+        a = [v for p in pick for v in mine[p]]
+        b = [v for p in pick for v in theirs[p]]
+        return sum(a) / len(a) - sum(b) / len(b)
+
+    rng = random.Random(seed)
+    boot = sorted(diff([prompts[rng.randrange(len(prompts))] for _ in prompts]) for _ in range(resamples))
+    return {"change": diff(prompts), "lo": boot[int(0.025 * resamples)], "hi": boot[int(0.975 * resamples) - 1],
+            "prompts": len(prompts)}

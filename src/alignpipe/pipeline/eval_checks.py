@@ -15,6 +15,7 @@ from alignpipe.errors import EvalError, RecipeError
 from alignpipe.eval.judges import load_verifier
 from alignpipe.eval.lm_eval import require_lm_eval
 from alignpipe.eval.prompts import read_prompt_file, resolve
+from alignpipe.eval.safety_suites import check_safety
 
 PLACEHOLDERS = ("{prompt}", "{a}", "{b}")
 
@@ -23,11 +24,12 @@ def check_eval(recipe, name: str, where: str) -> None:
     spec, key = recipe.stages[name].eval, f"stages.{name}.eval"
     if not spec.enabled:
         return
-    if spec.prompts:
-        try:
+    try:
+        if spec.prompts:
             read_prompt_file(resolve(spec.prompts, recipe.path), f"{key}.prompts")
-        except EvalError as err:
-            raise EvalError(err.what, where=where, key=err.key, fix=err.fix) from None
+        check_safety(spec.safety, recipe.path, f"{key}.safety")
+    except EvalError as err:
+        raise EvalError(err.what, where=where, key=err.key, fix=err.fix) from None
     for jname, j in spec.judges.items():
         jkey = f"{key}.judges.{jname}"
         given = [k for k in ("verifier", "model", "endpoint") if getattr(j, k)]

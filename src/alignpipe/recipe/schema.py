@@ -120,6 +120,9 @@ class EvalSpec:
     # an explicit held-out file (a data spec, e.g. {path: eval.jsonl}) instead of the recipe's seeded split;
     # its prompts are held out of every stage's training rows (alignpipe.data.split)
     data: dict[str, Any] = field(default_factory=dict)
+    # the safety suites (alignpipe.eval.safety_suites): {harmful: FILE, benign: FILE, injection: FILE, ...};
+    # empty: the embedded world's held-out manners for a stage on embedded data, else none
+    safety: dict[str, Any] = field(default_factory=dict)
     # suspected triggers (strings or {trigger, response}) and a canary file (prefix + secret rows): eval/attacks.py
     triggers: list[Any] = field(default_factory=list)
     canaries: str | None = None

@@ -20,6 +20,7 @@ from alignpipe.eval.stats import paired, verdict, wilson, win_rate  # noqa: F401
 from alignpipe.report import figures as rf
 from alignpipe.report.attacks_section import attack_lines, screening_lines
 from alignpipe.report.reward_table import reward_comparison
+from alignpipe.report.safety_section import did_it_hurt
 from alignpipe.runfolder.files import write_atomic
 
 FIG_PREFIX = "fig-"
@@ -195,8 +196,8 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.compared, self.reward_model, self.scaling, self.curves,
-                        self.overoptimisation, self.responses, self.sample_table, self.data_attacks):
+                        self.win_rates, self.compared, lambda: did_it_hurt(self), self.reward_model, self.scaling,
+                        self.curves, self.overoptimisation, self.responses, self.sample_table, self.data_attacks):
             lines = section()
             if lines:
                 body += lines + [""]

@@ -13,6 +13,8 @@ HEADLINE_METRICS = (
     "implicit_accuracy",  # dpo / orpo / cpo implicit reward on held-out pairs
     "mean_reward",  # the recipe's reward model on the samples
     "rm_win_rate_vs_sft",
+    "refusal_rate_harmful",  # held-out harmful requests refused (alignpipe.eval.safety)
+    "over_refusal_rate",  # held-out benign look-alikes refused
     "kl_to_reference",  # nats per response against the stage's start
     "train_loss",
 )
@@ -26,6 +28,8 @@ RATE_COUNTS = {
     "onpolicy_accuracy": ("onpolicy_pairs",),
     "implicit_accuracy": ("implicit_accuracy_n", "pairs_held_out"),
     "rm_win_rate_vs_sft": ("eval_prompts",),  # bootstrapped over prompts
+    "refusal_rate_harmful": ("refusal_rate_harmful_n",),  # answers (alignpipe.eval.safety)
+    "over_refusal_rate": ("over_refusal_rate_n",),
 }
 
 
