@@ -90,3 +90,21 @@ def test_the_exported_recipe_trains_and_evaluates_like_the_embedded_one(tmp_path
         assert samples(embedded) == samples(files), stage
     assert all(k in b for k in FIGURES)  # dpo: pass rate, health, KL, reward-model win rates, all equal
     assert "onpolicy_accuracy" in read_manifest(files / "reward")["metrics"]  # the reward stage's own check too
+
+
+def test_the_embedded_screen_is_the_files_screen(tmp_path):
+    """The world's rows of a stage are screened as a file's rows are (triggers and secrets), so the embedded run
+    and the run on the exported files record the same `data_*` metrics, also where the rows are too few for the
+    trigger test (TINY_WORLD's 200 demonstrations)."""
+    from alignpipe.data.screening import check_screen, screen_part, screen_world_rows
+    from alignpipe.eval.attacks import screen_metrics
+
+    world = World(WorldConfig(seed=0, **TINY_WORLD))
+    rows = world.sft_rows()
+    part = type("Part", (), {"rows": rows, "family": "conversations", "row_numbers": list(range(1, len(rows) + 1)),
+                             "notes": [], "drops": None})()
+    screen_part(part, check_screen(None, "data"))
+    written = screen_world_rows(tmp_path, rows, "conversations", verbose=False)
+    assert written["triggers"] == part.screening["triggers"] and written["secrets"] == part.screening["secrets"]
+    found = screen_metrics(tmp_path)
+    assert found == {"data_triggers_flagged": 0, "data_secret_rows": part.screening["secrets"]["rows_flagged"]}
