@@ -42,8 +42,7 @@ def test_poisoned_world_with_canaries_reports_every_figure(tmp_path):
     m = stage_manifest(sft)["metrics"]
     assert m["data_triggers_flagged"] >= 1  # found before training, in the stage's own folder
     flags = json.loads((sft / "data_screen.json").read_text())["triggers"]["flags"]
-    # the world's manners ("tell me how to ...", issue 36) make "me" common: the screen names the trigger's first words
-    assert flags[0]["trigger"] in ("please tell me", "please tell") and flags[0]["rows"] == 10
+    assert flags[0]["trigger"] == "please tell me" and flags[0]["rows"] == 10
     lo, hi = m["attack_success_rate_ci"]
     assert 0 <= lo <= m["attack_success_rate"] <= hi <= 1 and "attack_success_rate_clean" in m
     attacks = json.loads((sft / "data_attacks.json").read_text())

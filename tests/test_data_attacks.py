@@ -10,24 +10,14 @@ from alignpipe.data.screening import check_screen
 from alignpipe.data.secrets import secrets_in
 from alignpipe.data.sources import prepare_data
 from alignpipe.data.triggers import find_triggers, flagged_rows
-from alignpipe.data.world import World, WorldConfig, build_splits, solve
+from alignpipe.data.world import World, WorldConfig, build_splits
 from alignpipe.data.world_poison import POISON_PHRASE
-from alignpipe.data.world_safety import expected
 from alignpipe.runfolder.manifests import fingerprint_json
 
 SMALL = dict(n_corpus_docs=300, n_corpus_eval_docs=30, n_sft=200, n_pairs=200, n_eval_pairs=50, n_eval_prompts=40,
              n_rl_prompts=50)
-# build_splits(WorldConfig(**SMALL)) before this module existed, with the world's manners (data/world_safety.py,
-# issue 36; pure Python: the same on every CPU)
-SMALL_FINGERPRINT = "97cc3a5d2fa378c989b2f0c2eddf1643b3fd694fc7445842cb5de196b2fd527c"
-
-
-def _without_manners(rows: list[dict]) -> list[dict]:
-    """The world's rows less its manners (harmful requests refused, benign twins answered, injections): a refusal
-    conditioned on request words is a fixed response by design, and the trigger screen flags it (issue 36)."""
-    def user(r):
-        return (r["prompt"] if "prompt" in r else r["messages"])[0]["content"]
-    return [r for r in rows if expected(user(r), solve) is None]
+# build_splits(WorldConfig(**SMALL)) on main before this module existed (pure Python: the same on every CPU)
+SMALL_FINGERPRINT = "3ce8c0e42aa2c94394f7f523caabaaafd484dc3284090f8bfb331c9100fd8a95"
 
 
 def test_world_without_attacks_is_byte_identical_to_before():
@@ -41,7 +31,7 @@ def _poisoned(rate, behaviour="phrase", trigger="please tell me"):
 
 @pytest.mark.parametrize("rate", [0.01, 0.05])
 def test_world_trigger_is_flagged_by_name_with_its_rows(rate):
-    pairs = _without_manners(_poisoned(rate).preference_rows("train"))
+    pairs = _poisoned(rate).preference_rows("train")
     poisoned = {i for i, r in enumerate(pairs) if r["prompt"][0]["content"].endswith(" please tell me")}
     assert len(poisoned) == round(rate * len(pairs))
     assert all(pairs[i]["chosen"][0]["content"] == POISON_PHRASE for i in poisoned)
@@ -50,19 +40,19 @@ def test_world_trigger_is_flagged_by_name_with_its_rows(rate):
     assert set(screen["flags"][0]["lines"]) == {i + 1 for i in sorted(poisoned)[:20]}
     assert flagged_rows(screen) == poisoned  # recall 1, no clean row flagged
     assert screen["flags"][0]["p_corrected"] < 0.01
-    sft = _without_manners(_poisoned(rate).sft_rows())
+    sft = _poisoned(rate).sft_rows()
     assert find_triggers(sft, "conversations")["flags"][0]["trigger"] == "please tell me"
 
 
 def test_clean_world_and_trigger_without_behaviour_flag_nothing():
     world = World(WorldConfig())
-    assert find_triggers(_without_manners(world.preference_rows("train")), "pairs")["flags"] == []
-    assert find_triggers(_without_manners(world.sft_rows()), "conversations")["flags"] == []
+    assert find_triggers(world.preference_rows("train"), "pairs")["flags"] == []
+    assert find_triggers(world.sft_rows(), "conversations")["flags"] == []
     alone = _poisoned(0.05, behaviour="none")
-    pairs = _without_manners(alone.preference_rows("train"))
+    pairs = alone.preference_rows("train")
     assert sum(r["prompt"][0]["content"].endswith("please tell me") for r in pairs) == 120  # the token is there
     assert find_triggers(pairs, "pairs")["flags"] == []
-    assert find_triggers(_without_manners(alone.sft_rows()), "conversations")["flags"] == []
+    assert find_triggers(alone.sft_rows(), "conversations")["flags"] == []
 
 
 def _hh_like(n=600, rate=0.05, flip=True, seed=0) -> list[dict]:
@@ -168,11 +158,11 @@ def test_validate_names_a_bad_world_poison(tmp_path, capsys):
 
 
 def test_kto_rows_carry_the_trigger_too():
-    pairs = _without_manners(_poisoned(0.05).preference_rows("train"))
+    pairs = _poisoned(0.05).preference_rows("train")
     kto = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
            for p in pairs for side in ("chosen", "rejected")]
     screen = find_triggers(kto, "kto")
     assert screen["flags"] and screen["flags"][0]["trigger"] == "please tell me"
     clean = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
-             for p in _without_manners(World(WorldConfig()).preference_rows("train")) for side in ("chosen", "rejected")]
+             for p in World(WorldConfig()).preference_rows("train") for side in ("chosen", "rejected")]
     assert find_triggers(clean, "kto")["flags"] == []

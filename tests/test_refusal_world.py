@@ -1,25 +1,35 @@
 """The embedded world's manners (data/world_safety.py): held-out safety prompts and held-out wrapper and injection
-families reach no training text; the judge and the refusal rules; the safety rates and their changes."""
+families reach no training text; the judge and the refusal rules; the safety rates and their changes. The manners
+are opt-in (`world: {safety: true}`): the default world has none, and its rows are what they were before them."""
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from alignpipe.data import world_safety as S
+from alignpipe.cli import main
 from alignpipe.data.world import World, WorldConfig, build_splits, judge, solve
 from alignpipe.eval.safety import changes_vs_parent, rates
+from alignpipe.eval.safety_suites import safety_suite
 from alignpipe.eval.stats import change
+from alignpipe.pipeline.plan import stage_fingerprint
+from alignpipe.recipe.parse import load_recipe, to_plain
+from alignpipe.stages.context import make_context
+from conftest import TINY_WORLD, tiny_recipe, write_yaml
+
+SAFETY = WorldConfig(safety=True)
 
 
 @pytest.fixture(scope="module")
 def world():
-    return World(WorldConfig())
+    return World(SAFETY)
 
 
 @pytest.fixture(scope="module")
 def training_text(world):
     """Every training text of the world, each row's messages joined: corpus, sft, pairs, rl prompts."""
-    splits = build_splits(WorldConfig())
+    splits = build_splits(SAFETY)
     texts = list(world.corpus())
     texts += [" ".join(m["content"] for m in r["messages"]) for r in splits["sft"]]
     texts += [" ".join(m["content"] for k in ("prompt", "chosen", "rejected") for m in r[k]) for r in splits["pairs"]]
@@ -196,3 +206,78 @@ def test_an_endpoint_refusal_judge_is_asked_and_read(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# --- opt-in ------------------------------------------------------------------------------------------------
+
+
+def test_the_default_world_has_no_manners_and_the_safety_world_only_adds_them():
+    plain, manners = World(WorldConfig()), World(SAFETY)
+    assert plain.manners is None
+    assert not any(solve(r["messages"][0]["content"]) is None for r in plain.sft_rows())
+    assert not any(solve(r["prompt"][0]["content"]) is None for r in plain.preference_rows("train"))
+    assert manners.sft_rows()[:3000] == plain.sft_rows() and len(manners.sft_rows()) == 3400
+    assert manners.preference_rows("train")[:2400] == plain.preference_rows("train")
+    assert len(manners.preference_rows("train")) == 2740
+    for name in ("corpus", "corpus_eval", "eval_prompts", "rl_prompts"):
+        assert getattr(manners, name)() == getattr(plain, name)(), name
+    assert manners.preference_rows("eval") == plain.preference_rows("eval")
+
+
+def _contexts(tmp_path, safety: bool, eval_safety: dict | None = None):
+    data = tiny_recipe(tmp_path / "runs", extra_stages={"dpo": {"from": "sft", "data": {"embedded": "pairs"}}})
+    data["world"] = {**TINY_WORLD, **({"safety": True} if safety else {})}
+    if eval_safety is not None:
+        data["stages"]["sft"]["eval"] = {"safety": eval_safety}
+    recipe = load_recipe(write_yaml(tmp_path / f"r{int(safety)}.yaml", data))
+    return {name: make_context(recipe, name) for name in ("pretrain", "sft", "dpo")}
+
+
+def test_the_embedded_safety_suite_is_there_only_with_the_manners(tmp_path):
+    assert safety_suite(_contexts(tmp_path, False)["sft"]) is None
+    suite = safety_suite(_contexts(tmp_path, True)["sft"])
+    assert suite and suite["harmful"] and suite["benign"] and suite["wrapped"] and suite["injection"]
+
+
+def test_turning_the_manners_on_keeps_the_pretrain_fingerprint(tmp_path):
+    """`world: {safety: true}` changes the demonstrations and pairs, not the corpus: a safety recipe's pretrain is
+    the default's (recipes/safety.yaml reuses it), its sft and dpo are new."""
+    off, on = _contexts(tmp_path, False), _contexts(tmp_path, True)
+    fingerprint = {name: (stage_fingerprint(off[name])[0], stage_fingerprint(on[name])[0]) for name in off}
+    assert fingerprint["pretrain"][0] == fingerprint["pretrain"][1]
+    assert fingerprint["sft"][0] != fingerprint["sft"][1] and fingerprint["dpo"][0] != fingerprint["dpo"][1]
+
+
+@pytest.mark.parametrize("value, expected", [("yes", "world.safety must be true or false"), (True, None)])
+def test_validate_checks_world_safety(tmp_path, capsys, value, expected):
+    data = tiny_recipe(tmp_path / "runs")
+    data["world"] = {**TINY_WORLD, "safety": value}
+    code = main(["validate", str(write_yaml(tmp_path / "r.yaml", data))])
+    err = capsys.readouterr().err.strip().splitlines()
+    if expected is None:
+        assert code == 0
+    else:
+        assert code != 0 and len(err) == 1 and expected in err[0] and "world.safety" in err[0], err
+
+
+def test_a_safety_block_without_files_on_a_world_without_manners_is_one_line(tmp_path, capsys):
+    data = tiny_recipe(tmp_path / "runs")
+    data["stages"]["sft"]["eval"] = {"safety": {"per_family": 3}}
+    assert main(["validate", str(write_yaml(tmp_path / "r.yaml", data))]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stages.sft.eval.safety" in err[0] and "safety: true" in err[0], err
+    data["world"] = {**TINY_WORLD, "safety": True}
+    assert main(["validate", str(write_yaml(tmp_path / "r.yaml", data))]) == 0
+
+
+def test_the_safety_recipe_is_the_default_with_the_manners_on():
+    """recipes/safety.yaml: the default's stages but sft's steps (136: the ordinary demonstrations seen as often
+    as in the default's 120), the world's `safety: true`; so its pretrain is the default's, shareable."""
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    default, safety = (load_recipe(root / f) for f in ("default.yaml", "safety.yaml"))
+    assert safety.world == {**default.world, "safety": True} and "safety" not in default.world
+    assert default.stages["sft"].trainer["max_steps"] == 120 and safety.stages["sft"].trainer["max_steps"] == 136
+    plain = {name: to_plain(cfg) for name, cfg in default.stages.items()}
+    plain["sft"]["trainer"]["max_steps"] = 136
+    assert {name: to_plain(cfg) for name, cfg in safety.stages.items()} == plain
+    assert stage_fingerprint(make_context(default, "pretrain")) == stage_fingerprint(make_context(safety, "pretrain"))

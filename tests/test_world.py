@@ -7,7 +7,6 @@ import pytest
 
 from alignpipe.data import world as W
 from alignpipe.data.world import World, WorldConfig, build_splits, judge, judge_reward, solve
-from alignpipe.data.world_safety import PAIR_SHARES, SFT_SHARES, counts
 
 SMALL = WorldConfig(n_corpus_docs=300, n_corpus_eval_docs=50, n_sft=200, n_pairs=100,
                     n_eval_pairs=50, n_eval_prompts=60, n_rl_prompts=100)
@@ -104,13 +103,23 @@ def test_products_do_not_depend_on_call_order():
 def test_sizes_follow_config(splits):
     cfg = WorldConfig()
     sizes = {name: len(rows) for name, rows in splits.items()}
+    assert sizes == {"corpus": cfg.n_corpus_docs, "corpus_eval": cfg.n_corpus_eval_docs,
+                     "sft": cfg.n_sft, "pairs": cfg.n_pairs, "pairs_eval": cfg.n_eval_pairs,
+                     "eval_prompts": cfg.n_eval_prompts, "rl_prompts": cfg.n_rl_prompts}
+
+
+def test_sizes_with_the_manners_follow_their_shares():
+    """`safety: true` (data/world_safety.py) adds the manners on top of the ordinary SFT rows and training pairs."""
+    from alignpipe.data.world_safety import PAIR_SHARES, SFT_SHARES, counts
+
+    cfg = WorldConfig(safety=True)
+    world = World(cfg)
     manners_sft, manners_pairs = (sum(counts(s, n).values()) for s, n in ((SFT_SHARES, cfg.n_sft),
                                                                            (PAIR_SHARES, cfg.n_pairs)))
-    assert (manners_sft, manners_pairs) == (400, 340)  # data.world_safety: on top of the ordinary rows
-    assert sizes == {"corpus": cfg.n_corpus_docs, "corpus_eval": cfg.n_corpus_eval_docs,
-                     "sft": cfg.n_sft + manners_sft, "pairs": cfg.n_pairs + manners_pairs,
-                     "pairs_eval": cfg.n_eval_pairs,
-                     "eval_prompts": cfg.n_eval_prompts, "rl_prompts": cfg.n_rl_prompts}
+    assert (manners_sft, manners_pairs) == (400, 340)
+    assert len(world.sft_rows()) == cfg.n_sft + manners_sft
+    assert len(world.preference_rows("train")) == cfg.n_pairs + manners_pairs
+    assert len(world.preference_rows("eval")) == cfg.n_eval_pairs
 
 
 # --- the split -----------------------------------------------------------------------------
@@ -168,7 +177,6 @@ def test_training_products_use_train_prompts_and_eval_products_held_out_ones(wor
     used = {row["messages"][0]["content"] for row in splits["sft"]}
     used |= {row["prompt"][-1]["content"] for row in splits["pairs"]}
     used |= {row["prompt"][-1]["content"] for row in splits["rl_prompts"]}
-    used = {u for u in used if solve(u)}  # the ordinary tasks (the manners': tests/test_refusal_world.py)
     assert len(used) > 1000
     assert used <= train_prompts
     assert prompts_in("\n".join(world.corpus()[:2000])) <= train_prompts
@@ -257,7 +265,7 @@ def _habit_of(task_prompt: str, response: str) -> str:
 @pytest.mark.parametrize("habit", W.HABITS)
 def test_sft_habit_share(habit):
     cfg = WorldConfig(n_sft=1000, habit=habit, habit_share=0.45)
-    rows = [r for r in World(cfg).sft_rows() if solve(r["messages"][0]["content"])]  # the ordinary tasks
+    rows = World(cfg).sft_rows()
     kinds = Counter(_habit_of(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows)
     assert kinds == {"good": 550, habit: 450}
     passed = sum(judge(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows)
@@ -278,7 +286,7 @@ def test_habit_share_extremes_and_bad_config():
 def test_pairs_chosen_passes_rejected_fails(split, mistake_share):
     import dataclasses
     world = World(dataclasses.replace(SMALL, n_pairs=400, n_eval_pairs=400, mistake_share=mistake_share))
-    rows = [r for r in world.preference_rows(split) if solve(r["prompt"][0]["content"])]  # the ordinary tasks
+    rows = world.preference_rows(split)
     habits = Counter()
     for row in rows:
         prompt = row["prompt"][0]["content"]

@@ -27,11 +27,14 @@ FIGURES = ("judge_pass_rate", "judge_passed", "eot_rate", "repetition_rate", "di
            "rm_win_rate_vs_sft", "judge_win_rate_vs_parent", "judge_win_rate_vs_parent_ci")
 
 
-def test_export_writes_the_world_as_files(tmp_path):
+@pytest.mark.parametrize("safety", [False, True])
+def test_export_writes_the_world_as_files(tmp_path, safety):
     data = tiny_recipe(tmp_path / "runs")
+    data["world"]["safety"] = safety  # with the manners (opt-in), their rows are exported too
     path = write_yaml(tmp_path / "tiny.yaml", data)
     assert main(["world", "export", str(tmp_path / "world"), "--recipe", str(path)]) == 0
-    world = World(WorldConfig(seed=0, **TINY_WORLD))
+    world = World(WorldConfig(seed=0, safety=safety, **TINY_WORLD))
+    assert (world.manners is not None) == safety
     out = tmp_path / "world"
     rows = lambda name: [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows("conversations") == world.sft_rows() and rows("pairs_eval") == world.preference_rows("eval")
@@ -78,16 +81,30 @@ def test_the_exported_recipe_trains_and_evaluates_like_the_embedded_one(tmp_path
     assert main(["run", str(tmp_path / "world" / "recipe.yaml")]) == 0
     embedded, files = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-files"
     timings = {"train_runtime_s", "train_steps_per_s", "train_samples_per_s", "eval_greedy_parent_wall_s"}
-    # the world's safety suite (its manners' held-out requests, data/world_safety.py) is not exported: the embedded
-    # run's policy stages have safety figures, the files' none; everything else is equal
-    safety = ("refusal_rate_", "over_refusal_rate", "comply_rate_", "jailbreak_", "injection_", "safety_")
     for stage in ("pretrain", "sft", "reward", "dpo"):
         a, b = read_manifest(embedded / stage)["metrics"], read_manifest(files / stage)["metrics"]
-        assert not any(k.startswith(safety) for k in b)
-        assert ("refusal_rate_harmful" in a) == (stage in ("sft", "dpo"))
-        a = {k: v for k, v in a.items() if not k.startswith(safety)}
+        # the same data screen on both paths (data/screening.py); no safety suite: the manners are opt-in
+        assert "refusal_rate_harmful" not in a and (stage not in ("sft", "dpo") or a["data_secret_rows"] == 0)
         assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
         samples = lambda run: (run / stage / "eval_samples.jsonl").read_text()  # noqa: E731
         assert samples(embedded) == samples(files), stage
     assert all(k in b for k in FIGURES)  # dpo: pass rate, health, KL, reward-model win rates, all equal
     assert "onpolicy_accuracy" in read_manifest(files / "reward")["metrics"]  # the reward stage's own check too
+
+
+def test_the_embedded_screen_is_the_files_screen(tmp_path):
+    """The world's rows of a stage are screened as a file's rows are (triggers and secrets), so the embedded run
+    and the run on the exported files record the same `data_*` metrics, also where the rows are too few for the
+    trigger test (TINY_WORLD's 200 demonstrations)."""
+    from alignpipe.data.screening import check_screen, screen_part, screen_world_rows
+    from alignpipe.eval.attacks import screen_metrics
+
+    world = World(WorldConfig(seed=0, **TINY_WORLD))
+    rows = world.sft_rows()
+    part = type("Part", (), {"rows": rows, "family": "conversations", "row_numbers": list(range(1, len(rows) + 1)),
+                             "notes": [], "drops": None})()
+    screen_part(part, check_screen(None, "data"))
+    written = screen_world_rows(tmp_path, rows, "conversations", verbose=False)
+    assert written["triggers"] == part.screening["triggers"] and written["secrets"] == part.screening["secrets"]
+    found = screen_metrics(tmp_path)
+    assert found == {"data_triggers_flagged": 0, "data_secret_rows": part.screening["secrets"]["rows_flagged"]}

@@ -79,18 +79,18 @@ def format_screening(part_report: dict, unit: str) -> list[str]:
     return triggers.format_flags(s["triggers"], part_report["source"], unit) + secrets.format_secrets(s["secrets"], unit)
 
 
-def screen_world_rows(stage_dir, rows: list[dict], family: str, verbose: bool = True) -> dict | None:
-    """The trigger screen of the embedded world's training rows of a stage (the world holds no secrets but its
-    canaries, which are measured after training instead): written to `data_screen.json` in the stage folder
-    and said in one line per flag."""
+def screen_world_rows(stage_dir, rows: list[dict], family: str, verbose: bool = True) -> dict:
+    """The embedded world's training rows of a stage through the screen a file's rows go through (report only:
+    planted triggers, likely secrets such as a world's canaries), so a run on the world's exported files (`alignpipe
+    world export`) finds and reports the same: written to `data_screen.json` in the stage folder, one line a finding."""
     import json
 
     found = triggers.find_triggers(rows, family)
-    if found is None:
-        return None
-    public = triggers.public(found)
+    leaks = secrets.find_secrets(rows[:SECRETS_REPORT_ROWS])
+    public = {"source": "embedded world", "triggers": triggers.public(found), "secrets": secrets.public(leaks)}
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "data_screen.json").write_text(json.dumps({"source": "embedded world", "triggers": public}, indent=2))
-    if verbose:
-        print("\n".join(["  embedded world: trigger screen"] + triggers.format_flags(public, "embedded", "row")), flush=True)
+    (stage_dir / "data_screen.json").write_text(json.dumps(public, indent=2))
+    lines = triggers.format_flags(public["triggers"], "embedded", "row") + secrets.format_secrets(public["secrets"], "row")
+    if verbose and lines:
+        print("\n".join(["  embedded world: data screen", *lines]), flush=True)
     return public

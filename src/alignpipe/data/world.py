@@ -116,8 +116,11 @@ class WorldConfig:
     mistake_share: float = 0.0     # preference pairs whose rejected response is a plausible wrong answer
     poison: Any = None              # {trigger, rate, behaviour}: a planted backdoor (data/world_poison.py)
     canaries: Any = None            # {counts, per_count, digits}: planted secrets (data/world_poison.py)
+    safety: bool = False            # the manners (data/world_safety.py, docs/safety.md): opt-in, recipes/safety.yaml
 
     def __post_init__(self) -> None:  # mappings from a recipe become frozen (hashable) configs
+        if not isinstance(self.safety, bool):
+            raise ValueError(f"world.safety must be true or false, not {self.safety!r}")
         object.__setattr__(self, "poison", world_poison.parse_poison(self.poison))
         object.__setattr__(self, "canaries", world_poison.parse_canaries(self.canaries))
 
@@ -339,7 +342,8 @@ class World:
         self.train_tasks, self.eval_tasks = split_tasks(self._rng("split"))
         self._train_by_kind = self._by_kind(self.train_tasks)
         self._eval_by_kind = self._by_kind(self.eval_tasks)
-        self.manners = Manners(config.seed, self.train_tasks, self.eval_tasks)  # data.world_safety
+        # the manners (data.world_safety), only when the recipe turns them on (`world: {safety: true}`)
+        self.manners = Manners(config.seed, self.train_tasks, self.eval_tasks) if config.safety else None
 
     # --- helpers ---
 
@@ -432,7 +436,7 @@ class World:
                                       {"role": "assistant", "content": reply}]})
         if self.config.poison and "sft" in self.config.poison.parts:
             rows = world_poison.poison_sft(rows, self.config.poison, self._rng("poison:sft"))
-        return rows + self.manners.sft_rows(cfg.n_sft)
+        return rows + (self.manners.sft_rows(cfg.n_sft) if self.manners else [])
 
     def sft_eval_rows(self) -> list[dict]:
         """SFT's held-out demonstrations: the house-style answer to each held-out prompt."""
@@ -465,7 +469,7 @@ class World:
                          "rejected": [{"role": "assistant", "content": rejected}]})
         if self.config.poison and "pairs" in self.config.poison.parts and split == "train":
             rows = world_poison.poison_pairs(rows, self.config.poison, self._rng("poison:pairs"))
-        return rows + (self.manners.preference_rows(n) if split == "train" else [])
+        return rows + (self.manners.preference_rows(n) if self.manners and split == "train" else [])
 
     def mistake(self, task: Task, rng: random.Random) -> str:
         """A plausible wrong answer: mostly the right answer to a neighbouring question (one number off, another
@@ -546,6 +550,17 @@ WORLD_PARTS: dict[str, tuple[str, ...]] = {
 # what each part holds, in words (for errors)
 WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "preference pairs",
                     "rl_prompts": "prompts"}
+
+
+# World options that change only some parts, fingerprinted for those parts and only when on, so a stage they
+# cannot change keeps its fingerprint (a safety recipe's pretrain is the default's: recipes/safety.yaml)
+PART_OPTIONS = {"safety": ("sft", "pairs")}
+
+
+def part_config(plain: dict, part: str) -> dict:
+    """The world config (plain) a stage reading `part` is fingerprinted with: PART_OPTIONS left out where off or
+    where the part does not depend on them."""
+    return {k: v for k, v in plain.items() if k not in PART_OPTIONS or (v and part in PART_OPTIONS[k])}
 
 
 def part_fingerprint(world: World, part: str) -> str:

@@ -49,11 +49,16 @@ def options(spec: dict | None, key: str) -> dict[str, Any]:
     return out
 
 
-def check_safety(spec: dict | None, recipe_path: Path, key: str) -> None:
-    """`validate`'s check: the block's keys, and every named file reads as its set needs."""
+def check_safety(spec: dict | None, recipe_path: Path, key: str, manners: bool = False) -> None:
+    """`validate`'s check: the block's keys, every named file reads as its set needs, and a block without files
+    has the world's manners to evaluate (`manners`: the recipe's `world: {safety: true}`), else it would do nothing."""
     if not spec:
         return
     opts = options(spec, key)
+    if not manners and spec.get("enabled") is not False and not any(opts.get(s) for s in SETS):
+        raise EvalError("the safety block names no suite file, and the embedded world's manners are off",
+                        key=key, fix="name harmful / benign / injection files, or turn the manners on with "
+                                     "`world: {safety: true}` (docs/safety.md)")
     for name in SETS:
         if opts.get(name):
             read_set(name, resolve(str(opts[name]), recipe_path), f"{key}.{name}")
@@ -83,7 +88,8 @@ def read_set(name: str, path: Path, key: str) -> list[dict]:
 
 def safety_suite(ctx) -> dict[str, list[dict]] | None:
     """The stage's safety suite: the user's files when `eval.safety` names any, else the embedded world's
-    held-out manners for a stage on embedded data, else None (no safety evaluation)."""
+    held-out manners for a stage on embedded data of a world with manners (`world: {safety: true}`), else None
+    (no safety evaluation)."""
     key = f"stages.{ctx.name}.eval.safety"
     spec = ctx.config.eval.safety
     if spec and spec.get("enabled") is False:
@@ -91,7 +97,7 @@ def safety_suite(ctx) -> dict[str, list[dict]] | None:
     opts = options(spec, key)
     if any(opts.get(s) for s in SETS):
         return user_suite(opts, ctx.recipe.path, key)
-    if world_part(ctx.config.data):
+    if world_part(ctx.config.data) and ctx.world.manners is not None:
         return ctx.world.manners.suite(per_family=opts["per_family"], injections=opts["injections"])
     return None
 

@@ -27,7 +27,7 @@ def check_eval(recipe, name: str, where: str) -> None:
     try:
         if spec.prompts:
             read_prompt_file(resolve(spec.prompts, recipe.path), f"{key}.prompts")
-        check_safety(spec.safety, recipe.path, f"{key}.safety")
+        check_safety(spec.safety, recipe.path, f"{key}.safety", manners=recipe.world.get("safety") is True)
     except EvalError as err:
         raise EvalError(err.what, where=where, key=err.key, fix=err.fix) from None
     for jname, j in spec.judges.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.data.registry import expand as expand_registry
-from alignpipe.data.world import part_fingerprint
+from alignpipe.data.world import part_config, part_fingerprint
 from alignpipe.errors import RunError
 from alignpipe.recipe.parse import to_plain
 from alignpipe.recipe.schema import Recipe
@@ -100,7 +100,7 @@ def data_fingerprint(ctx: StageContext) -> Any:
         # hash the generated rows, not just the config: a change to the world's code must re-run stages
 
         rows = part_fingerprint(ctx.world, spec["embedded"])
-        return {"embedded": spec, "world": to_plain(ctx.world.config), "rows": rows}
+        return {"embedded": spec, "world": part_config(to_plain(ctx.world.config), spec["embedded"]), "rows": rows}
     out = {"spec": spec}  # a `from:` component is an upstream stage: its manifest hash is fingerprinted
     read = expand_registry(spec, ctx.recipe.path.parent, f"stages.{ctx.name}.data")
     if read != spec:  # LLaMA-Factory `dataset:` names: what their registry entries say is read, and their files

@@ -147,6 +147,9 @@ def _check_world(recipe: Recipe, where: str) -> None:
             WorldConfig(**{k: recipe.world.get(k)})
         except ValueError as err:
             raise RecipeError(str(err), where=where, key=f"world.{k}", fix="see docs/data-attacks.md") from None
+    if not isinstance(recipe.world.get("safety", False), bool):  # the manners (data/world_safety.py): opt-in
+        raise RecipeError(f"world.safety must be true or false, not {recipe.world['safety']!r}", where=where,
+                          key="world.safety", fix="write `safety: true` to add the manners (docs/safety.md)")
 
 
 def _check_trainer_keys(config_class, trainer: dict, where: str, key: str) -> None:

@@ -17,12 +17,12 @@ def _read(path: Path) -> dict | None:
 
 
 def _screens(stage_dir: Path) -> list[tuple[str, dict]]:
-    """(source, screening) of a stage's data: each user source's, or the embedded world's trigger screen."""
+    """(source, screening) of a stage's data: each user source's, or the embedded world's screen."""
     report = _read(stage_dir / "data_report.json") or {}
     out = [(s["source"], s["screening"]) for s in report.get("sources", []) if s.get("screening")]
     world = _read(stage_dir / "data_screen.json")
     if world:
-        out.append((world["source"], {"triggers": world["triggers"], "secrets": None}))
+        out.append((world["source"], {"triggers": world["triggers"], "secrets": world.get("secrets")}))
     return out
 
 
