@@ -111,6 +111,8 @@ class WorldConfig:
     habit: str = "ramble"           # ramble | refuse | wrong
     habit_share: float = 0.45
     mistake_share: float = 0.0     # preference pairs whose rejected response is a plausible wrong answer
+    tool_share: float = 0.0        # SFT rows / RL prompts that are calculator tasks (data/world_tools.py; 0: off)
+    tool_demo_share: float = 0.5   # of those SFT rows, the share that demonstrates a calculator call
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,173 @@
+"""Tools (issue 39): the calculator, the tool world, tool calls checked and run, multi-turn rollouts that execute
+tools and mask their results, recipe-named tools and their schemas."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from alignpipe.data import world_tools
+from alignpipe.data.tools import parse_calls, resolve_tools, run_call
+from alignpipe.data.world import World, WorldConfig, build_splits
+from alignpipe.errors import RecipeError
+from alignpipe.models.loading import train_tokenizer
+from alignpipe.recipe.templates import EMBEDDED, EMBEDDED_SPECIAL_TOKENS
+from alignpipe.rl.tool_rollout import run_episode
+from alignpipe.runfolder.manifests import fingerprint_json
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "37 * 48"}}\n</tool_call>'
+
+
+# --- tools named in a recipe, for tests: a raising one, a slow one, one without a schema
+def explode(x: int) -> str:
+    """Always fails.
+
+    Args:
+        x: any number
+    """
+    raise RuntimeError("boom")
+
+
+def sleepy(seconds: float) -> str:
+    """Sleeps.
+
+    Args:
+        seconds: how long
+    """
+    time.sleep(seconds)
+    return "awake"
+
+
+def untyped(x):
+    return x
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [CALL, "<tool_response>1776</tool_response>", "The answer is 1776.", "what is 37 times 48?"] * 20
+    return train_tokenizer(texts, 400, EMBEDDED_SPECIAL_TOKENS, EMBEDDED)
+
+
+def test_calculator_evaluates_arithmetic_and_refuses_anything_else():
+    assert world_tools.calculator("37 * 48") == "1776"
+    assert world_tools.calculator("(2 + 3) * -4 / 2") == "-10"
+    for bad in ("__import__('os').system('true')", "a * 2", "2 ** 1000", "len([1])", "1 +", "(1).real"):
+        with pytest.raises(ValueError):
+            world_tools.calculator(bad)
+    with pytest.raises(ZeroDivisionError):
+        world_tools.calculator("1 / 0")
+
+
+def test_default_world_rows_are_unchanged_by_the_tool_option():
+    """tool_share 0 (the default) builds the plain World; its rows hash as before the tool world existed."""
+    config = WorldConfig(n_corpus_docs=50, n_corpus_eval_docs=10, n_sft=100, n_pairs=20, n_eval_pairs=10,
+                         n_rl_prompts=50)
+    assert type(world_tools.make_world(config)) is World
+    plain = build_splits(config)
+    tooled = world_tools.make_world(WorldConfig(**{**config.__dict__, "tool_share": 0.3}))
+    assert fingerprint_json(plain["corpus"]) == fingerprint_json([{"text": d} for d in tooled.corpus()])
+    assert plain["eval_prompts"] == tooled.eval_prompts()
+    assert plain["sft"] != tooled.sft_rows()
+
+
+def test_tool_world_mixes_demonstrations_and_holds_out_pairs():
+    config = WorldConfig(n_sft=200, n_rl_prompts=100, tool_share=0.5, tool_demo_share=0.4)
+    world = world_tools.ToolWorld(config)
+    rows = world.sft_rows()
+    tool_rows = [r for r in rows if world_tools.solve(r["messages"][0]["content"])[1]]
+    with_call = [r for r in tool_rows if len(r["messages"]) == 4]
+    assert len(rows) == 200 and len(tool_rows) == 100 and len(with_call) == 40
+    assert all(world_tools.tool_judge(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in tool_rows)
+    held = {str(a * b) for a, b in world.tool_eval} & {str(a * b) for a, b in world.tool_train}
+    train_prompts = {r["messages"][0]["content"] for r in tool_rows}
+    eval_rows = world.tool_eval_prompts(20)
+    assert sum(r["needs_tool"] for r in eval_rows) == 20
+    assert not train_prompts & {r["prompt"] for r in eval_rows}, "a held-out pair reached SFT"
+    assert held is not None and sum(1 for r in world.rl_prompts()
+                                    if world_tools.solve(r["prompt"][0]["content"])[1]) == 50
+
+
+def test_calls_are_parsed_checked_and_failures_become_error_results():
+    tools = {**world_tools.default_tools(), **resolve_tools(["test_tools:explode", "test_tools:sleepy"])}
+    (good,) = parse_calls(CALL)
+    assert run_call(good, tools) == ("1776", False)
+    bad = parse_calls('<tool_call>{"name": "calculator"</tool_call> <tool_call>{"name": "nope", "arguments": {}}'
+                      '</tool_call> <tool_call>{"name": "calculator", "arguments": {"expression": 7}}</tool_call>'
+                      ' <tool_call>{"name"')
+    results = [run_call(c, tools) for c in bad]
+    assert [r[1] for r in results] == [True] * 4
+    assert "not JSON" in results[0][0] and "nope" in results[1][0] and "wrong type" in results[2][0]
+    assert "not closed" in results[3][0]
+    (raising,) = parse_calls('<tool_call>{"name": "explode", "arguments": {"x": 1}}</tool_call>')
+    assert run_call(raising, tools) == ("error: RuntimeError: boom", True)
+    (slow,) = parse_calls('<tool_call>{"name": "sleepy", "arguments": {"seconds": 5}}</tool_call>')
+    assert run_call(slow, tools, timeout_s=0.2) == ("error: the tool took longer than 0.2 s", True)
+
+
+def test_a_recipe_named_tool_gets_its_schema_and_a_bad_one_one_line():
+    tools = resolve_tools(["alignpipe.data.world_tools:calculator"])
+    schema = tools["calculator"].schema["function"]
+    assert schema["parameters"]["properties"]["expression"]["type"] == "string"
+    assert schema["parameters"]["required"] == ["expression"] and schema["description"].startswith("Evaluate")
+    with pytest.raises(RecipeError, match="no JSON schema"):
+        resolve_tools(["test_tools:untyped"])
+    with pytest.raises(RecipeError, match="cannot import tool"):
+        resolve_tools(["test_tools:missing"])
+
+
+def scripted(tokenizer, turns: list[str]):
+    """A policy that writes the given turns (each ended with the end-of-turn token), in order."""
+    queue = list(turns)
+
+    def step(ids, budget):
+        return (tokenizer(queue.pop(0), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:budget]
+
+    return step
+
+
+def test_a_rollout_executes_the_tool_and_masks_its_result(tokenizer):
+    tools = world_tools.default_tools()
+    prompt = [{"role": "user", "content": "what is 37 times 48?"}]
+    ep = run_episode(scripted(tokenizer, [CALL, "The answer is 1776."]), tokenizer, prompt, tools, max_tokens=200)
+    assert ep.answered and ep.turns == 2 and ep.final == "The answer is 1776." and ep.failed_calls == 0
+    assert [m["role"] for m in ep.messages] == ["assistant", "tool", "assistant"]
+    assert ep.messages[1]["content"] == "1776"
+    assert world_tools.tool_judge(prompt[0]["content"], ep.final, ep.calls)
+    # the tokens masked out are exactly the tool turn the template writes, and the result is among them
+    masked = tokenizer.decode([t for t, m in zip(ep.completion_ids, ep.mask, strict=True) if m == 0])
+    assert masked == "<|user|><tool_response>1776</tool_response><|end|><|assistant|>"
+    trained = tokenizer.decode([t for t, m in zip(ep.completion_ids, ep.mask, strict=True) if m == 1])
+    assert "1776</tool_response>" not in trained and "The answer is 1776." in trained
+    # the ids are what the template renders for the whole conversation
+    full = tokenizer.apply_chat_template(prompt + ep.messages[:2], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ep.prompt_ids + ep.completion_ids).startswith(full)
+
+
+def test_a_raising_tool_gives_an_error_turn_and_is_counted(tokenizer):
+    tools = {**world_tools.default_tools(), **resolve_tools(["test_tools:explode"])}
+    call = '<tool_call>{"name": "explode", "arguments": {"x": 3}}</tool_call>'
+    ep = run_episode(scripted(tokenizer, [call, "The answer is 1776."]), tokenizer,
+                     [{"role": "user", "content": "what is 37 times 48?"}], tools, max_tokens=200)
+    assert ep.failed_calls == 1 and ep.messages[1] == {"role": "tool", "name": "explode",
+                                                      "content": "error: RuntimeError: boom"}
+    assert ep.answered and not world_tools.tool_judge("what is 37 times 48?", ep.final, ep.calls,
+                                                      tools={"calculator": tools["calculator"]})
+
+
+def test_without_tools_a_call_is_no_answer_and_the_turn_limit_holds(tokenizer):
+    tools = world_tools.default_tools()
+    prompt = [{"role": "user", "content": "what is 37 times 48?"}]
+    ep = run_episode(scripted(tokenizer, [CALL]), tokenizer, prompt, tools, execute=False, max_tokens=200)
+    assert ep.turns == 1 and ep.calls == [] and not world_tools.tool_judge(prompt[0]["content"], ep.final)
+    ep = run_episode(scripted(tokenizer, [CALL] * 5), tokenizer, prompt, tools, max_turns=2, max_tokens=400)
+    assert ep.turns == 2 and not ep.answered and len(ep.calls) == 2
+
+
+def test_embedded_template_renders_tool_turns_and_plain_chats_as_before(tokenizer):
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is 1."}]
+    assert tokenizer.apply_chat_template(plain, tokenize=False) == "<|user|>hi<|end|><|assistant|>The answer is 1.<|end|>"
+    demo = world_tools.tool_demonstration("what is 37 times 48?", 37, 48, with_call=True)
+    text = tokenizer.apply_chat_template(demo, tokenize=False)
+    assert text == ("<|user|>what is 37 times 48?<|end|><|assistant|>" + CALL + "<|end|>"
+                    "<|user|><tool_response>1776</tool_response><|end|><|assistant|>The answer is 1776.<|end|>")
