@@ -13,7 +13,7 @@ from alignpipe.data.world import World, WorldConfig, build_splits
 from alignpipe.errors import RecipeError
 from alignpipe.models.loading import train_tokenizer
 from alignpipe.recipe.templates import EMBEDDED, EMBEDDED_SPECIAL_TOKENS
-from alignpipe.rl.tool_rollout import run_episode
+from alignpipe.models.tool_episode import run_episode
 from alignpipe.runfolder.manifests import fingerprint_json
 
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "37 * 48"}}\n</tool_call>'
@@ -171,3 +171,29 @@ def test_embedded_template_renders_tool_turns_and_plain_chats_as_before(tokenize
     text = tokenizer.apply_chat_template(demo, tokenize=False)
     assert text == ("<|user|>what is 37 times 48?<|end|><|assistant|>" + CALL + "<|end|>"
                     "<|user|><tool_response>1776</tool_response><|end|><|assistant|>The answer is 1776.<|end|>")
+
+
+def test_chat_shows_each_call_and_its_result(tokenizer):
+    from alignpipe.models.tool_chat import chat_turn, show_episode
+
+    messages = [{"role": "user", "content": "what is 37 times 48?"}]
+    ep = chat_turn(scripted(tokenizer, [CALL, "The answer is 1776."]), tokenizer, messages,
+                   world_tools.default_tools(), max_tokens=200)
+    assert show_episode(ep) == ['  [tool call] calculator({"expression": "37 * 48"})', "  [tool result] 1776",
+                                "assistant> The answer is 1776."]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_tool_metrics_summarise_episodes():
+    from alignpipe.eval.tools import summarise
+
+    def row(needs, tools, calls, valid, passed, turns=2, answered=True):
+        return {"needs_tool": needs, "tools": tools, "calls": calls, "valid_calls": valid, "passed": passed,
+                "turns": turns, "answered": answered, "failed_calls": calls - valid}
+
+    out = [row(True, True, 1, 1, True), row(True, True, 1, 0, False), row(True, False, 0, 0, False, 1),
+           row(True, False, 0, 0, True, 1), row(False, True, 0, 0, True, 1), row(False, True, 2, 2, True, 3)]
+    m = summarise(out)
+    assert m["tool_pass_rate_with_tools"] == 0.5 and m["tool_pass_rate_without_tools"] == 0.5
+    assert m["tool_call_rate"] == 1.0 and m["valid_call_rate"] == 0.75 and m["wasted_call_rate"] == 0.5
+    assert m["turns_per_answer"] == 2.0 and m["tool_failed_calls"] == 1 and m["plain_pass_rate_with_tools"] == 1.0

@@ -30,6 +30,7 @@ from alignpipe.eval.judges import judge_model, judging_prompt, load_verifier, pa
 from alignpipe.eval.lm_eval import run_lm_eval
 from alignpipe.eval.selection import checked_eval_prompts, eval_prompts
 from alignpipe.eval.stats import bootstrap_rate, outcome, paired, win_rate
+from alignpipe.eval.tools import tool_metrics
 from alignpipe.eval.verifiers import EMBEDDED
 from alignpipe.recipe.dataspec import world_part
 from alignpipe.recipe.kinds import kind_of, references
@@ -322,6 +323,8 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
     if spec.lm_eval is not None and spec.lm_eval.tasks:
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
+    if ctx.recipe.tools:  # tool-call figures with the recipe's tools executed (eval/tools.py)
+        metrics.update(tool_metrics(ctx, policy, tokenizer))
     return metrics
 
 

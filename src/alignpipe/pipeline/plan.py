@@ -50,7 +50,8 @@ class StagePlan:
             "recipe": str(recipe.path),
             "resolved_config": to_plain(cfg),
             "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),
-                                "chat_template": recipe.chat_template, "world": recipe.world},
+                                "chat_template": recipe.chat_template, "world": recipe.world,
+                                **({"tools": recipe.tools} if recipe.tools else {})},
             "parent": ({"stage": cfg.from_, "path": cfg.from_,  # relative to the run folder, which can move
                         "manifest_sha256": runs.manifest_hash(ctx.parent_dir)} if ctx.parent_dir else None),
             "base_model": ctx.base_model_ref(),
@@ -129,7 +130,7 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 
 # Options added after stages were run, at the default that gives the earlier result: fingerprinted only when set
 # otherwise, so adding one re-runs no finished stage.
-LATER_OPTION_DEFAULTS = {"cut_off_pairs": True}
+LATER_OPTION_DEFAULTS = {"cut_off_pairs": True, "max_tool_turns": 3, "tool_timeout_s": 2.0}
 
 
 def result_config(config: dict) -> dict:
@@ -182,6 +183,7 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
         "data": data_fingerprint(ctx),
+        **({"tools": recipe.tools} if recipe.tools else {}),  # tools change rollouts and evaluation
     }
     for upstream in recipe.upstream(ctx.name):
         up_dir = recipe.stage_dir(upstream)
