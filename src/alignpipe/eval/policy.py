@@ -323,7 +323,7 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     write_jsonl_atomic(ctx.dir / SAMPLES_FILE, out)
     if spec.lm_eval is not None and spec.lm_eval.tasks:
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
-    if ctx.recipe.tools:  # tool-call figures with the recipe's tools executed (eval/tools.py)
+    if ctx.recipe.tools and ctx.kind.chat:  # tool-call figures with the recipe's tools executed (eval/tools.py)
         metrics.update(tool_metrics(ctx, policy, tokenizer))
     return metrics
 

@@ -183,7 +183,8 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
         "data": data_fingerprint(ctx),
-        **({"tools": recipe.tools} if recipe.tools else {}),  # tools change rollouts and evaluation
+        # tools change a chat policy's rollouts and evaluation (eval/tools.py), nothing else
+        **({"tools": recipe.tools} if recipe.tools and ctx.kind.policy and ctx.kind.chat else {}),
     }
     for upstream in recipe.upstream(ctx.name):
         up_dir = recipe.stage_dir(upstream)
