@@ -197,3 +197,31 @@ def test_tool_metrics_summarise_episodes():
     assert m["tool_pass_rate_with_tools"] == 0.5 and m["tool_pass_rate_without_tools"] == 0.5
     assert m["tool_call_rate"] == 1.0 and m["valid_call_rate"] == 0.75 and m["wasted_call_rate"] == 0.5
     assert m["turns_per_answer"] == 2.0 and m["tool_failed_calls"] == 1 and m["plain_pass_rate_with_tools"] == 1.0
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_tool_rollouts_through_trl_and_reports_tool_figures(tiny_base, tmp_path):
+    """A recipe with `tools:`: GRPO's rollouts go through the tool episode (TRL's rollout_func), the stage records
+    the rollouts' call counts and every chat policy stage the tool figures; pretrain is not re-run for tools."""
+    from conftest import TINY_EVAL, copy_base, stage_manifest, tiny_recipe, write_yaml
+
+    from alignpipe.cli import main
+
+    runs = tmp_path / "runs"
+    copy_base(tiny_base, runs)
+    grpo = {"from": "sft", "reward_function": "alignpipe.data.world_tools:tool_judge_reward",
+            "data": {"embedded": "rl_prompts"}, "eval": TINY_EVAL,
+            "trainer": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4,
+                        "max_completion_length": 24, "logging_steps": 1}}
+    recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(runs, extra_stages={"grpo": grpo},
+                                                            tools=["alignpipe.data.world_tools:calculator"]))
+    before = stage_manifest(runs / "tiny" / "pretrain")["version"]
+    assert main(["run", str(recipe)]) == 0
+    assert stage_manifest(runs / "tiny" / "pretrain")["version"] == before
+    m = stage_manifest(runs / "tiny" / "grpo")
+    assert m["recipe_settings"]["tools"] == ["alignpipe.data.world_tools:calculator"]
+    metrics = m["metrics"]
+    assert metrics["train_tool_calls_per_rollout"] >= 0 and metrics["train_tool_failed_calls"] >= 0
+    assert metrics["tool_eval_episodes"] > 0 and "tool_call_rate" in metrics
+    assert (runs / "tiny" / "grpo" / "eval_tool_samples.jsonl").is_file()
+    assert "tool_call_rate" in stage_manifest(runs / "tiny" / "sft")["metrics"]
