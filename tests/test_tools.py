@@ -225,3 +225,18 @@ def test_grpo_trains_on_tool_rollouts_through_trl_and_reports_tool_figures(tiny_
     assert metrics["tool_eval_episodes"] > 0 and "tool_call_rate" in metrics
     assert (runs / "tiny" / "grpo" / "eval_tool_samples.jsonl").is_file()
     assert "tool_call_rate" in stage_manifest(runs / "tiny" / "sft")["metrics"]
+
+
+def test_report_section_shows_tool_figures(tmp_path):
+    from types import SimpleNamespace
+
+    from alignpipe.report.tools_section import tools_section
+
+    stages = [SimpleNamespace(name="pretrain", metrics={"eval_loss": 1.0}),
+              SimpleNamespace(name="sft", metrics={"tool_eval_episodes": 12, "tool_pass_rate_with_tools": 0.5,
+                                                   "tool_pass_rate_without_tools": 0.0, "valid_call_rate": 1.0,
+                                                   "tool_failed_calls": 0})]
+    lines, figures = tools_section(stages, lambda name: tmp_path / f"fig-{name}.png")
+    assert "| sft | 0.000 | 0.500 | - | - | 1.000 | - | - | 0 |" in lines
+    assert not any("pretrain" in line for line in lines) and figures[0].is_file()
+    assert tools_section(stages[:1], lambda name: tmp_path / name) == ([], [])

@@ -184,7 +184,7 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.compared, self.reward_model, self.curves, self.responses,
+                        self.win_rates, self.tools, self.compared, self.reward_model, self.curves, self.responses,
                         self.sample_table):
             lines = section()
             if lines:
@@ -214,6 +214,13 @@ class Report(PlottedSections):
         from alignpipe.report.compare_section import compared
         lines, notes = compared(self.run_dir)
         self.notes += notes
+        return lines
+
+    def tools(self) -> list[str]:
+        """Tool use, for a recipe with `tools:` (`report.tools_section`)."""
+        from alignpipe.report.tools_section import tools_section
+        lines, figures = tools_section(self.run.stages, self.fig_path)
+        self.figures += figures
         return lines
 
     def summary(self) -> list[str]:
