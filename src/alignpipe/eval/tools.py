@@ -19,9 +19,9 @@ The episodes go to `eval_tool_samples.jsonl` beside the stage.
 
 from __future__ import annotations
 
-from alignpipe.data.tools import check_call, resolve_tools
+from alignpipe.data.tools import check_call, resolve_tools, schemas
 from alignpipe.data.world_tools import ToolWorld, tool_judge
-from alignpipe.models.tool_episode import run_episode, sampling_step
+from alignpipe.models.tool_episode import render_ids, run_episode, sampling_step
 from alignpipe.runfolder.files import write_jsonl_atomic
 
 TOOL_EVAL_PROMPTS = 40  # of each side: tool tasks and plain tasks
@@ -49,9 +49,13 @@ def tool_metrics(ctx, policy, tokenizer, rows: list[dict] | None = None) -> dict
     torch.manual_seed(ctx.seed)
     step = sampling_step(policy, spec.temperature, spec.top_p)
     turns, timeout = getattr(cfg, "max_tool_turns", 3), getattr(cfg, "tool_timeout_s", 2.0)
-    out = []
+    out, skipped = [], 0
+    room = getattr(policy.config, "max_position_embeddings", None) or 4096
     for row in rows:
         prompt = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+        if len(render_ids(tokenizer, prompt, schemas(tools), True)) + spec.max_new_tokens > room:
+            skipped += 1  # the prompt and one answer do not fit the model's context
+            continue
         modes = (True, False) if row["needs_tool"] else (True,)
         for execute in modes:
             ep = run_episode(step, tokenizer, prompt, tools, turns, spec.max_new_tokens * turns, execute, timeout)
@@ -64,7 +68,7 @@ def tool_metrics(ctx, policy, tokenizer, rows: list[dict] | None = None) -> dict
                         "calls": len(ep.calls), "valid_calls": sum(c.valid for c in ep.calls),
                         "failed_calls": ep.failed_calls})
     write_jsonl_atomic(ctx.dir / TOOL_SAMPLES_FILE, out)
-    return summarise(out)
+    return {**summarise(out), **({"tool_eval_prompts_skipped": skipped} if skipped else {})}
 
 
 def _rate(rows: list[dict], test) -> float | None:
