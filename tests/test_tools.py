@@ -240,3 +240,38 @@ def test_report_section_shows_tool_figures(tmp_path):
     assert "| sft | 0.000 | 0.500 | - | - | 1.000 | - | - | 0 |" in lines
     assert not any("pretrain" in line for line in lines) and figures[0].is_file()
     assert tools_section(stages[:1], lambda name: tmp_path / name) == ([], [])
+
+
+# The embedded template before tool turns were added (alignpipe 3b3007a): the default world must render the same.
+EMBEDDED_BEFORE_TOOLS = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}<|system|>{{ message['content'] }}<|end|>"
+    "{%- elif message['role'] == 'user' -%}<|user|>{{ message['content'] }}<|end|>"
+    "{%- elif message['role'] == 'assistant' -%}<|assistant|>"
+    "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
+def test_the_default_world_renders_as_before_the_tool_turns(tokenizer):
+    world = World(WorldConfig(n_sft=300, n_pairs=50, n_rl_prompts=50))
+    convs = [r["messages"] for r in world.sft_rows()] + [r["prompt"] + r["chosen"] for r in world.preference_rows()]
+    for gen in (False, True):
+        new = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=gen) for c in convs]
+        old = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=gen,
+                                             chat_template=EMBEDDED_BEFORE_TOOLS) for c in convs]
+        assert new == old
+    masks = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                           chat_template=t)["assistant_masks"]
+             for c in convs[:20] for t in (EMBEDDED, EMBEDDED_BEFORE_TOOLS)]
+    assert masks[0::2] == masks[1::2]
+
+
+def test_sft_on_a_tool_demonstration_trains_the_call_and_the_answer_not_the_result(tokenizer):
+    demo = world_tools.tool_demonstration("what is 37 times 48?", 37, 48, with_call=True)
+    enc = tokenizer.apply_chat_template(demo, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    trained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert trained == CALL + "<|end|>The answer is 1776.<|end|>"
