@@ -275,3 +275,9 @@ def test_sft_on_a_tool_demonstration_trains_the_call_and_the_answer_not_the_resu
     ids, mask = enc["input_ids"], enc["assistant_masks"]
     trained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
     assert trained == CALL + "<|end|>The answer is 1776.<|end|>"
+
+
+def test_the_tool_judge_as_reward_counts_as_training_on_the_judge():
+    from alignpipe.eval.reward_functions import is_judge
+
+    assert is_judge("alignpipe.data.world_tools:tool_judge_reward")
