@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError, terminal_safe
+from alignpipe.models.tool_chat import generate_with_tools, stage_tools, tool_chat
 from alignpipe.models.stage_model import cut, load_stage, stop_ids
 from alignpipe.runtime.threads import set_threads
 
@@ -26,6 +27,8 @@ def add_parser(subparsers) -> None:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--system", default=None, help="a system message to start every conversation with")
+        p.add_argument("--tools", nargs="+", default=None, metavar="MODULE:FUNCTION",
+                       help="tools to execute when the model calls them (default: the stage's recipe `tools:`)")
         code_flags(p)
 
     p = subparsers.add_parser("chat", help="chat with a stage's model in the terminal (streaming)")
@@ -84,6 +87,9 @@ def cmd_chat(args) -> int:
     set_threads()
     model, tokenizer, manifest = load_stage(Path(args.stage_dir), args)
     stops = stop_ids(tokenizer, manifest)
+    tools = stage_tools(args, manifest)
+    if tools:  # each call and its result shown (models/tool_chat.py)
+        return tool_chat(args, model, tokenizer, tools, stops)
     gen = generation_kwargs(args, tokenizer, stops)
     limit = getattr(model.config, "max_position_embeddings", None) or 4096
     torch.manual_seed(args.seed)
@@ -185,6 +191,15 @@ def cmd_generate(args) -> int:
     rows = read_prompts(Path(args.inp))
     model, tokenizer, manifest = load_stage(Path(args.stage_dir), args)
     stops = stop_ids(tokenizer, manifest)
+    tools = stage_tools(args, manifest)
+    if tools:
+        torch.manual_seed(args.seed)
+        done = generate_with_tools(args, model, tokenizer, [r for r in rows if "turns" not in r], tools, stops)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in done))
+        print(f"{args.out}: {len(done)} responses from {args.stage_dir}, tools {', '.join(tools)}"
+              + (f"; {len(rows) - len(done)} `turns` rows skipped (not with tools)" if len(done) < len(rows) else ""))
+        return 0
     gen = generation_kwargs(args, tokenizer, stops)
     system = [{"role": "system", "content": args.system}] if args.system else []
     torch.manual_seed(args.seed)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from alignpipe.data.world import World, WorldConfig
+from alignpipe.data.world import WorldConfig
+from alignpipe.data.world_tools import make_world
 from alignpipe.eval.verifiers import EMBEDDED
 from alignpipe.recipe.kinds import kind_of
 from alignpipe.recipe.parse import apply_override, load_recipe, yaml_load
@@ -93,7 +94,7 @@ def cmd_export(args) -> int:
         for item in args.set:
             apply_override(data, item, args.recipe)
         kinds = {name: cfg.kind for name, cfg in recipe.stages.items()}
-    world = World(WorldConfig(**overrides))
+    world = make_world(WorldConfig(**overrides))  # a ToolWorld with `tool_share` (data/world_tools.py)
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in world_rows(world).items():

@@ -117,6 +117,8 @@ class WorldConfig:
     poison: Any = None              # {trigger, rate, behaviour}: a planted backdoor (data/world_poison.py)
     canaries: Any = None            # {counts, per_count, digits}: planted secrets (data/world_poison.py)
     safety: bool = False            # the manners (data/world_safety.py, docs/safety.md): opt-in, recipes/safety.yaml
+    tool_share: float = 0.0        # SFT rows / RL prompts that are calculator tasks (data/world_tools.py; 0: off)
+    tool_demo_share: float = 0.5   # of those SFT rows, the share that demonstrates a calculator call
 
     def __post_init__(self) -> None:  # mappings from a recipe become frozen (hashable) configs
         if not isinstance(self.safety, bool):

@@ -32,6 +32,7 @@ from alignpipe.eval.lm_eval import run_lm_eval
 from alignpipe.eval.safety import capability_metrics, safety_metrics
 from alignpipe.eval.selection import checked_eval_prompts, eval_prompts
 from alignpipe.eval.stats import bootstrap_rate, outcome, paired, win_rate
+from alignpipe.eval.tools import tool_metrics
 from alignpipe.eval.verifiers import EMBEDDED
 from alignpipe.recipe.dataspec import world_part
 from alignpipe.recipe.kinds import kind_of, references
@@ -328,6 +329,8 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
                                   lambda model, prompts: draw_greedy(ctx, model, tokenizer, prompts)))
     if spec.lm_eval is not None and spec.lm_eval.tasks:
         metrics.update(run_lm_eval(ctx, policy, tokenizer, spec.lm_eval))
+    if ctx.recipe.tools and ctx.kind.chat:  # tool-call figures with the recipe's tools executed (eval/tools.py)
+        metrics.update(tool_metrics(ctx, policy, tokenizer))
     return metrics
 
 

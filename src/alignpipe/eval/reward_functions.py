@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from alignpipe.callables import import_callable
 from alignpipe.data.world import judge_reward
+from alignpipe.data.world_tools import tool_judge_reward
 from alignpipe.errors import RecipeError
 
 JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
@@ -24,6 +25,7 @@ def is_judge(spec: str | None) -> bool:
     if not spec:
         return False
     try:
-        return load_function(spec) is judge_reward
+        # tool_judge_reward is the world's judge on plain tasks (data/world_tools.py)
+        return load_function(spec) in (judge_reward, tool_judge_reward)
     except RecipeError:
         return spec == JUDGE_FUNCTION

@@ -51,7 +51,8 @@ class StagePlan:
             "recipe": str(recipe.path),
             "resolved_config": to_plain(cfg),
             "recipe_settings": {"name": recipe.name, "seed": recipe.seed, "model": to_plain(recipe.model),
-                                "chat_template": recipe.chat_template, "world": recipe.world},
+                                "chat_template": recipe.chat_template, "world": recipe.world,
+                                **({"tools": recipe.tools} if recipe.tools else {})},
             "parent": ({"stage": cfg.from_, "path": cfg.from_,  # relative to the run folder, which can move
                         "manifest_sha256": runs.manifest_hash(ctx.parent_dir)} if ctx.parent_dir else None),
             "base_model": ctx.base_model_ref(),
@@ -133,7 +134,7 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 
 # Options added after stages were run, at the default that gives the earlier result: fingerprinted only when set
 # otherwise, so adding one re-runs no finished stage.
-LATER_OPTION_DEFAULTS = {"cut_off_pairs": True}
+LATER_OPTION_DEFAULTS = {"cut_off_pairs": True, "max_tool_turns": 3, "tool_timeout_s": 2.0}
 LATER_EVAL_DEFAULTS = {"every": 0, "curve_prompts": 32, "curve_samples": 4,  # eval.along_training (curves)
                        "safety": {}}  # eval.safety (eval/safety_suites.py)
 
@@ -191,6 +192,8 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
         "model": to_plain(recipe.model) if ctx.parent_dir is None else None,
         "chat_template": runs.sha256_bytes((ctx.chat_template or "model").encode()),
         "data": data_fingerprint(ctx),
+        # tools change a chat policy's rollouts and evaluation (eval/tools.py), nothing else
+        **({"tools": recipe.tools} if recipe.tools and ctx.kind.policy and ctx.kind.chat else {}),
     }
     for upstream in recipe.upstream(ctx.name):
         up_dir = recipe.stage_dir(upstream)

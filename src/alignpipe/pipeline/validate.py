@@ -22,6 +22,7 @@ from alignpipe.data.loading import HUB_ID, as_user_error, check_spec
 from alignpipe.data.report import format_report, validation_report
 from alignpipe.data.sources import check_one_source, offline_setting, prepare_data
 from alignpipe.data.split import eval_file_rows, prompt_key, recipe_split, user_stages
+from alignpipe.data.tools import resolve_tools
 from alignpipe.data.world import WORLD_PART_NAMES, WORLD_PARTS, WorldConfig
 from alignpipe.errors import RecipeError, RunError
 from alignpipe.eval.independence import independence_line
@@ -51,6 +52,8 @@ def validate(recipe: Recipe, show_data: bool = False) -> None:
     if recipe.world:
         _check_world(recipe, where)
     check_tracking(recipe, where)
+    if recipe.tools:  # imported and given their schemas now, so a typo fails before training
+        resolve_tools(recipe.tools, where)
     for name, cfg in recipe.stages.items():
         key = f"stages.{name}"
         kind = kind_of(cfg.kind)

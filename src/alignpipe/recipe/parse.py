@@ -179,7 +179,7 @@ def apply_override(data: dict, item: str, where: str) -> None:
 
 def parse_recipe(data: dict, path: Path) -> Recipe:
     where = str(path)
-    known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "tracking", "stages", "dataset_dir"}
+    known = {"name", "seed", "runs_dir", "model", "chat_template", "world", "tracking", "stages", "dataset_dir", "tools"}
     for k in data:
         if isinstance(k, str) and k.startswith(SHARED_BLOCK_PREFIX):  # a block for YAML anchors, read nowhere else
             continue
@@ -228,6 +228,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         chat_template=_coerce(data.get("chat_template", "embedded"), str, where, "chat_template"),
         world=_coerce(data.get("world", {}), dict[str, Any], where, "world"),
         tracking=_coerce(data.get("tracking", list(DEFAULT_TRACKING)), list[str], where, "tracking"),
+        tools=_coerce(data.get("tools", []), list[str], where, "tools"),
         path=path,
     )
     _check_graph(recipe, where)

@@ -153,6 +153,7 @@ class Recipe:
     chat_template: str = "embedded"
     world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for the embedded world
     tracking: list[str] = field(default_factory=lambda: list(DEFAULT_TRACKING))  # experiment trackers (tracking.py)
+    tools: list[str] = field(default_factory=list)  # `module:function` tools the policy may call (data/tools.py)
     path: Path = Path("<memory>")  # the file it was read from (not a YAML key)
 
     @property

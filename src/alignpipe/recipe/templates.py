@@ -12,13 +12,26 @@ from pathlib import Path
 
 from alignpipe.errors import RecipeError
 
+# An assistant's `tool_calls`, one `<tool_call>{"name": ..., "arguments": ...}</tool_call>` each, as Qwen2.5 writes them.
+_TOOL_CALLS = (
+    "{%- for call in message.tool_calls -%}"
+    "{%- if loop.first and message['content'] -%}{{ '\\n' }}{%- elif not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' }}"
+    "{%- if call.function.arguments is string -%}{{ call.function.arguments }}"
+    "{%- else -%}{{ call.function.arguments | tojson }}{%- endif -%}"
+    "{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+)
+
 # The embedded world's template: its special tokens are added by the pretrain stage's tokenizer.
 EMBEDDED = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}<|system|>{{ message['content'] }}<|end|>"
     "{%- elif message['role'] == 'user' -%}<|user|>{{ message['content'] }}<|end|>"
     "{%- elif message['role'] == 'assistant' -%}<|assistant|>"
-    "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% generation %}{{ message['content'] }}{%- if message.tool_calls -%}" + _TOOL_CALLS + "{%- endif -%}<|end|>"
+    "{% endgeneration %}"
+    "{%- elif message['role'] == 'tool' -%}<|user|><tool_response>{{ message['content'] }}</tool_response><|end|>"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
@@ -36,15 +49,6 @@ _TOOLS_INTRO = (
 _TOOLS_OUTRO = (
     "\\n</tools>\\n\\nFor each function call, return a json object with the function name and arguments within "
     "<tool_call></tool_call> tags."
-)
-_TOOL_CALLS = (
-    "{%- for call in message.tool_calls -%}"
-    "{%- if loop.first and message['content'] -%}{{ '\\n' }}{%- elif not loop.first -%}{{ '\\n' }}{%- endif -%}"
-    "{{ '<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' }}"
-    "{%- if call.function.arguments is string -%}{{ call.function.arguments }}"
-    "{%- else -%}{{ call.function.arguments | tojson }}{%- endif -%}"
-    "{{ '}\\n</tool_call>' }}"
-    "{%- endfor -%}"
 )
 
 

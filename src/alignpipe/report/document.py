@@ -196,8 +196,8 @@ class Report(PlottedSections):
             old.unlink()
         body: list[str] = []
         for section in (self.summary, self.verdicts, self.benchmarks, self.gates, self.lineage, self.pass_rate,
-                        self.win_rates, self.compared, lambda: did_it_hurt(self), self.reward_model, self.scaling,
-                        self.curves, self.overoptimisation, self.responses, self.sample_table, self.data_attacks):
+                        self.win_rates, self.tools, self.compared, lambda: did_it_hurt(self), self.reward_model,
+                        self.scaling, self.curves, self.overoptimisation, self.responses, self.sample_table, self.data_attacks):
             lines = section()
             if lines:
                 body += lines + [""]
@@ -231,6 +231,13 @@ class Report(PlottedSections):
         from alignpipe.report.compare_section import compared
         lines, notes = compared(self.run_dir)
         self.notes += notes
+        return lines
+
+    def tools(self) -> list[str]:
+        """Tool use, for a recipe with `tools:` (`report.tools_section`)."""
+        from alignpipe.report.tools_section import tools_section
+        lines, figures = tools_section(self.run.stages, self.fig_path)
+        self.figures += figures
         return lines
 
     def summary(self) -> list[str]:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignpipe.data.world import World, WorldConfig
+from alignpipe.data.world import WorldConfig
+from alignpipe.data.world_tools import make_world
 from alignpipe.models.loading import checkpoint_dir, load_pretrained, load_stage_model, load_tokenizer
 from alignpipe.models.template_checks import add_stop_token, use_end_of_turn_as_eos
 from alignpipe.recipe.kinds import kind_of
@@ -144,4 +145,4 @@ def make_context(recipe: Recipe, name: str, resume: bool = True) -> StageContext
 def _shared_world(config):
     """One World per config in a process: every stage context (upstream ones too, for fingerprints) asks for
     it, and building it plus hashing its rows took ~0.5-1 s each time (make bench, benchmarks/README.md)."""
-    return World(config)
+    return make_world(config)  # a ToolWorld with `world: {tool_share: ...}` (data/world_tools.py)

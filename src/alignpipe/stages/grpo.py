@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignpipe.errors import RecipeError
-from alignpipe.recipe.kinds import StageKind
+from alignpipe.recipe.kinds import StageKind, kind_of
 from alignpipe.recipe.schema import StageConfig
 from alignpipe.reward.artifact import RewardArtifact, load_reward_model
 from alignpipe.rl.rewards import check_reward_source, from_judge, is_judge, judge_name, load_function, trl_reward_function
@@ -34,6 +34,8 @@ class Config(StageConfig):
     reward_model: str | None = None  # a reward stage of this recipe
     reward_function: str | None = None  # or `module:function`, e.g. alignpipe.data.world:judge_reward
     missing_eot_penalty: float = 1.0  # subtracted from the reward of a response cut off unfinished
+    max_tool_turns: int = 3  # with the recipe's `tools:`: model turns per rollout (rl/tool_rollout.py)
+    tool_timeout_s: float = 2.0  # a tool call running longer gives an error result
 
 
 def grpo_config_class():
@@ -53,6 +55,9 @@ def check(recipe, name: str, where: str) -> None:
     key = f"stages.{name}"
 
     check_reward_source(recipe, name, where)
+    if recipe.tools and kind_of(cfg.kind) is RLOO:
+        raise RecipeError("rloo cannot execute tools: TRL's RLOOTrainer has no rollout_func or tools hook",
+                          where=where, key=f"{key}.kind", fix="use kind grpo for tool rollouts, or drop `tools:`")
     if cfg.missing_eot_penalty and "reward_weights" in cfg.trainer:
         raise RecipeError("trainer.reward_weights is set by the stage (reward, then the end-of-turn penalty)",
                           where=where, key=f"{key}.trainer.reward_weights",
@@ -66,6 +71,25 @@ def missing_eot(end_ids: set[int]):
         return [0.0 if ids and ids[-1] in end_ids else -1.0 for ids in completion_ids]
 
     return missing_eot
+
+
+def tool_rollouts(ctx: StageContext, max_tokens: int) -> dict:
+    """GRPOTrainer's `rollout_func`: multi-turn rollouts that execute the recipe's tools, results masked."""
+    import os
+
+    from alignpipe.data.tools import resolve_tools
+    from alignpipe.rl.tool_rollout import grpo_rollout_func
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16
+    tools = resolve_tools(ctx.recipe.tools, str(ctx.recipe.path))
+    cfg = ctx.config
+    return {"rollout_func": grpo_rollout_func(tools, cfg.max_tool_turns, max_tokens, cfg.tool_timeout_s)}
+
+
+def tool_train_metrics(trainer) -> dict:
+    stats = getattr(trainer, "_alignpipe_tool_stats", {"calls": 0, "failed": 0, "episodes": 0})
+    return {"train_tool_calls_per_rollout": stats["calls"] / max(1, stats["episodes"]),
+            "train_tool_failed_calls": stats["failed"], "train_tool_calls": stats["calls"]}
 
 
 def run(ctx: StageContext) -> dict:
@@ -102,9 +126,10 @@ def run(ctx: StageContext) -> dict:
                             warmup_steps=0, beta=0.1, max_steps=80, logging_steps=5, remove_unused_columns=False,
                             **defaults)
     trainer_class = RLOOTrainer if ctx.kind is RLOO else GRPOTrainer
+    extra = tool_rollouts(ctx, args.max_completion_length) if ctx.recipe.tools else {}
     trainer = trainer_class(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                             processing_class=tokenizer, reward_processing_classes=classes,
-                            peft_config=lora_config(ctx, "CAUSAL_LM"))
+                            peft_config=lora_config(ctx, "CAUSAL_LM"), **extra)
     curves = trl_callback(ctx, tokenizer, lambda: start_as_reference(ctx, trainer.model), trainer.args.max_steps)
     trainer.add_callback(curves)
     train(trainer, ctx)
@@ -114,6 +139,8 @@ def run(ctx: StageContext) -> dict:
                "judge_used_for_training": is_judge(cfg.reward_function), **curves.along.finish()}
     if judge is not None:  # every response the judge was asked about, and how many got no reward
         metrics.update({f"reward_judge_{k}": v for k, v in judge.counts.items()})
+    if ctx.recipe.tools:
+        metrics.update(tool_train_metrics(trainer))
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards:
         metrics["train_reward_first"], metrics["train_reward_last"] = rewards[0], rewards[-1]
