@@ -251,12 +251,24 @@ def test_tool_calls_are_trained_on_and_tool_results_are_not(template):
     assert "sunny\"}" not in trained and "Weather in Paris" not in trained  # the tool result, the user turn
 
 
+# a template that knows no tools: the embedded template before it learned tool turns (issue 39)
+NO_TOOLS_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}<|system|>{{ message['content'] }}<|end|>"
+    "{%- elif message['role'] == 'user' -%}<|user|>{{ message['content'] }}<|end|>"
+    "{%- elif message['role'] == 'assistant' -%}<|assistant|>"
+    "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
 def test_a_template_without_tool_support_is_refused():
     from alignpipe.data.sft_tokens import tokenize_rows
-    from alignpipe.recipe.templates import EMBEDDED
 
     with pytest.raises(DataError, match="does not render tool calls"):
-        tokenize_rows([{"messages": TOOL_CONVERSATION, "tools": NORMAL_TOOLS}], _tokenizer(EMBEDDED))
+        tokenize_rows([{"messages": TOOL_CONVERSATION, "tools": NORMAL_TOOLS}], _tokenizer(NO_TOOLS_TEMPLATE))
 
 
 def test_loss_weight_zero_turns_are_not_trained_on():
