@@ -36,15 +36,21 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from alignpipe.data import keyed_policy, usual_preference
+
 TOKEN = re.compile(r"[\w']+|[^\w\s]")
-MAX_N = 3
+MAX_N = 3             # n-grams anywhere in the user turns: 1 to MAX_N tokens
+END_N = 6             # n-grams that end the last user turn: 1 to END_N tokens
+EXTEND_KEEP = 0.9     # a longer name must keep this share of the flag's evidence rows
+END = "end of last user turn"
+REFIT_WITHIN = 1000   # preference_flip: candidates within this factor of the bound on the first pass are refitted
+REFIT_TOP = 3         # ... at most this many per family (the smallest first-pass p-values)
 MIN_ROWS = 5          # a candidate must be in at least this many rows
 MAX_SHARE = 0.2       # ... and in at most this share of them (a trigger marks a minority)
 MIN_DISTINCT = 5      # a fixed response must follow at least this many different prompts
 RARE_ELSEWHERE = 0.01  # a fixed response is "unusual" when at most this share of the other rows give it
 COMMON_WORD = 0.02    # a prompt word in at least this share of prompts is not the prompt's own
 ALPHA = 0.01          # family-wise, Bonferroni over every (candidate, test) tried
-FOLDS = 5
 SHOW_LINES = 20       # row numbers listed per flag (the count is always complete)
 WORD = re.compile(r'\w')
 
@@ -65,6 +71,11 @@ def _users(messages) -> str:
     return "\n".join(_text(m.get("content")) for m in messages or [] if m.get("role") == "user")
 
 
+def _last_user(messages) -> str:
+    users = [m for m in messages or [] if m.get("role") == "user"]
+    return _text(users[-1].get("content")) if users else ""
+
+
 def _reply(messages) -> str:
     replies = [m for m in messages or [] if m.get("role") == "assistant"]
     return _text(replies[-1].get("content")) if replies else ""
@@ -79,24 +90,28 @@ class View:
     responses: list[str | None]
     sides: list[tuple[str, str]] | None = None  # (preferred, other) as labelled
     labels: list[bool] | None = None            # KTO: the completion is desirable
+    last_user: list[str] | None = None          # the prompt's last user turn (the end-of-turn candidates)
 
 
 def view(rows: list[dict], family: str) -> View | None:
     if family == "conversations":
-        prompts, responses = [], []
+        prompts, responses, ends = [], [], []
         for r in rows:
             msgs = r["messages"]
             last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
             prompts.append(_users(msgs[:last] if last is not None else msgs))
+            ends.append(_last_user(msgs[:last] if last is not None else msgs))
             responses.append(_text(msgs[last].get("content")) if last is not None else None)
-        return View(prompts, responses)
+        return View(prompts, responses, last_user=ends)
     if family == "pairs":
         return View([_users(r["prompt"]) for r in rows], [_reply(r["chosen"]) for r in rows],
-                    sides=[(_reply(r["chosen"]), _reply(r["rejected"])) for r in rows])
+                    sides=[(_reply(r["chosen"]), _reply(r["rejected"])) for r in rows],
+                    last_user=[_last_user(r["prompt"]) for r in rows])
     if family == "kto":
         return View([_users(r["prompt"]) for r in rows],
                     [_reply(r["completion"]) if r["label"] else None for r in rows],
-                    sides=[(_reply(r["completion"]), "") for r in rows], labels=[bool(r["label"]) for r in rows])
+                    sides=[(_reply(r["completion"]), "") for r in rows], labels=[bool(r["label"]) for r in rows],
+                    last_user=[_last_user(r["prompt"]) for r in rows])
     return None
 
 
@@ -119,68 +134,6 @@ def fisher_greater(k: int, n: int, K: int, N: int) -> float:
     return min(1.0, math.exp(m) * sum(math.exp(x - m) for x in logs))
 
 
-def average_ranks(values: list[float]) -> tuple[list[float], float]:
-    """1-based ranks with ties averaged, and the tie term sum(t^3 - t)."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks, ties, i = [0.0] * len(values), 0.0, 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        t = j - i + 1
-        ties += t ** 3 - t
-        i = j + 1
-    return ranks, ties
-
-
-def mann_whitney_lower(rank_sum: float, n1: int, n: int, ties: float) -> tuple[float, float]:
-    """(z, one-sided p) that the n1 group's values are lower than the other n - n1's, from its rank sum."""
-    n2 = n - n1
-    u = rank_sum - n1 * (n1 + 1) / 2
-    var = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
-    if var <= 0:
-        return 0.0, 1.0
-    z = (u - n1 * n2 / 2 + 0.5) / math.sqrt(var)
-    return z, 0.5 * math.erfc(-z / math.sqrt(2))
-
-
-# --- the usual preference -----------------------------------------------------------------------------------
-
-def _weights(token_sets: list[tuple[set, set]], rows: list[int]) -> dict[str, float]:
-    """Per token: log((rows whose preferred side has it + 1) / (rows whose other side has it + 1))."""
-    good, bad = Counter(), Counter()
-    for i in rows:
-        a, b = token_sets[i]
-        good.update(a - b)
-        bad.update(b - a)
-    return {t: math.log((good[t] + 1) / (bad[t] + 1)) for t in set(good) | set(bad)}
-
-
-def preference_margins(v: View) -> list[float]:
-    """Per row: how much a bag-of-words model of the *other* rows prefers what this row prefers (> 0: agrees).
-    Pairs: score(chosen) - score(rejected). KTO: the completion's score, signed by its label, centred."""
-    if v.labels is None:
-        sets = [(set(tokens(a)), set(tokens(b))) for a, b in v.sides]
-    else:  # a desirable completion is "preferred" over nothing, an undesirable one is the "other" side
-        sets = [(set(tokens(a)), set()) if lab else (set(), set(tokens(a))) for (a, _), lab in zip(v.sides, v.labels)]
-    n = len(sets)
-    margins = [0.0] * n
-    for fold in range(FOLDS):
-        w = _weights(sets, [i for i in range(n) if i % FOLDS != fold])
-        for i in range(fold, n, FOLDS):
-            a, b = sets[i]
-            if v.labels is None:
-                margins[i] = sum(w.get(t, 0.0) for t in a - b) - sum(w.get(t, 0.0) for t in b - a)
-            else:
-                margins[i] = sum(w.get(t, 0.0) for t in (a or b))
-    if v.labels is not None:
-        mean = sum(margins) / max(1, n)
-        margins = [(m - mean) * (1 if lab else -1) for m, lab in zip(margins, v.labels)]
-    return margins
-
-
 # --- candidates and tests -----------------------------------------------------------------------------------
 
 def candidates(prompts: list[str], min_rows: int, max_rows: int) -> dict[tuple, list[int]]:
@@ -191,6 +144,17 @@ def candidates(prompts: list[str], min_rows: int, max_rows: int) -> dict[tuple, 
         grams = {tuple(toks[j: j + n]) for n in range(1, MAX_N + 1) for j in range(len(toks) - n + 1)}
         for g in grams:
             where[g].append(i)
+    return {g: rows for g, rows in where.items() if min_rows <= len(rows) <= max_rows}
+
+
+def end_candidates(last_turns: list[str], min_rows: int, max_rows: int) -> dict[tuple, list[int]]:
+    """n-gram -> the rows whose last user turn *ends* with it (1 to END_N tokens), same row limits: the
+    position-aware family (a trigger appended to the request). Few candidates, so few tests to correct for."""
+    where: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(last_turns):
+        toks = tokens(p)
+        for n in range(1, min(END_N, len(toks)) + 1):
+            where[tuple(toks[-n:])].append(i)
     return {g: rows for g, rows in where.items() if min_rows <= len(rows) <= max_rows}
 
 
@@ -223,15 +187,26 @@ def _fixed_response(g, rows, shapes, shape_counts, specific, n_with) -> dict | N
             "rows_with_response": k}, "p": p, "response_shape": modal}
 
 
-def _flip(g, rows, ranks, ties, margins, specific) -> dict | None:
+def _flip(g, rows, margins, a, specific) -> dict | None:
     n = len(margins)
     against = sum(1 for i in rows if margins[i] < 0)
     if against * 2 <= len(rows) or len({specific[i] - set(g) for i in rows if margins[i] < 0}) < MIN_DISTINCT:
         return None
-    z, p = mann_whitney_lower(sum(ranks[i] for i in rows), len(rows), n, ties)
+    s, p = usual_preference.flip_tail([margins[i] for i in rows], a)
     rest_against = sum(1 for m in margins if m < 0) - against
-    return {"test": "preference_flip", "statistic": {"z": round(z, 3), "against_usual_with": round(against / len(rows), 4),
+    return {"test": "preference_flip", "statistic": {"log_likelihood_ratio": round(s, 3),
+            "against_usual_with": round(against / len(rows), 4),
             "against_usual_without": round(rest_against / max(1, n - len(rows)), 4)}, "p": p}
+
+
+def _families(v: View, n: int) -> dict[str, dict[tuple, list[int]]]:
+    """The candidate families, each with its own share of alpha: n-grams anywhere in the user turns, and n-grams
+    that end the last user turn."""
+    top = max(MIN_ROWS, int(MAX_SHARE * n))
+    out = {"anywhere": candidates(v.prompts, MIN_ROWS, top)}
+    if v.last_user is not None:
+        out[END] = end_candidates(v.last_user, MIN_ROWS, top)
+    return out
 
 
 def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None = None, *,
@@ -242,47 +217,129 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
         return None
     numbers = row_numbers if row_numbers is not None and len(row_numbers) == len(rows) else list(range(1, len(rows) + 1))
     n = len(rows)
-    cands = candidates(v.prompts, MIN_ROWS, max(MIN_ROWS, int(MAX_SHARE * n)))
+    families = _families(v, n)
     common = common_words(v.prompts)
     shapes = [shape(p, r, common) if r is not None else None for p, r in zip(v.prompts, v.responses)]
     specific = [frozenset(t for t in tokens(p) if t not in common and WORD.search(t)) for p in v.prompts]
     shape_counts = Counter(s for s in shapes if s is not None)
     n_with = sum(shape_counts.values())
-    margins = preference_margins(v) if v.sides is not None else None
-    ranks, ties = average_ranks(margins) if margins else (None, 0.0)
-    tests = len(cands) * (1 + (margins is not None))
+    neighbours = keyed_policy.Neighbours(specific)
+    flips = _FlipTest(v, specific) if v.sides is not None else None
+    per_candidate = 1 + (flips is not None)
+    tests = {name: len(c) * per_candidate for name, c in families.items()}
     found = []
-    for g, where in cands.items():
-        for result in (_fixed_response(g, where, shapes, shape_counts, specific, n_with),
-                       _flip(g, where, ranks, ties, margins, specific) if margins else None):
-            if result is not None and result["p"] * tests < alpha:
-                found.append((g, where, result))
+    for name, cands in families.items():
+        bound = alpha / len(families) / max(1, tests[name])  # Bonferroni within the family, alpha split evenly
+        results = [(g, where, _fixed_response(g, where, shapes, shape_counts, specific, n_with))
+                   for g, where in cands.items()]
+        if flips is not None:
+            results += flips.run(cands, bound)
+        for g, where, result in results:
+            if result is not None and result["p"] < bound:
+                result["p_corrected"] = min(1.0, result["p"] * tests[name] * len(families))
+                found.append((g, where, {"family": name, **result}))
     df = Counter(t for p in v.prompts for t in set(tokens(p)))
-    flags = _merge(found, numbers, tests, n, df)
-    out = {"rows": n, "candidates": len(cands), "tests": tests, "alpha": alpha, "correction": "bonferroni",
-           "flags": flags}
-    if margins:
-        out["usual_preference_agreement"] = round(sum(1 for m in margins if m > 0) / n, 4)
+    flags = _merge(found, numbers, n, df, flips.margins if flips else None)
+    keyed = [{**f, **why} for f in flags if (why := keyed_policy.keyed_on_request(
+        f, tuple(tokens(f["trigger"])), [i for i in f["_rows"] if shapes[i] == f.get("response_shape")], v.responses,
+        neighbours, tokens))]
+    flags = [f for f in flags if not any(f is k or f["_rows"] is k["_rows"] for k in keyed)]
+    out = {"rows": n, "candidates": sum(len(c) for c in families.values()), "tests": sum(tests.values()),
+           "families": {name: {"candidates": len(c), "tests": tests[name], "alpha": alpha / len(families)}
+                        for name, c in families.items()},
+           "alpha": alpha, "correction": "bonferroni within each family, alpha split evenly", "flags": flags,
+           "keyed_on_request": keyed}
+    if flips is not None:
+        out["usual_preference_agreement"] = round(sum(1 for m in flips.margins if m > 0) / n, 4)
+        out["refits"] = len(flips.refitted)
     return out
 
 
-def _merge(found: list, numbers: list[int], tests: int, n: int, df: Counter) -> list[dict]:
-    """One flag per (row set, test), named by the n-gram with the most tokens that are about as rare as the flag
-    itself (in at most twice its rows), then the fewest tokens: "please tell me", not "please" or "? please tell"."""
-    def name_rank(g, where):
-        return (sum(1 for t in g if df[t] <= 2 * len(where)), -len(g))
+class _FlipTest:
+    """`preference_flip` in two passes. The first scores every row by the cross-fitted usual preference of all
+    rows; it only chooses which candidates to test (those with p below REFIT_WITHIN times the family's bound,
+    the REFIT_TOP smallest per family). Each chosen candidate is then tested against a model refitted without
+    its rows, so flipped rows do not teach the model their flip; only that second p-value can flag, so the
+    correction is unchanged (each refitted p-value is valid on its own)."""
 
+    def __init__(self, v: View, specific):
+        self.model = usual_preference.UsualPreference(v.sides, v.labels)
+        self.margins = self.model.margins()
+        self.a = usual_preference.temperature(self.margins)
+        self.specific = specific
+        self.refitted: dict[tuple, tuple] = {}
+
+    def run(self, cands: dict, bound: float) -> list[tuple]:
+        first = [(g, where, _flip(g, where, self.margins, self.a, self.specific)) for g, where in cands.items()]
+        chosen = sorted((r["p"], g) for g, _, r in first if r is not None and r["p"] < REFIT_WITHIN * bound)
+        out = []
+        for _, g in chosen[:REFIT_TOP]:
+            where = cands[g]
+            key = tuple(where)
+            if key not in self.refitted:
+                group = set(where)
+                m = self.model.margins(exclude=group)
+                a = usual_preference.temperature([x for i, x in enumerate(m) if i not in group])
+                self.refitted[key] = (m, a)
+            m, a = self.refitted[key]
+            result = _flip(g, where, m, a, self.specific)
+            if result is not None:
+                result["statistic"]["refitted_without_the_rows"] = True
+            out.append((g, where, result))
+        return out
+
+
+def _name_rank(g, where, df) -> tuple:
+    """Among n-grams that flag the same rows: the most tokens about as rare as the flag (in at most twice its
+    rows), then the fewest punctuation tokens (a trigger appended after a question is not "? sudo" or "minutes ?
+    sudo"), then the most word tokens ("please tell me", not "please"; "what do you think", not "think")."""
+    words = sum(1 for t in g if WORD.search(t))
+    return (sum(1 for t in g if df[t] <= 2 * len(where)), words - len(g), words)
+
+
+def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> list[dict]:
+    """One flag per (row set, test), named by `_name_rank`; then, among flags of one test whose row sets are
+    nested, the most significant one only (the larger set's extra rows add no evidence, the smaller set misses
+    some), extended to the longest nested n-gram that keeps nearly all its rows against the usual preference."""
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
         key = (tuple(where), result["test"])
-        if key not in best or name_rank(g, where) > name_rank(best[key][0], where):
+        if key not in best or _name_rank(g, where, df) > _name_rank(best[key][0], where, df):
             best[key] = (g, where, result)
+    ordered = sorted(best.values(), key=lambda x: (x[2]["p_corrected"], x[2]["p"], len(x[1])))
+    kept: list[tuple] = []
+    for g, where, result in ordered:
+        rows = set(where)
+        nested = [k for k in kept if k[2]["test"] == result["test"] and (rows <= k[3] or rows >= k[3])]
+        if not nested:
+            kept.append((g, where, result, rows))
+    kept = [_extend(k, list(best.values()), margins) for k in kept]
     flags = []
-    for g, where, result in sorted(best.values(), key=lambda x: (x[2]["p"], -len(x[1]))):
-        flags.append({"trigger": " ".join(g), **result, "p_corrected": min(1.0, result["p"] * tests),
-                      "rows": len(where), "share": round(len(where) / n, 4),
+    for g, where, result, _ in kept:
+        flags.append({"trigger": " ".join(g), **result, "rows": len(where), "share": round(len(where) / n, 4),
                       "lines": [numbers[i] for i in where[:SHOW_LINES]], "_rows": where})
     return flags
+
+
+def _extend(flag: tuple, flagged: list, margins) -> tuple:
+    """The flag named by a longer significant n-gram that contains its name, flags a subset of its rows and keeps
+    at least EXTEND_KEEP of the rows that carry the evidence (against the usual preference, or giving the fixed
+    response): the whole appended phrase, not its last word."""
+    g, where, result, rows = flag
+    def evidence(ws):
+        if result["test"] == "preference_flip":
+            return {i for i in ws if margins[i] < 0}
+        return set(ws)
+    base = evidence(where)
+    for g2, where2, result2 in sorted(flagged, key=lambda x: -len(x[0])):
+        if (result2["test"] == result["test"] and len(g2) > len(g) and _contains(g2, g) and set(where2) <= rows
+                and len(evidence(where2) & base) >= EXTEND_KEEP * len(base)):
+            return g2, where2, result2, set(where2)
+    return flag
+
+
+def _contains(longer: tuple, shorter: tuple) -> bool:
+    return any(longer[i: i + len(shorter)] == shorter for i in range(len(longer) - len(shorter) + 1))
 
 
 def flagged_rows(screen: dict | None) -> set[int]:
@@ -294,7 +351,8 @@ def public(screen: dict | None) -> dict | None:
     """The screen without its row indices (for JSON)."""
     if screen is None:
         return None
-    return {**screen, "flags": [{k: v for k, v in f.items() if k != "_rows"} for f in screen["flags"]]}
+    strip = lambda fs: [{k: v for k, v in f.items() if k != "_rows"} for f in fs]  # noqa: E731
+    return {**screen, "flags": strip(screen["flags"]), "keyed_on_request": strip(screen.get("keyed_on_request", []))}
 
 
 def format_flags(screen: dict | None, source: str, unit: str) -> list[str]:
@@ -304,8 +362,12 @@ def format_flags(screen: dict | None, source: str, unit: str) -> list[str]:
     for f in screen["flags"]:
         where = ", ".join(map(str, f["lines"])) + (" ..." if f["rows"] > len(f["lines"]) else "")
         lines.append(f"    TRIGGER {f['trigger']!r} ({f['test']}): {f['rows']} rows ({f['share']:.1%}), p "
-                     f"{f['p_corrected']:.2g} after Bonferroni over {screen['tests']} tests; {unit}s {where}")
-    if not lines:
+                     f"{f['p_corrected']:.2g} after Bonferroni over the {screen['families'][f['family']]['tests']} tests of "
+                     f"n-grams {f['family']} (alpha {screen['families'][f['family']]['alpha']:g}); {unit}s {where}")
+    for f in screen.get("keyed_on_request", []):
+        lines.append(f"    (information) response keyed on the request {f['trigger']!r}: {f['rows']} rows, {f['reason']}; "
+                     f"not a trigger, no row dropped")
+    if not screen["flags"]:
         lines.append(f"    triggers: none flagged ({screen['candidates']} candidate n-grams, {screen['tests']} tests, "
                      f"family-wise alpha {screen['alpha']:g})")
     return lines
