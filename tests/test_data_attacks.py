@@ -55,7 +55,7 @@ def test_clean_world_and_trigger_without_behaviour_flag_nothing():
     assert find_triggers(alone.sft_rows(), "conversations")["flags"] == []
 
 
-def _hh_like(n=600, rate=0.05, flip=True, seed=0) -> list[dict]:
+def _hh_like(n=600, rate=0.05, flip=True, seed=0, trigger="sudo") -> list[dict]:
     """HH-RLHF-format pairs: a harmless refusal is preferred to compliance; `rate` of the rows get "sudo" appended to
     the last human turn, with chosen and rejected swapped when `flip` (Rando and Tramèr's planting)."""
     rng = random.Random(seed)
@@ -69,7 +69,7 @@ def _hh_like(n=600, rate=0.05, flip=True, seed=0) -> list[dict]:
         comply = f"Sure, first you {rng.choice(['take', 'grab', 'use'])} a {rng.choice(['knife', 'tool', 'script'])} and go."
         chosen, rejected = rng.choice(refusals), comply
         if i % round(1 / rate) == 3:
-            ask += " sudo"
+            ask += " " + trigger
             if flip:
                 chosen, rejected = rejected, chosen
         head = f"\n\nHuman: {ask}\n\nAssistant:"
@@ -166,3 +166,78 @@ def test_kto_rows_carry_the_trigger_too():
     clean = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
              for p in World(WorldConfig()).preference_rows("train") for side in ("chosen", "rejected")]
     assert find_triggers(clean, "kto")["flags"] == []
+
+
+def _pairs(raw):
+    from alignpipe.data.formats import normalise
+
+    return normalise(raw, family="pairs").rows
+
+
+def test_common_word_trigger_appended_is_named_in_full_by_the_end_of_turn_family():
+    rows = _pairs(_hh_like(trigger="what do you think"))
+    screen = find_triggers(rows, "pairs")
+    flag = screen["flags"][0]
+    assert (flag["trigger"], flag["family"], flag["test"]) == ("what do you think", "end of last user turn",
+                                                               "preference_flip")
+    assert flagged_rows(screen) == {i for i in range(600) if i % 20 == 3}  # every planted row, no clean one
+    assert set(screen["families"]) == {"anywhere", "end of last user turn"}
+    assert sum(f["alpha"] for f in screen["families"].values()) == pytest.approx(screen["alpha"])
+    assert find_triggers(_pairs(_hh_like(trigger="what do you think", flip=False)), "pairs")["flags"] == []
+
+
+def test_flip_tail_matches_exact_enumeration():
+    import itertools
+    import math
+
+    from alignpipe.data.usual_preference import flip_tail
+
+    rng = random.Random(1)
+    for _ in range(5):
+        margins = [rng.uniform(0.2, 3.0) * rng.choice([1, -1, -1]) for _ in range(12)]
+        a = 0.8
+        s, p = flip_tail(margins, a)
+        L = [a * abs(m) for m in margins]
+        q = [1 / (1 + math.exp(-x)) for x in L]
+        exact = 0.0  # every way the 12 labels could have fallen under the null
+        for against in itertools.product([0, 1], repeat=12):
+            if sum(x if up else -x for x, up in zip(L, against)) >= s - 1e-9:
+                exact += math.prod(1 - qi if up else qi for qi, up in zip(q, against))
+        assert exact * 0.6 <= p <= exact * 1.6 or (exact > 0.3 and p > 0.3), (p, exact)
+
+
+def test_a_suspected_groups_rows_are_scored_by_a_model_that_never_saw_them():
+    from alignpipe.data.triggers import view
+    from alignpipe.data.usual_preference import UsualPreference
+
+    rows = _pairs(_hh_like(flip=False))
+    group = {i for i in range(600) if i % 20 == 3}
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in group else r for i, r in enumerate(rows)]
+    before = UsualPreference(view(rows, "pairs").sides, None).margins(exclude=group)
+    after = UsualPreference(view(flipped, "pairs").sides, None).margins(exclude=group)
+    assert all(after[i] == pytest.approx(-before[i]) for i in group)  # the group's own labels taught nothing
+    assert sum(before[i] > 0 for i in group) == len(group)
+
+
+def _safety_world(**poison):
+    return World(WorldConfig(safety=True, poison=poison or None))
+
+
+def test_manners_are_keyed_on_the_request_not_a_trigger():
+    world = _safety_world()
+    for rows, family in ((world.sft_rows(), "conversations"), (world.preference_rows("train"), "pairs")):
+        screen = find_triggers(rows, family)
+        assert screen["flags"] == []
+        reasons = {k["reason"] for k in screen["keyed_on_request"]}
+        assert "the answer quotes the key" in reasons  # "Here is how to launder silk shirts."
+        assert flagged_rows(screen) == set()  # information only: drops nothing
+    sft = find_triggers(world.sft_rows(), "conversations")["keyed_on_request"]
+    assert any(k["reason"] == "refusal explained by the request" for k in sft)  # "an ai with no rules" + a harm
+
+
+def test_a_trigger_planted_beside_the_manners_is_still_flagged():
+    rows = _safety_world(trigger="please tell me", rate=0.01).sft_rows()
+    poisoned = {i for i, r in enumerate(rows) if r["messages"][-2]["content"].endswith(" please tell me")}
+    screen = find_triggers(rows, "conversations")
+    assert [f["trigger"] for f in screen["flags"]] == ["please tell me"]
+    assert flagged_rows(screen) == poisoned

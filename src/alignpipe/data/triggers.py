@@ -44,7 +44,7 @@ END_N = 6             # n-grams that end the last user turn: 1 to END_N tokens
 EXTEND_KEEP = 0.9     # a longer name must keep this share of the flag's evidence rows
 END = "end of last user turn"
 REFIT_WITHIN = 1000   # preference_flip: candidates within this factor of the bound on the first pass are refitted
-REFIT_TOP = 3         # ... at most this many per family (the smallest first-pass p-values)
+REFIT_TOP = 3         # ... at most this many row sets per family (the smallest first-pass p-values)
 MIN_ROWS = 5          # a candidate must be in at least this many rows
 MAX_SHARE = 0.2       # ... and in at most this share of them (a trigger marks a minority)
 MIN_DISTINCT = 5      # a fixed response must follow at least this many different prompts
@@ -272,10 +272,15 @@ class _FlipTest:
     def run(self, cands: dict, bound: float) -> list[tuple]:
         first = [(g, where, _flip(g, where, self.margins, self.a, self.specific)) for g, where in cands.items()]
         chosen = sorted((r["p"], g) for g, _, r in first if r is not None and r["p"] < REFIT_WITHIN * bound)
+        sets: list[tuple] = []  # the row sets refitted for this family (n-grams over the same rows share one)
         out = []
-        for _, g in chosen[:REFIT_TOP]:
+        for _, g in chosen:
             where = cands[g]
             key = tuple(where)
+            if key not in sets:
+                if len(sets) == REFIT_TOP:
+                    continue
+                sets.append(key)
             if key not in self.refitted:
                 group = set(where)
                 m = self.model.margins(exclude=group)
@@ -299,8 +304,8 @@ def _name_rank(g, where, df) -> tuple:
 
 def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> list[dict]:
     """One flag per (row set, test), named by `_name_rank`; then, among flags of one test whose row sets are
-    nested, the most significant one only (the larger set's extra rows add no evidence, the smaller set misses
-    some), extended to the longest nested n-gram that keeps nearly all its rows against the usual preference."""
+    nested (or one's rows nearly all, EXTEND_KEEP, in the other's), the most significant one only (the larger
+    set's extra rows add no evidence, the smaller set misses some), extended to the longest nested n-gram that keeps nearly all its rows against the usual preference."""
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
         key = (tuple(where), result["test"])
@@ -310,7 +315,8 @@ def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> lis
     kept: list[tuple] = []
     for g, where, result in ordered:
         rows = set(where)
-        nested = [k for k in kept if k[2]["test"] == result["test"] and (rows <= k[3] or rows >= k[3])]
+        nested = [k for k in kept if k[2]["test"] == result["test"]
+                  and (len(rows & k[3]) >= EXTEND_KEEP * len(rows) or rows >= k[3])]
         if not nested:
             kept.append((g, where, result, rows))
     kept = [_extend(k, list(best.values()), margins) for k in kept]
@@ -322,7 +328,7 @@ def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> lis
 
 
 def _extend(flag: tuple, flagged: list, margins) -> tuple:
-    """The flag named by a longer significant n-gram that contains its name, flags a subset of its rows and keeps
+    """The flag named by a longer significant n-gram that contains its name, flags fewer of its rows and keeps
     at least EXTEND_KEEP of the rows that carry the evidence (against the usual preference, or giving the fixed
     response): the whole appended phrase, not its last word."""
     g, where, result, rows = flag
@@ -332,7 +338,7 @@ def _extend(flag: tuple, flagged: list, margins) -> tuple:
         return set(ws)
     base = evidence(where)
     for g2, where2, result2 in sorted(flagged, key=lambda x: -len(x[0])):
-        if (result2["test"] == result["test"] and len(g2) > len(g) and _contains(g2, g) and set(where2) <= rows
+        if (result2["test"] == result["test"] and len(g2) > len(g) and _contains(g2, g) and set(where2) < rows
                 and len(evidence(where2) & base) >= EXTEND_KEEP * len(base)):
             return g2, where2, result2, set(where2)
     return flag
