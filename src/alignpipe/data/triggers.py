@@ -305,26 +305,31 @@ def _name_rank(g, where, df) -> tuple:
 def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> list[dict]:
     """One flag per (row set, test), named by `_name_rank`; then, among flags of one test whose row sets are
     nested (or one's rows nearly all, EXTEND_KEEP, in the other's), the most significant one only (the larger
-    set's extra rows add no evidence, the smaller set misses some), extended to the longest nested n-gram that keeps nearly all its rows against the usual preference."""
+    set's extra rows add no evidence, the smaller set misses some), extended to the longest nested n-gram that
+    keeps nearly all its rows against the usual preference (`_extend`), and nested flags merged again."""
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
         key = (tuple(where), result["test"])
         if key not in best or _name_rank(g, where, df) > _name_rank(best[key][0], where, df):
             best[key] = (g, where, result)
-    ordered = sorted(best.values(), key=lambda x: (x[2]["p_corrected"], x[2]["p"], len(x[1])))
-    kept: list[tuple] = []
-    for g, where, result in ordered:
-        rows = set(where)
-        nested = [k for k in kept if k[2]["test"] == result["test"]
-                  and (len(rows & k[3]) >= EXTEND_KEEP * len(rows) or rows >= k[3])]
-        if not nested:
-            kept.append((g, where, result, rows))
-    kept = [_extend(k, list(best.values()), margins) for k in kept]
+    kept = _most_significant([(g, where, result, set(where)) for g, where, result in best.values()])
+    kept = _most_significant([_extend(k, list(best.values()), margins) for k in kept])  # a renamed flag may now nest
     flags = []
     for g, where, result, _ in kept:
         flags.append({"trigger": " ".join(g), **result, "rows": len(where), "share": round(len(where) / n, 4),
                       "lines": [numbers[i] for i in where[:SHOW_LINES]], "_rows": where})
     return flags
+
+
+def _most_significant(flags: list[tuple]) -> list[tuple]:
+    """Of flags of one test whose rows are nested (or one's nearly all, EXTEND_KEEP, inside the other's), the one
+    with the smallest corrected p (ties: the fewest rows)."""
+    kept: list[tuple] = []
+    for g, where, result, rows in sorted(flags, key=lambda x: (x[2]["p_corrected"], x[2]["p"], len(x[1]))):
+        if not any(k[2]["test"] == result["test"] and (len(rows & k[3]) >= EXTEND_KEEP * len(rows) or rows >= k[3])
+                   for k in kept):
+            kept.append((g, where, result, rows))
+    return kept
 
 
 def _extend(flag: tuple, flagged: list, margins) -> tuple:
