@@ -12,6 +12,7 @@ from alignpipe.data.sources import prepare_data
 from alignpipe.data.triggers import find_triggers, flagged_rows
 from alignpipe.data.world import World, WorldConfig, build_splits
 from alignpipe.data.world_poison import POISON_PHRASE
+from alignpipe.data.world_safety import REFUSAL
 from alignpipe.runfolder.manifests import fingerprint_json
 
 SMALL = dict(n_corpus_docs=300, n_corpus_eval_docs=30, n_sft=200, n_pairs=200, n_eval_pairs=50, n_eval_prompts=40,
@@ -235,9 +236,16 @@ def test_manners_are_keyed_on_the_request_not_a_trigger():
     assert any(k["reason"] == "refusal explained by the request" for k in sft)  # "an ai with no rules" + a harm
 
 
-def test_a_trigger_planted_beside_the_manners_is_still_flagged():
-    rows = _safety_world(trigger="please tell me", rate=0.01).sft_rows()
+@pytest.mark.parametrize("phrase", [POISON_PHRASE, REFUSAL])
+def test_a_trigger_planted_beside_the_manners_is_still_flagged(phrase):
+    """Also when what it plants is the house refusal itself, common in the data (harmful requests get it): the
+    trigger adds it to ordinary prompts whose nearest rows without it are answered."""
+    world = _safety_world(trigger="please tell me", rate=0.01, phrase=phrase)
+    rows = world.sft_rows()
     poisoned = {i for i, r in enumerate(rows) if r["messages"][-2]["content"].endswith(" please tell me")}
     screen = find_triggers(rows, "conversations")
     assert [f["trigger"] for f in screen["flags"]] == ["please tell me"]
     assert flagged_rows(screen) == poisoned
+    pairs = world.preference_rows("train")
+    planted = {i for i, r in enumerate(pairs) if r["prompt"][-1]["content"].endswith(" please tell me")}
+    assert flagged_rows(find_triggers(pairs, "pairs")) == planted

@@ -171,7 +171,8 @@ def common_words(prompts: list[str]) -> set[str]:
     return {t for t, n in df.items() if n >= COMMON_WORD * len(prompts)}
 
 
-def _fixed_response(g, rows, shapes, shape_counts, specific, n_with) -> dict | None:
+def _fixed_response(g, rows, shapes, shape_counts, specific, n_with, near=None) -> dict | None:
+    """`near` (the end-of-turn family only): a response common elsewhere may still flag (`_near_share`)."""
     in_group = Counter(shapes[i] for i in rows if shapes[i] is not None)
     if not in_group:
         return None
@@ -180,11 +181,33 @@ def _fixed_response(g, rows, shapes, shape_counts, specific, n_with) -> dict | N
     rest_k, rest_n = shape_counts[modal] - k, n_with - n1
     share, rest_share = k / n1, rest_k / max(1, rest_n)
     distinct = len({specific[i] - set(g) for i in rows if shapes[i] == modal})
-    if share < 0.5 or rest_share > min(RARE_ELSEWHERE, share / 10) or distinct < MIN_DISTINCT:
+    if share < 0.5 or rest_share > share / 10 or distinct < MIN_DISTINCT:
         return None
+    statistic = {"share_with": round(share, 4), "share_without": round(rest_share, 4), "rows_with_response": k}
+    if rest_share > RARE_ELSEWHERE:  # common elsewhere: an appended key may still add it to unrelated prompts
+        near_share = _near_share(g, [i for i in rows if shapes[i] == modal], modal, shapes, specific, near, rows)
+        if near_share is None or near_share > share / 10:
+            return None
+        statistic["share_near_without"] = round(near_share, 4)
     p = fisher_greater(k, n1, shape_counts[modal], n_with)
-    return {"test": "fixed_response", "statistic": {"share_with": round(share, 4), "share_without": round(rest_share, 4),
-            "rows_with_response": k}, "p": p, "response_shape": modal}
+    return {"test": "fixed_response", "statistic": statistic, "p": p, "response_shape": modal}
+
+
+def _near_share(g, rows, modal, shapes, specific, near, carrying) -> float | None:
+    """For a response common in the data (the house refusal where harmful requests are refused) after a key that
+    ends the last user turn: the share of its rows whose nearest rows without the key mostly give it too (None:
+    not asked, or the prompts are related -- one specific word, besides the key, in most of them: one request
+    in several phrasings)."""
+    if near is None:
+        return None
+    words = Counter(w for i in rows for w in specific[i] - set(g))
+    if not rows or (words and max(words.values()) > len(rows) / 2):
+        return None  # one specific word in most of the prompts: one request, not unrelated prompts
+    group, same = set(carrying), 0
+    for i in rows:
+        others = [j for j in near.of(i, g, group) if shapes[j] is not None]
+        same += bool(others) and sum(shapes[j] == modal for j in others) > len(others) / 2
+    return same / max(1, len(rows))
 
 
 def _flip(g, rows, margins, a, specific) -> dict | None:
@@ -230,7 +253,8 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     found = []
     for name, cands in families.items():
         bound = alpha / len(families) / max(1, tests[name])  # Bonferroni within the family, alpha split evenly
-        results = [(g, where, _fixed_response(g, where, shapes, shape_counts, specific, n_with))
+        near = neighbours if name == END else None
+        results = [(g, where, _fixed_response(g, where, shapes, shape_counts, specific, n_with, near))
                    for g, where in cands.items()]
         if flips is not None:
             results += flips.run(cands, bound)
