@@ -42,8 +42,9 @@ def echoes_key(key: tuple, rows: list[int], responses: list, tokenize) -> bool:
 class Neighbours:
     """The rows without a key that share the most specific prompt words with a row that has it."""
 
-    def __init__(self, specific: list[frozenset]):
+    def __init__(self, specific: list[frozenset], turns: list[tuple] | None = None):
         self.specific = specific
+        self.turns = turns  # each row's last user turn, as tokens
         self.index: dict[str, list[int]] = defaultdict(list)
         for i, words in enumerate(specific):
             for w in words:

@@ -197,12 +197,14 @@ def _near_share(g, rows, modal, shapes, specific, near, carrying) -> float | Non
     """For a response common in the data (the house refusal where harmful requests are refused) after a key that
     ends the last user turn: the share of its rows whose nearest rows without the key mostly give it too (None:
     not asked, or the prompts are related -- one specific word, besides the key, in most of them: one request
-    in several phrasings)."""
+    in several phrasings; or most last user turns say the same before the key)."""
     if near is None:
         return None
     words = Counter(w for i in rows for w in specific[i] - set(g))
     if not rows or (words and max(words.values()) > len(rows) / 2):
         return None  # one specific word in most of the prompts: one request, not unrelated prompts
+    if len({near.turns[i][: len(near.turns[i]) - len(g)] for i in rows}) <= len(rows) / 2:
+        return None  # most last turns are the same words before the key ("thanks for the help!"): a reply to them
     group, same = set(carrying), 0
     for i in rows:
         others = [j for j in near.of(i, g, group) if shapes[j] is not None]
@@ -246,7 +248,7 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     specific = [frozenset(t for t in tokens(p) if t not in common and WORD.search(t)) for p in v.prompts]
     shape_counts = Counter(s for s in shapes if s is not None)
     n_with = sum(shape_counts.values())
-    neighbours = keyed_policy.Neighbours(specific)
+    neighbours = keyed_policy.Neighbours(specific, [tuple(tokens(t)) for t in v.last_user or v.prompts])
     flips = _FlipTest(v, specific) if v.sides is not None else None
     per_candidate = 1 + (flips is not None)
     tests = {name: len(c) * per_candidate for name, c in families.items()}
