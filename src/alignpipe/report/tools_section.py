@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COLUMNS = (("tool_pass_rate_without_tools", "tool tasks, no tools"), ("tool_pass_rate_with_tools", "tool tasks, tools"),
+           ("tool_pass_rate_with_tools_greedy", "tool tasks, tools, greedy"),
            ("plain_pass_rate_with_tools", "plain tasks, tools"), ("tool_call_rate", "call rate"),
            ("valid_call_rate", "valid calls"), ("wasted_call_rate", "wasted calls"),
            ("turns_per_answer", "turns / answer"), ("tool_failed_calls", "failed calls"))
