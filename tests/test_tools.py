@@ -94,6 +94,25 @@ def test_tool_documents_write_the_call_as_the_template_does_and_never_a_held_out
     assert not any(r["prompt"] in text for r in world.tool_eval_prompts(100) if r["needs_tool"])
 
 
+def test_tool_rl_share_changes_the_rl_prompts_only():
+    """`tool_rl_share` sets the bigmul share of RL prompts; SFT rows, the corpus and the fingerprints of stages that do
+    not read RL prompts stay as with `tool_share` alone, and the default world's fingerprint config lacks it."""
+    from alignpipe.data.world import part_config
+    from alignpipe.recipe.parse import to_plain
+
+    base_config = WorldConfig(n_corpus_docs=40, n_sft=100, n_rl_prompts=100, tool_share=0.3)
+    rl_config = WorldConfig(**{**base_config.__dict__, "tool_rl_share": 0.7})
+    plain, more = world_tools.ToolWorld(base_config), world_tools.ToolWorld(rl_config)
+    assert plain.sft_rows() == more.sft_rows() and plain.corpus() == more.corpus()
+    assert sum(1 for r in more.rl_prompts() if world_tools.solve(r["prompt"][0]["content"])[1]) == 70
+    for part in ("corpus", "sft", "pairs"):
+        assert part_config(to_plain(base_config), part) == part_config(to_plain(rl_config), part)
+    assert part_config(to_plain(base_config), "rl_prompts") != part_config(to_plain(rl_config), "rl_prompts")
+    assert "tool_rl_share" not in part_config(to_plain(WorldConfig()), "rl_prompts")
+    with pytest.raises(ValueError, match="tool_rl_share"):
+        world_tools.ToolWorld(WorldConfig(tool_share=0.3, tool_rl_share=1.5))
+
+
 def test_the_shaped_tool_reward_pays_right_answers_and_docks_invalid_and_wasted_calls():
     good, bad = parse_calls(CALL), parse_calls('<tool_call>{"name": "nope", "arguments": {}}</tool_call>')
     prompts = ["what is 37 times 48?"] * 3 + ["what is 3 plus 4?"] * 2

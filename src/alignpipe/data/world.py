@@ -119,6 +119,7 @@ class WorldConfig:
     safety: bool = False            # the manners (data/world_safety.py, docs/safety.md): opt-in, recipes/safety.yaml
     tool_share: float = 0.0        # SFT rows / RL prompts that are calculator tasks (data/world_tools.py; 0: off)
     tool_demo_share: float = 0.5   # of those SFT rows, the share that demonstrates a calculator call
+    tool_rl_share: float = 0.0     # RL prompts that are calculator tasks, when not tool_share (0: tool_share)
 
     def __post_init__(self) -> None:  # mappings from a recipe become frozen (hashable) configs
         if not isinstance(self.safety, bool):
@@ -556,7 +557,7 @@ WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "p
 
 # World options that change only some parts, fingerprinted for those parts and only when on, so a stage they
 # cannot change keeps its fingerprint (a safety recipe's pretrain is the default's: recipes/safety.yaml)
-PART_OPTIONS = {"safety": ("sft", "pairs")}
+PART_OPTIONS = {"safety": ("sft", "pairs"), "tool_rl_share": ("rl_prompts",)}
 
 
 def part_config(plain: dict, part: str) -> dict:

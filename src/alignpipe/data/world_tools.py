@@ -5,7 +5,7 @@ where a calculator earns its place: `bigmul` tasks ("what is 37 times 48?", both
 world's own tasks (one-digit sums, words, comparisons) do not, and calling it there is a wasted call.
 
 With `tool_share > 0` the world is a `ToolWorld`: that share of the SFT demonstrations and RL prompts are bigmul
-tasks, and `tool_demo_share` of those bigmul demonstrations call the calculator (user, assistant `tool_calls`,
+tasks (RL prompts: `tool_rl_share` instead when set, which changes only the stages that read RL prompts), and `tool_demo_share` of those bigmul demonstrations call the calculator (user, assistant `tool_calls`,
 tool result, `The answer is 1776.`); the rest answer directly with the right product (the form a model that never
 learned the tool would imitate). The pretraining corpus gains round(tool_share * n_corpus_docs) tool documents
 (`tool_document`: a bigmul question, the call as the template writes it, the result, the answer), so that the
@@ -184,7 +184,7 @@ class ToolWorld(base.World):
 
     def __init__(self, config: base.WorldConfig) -> None:
         super().__init__(config)
-        for name in ("tool_share", "tool_demo_share"):
+        for name in ("tool_share", "tool_demo_share", "tool_rl_share"):
             if not 0.0 <= getattr(config, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
         pairs = bigmul_args()
@@ -195,10 +195,10 @@ class ToolWorld(base.World):
     def _tool_prompt(self, pair, rng: random.Random) -> str:
         return base._pick(rng, BIGMUL_TEMPLATES).format(a=pair[0], b=pair[1])
 
-    def _mix(self, rows: list, make_tool_row, product: str) -> list:
-        """`rows` with round(tool_share * len) of them replaced by bigmul rows, in a seeded order."""
+    def _mix(self, rows: list, make_tool_row, product: str, share: float) -> list:
+        """`rows` with round(share * len) of them replaced by bigmul rows, in a seeded order."""
         rng = self._rng(product)
-        n_tool = round(self.config.tool_share * len(rows))
+        n_tool = round(share * len(rows))
         mixed = rows[:len(rows) - n_tool] + [make_tool_row(i, rng) for i in range(n_tool)]
         rng.shuffle(mixed)
         return mixed
@@ -223,13 +223,13 @@ class ToolWorld(base.World):
             pair = base._pick(rng, self.tool_train)
             return {"messages": tool_demonstration(self._tool_prompt(pair, rng), *pair, with_call=i < n_calls)}
 
-        return self._mix(super().sft_rows(), row, "tool_sft")
+        return self._mix(super().sft_rows(), row, "tool_sft", self.config.tool_share)
 
     def rl_prompts(self) -> list[dict]:
         def row(i: int, rng: random.Random) -> dict:
             return {"prompt": [{"role": "user", "content": self._tool_prompt(base._pick(rng, self.tool_train), rng)}]}
 
-        return self._mix(super().rl_prompts(), row, "tool_rl")
+        return self._mix(super().rl_prompts(), row, "tool_rl", self.config.tool_rl_share or self.config.tool_share)
 
     def tool_eval_prompts(self, n: int) -> list[dict]:
         """n held-out bigmul prompts and n of the world's held-out prompts (tasks that need no tool), alternating."""
