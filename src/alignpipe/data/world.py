@@ -413,7 +413,7 @@ class World:
         docs = self._documents(self._train_by_kind, self.config.n_corpus_docs, self._rng("corpus"))
         if self.config.canaries:
             docs = world_poison.insert_canaries(docs, self.config.canaries, self._rng("canaries"))
-        return docs
+        return docs + (self.manners.corpus_documents(len(docs)) if self.manners else [])
 
     def canaries(self) -> list[dict]:
         """The planted canaries (prefix, secret, times inserted); [] without `canaries`."""
@@ -557,7 +557,7 @@ WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "p
 
 # World options that change only some parts, fingerprinted for those parts and only when on, so a stage they
 # cannot change keeps its fingerprint (a safety recipe's pretrain is the default's: recipes/safety.yaml)
-PART_OPTIONS = {"safety": ("sft", "pairs"), "tool_rl_share": ("rl_prompts",)}
+PART_OPTIONS = {"safety": ("corpus", "sft", "pairs"), "tool_rl_share": ("rl_prompts",)}
 
 
 def part_config(plain: dict, part: str) -> dict:
