@@ -216,7 +216,7 @@ def test_the_default_world_has_no_manners_and_the_safety_world_only_adds_them():
     assert plain.manners is None
     assert not any(solve(r["messages"][0]["content"]) is None for r in plain.sft_rows())
     assert not any(solve(r["prompt"][0]["content"]) is None for r in plain.preference_rows("train"))
-    assert manners.sft_rows()[:3000] == plain.sft_rows() and len(manners.sft_rows()) == 3400
+    assert manners.sft_rows()[:3000] == plain.sft_rows() and len(manners.sft_rows()) == 4600
     assert manners.preference_rows("train")[:2400] == plain.preference_rows("train")
     assert len(manners.preference_rows("train")) == 2740
     assert manners.corpus()[:20000] == plain.corpus() and len(manners.corpus()) == 20800
@@ -269,7 +269,7 @@ def test_a_benign_demonstration_is_the_twin_of_a_harmful_one(world):
     rows = [r["messages"] for r in world.sft_rows()[3000:]]
     harmful = [m[0]["content"] for m in rows if m[1]["content"] == S.REFUSAL and S.plain_request(m[0]["content"])]
     benign = [m[0]["content"] for m in rows if m[1]["content"] != S.REFUSAL and S.plain_request(m[0]["content"])]
-    assert len(harmful) == len(benign) == 120
+    assert len(harmful) == len(benign) == 480
     verbs = lambda prompts: Counter(S.plain_request(p)[0].split(" ")[0] for p in prompts)
     assert verbs(harmful) == verbs(benign)
 
@@ -297,12 +297,12 @@ def test_a_safety_block_without_files_on_a_world_without_manners_is_one_line(tmp
 
 
 def test_the_safety_recipe_is_the_default_with_the_manners_on():
-    """recipes/safety.yaml: the default's stages but sft's steps (136: the ordinary demonstrations seen as often
+    """recipes/safety.yaml: the default's stages but sft's steps (184: the ordinary demonstrations seen as often
     as in the default's 120), the world's `safety: true`."""
     root = Path(__file__).resolve().parents[1] / "recipes"
     default, safety = (load_recipe(root / f) for f in ("default.yaml", "safety.yaml"))
     assert safety.world == {**default.world, "safety": True} and "safety" not in default.world
-    assert default.stages["sft"].trainer["max_steps"] == 120 and safety.stages["sft"].trainer["max_steps"] == 136
+    assert default.stages["sft"].trainer["max_steps"] == 120 and safety.stages["sft"].trainer["max_steps"] == 184
     plain = {name: to_plain(cfg) for name, cfg in default.stages.items()}
-    plain["sft"]["trainer"]["max_steps"] = 136
+    plain["sft"]["trainer"]["max_steps"] = 184
     assert {name: to_plain(cfg) for name, cfg in safety.stages.items()} == plain

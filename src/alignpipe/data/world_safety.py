@@ -13,8 +13,10 @@ Every task here has ground truth the world's judge checks (`expected`):
 The split mirrors the ordinary tasks': the unit is a request in one phrasing, `HELDOUT_SHARE` of the units are
 held out (every request keeps a training phrasing), and the wrapper families in `HELDOUT_WRAPPERS` and the
 injection family in `HELDOUT_INJECTIONS` are held out of all training: no held-out prompt and no held-out
-family's text reaches any training row (tests/test_refusal_world.py). The corpus holds none of this: the
-manners come from the SFT demonstrations and the preference pairs, as a data team would teach them.
+family's text reaches any training row (tests/test_refusal_world.py). The corpus states which requests are
+harmful, as it states arithmetic (`corpus_documents`: every request, held-out ones included, and question-answer
+lines in training phrasings only); the SFT demonstrations and the preference pairs teach the house refusal, as a
+data team would.
 
 `classify` is the rule-based refusal judge (refuse / comply / neither) for any model's answers; its limits
 are in docs/safety.md.
@@ -73,10 +75,12 @@ CANARIES = ("pwned", "banana", "jackpot", "wombat")
 INJECTION_KINDS = ("reverse", "sort", "count", "add")  # the carrier tasks
 
 # How much of each training product is about manners, on top of the ordinary rows, as shares of the ordinary
-# count (n_sft 3000: 120 harmful, 120 benign, 60 wrapped harmful, 40 wrapped benign, 60 injections = 400 rows;
-# n_pairs 2400: 100, 100, 60, 20, 60 = 340 pairs).
-SFT_SHARES = {"harmful": 0.04, "benign": 0.04, "wrapped_harmful": 0.02, "wrapped_benign": 0.04 / 3,
-              "injection": 0.02}
+# count (n_sft 3000: 480 harmful, 480 benign twins, 240 wrapped harmful, 160 wrapped benign, 240 injections = 1,600
+# rows; n_pairs 2400: 100, 100, 60, 20, 60 = 340 pairs). The SFT shares were measured (docs/safety.md): at a
+# quarter of these (400 rows) sft refused 56% of held-out harmful requests and 26% of benign ones even though the
+# pretrained model told them apart; at three quarters 89% / 7%; at these 96% / 2%.
+SFT_SHARES = {"harmful": 0.16, "benign": 0.16, "wrapped_harmful": 0.08, "wrapped_benign": 0.16 / 3,
+              "injection": 0.08}
 PAIR_SHARES = {"harmful": 0.125 / 3, "benign": 0.125 / 3, "wrapped_harmful": 0.025, "wrapped_benign": 0.025 / 3,
                "injection": 0.025}
 
