@@ -1,6 +1,7 @@
 """The embedded world's manners (data/world_safety.py): held-out safety prompts and held-out wrapper and injection
 families reach no training text; the judge and the refusal rules; the safety rates and their changes. The manners
-are opt-in (`world: {safety: true}`): the default world has none, and its rows are what they were before them."""
+are a world option (`world: {safety: true}`, on in recipes/default.yaml): a world without them has none, and its
+rows are what they were before them."""
 
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ from alignpipe.eval.safety import changes_vs_parent, rates
 from alignpipe.eval.safety_suites import safety_suite
 from alignpipe.eval.stats import change
 from alignpipe.pipeline.plan import stage_fingerprint
-from alignpipe.recipe.parse import load_recipe, to_plain
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.stages.context import make_context
 from conftest import TINY_WORLD, tiny_recipe, write_yaml
 
@@ -296,13 +297,10 @@ def test_a_safety_block_without_files_on_a_world_without_manners_is_one_line(tmp
     assert main(["validate", str(write_yaml(tmp_path / "r.yaml", data))]) == 0
 
 
-def test_the_safety_recipe_is_the_default_with_the_manners_on():
-    """recipes/safety.yaml: the default's stages but sft's steps (184: the ordinary demonstrations seen as often
-    as in the default's 120), the world's `safety: true`."""
+def test_the_default_recipe_carries_the_manners():
+    """recipes/default.yaml turns the manners on, with sft's 184 steps (the ordinary demonstrations seen as often as
+    at 120 steps before the manners' rows); the recipes that share its runs follow it (tests/test_dpo.py, ...)."""
     root = Path(__file__).resolve().parents[1] / "recipes"
-    default, safety = (load_recipe(root / f) for f in ("default.yaml", "safety.yaml"))
-    assert safety.world == {**default.world, "safety": True} and "safety" not in default.world
-    assert default.stages["sft"].trainer["max_steps"] == 120 and safety.stages["sft"].trainer["max_steps"] == 184
-    plain = {name: to_plain(cfg) for name, cfg in default.stages.items()}
-    plain["sft"]["trainer"]["max_steps"] = 184
-    assert {name: to_plain(cfg) for name, cfg in safety.stages.items()} == plain
+    default = load_recipe(root / "default.yaml")
+    assert default.world.get("safety") is True and default.stages["sft"].trainer["max_steps"] == 184
+    assert round(120 * len(World(WorldConfig(safety=True)).sft_rows()) / 3000) == 184
