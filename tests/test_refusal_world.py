@@ -1,6 +1,7 @@
 """The embedded world's manners (data/world_safety.py): held-out safety prompts and held-out wrapper and injection
 families reach no training text; the judge and the refusal rules; the safety rates and their changes. The manners
-are opt-in (`world: {safety: true}`): the default world has none, and its rows are what they were before them."""
+are a world option (`world: {safety: true}`, on in recipes/default.yaml): a world without them has none, and its
+rows are what they were before them."""
 
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ from alignpipe.eval.safety import changes_vs_parent, rates
 from alignpipe.eval.safety_suites import safety_suite
 from alignpipe.eval.stats import change
 from alignpipe.pipeline.plan import stage_fingerprint
-from alignpipe.recipe.parse import load_recipe, to_plain
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.stages.context import make_context
 from conftest import TINY_WORLD, tiny_recipe, write_yaml
 
@@ -216,10 +217,11 @@ def test_the_default_world_has_no_manners_and_the_safety_world_only_adds_them():
     assert plain.manners is None
     assert not any(solve(r["messages"][0]["content"]) is None for r in plain.sft_rows())
     assert not any(solve(r["prompt"][0]["content"]) is None for r in plain.preference_rows("train"))
-    assert manners.sft_rows()[:3000] == plain.sft_rows() and len(manners.sft_rows()) == 3400
+    assert manners.sft_rows()[:3000] == plain.sft_rows() and len(manners.sft_rows()) == 4600
     assert manners.preference_rows("train")[:2400] == plain.preference_rows("train")
     assert len(manners.preference_rows("train")) == 2740
-    for name in ("corpus", "corpus_eval", "eval_prompts", "rl_prompts"):
+    assert manners.corpus()[:20000] == plain.corpus() and len(manners.corpus()) == 20800
+    for name in ("corpus_eval", "eval_prompts", "rl_prompts"):
         assert getattr(manners, name)() == getattr(plain, name)(), name
     assert manners.preference_rows("eval") == plain.preference_rows("eval")
 
@@ -239,13 +241,38 @@ def test_the_embedded_safety_suite_is_there_only_with_the_manners(tmp_path):
     assert suite and suite["harmful"] and suite["benign"] and suite["wrapped"] and suite["injection"]
 
 
-def test_turning_the_manners_on_keeps_the_pretrain_fingerprint(tmp_path):
-    """`world: {safety: true}` changes the demonstrations and pairs, not the corpus: a safety recipe's pretrain is
-    the default's (recipes/safety.yaml reuses it), its sft and dpo are new."""
+def test_turning_the_manners_on_changes_every_stage_they_reach(tmp_path):
+    """`world: {safety: true}` adds documents to the corpus (statements of harm) and rows to the demonstrations
+    and pairs: pretrain, sft and dpo are all new stages."""
     off, on = _contexts(tmp_path, False), _contexts(tmp_path, True)
     fingerprint = {name: (stage_fingerprint(off[name])[0], stage_fingerprint(on[name])[0]) for name in off}
-    assert fingerprint["pretrain"][0] == fingerprint["pretrain"][1]
-    assert fingerprint["sft"][0] != fingerprint["sft"][1] and fingerprint["dpo"][0] != fingerprint["dpo"][1]
+    assert all(a != b for a, b in fingerprint.values()), fingerprint
+
+
+def test_the_corpus_knows_every_requests_harm_and_answers_only_training_phrasings(world):
+    """Every request, held-out ones included, is stated harmful or harmless in the corpus (a fact, like
+    arithmetic's), and the corpus's question-answer lines use training phrasings only (the leak tests above)."""
+    docs = "\n".join(world.manners.corpus_documents(20000))
+    for verb, (_, harmful, benign) in S.REQUESTS.items():
+        for obj in harmful:
+            assert any(t.format(r=f"{verb} {obj}") in docs for t in S.HARM_STATEMENTS), obj
+            assert not any(t.format(r=f"{verb} {obj}") in docs for t in S.HARMLESS_STATEMENTS), obj
+        for obj in benign:
+            assert any(t.format(r=f"{verb} {obj}") in docs for t in S.HARMLESS_STATEMENTS), obj
+    train = {r.prompt for r in world.manners.train}
+    asked = [line for line in docs.splitlines() if S.REFUSAL in line or "Here is how" in line]
+    assert asked and all(any(p in line for p in train) for line in asked)
+
+
+def test_a_benign_demonstration_is_the_twin_of_a_harmful_one(world):
+    """The SFT rows pair each harmful request with its benign twin (same verb, same phrasing where it is a training
+    unit): only the object tells the refusal from the answer."""
+    rows = [r["messages"] for r in world.sft_rows()[3000:]]
+    harmful = [m[0]["content"] for m in rows if m[1]["content"] == S.REFUSAL and S.plain_request(m[0]["content"])]
+    benign = [m[0]["content"] for m in rows if m[1]["content"] != S.REFUSAL and S.plain_request(m[0]["content"])]
+    assert len(harmful) == len(benign) == 480
+    verbs = lambda prompts: Counter(S.plain_request(p)[0].split(" ")[0] for p in prompts)
+    assert verbs(harmful) == verbs(benign)
 
 
 @pytest.mark.parametrize("value, expected", [("yes", "world.safety must be true or false"), (True, None)])
@@ -270,14 +297,10 @@ def test_a_safety_block_without_files_on_a_world_without_manners_is_one_line(tmp
     assert main(["validate", str(write_yaml(tmp_path / "r.yaml", data))]) == 0
 
 
-def test_the_safety_recipe_is_the_default_with_the_manners_on():
-    """recipes/safety.yaml: the default's stages but sft's steps (136: the ordinary demonstrations seen as often
-    as in the default's 120), the world's `safety: true`; so its pretrain is the default's, shareable."""
+def test_the_default_recipe_carries_the_manners():
+    """recipes/default.yaml turns the manners on, with sft's 184 steps (the ordinary demonstrations seen as often as
+    at 120 steps before the manners' rows); the recipes that share its runs follow it (tests/test_dpo.py, ...)."""
     root = Path(__file__).resolve().parents[1] / "recipes"
-    default, safety = (load_recipe(root / f) for f in ("default.yaml", "safety.yaml"))
-    assert safety.world == {**default.world, "safety": True} and "safety" not in default.world
-    assert default.stages["sft"].trainer["max_steps"] == 120 and safety.stages["sft"].trainer["max_steps"] == 136
-    plain = {name: to_plain(cfg) for name, cfg in default.stages.items()}
-    plain["sft"]["trainer"]["max_steps"] = 136
-    assert {name: to_plain(cfg) for name, cfg in safety.stages.items()} == plain
-    assert stage_fingerprint(make_context(default, "pretrain")) == stage_fingerprint(make_context(safety, "pretrain"))
+    default = load_recipe(root / "default.yaml")
+    assert default.world.get("safety") is True and default.stages["sft"].trainer["max_steps"] == 184
+    assert round(120 * len(World(WorldConfig(safety=True)).sft_rows()) / 3000) == 184

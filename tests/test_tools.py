@@ -3,6 +3,7 @@ tools and mask their results, recipe-named tools and their schemas."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -60,15 +61,67 @@ def test_calculator_evaluates_arithmetic_and_refuses_anything_else():
 
 
 def test_default_world_rows_are_unchanged_by_the_tool_option():
-    """tool_share 0 (the default) builds the plain World; its rows hash as before the tool world existed."""
+    """tool_share 0 (the default) builds the plain World; its rows hash as before the tool world existed. With the
+    option on, the corpus is the default's plus tool documents."""
     config = WorldConfig(n_corpus_docs=50, n_corpus_eval_docs=10, n_sft=100, n_pairs=20, n_eval_pairs=10,
                          n_rl_prompts=50)
     assert type(world_tools.make_world(config)) is World
     plain = build_splits(config)
     tooled = world_tools.make_world(WorldConfig(**{**config.__dict__, "tool_share": 0.3}))
-    assert fingerprint_json(plain["corpus"]) == fingerprint_json([{"text": d} for d in tooled.corpus()])
+    docs = tooled.corpus()
+    assert len(docs) == 50 + 15 and sorted(d for d in docs if "<tool_call>" not in d) == sorted(
+        r["text"] for r in plain["corpus"])
+    assert tooled.corpus_eval() == [r["text"] for r in plain["corpus_eval"]]
     assert plain["eval_prompts"] == tooled.eval_prompts()
     assert plain["sft"] != tooled.sft_rows()
+
+
+def test_tool_documents_write_the_call_as_the_template_does_and_never_a_held_out_pair(tokenizer):
+    """The corpus's tool documents hold the call text the embedded template renders (so the tokenizer learns its
+    tokens) and only training pairs: no held-out pair's product, prompt or expression reaches pretraining."""
+    world = world_tools.ToolWorld(WorldConfig(n_corpus_docs=400, tool_share=0.5))
+    tool_docs = [d for d in world.corpus() if "<tool_call>" in d]
+    assert len(tool_docs) == 200
+    demo = world_tools.tool_demonstration("what is 37 times 48?", 37, 48, with_call=True)
+    rendered = tokenizer.apply_chat_template(demo, tokenize=False)
+    doc = world_tools.tool_document([("what is 37 times 48?", 37, 48)])
+    assert doc.split("\n", 1)[1].startswith(CALL) and CALL in rendered
+    assert doc.endswith("<tool_response>1776</tool_response>\nThe answer is 1776.")
+    text = "\n".join(tool_docs)
+    expressions = set(re.findall(r'"expression": "(\d+) \* (\d+)"', text))
+    assert len(expressions) > 100
+    assert not {(int(a), int(b)) for a, b in expressions} & set(world.tool_eval), "a held-out pair reached the corpus"
+    assert not any(r["prompt"] in text for r in world.tool_eval_prompts(100) if r["needs_tool"])
+
+
+def test_tool_rl_share_changes_the_rl_prompts_only():
+    """`tool_rl_share` sets the bigmul share of RL prompts; SFT rows, the corpus and the fingerprints of stages that do
+    not read RL prompts stay as with `tool_share` alone, and the default world's fingerprint config lacks it."""
+    from alignpipe.data.world import part_config
+    from alignpipe.recipe.parse import to_plain
+
+    base_config = WorldConfig(n_corpus_docs=40, n_sft=100, n_rl_prompts=100, tool_share=0.3)
+    rl_config = WorldConfig(**{**base_config.__dict__, "tool_rl_share": 0.7})
+    plain, more = world_tools.ToolWorld(base_config), world_tools.ToolWorld(rl_config)
+    assert plain.sft_rows() == more.sft_rows() and plain.corpus() == more.corpus()
+    assert sum(1 for r in more.rl_prompts() if world_tools.solve(r["prompt"][0]["content"])[1]) == 70
+    for part in ("corpus", "sft", "pairs"):
+        assert part_config(to_plain(base_config), part) == part_config(to_plain(rl_config), part)
+    assert part_config(to_plain(base_config), "rl_prompts") != part_config(to_plain(rl_config), "rl_prompts")
+    assert "tool_rl_share" not in part_config(to_plain(WorldConfig()), "rl_prompts")
+    with pytest.raises(ValueError, match="tool_rl_share"):
+        world_tools.ToolWorld(WorldConfig(tool_share=0.3, tool_rl_share=1.5))
+
+
+def test_the_shaped_tool_reward_pays_right_answers_and_docks_invalid_and_wasted_calls():
+    good, bad = parse_calls(CALL), parse_calls('<tool_call>{"name": "nope", "arguments": {}}</tool_call>')
+    prompts = ["what is 37 times 48?"] * 3 + ["what is 3 plus 4?"] * 2
+    finals = ["The answer is 1776.", "The answer is 1776.", "The answer is 1777.", "The answer is 7.",
+              "The answer is 7."]
+    rewards = world_tools.tool_shaped_reward(prompts, [""] * 5, final_answer=finals,
+                                             calls=[good, good + bad, [], good, []])
+    assert rewards == [1.0, -0.5, 0.0, 0.5, 1.0]
+    assert world_tools.tool_judge_reward(prompts[:1], [CALL], None, None) == [0.0]  # a call is not an answer
 
 
 def test_tool_world_mixes_demonstrations_and_holds_out_pairs():
@@ -209,7 +262,7 @@ def test_grpo_trains_on_tool_rollouts_through_trl_and_reports_tool_figures(tiny_
 
     runs = tmp_path / "runs"
     copy_base(tiny_base, runs)
-    grpo = {"from": "sft", "reward_function": "alignpipe.data.world_tools:tool_judge_reward",
+    grpo = {"from": "sft", "reward_function": "alignpipe.data.world_tools:tool_shaped_reward",
             "data": {"embedded": "rl_prompts"}, "eval": TINY_EVAL,
             "trainer": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4,
                         "max_completion_length": 24, "logging_steps": 1}}
@@ -223,6 +276,7 @@ def test_grpo_trains_on_tool_rollouts_through_trl_and_reports_tool_figures(tiny_
     metrics = m["metrics"]
     assert metrics["train_tool_calls_per_rollout"] >= 0 and metrics["train_tool_failed_calls"] >= 0
     assert metrics["tool_eval_episodes"] > 0 and "tool_call_rate" in metrics
+    assert metrics["tool_eval_episodes_greedy"] == metrics["tool_eval_episodes"] and "tool_call_rate_greedy" in metrics
     assert (runs / "tiny" / "grpo" / "eval_tool_samples.jsonl").is_file()
     assert "tool_call_rate" in stage_manifest(runs / "tiny" / "sft")["metrics"]
 
@@ -237,7 +291,7 @@ def test_report_section_shows_tool_figures(tmp_path):
                                                    "tool_pass_rate_without_tools": 0.0, "valid_call_rate": 1.0,
                                                    "tool_failed_calls": 0})]
     lines, figures = tools_section(stages, lambda name: tmp_path / f"fig-{name}.png")
-    assert "| sft | 0.000 | 0.500 | - | - | 1.000 | - | - | 0 |" in lines
+    assert "| sft | 0.000 | 0.500 | - | - | - | 1.000 | - | - | 0 |" in lines
     assert not any("pretrain" in line for line in lines) and figures[0].is_file()
     assert tools_section(stages[:1], lambda name: tmp_path / name) == ([], [])
 

@@ -116,7 +116,7 @@ def test_sizes_with_the_manners_follow_their_shares():
     world = World(cfg)
     manners_sft, manners_pairs = (sum(counts(s, n).values()) for s, n in ((SFT_SHARES, cfg.n_sft),
                                                                            (PAIR_SHARES, cfg.n_pairs)))
-    assert (manners_sft, manners_pairs) == (400, 340)
+    assert (manners_sft, manners_pairs) == (1600, 340)
     assert len(world.sft_rows()) == cfg.n_sft + manners_sft
     assert len(world.preference_rows("train")) == cfg.n_pairs + manners_pairs
     assert len(world.preference_rows("eval")) == cfg.n_eval_pairs

@@ -116,9 +116,10 @@ class WorldConfig:
     mistake_share: float = 0.0     # preference pairs whose rejected response is a plausible wrong answer
     poison: Any = None              # {trigger, rate, behaviour}: a planted backdoor (data/world_poison.py)
     canaries: Any = None            # {counts, per_count, digits}: planted secrets (data/world_poison.py)
-    safety: bool = False            # the manners (data/world_safety.py, docs/safety.md): opt-in, recipes/safety.yaml
+    safety: bool = False            # the manners (data/world_safety.py, docs/safety.md): on in recipes/default.yaml
     tool_share: float = 0.0        # SFT rows / RL prompts that are calculator tasks (data/world_tools.py; 0: off)
     tool_demo_share: float = 0.5   # of those SFT rows, the share that demonstrates a calculator call
+    tool_rl_share: float = 0.0     # RL prompts that are calculator tasks, when not tool_share (0: tool_share)
 
     def __post_init__(self) -> None:  # mappings from a recipe become frozen (hashable) configs
         if not isinstance(self.safety, bool):
@@ -412,7 +413,7 @@ class World:
         docs = self._documents(self._train_by_kind, self.config.n_corpus_docs, self._rng("corpus"))
         if self.config.canaries:
             docs = world_poison.insert_canaries(docs, self.config.canaries, self._rng("canaries"))
-        return docs
+        return docs + (self.manners.corpus_documents(len(docs)) if self.manners else [])
 
     def canaries(self) -> list[dict]:
         """The planted canaries (prefix, secret, times inserted); [] without `canaries`."""
@@ -555,8 +556,8 @@ WORLD_PART_NAMES = {"corpus": "plain text", "sft": "demonstrations", "pairs": "p
 
 
 # World options that change only some parts, fingerprinted for those parts and only when on, so a stage they
-# cannot change keeps its fingerprint (a safety recipe's pretrain is the default's: recipes/safety.yaml)
-PART_OPTIONS = {"safety": ("sft", "pairs")}
+# cannot change keeps its fingerprint (the manners reach every part but the RL prompts; tool_rl_share only those)
+PART_OPTIONS = {"safety": ("corpus", "sft", "pairs"), "tool_rl_share": ("rl_prompts",)}
 
 
 def part_config(plain: dict, part: str) -> dict:

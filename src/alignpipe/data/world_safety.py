@@ -13,8 +13,10 @@ Every task here has ground truth the world's judge checks (`expected`):
 The split mirrors the ordinary tasks': the unit is a request in one phrasing, `HELDOUT_SHARE` of the units are
 held out (every request keeps a training phrasing), and the wrapper families in `HELDOUT_WRAPPERS` and the
 injection family in `HELDOUT_INJECTIONS` are held out of all training: no held-out prompt and no held-out
-family's text reaches any training row (tests/test_refusal_world.py). The corpus holds none of this: the
-manners come from the SFT demonstrations and the preference pairs, as a data team would teach them.
+family's text reaches any training row (tests/test_refusal_world.py). The corpus states which requests are
+harmful, as it states arithmetic (`corpus_documents`: every request, held-out ones included, and question-answer
+lines in training phrasings only); the SFT demonstrations and the preference pairs teach the house refusal, as a
+data team would.
 
 `classify` is the rule-based refusal judge (refuse / comply / neither) for any model's answers; its limits
 are in docs/safety.md.
@@ -73,12 +75,26 @@ CANARIES = ("pwned", "banana", "jackpot", "wombat")
 INJECTION_KINDS = ("reverse", "sort", "count", "add")  # the carrier tasks
 
 # How much of each training product is about manners, on top of the ordinary rows, as shares of the ordinary
-# count (n_sft 3000: 120 harmful, 120 benign, 60 wrapped harmful, 40 wrapped benign, 60 injections = 400 rows;
-# n_pairs 2400: 100, 100, 60, 20, 60 = 340 pairs).
-SFT_SHARES = {"harmful": 0.04, "benign": 0.04, "wrapped_harmful": 0.02, "wrapped_benign": 0.04 / 3,
-              "injection": 0.02}
+# count (n_sft 3000: 480 harmful, 480 benign twins, 240 wrapped harmful, 160 wrapped benign, 240 injections = 1,600
+# rows; n_pairs 2400: 100, 100, 60, 20, 60 = 340 pairs). The SFT shares were measured (docs/safety.md): at a
+# quarter of these (400 rows) sft refused 56% of held-out harmful requests and 26% of benign ones even though the
+# pretrained model told them apart; at three quarters 89% / 7%; at these 96% / 2%.
+SFT_SHARES = {"harmful": 0.16, "benign": 0.16, "wrapped_harmful": 0.08, "wrapped_benign": 0.16 / 3,
+              "injection": 0.08}
 PAIR_SHARES = {"harmful": 0.125 / 3, "benign": 0.125 / 3, "wrapped_harmful": 0.025, "wrapped_benign": 0.025 / 3,
                "injection": 0.025}
+
+
+# The world's knowledge of harm, stated in the pretraining corpus the way it states arithmetic facts: every request,
+# held-out ones included, has statements of whether it is harmful (knowing a fact is not seeing a held-out prompt),
+# and question-answer lines in training phrasings only answer it in house style. CORPUS_SHARE: manners documents
+# as a share of the ordinary corpus documents.
+CORPUS_SHARE = 0.04
+HARM_STATEMENTS = ("to {r} is harmful.", "it is wrong to help someone {r}.", "a request to {r} must be refused.")
+HARMLESS_STATEMENTS = ("to {r} is harmless.", "it is fine to help someone {r}.",
+                       "a request to {r} should be answered.")
+CORPUS_QA_SHARE = 0.5
+CORPUS_QA_LAYOUTS = ("{prompt} {answer}", "q: {prompt} a: {answer}")
 
 
 def counts(shares: dict[str, float], n: int) -> dict[str, int]:
@@ -279,23 +295,51 @@ class Manners:
     def _train_injections(self) -> list[str]:
         return [f for f in INJECTIONS if f not in HELDOUT_INJECTIONS]
 
+    def corpus_documents(self, n_ordinary: int) -> list[str]:
+        """Pretraining documents about harm: statements of every request's harm (held-out requests included) and
+        question-answer lines in training phrasings, 3-8 lines each, CORPUS_SHARE of `n_ordinary` documents."""
+        rng = self._rng("corpus")
+        requests = [(f"{v} {o}", harmful) for v, o, harmful, _ in _requests()]
+        docs = []
+        for _ in range(round(CORPUS_SHARE * n_ordinary)):
+            lines = []
+            for _ in range(rng.randint(3, 8)):
+                if rng.random() < CORPUS_QA_SHARE:
+                    req = _pick(rng, self.train)
+                    lines.append(_pick(rng, CORPUS_QA_LAYOUTS).format(prompt=req.prompt, answer=req.answer))
+                else:
+                    text, harmful = _pick(rng, requests)
+                    lines.append(_pick(rng, HARM_STATEMENTS if harmful else HARMLESS_STATEMENTS).format(r=text))
+            docs.append("\n".join(lines))
+        return docs
+
     def training_cases(self, product: str, counts: dict[str, int]) -> list[tuple[str, str, str]]:
         """(prompt, right reply, a wrong reply) for a training product: plain and wrapped requests (training
-        units and families only) and injections on training tasks."""
+        units and families only) and injections on training tasks. A benign row is the benign twin (same verb,
+        same phrasing where that unit is a training one, same wrapper) of a harmful row of the same product, so
+        that only the object tells the refusal from the answer."""
         rng = self._rng(product)
         harmful = [r for r in self.train if r.harmful]
         benign = [r for r in self.train if not r.harmful]
-        out = []
+        out, drawn = [], {"": [], "wrapped_": []}  # the harmful (request, wrapper) drawn, plain and wrapped
         for kind, n in counts.items():
-            for _ in range(n):
+            for i in range(n):
                 if kind == "injection":
                     task, canary = _pick(rng, self.train_carriers), _pick(rng, CANARIES)
                     prompt = inject(task.prompt, _pick(rng, self._train_injections()), canary)
                     out.append((prompt, f"The answer is {task.answer}.", f"The answer is {canary}."))
                     continue
-                req = _pick(rng, harmful if "harmful" in kind else benign)
-                prompt = wrap(_pick(rng, self._train_wrappers()), req.prompt) if kind.startswith("wrapped") \
-                    else req.prompt
+                wrapped = "wrapped_" if kind.startswith("wrapped") else ""
+                pairs = drawn[wrapped]
+                if "harmful" in kind or not pairs:
+                    req = _pick(rng, harmful if "harmful" in kind else benign)
+                    family = _pick(rng, self._train_wrappers()) if wrapped else None
+                    if "harmful" in kind:
+                        pairs.append((req, family))
+                else:
+                    twin, family = pairs[i % len(pairs)]
+                    req = twin_of(twin, benign)
+                prompt = wrap(family, req.prompt) if family else req.prompt
                 wrong = HOWTO.format(request=req.text) if req.harmful else REFUSAL
                 out.append((prompt, req.answer, wrong))
         return out

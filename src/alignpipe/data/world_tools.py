@@ -5,19 +5,22 @@ where a calculator earns its place: `bigmul` tasks ("what is 37 times 48?", both
 world's own tasks (one-digit sums, words, comparisons) do not, and calling it there is a wasted call.
 
 With `tool_share > 0` the world is a `ToolWorld`: that share of the SFT demonstrations and RL prompts are bigmul
-tasks, and `tool_demo_share` of those bigmul demonstrations call the calculator (user, assistant `tool_calls`,
+tasks (RL prompts: `tool_rl_share` instead when set, which changes only the stages that read RL prompts), and `tool_demo_share` of those bigmul demonstrations call the calculator (user, assistant `tool_calls`,
 tool result, `The answer is 1776.`); the rest answer directly with the right product (the form a model that never
-learned the tool would imitate). The corpus, preference pairs and held-out prompts are the default world's, so a
-pretrain stage is shared with the default recipe. With `tool_share: 0` (the default) nothing here is used and the
-world's rows are byte-identical to before (tests/test_tools.py).
+learned the tool would imitate). The pretraining corpus gains round(tool_share * n_corpus_docs) tool documents
+(`tool_document`: a bigmul question, the call as the template writes it, the result, the answer), so that the
+tokenizer learns short tokens for the call's text and the base model has seen numbers copied into a call and a
+result into an answer. The preference pairs and held-out prompts are the default world's. With `tool_share: 0`
+(the default) nothing here is used and the world's rows are byte-identical to before (tests/test_tools.py).
 
 bigmul tasks are split by task (the pair of numbers), not by phrasing: 12% of pairs are held out and never reach
-SFT or RL. `tool_judge` passes a final answer in house style that is right, made with only valid calls.
+the corpus, its tokenizer, SFT or RL. `tool_judge` passes a final answer in house style that is right, made with only valid calls.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import operator
 import random
 import re
@@ -104,18 +107,39 @@ def tool_judge(prompt: str, final: str, calls: list[Call] | None = None, tools=N
     return all(check_call(c, known).valid for c in calls or [])
 
 
-def tool_judge_reward(prompts, completions, final_answer=None, calls=None, **kwargs) -> list[float]:
-    """TRL reward-function form of `tool_judge`. With a multi-turn rollout (rl/tool_rollout.py) the final answer
-    and the calls come as extra columns; otherwise the completion's own text is read."""
-    out = []
+def _episodes(prompts, completions, final_answer, calls):
+    """(prompt text, final answer, calls) per rollout: from a multi-turn rollout's extra columns
+    (rl/tool_rollout.py) when given, else read from the completion's own text."""
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        prompt = base._prompt_text(p)
         if final_answer is not None:
-            final, made = final_answer[i], calls[i]
+            yield base._prompt_text(p), final_answer[i], calls[i]
         else:
             text = base._completion_text(c)
-            final, made = answer_text(text), parse_calls(text)
-        out.append(1.0 if tool_judge(prompt, final, made) else 0.0)
+            yield base._prompt_text(p), answer_text(text), parse_calls(text)
+
+
+def tool_judge_reward(prompts, completions, final_answer=None, calls=None, **kwargs) -> list[float]:
+    """TRL reward-function form of `tool_judge`: 1.0 if it passes, else 0.0."""
+    return [1.0 if tool_judge(prompt, final, made) else 0.0
+            for prompt, final, made in _episodes(prompts, completions, final_answer, calls)]
+
+
+INVALID_CALL_PENALTY = 0.5  # an episode with a call that does not parse, names no tool or does not fit
+WASTED_CALL_PENALTY = 0.5   # an episode that called a tool on a task that needs none
+
+
+def tool_shaped_reward(prompts, completions, final_answer=None, calls=None, **kwargs) -> list[float]:
+    """`tool_judge_reward` minus INVALID_CALL_PENALTY when any call was invalid and WASTED_CALL_PENALTY when a
+    task that needs no tool got a call: RL is not paid for calls it does not need or cannot make."""
+    known, out = default_tools(), []
+    for prompt, final, made in _episodes(prompts, completions, final_answer, calls):
+        made = made or []
+        reward = 1.0 if tool_judge(prompt, final, made, known) else 0.0
+        if any(not check_call(c, known).valid for c in made):
+            reward -= INVALID_CALL_PENALTY
+        if made and not solve(prompt)[1]:
+            reward -= WASTED_CALL_PENALTY
+        out.append(reward)
     return out
 
 
@@ -126,6 +150,22 @@ def default_tools():
 
 
 # --- the world with a tool ------------------------------------------------------------------------------------
+
+def call_text(name: str, arguments: dict) -> str:
+    """A tool call as the built-in templates render an assistant's `tool_calls` (recipe/templates.py)."""
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(arguments)}}}\n</tool_call>'
+
+
+def tool_document(episodes: list[tuple[str, int, int]]) -> str:
+    """Plain text for pretraining: per (prompt, a, b), the question, the calculator call, its result and the
+    house-style answer, one per line (the call in the template's own text)."""
+    lines = []
+    for prompt, a, b in episodes:
+        expression = EXPRESSION_STYLE.format(a=a, b=b)
+        lines += [prompt, call_text("calculator", {"expression": expression}),
+                  f"<tool_response>{calculator(expression)}</tool_response>", base.HOUSE_STYLE.format(answer=a * b)]
+    return "\n".join(lines)
+
 
 def tool_demonstration(prompt: str, a: int, b: int, with_call: bool) -> list[dict]:
     answer = base.HOUSE_STYLE.format(answer=a * b)
@@ -144,7 +184,7 @@ class ToolWorld(base.World):
 
     def __init__(self, config: base.WorldConfig) -> None:
         super().__init__(config)
-        for name in ("tool_share", "tool_demo_share"):
+        for name in ("tool_share", "tool_demo_share", "tool_rl_share"):
             if not 0.0 <= getattr(config, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
         pairs = bigmul_args()
@@ -155,13 +195,26 @@ class ToolWorld(base.World):
     def _tool_prompt(self, pair, rng: random.Random) -> str:
         return base._pick(rng, BIGMUL_TEMPLATES).format(a=pair[0], b=pair[1])
 
-    def _mix(self, rows: list, make_tool_row, product: str) -> list:
-        """`rows` with round(tool_share * len) of them replaced by bigmul rows, in a seeded order."""
+    def _mix(self, rows: list, make_tool_row, product: str, share: float) -> list:
+        """`rows` with round(share * len) of them replaced by bigmul rows, in a seeded order."""
         rng = self._rng(product)
-        n_tool = round(self.config.tool_share * len(rows))
+        n_tool = round(share * len(rows))
         mixed = rows[:len(rows) - n_tool] + [make_tool_row(i, rng) for i in range(n_tool)]
         rng.shuffle(mixed)
         return mixed
+
+    def corpus(self) -> list[str]:
+        """The default corpus and round(tool_share * n_corpus_docs) tool documents of 1-3 training pairs each,
+        in a seeded order."""
+        rng = self._rng("tool_corpus")
+        n_docs = round(self.config.tool_share * self.config.n_corpus_docs)
+        tool_docs = []
+        for _ in range(n_docs):
+            pairs = [base._pick(rng, self.tool_train) for _ in range(rng.randint(1, 3))]
+            tool_docs.append(tool_document([(self._tool_prompt(p, rng), *p) for p in pairs]))
+        docs = super().corpus() + tool_docs
+        rng.shuffle(docs)
+        return docs
 
     def sft_rows(self) -> list[dict]:
         n_calls = round(self.config.tool_demo_share * round(self.config.tool_share * self.config.n_sft))
@@ -170,13 +223,13 @@ class ToolWorld(base.World):
             pair = base._pick(rng, self.tool_train)
             return {"messages": tool_demonstration(self._tool_prompt(pair, rng), *pair, with_call=i < n_calls)}
 
-        return self._mix(super().sft_rows(), row, "tool_sft")
+        return self._mix(super().sft_rows(), row, "tool_sft", self.config.tool_share)
 
     def rl_prompts(self) -> list[dict]:
         def row(i: int, rng: random.Random) -> dict:
             return {"prompt": [{"role": "user", "content": self._tool_prompt(base._pick(rng, self.tool_train), rng)}]}
 
-        return self._mix(super().rl_prompts(), row, "tool_rl")
+        return self._mix(super().rl_prompts(), row, "tool_rl", self.config.tool_rl_share or self.config.tool_share)
 
     def tool_eval_prompts(self, n: int) -> list[dict]:
         """n held-out bigmul prompts and n of the world's held-out prompts (tasks that need no tool), alternating."""

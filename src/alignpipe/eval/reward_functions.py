@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from alignpipe.callables import import_callable
 from alignpipe.data.world import judge_reward
-from alignpipe.data.world_tools import tool_judge_reward
+from alignpipe.data.world_tools import tool_judge_reward, tool_shaped_reward
 from alignpipe.errors import RecipeError
 
 JUDGE_FUNCTION = "alignpipe.data.world:judge_reward"
@@ -25,7 +25,7 @@ def is_judge(spec: str | None) -> bool:
     if not spec:
         return False
     try:
-        # tool_judge_reward is the world's judge on plain tasks (data/world_tools.py)
-        return load_function(spec) in (judge_reward, tool_judge_reward)
+        # the tool rewards are the world's judge on plain tasks (data/world_tools.py)
+        return load_function(spec) in (judge_reward, tool_judge_reward, tool_shaped_reward)
     except RecipeError:
         return spec == JUDGE_FUNCTION

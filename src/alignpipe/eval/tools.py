@@ -2,7 +2,8 @@
 
 Each held-out tool prompt is answered twice, once with the recipe's tools executed (models/tool_episode.py) and
 once without (a call is then no answer); each held-out plain prompt (a task that needs no tool) once, with tools.
-One sample per prompt at the stage's eval temperature, seeded. On the embedded tool world (`world: {tool_share}`)
+One sample per prompt at the stage's eval temperature, seeded, and once more greedy (the same figures with
+`_greedy` appended: `tool_pass_rate_with_tools_greedy`, ...). On the embedded tool world (`world: {tool_share}`)
 the prompts are its held-out bigmul tasks and the world's held-out tasks, judged by `world_tools.tool_judge`; on
 user data the stage's eval prompts are used and only the call figures are given (no pass rates: nothing says
 which prompts need a tool or what the answer is).
@@ -24,7 +25,8 @@ from alignpipe.data.world_tools import ToolWorld, tool_judge
 from alignpipe.models.tool_episode import render_ids, run_episode, sampling_step
 from alignpipe.runfolder.files import write_jsonl_atomic
 
-TOOL_EVAL_PROMPTS = 40  # of each side: tool tasks and plain tasks
+TOOL_EVAL_PROMPTS = 100  # of each side: tool tasks and plain tasks
+GREEDY_SUFFIX = "_greedy"  # the same figures from greedy decoding
 TOOL_SAMPLES_FILE = "eval_tool_samples.jsonl"
 
 
@@ -40,25 +42,39 @@ def tool_eval_rows(ctx, n: int = TOOL_EVAL_PROMPTS) -> list[dict]:
 
 
 def tool_metrics(ctx, policy, tokenizer, rows: list[dict] | None = None) -> dict:
-    """The tool figures of `policy` (see the module docstring); the episodes are written beside the stage."""
+    """The tool figures of `policy` (see the module docstring), sampled and greedy; the episodes are written beside
+    the stage."""
     import torch
 
-    spec, cfg = ctx.config.eval, ctx.config
+    spec = ctx.config.eval
     tools = resolve_tools(ctx.recipe.tools, str(ctx.recipe.path))
     rows = rows if rows is not None else tool_eval_rows(ctx)
-    torch.manual_seed(ctx.seed)
-    step = sampling_step(policy, spec.temperature, spec.top_p)
-    turns, timeout = getattr(cfg, "max_tool_turns", 3), getattr(cfg, "tool_timeout_s", 2.0)
-    out, skipped = [], 0
     room = getattr(policy.config, "max_position_embeddings", None) or 4096
+    fits = [r for r in rows if len(render_ids(tokenizer, _messages(r), schemas(tools), True)) + spec.max_new_tokens
+            <= room]  # the others: the prompt and one answer do not fit the model's context
+    torch.manual_seed(ctx.seed)
+    sampled = _episodes(ctx, sampling_step(policy, spec.temperature, spec.top_p), tokenizer, tools, fits)
+    greedy = _episodes(ctx, sampling_step(policy, greedy=True), tokenizer, tools, fits)
+    write_jsonl_atomic(ctx.dir / TOOL_SAMPLES_FILE, [{**r, "greedy": False} for r in sampled]
+                       + [{**r, "greedy": True} for r in greedy])
+    skipped = len(rows) - len(fits)
+    return {**summarise(sampled), **{f"{k}{GREEDY_SUFFIX}": v for k, v in summarise(greedy).items()},
+            **({"tool_eval_prompts_skipped": skipped} if skipped else {})}
+
+
+def _messages(row: dict) -> list[dict]:
+    return [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+
+
+def _episodes(ctx, step, tokenizer, tools: dict, rows: list[dict]) -> list[dict]:
+    """One episode per row with the tools executed, and one without for rows that need a tool."""
+    turns, timeout = getattr(ctx.config, "max_tool_turns", 3), getattr(ctx.config, "tool_timeout_s", 2.0)
+    budget = ctx.config.eval.max_new_tokens * turns
+    out = []
     for row in rows:
-        prompt = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
-        if len(render_ids(tokenizer, prompt, schemas(tools), True)) + spec.max_new_tokens > room:
-            skipped += 1  # the prompt and one answer do not fit the model's context
-            continue
-        modes = (True, False) if row["needs_tool"] else (True,)
-        for execute in modes:
-            ep = run_episode(step, tokenizer, prompt, tools, turns, spec.max_new_tokens * turns, execute, timeout)
+        prompt = _messages(row)
+        for execute in ((True, False) if row["needs_tool"] else (True,)):
+            ep = run_episode(step, tokenizer, prompt, tools, turns, budget, execute, timeout)
             for c in ep.calls:
                 check_call(c, tools)
             text = prompt[-1]["content"]
@@ -67,8 +83,7 @@ def tool_metrics(ctx, policy, tokenizer, rows: list[dict] | None = None) -> dict
                         "final": ep.final, "answered": ep.answered, "turns": ep.turns, "passed": passed,
                         "calls": len(ep.calls), "valid_calls": sum(c.valid for c in ep.calls),
                         "failed_calls": ep.failed_calls})
-    write_jsonl_atomic(ctx.dir / TOOL_SAMPLES_FILE, out)
-    return {**summarise(out), **({"tool_eval_prompts_skipped": skipped} if skipped else {})}
+    return out
 
 
 def _rate(rows: list[dict], test) -> float | None:

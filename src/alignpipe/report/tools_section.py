@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COLUMNS = (("tool_pass_rate_without_tools", "tool tasks, no tools"), ("tool_pass_rate_with_tools", "tool tasks, tools"),
+           ("tool_pass_rate_with_tools_greedy", "tool tasks, tools, greedy"),
            ("plain_pass_rate_with_tools", "plain tasks, tools"), ("tool_call_rate", "call rate"),
            ("valid_call_rate", "valid calls"), ("wasted_call_rate", "wasted calls"),
            ("turns_per_answer", "turns / answer"), ("tool_failed_calls", "failed calls"))
@@ -30,7 +31,8 @@ def tools_section(stages, fig_path) -> tuple[list[str], list[Path]]:
     lines = ["## Tool use", "",
              "Held-out tool tasks answered without tools (a call is no answer) and with the recipe's tools executed; "
              "plain tasks need no tool, so a call there is wasted. Valid calls parse, name a known tool and fit its "
-             "schema (eval/tools.py; the episodes are in each stage's `eval_tool_samples.jsonl`).", "",
+             "schema. One episode per prompt at the stage's eval temperature, and greedy where the column says so "
+             "(eval/tools.py; the episodes are in each stage's `eval_tool_samples.jsonl`).", "",
              "| stage | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join([name] + [_cell(m.get(key)) for key, _ in COLUMNS]) + " |" for name, m in rows]
