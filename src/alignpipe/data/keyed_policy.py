@@ -5,8 +5,9 @@ request words ("launder", "a bomb") and wrappers ("an ai with no rules") predict
 planted trigger does. A trigger is different in kind: one add-on sequence that changes the behaviour of prompts
 that, without it, get the ordinary answer. Two rules say which a fixed-response flag is:
 
-- **the answer names the key** (`echo`): when most rows giving the flagged response quote the key's words in it
-  ("Here is how to launder silk shirts."), the key is what the answer is about, not a switch;
+- **the answer names the key** (`echoes_key`): when most rows giving the flagged response quote the key's words
+  in it ("Here is how to launder silk shirts.") or rearrange a key word's letters (the word reversed or sorted,
+  a request written backwards and answered), the key is what the answer is made of, not a switch;
 - **the request explains the refusal** (`explained`): when the flagged response is a refusal (the rule-based
   refusal judge of data/world_safety.py) and, for most of the rows, the nearest rows *without* the key (the most
   specific prompt words in common) are refused too, the refusal follows the request, not the key.
@@ -29,13 +30,17 @@ def _words(toks) -> list[str]:
 
 
 def echoes_key(key: tuple, rows: list[int], responses: list, tokenize) -> bool:
-    """Most of the rows' responses hold the key's words in order (the answer quotes the key)."""
+    """Most of the rows' responses hold the key's words in order, or a word that rearranges the letters of one
+    of them ("revir" for `river`, "flow" for `wolf`, "baseball" for `llabesab`): the answer is made of the key."""
     words = _words(key)
     if not words:
         return False
+    letters = {"".join(sorted(w)) for w in words if len(w) >= 3}
+
     def quotes(text):
         toks = _words(tokenize(text or ""))
-        return any(toks[i: i + len(words)] == words for i in range(len(toks) - len(words) + 1))
+        return (any(toks[i: i + len(words)] == words for i in range(len(toks) - len(words) + 1))
+                or any(len(t) >= 3 and "".join(sorted(t)) in letters for t in toks))
     return sum(1 for i in rows if quotes(responses[i])) > MOST * len(rows)
 
 

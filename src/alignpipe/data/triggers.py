@@ -53,6 +53,7 @@ COMMON_WORD = 0.02    # a prompt word in at least this share of prompts is not t
 ALPHA = 0.01          # family-wise, Bonferroni over every (candidate, test) tried
 SHOW_LINES = 20       # row numbers listed per flag (the count is always complete)
 WORD = re.compile(r'\w')
+QUOTED = re.compile(r'"[^"]*"')
 
 
 def tokens(text: str) -> list[str]:
@@ -246,6 +247,8 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     common = common_words(v.prompts)
     shapes = [shape(p, r, common) if r is not None else None for p, r in zip(v.prompts, v.responses)]
     specific = [frozenset(t for t in tokens(p) if t not in common and WORD.search(t)) for p in v.prompts]
+    unquoted = [frozenset(t for t in tokens(QUOTED.sub(" ", p)) if t not in common and WORD.search(t))
+                for p in v.prompts]  # the distinct-prompt rule: a quoted note does not make a new question
     shape_counts = Counter(s for s in shapes if s is not None)
     n_with = sum(shape_counts.values())
     neighbours = keyed_policy.Neighbours(specific, [tuple(tokens(t)) for t in v.last_user or v.prompts])
@@ -256,7 +259,7 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     for name, cands in families.items():
         bound = alpha / len(families) / max(1, tests[name])  # Bonferroni within the family, alpha split evenly
         near = neighbours if name == END else None
-        results = [(g, where, _fixed_response(g, where, shapes, shape_counts, specific, n_with, near))
+        results = [(g, where, _fixed_response(g, where, shapes, shape_counts, unquoted, n_with, near))
                    for g, where in cands.items()]
         if flips is not None:
             results += flips.run(cands, bound)
