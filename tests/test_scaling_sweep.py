@@ -133,6 +133,7 @@ def test_a_killed_sweep_resumes_where_it_was(tmp_path):
     assert main(["report", str(stage.parent)]) == 0
     report = (stage.parent / "report.md").read_text()
     assert "## Scaling laws: scaling" in report and "| alpha (N exponent) |" in report
+    assert "6 points over 3 sizes and 2 budgets, each the mean of 2 seeds" in report
     assert "alignpipe run recipes/default.yaml --set model.init.hidden_size=" in report
     for name in ("loss_curves", "isoflop", "contours"):
         assert (stage.parent / f"fig-scaling_{name}.png").stat().st_size > 10_000
