@@ -87,3 +87,36 @@ def test_a_profile_whose_minimum_lies_far_beyond_its_sizes_is_dropped_and_said()
     fit = scaling.fit_isoflop(far)
     assert [row["budget"] for row in fit["profiles"]] == BUDGETS[:-1]
     assert fit["dropped"][0]["budget"] == c and "beyond the sizes" in fit["dropped"][0]["why"]
+
+
+def test_bootstrap_redraws_each_points_seeds():
+    """A point of several seeds enters a redraw as the mean of its seeds drawn with replacement: the redrawn
+    losses stay within its seeds' range and vary from redraw to redraw; the prediction interval, from means of
+    three seeds of 3% scatter, covers the true loss."""
+    rng = np.random.default_rng(3)
+    points = []
+    for p in isoflop_points():
+        losses = [p["loss"] * math.exp(rng.normal(0, 0.03)) for _ in range(3)]
+        points.append({**p, "losses": losses, "loss": float(np.mean(losses))})
+    drawn = [q for _ in range(20) for q in scaling._resample(points, np.random.default_rng(_))]
+    by_n: dict[float, set] = {}
+    for q in drawn:
+        seeds = next(p["losses"] for p in points if p["n"] == q["n"] and p["budget"] == q["budget"])
+        assert min(seeds) - 1e-12 <= q["loss"] <= max(seeds) + 1e-12
+        by_n.setdefault((q["n"], q["budget"]), set()).add(round(q["loss"], 12))
+    assert max(len(v) for v in by_n.values()) > 3  # seeds redrawn, not the point's mean every time
+    target = 1e13
+    n_new, _ = scaling.surface_optimum(TRUE, target)
+    new = {"n": n_new, "d": target / (6 * n_new)}
+    boot = scaling.bootstrap(points, scaling.summarise(points, target), target, new, draws=60, seed=0)
+    true_loss = float(scaling.surface_loss(TRUE, new["n"], new["d"]))
+    assert boot["intervals"]["loss"][0] <= true_loss <= boot["intervals"]["loss"][1]
+
+
+def test_prediction_residuals_are_scaled_for_the_fits_five_constants():
+    points = isoflop_points(noise=0.02, seed=2)
+    surface = scaling.fit_loss_surface(points)
+    n, d, loss = (np.array([p[k] for p in points]) for k in ("n", "d", "loss"))
+    raw = np.log(loss) - np.log(scaling.surface_loss(surface, n, d))
+    scaled = scaling.prediction_residuals(points, surface)
+    assert np.allclose(scaled, raw * math.sqrt(len(points) / (len(points) - 5)))

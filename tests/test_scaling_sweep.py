@@ -1,5 +1,5 @@
-"""The scaling stage's sweep: its grid, its parameter counting, its recipe checks, and a killed sweep that
-resumes where it was (its complete points are kept, not trained again)."""
+"""The scaling stage's sweep: its grid, its parameter counting, its recipe checks, and a killed sweep of two seeds
+per point that resumes where it was (its complete runs are kept, not trained again)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def test_grid_leaves_out_short_runs_and_refuses_more_tokens_than_the_corpus():
     ({"sizes": [{"hidden_size": 16}, {"width": 32}, {"hidden_size": 48}]}, "not a mapping of model.init fields"),
     ({"count": "embedding"}, "count 'embedding'"),
     ({"trainer": {"max_steps": 10}}, "steps come from its budget"),
+    ({"lr_rule": "depth"}, "lr_rule 'depth'"),
+    ({"seeds": 0}, "seeds 0 is not a whole number"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, change, message):
     path = write_yaml(tmp_path / "s.yaml", sweep_recipe(tmp_path / "runs", **change))
@@ -91,16 +93,19 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, change, message):
 
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_where_it_was(tmp_path):
-    path = write_yaml(tmp_path / "s.yaml", sweep_recipe(tmp_path / "runs"))
+    path = write_yaml(tmp_path / "s.yaml", sweep_recipe(tmp_path / "runs", seeds=2, lr_rule="width",
+                                                       trainer={"per_device_train_batch_size": 8,
+                                                                "learning_rate": 4e-3}))
     stage = tmp_path / "runs" / "sweep" / "scaling"
-    # steps per point at 2e9 FLOPs: h48 13, h32 25, h16 73; killed at step 40 of the third point
+    # steps per point at 2e9 FLOPs: h48 13, h32 25, h16 73, each run twice (seeds 0 and 1); killed at step 40 of
+    # the fifth run (h16's first seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_STEP": "40",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(alignpipe.__file__).parents[1])])}
     proc = subprocess.run([sys.executable, "-c", KILLER, "run", str(path)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     done = sorted(p.parent.name for p in stage.glob("points/*/manifest.json"))
-    assert done == ["c2e09-h32-l1", "c2e09-h48-l1"]
+    assert done == ["c2e09-h32-l1", "c2e09-h32-l1-seed1", "c2e09-h48-l1", "c2e09-h48-l1-seed1"]
     assert (stage / "points" / "c2e09-h16-l1").is_dir()  # begun, never finished
     before = {name: (stage / "points" / name / "manifest.json").stat().st_mtime_ns for name in done}
 
@@ -109,8 +114,16 @@ def test_a_killed_sweep_resumes_where_it_was(tmp_path):
         assert (stage / "points" / name / "manifest.json").stat().st_mtime_ns == mtime
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["points"] == 6
-    assert "2 of 6 points complete from an earlier attempt" in (stage / "stage.log").read_text()
+    assert "4 of 12 runs (6 points x 2 seeds) complete from an earlier attempt" in (stage / "stage.log").read_text()
     details = json.loads((stage / "scaling.json").read_text())
+    runs = [json.loads((stage / "points" / f"c2e09-h48-l1{s}" / "manifest.json").read_text())["point"]
+            for s in ("", "-seed1")]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert runs[0]["learning_rate"] == pytest.approx(4e-3 * 32 / 48)  # lr_rule width: base width 32
+    for p in details["points"]:  # the fits read each point's mean over its two seeds
+        assert len(p["losses"]) == 2 and p["loss"] == pytest.approx(sum(p["losses"]) / 2)
+    held = details["holdout_manifest"]["metrics"]
+    assert len(held["eval_losses"]) == 2 and held["eval_loss"] == pytest.approx(sum(held["eval_losses"]) / 2)
     prediction = details["prediction"]
     assert prediction["holdout"]["budget"] == 8e9 and prediction["holdout"]["name"] not in done
     assert (stage / "model" / "config.json").is_file()  # the held-out point's model is the stage's model
@@ -120,6 +133,7 @@ def test_a_killed_sweep_resumes_where_it_was(tmp_path):
     assert main(["report", str(stage.parent)]) == 0
     report = (stage.parent / "report.md").read_text()
     assert "## Scaling laws: scaling" in report and "| alpha (N exponent) |" in report
+    assert "6 points over 3 sizes and 2 budgets, each the mean of 2 seeds" in report
     assert "alignpipe run recipes/default.yaml --set model.init.hidden_size=" in report
     for name in ("loss_curves", "isoflop", "contours"):
         assert (stage.parent / f"fig-scaling_{name}.png").stat().st_size > 10_000

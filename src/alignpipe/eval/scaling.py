@@ -11,9 +11,11 @@ A point is a dict with `n` (parameters, in the sweep's counting convention), `d`
   logsumexp(a - alpha log n, b - beta log d, e); L-BFGS from a grid of starts. The paper starts L-BFGS from every
   point of its grid; here the grid's objective is evaluated at every point and L-BFGS starts from the best
   `LBFGS_STARTS` of them (the same minimum on every synthetic test, at a fraction of the cost).
-- Bootstrap: points drawn with replacement (within each budget for approach 2), every fit repeated; 95%
-  percentile intervals. The prediction interval of a new point adds one of the fit's own residuals (in log
-  loss) to each bootstrap prediction, so it covers the scatter of single runs as well as the fit's uncertainty.
+- Bootstrap: points drawn with replacement (within each budget for approach 2), and a point's seeds (`losses`,
+  when it has several) drawn with replacement too, every fit repeated; 95% percentile intervals. The prediction
+  interval of a new point adds one of the fit's own residuals (in log loss, scaled up by sqrt(n / (n - 5))) to
+  each bootstrap prediction, so it covers the scatter of a point about the surface as well as the fit's
+  uncertainty; a new point measured as the mean of as many seeds as the grid's has the scatter of the grid's.
 
 numpy and scipy only; nothing here trains.
 """
@@ -182,11 +184,25 @@ def _interval(values: list[float]) -> list[float] | None:
 
 
 def _resample(points: list[dict], rng: np.random.Generator) -> list[dict]:
-    """Points drawn with replacement within each IsoFLOP profile (so every profile keeps its size)."""
+    """Points drawn with replacement within each IsoFLOP profile (so every profile keeps its size); a point with
+    several seeds' losses (`losses`) gets the mean of as many seeds redrawn with replacement."""
     out = []
     for group in profiles(points).values():
-        out += [group[i] for i in rng.integers(0, len(group), len(group))]
+        for i in rng.integers(0, len(group), len(group)):
+            p = group[i]
+            seeds = p.get("losses") or []
+            if len(seeds) > 1:
+                p = {**p, "loss": float(np.mean(rng.choice(seeds, len(seeds))))}
+            out.append(p)
     return out
+
+
+def prediction_residuals(points: list[dict], surface: dict) -> np.ndarray:
+    """The fit's residuals in log loss, scaled by sqrt(n / (n - 5)): residuals about a fit of 5 constants are
+    smaller than the scatter of a point the fit never saw."""
+    n, d, loss = _arrays(points)
+    residuals = np.log(loss) - np.log(surface_loss(surface, n, d))
+    return residuals * math.sqrt(len(points) / max(1, len(points) - 5))
 
 
 def bootstrap(points: list[dict], base: dict, c_target: float, new_point: dict | None = None, draws: int = 200,
@@ -196,8 +212,7 @@ def bootstrap(points: list[dict], base: dict, c_target: float, new_point: dict |
     each redraw's L-BFGS). Redraws whose fit is degenerate are counted in `failed`, never hidden."""
     rng = np.random.default_rng(seed)
     draws_of: dict[str, list[float]] = {k: [] for k in ("alpha", "beta", "a", "b", "tpp3", "tpp2", "loss")}
-    n, d, loss = _arrays(points)
-    residuals = np.log(loss) - np.log(surface_loss(base["approach3"], n, d))
+    residuals = prediction_residuals(points, base["approach3"])
     failed = 0
     for _ in range(draws):
         sample = _resample(points, rng)

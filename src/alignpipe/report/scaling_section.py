@@ -60,6 +60,11 @@ def constants_table(details: dict) -> list[str]:
                         "finite optimum in at least one of the approaches."]
 
 
+def _seeds(points: list[dict]) -> str:
+    k = max(len(p.get("losses") or [0]) for p in points)
+    return "1 seed" if k == 1 else f"{k} seeds"
+
+
 def holdout_lines(details: dict) -> list[str]:
     r, h = details["holdout_result"], details["prediction"]["holdout"]
     verdict = "inside" if r["inside"] else "outside"
@@ -93,8 +98,9 @@ def section(stage_name: str, stage_dir: Path, fig_path: Callable[[str], Path],
                                    fig_path(f"{stage_name}_contours"))]
     left = details["left_out"]
     return [f"## Scaling laws: {stage_name}", "",
-            f"{len(points)} points over {len({p['hidden_size'] for p in points})} sizes and "
-            f"{len({p['budget'] for p in points})} budgets" + (f"; {len(left)} left out "
+            f"{len(points)} points over {len({(p['hidden_size'], p['num_hidden_layers']) for p in points})} sizes "
+            f"and {len({p['budget'] for p in points})} budgets, each the mean of {_seeds(points)}"
+            + (f"; {len(left)} left out "
             f"({', '.join(p['name'] + ': ' + p['why'] for p in left)})" if left else "") + ".", "",
             *holdout_lines(details), "", *constants_table(details), "",
             "The compute-optimal size at the held-out budget, as a pipeline's model:", "",

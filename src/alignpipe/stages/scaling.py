@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from alignpipe.stages.context import StageContext
 
 COUNTS = ("total", "non_embedding")
+LR_RULES = ("constant", "width")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Config(StageConfig):
     min_steps: int = 20  # a point of fewer optimizer steps is left out (and listed)
     parallel: int = 1  # points trained at a time, one process and one torch thread each when above 1
     bootstrap: int = 200  # bootstrap redraws of the fits
+    seeds: int = 1  # runs per point (seeds seed .. seed + seeds - 1); the fits use their mean loss
+    lr_rule: str = "constant"  # constant: trainer.learning_rate for every size; width: that rate at model.init's
+    #   hidden_size, scaled by model.init.hidden_size / the size's hidden_size (muP's rule for Adam)
 
 
 def trainer_config_class():
@@ -73,6 +77,12 @@ def check(recipe, name: str, where: str) -> None:
     if cfg.count not in COUNTS:
         raise RecipeError(f"count {cfg.count!r} is not one of {', '.join(COUNTS)}", where=where, key=f"{key}.count",
                           fix="write total (Chinchilla's counting) or non_embedding (Kaplan's)")
+    if cfg.lr_rule not in LR_RULES:
+        raise RecipeError(f"lr_rule {cfg.lr_rule!r} is not one of {', '.join(LR_RULES)}", where=where,
+                          key=f"{key}.lr_rule", fix="write constant (one rate) or width (rate x base width / width)")
+    if not isinstance(cfg.seeds, int) or cfg.seeds < 1:
+        raise RecipeError(f"seeds {cfg.seeds!r} is not a whole number >= 1", where=where, key=f"{key}.seeds",
+                          fix="give the runs per point, e.g. seeds: 2")
     if "max_steps" in cfg.trainer:
         raise RecipeError("each point's steps come from its budget", where=where, key=f"{key}.trainer.max_steps",
                           fix="remove max_steps; set budgets instead")
@@ -112,35 +122,63 @@ def tokenize_corpus(ctx: StageContext) -> tuple[object, dict]:
 # --- 2. the grid -------------------------------------------------------------------------------------------------
 
 
+def learning_rate(ctx: StageContext, init: dict) -> float:
+    """A size's learning rate: the recipe's, scaled by base width / width under `lr_rule: width`."""
+    lr = float(ctx.config.trainer.get("learning_rate", sweep.DEFAULT_LR))
+    if ctx.config.lr_rule == "width":
+        lr *= ctx.recipe.model.init.hidden_size / init["hidden_size"]
+    return lr
+
+
 def jobs_for(ctx: StageContext, points: list[dict], tokens_per_step: int) -> list[dict]:
+    """One job per point and seed; the first seed's folder is `points/<name>`, the others' `<name>-seed<i>`."""
     import torch
 
-    base = {"stage_dir": str(ctx.dir), "seed": ctx.seed, "trainer": dict(ctx.config.trainer),
-            "block_size": ctx.config.block_size, "use_cpu": not torch.cuda.is_available(), "threads": None,
-            "save_model": None, "tokens_per_step": tokens_per_step}
-    return [{**base, **p, "dir": str(sweep.point_dir(ctx.dir, p["name"]))} for p in points]
+    base = {"stage_dir": str(ctx.dir), "block_size": ctx.config.block_size, "use_cpu": not torch.cuda.is_available(),
+            "threads": None, "save_model": None, "tokens_per_step": tokens_per_step}
+    jobs = []
+    for p in points:
+        trainer = {**ctx.config.trainer, "learning_rate": learning_rate(ctx, p["init"])}
+        for i in range(ctx.config.seeds):
+            run = sweep.run_name(p["name"], i)
+            jobs.append({**base, **p, "trainer": trainer, "seed": ctx.seed + i, "run": run,
+                         "dir": str(sweep.point_dir(ctx.dir, run))})
+    return jobs
 
 
-def run_grid(ctx: StageContext, points: list[dict], tokens_per_step: int) -> list[dict]:
-    """Every point's manifest; complete points are read back, the others trained now."""
-    done = {p["name"]: sweep.read_point(ctx.dir, p["name"]) for p in points}
-    pending = [p for p in points if done[p["name"]] is None]
-    if len(pending) < len(points):
-        _log(f"{len(points) - len(pending)} of {len(points)} points complete from an earlier attempt; "
-             f"{len(pending)} to train")
-    for manifest in sweep.train_points(jobs_for(ctx, pending, tokens_per_step), ctx.config.parallel, _log):
-        done[manifest["point"]["name"]] = manifest
-    return [done[p["name"]] for p in points]
+def run_grid(ctx: StageContext, points: list[dict], tokens_per_step: int) -> dict[str, list[dict]]:
+    """Point name -> the manifests of its seeds' runs; complete runs are read back, the others trained now."""
+    jobs = jobs_for(ctx, points, tokens_per_step)
+    done = {j["run"]: sweep.read_point(ctx.dir, j["run"]) for j in jobs}
+    pending = [j for j in jobs if done[j["run"]] is None]
+    if len(pending) < len(jobs):
+        _log(f"{len(jobs) - len(pending)} of {len(jobs)} runs ({len(points)} points x {ctx.config.seeds} seeds) "
+             f"complete from an earlier attempt; {len(pending)} to train")
+    for job, manifest in zip(pending, sweep.train_points(pending, ctx.config.parallel, _log)):
+        done[job["run"]] = manifest
+    return {p["name"]: [done[j["run"]] for j in jobs if j["name"] == p["name"]] for p in points}
+
+
+def mean_of_seeds(runs: list[dict]) -> dict:
+    """One point's manifest from its seeds' runs: the first run's point, the mean held-out loss, every seed's."""
+    losses = [m["metrics"]["eval_loss"] for m in runs]
+    loss = sum(losses) / len(losses)
+    return {"status": "complete", "point": runs[0]["point"],
+            "metrics": {"eval_loss": loss, "perplexity": math.exp(loss), "eval_losses": losses,
+                        "seeds": [m["point"].get("seed") for m in runs],
+                        "train_wall_s": sum(m["metrics"]["train_wall_s"] for m in runs)}}
 
 
 def fit_points(manifests: list[dict], count: str) -> list[dict]:
-    """The fits' points: n in the `count` convention, d, c = 6 n d, the nominal budget, the held-out loss."""
+    """The fits' points: n in the `count` convention, d, c = 6 n d, the nominal budget, the held-out loss (the mean
+    of the point's seeds; `losses`: each seed's)."""
     out = []
     for m in manifests:
         p = m["point"]
         n = p["params"][count]
         out.append({"name": p["name"], "n": n, "d": p["d"], "c": 6 * n * p["d"], "budget": p["budget"],
-                    "loss": m["metrics"]["eval_loss"], "hidden_size": p["init"]["hidden_size"],
+                    "loss": m["metrics"]["eval_loss"], "losses": m["metrics"].get("eval_losses", []),
+                    "hidden_size": p["init"]["hidden_size"],
                     "num_hidden_layers": p["init"]["num_hidden_layers"]})
     return out
 
@@ -177,6 +215,19 @@ def predict(ctx: StageContext, points: list[dict], holdout: dict) -> dict:
     return out
 
 
+def train_holdout(ctx: StageContext, holdout: dict, tokens_per_step: int) -> list[dict]:
+    """The held-out point's runs (its seeds, as the grid's), each read back when complete; the first seed's model
+    is the stage's model."""
+    jobs = jobs_for(ctx, [holdout], tokens_per_step)
+    jobs[0]["save_model"] = str(ctx.model_dir)
+    done = [sweep.read_point(ctx.dir, j["run"]) for j in jobs]
+    if not (ctx.model_dir / "config.json").is_file():
+        done[0] = None  # the stage's model is missing: its run trains again
+    pending = [j for j, m in zip(jobs, done) if m is None]
+    trained = iter(sweep.train_points(pending, ctx.config.parallel, _log))
+    return [m if m is not None else next(trained) for m in done]
+
+
 def other_counting(manifests: list[dict], count: str, holdout_manifest: dict) -> dict:
     """Approach 3 with the other parameter counting, and its tokens per parameter at the held-out point's budget."""
     other = next(c for c in COUNTS if c != count)
@@ -197,8 +248,9 @@ def recipe_line(point: dict, batch: int, block_size: int) -> dict:
     tokens_per_step = batch * block_size
     steps = point["d"] // tokens_per_step
     sets = " ".join(f"--set model.init.{k}={init[k]}" for k in keys)
+    lr = f" --set stages.pretrain.trainer.learning_rate={point['learning_rate']:.3g}" if "learning_rate" in point else ""
     return {"yaml": f"model: {{init: {{{fields}}}}}", "pretrain_steps": steps, "tokens_per_step": tokens_per_step,
-            "command": f"alignpipe run recipes/default.yaml {sets} --set stages.pretrain.trainer.max_steps={steps} "
+            "command": f"alignpipe run recipes/default.yaml {sets} --set stages.pretrain.trainer.max_steps={steps}{lr} "
                        f"--set stages.pretrain.trainer.per_device_train_batch_size={batch} "
                        f"--set stages.pretrain.block_size={block_size}"}
 
@@ -225,7 +277,7 @@ def run(ctx: StageContext) -> dict:
     for p in left_out:
         _log(f"point {p['name']} left out: {p['why']}")
     _log(f"{len(points)} points, corpus {corpus_tokens:,} training tokens (each seen at most once)")
-    manifests = run_grid(ctx, points, tokens_per_step)
+    manifests = [mean_of_seeds(runs) for runs in run_grid(ctx, points, tokens_per_step).values()]
 
     grid = fit_points(manifests, cfg.count)
     budget = cfg.holdout_budget or 2 * max(cfg.budgets)
@@ -240,10 +292,7 @@ def run(ctx: StageContext) -> dict:
     iv = prediction["interval"]
     _log(f"held-out point {holdout['name']}: predicted loss {prediction['predicted_loss']:.4f}, 95% interval "
          + (f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "none (under 10 finite bootstrap fits)") + "; training it")
-    held = sweep.read_point(ctx.dir, holdout["name"]) if (ctx.model_dir / "config.json").is_file() else None
-    if held is None:
-        job = {**jobs_for(ctx, [holdout], tokens_per_step)[0], "save_model": str(ctx.model_dir)}
-        held = sweep.train_points([job], 1, _log)[0]
+    held = mean_of_seeds(train_holdout(ctx, holdout, tokens_per_step))
     return summarise_run(ctx, prediction, manifests, held, left_out, tokens_per_step, (n_target, n_target_from))
 
 

@@ -28,6 +28,7 @@ from alignpipe.runfolder.files import write_json_atomic
 TOKENS_FILE = "tokens.pt"
 TOKENIZER_DIR = "tokenizer"
 POINTS_DIR = "points"
+DEFAULT_LR = 3e-3
 
 
 def scaled_init(base: ModelInit, size: dict) -> ModelInit:
@@ -92,6 +93,11 @@ def plan_grid(sizes: list[ModelInit], budgets: list[float], vocab: int, count: s
 # --- one point ---------------------------------------------------------------------------------------------------
 
 
+def run_name(point: str, seed_index: int) -> str:
+    """The folder of a point's run with its `seed_index`-th seed (the first keeps the point's name)."""
+    return point if seed_index == 0 else f"{point}-seed{seed_index}"
+
+
 def point_dir(stage_dir: Path, name: str) -> Path:
     return stage_dir / POINTS_DIR / name
 
@@ -111,7 +117,7 @@ def training_arguments(job: dict):
     args = {"output_dir": str(Path(job["dir"]) / "checkpoints"), "report_to": [], "seed": job["seed"],
             "data_seed": job["seed"], "use_cpu": job["use_cpu"], "save_strategy": "no", "eval_strategy": "no",
             "disable_tqdm": True, "dataloader_num_workers": 0, "lr_scheduler_type": "cosine",
-            "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0.05, "weight_decay": 0.0,
+            "per_device_train_batch_size": 16, "learning_rate": DEFAULT_LR, "warmup_steps": 0.05, "weight_decay": 0.0,
             "logging_steps": max(1, job["steps"] // 25)}
     args.update(job["trainer"])
     args["max_steps"] = job["steps"]  # the point's own budget, never the recipe's
@@ -173,8 +179,9 @@ def train_point(job: dict) -> dict:
     if built != job["params"]["total"]:
         raise RunError(f"point {job['name']}: the model has {built} parameters, the sweep counted "
                        f"{job['params']['total']}", where=str(out), fix="report this as a bug in stages/sweep.py")
-    manifest = {"status": "complete", "point": {k: job[k] for k in ("name", "budget", "init", "n", "params", "steps",
-                                                                      "d", "c")},
+    point = {k: job[k] for k in ("name", "budget", "init", "n", "params", "steps", "d", "c")}
+    point.update(run=job.get("run", job["name"]), seed=job["seed"], learning_rate=args.learning_rate)
+    manifest = {"status": "complete", "point": point,
                 "metrics": {"eval_loss": loss, "perplexity": math.exp(loss), "train_wall_s": wall,
                             "train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
                             "torch_threads": torch.get_num_threads()}}
@@ -189,23 +196,26 @@ def _worker_init() -> None:
 def train_points(jobs: list[dict], parallel: int, log) -> list[dict]:
     """Train `jobs` (their folders incomplete), `parallel` at a time: in this process when 1, else in worker
     processes of one torch thread each. Returns their manifests in job order."""
+    if not jobs:
+        return []
+    names = [j.get("run", j["name"]) for j in jobs]
     if parallel <= 1 or len(jobs) <= 1:
         out = []
-        for job in jobs:
-            log(f"point {job['name']}: N={job['n']:,} D={job['d']:,} ({job['steps']} steps)")
+        for name, job in zip(names, jobs):
+            log(f"point {name}: N={job['n']:,} D={job['d']:,} ({job['steps']} steps, seed {job['seed']})")
             out.append(train_point(job))
-            log(f"point {job['name']}: held-out loss {out[-1]['metrics']['eval_loss']:.4f}")
+            log(f"point {name}: held-out loss {out[-1]['metrics']['eval_loss']:.4f}")
         return out
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    log(f"points {', '.join(j['name'] for j in jobs)}: {parallel} at a time, one process and thread each")
-    results: dict[str, dict] = {}
+    log(f"points {', '.join(names)}: {parallel} at a time, one process and thread each")
+    results: dict[int, dict] = {}
     with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init) as pool:
-        running = {pool.submit(train_point, {**j, "threads": 1}): j["name"] for j in jobs}
+        running = {pool.submit(train_point, {**j, "threads": 1}): i for i, j in enumerate(jobs)}
         for done in as_completed(running):
             results[running[done]] = r = done.result()
-            log(f"point {r['point']['name']}: held-out loss {r['metrics']['eval_loss']:.4f} "
+            log(f"point {names[running[done]]}: held-out loss {r['metrics']['eval_loss']:.4f} "
                 f"({len(results)} of {len(jobs)} done)")
-    return [results[j["name"]] for j in jobs]
+    return [results[i] for i in range(len(jobs))]
