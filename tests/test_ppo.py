@@ -410,3 +410,11 @@ def test_recipe_errors_name_the_key(tmp_path, stage, message):
         "ppo": toy_stage(**stage)})))
     with pytest.raises(RecipeError, match=message):
         validate(recipe)
+
+
+def test_implicit_reward_at_its_default_keeps_existing_ppo_fingerprints():
+    from alignpipe.pipeline.plan import result_config
+
+    before = {"kind": "ppo", "from": "sft", "reward_model": "reward", "trainer": {"total_updates": 20}}
+    assert result_config({**before, "implicit_reward": "ratio"}) == result_config(before)
+    assert result_config({**before, "implicit_reward": "likelihood"}) != result_config(before)
