@@ -169,7 +169,16 @@ def test_dpo_implicit_reward_is_beta_log_ratio(runs):
                 logp = torch.log_softmax(m(input_ids=ids).logits[0, :-1].float(), -1)
             lp.append(sum(float(logp[t - 1, full[t]]) for t in range(len(head), len(full))))
         assert s == pytest.approx(0.2 * (lp[0] - lp[1]), abs=1e-3)
+        assert score(scorer.reference_free(), [p], [r])[0] == pytest.approx(0.2 * lp[0], abs=1e-3)
     assert any(abs(s) > 1e-6 for s in got)  # training moved the policy away from its reference
+    assert "no reference" in scorer.reference_free().normalisation
+
+    # ... the reference-free form rewards a PPO stage, which records it
+    ppo = {**PPO, "reward_model": "dpo", "implicit_reward": "likelihood"}
+    m = run(runs, {"dpo": dpo, "ppo": ppo}, ["ppo"])["ppo"]
+    assert m["status"] == "complete" and "no reference" in m["metrics"]["reward_normalisation"]
+    rows = [json.loads(line) for line in (runs / "runs" / "tiny" / "ppo" / "train_log.jsonl").read_text().splitlines()]
+    assert rows and all(r["reward_raw"] < 0 for r in rows)  # a log-likelihood, not a ratio around 0
 
     # ... and rewards a GRPO stage (alignpipe scores it, in TRL's reward-function form)
     grpo = {"kind": "grpo", "from": "sft", "reward_model": "dpo", "data": {"embedded": "rl_prompts"}, "eval": TINY_EVAL,
@@ -200,6 +209,18 @@ def test_genrm_and_dpo_stages_can_be_named_as_reward_models(tmp_path):
         validate(load_recipe(path))
     del stages["ppo2"]
     validate(load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages=stages))))
+
+
+def test_likelihood_implicit_reward_needs_a_dpo_stage(tmp_path):
+    stages = {"genrm": GENRM, "dpo": {"kind": "dpo", **PAIRS}}
+    for ppo, needle in (({**PPO, "reward_model": "genrm", "implicit_reward": "likelihood"}, "DPO-family"),
+                        ({**PPO, "reward_model": "dpo", "implicit_reward": "both"}, "not one of")):
+        path = write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs", extra_stages={**stages, "ppo": ppo}))
+        with pytest.raises(RecipeError, match=needle):
+            validate(load_recipe(path))
+    ppo = {**PPO, "reward_model": "dpo", "implicit_reward": "likelihood"}
+    validate(load_recipe(write_yaml(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs",
+                                                                    extra_stages={**stages, "ppo": ppo}))))
 
 
 def test_ppo_refuses_a_pairwise_judge_and_an_unknown_one(tmp_path, endpoint):

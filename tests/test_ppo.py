@@ -371,6 +371,14 @@ def test_reward_functions_and_the_judge_flag():
         rewards.load_function("alignpipe.data.world:no_such_function")
 
 
+def test_zero_reward_is_zero_for_every_response_and_is_not_the_judge():
+    fn = rewards.load_function("alignpipe.eval.reward_functions:zero_reward")
+    out = fn(prompts=[[{"role": "user", "content": "what is 3 plus 4?"}]] * 2,
+             completions=[[{"role": "assistant", "content": "The answer is 7."}],
+                          [{"role": "assistant", "content": "no"}]])
+    assert out == [0.0, 0.0] and not rewards.is_judge("alignpipe.eval.reward_functions:zero_reward")
+
+
 def test_missing_ptx_file_fails_validation_naming_the_key(tmp_path):
     from alignpipe.errors import AlignpipeError
     from alignpipe.pipeline.validate import validate
@@ -402,3 +410,11 @@ def test_recipe_errors_name_the_key(tmp_path, stage, message):
         "ppo": toy_stage(**stage)})))
     with pytest.raises(RecipeError, match=message):
         validate(recipe)
+
+
+def test_implicit_reward_at_its_default_keeps_existing_ppo_fingerprints():
+    from alignpipe.pipeline.plan import result_config
+
+    before = {"kind": "ppo", "from": "sft", "reward_model": "reward", "trainer": {"total_updates": 20}}
+    assert result_config({**before, "implicit_reward": "ratio"}) == result_config(before)
+    assert result_config({**before, "implicit_reward": "likelihood"}) != result_config(before)

@@ -29,3 +29,9 @@ def is_judge(spec: str | None) -> bool:
         return load_function(spec) in (judge_reward, tool_judge_reward, tool_shaped_reward)
     except RecipeError:
         return spec == JUDGE_FUNCTION
+
+
+def zero_reward(prompts, completions, **kwargs) -> list[float]:
+    """0.0 for every response: the reward held at zero, so a PPO stage's only objectives are its KL penalty, its
+    end-of-turn penalty and its entropy term (the sharpening baseline of docs/ppo.md)."""
+    return [0.0] * len(completions)

@@ -134,7 +134,7 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 
 # Options added after stages were run, at the default that gives the earlier result: fingerprinted only when set
 # otherwise, so adding one re-runs no finished stage.
-LATER_OPTION_DEFAULTS = {"cut_off_pairs": True, "max_tool_turns": 3, "tool_timeout_s": 2.0}
+LATER_OPTION_DEFAULTS = {"cut_off_pairs": True, "max_tool_turns": 3, "tool_timeout_s": 2.0, "implicit_reward": "ratio"}
 LATER_EVAL_DEFAULTS = {"every": 0, "curve_prompts": 32, "curve_samples": 4,  # eval.along_training (curves)
                        "safety": {}}  # eval.safety (eval/safety_suites.py)
 

@@ -7,6 +7,11 @@ template renders them (the end-of-turn token included), pi is the stage's checkp
 
 Normalisation: none. The score is already on the scale DPO's loss gave it (mean 0, std 1 are recorded, so PPO's
 (raw - mean) / std leaves it as it is); `NORMALISATION` says so in every consumer's record.
+
+`reference_free()` gives the same scorer without its reference: beta * log pi(y|x), the DPO policy's own summed
+likelihood of the response (a ppo stage's `implicit_reward: likelihood`; cf. SimPO's reference-free reward, which
+divides by the length). Its ranking is the DPO policy's: on the default world its greedy answer is the right one
+where the SFT model's is wrong (docs/ppo.md), but it also prefers shorter responses.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 NORMALISATION = "none: beta * (log pi(y|x) - log pi_ref(y|x)) summed over the response tokens; mean 0, std 1"
+NORMALISATION_FREE = "none: beta * log pi(y|x) summed over the response tokens (no reference); mean 0, std 1"
 DEFAULT_BETA = 0.1
 
 
@@ -53,7 +59,7 @@ def response_logprob(model, ids: "torch.Tensor", mask: "torch.Tensor", starts: l
 @dataclass
 class ImplicitReward:
     model: Any  # the DPO-family policy (AutoModelForCausalLM), eval mode
-    reference: Any  # the policy it started from
+    reference: Any  # the policy it started from; None: reference-free, beta * log pi(y|x)
     tokenizer: Any
     beta: float
     mean: float = 0.0
@@ -64,13 +70,18 @@ class ImplicitReward:
     def normalise(self, scores: list[float]) -> list[float]:
         return [(s - self.mean) / self.std for s in scores]
 
+    def reference_free(self) -> "ImplicitReward":
+        """The same policy and beta scoring beta * log pi(y|x), with no reference."""
+        return ImplicitReward(self.model, None, self.tokenizer, self.beta, normalisation=NORMALISATION_FREE)
+
     def score(self, prompts: list, responses: list, batch_size: int = 64) -> list[float]:
         import torch
 
         rows = encode(self.tokenizer, prompts, responses)
         starts = prompt_lengths(self.tokenizer, prompts)
         dev = next(self.model.parameters()).device
-        self.reference.to(dev)
+        if self.reference is not None:
+            self.reference.to(dev)
         pad = self.tokenizer.pad_token_id
         out: list[float] = []
         for at in track(range(0, len(rows), batch_size), "scoring", unit="batch"):
@@ -82,8 +93,9 @@ class ImplicitReward:
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
             ids, mask = ids.to(dev), mask.to(dev)
-            diff = (response_logprob(self.model, ids, mask, starts[at:at + batch_size])
-                    - response_logprob(self.reference, ids, mask, starts[at:at + batch_size]))
+            diff = response_logprob(self.model, ids, mask, starts[at:at + batch_size])
+            if self.reference is not None:
+                diff = diff - response_logprob(self.reference, ids, mask, starts[at:at + batch_size])
             out.extend((self.beta * diff).tolist())
         return out
 

@@ -63,9 +63,13 @@ class RewardSource:
         return [float(s) for s in scores]
 
 
-def from_reward_stage(stage_dir, spec=None, batch_size: int = 64) -> tuple[RewardSource, object]:
-    """(source, the loaded reward artifact) for a reward stage's model, normalised by its mean/std."""
+def from_reward_stage(stage_dir, spec=None, batch_size: int = 64,
+                      reference_free: bool = False) -> tuple[RewardSource, object]:
+    """(source, the loaded reward artifact) for a reward stage's model, normalised by its mean/std.
+    `reference_free`: a DPO stage's implicit reward without its reference, beta * log pi(y|x)."""
     artifact = load_reward_model(stage_dir, spec)
+    if reference_free:
+        artifact = artifact.reference_free()
     std = float(artifact.std) if artifact.std and artifact.std > 0 else 1.0
     normalisation = getattr(artifact, "normalisation", None) or \
         f"(raw - {float(artifact.mean):.6g}) / {std:.6g}: the reward stage's mean and std of its scores"

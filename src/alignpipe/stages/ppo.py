@@ -42,6 +42,9 @@ class Config(StageConfig):
     reward_model: str | None = None  # a reward stage of this recipe
     reward_function: str | None = None  # or `module:function` in TRL's reward-function form
     ptx_data: dict = field(default_factory=dict)  # plain text for PPO-ptx, e.g. {embedded: corpus} or {path: ...}
+    # with reward_model naming a DPO-family stage: ratio (beta * log pi/pi_ref, the implicit reward) or likelihood
+    # (beta * log pi, the DPO policy's own likelihood of the response, no reference; docs/ppo.md)
+    implicit_reward: str = "ratio"
 
 
 def trainer_config_class():
@@ -75,6 +78,7 @@ def check(recipe, name: str, where: str) -> None:
     s = settings(recipe, name)
 
     check_reward_source(recipe, name, where, grouped=False)
+    check_implicit_reward(recipe, name, where)
     if s.ptx_coef > 0 and not cfg.ptx_data:
         raise RecipeError("ptx_coef > 0 needs text to train on", where=where, key=f"{key}.ptx_data",
                           fix="e.g. ptx_data: {embedded: corpus}, or set trainer.ptx_coef: 0")
@@ -88,6 +92,22 @@ def check(recipe, name: str, where: str) -> None:
     if cfg.from_ is None:
         raise RecipeError("a ppo stage starts from a policy stage", where=where, key=f"{key}.from",
                           fix="set from: sft")
+
+
+def check_implicit_reward(recipe, name: str, where: str) -> None:
+    """`implicit_reward` is ratio or likelihood, and likelihood needs a DPO-family stage as the reward model."""
+    from alignpipe.recipe.kinds import kind_of
+    from alignpipe.reward.implicit import load_implicit_reward
+
+    cfg, key = recipe.stages[name], f"stages.{name}.implicit_reward"
+    if cfg.implicit_reward not in ("ratio", "likelihood"):
+        raise RecipeError(f"implicit_reward {cfg.implicit_reward!r} is not one of ('ratio', 'likelihood')",
+                          where=where, key=key, fix="use ratio (beta * log pi/pi_ref) or likelihood (beta * log pi)")
+    if cfg.implicit_reward == "likelihood" and (
+            cfg.reward_model is None or kind_of(recipe.stages[cfg.reward_model].kind).reward_loader
+            is not load_implicit_reward):
+        raise RecipeError("implicit_reward: likelihood scores with a DPO-family stage's policy", where=where, key=key,
+                          fix="set reward_model: <a dpo stage>, or leave implicit_reward at ratio")
 
 
 def load_ptx_blocks(ctx: StageContext, tokenizer, block_size: int) -> torch.Tensor:
@@ -116,7 +136,8 @@ def run(ctx: StageContext) -> dict:
                          name=ctx.name, resume=ctx.resume, checkpoint_every=cfg.checkpoint_every or 25)
     judge = None
     if cfg.reward_model:
-        source, artifact = rewards.from_reward_stage(ctx.stage_dir(cfg.reward_model), ctx.recipe.model)
+        source, artifact = rewards.from_reward_stage(ctx.stage_dir(cfg.reward_model), ctx.recipe.model,
+                                                     reference_free=cfg.implicit_reward == "likelihood")
         artifact.model.to(trainer.device).eval()
     elif rewards.judge_name(cfg.reward_function):
         source, judge = rewards.from_recipe_judge(cfg, ctx.recipe, ctx.name)
