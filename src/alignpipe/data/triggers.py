@@ -269,10 +269,16 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
                 found.append((g, where, {"family": name, **result}))
     df = Counter(t for p in v.prompts for t in set(tokens(p)))
     flags = _merge(found, numbers, n, df, flips.margins if flips else None)
-    keyed = [{**f, **why} for f in flags if (why := keyed_policy.keyed_on_request(
-        f, tuple(tokens(f["trigger"])), [i for i in f["_rows"] if shapes[i] == f.get("response_shape")], v.responses,
-        neighbours, tokens))]
-    flags = [f for f in flags if not any(f is k or f["_rows"] is k["_rows"] for k in keyed)]
+    keyed, triggers = [], []  # a flag keyed on the request itself is information, the others are triggers
+    for f in flags:
+        why = keyed_policy.keyed_on_request(f, tuple(tokens(f["trigger"])),
+                                            [i for i in f["_rows"] if shapes[i] == f.get("response_shape")],
+                                            v.responses, neighbours, tokens)
+        if why:
+            keyed.append({**f, **why})
+        else:
+            triggers.append(f)
+    flags = triggers
     out = {"rows": n, "candidates": sum(len(c) for c in families.values()), "tests": sum(tests.values()),
            "families": {name: {"candidates": len(c), "tests": tests[name], "alpha": alpha / len(families)}
                         for name, c in families.items()},
