@@ -318,6 +318,8 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     judges = judges_of(ctx)
     _verify(ctx, judges, out, samples, [rows[i] for i in samples.prompt_index], with_parent, with_greedy, metrics)
     rm_stage = reward_stage_of(ctx.recipe, ctx.name)
+    if rm_stage is not None and ctx.await_stage is not None:  # trained beside it: its model is read from here on
+        ctx.await_stage(rm_stage)
     metrics.update(independence_metrics(ctx, rm_stage))
     if rm_stage is not None:
         _reward_model_scores(ctx, rm_stage, out, samples, with_parent, with_greedy, metrics)
