@@ -154,8 +154,10 @@ def test_dpo_trains_beside_its_reward_model_with_the_figures_of_a_run_in_turn(tm
     beside, in_turn = (stage_manifest(root / "tiny" / "dpo") for root in (tmp_path / "runs", tmp_path / "seq"))
     assert beside["metrics"]["reward_stage"] == "reward"  # scored with the reward model built beside it
     assert beside["fingerprint"] == in_turn["fingerprint"]
-    for key in ("judge_pass_rate", "mean_reward", "rm_win_rate_vs_sft", "train_loss", "kl_to_reference"):
-        assert beside["metrics"][key] == in_turn["metrics"][key], key
+    timing = ("runtime", "per_s", "per_second", "time", "wall")  # wall-clock figures: the only ones that may differ
+    figures = [k for k in beside["metrics"] if not any(t in k for t in timing)]
+    assert {"judge_pass_rate", "mean_reward", "rm_win_rate_vs_sft", "kl_to_reference"} <= set(figures)
+    assert {k: beside["metrics"][k] for k in figures} == {k: in_turn["metrics"].get(k) for k in figures}
     assert main(["run", str(recipe), "--parallel", "2"]) == 0  # a second run skips both
     assert "starting over" not in capfd.readouterr().err
 
@@ -167,7 +169,8 @@ def test_dpo_is_not_evaluated_with_a_reward_model_that_missed_its_gate(tmp_path,
     recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages=gated))
     assert main(["run", str(recipe), "--parallel", "2"]) == 2
     err = capfd.readouterr().err
-    assert "stage reward missed a gate: dpo is not evaluated with it" in err, err
+    # dpo is stopped whether it is still training (by the run) or already waiting to evaluate (by itself)
+    assert "gate MISSED: stage 'reward'" in err and "not evaluated with it" in err or "stage(s) dpo: stopped" in err, err
     assert stage_manifest(tmp_path / "runs" / "tiny" / "reward")["status"] == "complete"
     dpo = read_manifest(tmp_path / "runs" / "tiny" / "dpo")
     assert dpo is None or dpo["status"] != "complete"  # as in turn: not built on a reward model that missed its gate

@@ -276,6 +276,8 @@ def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
     the stage still completes, and `alignpipe eval runs/<recipe>/<stage>` re-runs only the evaluation."""
     if not ctx.config.eval.enabled:
         return {}
+    if ctx.await_stage is not None and (rm_stage := reward_stage_of(ctx.recipe, ctx.name)) is not None:
+        ctx.await_stage(rm_stage)  # trained beside it; outside the try: one that missed its gate stops this stage
     try:
         return _evaluate(ctx, policy, tokenizer, reference)
     except Exception as err:  # noqa: BLE001 - the trained stage is kept whatever its evaluation did
@@ -318,8 +320,6 @@ def _evaluate(ctx, policy, tokenizer, reference) -> dict:
     judges = judges_of(ctx)
     _verify(ctx, judges, out, samples, [rows[i] for i in samples.prompt_index], with_parent, with_greedy, metrics)
     rm_stage = reward_stage_of(ctx.recipe, ctx.name)
-    if rm_stage is not None and ctx.await_stage is not None:  # trained beside it: its model is read from here on
-        ctx.await_stage(rm_stage)
     metrics.update(independence_metrics(ctx, rm_stage))
     if rm_stage is not None:
         _reward_model_scores(ctx, rm_stage, out, samples, with_parent, with_greedy, metrics)
