@@ -428,6 +428,8 @@ def _reward_model_scores(ctx, rm_stage: str, out: list[dict], samples: Samples, 
         row["reward"] = s
     metrics["mean_reward"] = sum(r["reward"] for r in out) / len(out)
     metrics["reward_stage"] = rm_stage
+    # which reward model it was (its inputs' fingerprint): `alignpipe compare` sets scores side by side only when equal
+    metrics["reward_stage_fingerprint"] = (read_manifest(ctx.stage_dir(rm_stage)) or {}).get("fingerprint")
     if with_parent:
         for row, s in zip(with_parent, scores([r["prompt"] for r in with_parent],
                                               [r["parent_response"] for r in with_parent])):
