@@ -68,8 +68,9 @@ pipeline: install
 	  || echo "alignpipe report failed (the run's status is unchanged)"; \
 	exit $$status
 
+# the 25 slowest tests are listed at the end: where the suite's minutes go
 test: install-test
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests --durations=25 $(ARGS)
 
 # the tests that train no model (pytest marker `slow` on the others): seconds, not the suite's minutes
 test-fast: install-test

@@ -4,6 +4,7 @@ a tiny model in hub layout, and the manifest reader. Tests that train a model ar
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -16,8 +17,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # a busy neighbour core made 2-th
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("ALIGNPIPE_THREADS", None)  # tests train on one thread (thread_choice's tests set it themselves)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-# trackio reads its folder once, at import: set before any test can import it, so no test writes to ~/.cache
-os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="alignpipe-tests-trackio-"))
+# trackio reads its folder once, at import: set before any test can import it, so no test writes to ~/.cache;
+# the folder made here goes when the session ends (512 were left in /tmp after a day of runs)
+if "TRACKIO_DIR" not in os.environ:
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="alignpipe-tests-trackio-")
+    atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 

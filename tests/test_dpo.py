@@ -71,9 +71,10 @@ def test_full_and_lora_dpo_train_and_report(trained):
     assert stage_manifest(runs / "dpo_lora")["base_model"] == {
         "stage": "sft", "manifest_sha256": stage_manifest(runs / "dpo_lora")["parent"]["manifest_sha256"]}
     assert stage_manifest(runs / "dpo_ipo")["metrics"]["loss_type"] == ["ipo"]
-    # the named reward stage is an upstream of the stage and scored its samples
+    # the named reward stage scored its samples; it is fingerprinted by its own inputs (it may be built beside)
     assert stage_manifest(runs / "dpo_lora")["metrics"]["reward_stage"] == "reward"
-    assert "upstream:reward" in stage_manifest(runs / "dpo_lora")["inputs"]
+    assert stage_manifest(runs / "dpo_lora")["inputs"]["evaluated_with:reward"] == stage_manifest(runs / "reward")[
+        "fingerprint"]
     assert stage_manifest(runs / "dpo_lora")["metrics"]["loss_type"] == list(dpo.DEFAULT_LOSS_TYPE)
 
 

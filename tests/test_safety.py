@@ -164,9 +164,10 @@ def test_the_stage_child_is_this_interpreter_with_one_argument_per_item(tmp_path
     from alignpipe.pipeline.processes import child_command
 
     recipe = SimpleNamespace(path=tmp_path / "r; rm -rf x.yaml")
-    cmd = child_command(recipe, "dpo", ["stages.dpo.trainer.beta=$(id)"], force=True, restart=False, keep=2)
+    cmd = child_command(recipe, ["reward", "ppo"], ["stages.dpo.trainer.beta=$(id)"], force={"reward", "ppo"},
+                        restart=set(), keep=2)
     assert cmd[:4] == [sys.executable, "-m", "alignpipe.cli", "run"]
-    assert all(isinstance(a, str) for a in cmd)
+    assert all(isinstance(a, str) for a in cmd) and "reward,ppo" in cmd and "--force" in cmd
     assert str(tmp_path / "r; rm -rf x.yaml") in cmd and "stages.dpo.trainer.beta=$(id)" in cmd
 
 

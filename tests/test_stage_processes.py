@@ -12,11 +12,13 @@ import pytest
 
 from alignpipe.cli import main
 from alignpipe.errors import RunError
-from alignpipe.pipeline.processes import resolve_parallel
+from alignpipe.pipeline.processes import ready_group, resolve_parallel
+from alignpipe.recipe.parse import load_recipe
 from alignpipe.runfolder.lock import LOCK_PARENT_ENV, RunLock
+from alignpipe.runfolder.manifests import read_manifest
 from alignpipe.runtime import threads as thread_choice
-from alignpipe.runtime.threads import usable_cores
-from conftest import TINY_EVAL, stage_manifest, tiny_recipe, write_yaml
+from alignpipe.runtime.threads import plan_lanes, stages_at_once, usable_cores
+from conftest import TINY_EVAL, copy_base, stage_manifest, tiny_recipe, write_yaml
 
 SIBLING = {"kind": "sft", "from": "pretrain", "data": {"embedded": "sft"}, "eval": TINY_EVAL,
            "trainer": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 0,
@@ -93,3 +95,82 @@ def test_parallel_auto_is_cores_over_threads(monkeypatch):
     for bad in ("0", "two"):
         with pytest.raises(RunError, match="--parallel"):
             resolve_parallel(bad)
+
+
+def test_a_stage_evaluated_with_a_reward_model_trains_beside_it():
+    recipe = load_recipe("recipes/default.yaml")
+    assert recipe.upstream("dpo") == ["sft", "reward"] and recipe.start_after("dpo") == ["sft"]
+    assert recipe.evaluated_with("dpo") == ["reward"]
+    assert recipe.start_after("ppo") == ["sft", "reward"] and recipe.evaluated_with("ppo") == []  # trains on it
+    order = recipe.order(None)
+
+    def groups(renewed=frozenset()):
+        pending, done, out = list(order), set(), []
+        while pending:
+            lanes = ready_group(recipe, pending, done, 2, set(renewed))
+            out.append(lanes)
+            done |= {s for lane in lanes for s in lane}
+            pending = [s for s in pending if s not in done]
+        return out
+
+    # reward, then the ppo trained against it, in one process; dpo in another beside them
+    assert groups() == [[["pretrain"]], [["sft"]], [["reward", "ppo"], ["dpo"]]]
+    # one process takes one --force for all its stages: --stages dpo,ppo --force leaves reward in a lane of its own
+    assert groups({"dpo", "ppo"}) == [[["pretrain"]], [["sft"]], [["reward"], ["dpo"]], [["ppo"]]]
+    assert {s: stages_at_once(order, recipe.start_after, recipe.evaluated_with, s, 1) for s in order} == \
+        dict.fromkeys(order, 1)  # one core: one stage at a time
+
+
+def test_a_stage_scored_along_training_starts_after_its_reward_model():
+    recipe = load_recipe("recipes/default.yaml", overrides=["stages.dpo.eval.every=10"])
+    assert recipe.evaluated_with("dpo") == [] and recipe.start_after("dpo") == ["sft", "reward"]
+
+
+def test_lanes_leave_out_a_stage_whose_evaluation_stage_is_not_planned():
+    after = {"a": [], "b": ["a"], "c": [], "d": []}.get
+    scored = {"a": [], "b": [], "c": ["x"], "d": ["c"]}.get  # x is built by no lane; d waits for c
+    assert plan_lanes(["a", "b", "c", "d"], set(), after, scored, 3) == [["a", "b"]]
+    assert plan_lanes(["a", "b", "c", "d"], {"x"}, after, scored, 3) == [["a", "b"], ["c"], ["d"]]
+    assert plan_lanes(["a", "b", "c", "d"], {"x"}, after, scored, 2) == [["a", "b"], ["c"]]  # d: its own lane
+
+
+DPO_BESIDE = {"reward": {"from": "sft", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+                         "trainer": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+                                     "warmup_steps": 0}},
+              "dpo": {"from": "sft", "reward_model": "reward", "data": {"embedded": "pairs"}, "eval": TINY_EVAL,
+                      "trainer": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                                  "warmup_steps": 0}}}
+
+
+@pytest.mark.slow
+def test_dpo_trains_beside_its_reward_model_with_the_figures_of_a_run_in_turn(tmp_path, tiny_base, capfd):
+    copy_base(tiny_base, tmp_path / "runs")
+    recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages=DPO_BESIDE))
+    assert main(["run", str(recipe), "--parallel", "2"]) == 0
+    assert "stages reward, dpo: running at the same time, one process each" in capfd.readouterr().err
+    copy_base(tiny_base, tmp_path / "seq")
+    assert main(["run", str(recipe), "--set", f"runs_dir={tmp_path / 'seq'}"]) == 0
+    assert "at the same time" not in capfd.readouterr().err
+    beside, in_turn = (stage_manifest(root / "tiny" / "dpo") for root in (tmp_path / "runs", tmp_path / "seq"))
+    assert beside["metrics"]["reward_stage"] == "reward"  # scored with the reward model built beside it
+    assert beside["fingerprint"] == in_turn["fingerprint"]
+    timing = ("runtime", "per_s", "per_second", "time", "wall")  # wall-clock figures: the only ones that may differ
+    figures = [k for k in beside["metrics"] if not any(t in k for t in timing)]
+    assert {"judge_pass_rate", "mean_reward", "rm_win_rate_vs_sft", "kl_to_reference"} <= set(figures)
+    assert {k: beside["metrics"][k] for k in figures} == {k: in_turn["metrics"].get(k) for k in figures}
+    assert main(["run", str(recipe), "--parallel", "2"]) == 0  # a second run skips both
+    assert "starting over" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_dpo_is_not_evaluated_with_a_reward_model_that_missed_its_gate(tmp_path, tiny_base, capfd):
+    copy_base(tiny_base, tmp_path / "runs")
+    gated = {**DPO_BESIDE, "reward": {**DPO_BESIDE["reward"], "gates": ["pairwise_accuracy > 2"]}}  # never passes
+    recipe = write_yaml(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs", extra_stages=gated))
+    assert main(["run", str(recipe), "--parallel", "2"]) == 2
+    err = capfd.readouterr().err
+    # dpo is stopped whether it is still training (by the run) or already waiting to evaluate (by itself)
+    assert "gate MISSED: stage 'reward'" in err and "not evaluated with it" in err or "stage(s) dpo: stopped" in err, err
+    assert stage_manifest(tmp_path / "runs" / "tiny" / "reward")["status"] == "complete"
+    dpo = read_manifest(tmp_path / "runs" / "tiny" / "dpo")
+    assert dpo is None or dpo["status"] != "complete"  # as in turn: not built on a reward model that missed its gate

@@ -32,10 +32,11 @@ def test_auto_shares_the_usable_cores_among_the_stages_the_recipe_runs_at_once(m
     order = recipe.order(None)
 
     def at_once(name, cores):
-        return thread_choice.stages_at_once(order, recipe.upstream, name, cores)
+        return thread_choice.stages_at_once(order, recipe.start_after, recipe.evaluated_with, name, cores)
 
-    # the default recipe's plan on 2 cores: pretrain, sft, reward one at a time; dpo and ppo side by side
-    assert {s: at_once(s, 2) for s in order} == {"pretrain": 1, "sft": 1, "reward": 1, "dpo": 2, "ppo": 2}
+    # the default recipe's plan on 2 cores: pretrain, sft one at a time; then reward-then-ppo beside dpo, which
+    # needs the reward model only to score its evaluation
+    assert {s: at_once(s, 2) for s in order} == {"pretrain": 1, "sft": 1, "reward": 2, "dpo": 2, "ppo": 2}
     assert {at_once(s, 1) for s in order} == {1}  # one core: one stage at a time
     monkeypatch.setenv(thread_choice.ENV, "auto")
     try:

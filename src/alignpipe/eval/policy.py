@@ -276,6 +276,8 @@ def evaluate_stage(ctx, policy, tokenizer, reference=None) -> dict:
     the stage still completes, and `alignpipe eval runs/<recipe>/<stage>` re-runs only the evaluation."""
     if not ctx.config.eval.enabled:
         return {}
+    if ctx.await_stage is not None and (rm_stage := reward_stage_of(ctx.recipe, ctx.name)) is not None:
+        ctx.await_stage(rm_stage)  # trained beside it; outside the try: one that missed its gate stops this stage
     try:
         return _evaluate(ctx, policy, tokenizer, reference)
     except Exception as err:  # noqa: BLE001 - the trained stage is kept whatever its evaluation did
@@ -426,6 +428,8 @@ def _reward_model_scores(ctx, rm_stage: str, out: list[dict], samples: Samples, 
         row["reward"] = s
     metrics["mean_reward"] = sum(r["reward"] for r in out) / len(out)
     metrics["reward_stage"] = rm_stage
+    # which reward model it was (its inputs' fingerprint): `alignpipe compare` sets scores side by side only when equal
+    metrics["reward_stage_fingerprint"] = (read_manifest(ctx.stage_dir(rm_stage)) or {}).get("fingerprint")
     if with_parent:
         for row, s in zip(with_parent, scores([r["prompt"] for r in with_parent],
                                               [r["parent_response"] for r in with_parent])):

@@ -195,9 +195,11 @@ def stage_fingerprint(ctx: StageContext) -> tuple[str, dict]:
         # tools change a chat policy's rollouts and evaluation (eval/tools.py), nothing else
         **({"tools": recipe.tools} if recipe.tools and ctx.kind.policy and ctx.kind.chat else {}),
     }
-    for upstream in recipe.upstream(ctx.name):
+    for upstream in recipe.start_after(ctx.name):
         up_dir = recipe.stage_dir(upstream)
         parts[f"upstream:{upstream}"] = runs.manifest_hash(up_dir) if runs.is_complete(up_dir) else "incomplete"
+    for scorer in recipe.evaluated_with(ctx.name):  # known before it is built: it may be built beside this stage
+        parts[f"evaluated_with:{scorer}"] = stage_fingerprint(make_context(recipe, scorer))[0]
     return runs.fingerprint_json(parts), parts
 
 

@@ -35,8 +35,10 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
 
     A complete stage is never deleted by a re-run: the new attempt trains in `.next/<stage>` and is
     swapped in when complete (stage_versions)."""
+    beside = stage_processes.built_beside()
     for upstream in recipe.upstream(name):
-        runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
+        if upstream not in set(recipe.evaluated_with(name)) & beside:  # those are waited for before evaluating
+            runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     stage_dir = recipe.stage_dir(name)
     for kept, problem in stage_versions.set_aside_unreadable(stage_dir) if main else []:  # never deleted
@@ -46,6 +48,8 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         log(f"stage {name}: {done}")
     distributed.barrier()
     decided = stage_plan.plan(recipe, name, force=force, restart=restart)
+    if set(recipe.evaluated_with(name)) & beside:
+        decided.ctx.await_stage = _awaiter(recipe, decided)
     if decided.action == "skip":
         return _skip(recipe, name, decided.old, main)
     # the chat template, tokenizer and parents are checked before anything is deleted or trained
@@ -70,6 +74,18 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         log(f"gate {'passed' if row['passed'] else 'MISSED'}: {gates.describe(name, row)}")
     gates.raise_if_missed(name, results, stage_dir)  # stop here: later stages build on this one
     return runs.read_manifest(stage_dir) or run.data
+
+
+def _awaiter(recipe: Recipe, decided: StagePlan):
+    """`ctx.await_stage` for a stage evaluated with stages its siblings build: waits for the versions it planned
+    with (the fingerprints in its own inputs); other stages are not waited for."""
+    name = decided.ctx.name
+
+    def await_stage(scorer: str) -> None:
+        if f"evaluated_with:{scorer}" in decided.inputs:
+            stage_processes.wait_until_built(recipe, scorer, decided.inputs[f"evaluated_with:{scorer}"], name, log)
+
+    return await_stage
 
 
 def _skip(recipe: Recipe, name: str, old: dict, main: bool) -> dict:
@@ -220,10 +236,11 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
                overrides: list[str] | None = None) -> dict[str, dict]:
     """Run `only` (default: every stage) and whatever they need, in order. Returns manifests by stage.
 
-    With `parallel` > 1 (one process, not under torchrun), stages whose upstreams are all complete run
-    that many at a time, each in a process of its own (stage_processes); `overrides` are the `--set`
-    items those processes need to read the same recipe."""
-    order = recipe.order(only)
+    With `parallel` > 1 (one process, not under torchrun), up to that many lanes of stages run at a time, each
+    in a process of its own (stage_processes: a stage starts once the stages it trains from are complete, and
+    waits for those that only score its evaluation); `overrides` are the `--set` items those processes need to
+    read the same recipe."""
+    order = [s for s in recipe.order(only) if s not in stage_processes.built_beside()]  # siblings build those
     if only:
         extra = [s for s in order if s not in only]
         missing = [s for s in extra if not runs.is_complete(recipe.stage_dir(s))]
@@ -232,44 +249,56 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = Fals
     explicit = set(only or order)
     if distributed.world_size() > 1:
         parallel = 1  # the ranks of one run train one stage together
-    manifests = {}
     new_folder = not recipe.run_root.exists()
     try:
         with RunLock(recipe.run_root):  # one writer per run folder; refuses while another run holds it
-            pending, done, missed_gate = list(order), set(), None
-            while pending:
-                group = stage_processes.ready_group(recipe, pending, done, parallel)
-                try:
-                    if len(group) > 1:
-                        stage_processes.run_together(recipe, group, overrides or [], explicit if force else set(),
-                                                     explicit if restart else set(), keep, log)
-                        manifests.update({name: runs.read_manifest(recipe.stage_dir(name)) for name in group})
-                    else:
-                        name = group[0]
-                        manifests[name] = run_stage(recipe, name, force=force and name in explicit,
-                                                    restart=restart and name in explicit, keep=keep)
-                except gates.GateError as err:  # only the stages built on the one that missed it stop
-                    missed_gate = missed_gate or err
-                    stopped = _missed_gates(recipe, group)
-                    manifests.update({name: runs.read_manifest(recipe.stage_dir(name)) for name in group})
-                    pending, skipped = _without_downstream(recipe, [s for s in pending if s not in group], stopped)
-                    log(f"stage {', '.join(stopped)} missed a gate: " + (f"not running {', '.join(skipped)}" if skipped
-                        else "no later stage depends on it") + (f"; still running {', '.join(pending)}" if pending else ""))
-                    done |= set(group) - set(stopped)
-                    continue
-                except RunError:
-                    left = [s for s in pending if s not in group]
-                    if left:  # say what the failed stage stopped
-                        log(f"stage {', '.join(group)} did not complete: not running {', '.join(left)}")
-                    raise
-                done |= set(group)
-                pending = [s for s in pending if s not in group]
-            if missed_gate is not None:
-                raise missed_gate
+            return _run_in_order(recipe, order, explicit if force else set(), explicit if restart else set(), keep,
+                                 parallel, overrides or [])
     finally:
         distributed.destroy()  # without it, multi-process runs crashed at exit (3 of 15 here)
         _remove_if_empty(recipe.run_root, new_folder)
+
+
+def _run_in_order(recipe: Recipe, order: list[str], force: set[str], restart: set[str], keep: int, parallel: int,
+                  overrides: list[str]) -> dict[str, dict]:
+    """Run `order`'s stages, each group of lanes when its upstream stages are done (`stage_processes`)."""
+    pending, done, missed_gate, manifests = list(order), set(), None, {}
+    while pending:
+        lanes = stage_processes.ready_group(recipe, pending, done, parallel, force | restart)
+        group = [s for lane in lanes for s in lane]
+        try:
+            if len(lanes) > 1:
+                stage_processes.run_together(recipe, lanes, overrides, force, restart, keep, log)
+                manifests.update(_manifests_of(recipe, group))
+            else:
+                name = group[0]
+                manifests[name] = run_stage(recipe, name, force=name in force, restart=name in restart, keep=keep)
+        except gates.GateError as err:  # only the stages built on the one that missed it stop
+            missed_gate = missed_gate or err
+            stopped = _missed_gates(recipe, group)
+            manifests.update(_manifests_of(recipe, group))
+            _, behind = _without_downstream(recipe, [s for s in group if s not in stopped], stopped)
+            pending, skipped = _without_downstream(recipe, [s for s in pending if s not in group], stopped)
+            skipped = behind + skipped
+            log(f"stage {', '.join(stopped)} missed a gate: " + (f"not running {', '.join(skipped)}" if skipped
+                else "no later stage depends on it") + (f"; still running {', '.join(pending)}" if pending else ""))
+            done |= set(group) - set(stopped) - set(behind)
+            continue
+        except RunError:
+            left = [s for s in pending if s not in group]
+            if left:  # say what the failed stage stopped
+                log(f"stage {', '.join(group)} did not complete: not running {', '.join(left)}")
+            raise
+        done |= set(group)
+        pending = [s for s in pending if s not in group]
+    if missed_gate is not None:
+        raise missed_gate
     return manifests
+
+
+def _manifests_of(recipe: Recipe, stages: list[str]) -> dict[str, dict]:
+    """The manifests the stages' own processes wrote (a stage that did not run has none to show)."""
+    return {s: m for s in stages if (m := runs.read_manifest(recipe.stage_dir(s)))}
 
 
 def _missed_gates(recipe: Recipe, group: list[str]) -> list[str]:

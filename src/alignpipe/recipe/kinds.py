@@ -35,6 +35,9 @@ class StageKind:
     baseline: bool = False  # the policy that later policies are compared with (`rm_win_rate_vs_sft`)
     trained_on_reward: bool = False  # optimises a reward signal (the report asks whether it hacked it)
     references: tuple[str, ...] = ()  # its config fields that name other stages of the recipe, beside `from`
+    # those of `references` that only score its evaluation, never its training (a DPO stage's `reward_model`): a
+    # parallel run may start it beside them, and it waits for them before it evaluates (`Recipe.start_after`)
+    evaluated_with: tuple[str, ...] = ()
     user_split: bool = False  # its user data is split by the recipe's held-out prompts (`alignpipe.data.split`)
     provides: str | None = None  # the data family its folder gives a stage that reads `data: {from: <it>}`
     max_length: int | None = None  # default tokens per sequence (what `validate --show-data` measures against)
@@ -91,6 +94,11 @@ def kinds_where(**facts: Any) -> list[str]:
 def references(cfg) -> dict[str, str]:
     """{config field: stage name} of the other stages a stage's config names, beside `from` (unset ones left out)."""
     return {f: getattr(cfg, f) for f in kind_of(cfg.kind).references if getattr(cfg, f, None)}
+
+
+def evaluation_references(cfg) -> dict[str, str]:
+    """{config field: stage name} of the stages a stage's config names only to score its evaluation."""
+    return {f: s for f, s in references(cfg).items() if f in kind_of(cfg.kind).evaluated_with}
 
 
 def gives_reward(kind: StageKind) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.recipe.dataspec import stage_sources
-from alignpipe.recipe.kinds import references
+from alignpipe.recipe.kinds import evaluation_references, references
 from alignpipe.recipe.paths import model_source
 from alignpipe.runtime.tracking import DEFAULT_TRACKING
 
@@ -191,8 +191,23 @@ class Recipe:
         return done
 
     def upstream(self, stage: str) -> list[str]:
+        """The stages `stage` needs complete: the one it starts `from`, the ones its config names, its data's."""
         cfg = self.stages[stage]
         deps = [cfg.from_] if cfg.from_ else []
         deps += list(references(cfg).values())
         deps += [s for s in stage_sources(cfg.data) if s not in deps]  # data: {from: <label stage>}
         return deps
+
+    def evaluated_with(self, stage: str) -> list[str]:
+        """The upstream stages `stage` needs only to score its evaluation after training (a DPO stage's
+        `reward_model`); none when it also evaluates along training (`eval.every`), which scores with them."""
+        cfg = self.stages[stage]
+        if getattr(cfg.eval, "every", 0):
+            return []
+        return list(evaluation_references(cfg).values())
+
+    def start_after(self, stage: str) -> list[str]:
+        """The upstream stages `stage` trains from: complete before it starts (`evaluated_with` may still run)."""
+        cfg, later = self.stages[stage], set(self.evaluated_with(stage))
+        trained_from = {cfg.from_, *stage_sources(cfg.data), *(s for s in references(cfg).values() if s not in later)}
+        return [s for s in self.upstream(stage) if s in trained_from]

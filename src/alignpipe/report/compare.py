@@ -326,8 +326,7 @@ def shared_judges(a: Entry, b: Entry) -> tuple[list[str], list[str]]:
             if j not in verifiers(y)]
     rm_a, rm_b = a.stage.metrics.get("reward_stage"), b.stage.metrics.get("reward_stage")
     if rm_a and rm_a == rm_b and a.run_dir == b.run_dir:
-        key = f"upstream:{rm_a}"
-        if (a.stage.manifest.get("inputs") or {}).get(key) == (b.stage.manifest.get("inputs") or {}).get(key):
+        if _scored_by(a, rm_a) == _scored_by(b, rm_b):
             judges.append("reward")
         else:
             left.append(f"reward model `{rm_a}` changed between them: their scores are not on one scale")
@@ -337,6 +336,13 @@ def shared_judges(a: Entry, b: Entry) -> tuple[list[str], list[str]]:
                      if k.endswith("_vs_parent")})
     left += [f"judge model `{j}` compared each stage with its parent only (not run head to head)" for j in models]
     return judges, left
+
+
+def _scored_by(e: Entry, rm: str) -> str | None:
+    """What identifies the reward model that scored a stage: the fingerprint its evaluation recorded, else (stages
+    evaluated before it was) the reward stage's manifest hash among the stage's inputs."""
+    inputs = e.stage.manifest.get("inputs") or {}
+    return e.stage.metrics.get("reward_stage_fingerprint") or inputs.get(f"upstream:{rm}")
 
 
 def head_to_head(a: Entry, b: Entry) -> dict:

@@ -11,8 +11,8 @@ run down and never changes it.
 - a number: that many threads, as asked;
 - `auto` (what `make pipeline` sets): the usable cores shared among the stages that a fresh
   `alignpipe run --parallel auto` of the recipe runs at the same time as this one (its group in the recipe's
-  plan, `stages_at_once`), at most AUTO_MAX_THREADS. In the default recipe on 2 cores: pretrain, sft and
-  reward on 2 threads, dpo and ppo (which run side by side) on 1 each. The group comes from the recipe, not
+  plan, `stages_at_once`), at most AUTO_MAX_THREADS. In the default recipe on 2 cores: pretrain and sft on 2
+  threads; then dpo beside reward-then-ppo (dpo needs the reward model only to score its evaluation), 1 each. The group comes from the recipe, not
   from which stages happen to run now, so `make dpo` trains dpo exactly as `make pipeline` does.
 
 The manifest records the choice and why (`manifest_fields`), beside the machine facts that decide the
@@ -59,24 +59,52 @@ def check_env() -> None:
                        key=ENV, fix="set it to auto, 1, 2, ... or unset it")
 
 
-def ready_stages(pending: list[str], done: set[str], upstream: Callable[[str], list[str]], limit: int) -> list[str]:
-    """The next stages to start together: those of `pending` whose upstream stages are all done, in order, at most
-    `limit` of them. The one rule of a run's groups (`pipeline.processes.ready_group`) and of a stage's share of
-    the cores (`stages_at_once`)."""
-    return [s for s in pending if all(u in done for u in upstream(s))][: max(1, limit)]
+def plan_lanes(pending: list[str], done: set[str], start_after: Callable[[str], list[str]],
+               evaluated_with: Callable[[str], list[str]], limit: int) -> list[list[str]]:
+    """The next stages to run together, as lanes: at most `limit` chains, each run in turn by one process.
+
+    A lane opens with a stage of `pending` (taken in order) whose `start_after` stages are all done; a later
+    pending stage joins the one lane that holds some of its `start_after` stages when the rest are done (ppo
+    after its reward model). A stage whose `evaluated_with` stages are neither done nor in a lane leaves the
+    plan, with what follows it in its lane; one in another lane is waited for before it evaluates. Every stage
+    comes after its upstream stages in `pending`, so no two lanes wait for each other. The one rule of a run's
+    groups (`pipeline.processes`) and of a stage's share of the cores (`stages_at_once`)."""
+    lanes: list[list[str]] = []
+    for name in pending:
+        needs = set(start_after(name))
+        homes = [lane for lane in lanes if needs & set(lane)]
+        if not homes and needs <= done and len(lanes) < max(1, limit):
+            lanes.append([name])
+        elif len(homes) == 1 and needs <= done | set(homes[0]):
+            homes[0].append(name)
+    while True:  # cut each lane before its first stage whose evaluation stages are not planned (a cut may cut more)
+        placed = done | {s for lane in lanes for s in lane}
+        cut = [next((i for i, s in enumerate(lane) if not set(evaluated_with(s)) <= placed), len(lane))
+               for lane in lanes]
+        if all(i == len(lane) for i, lane in zip(cut, lanes)):
+            return lanes
+        lanes = [lane[:i] for i, lane in zip(cut, lanes) if i]
 
 
-def stages_at_once(order: list[str], upstream: Callable[[str], list[str]], name: str, cores: int) -> int:
+def next_group(pending: list[str], done: set[str], start_after: Callable[[str], list[str]],
+               evaluated_with: Callable[[str], list[str]], limit: int) -> list[list[str]]:
+    """`plan_lanes`, where one lane is not a group: its first stage runs alone, in the run's own process."""
+    lanes = plan_lanes(pending, done, start_after, evaluated_with, limit)
+    return lanes if len(lanes) > 1 else [[(lanes[0] if lanes else pending)[0]]]
+
+
+def stages_at_once(order: list[str], start_after: Callable[[str], list[str]],
+                   evaluated_with: Callable[[str], list[str]], name: str, cores: int) -> int:
     """How many stages a fresh run of the recipe with `--parallel auto` (one 1-thread process per core) runs at
-    the same time as `name`, itself included: the recipe's stages taken in `order`, each group the stages whose
-    upstreams are all done, at most `cores` of them (`ready_stages`)."""
+    the same time as `name`, itself included: the lanes of its group in the recipe's plan (`next_group`)."""
     pending, done = list(order), set()
     while pending:
-        group = ready_stages(pending, done, upstream, cores) or pending[:1]
-        if name in group:
+        group = next_group(pending, done, start_after, evaluated_with, cores)
+        members = {s for lane in group for s in lane}
+        if name in members:
             return len(group)
-        done.update(group)
-        pending = [s for s in pending if s not in group]
+        done |= members
+        pending = [s for s in pending if s not in members]
     return 1
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ class StageContext:
     dir: Path  # runs/<recipe>/<stage>/
     parent_dir: Path | None  # the `from` stage's folder, None when starting from the recipe's model
     resume: bool = True  # resume from the newest checkpoint in dir/checkpoints (False: --restart)
+    # set by the runner when a stage of `Recipe.evaluated_with(name)` is being built beside this one: blocks until
+    # that stage is complete (the evaluation calls it before it scores with that stage); None: nothing to wait for
+    await_stage: Callable[[str], None] | None = None
 
     @property
     def kind(self):

@@ -229,5 +229,6 @@ def run(ctx: StageContext) -> dict:
 
 
 DECLARES = (StageKind("dpo", Config, run, trainer_config_class, family="pairs", embedded="pairs",
-                      references=("reward_model",), user_split=True, max_length=DEFAULT_MAX_LENGTH, check=check,
+                      references=("reward_model",), evaluated_with=("reward_model",), user_split=True,
+                      max_length=DEFAULT_MAX_LENGTH, check=check,
                       reward_loader=load_implicit_reward),)

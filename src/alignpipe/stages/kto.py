@@ -112,4 +112,5 @@ def run(ctx: StageContext) -> dict:
 
 
 DECLARES = (StageKind("kto", Config, run, trainer_config_class, family="kto", embedded="pairs",
-                      references=("reward_model",), user_split=True, check=check_policy_references),)
+                      references=("reward_model",), evaluated_with=("reward_model",), user_split=True,
+                      check=check_policy_references),)

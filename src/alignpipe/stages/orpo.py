@@ -113,7 +113,9 @@ def run(ctx: StageContext) -> dict:
 
 
 ORPO = StageKind("orpo", Config, run, orpo_config_class, family="pairs", embedded="pairs", references=("reward_model",),
+                  evaluated_with=("reward_model",),
                  user_split=True, check=check_policy_references)
 CPO = StageKind("cpo", Config, run, cpo_config_class, family="pairs", embedded="pairs", references=("reward_model",),
+                  evaluated_with=("reward_model",),
                 user_split=True, check=check_cpo)
 DECLARES = (ORPO, CPO)

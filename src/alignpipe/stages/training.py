@@ -101,7 +101,8 @@ def train(trainer, ctx, choose_threads: bool = False) -> dict:
         import torch
 
         threads_before = torch.get_num_threads()
-        at_once = thread_choice.stages_at_once(ctx.recipe.order(None), ctx.recipe.upstream, ctx.name,
+        at_once = thread_choice.stages_at_once(ctx.recipe.order(None), ctx.recipe.start_after, ctx.recipe.evaluated_with,
+                                               ctx.name,
                                                thread_choice.usable_cores())
         threads = thread_choice.for_trainer(trainer, at_once)
         _log(ctx, f"torch threads: {threads['threads']} ({threads['why']})")
