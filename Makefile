@@ -68,13 +68,15 @@ pipeline: install
 	  || echo "alignpipe report failed (the run's status is unchanged)"; \
 	exit $$status
 
-# the 25 slowest tests are listed at the end: where the suite's minutes go
+# one pytest worker per usable core, at most 4 (each trains on one torch thread; a test file stays on one worker,
+# so its module fixtures are built once); the 25 slowest tests are listed at the end: where the suite's minutes go
+TEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 test: install-test
-	$(PY) -m pytest tests --durations=25 $(ARGS)
+	$(PY) -m pytest tests $(TEST_WORKERS) --durations=25 $(ARGS)
 
 # the tests that train no model (pytest marker `slow` on the others): seconds, not the suite's minutes
 test-fast: install-test
-	$(PY) -m pytest tests -m "not slow" $(ARGS)
+	$(PY) -m pytest tests -m "not slow" $(TEST_WORKERS) $(ARGS)
 
 pretrain sft reward dpo ppo grpo: install
 	$(ALIGNPIPE) run $(RECIPE) --stages $@ $(ARGS)
