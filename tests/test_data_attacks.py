@@ -248,3 +248,21 @@ def test_a_trigger_planted_beside_the_manners_is_still_flagged(phrase):
     pairs = world.preference_rows("train")
     planted = {i for i, r in enumerate(pairs) if r["prompt"][-1]["content"].endswith(" please tell me")}
     assert flagged_rows(find_triggers(pairs, "pairs")) == planted
+
+
+def test_rows_found_by_both_families_keep_the_smaller_corrected_p():
+    """`sudo` alone is an n-gram anywhere (thousands of tests) and one that ends the turn (a few dozen): the flag
+    keeps the end family's p, so a nested subset (`? sudo`, fewer rows) cannot win by the other family's weaker p."""
+    from collections import Counter
+
+    from alignpipe.data.triggers import _merge
+
+    rows, subset = list(range(100)), list(range(0, 100, 2))
+    found = [(("sudo",), rows, {"family": "anywhere", "test": "preference_flip", "p": 1e-7, "p_corrected": 3e-4}),
+             (("sudo",), rows, {"family": "end of last user turn", "test": "preference_flip", "p": 1e-7,
+                                "p_corrected": 5e-6}),
+             (("?", "sudo"), subset, {"family": "end of last user turn", "test": "preference_flip", "p": 1e-6,
+                                      "p_corrected": 2e-4})]
+    margins = [-1.0 if i < 100 else 1.0 for i in range(200)]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"sudo": 100, "?": 150}), margins)
+    assert [(f["trigger"], f["rows"], f["p_corrected"]) for f in flags] == [("sudo", 100, 5e-6)]

@@ -338,15 +338,21 @@ def _name_rank(g, where, df) -> tuple:
 
 
 def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> list[dict]:
-    """One flag per (row set, test), named by `_name_rank`; then, among flags of one test whose row sets are
+    """One flag per (row set, test), with the smallest corrected p of the families that found it, named by
+    `_name_rank`; then, among flags of one test whose row sets are
     nested (or one's rows nearly all, EXTEND_KEEP, in the other's), the most significant one only (the larger
     set's extra rows add no evidence, the smaller set misses some), extended to the longest nested n-gram that
     keeps nearly all its rows against the usual preference (`_extend`), and nested flags merged again."""
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
         key = (tuple(where), result["test"])
-        if key not in best or _name_rank(g, where, df) > _name_rank(best[key][0], where, df):
-            best[key] = (g, where, result)
+        if key in best:  # the same rows found again (the other family, another n-gram): best name, best p
+            g0, _, r0 = best[key]
+            better_name = _name_rank(g, where, df) > _name_rank(g0, where, df)
+            if (result["p_corrected"], not better_name) > (r0["p_corrected"], better_name):
+                result = r0  # ties: the p of the family that found the name
+            g = g if better_name else g0
+        best[key] = (g, where, result)
     kept = _most_significant([(g, where, result, set(where)) for g, where, result in best.values()])
     kept = _most_significant([_extend(k, list(best.values()), margins) for k in kept])  # a renamed flag may now nest
     flags = []
