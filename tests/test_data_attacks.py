@@ -266,3 +266,23 @@ def test_rows_found_by_both_families_keep_the_smaller_corrected_p():
     margins = [-1.0 if i < 100 else 1.0 for i in range(200)]
     flags = _merge(found, list(range(1, 201)), 200, Counter({"sudo": 100, "?": 150}), margins)
     assert [(f["trigger"], f["rows"], f["p_corrected"]) for f in flags] == [("sudo", 100, 5e-6)]
+
+
+def test_a_nested_flag_widens_to_the_flagged_set_whose_other_rows_are_flipped_too():
+    """`? sudo` (more significant, fewer rows) inside `sudo`, whose other rows (`. sudo`) are against the usual
+    preference too: the flag is `sudo` with all its rows. Inside `think`, whose other rows follow the usual
+    preference: `what do you think` stays."""
+    from collections import Counter
+
+    from alignpipe.data.triggers import _merge
+
+    def flip(p):
+        return {"family": "end of last user turn", "test": "preference_flip", "p": p / 100, "p_corrected": p}
+
+    margins = [-1.0] * 60 + [1.0] * 140
+    found = [(("sudo",), list(range(60)), flip(2e-4)), (("?", "sudo"), list(range(28)), flip(1e-4))]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"sudo": 60, "?": 150}), margins)
+    assert [(f["trigger"], f["rows"]) for f in flags] == [("sudo", 60)]
+    found = [(("think",), list(range(120)), flip(2e-4)), (("what", "do", "you", "think"), list(range(60)), flip(1e-8))]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"think": 120, "what": 150}), margins)
+    assert [(f["trigger"], f["rows"]) for f in flags] == [("what do you think", 60)]

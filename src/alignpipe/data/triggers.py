@@ -17,8 +17,8 @@ a small correction); both in at least MIN_ROWS rows and at most MAX_SHARE of the
   (hypergeometric tail). SFT responses, the chosen side of pairs, the desirable completions of KTO rows.
 - `preference_flip`: the rows carrying it mostly go against what the rest of the data prefers. The "usual
   preference" is learnt from the data itself (data/usual_preference.py: a cross-fitted, calibrated logistic
-  regression on hashed uni- and bigrams of chosen minus rejected); the group's log-likelihood ratio of "all
-  flipped" is tested by its exact (saddlepoint) tail, against a model refitted without the group's rows
+  regression on hashed word uni- and bigrams and character grams of chosen minus rejected); the group's
+  log-likelihood ratio of "all flipped" is tested by its exact (saddlepoint) tail, against a model refitted without the group's rows
   (`_FlipTest`); flagged only when most rows (more than half) are against it, after MIN_DISTINCT different
   prompts (a conversation tree gives several pairs of one prompt: they are not independent evidence). Pairs
   and KTO rows (label against the score).
@@ -287,6 +287,7 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     if flips is not None:
         out["usual_preference_agreement"] = round(sum(1 for m in flips.margins if m > 0) / n, 4)
         out["refits"] = len(flips.refitted)
+        out["usual_preference_c"] = flips.model.C
     return out
 
 
@@ -299,7 +300,7 @@ class _FlipTest:
 
     def __init__(self, v: View, specific):
         self.model = usual_preference.UsualPreference(v.sides, v.labels)
-        self.margins = self.model.margins()
+        self.margins = self.model.fitted_margins()
         self.a = usual_preference.temperature(self.margins)
         self.specific = specific
         self.refitted: dict[tuple, tuple] = {}
@@ -341,7 +342,8 @@ def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> lis
     """One flag per (row set, test), with the smallest corrected p of the families that found it, named by
     `_name_rank`; then, among flags of one test whose row sets are
     nested (or one's rows nearly all, EXTEND_KEEP, in the other's), the most significant one only (the larger
-    set's extra rows add no evidence, the smaller set misses some), extended to the longest nested n-gram that
+    set's extra rows add no evidence, the smaller set misses some) unless a flagged larger set's extra rows are
+    themselves against the usual preference (`_widen`: `? sudo` inside `sudo`), extended to the longest nested n-gram that
     keeps nearly all its rows against the usual preference (`_extend`), and nested flags merged again."""
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
@@ -354,6 +356,7 @@ def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> lis
             g = g if better_name else g0
         best[key] = (g, where, result)
     kept = _most_significant([(g, where, result, set(where)) for g, where, result in best.values()])
+    kept = _most_significant([_widen(k, list(best.values()), margins) for k in kept])
     kept = _most_significant([_extend(k, list(best.values()), margins) for k in kept])  # a renamed flag may now nest
     flags = []
     for g, where, result, _ in kept:
@@ -371,6 +374,23 @@ def _most_significant(flags: list[tuple]) -> list[tuple]:
                    for k in kept):
             kept.append((g, where, result, rows))
     return kept
+
+
+def _widen(flag: tuple, flagged: list, margins) -> tuple:
+    """A `preference_flip` flag replaced by the largest flagged set of rows (of the same test) that holds all its
+    rows and whose other rows are mostly against the usual preference too: they add evidence of the same flip
+    (`sudo` appended after a question mark and after a full stop), where a larger set of rows that follow the
+    usual preference only dilutes it and is not taken."""
+    g, where, result, rows = flag
+    if result["test"] != "preference_flip":
+        return flag
+    wider = [(len(w2), g2, w2, r2) for g2, w2, r2 in flagged
+             if r2["test"] == result["test"] and set(w2) > rows
+             and sum(margins[i] < 0 for i in set(w2) - rows) * 2 > len(set(w2) - rows)]
+    if not wider:
+        return flag
+    _, g2, where2, result2 = max(wider, key=lambda x: (x[0], -x[3]["p_corrected"]))
+    return g2, where2, result2, set(where2)
 
 
 def _extend(flag: tuple, flagged: list, margins) -> tuple:

@@ -1,9 +1,10 @@
 """The "usual preference" of a preference source, learnt from the source itself, and the exact-tail test of a
 group of rows against it (the trigger screen's `preference_flip`, data/triggers.py).
 
-The model: a logistic regression (scikit-learn, L-BFGS for at most MAX_ITER iterations, L2 with C = `C`) on hashed word unigrams and bigrams
-(`FEATURES` buckets, binary) of the preferred side minus the other side (pairs), or of the completion with its
-label (KTO rows, with an intercept). It is cross-fitted on `FOLDS` folds: a row's margin comes from the model of
+The model: a logistic regression (scikit-learn, L-BFGS for at most MAX_ITER iterations, L2 with C from `C_GRID`,
+chosen by held-out log-likelihood) on hashed word unigrams and bigrams and character 2-4-grams within words
+(`FEATURES` buckets each, binary) of the preferred side minus the other side (pairs), or of the completion with
+its label (KTO rows, with an intercept). It is cross-fitted on `FOLDS` folds: a row's margin comes from the model of
 the other folds, so the row's own label never scores it. The margins are calibrated by one temperature (Platt
 scaling without intercept, fitted on every row's held-out margin), which gives each row a probability q_i that
 its label is the observed one.
@@ -21,18 +22,24 @@ from __future__ import annotations
 import math
 
 FOLDS = 5
-FEATURES = 2 ** 16
-C = 0.1
+FEATURES = 2 ** 16     # hash buckets of each feature kind
+CHAR_NGRAMS = (2, 4)
+C_GRID = (0.005, 0.02, 0.1)  # L2 strengths tried; the one with the best held-out log-likelihood is kept
 MAX_ITER = 100  # L-BFGS iterations per fit: bounds the cost on separable data (the world)
 TOKEN_PATTERN = r"[\w']+|[^\w\s]"
 
 
 def _features(texts: list[str]):
+    """Binary hashed word uni- and bigrams beside character 2-4-grams within words (spelling, word stems and
+    punctuation habits that whole words split: "sorry", "sorry,", "apologise" and "apologize" share grams)."""
+    from scipy import sparse
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    vec = HashingVectorizer(n_features=FEATURES, ngram_range=(1, 2), binary=True, norm=None, alternate_sign=False,
-                            token_pattern=TOKEN_PATTERN, lowercase=True)
-    return vec.transform(texts)
+    words = HashingVectorizer(n_features=FEATURES, ngram_range=(1, 2), binary=True, norm=None, alternate_sign=False,
+                              token_pattern=TOKEN_PATTERN, lowercase=True)
+    chars = HashingVectorizer(n_features=FEATURES, ngram_range=CHAR_NGRAMS, analyzer="char_wb", binary=True,
+                              norm=None, alternate_sign=False, lowercase=True)
+    return sparse.hstack([words.transform(texts), chars.transform(texts)]).tocsr()
 
 
 class UsualPreference:
@@ -54,6 +61,23 @@ class UsualPreference:
             self.intercept = True
         self.y = (self.sign > 0).astype(int)
         self.folds = np.arange(n) % FOLDS
+        self.C = C_GRID[-1]
+
+    def fitted_margins(self) -> list[float]:
+        """The cross-fitted margins of every row with the L2 strength of C_GRID that predicts the held-out labels
+        best (calibrated log-likelihood), which is kept for later `margins` calls: noisy labels (HH-RLHF) want
+        strong regularisation, a rule-bound source (the world) a weak one, where a strong one would misread
+        a rule's rare rows (one benign request in eight phrasings) as going against the usual preference."""
+        best = None
+        for c in C_GRID:
+            self.C = c
+            m = self.margins()
+            a = temperature(m)
+            fit = sum(_log_sigmoid(a * x) for x in m)
+            if best is None or fit > best[0]:
+                best = (fit, c, m)
+        self.C = best[1]
+        return best[2]
 
     def margins(self, exclude: frozenset | set = frozenset()) -> list[float]:
         """Per row, the margin of its observed label under the model of the other folds, trained without the
@@ -80,7 +104,7 @@ class UsualPreference:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        model = LogisticRegression(C=C, fit_intercept=self.intercept, solver="lbfgs", tol=1e-4, max_iter=MAX_ITER)
+        model = LogisticRegression(C=self.C, fit_intercept=self.intercept, solver="lbfgs", tol=1e-4, max_iter=MAX_ITER)
         with warnings.catch_warnings():  # MAX_ITER bounds the cost; the fit need not converge to rank rows
             warnings.simplefilter("ignore", ConvergenceWarning)
             return model.fit(self.X[train], self.y[train])
