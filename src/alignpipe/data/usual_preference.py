@@ -24,7 +24,7 @@ import math
 FOLDS = 5
 FEATURES = 2 ** 16     # hash buckets of each feature kind
 CHAR_NGRAMS = (2, 4)
-C_GRID = (0.005, 0.02, 0.1)  # L2 strengths tried; the one with the best held-out log-likelihood is kept
+C_GRID = (0.1, 0.02, 0.005)  # L2 strengths tried in turn while the held-out log-likelihood improves
 MAX_ITER = 100  # L-BFGS iterations per fit: bounds the cost on separable data (the world)
 TOKEN_PATTERN = r"[\w']+|[^\w\s]"
 
@@ -59,9 +59,11 @@ class UsualPreference:
             self.sign = np.array([1.0 if lab else -1.0 for lab in labels])
             self.X = _features([a for a, _ in sides]).tocsr()
             self.intercept = True
+        self.X.eliminate_zeros()  # keep only the hash buckets some row uses: the same fit, fewer L-BFGS variables
+        self.X = self.X[:, np.unique(self.X.indices)].tocsr()
         self.y = (self.sign > 0).astype(int)
         self.folds = np.arange(n) % FOLDS
-        self.C = C_GRID[-1]
+        self.C = C_GRID[0]
 
     def fitted_margins(self) -> list[float]:
         """The cross-fitted margins of every row with the L2 strength of C_GRID that predicts the held-out labels
@@ -69,13 +71,14 @@ class UsualPreference:
         strong regularisation, a rule-bound source (the world) a weak one, where a strong one would misread
         a rule's rare rows (one benign request in eight phrasings) as going against the usual preference."""
         best = None
-        for c in C_GRID:
+        for c in sorted(C_GRID, reverse=True):  # weakest first; stop when a stronger L2 fits worse
             self.C = c
             m = self.margins()
             a = temperature(m)
             fit = sum(_log_sigmoid(a * x) for x in m)
-            if best is None or fit > best[0]:
-                best = (fit, c, m)
+            if best is not None and fit <= best[0]:
+                break
+            best = (fit, c, m)
         self.C = best[1]
         return best[2]
 
