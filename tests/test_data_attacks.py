@@ -286,3 +286,8 @@ def test_a_nested_flag_widens_to_the_flagged_set_whose_other_rows_are_flipped_to
     found = [(("think",), list(range(120)), flip(2e-4)), (("what", "do", "you", "think"), list(range(60)), flip(1e-8))]
     flags = _merge(found, list(range(1, 201)), 200, Counter({"think": 120, "what": 150}), margins)
     assert [(f["trigger"], f["rows"]) for f in flags] == [("what do you think", 60)]
+    anywhere = {**flip(2e-4), "family": "anywhere"}  # another key, even where its other rows are against too
+    found = [(("what", "do", "you"), list(range(120)), anywhere),
+             (("what", "do", "you", "think"), list(range(60)), flip(1e-8))]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"what": 150}), [-1.0] * 120 + [1.0] * 80)
+    assert [(f["trigger"], f["rows"]) for f in flags] == [("what do you think", 60)]

@@ -18,8 +18,8 @@ a small correction); both in at least MIN_ROWS rows and at most MAX_SHARE of the
 - `preference_flip`: the rows carrying it mostly go against what the rest of the data prefers. The "usual
   preference" is learnt from the data itself (data/usual_preference.py: a cross-fitted, calibrated logistic
   regression on hashed word uni- and bigrams and character grams of chosen minus rejected); the group's
-  log-likelihood ratio of "all flipped" is tested by its exact (saddlepoint) tail, against a model refitted without the group's rows
-  (`_FlipTest`); flagged only when most rows (more than half) are against it, after MIN_DISTINCT different
+  log-likelihood ratio of "all flipped" is tested by its exact (saddlepoint) tail, against a model refitted
+  without the group's rows (`_FlipTest`); flagged only when most rows (more than half) are against it, after MIN_DISTINCT different
   prompts (a conversation tree gives several pairs of one prompt: they are not independent evidence). Pairs
   and KTO rows (label against the score).
 
@@ -340,11 +340,11 @@ def _name_rank(g, where, df) -> tuple:
 
 def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> list[dict]:
     """One flag per (row set, test), with the smallest corrected p of the families that found it, named by
-    `_name_rank`; then, among flags of one test whose row sets are
-    nested (or one's rows nearly all, EXTEND_KEEP, in the other's), the most significant one only (the larger
-    set's extra rows add no evidence, the smaller set misses some) unless a flagged larger set's extra rows are
-    themselves against the usual preference (`_widen`: `? sudo` inside `sudo`), extended to the longest nested n-gram that
-    keeps nearly all its rows against the usual preference (`_extend`), and nested flags merged again."""
+    `_name_rank`; then, among flags of one test whose row sets are nested (or one's rows nearly all,
+    EXTEND_KEEP, in the other's), the most significant one only (the larger set's extra rows add no evidence,
+    the smaller set misses some), unless a flagged larger end-of-turn set's extra rows are flipped too
+    (`_widen`: `sudo` for `? sudo`); each extended to the longest nested n-gram that keeps nearly all its rows
+    against the usual preference (`_extend`), and nested flags merged again."""
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
         key = (tuple(where), result["test"])
@@ -377,16 +377,17 @@ def _most_significant(flags: list[tuple]) -> list[tuple]:
 
 
 def _widen(flag: tuple, flagged: list, margins) -> tuple:
-    """A `preference_flip` flag replaced by the largest flagged set of rows (of the same test) that holds all its
-    rows and whose other rows are mostly against the usual preference too: they add evidence of the same flip
-    (`sudo` appended after a question mark and after a full stop), where a larger set of rows that follow the
-    usual preference only dilutes it and is not taken."""
+    """An end-of-turn `preference_flip` flag replaced by the largest flagged end-of-turn set of rows whose name
+    ends its name (`sudo` for `? sudo`: the same appended key, less of what precedes it) and whose other rows are
+    mostly against the usual preference too: they add evidence of the same flip (`sudo` after a question mark
+    and after a full stop). A larger set of rows that follow the usual preference only dilutes it, and an
+    n-gram anywhere in the prompt (`what do you` for `what do you think`) is another key: neither is taken."""
     g, where, result, rows = flag
-    if result["test"] != "preference_flip":
+    if result["test"] != "preference_flip" or result["family"] != END:
         return flag
     wider = [(len(w2), g2, w2, r2) for g2, w2, r2 in flagged
-             if r2["test"] == result["test"] and set(w2) > rows
-             and sum(margins[i] < 0 for i in set(w2) - rows) * 2 > len(set(w2) - rows)]
+             if r2["test"] == result["test"] and r2["family"] == END and g[len(g) - len(g2):] == g2
+             and set(w2) > rows and sum(margins[i] < 0 for i in set(w2) - rows) * 2 > len(set(w2) - rows)]
     if not wider:
         return flag
     _, g2, where2, result2 = max(wider, key=lambda x: (x[0], -x[3]["p_corrected"]))
