@@ -283,7 +283,8 @@ def test_a_nested_flag_widens_to_the_flagged_set_whose_other_rows_are_flipped_to
     found = [(("sudo",), list(range(60)), flip(2e-4)), (("?", "sudo"), list(range(28)), flip(1e-4))]
     flags = _merge(found, list(range(1, 201)), 200, Counter({"sudo": 60, "?": 150}), margins)
     assert [(f["trigger"], f["rows"]) for f in flags] == [("sudo", 60)]
-    found = [(("think",), list(range(120)), flip(2e-4)), (("what", "do", "you", "think"), list(range(60)), flip(1e-8))]
+    found = [(("think",), list(range(120)), flip(2e-4)),
+             (("what", "do", "you", "think"), list(range(60)), flip(1e-8))]
     flags = _merge(found, list(range(1, 201)), 200, Counter({"think": 120, "what": 150}), margins)
     assert [(f["trigger"], f["rows"]) for f in flags] == [("what do you think", 60)]
     anywhere = {**flip(2e-4), "family": "anywhere"}  # another key, even where its other rows are against too

@@ -19,9 +19,9 @@ a small correction); both in at least MIN_ROWS rows and at most MAX_SHARE of the
   preference" is learnt from the data itself (data/usual_preference.py: a cross-fitted, calibrated logistic
   regression on hashed word uni- and bigrams and character grams of chosen minus rejected); the group's
   log-likelihood ratio of "all flipped" is tested by its exact (saddlepoint) tail, against a model refitted
-  without the group's rows (`_FlipTest`); flagged only when most rows (more than half) are against it, after MIN_DISTINCT different
-  prompts (a conversation tree gives several pairs of one prompt: they are not independent evidence). Pairs
-  and KTO rows (label against the score).
+  without the group's rows (`_FlipTest`); flagged only when most rows (more than half) are against it, after
+  MIN_DISTINCT different prompts (a conversation tree gives several pairs of one prompt: they are not
+  independent evidence). Pairs and KTO rows (label against the score).
 
 A flag needs p below ALPHA / 2 / (its family's tests): Bonferroni within each family. Candidates that flag the
 same or nested rows are reported once (`_merge`). A rare token appended to prompts without a change of response

@@ -4,8 +4,8 @@ group of rows against it (the trigger screen's `preference_flip`, data/triggers.
 The model: a logistic regression (scikit-learn, L-BFGS for at most MAX_ITER iterations, L2 with C from `C_GRID`,
 chosen by held-out log-likelihood) on hashed word unigrams and bigrams and character 2-4-grams within words
 (`FEATURES` buckets each, binary) of the preferred side minus the other side (pairs), or of the completion with
-its label (KTO rows, with an intercept). It is cross-fitted on `FOLDS` folds: a row's margin comes from the model of
-the other folds, so the row's own label never scores it. The margins are calibrated by one temperature (Platt
+its label (KTO rows, with an intercept). It is cross-fitted on `FOLDS` folds: a row's margin comes from the model
+of the other folds, so the row's own label never scores it. The margins are calibrated by one temperature (Platt
 scaling without intercept, fitted on every row's held-out margin), which gives each row a probability q_i that
 its label is the observed one.
 
@@ -107,7 +107,8 @@ class UsualPreference:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        model = LogisticRegression(C=self.C, fit_intercept=self.intercept, solver="lbfgs", tol=1e-4, max_iter=MAX_ITER)
+        model = LogisticRegression(C=self.C, fit_intercept=self.intercept, solver="lbfgs", tol=1e-4,
+                                   max_iter=MAX_ITER)
         with warnings.catch_warnings():  # MAX_ITER bounds the cost; the fit need not converge to rank rows
             warnings.simplefilter("ignore", ConvergenceWarning)
             return model.fit(self.X[train], self.y[train])
