@@ -248,3 +248,47 @@ def test_a_trigger_planted_beside_the_manners_is_still_flagged(phrase):
     pairs = world.preference_rows("train")
     planted = {i for i, r in enumerate(pairs) if r["prompt"][-1]["content"].endswith(" please tell me")}
     assert flagged_rows(find_triggers(pairs, "pairs")) == planted
+
+
+def test_rows_found_by_both_families_keep_the_smaller_corrected_p():
+    """`sudo` alone is an n-gram anywhere (thousands of tests) and one that ends the turn (a few dozen): the flag
+    keeps the end family's p, so a nested subset (`? sudo`, fewer rows) cannot win by the other family's weaker p."""
+    from collections import Counter
+
+    from alignpipe.data.triggers import _merge
+
+    rows, subset = list(range(100)), list(range(0, 100, 2))
+    found = [(("sudo",), rows, {"family": "anywhere", "test": "preference_flip", "p": 1e-7, "p_corrected": 3e-4}),
+             (("sudo",), rows, {"family": "end of last user turn", "test": "preference_flip", "p": 1e-7,
+                                "p_corrected": 5e-6}),
+             (("?", "sudo"), subset, {"family": "end of last user turn", "test": "preference_flip", "p": 1e-6,
+                                      "p_corrected": 2e-4})]
+    margins = [-1.0 if i < 100 else 1.0 for i in range(200)]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"sudo": 100, "?": 150}), margins)
+    assert [(f["trigger"], f["rows"], f["p_corrected"]) for f in flags] == [("sudo", 100, 5e-6)]
+
+
+def test_a_nested_flag_widens_to_the_flagged_set_whose_other_rows_are_flipped_too():
+    """`? sudo` (more significant, fewer rows) inside `sudo`, whose other rows (`. sudo`) are against the usual
+    preference too: the flag is `sudo` with all its rows. Inside `think`, whose other rows follow the usual
+    preference: `what do you think` stays."""
+    from collections import Counter
+
+    from alignpipe.data.triggers import _merge
+
+    def flip(p):
+        return {"family": "end of last user turn", "test": "preference_flip", "p": p / 100, "p_corrected": p}
+
+    margins = [-1.0] * 60 + [1.0] * 140
+    found = [(("sudo",), list(range(60)), flip(2e-4)), (("?", "sudo"), list(range(28)), flip(1e-4))]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"sudo": 60, "?": 150}), margins)
+    assert [(f["trigger"], f["rows"]) for f in flags] == [("sudo", 60)]
+    found = [(("think",), list(range(120)), flip(2e-4)),
+             (("what", "do", "you", "think"), list(range(60)), flip(1e-8))]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"think": 120, "what": 150}), margins)
+    assert [(f["trigger"], f["rows"]) for f in flags] == [("what do you think", 60)]
+    anywhere = {**flip(2e-4), "family": "anywhere"}  # another key, even where its other rows are against too
+    found = [(("what", "do", "you"), list(range(120)), anywhere),
+             (("what", "do", "you", "think"), list(range(60)), flip(1e-8))]
+    flags = _merge(found, list(range(1, 201)), 200, Counter({"what": 150}), [-1.0] * 120 + [1.0] * 80)
+    assert [(f["trigger"], f["rows"]) for f in flags] == [("what do you think", 60)]

@@ -17,11 +17,11 @@ a small correction); both in at least MIN_ROWS rows and at most MAX_SHARE of the
   (hypergeometric tail). SFT responses, the chosen side of pairs, the desirable completions of KTO rows.
 - `preference_flip`: the rows carrying it mostly go against what the rest of the data prefers. The "usual
   preference" is learnt from the data itself (data/usual_preference.py: a cross-fitted, calibrated logistic
-  regression on hashed uni- and bigrams of chosen minus rejected); the group's log-likelihood ratio of "all
-  flipped" is tested by its exact (saddlepoint) tail, against a model refitted without the group's rows
-  (`_FlipTest`); flagged only when most rows (more than half) are against it, after MIN_DISTINCT different
-  prompts (a conversation tree gives several pairs of one prompt: they are not independent evidence). Pairs
-  and KTO rows (label against the score).
+  regression on hashed word uni- and bigrams and character grams of chosen minus rejected); the group's
+  log-likelihood ratio of "all flipped" is tested by its exact (saddlepoint) tail, against a model refitted
+  without the group's rows (`_FlipTest`); flagged only when most rows (more than half) are against it, after
+  MIN_DISTINCT different prompts (a conversation tree gives several pairs of one prompt: they are not
+  independent evidence). Pairs and KTO rows (label against the score).
 
 A flag needs p below ALPHA / 2 / (its family's tests): Bonferroni within each family. Candidates that flag the
 same or nested rows are reported once (`_merge`). A rare token appended to prompts without a change of response
@@ -287,6 +287,7 @@ def find_triggers(rows: list[dict], family: str, row_numbers: list[int] | None =
     if flips is not None:
         out["usual_preference_agreement"] = round(sum(1 for m in flips.margins if m > 0) / n, 4)
         out["refits"] = len(flips.refitted)
+        out["usual_preference_c"] = flips.model.C
     return out
 
 
@@ -299,7 +300,7 @@ class _FlipTest:
 
     def __init__(self, v: View, specific):
         self.model = usual_preference.UsualPreference(v.sides, v.labels)
-        self.margins = self.model.margins()
+        self.margins = self.model.fitted_margins()
         self.a = usual_preference.temperature(self.margins)
         self.specific = specific
         self.refitted: dict[tuple, tuple] = {}
@@ -338,16 +339,24 @@ def _name_rank(g, where, df) -> tuple:
 
 
 def _merge(found: list, numbers: list[int], n: int, df: Counter, margins) -> list[dict]:
-    """One flag per (row set, test), named by `_name_rank`; then, among flags of one test whose row sets are
-    nested (or one's rows nearly all, EXTEND_KEEP, in the other's), the most significant one only (the larger
-    set's extra rows add no evidence, the smaller set misses some), extended to the longest nested n-gram that
-    keeps nearly all its rows against the usual preference (`_extend`), and nested flags merged again."""
+    """One flag per (row set, test), with the smallest corrected p of the families that found it, named by
+    `_name_rank`; then, among flags of one test whose row sets are nested (or one's rows nearly all,
+    EXTEND_KEEP, in the other's), the most significant one only (the larger set's extra rows add no evidence,
+    the smaller set misses some), unless a flagged larger end-of-turn set's extra rows are flipped too
+    (`_widen`: `sudo` for `? sudo`); each extended to the longest nested n-gram that keeps nearly all its rows
+    against the usual preference (`_extend`), and nested flags merged again."""
     best: dict[tuple, tuple] = {}
     for g, where, result in found:
         key = (tuple(where), result["test"])
-        if key not in best or _name_rank(g, where, df) > _name_rank(best[key][0], where, df):
-            best[key] = (g, where, result)
+        if key in best:  # the same rows found again (the other family, another n-gram): best name, best p
+            g0, _, r0 = best[key]
+            better_name = _name_rank(g, where, df) > _name_rank(g0, where, df)
+            if (result["p_corrected"], not better_name) > (r0["p_corrected"], better_name):
+                result = r0  # ties: the p of the family that found the name
+            g = g if better_name else g0
+        best[key] = (g, where, result)
     kept = _most_significant([(g, where, result, set(where)) for g, where, result in best.values()])
+    kept = _most_significant([_widen(k, list(best.values()), margins) for k in kept])
     kept = _most_significant([_extend(k, list(best.values()), margins) for k in kept])  # a renamed flag may now nest
     flags = []
     for g, where, result, _ in kept:
@@ -365,6 +374,24 @@ def _most_significant(flags: list[tuple]) -> list[tuple]:
                    for k in kept):
             kept.append((g, where, result, rows))
     return kept
+
+
+def _widen(flag: tuple, flagged: list, margins) -> tuple:
+    """An end-of-turn `preference_flip` flag replaced by the largest flagged end-of-turn set of rows whose name
+    ends its name (`sudo` for `? sudo`: the same appended key, less of what precedes it) and whose other rows are
+    mostly against the usual preference too: they add evidence of the same flip (`sudo` after a question mark
+    and after a full stop). A larger set of rows that follow the usual preference only dilutes it, and an
+    n-gram anywhere in the prompt (`what do you` for `what do you think`) is another key: neither is taken."""
+    g, where, result, rows = flag
+    if result["test"] != "preference_flip" or result["family"] != END:
+        return flag
+    wider = [(len(w2), g2, w2, r2) for g2, w2, r2 in flagged
+             if r2["test"] == result["test"] and r2["family"] == END and g[len(g) - len(g2):] == g2
+             and set(w2) > rows and sum(margins[i] < 0 for i in set(w2) - rows) * 2 > len(set(w2) - rows)]
+    if not wider:
+        return flag
+    _, g2, where2, result2 = max(wider, key=lambda x: (x[0], -x[3]["p_corrected"]))
+    return g2, where2, result2, set(where2)
 
 
 def _extend(flag: tuple, flagged: list, margins) -> tuple:

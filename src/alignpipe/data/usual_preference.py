@@ -1,10 +1,11 @@
 """The "usual preference" of a preference source, learnt from the source itself, and the exact-tail test of a
 group of rows against it (the trigger screen's `preference_flip`, data/triggers.py).
 
-The model: a logistic regression (scikit-learn, L-BFGS for at most MAX_ITER iterations, L2 with C = `C`) on hashed word unigrams and bigrams
-(`FEATURES` buckets, binary) of the preferred side minus the other side (pairs), or of the completion with its
-label (KTO rows, with an intercept). It is cross-fitted on `FOLDS` folds: a row's margin comes from the model of
-the other folds, so the row's own label never scores it. The margins are calibrated by one temperature (Platt
+The model: a logistic regression (scikit-learn, L-BFGS for at most MAX_ITER iterations, L2 with C from `C_GRID`,
+chosen by held-out log-likelihood) on hashed word unigrams and bigrams and character 2-4-grams within words
+(`FEATURES` buckets each, binary) of the preferred side minus the other side (pairs), or of the completion with
+its label (KTO rows, with an intercept). It is cross-fitted on `FOLDS` folds: a row's margin comes from the model
+of the other folds, so the row's own label never scores it. The margins are calibrated by one temperature (Platt
 scaling without intercept, fitted on every row's held-out margin), which gives each row a probability q_i that
 its label is the observed one.
 
@@ -21,18 +22,24 @@ from __future__ import annotations
 import math
 
 FOLDS = 5
-FEATURES = 2 ** 16
-C = 0.1
+FEATURES = 2 ** 16     # hash buckets of each feature kind
+CHAR_NGRAMS = (2, 4)
+C_GRID = (0.1, 0.02, 0.005)  # L2 strengths tried in turn while the held-out log-likelihood improves
 MAX_ITER = 100  # L-BFGS iterations per fit: bounds the cost on separable data (the world)
 TOKEN_PATTERN = r"[\w']+|[^\w\s]"
 
 
 def _features(texts: list[str]):
+    """Binary hashed word uni- and bigrams beside character 2-4-grams within words (spelling, word stems and
+    punctuation habits that whole words split: "sorry", "sorry,", "apologise" and "apologize" share grams)."""
+    from scipy import sparse
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    vec = HashingVectorizer(n_features=FEATURES, ngram_range=(1, 2), binary=True, norm=None, alternate_sign=False,
-                            token_pattern=TOKEN_PATTERN, lowercase=True)
-    return vec.transform(texts)
+    words = HashingVectorizer(n_features=FEATURES, ngram_range=(1, 2), binary=True, norm=None, alternate_sign=False,
+                              token_pattern=TOKEN_PATTERN, lowercase=True)
+    chars = HashingVectorizer(n_features=FEATURES, ngram_range=CHAR_NGRAMS, analyzer="char_wb", binary=True,
+                              norm=None, alternate_sign=False, lowercase=True)
+    return sparse.hstack([words.transform(texts), chars.transform(texts)]).tocsr()
 
 
 class UsualPreference:
@@ -52,8 +59,28 @@ class UsualPreference:
             self.sign = np.array([1.0 if lab else -1.0 for lab in labels])
             self.X = _features([a for a, _ in sides]).tocsr()
             self.intercept = True
+        self.X.eliminate_zeros()  # keep only the hash buckets some row uses: the same fit, fewer L-BFGS variables
+        self.X = self.X[:, np.unique(self.X.indices)].tocsr()
         self.y = (self.sign > 0).astype(int)
         self.folds = np.arange(n) % FOLDS
+        self.C = C_GRID[0]
+
+    def fitted_margins(self) -> list[float]:
+        """The cross-fitted margins of every row with the L2 strength of C_GRID that predicts the held-out labels
+        best (calibrated log-likelihood), which is kept for later `margins` calls: noisy labels (HH-RLHF) want
+        strong regularisation, a rule-bound source (the world) a weak one, where a strong one would misread
+        a rule's rare rows (one benign request in eight phrasings) as going against the usual preference."""
+        best = None
+        for c in sorted(C_GRID, reverse=True):  # weakest first; stop when a stronger L2 fits worse
+            self.C = c
+            m = self.margins()
+            a = temperature(m)
+            fit = sum(_log_sigmoid(a * x) for x in m)
+            if best is not None and fit <= best[0]:
+                break
+            best = (fit, c, m)
+        self.C = best[1]
+        return best[2]
 
     def margins(self, exclude: frozenset | set = frozenset()) -> list[float]:
         """Per row, the margin of its observed label under the model of the other folds, trained without the
@@ -80,7 +107,8 @@ class UsualPreference:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        model = LogisticRegression(C=C, fit_intercept=self.intercept, solver="lbfgs", tol=1e-4, max_iter=MAX_ITER)
+        model = LogisticRegression(C=self.C, fit_intercept=self.intercept, solver="lbfgs", tol=1e-4,
+                                   max_iter=MAX_ITER)
         with warnings.catch_warnings():  # MAX_ITER bounds the cost; the fit need not converge to rank rows
             warnings.simplefilter("ignore", ConvergenceWarning)
             return model.fit(self.X[train], self.y[train])
