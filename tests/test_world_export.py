@@ -80,7 +80,8 @@ def test_the_exported_recipe_trains_and_evaluates_like_the_embedded_one(tmp_path
     assert main(["world", "export", str(tmp_path / "world"), "--recipe", str(path)]) == 0
     assert main(["run", str(tmp_path / "world" / "recipe.yaml")]) == 0
     embedded, files = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-files"
-    timings = {"train_runtime_s", "train_steps_per_s", "train_samples_per_s", "eval_greedy_parent_wall_s"}
+    timings = {"train_runtime_s", "train_steps_per_s", "train_samples_per_s", "eval_greedy_parent_wall_s",
+               "reward_stage_fingerprint"}  # which reward model scored dpo: its inputs' hash, which names the files
     for stage in ("pretrain", "sft", "reward", "dpo"):
         a, b = read_manifest(embedded / stage)["metrics"], read_manifest(files / stage)["metrics"]
         # the same data screen on both paths (data/screening.py); no safety suite: the manners are opt-in
