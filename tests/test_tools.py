@@ -141,6 +141,21 @@ def test_tool_world_mixes_demonstrations_and_holds_out_pairs():
                                     if world_tools.solve(r["prompt"][0]["content"])[1]) == 50
 
 
+
+def test_the_tools_recipe_has_a_mixed_teacher_and_a_control_on_the_same_demonstrations():
+    """recipes/tools.yaml: a fixed share of bigmul demonstrations calls the calculator, the rest answer from memory
+    (so SFT is not at the ceiling by construction), and sft_more is the same SFT continued on the same
+    demonstrations (the control RL must beat), while grpo starts from the same SFT."""
+    from pathlib import Path
+
+    from alignpipe.recipe.parse import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tools.yaml")
+    assert 0.0 < recipe.world["tool_demo_share"] < 1.0
+    sft, more, grpo = (recipe.stages[name] for name in ("sft", "sft_more", "grpo"))
+    assert more.kind == sft.kind == "sft" and more.from_ == "sft" and grpo.from_ == "sft"
+    assert more.data == sft.data and more.trainer["learning_rate"] == sft.trainer["learning_rate"]
+
 def test_calls_are_parsed_checked_and_failures_become_error_results():
     tools = {**world_tools.default_tools(), **resolve_tools(["test_tools:explode", "test_tools:sleepy"])}
     (good,) = parse_calls(CALL)
