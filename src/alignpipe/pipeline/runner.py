@@ -35,9 +35,9 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
 
     A complete stage is never deleted by a re-run: the new attempt trains in `.next/<stage>` and is
     swapped in when complete (stage_versions)."""
-    beside = stage_processes.built_beside()
+    waits_for = set(recipe.evaluated_with(name)) & stage_processes.built_beside()  # built by a sibling process
     for upstream in recipe.upstream(name):
-        if upstream not in set(recipe.evaluated_with(name)) & beside:  # those are waited for before evaluating
+        if upstream not in waits_for:  # those are waited for before evaluating
             runs.require_complete(recipe.stage_dir(upstream), needed_by=name)
     main = distributed.is_main_process()  # with several processes only the main one writes the folder
     stage_dir = recipe.stage_dir(name)
@@ -48,7 +48,7 @@ def run_stage(recipe: Recipe, name: str, force: bool = False, restart: bool = Fa
         log(f"stage {name}: {done}")
     distributed.barrier()
     decided = stage_plan.plan(recipe, name, force=force, restart=restart)
-    if set(recipe.evaluated_with(name)) & beside:
+    if waits_for:
         decided.ctx.await_stage = _awaiter(recipe, decided)
     if decided.action == "skip":
         return _skip(recipe, name, decided.old, main)

@@ -12,8 +12,9 @@ run down and never changes it.
 - `auto` (what `make pipeline` sets): the usable cores shared among the stages that a fresh
   `alignpipe run --parallel auto` of the recipe runs at the same time as this one (its group in the recipe's
   plan, `stages_at_once`), at most AUTO_MAX_THREADS. In the default recipe on 2 cores: pretrain and sft on 2
-  threads; then dpo beside reward-then-ppo (dpo needs the reward model only to score its evaluation), 1 each. The group comes from the recipe, not
-  from which stages happen to run now, so `make dpo` trains dpo exactly as `make pipeline` does.
+  threads; then dpo beside reward-then-ppo (dpo needs the reward model only to score its evaluation), 1 each.
+  The group comes from the recipe, not from which stages happen to run now, so `make dpo` trains dpo exactly as
+  `make pipeline` does.
 
 The manifest records the choice and why (`manifest_fields`), beside the machine facts that decide the
 numerics (`runs.machine`).
@@ -88,7 +89,8 @@ def plan_lanes(pending: list[str], done: set[str], start_after: Callable[[str], 
 
 def next_group(pending: list[str], done: set[str], start_after: Callable[[str], list[str]],
                evaluated_with: Callable[[str], list[str]], limit: int) -> list[list[str]]:
-    """`plan_lanes`, where one lane is not a group: its first stage runs alone, in the run's own process."""
+    """`plan_lanes`, where one lane is not a group: its first stage runs alone, in the run's own process (so does
+    the first pending stage when no lane is left: one whose evaluation stages a sibling process builds)."""
     lanes = plan_lanes(pending, done, start_after, evaluated_with, limit)
     return lanes if len(lanes) > 1 else [[(lanes[0] if lanes else pending)[0]]]
 

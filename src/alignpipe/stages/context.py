@@ -5,8 +5,8 @@ from __future__ import annotations
 # Heavy imports (torch) stay inside the functions that use them: the CLI starts without them.
 import functools
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
